@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up ./.venv with yunque. Usage: bash install.sh [extras]   e.g. bash install.sh dev
+# torch is installed first and pinned (torch==2.13.0, the CPU wheel on these machines):
+# an unpinned torch would pull gigabytes of CUDA packages. An existing torch (say a CUDA
+# build in the venv already) is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+extras="${1:-all}"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "torch==${YUNQUE_TORCH_VERSION:-2.13.0}"
+fi
+case "$extras" in
+  all) spec=".[data,train,eval,serve]" ;;
+  dev) spec=".[dev]" ;;
+  core) spec="." ;;
+  *) spec=".[$extras]" ;;
+esac
+.venv/bin/python -m pip install -q -e "$spec"
+echo "yunque installed in .venv (extras: $extras). Torch: $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

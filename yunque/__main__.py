@@ -1,0 +1,63 @@
+"""The `yunque` command: one table of subcommands, each a typed function elsewhere.
+
+Modules are imported only for the command that runs, so `yunque data ...` does not
+pay for importing torch and `yunque --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# name -> (module, function, one-line help). The function's signature is the CLI.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "generate": ("yunque.recipes.generate", "generate_cmd", "complete a prompt with a model"),
+    "chat": ("yunque.recipes.generate", "chat_cmd", "interactive chat with streaming output"),
+    "inspect": ("yunque.recipes.inspect", "inspect_cmd", "show a checkpoint's architecture, size, files and hashes"),
+    "init": ("yunque.recipes.inspect", "init_cmd", "write a randomly initialised model from a preset"),
+    "tokenizer train": ("yunque.recipes.tokenizer", "train_cmd", "train a byte-level BPE tokenizer"),
+}
+
+
+def _usage() -> str:
+    width = max(len(k) for k in COMMANDS)
+    rows = "\n".join(f"  {k.ljust(width)}  {h}" for k, (_, _, h) in COMMANDS.items())
+    return f"usage: yunque COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n`yunque COMMAND --help` for a command's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from yunque import __version__
+
+        print(f"yunque {__version__}")
+        return 0
+    name = next((k for k in sorted(COMMANDS, key=len, reverse=True) if argv[: len(k.split())] == k.split()), None)
+    if name is None:
+        print(f"yunque: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    from yunque.cli import call_with_argv
+    from yunque.errors import YunqueError
+
+    try:
+        fn = getattr(importlib.import_module(module), func)
+        result = call_with_argv(fn, argv[len(name.split()) :], prog=f"yunque {name}")
+    except YunqueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
