@@ -19,7 +19,9 @@ _STRIP = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
 )
 _FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_WS = "[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]"
+_TRAILING = re.compile(f"{_WS}+(?=\n|$)")
+_INNER = re.compile(f"(?<=\\S)(?: {_WS}+|(?! ){_WS}{_WS}*)(?=\\S)")
 _NEWLINES = re.compile(r"\n{3,}")
 
 
@@ -54,9 +56,8 @@ def clean_text(text: str) -> str:
 
 
 def _tidy(prose: str) -> str:
-    # Leading indentation stays (nested lists, indented code); inner runs collapse.
-    lines = []
-    for line in prose.split("\n"):
-        body = line.lstrip(" \t")
-        lines.append(line[: len(line) - len(body)] + _SPACES.sub(" ", body).rstrip() if body else "")
-    return _NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+    # Whole-text regexes (no per-line Python loop): this runs on every record.
+    # Leading indentation stays (nested lists, indented code); inner runs collapse; trailing goes.
+    prose = _TRAILING.sub("", prose)
+    prose = _INNER.sub(" ", prose)
+    return _NEWLINES.sub("\n\n", prose).strip()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 
 import numpy as np
 
@@ -33,7 +34,8 @@ def exact_key(text: str) -> bytes:
 
 
 def shingles(text: str, k: int) -> set[bytes]:
-    """Lower-cased word k-grams (CJK characters are words); a text shorter than k is one shingle."""
+    """Lower-cased word k-grams (CJK characters are words); a text shorter than k is one shingle.
+    The readable definition; `MinHasher` computes the same sets as 32-bit hashes, vectorised."""
     toks = _TOKEN.findall(text.lower())
     if len(toks) <= k:
         return {" ".join(toks).encode("utf-8")}
@@ -41,36 +43,84 @@ def shingles(text: str, k: int) -> set[bytes]:
 
 
 class MinHasher:
-    """Text -> MinHash signature bytes; builds its permutations once, not per text."""
+    """Text -> MinHash signature bytes (datasketch MinHash, permutations built once).
+
+    Hashing every shingle string with SHA-1 (datasketch's default) costs more than the rest of the
+    pipeline together, so each distinct word is hashed once (CRC-32, cached) and a shingle's
+    hash is a polynomial over its words' hashes, computed for all shingles at once in numpy.
+    """
+
+    _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
     def __init__(self, num_perm: int, shingle_size: int, seed: int = 1):
         from datasketch import MinHash
 
-        self._proto = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME)
+        self._proto = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME, hashfunc=int)
         self.shingle_size = shingle_size
+        self._cache: dict[str, int] = {}
+
+    def _word_hashes(self, text: str) -> np.ndarray:
+        cache = self._cache
+        if len(cache) > 1_000_000:  # unbounded vocabularies (IDs, hashes) must not grow memory
+            cache.clear()
+        toks = _TOKEN.findall(text.lower())
+        out = list(map(cache.get, toks))  # C-speed lookups; misses filled below
+        if None in out:
+            for i, h in enumerate(out):
+                if h is None:
+                    tok = toks[i]
+                    out[i] = cache[tok] = zlib.crc32(tok.encode("utf-8")) | (len(tok) << 32)
+        return np.asarray(out, dtype=np.uint64)
+
+    def shingle_hashes(self, text: str) -> np.ndarray:
+        w = self._word_hashes(text)
+        k = min(self.shingle_size, max(1, len(w)))
+        n = len(w) - k + 1
+        if n <= 0:
+            return np.zeros(1, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # wrap-around multiplication is the point
+            h = np.zeros(n, dtype=np.uint64)
+            for j in range(k):
+                h = h * np.uint64(0x100000001B3) + w[j : j + n] + np.uint64(j + 1)
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+        return np.unique(h & np.uint64(0xFFFFFFFF))
 
     def __call__(self, text: str) -> bytes:
         m = self._proto.copy()
-        m.update_batch(list(shingles(text, self.shingle_size)))
+        m.update_batch(self.shingle_hashes(text).tolist())
         return m.hashvalues.astype(np.uint32).tobytes()
+
+
+class _Sig:
+    """What MinHashLSH reads of a MinHash (its values, length, scheme) without building one:
+    constructing a full MinHash per record in the main process cost more than the index itself."""
+
+    __slots__ = ("hashvalues",)
+    scheme = _SCHEME
+
+    def __init__(self, hashvalues: np.ndarray):
+        self.hashvalues = hashvalues
+
+    def __len__(self) -> int:
+        return len(self.hashvalues)
 
 
 class NearDupIndex:
     """LSH index over signatures with confirmed matches. Keys are dense ints (insertion order)."""
 
     def __init__(self, num_perm: int, threshold: float, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHashLSH
 
         self.num_perm = num_perm
         self.threshold = threshold
         self.lsh = MinHashLSH(threshold=max(0.1, threshold - 0.2), num_perm=num_perm, prepickle=False)
-        self._perms = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
-        self._MinHash = MinHash
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint32)
         self.size = 0
 
-    def _minhash(self, sig: np.ndarray):
-        return self._MinHash(hashvalues=sig, permutations=self._perms, scheme=_SCHEME)
+    def _minhash(self, sig: np.ndarray) -> _Sig:
+        return _Sig(sig)
 
     def matches(self, sig_bytes: bytes) -> list[tuple[int, float]]:
         """Indexed keys whose estimated Jaccard with `sig_bytes` is >= threshold, best first."""
