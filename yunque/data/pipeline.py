@@ -38,7 +38,7 @@ from yunque.data.manifest import SplitWriter, verify_dir, write_manifest
 from yunque.data.read import expand_inputs, file_kind, iter_file, peek_objects
 from yunque.data.records import detect_shape, get_path
 from yunque.data.report import ERROR_REASONS, Stats, write_report
-from yunque.data.split import SPLITS, copies_for, oversample_plan, split_of
+from yunque.data.split import SPLITS, Stratifier, copies_for, oversample_plan, split_of
 from yunque.errors import ConfigError, DataError
 
 
@@ -149,6 +149,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
     near_source: list[str] = []  # kept for duplicate examples in the report
     seen: dict[bytes, tuple[str, int]] = {}  # exact key -> (source, split)
     exact_overlap = 0
+    stratify = Stratifier(cfg.split.seed, ratios)
     for res in _results(files, cfg, stats, out / ".tmp", log):
         stats.records_in += 1
         if res[0] == "drop":
@@ -165,8 +166,13 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             stats.drop("exact_duplicate", source, f"same content as {prev[0]}")
             _dup_example(stats, "exact", source, prev[0])
             continue
-        strat = str(label) if (label is not None and cfg.split.stratify) else None
-        split = split_of(key, cfg.split.seed, ratios, strat)
+        def assign() -> int:  # an exact duplicate kept (dedup.exact off) follows its first copy
+            if prev is not None:
+                return prev[1]
+            if label is not None and cfg.split.stratify:
+                return stratify(str(label))
+            return split_of(key, cfg.split.seed, ratios)
+
         if near is not None:
             matches = near.matches(sig)
             if matches and cfg.dedup.near == "remove":
@@ -181,9 +187,13 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
                                "near duplicate of records in different splits: " + ", ".join(near_source[k] for k, _ in matches[:3]))
                     continue
                 split = found.pop()
+            else:
+                split = assign()
             near.add(sig)
             near_split.append(split)
             near_source.append(source)
+        else:
+            split = assign()
         if prev is not None and prev[1] != split:
             exact_overlap += 1
         if prev is None:

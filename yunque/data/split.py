@@ -6,12 +6,14 @@ the other records, so adding records never moves an existing one, and the same i
 config always give the same splits. Near-duplicate clusters go where their first member
 (the cluster's representative) went; the pipeline passes the representative's key here.
 
-Stratification: with `stratify` the label is part of the hashed key, so each label is
-split by its own independent stream of hashes; every label then lands 80/10/10 in
-expectation with binomial noise (about +-1 point for 1,000 records of a label). Exact
-per-label quotas would need global ranks, which would let new records move old ones;
-the report shows the measured distribution per split and names labels missing from
-validation or test.
+Stratification (classification, `stratify: true`): a hash gives each label its split shares
+only up to binomial noise (a 10% label in a 200-record test split lands anywhere from 11 to
+29 records), so instead the k-th kept record of a label, in input order, goes where the
+golden-ratio sequence frac(offset + k * 0.618...) falls, with a seeded per-label offset. Every
+label then has its exact shares in every split (to within a record or two), and appending
+records (new files, new lines at the end) never moves an existing one. The price: records
+inserted before existing ones of the same label can shift those. Set `stratify: false` for
+the pure content-hash split, which is stable under any insertion.
 """
 
 from __future__ import annotations
@@ -21,11 +23,34 @@ import hashlib
 SPLITS = ("train", "val", "test")
 
 
-def split_of(key: bytes, seed: int, ratios: tuple[float, float, float], label: str | None = None) -> int:
+_GOLDEN = 0.6180339887498949
+
+
+def _unit(data: bytes, seed: int) -> float:
+    h = hashlib.blake2b(data, digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") / 2**64
+
+
+def split_of(key: bytes, seed: int, ratios: tuple[float, float, float]) -> int:
     """0 (train), 1 (val) or 2 (test) for a content key."""
-    h = hashlib.blake2b(key if label is None else key + b"\x00" + label.encode("utf-8"),
-                        digest_size=8, key=seed.to_bytes(8, "little", signed=True))
-    u = int.from_bytes(h.digest(), "little") / 2**64
+    return _cut(_unit(key, seed), ratios)
+
+
+class Stratifier:
+    """Per-label golden-ratio sequence over the labels' records in input order (see module doc)."""
+
+    def __init__(self, seed: int, ratios: tuple[float, float, float]):
+        self.seed, self.ratios = seed, ratios
+        self._next: dict[str, int] = {}
+
+    def __call__(self, label: str) -> int:
+        k = self._next.get(label, 0)
+        self._next[label] = k + 1
+        u = (_unit(b"label\x00" + label.encode("utf-8"), self.seed) + k * _GOLDEN) % 1.0
+        return _cut(u, self.ratios)
+
+
+def _cut(u: float, ratios: tuple[float, float, float]) -> int:
     total = sum(ratios)
     if u < ratios[0] / total:
         return 0
