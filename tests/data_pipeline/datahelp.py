@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 from yunque.config import from_dict
 from yunque.data.config import DataConfig
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+# The checkout sits at /work/main with /work/shared beside it; YUNQUE_SHARED_DATA points elsewhere.
+SHARED = Path(os.environ.get("YUNQUE_SHARED_DATA") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
 
 
 def cfg(**sections: Any) -> DataConfig:

@@ -58,10 +58,18 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
     cfg = cfg or DataConfig()
     out = Path(out_dir)
     files = expand_inputs(inputs)
-    if cfg.pii.enabled and work.load_scrubber() is None:
-        raise ConfigError("pii.enabled: PII scrubbing needs yunque.data.pii, which is not installed")
-    if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
-        raise ConfigError(f"tokenizer: {cfg.tokenizer} is not a tokenizer directory")
+    # Check everything a worker will need here: an exception in a pool initializer respawns forever.
+    if cfg.pii.enabled:
+        scrub = work.load_scrubber()
+        if scrub is None:
+            raise ConfigError("pii.enabled: PII scrubbing needs yunque.data.pii, which is not installed")
+        scrub("", cfg.pii.modes or None, cfg.pii.default_mode)  # unknown types/modes -> ConfigError
+    if cfg.tokenizer is not None:
+        if not Path(cfg.tokenizer).is_dir():
+            raise ConfigError(f"tokenizer: {cfg.tokenizer} is not a tokenizer directory")
+        from yunque.tokenizer import Tokenizer
+
+        Tokenizer.from_dir(cfg.tokenizer)
     if out.exists() and any(out.iterdir()):
         if not (out / "manifest.json").is_file():
             raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
