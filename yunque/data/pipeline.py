@@ -182,7 +182,8 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             return split_of(key, cfg.split.seed, ratios)
 
         if near is not None:
-            matches = near.matches(sig)
+            bands = near.bands(sig)
+            matches = near.matches(sig, bands)
             if matches and cfg.dedup.near == "remove":
                 k, sim = matches[0]
                 stats.drop("near_duplicate", source, f"near duplicate of {near_source[k]} (Jaccard ~{sim:.2f})")
@@ -197,7 +198,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
                 split = found.pop()
             else:
                 split = assign()
-            near.add(sig)
+            near.add(sig, bands)
             near_split.append(split)
             near_source.append(source)
         else:
