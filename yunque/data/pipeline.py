@@ -21,6 +21,7 @@ Output directory:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import multiprocessing as mp
@@ -130,13 +131,30 @@ def _items(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -> 
     for f in files:
         shape = _shape_for(f, cfg, log)
         stats.shapes[str(f)] = shape
-        for item in iter_file(f, cfg.read.text_unit, tmp):
+        for item in iter_file(f, cfg.read.text_unit, tmp, blocks=True):
             yield (item.source, item.kind, item.payload, shape)
 
 
+def _chunks(items: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
+    """Items in lists of `size`; a block of JSONL lines (already ~0.5 MB) travels alone."""
+    chunk: list[tuple] = []
+    for item in items:
+        if item[1] == "lines":
+            if chunk:
+                yield chunk
+                chunk = []
+            yield [item]
+            continue
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _results(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -> Iterator[tuple]:
-    items = _items(files, cfg, stats, tmp, log)
-    chunks = iter(lambda: list(itertools.islice(items, cfg.chunk_size)), [])
+    chunks = _chunks(_items(files, cfg, stats, tmp, log), cfg.chunk_size)
     n = _workers(cfg)
     if n == 1:
         work.init_worker(cfg)
@@ -145,9 +163,16 @@ def _results(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(n, initializer=work.init_worker, initargs=(cfg,)) as pool:
-        # Ordered imap keeps output identical to a single-process run; a bounded chunk size keeps memory flat.
-        for res in pool.imap(work.process_chunk, chunks, chunksize=1):
-            yield from res
+        # A bounded window of chunks in flight, consumed in submission order: output identical to a
+        # single-process run, and memory flat (Pool.imap would buffer results without limit
+        # whenever this process is the slower side).
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(work.process_chunk, (chunk,)))
+            if len(pending) >= 2 * n + 1:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
 
 
 def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers: list[SplitWriter], log) -> None:
@@ -167,7 +192,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
                 raise DataError(f"{source}: {message}")
             stats.drop(reason, source, message)
             continue
-        _, source, line, key, sig, length, label, findings = res
+        _, source, line, digest, key, sig, length, label, findings = res
         _count_pii(stats, findings)
         prev = seen.get(key)
         if prev is not None and cfg.dedup.exact:
@@ -207,7 +232,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             exact_overlap += 1
         if prev is None:
             seen[key] = (source, split)
-        writers[split].write(line)
+        writers[split].write_hashed(line, digest)
         stats.keep(split, label, length)
     stats.overlap = {"exact": exact_overlap, "near": _near_overlap(near, near_split) if near is not None else "not measured (dedup.near: off)"}
 
