@@ -217,3 +217,35 @@ class StreamRedactor:
         self._ctx = full[:cut][-self.holdback :]
         self._buf = full[cut:]
         return out
+
+
+def evaluate_spans(cases: Iterable[dict]) -> dict[str, dict[str, float]]:
+    """Per-type precision/recall of `scan` on labelled cases `{"text", "spans": [{type, start, end}]}`.
+
+    Span-level with exact type match; a prediction and a gold span that overlap are a hit.
+    """
+    tp_p: dict[str, int] = {}
+    tp_g: dict[str, int] = {}
+    n_pred: dict[str, int] = {}
+    n_gold: dict[str, int] = {}
+    for case in cases:
+        pred = scan(case["text"])
+        gold = case["spans"]
+        for p in pred:
+            n_pred[p.type] = n_pred.get(p.type, 0) + 1
+            if any(g["type"] == p.type and g["start"] < p.end and p.start < g["end"] for g in gold):
+                tp_p[p.type] = tp_p.get(p.type, 0) + 1
+        for g in gold:
+            n_gold[g["type"]] = n_gold.get(g["type"], 0) + 1
+            if any(g["type"] == p.type and g["start"] < p.end and p.start < g["end"] for p in pred):
+                tp_g[g["type"]] = tp_g.get(g["type"], 0) + 1
+    out = {}
+    for t in PII_TYPES:
+        np_, ng = n_pred.get(t, 0), n_gold.get(t, 0)
+        out[t] = {
+            "precision": tp_p.get(t, 0) / np_ if np_ else 1.0,
+            "recall": tp_g.get(t, 0) / ng if ng else 1.0,
+            "n_pred": np_,
+            "n_gold": ng,
+        }
+    return out

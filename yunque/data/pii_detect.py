@@ -26,7 +26,8 @@ def _before(text: str, start: int, width: int = 32) -> str:
 
 _PLACEHOLDER = re.compile(
     r"^[*xX.\-_#•]+$|<[^>]*>|\$\{|\{\{|%\(|%s\b|\*\*\*|xxxx|\.\.\.|^\$[A-Za-z_]"
-    r"|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)",
+    r"|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)"
+    r"|^(?:pass(?:word|wd)?|pwd|secret|token|key|user|username|hidden|dummy|test|foo|bar)$",
     re.I,
 )
 
@@ -67,7 +68,7 @@ def _random_enough(s: str) -> bool:
 
 
 def tokens(text: str, add: Add) -> None:
-    if "gh" in text:
+    if "gh" in text or "github_pat_" in text:
         for m in _GITHUB.finditer(text):
             if _random_enough(m.group().split("_", 1)[1]):
                 add("GITHUB_TOKEN", *m.span())
@@ -109,7 +110,9 @@ def emails(text: str, add: Add) -> None:
         s = lm.start()
         while s < at and text[s] in ".-+":  # a local part cannot start with punctuation
             s += 1
-        if s < at and text[at - 1] != ".":
+        # "git@github.com:org/repo" is an scp-style SSH remote, not a mailbox.
+        scp = text.startswith(":", m.end()) and m.end() + 1 < len(text) and not text[m.end() + 1].isspace()
+        if s < at and text[at - 1] != "." and not scp:
             add("EMAIL", s, m.end())
 
 
@@ -271,7 +274,9 @@ def ipv6(text: str, add: Add) -> None:
         if pos < len(text) and re.match(r"[0-9A-Za-z_]", text[pos]):
             continue
         cand = m.group().split("%", 1)[0]
-        if cand.count(":") < 2:
+        groups = [g for g in re.split(r"[:.]", cand) if g]
+        # "a::b" in C++ / Ruby is a scope operator; real addresses have a long group or many groups.
+        if cand.count(":") < 2 or (max(map(len, groups), default=0) < 3 and len(groups) < 4):
             continue
         try:
             ip = ipaddress.IPv6Address(cand)

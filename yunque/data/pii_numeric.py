@@ -194,6 +194,8 @@ def _phones(text: str, s: int, e: int, add: Add) -> None:
 
 
 def _national_phone_ok(text: str, start: int, end: int) -> bool:
+    if re.match(r"\d[ .\-]", text[max(0, start - 2) : start]) or re.match(r"[ .\-]\d", text[end : end + 2]):
+        return False  # part of a longer run of numbers (scores, tables), not a dialable number
     raw = text[start:end]
     groups = re.findall(r"\d+", raw)
     d = "".join(groups)
