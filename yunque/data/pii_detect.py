@@ -51,15 +51,24 @@ def private_keys(text: str, add: Add) -> None:
 
 # --- vendor tokens and JWTs: each starts with a literal, so the gates are `in` tests --
 
-_GITHUB = re.compile(_L + r"(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,251})" + _R)
-_GITLAB = re.compile(_L + r"gl(?:pat|dt|rt|ptt|ft|cbt|soat|imt)-[A-Za-z0-9_\-]{20,80}" + _R)
-_SLACK = re.compile(
-    _L + r"xox[abposr]-[0-9A-Za-z\-]{10,250}" + _R + r"|xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]{32,}"
-    r"|https://hooks\.slack\.com/(?:services|workflows|triggers)/T[A-Z0-9]+/[A-Za-z0-9/]{8,}"
+# No leading lookbehind: it would stop `re` from jumping straight to the literal prefix,
+# which is what makes these passes nearly free. `_left_ok` checks the boundary instead.
+_GITHUB = re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,251})" + _R)
+_GITLAB = re.compile(r"gl(?:pat|dt|rt|ptt|ft|cbt|soat|imt)-[A-Za-z0-9_\-]{20,80}" + _R)
+_SLACK = (
+    re.compile(r"xox[abposr]-[0-9A-Za-z\-]{10,250}" + _R),
+    re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]{32,}"),
+    re.compile(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/T[A-Z0-9]+/[A-Za-z0-9/]{8,}"),
 )
-_AWS_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])")
-_JWT = re.compile(_L + r"(eyJ[A-Za-z0-9_\-]{8,})\.([A-Za-z0-9_\-]{4,})\.([A-Za-z0-9_\-]*)" + r"(?![A-Za-z0-9_\-])")
-_AWS_PREFIXES = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "AIPA", "ANPA", "ANVA", "ABIA", "ACCA")
+_AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|IPA|NPA|NVA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])")
+_JWT = re.compile(r"(eyJ[A-Za-z0-9_\-]{8,})\.([A-Za-z0-9_\-]{4,})\.([A-Za-z0-9_\-]*)" + r"(?![A-Za-z0-9_\-])")
+
+
+def _left_ok(text: str, i: int, chars: str = "") -> bool:
+    if i == 0:
+        return True
+    c = text[i - 1]
+    return not (c.isascii() and (c.isalnum() or c == "_")) and c not in chars
 
 
 def _random_enough(s: str) -> bool:
@@ -68,25 +77,24 @@ def _random_enough(s: str) -> bool:
 
 
 def tokens(text: str, add: Add) -> None:
-    if "gh" in text or "github_pat_" in text:
-        for m in _GITHUB.finditer(text):
-            if _random_enough(m.group().split("_", 1)[1]):
-                add("GITHUB_TOKEN", *m.span())
-    if "gl" in text:
-        for m in _GITLAB.finditer(text):
-            if _random_enough(m.group()[6:]):
-                add("GITLAB_TOKEN", *m.span())
-    if "xox" in text or "xapp-" in text or "hooks.slack.com" in text:
-        for m in _SLACK.finditer(text):
-            if _random_enough(m.group()[5:]):
+    # No `in` pre-checks: each pattern starts with a literal, so `re` already skips ahead at
+    # memchr speed, and a pre-check would scan the text a second time.
+    for m in _GITHUB.finditer(text):
+        if _left_ok(text, m.start()) and _random_enough(m.group().split("_", 1)[1]):
+            add("GITHUB_TOKEN", *m.span())
+    for m in _GITLAB.finditer(text):
+        if _left_ok(text, m.start()) and _random_enough(m.group()[6:]):
+            add("GITLAB_TOKEN", *m.span())
+    for pat in _SLACK:
+        for m in pat.finditer(text):
+            if _left_ok(text, m.start()) and _random_enough(m.group()[5:]):
                 add("SLACK_TOKEN", *m.span())
-    if any(p in text for p in _AWS_PREFIXES):
-        for m in _AWS_ID.finditer(text):
+    for m in _AWS_ID.finditer(text):
+        if _left_ok(text, m.start()):
             add("AWS_ACCESS_KEY", *m.span())
-    if "eyJ" in text:
-        for m in _JWT.finditer(text):
-            if ck.jwt_header_ok(m.group(1)):
-                add("JWT", *m.span())
+    for m in _JWT.finditer(text):
+        if _left_ok(text, m.start(), "-") and ck.jwt_header_ok(m.group(1)):
+            add("JWT", *m.span())
 
 
 # --- e-mail and URL credentials: anchored on '@' / '://' and grown outwards ------------
@@ -130,9 +138,12 @@ def url_credentials(text: str, add: Add) -> None:
 
 # --- secrets assigned to key / token / password names ---------------------------------
 
-_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contraseña", "contrasena",
-                 "senha", "clave", "密码", "口令", "密钥", "令牌")  # fmt: skip
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contrase", "senha", "clave",
+                 "密码", "口令", "密钥", "令牌")  # fmt: skip
+_SECRET_WORD_RE = re.compile("|".join(_SECRET_WORDS))
 _NAME_BACK = re.compile(r"[\w.\-]{0,48}\Z")
+_NAME_BEFORE_OP = re.compile(r"""([\w.\-]{1,80})["']?[ \t]*[:=]?\Z""")
+_AFTER_SCHEME = re.compile(r"[ \t]+([^\s\"'`,;]{6,400})")
 _ASSIGN = re.compile(
     r"""([\w.\-]{1,80})["']?[ \t]*(?:=>|:=|[:=：])[ \t]*"""
     r"""(?:"([^"\\\n]{1,400})"|'([^'\\\n]{1,400})'|`([^`\n]{1,400})`|([^\s"'`,;#)}\]<>]{1,400}))"""
@@ -184,33 +195,55 @@ def _secret_value_ok(val: str, kind: str, quoted: bool) -> bool:
 
 
 def secret_assignments(text: str, add: Add) -> None:
-    lower = text.lower()
-    hits = sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)})
+    # Two ways to find candidates, whichever is cheaper for this document: prose has few
+    # ':'/'=' (visit each operator), code has many (look for the key words instead).
+    ops = text.count("=") + text.count(":") + text.count("：")
+    if not ops:
+        return
+    if ops * 400 <= len(text):
+        starts = []
+        for op in "=:：":
+            i = text.find(op)
+            while i >= 0:
+                if _SECRET_WORD_RE.search(text[max(0, i - 48) : i].lower()):  # cheap test first
+                    back = _NAME_BEFORE_OP.search(text, max(0, i - 90), i)
+                    if back and any(w in back.group(1).lower() for w in _SECRET_WORDS):
+                        starts.append(back.start())
+                i = text.find(op, i + 1)
+        starts.sort()
+    else:
+        lower = text.lower()
+        starts = []
+        for i in sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)}):
+            back = _NAME_BACK.search(text, max(0, i - 48), i)
+            starts.append(back.start() if back else i)
     done = -1
-    for i in hits:
-        if i < done:
-            continue
-        back = _NAME_BACK.search(text, max(0, i - 48), i)
-        m = _ASSIGN.match(text, back.start() if back else i)
-        if m is None:
-            continue
-        done = m.end()
-        kind = _name_kind(m.group(1))
-        if kind is None:
-            continue
-        vg = next(g for g in (2, 3, 4, 5) if m.group(g) is not None)
-        val, s, e = m.group(vg), m.start(vg), m.end(vg)
-        if vg == 5 and val.lower() in ("bearer", "basic", "token"):  # "Authorization: Bearer <tok>"
-            tm = re.compile(r"[ \t]+([^\s\"'`,;]{6,400})").match(text, e)
-            if tm is None:
-                continue
-            val, s, e = tm.group(1), tm.start(1), tm.end(1)
-            vg = 2  # the token after the scheme word is as good as quoted
-        if not _secret_value_ok(val, kind, vg != 5):
-            continue
+    for start in starts:
+        if start >= done:
+            done = _assignment(text, start, add)
+
+
+def _assignment(text: str, start: int, add: Add) -> int:
+    """Judge the `name = value` at `start`; returns where scanning may resume."""
+    m = _ASSIGN.match(text, start)
+    if m is None:
+        return start + 1
+    kind = _name_kind(m.group(1))
+    if kind is None:
+        return m.end()
+    vg = next(g for g in (2, 3, 4, 5) if m.group(g) is not None)
+    val, s, e = m.group(vg), m.start(vg), m.end(vg)
+    if vg == 5 and val.lower() in ("bearer", "basic", "token"):  # "Authorization: Bearer <tok>"
+        tm = _AFTER_SCHEME.match(text, e)
+        if tm is None:
+            return m.end()
+        val, s, e = tm.group(1), tm.start(1), tm.end(1)
+        vg = 2  # the token after the scheme word is as good as quoted
+    if _secret_value_ok(val, kind, vg != 5):
         name = m.group(1).lower()
         aws = "aws" in name and "secret" in name and _AWS_SECRET.match(val)
         add("AWS_SECRET_KEY" if aws else "SECRET_ASSIGNMENT", s, e)
+    return max(m.end(), e)
 
 
 def _find_all(hay: str, needle: str) -> list[int]:
@@ -223,7 +256,9 @@ def _find_all(hay: str, needle: str) -> list[int]:
 
 # --- IP addresses --------------------------------------------------------------------
 
-_IPV4 = re.compile(_LN + r"(?:\d{1,3}\.){3}\d{1,3}" + _RN)
+_IPV4 = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}" + _RN)
+_IPV4_SEED = re.compile(r"\.\d{1,3}\.\d{1,3}\.")  # literal-led: '.' is cheap to jump between
+_IPV4_HEAD = re.compile(r"\d{1,3}\Z")
 _VERSION_CTX = re.compile(
     r"(?:\bv|\bver\.?|version|versión|versao|versão|release|build|firmware|kernel|版本|oid)\s*[:=]?\s*$"
 )
@@ -240,9 +275,15 @@ def _ip_is_personal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def ipv4(text: str, add: Add) -> None:
-    if "." not in text:
-        return
-    for m in _IPV4.finditer(text):
+    pos = 0
+    for seed in _IPV4_SEED.finditer(text):
+        head = _IPV4_HEAD.search(text, max(0, seed.start() - 3), seed.start())
+        if head is None or head.start() < pos or not _left_ok(text, head.start(), ".-"):
+            continue
+        m = _IPV4.match(text, head.start())
+        if m is None:
+            continue
+        pos = m.end()
         try:
             ip = ipaddress.IPv4Address(m.group())
         except ValueError:
@@ -288,15 +329,17 @@ def ipv6(text: str, add: Add) -> None:
 
 # --- crypto addresses ----------------------------------------------------------------
 
-_BTC_LEGACY = re.compile(_L + r"[13][1-9A-HJ-NP-Za-km-z]{25,34}" + _R)
+# One pass per leading character: a literal first character lets `re` skip ahead fast.
+_BTC_LEGACY = [re.compile(c + r"[1-9A-HJ-NP-Za-km-z]{25,34}" + _R) for c in "13"]
 _BTC_BECH32 = re.compile(_L + r"(?:bc1|BC1)[0-9A-Za-z]{8,87}" + _R)
 _ETH = re.compile(_L + r"0x([0-9a-fA-F]{40})" + _R)
 
 
 def crypto_addresses(text: str, add: Add) -> None:
-    for m in _BTC_LEGACY.finditer(text):
-        if ck.base58check_ok(m.group()):
-            add("BITCOIN_ADDRESS", *m.span())
+    for pat in _BTC_LEGACY:
+        for m in pat.finditer(text):
+            if _left_ok(text, m.start()) and ck.base58check_ok(m.group()):
+                add("BITCOIN_ADDRESS", *m.span())
     if "bc1" in text or "BC1" in text:
         for m in _BTC_BECH32.finditer(text):
             if ck.bech32_ok(m.group()):

@@ -23,7 +23,7 @@ _RN = r"(?![0-9A-Za-z_]|[.\-/]\d)"
 _SEP = r"[ .\-\u00a0]"
 
 _SEED = re.compile(r"\d(?:[ .\-/()\u00a0]{0,2}\d){5,}")
-_HEAD = re.compile(r"[0-9A-Za-z_]{0,64}\Z")
+_NOT_DIGIT = re.compile(r"\D")
 _TAIL = re.compile(r"[0-9A-Za-z_]{0,64}")
 _MARGIN = 24  # longest non-digit stretch at either end of a match (IBAN "GB82 WEST ", CURP tail)
 
@@ -97,18 +97,21 @@ def _ctx(text: str, start: int, width: int = 24) -> str:
     return text[max(0, start - width) : start].lower()
 
 
-def _windows(text: str) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
+def _windows(text: str) -> list[tuple[int, int, int]]:
+    """Merged (start, end, most digits in one seed run) windows around runs of >= 6 digits."""
+    out: list[tuple[int, int, int]] = []
     n = len(text)
     for m in _SEED.finditer(text):
+        nd = len(_NOT_DIGIT.sub("", m.group()))
         s, e = max(0, m.start() - _MARGIN), min(n, m.end() + _MARGIN)
-        # Never cut a token in two: a truncated token would pass the boundary checks.
-        s = _HEAD.search(text, max(0, s - 64), s).start()
+        # Never cut a token in two (a truncated token would pass the boundary checks):
+        # widen to the surrounding whitespace.
+        s = max(text.rfind(" ", max(0, s - 64), s), text.rfind("\n", max(0, s - 64), s), s - 64, 0)
         e = _TAIL.match(text, e).end()
         if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], e)
+            out[-1] = (out[-1][0], e, max(nd, out[-1][2]))
         else:
-            out.append((s, e))
+            out.append((s, e, nd))
     return out
 
 
@@ -142,13 +145,7 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
             add("IBAN", m.start(), end)
 
 
-def _national_ids(text: str, s: int, e: int, add: Add) -> None:
-    for m in _SSN.finditer(text, s, e):
-        if ck.ssn_ok(*m.groups()):
-            add("US_SSN", *m.span())
-    for m in _SSN_BARE.finditer(text, s, e):
-        if "-" not in m.group() and re.search(r"ssn|social security|seguro social", _ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
-            add("US_SSN", *m.span())
+def _upper_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _DNI.finditer(text, s, e):
         if ck.dni_ok(*m.groups()):
             add("ES_DNI", *m.span())
@@ -161,6 +158,16 @@ def _national_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _RFC.finditer(text, s, e):
         if ck.rfc_ok(m.group()):
             add("MX_RFC", *m.span())
+
+
+def _long_ids(text: str, s: int, e: int, add: Add) -> None:
+    """Identifiers of >= 9 digits: SSN, CPF, CUIT."""
+    for m in _SSN.finditer(text, s, e):
+        if ck.ssn_ok(*m.groups()):
+            add("US_SSN", *m.span())
+    for m in _SSN_BARE.finditer(text, s, e):
+        if "-" not in m.group() and re.search(r"ssn|social security|seguro social", _ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
+            add("US_SSN", *m.span())
     for m in _CPF.finditer(text, s, e):
         if ck.cpf_ok(_digits(m.group())):
             add("BR_CPF", *m.span())
@@ -173,17 +180,23 @@ def _national_ids(text: str, s: int, e: int, add: Add) -> None:
             add("BR_CPF", *m.span())
         elif ("cuit" in ctx or "cuil" in ctx) and ck.cuit_ok(d):
             add("AR_CUIT", *m.span())
+
+
+def _ruts(text: str, s: int, e: int, add: Add) -> None:
     for m in _RUT.finditer(text, s, e):
         if ck.rut_ok(m.group(1).replace(".", ""), m.group(2)):
             add("CL_RUT", *m.span())
 
 
-def _phones(text: str, s: int, e: int, add: Add) -> None:
+def _intl_phones(text: str, s: int, e: int, add: Add) -> None:
     for m in _PHONE_INTL.finditer(text, s, e):
         d = _digits(m.group())
         has_sep = any(not c.isdigit() for c in m.group()[1:])
         if 8 <= len(d) <= 15 and (has_sep or len(d) >= 10) and (d[:1] in _CC or d[:2] in _CC or d[:3] in _CC):
             add("PHONE", *m.span())
+
+
+def _national_phones(text: str, s: int, e: int, add: Add) -> None:
     for pat in _PHONE_NATIONAL:
         for m in pat.finditer(text, s, e):
             if _national_phone_ok(text, m.start(), m.end()):
@@ -207,9 +220,23 @@ def _national_phone_ok(text: str, start: int, end: int) -> bool:
     return not _ID_CTX.search(before) or bool(_PHONE_CTX.search(before))
 
 
+_UPPER_NEAR_DIGIT = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]")
+
+
 def numeric_ids(text: str, add: Add) -> None:
-    for s, e in _windows(text):
-        _cards(text, s, e, add)
-        _ibans(text, s, e, add)
-        _national_ids(text, s, e, add)
-        _phones(text, s, e, add)
+    # Gate each family on what its shortest member needs, so the many date/amount windows
+    # of ordinary prose cost one or two checks instead of twenty regex runs.
+    for s, e, nd in _windows(text):
+        dash = text.find("-", s, e) >= 0
+        if _UPPER_NEAR_DIGIT.search(text, s, e):
+            _upper_ids(text, s, e, add)
+            _ibans(text, s, e, add)
+        if nd >= 12:
+            _cards(text, s, e, add)
+        if nd >= 9:
+            _long_ids(text, s, e, add)
+            _national_phones(text, s, e, add)
+        if nd >= 7 and dash:
+            _ruts(text, s, e, add)
+        if nd >= 6 and text.find("+", s, e) >= 0:
+            _intl_phones(text, s, e, add)
