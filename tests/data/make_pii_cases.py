@@ -5,7 +5,7 @@ detector's validators), from reserved or fictional ranges where they exist (exam
 TEST-NET IPs, 2001:db8::/32, 555-01xx, AWS's documented example key). Contexts and hard
 negatives are hand-written in English, Spanish, Portuguese and Chinese.
 
-    python tests/data/make_pii_cases.py   # rewrites pii_cases.jsonl next to this file
+    python tests/data/make_pii_cases.py [OUT]   # default: rewrites pii_cases.jsonl next to this file
 """
 
 from __future__ import annotations
@@ -291,7 +291,19 @@ def ethereum_address() -> str:
     return "0x" + "".join(c.upper() if int(k[i], 16) >= 8 else c for i, c in enumerate(h))
 
 
+def password_value() -> str:
+    return R.choice(["Abc", "Qwe", "Sol", "Lua", "Mar"]) + rs(DIG, R.randint(3, 5)) + R.choice(["!", "#", "xyz", "$"])
+
+
+def api_token_value() -> str:
+    return R.choice(["", "sk_live_", "tok_"]) + rs(ALNUM, R.randint(28, 40))
+
+
+# Value-only slots: the surrounding name is hand-written in the template.
+ALIAS = {"PASSWORD_VALUE": "SECRET_ASSIGNMENT", "API_TOKEN_VALUE": "SECRET_ASSIGNMENT"}
+
 GEN = {
+    "PASSWORD_VALUE": password_value, "API_TOKEN_VALUE": api_token_value,
     "EMAIL": email, "PHONE": phone, "IPV4": ipv4, "IPV6": ipv6, "CREDIT_CARD": credit_card, "IBAN": iban,
     "US_SSN": us_ssn, "ES_DNI": es_dni, "ES_NIE": es_nie, "MX_CURP": mx_curp, "MX_RFC": mx_rfc, "BR_CPF": br_cpf,
     "AR_CUIT": ar_cuit, "CL_RUT": cl_rut, "URL_CREDENTIALS": url_credentials, "AWS_ACCESS_KEY": aws_access_key,
@@ -309,7 +321,7 @@ def fill(template: str, lang: str) -> dict:
         text += template[pos : m.start()]
         out = GEN[m.group(1)]()
         value, (s, e) = out if isinstance(out, tuple) else (out, (0, len(out)))
-        spans.append({"type": m.group(1), "start": len(text) + s, "end": len(text) + e})
+        spans.append({"type": ALIAS.get(m.group(1), m.group(1)), "start": len(text) + s, "end": len(text) + e})
         text += value
         pos = m.end()
     return {"text": text + template[pos:], "spans": spans, "lang": lang}
@@ -328,7 +340,7 @@ def build() -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("pii_cases.jsonl")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("pii_cases.jsonl")
     rows = build()
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} cases to {out}")

@@ -143,10 +143,13 @@ _SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", 
 _SECRET_WORD_RE = re.compile("|".join(_SECRET_WORDS))
 _NAME_BACK = re.compile(r"[\w.\-]{0,48}\Z")
 _NAME_BEFORE_OP = re.compile(r"""([\w.\-]{1,80})["']?[ \t]*[:=]?\Z""")
+_SCHEME_WORD = re.compile(r"(?i)(?:bearer|basic|token)(?:[ \t]+|$)")
+_PAIR_VALUE = re.compile(r"""[\w.\-]+["']?[ \t]*[,;]?\s*(?:-[ \t]*)?["']?(value)["']?[ \t]*[:=]""")
+_PAIR_NAME = re.compile(r"""(?:name|key)["']?[ \t]*[:=][ \t]*["']?([\w.\-]+)["']?[ \t]*[,;]?\s*(?:-[ \t]*)?["']?\Z""")
 _AFTER_SCHEME = re.compile(r"[ \t]+([^\s\"'`,;]{6,400})")
 _ASSIGN = re.compile(
     r"""([\w.\-]{1,80})["']?[ \t]*(?:=>|:=|[:=：])[ \t]*"""
-    r"""(?:"([^"\\\n]{1,400})"|'([^'\\\n]{1,400})'|`([^`\n]{1,400})`|([^\s"'`,;#)}\]<>]{1,400}))"""
+    r"""(?:"([^"\\\n]{1,400})"|'([^'\\\n]{1,400})'|`([^`\n]{1,400})`|((?:(?!["'`,;#)}\]<>])[!-~]){1,400}))"""
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _PASSWORD_SEGS = frozenset("password passwd pass pwd passphrase contraseña contrasena senha clave".split())
@@ -227,21 +230,31 @@ def _assignment(text: str, start: int, add: Add) -> int:
     """Judge the `name = value` at `start`; returns where scanning may resume."""
     m = _ASSIGN.match(text, start)
     if m is None:
-        return start + 1
-    kind = _name_kind(m.group(1))
+        # `name: DEPLOY_TOKEN` followed by `value: ...` (Kubernetes, CI, JSON name/value pairs)
+        pair = _PAIR_VALUE.match(text, start)
+        return _assignment(text, pair.start(1), add) if pair else start + 1
+    name = m.group(1)
+    kind = _name_kind(name)
+    if kind is None and name.lower() == "value":
+        pm = _PAIR_NAME.search(text[max(0, start - 120) : start])
+        kind = _name_kind(pm.group(1)) if pm else None
     if kind is None:
         return m.end()
     vg = next(g for g in (2, 3, 4, 5) if m.group(g) is not None)
     val, s, e = m.group(vg), m.start(vg), m.end(vg)
-    if vg == 5 and val.lower() in ("bearer", "basic", "token"):  # "Authorization: Bearer <tok>"
-        tm = _AFTER_SCHEME.match(text, e)
-        if tm is None:
-            return m.end()
-        val, s, e = tm.group(1), tm.start(1), tm.end(1)
-        vg = 2  # the token after the scheme word is as good as quoted
+    scheme = _SCHEME_WORD.match(val)
+    if scheme:  # "Authorization: Bearer <token>": the credential is what follows the scheme
+        if vg == 5:
+            tm = _AFTER_SCHEME.match(text, e)
+            if tm is None:
+                return m.end()
+            val, s, e = tm.group(1), tm.start(1), tm.end(1)
+            vg = 2  # a token after a scheme word is as good as quoted
+        else:
+            val, s = val[scheme.end() :], s + scheme.end()
     if _secret_value_ok(val, kind, vg != 5):
-        name = m.group(1).lower()
-        aws = "aws" in name and "secret" in name and _AWS_SECRET.match(val)
+        low = name.lower()
+        aws = "aws" in low and "secret" in low and _AWS_SECRET.match(val)
         add("AWS_SECRET_KEY" if aws else "SECRET_ASSIGNMENT", s, e)
     return max(m.end(), e)
 
