@@ -272,9 +272,13 @@ def _find_all(hay: str, needle: str) -> list[int]:
 _IPV4 = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}" + _RN)
 _IPV4_SEED = re.compile(r"\.\d{1,3}\.\d{1,3}\.")  # literal-led: '.' is cheap to jump between
 _IPV4_HEAD = re.compile(r"\d{1,3}\Z")
+# Dotted quads that are versions or document numbering, not addresses.
 _VERSION_CTX = re.compile(
-    r"(?:\bv|\bver\.?|version|versión|versao|versão|release|build|firmware|kernel|版本|oid)\s*[:=]?\s*$"
+    r"(?:\bv|\bver\.?|version|versión|versao|versão|release|build|firmware|kernel|版本|oid|section|sección|"
+    r"seção|secção|chapter|cap[ií]tulo|clause|cl[aá]usula|\bart\.?|art[ií]culo|artigo|item|step|paso|passo|§|"
+    r"章|节|条)\s*[:=#]?\s*$"
 )
+_CIDR = re.compile(r"/(\d{1,3})(?!\d)")
 
 
 def _ip_is_personal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -285,6 +289,18 @@ def _ip_is_personal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         inv = ~bits & 0xFFFFFFFF
         return not (bits >> 24 == 255 and inv & (inv + 1) == 0)
     return True
+
+
+def _is_network(text: str, m: re.Match) -> bool:
+    """`10.0.0.0/8` names a range (host bits all zero), not a host."""
+    c = _CIDR.match(text, m.end())
+    if c is None:
+        return False
+    try:
+        ipaddress.ip_network(f"{m.group()}/{c.group(1)}", strict=True)
+        return True
+    except ValueError:
+        return False
 
 
 def ipv4(text: str, add: Add) -> None:
@@ -301,7 +317,7 @@ def ipv4(text: str, add: Add) -> None:
             ip = ipaddress.IPv4Address(m.group())
         except ValueError:
             continue
-        if _ip_is_personal(ip) and not _VERSION_CTX.search(_before(text, m.start(), 20)):
+        if _ip_is_personal(ip) and not _VERSION_CTX.search(_before(text, m.start(), 20)) and not _is_network(text, m):
             add("IPV4", *m.span())
 
 

@@ -70,11 +70,13 @@ _ID_CTX = re.compile(
     r"order|invoice|\bref|ticket|tracking|isbn|issn|serial|sku|account|acct|\bid\b|\bno\.|n[º°]|#|pedido|"
     r"factura|folio|protocolo|rastreo|rastreamento|nota fiscal|订单|编号|单号|运单|发票|账号|序列"
 )
+# Amounts and counts: a currency or unit right before/after, or decimals after (",90").
 _AMOUNT_AFTER = re.compile(
-    r"\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|km|kg|habitantes|people|personas|pessoas|"
-    r"units|unidades|bytes|[kmg]b\b|元|人)",
+    r",\d|\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|yen|yuan|km|kg|habitantes|people|personas|"
+    r"pessoas|units|unidades|bytes|[kmg]b\b|元|人)",
     re.I,
 )
+_AMOUNT_BEFORE = re.compile(r"(?:\$|€|£|¥|\b(?:eur|usd|mxn|brl|ars|clp|gbp|cny|rmb|jpy))\s?$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 # ITU-T E.164 country codes (1-, 2- and 3-digit); a "+" number must start with one.
 _CC = frozenset(
@@ -214,9 +216,9 @@ def _national_phone_ok(text: str, start: int, end: int) -> bool:
     d = "".join(groups)
     if not 9 <= len(d) <= 12 or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
         return False
-    if sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2 or _AMOUNT_AFTER.match(text, end):
-        return False  # "2019 2020 2021", "700 000 000 €"
     before = _ctx(text, start)
+    if sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2 or _AMOUNT_AFTER.match(text, end) or _AMOUNT_BEFORE.search(before):
+        return False  # "2019 2020 2021", "700 000 000 €", "R$ 712.345.678"
     return not _ID_CTX.search(before) or bool(_PHONE_CTX.search(before))
 
 
