@@ -61,7 +61,11 @@ _SLACK = (
     re.compile(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/T[A-Z0-9]+/[A-Za-z0-9/]{8,}"),
 )
 _AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|IPA|NPA|NVA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])")
-_JWT = re.compile(r"(eyJ[A-Za-z0-9_\-]{8,})\.([A-Za-z0-9_\-]{4,})\.([A-Za-z0-9_\-]*)" + r"(?![A-Za-z0-9_\-])")
+# The lookbehind sits after the literal so the prefix search still applies, and makes every
+# "eyJ" inside a longer base64 run fail at once (otherwise "eyJeyJeyJ..." is quadratic).
+_JWT = re.compile(
+    r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)(?![.])"
+)
 
 
 def _left_ok(text: str, i: int, chars: str = "") -> bool:
@@ -93,7 +97,7 @@ def tokens(text: str, add: Add) -> None:
         if _left_ok(text, m.start()):
             add("AWS_ACCESS_KEY", *m.span())
     for m in _JWT.finditer(text):
-        if _left_ok(text, m.start(), "-") and ck.jwt_header_ok(m.group(1)):
+        if ck.jwt_header_ok(m.group(1)):
             add("JWT", *m.span())
 
 
