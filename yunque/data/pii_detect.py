@@ -64,7 +64,7 @@ _AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|IPA|NPA|NVA|BIA|CCA)[A-Z0-9]{16}(
 # The lookbehind sits after the literal so the prefix search still applies, and makes every
 # "eyJ" inside a longer base64 run fail at once (otherwise "eyJeyJeyJ..." is quadratic).
 _JWT = re.compile(
-    r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)(?![.])"
+    r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)"
 )
 
 
