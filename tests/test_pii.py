@@ -215,7 +215,10 @@ def test_stream_default_holdback_and_open_pem_block():
 @pytest.mark.parametrize(
     "text",
     ["1" * 200_000, "a@" * 100_000, ("password=" * 20_000), ":a:" * 60_000, "1.1." * 50_000, "eyJ" * 60_000,
-     "-----BEGIN PRIVATE KEY-----" + "A" * 200_000, ("12 " * 70_000)],
+     "-----BEGIN PRIVATE KEY-----" + "A" * 200_000, ("12 " * 70_000), "xoxb-" * 40_000, "1A" * 100_000,
+     "AKIA" * 50_000, "::" * 100_000, "a" * 200_000 + "@example.com", "key=" * 50_000, "4111 " * 40_000,
+     "name: x\n value: " * 10_000, "Bearer " * 30_000, "-----BEGIN PRIVATE KEY-----" * 5_000, "+1 " * 60_000,
+     "ES" * 100_000, "0x" * 100_000, "ghp_" * 50_000],
 )  # fmt: skip
 def test_pathological_inputs_are_linear(text):
     t = time.process_time()
