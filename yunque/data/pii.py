@@ -18,9 +18,10 @@ separators (bare digit runs count only after a phone keyword); loopback/unspecif
 and netmasks are not personal data and are kept; dotted quads after a version word
 ("v", "version", "build", ...) are versions, not IPs.
 
-Speed: every detector is behind a cheap gate (a literal `in` test or a regex whose first
-character is a digit or a literal), and the digit-heavy national formats only run in small
-windows around runs of >= 6 digits, so prose without PII is scanned at C speed.
+Speed: each full-text pass is a regex that starts with a literal (`re` jumps between
+occurrences at memchr speed) or one digit-led pass; the ~20 digit-heavy patterns (phones,
+cards, national IDs) only run in small windows around runs of >= 6 digits, and secret
+assignments are found from their operators or key words, whichever is rarer.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def private_keys(text: str, add: Add) -> None:
         add("PRIVATE_KEY", m.start(), end)
 
 
-# --- vendor tokens and JWTs: each starts with a literal, so the gates are `in` tests --
+# --- vendor tokens and JWTs ----------------------------------------------------------
 
 # No leading lookbehind: it would stop `re` from jumping straight to the literal prefix,
 # which is what makes these passes nearly free. `_left_ok` checks the boundary instead.
@@ -68,11 +68,17 @@ _JWT = re.compile(
 )
 
 
+def _word_at(text: str, i: int) -> bool:
+    """Is text[i] an ASCII word character (out of range counts as no)?"""
+    if not 0 <= i < len(text):
+        return False
+    c = text[i]
+    return c.isascii() and (c.isalnum() or c == "_")
+
+
 def _left_ok(text: str, i: int, chars: str = "") -> bool:
-    if i == 0:
-        return True
-    c = text[i - 1]
-    return not (c.isascii() and (c.isalnum() or c == "_")) and c not in chars
+    """May a match start at `i`: not glued to a word character (or one of `chars`) on its left?"""
+    return i == 0 or not (_word_at(text, i - 1) or text[i - 1] in chars)
 
 
 def _random_enough(s: str) -> bool:
@@ -120,6 +126,8 @@ def emails(text: str, add: Add) -> None:
         if lm is None or m.group(1).rsplit(".", 1)[1].lower() in _FILE_EXT:
             continue
         s = lm.start()
+        if not _left_ok(text, s, "._%+-"):  # local part longer than 64: not an address
+            continue
         while s < at and text[s] in ".-+":  # a local part cannot start with punctuation
             s += 1
         # "git@github.com:org/repo" is an scp-style SSH remote, not a mailbox.
@@ -331,21 +339,19 @@ _IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[0-
 
 
 def ipv6(text: str, add: Add) -> None:
-    if "::" not in text and ":" not in text:
-        return
     pos = 0
     for seed in _IPV6_SEED.finditer(text):
         if seed.start() < pos:
             continue
         back = _IPV6_BACK.search(text, max(0, seed.start() - 40), seed.start())
         s = back.start() if back else seed.start()
-        if s and re.match(r"[0-9A-Za-z_:.]", text[s - 1]):
+        if not _left_ok(text, s, ":."):
             continue
         m = _IPV6.match(text, s)
         if m is None:
             continue
         pos = m.end()
-        if pos < len(text) and re.match(r"[0-9A-Za-z_]", text[pos]):
+        if _word_at(text, pos):
             continue
         cand = m.group().split("%", 1)[0]
         groups = [g for g in re.split(r"[:.]", cand) if g]
@@ -364,8 +370,8 @@ def ipv6(text: str, add: Add) -> None:
 
 # One pass per leading character: a literal first character lets `re` skip ahead fast.
 _BTC_LEGACY = [re.compile(c + r"[1-9A-HJ-NP-Za-km-z]{25,34}" + _R) for c in "13"]
-_BTC_BECH32 = re.compile(_L + r"(?:bc1|BC1)[0-9A-Za-z]{8,87}" + _R)
-_ETH = re.compile(_L + r"0x([0-9a-fA-F]{40})" + _R)
+_BTC_BECH32 = [re.compile(p + r"(?<![0-9A-Za-z_]" + p + r")[0-9A-Za-z]{8,87}" + _R) for p in ("bc1", "BC1")]
+_ETH = re.compile(r"0x(?<![0-9A-Za-z_]0x)([0-9a-fA-F]{40})" + _R)
 
 
 def crypto_addresses(text: str, add: Add) -> None:
@@ -373,12 +379,11 @@ def crypto_addresses(text: str, add: Add) -> None:
         for m in pat.finditer(text):
             if _left_ok(text, m.start()) and ck.base58check_ok(m.group()):
                 add("BITCOIN_ADDRESS", *m.span())
-    if "bc1" in text or "BC1" in text:
-        for m in _BTC_BECH32.finditer(text):
+    for pat in _BTC_BECH32:
+        for m in pat.finditer(text):
             if ck.bech32_ok(m.group()):
                 add("BITCOIN_ADDRESS", *m.span())
-    if "0x" in text:
-        for m in _ETH.finditer(text):
-            if ck.eip55_ok(m.group(1)):
-                add("ETHEREUM_ADDRESS", *m.span())
+    for m in _ETH.finditer(text):
+        if ck.eip55_ok(m.group(1)):
+            add("ETHEREUM_ADDRESS", *m.span())
 
