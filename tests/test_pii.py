@@ -118,7 +118,7 @@ def test_scrub_placeholders_and_counts():
 
 
 def test_scrub_modes():
-    text = "ana@example.com -----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----"
+    text = "ana@example.com -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
     r = scrub(text, modes={"EMAIL": "report", "PRIVATE_KEY": "drop"})
     assert r.text == "ana@example.com [PRIVATE_KEY]" and r.drop and r.findings == {"EMAIL": 1, "PRIVATE_KEY": 1}
     r = scrub(text, modes={"EMAIL": "off"}, default_mode="report")

@@ -26,7 +26,7 @@ def _before(text: str, start: int, width: int = 32) -> str:
 
 _PLACEHOLDER = re.compile(
     r"^[*xX.\-_#•]+$|<[^>]*>|\$\{|\{\{|%\(|%s\b|\*\*\*|xxxx|\.\.\.|^\$[A-Za-z_]"
-    r"|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)"
+    r"|\{\}|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)"
     r"|^(?:pass(?:word|wd)?|pwd|secret|token|key|user|username|hidden|dummy|test|foo|bar)$",
     re.I,
 )
@@ -35,6 +35,7 @@ _PLACEHOLDER = re.compile(
 # --- PEM private keys ------------------------------------------------------------
 
 _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
+_KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{16}")
 _PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|(?:[\w-]+: [^\n]*))*")
 
 
@@ -46,7 +47,8 @@ def private_keys(text: str, add: Add) -> None:
         j = text.find(end_marker, m.end(), m.end() + 20000)
         # A truncated block (no END yet, e.g. mid-stream) is redacted through its body.
         end = j + len(end_marker) if j >= 0 else _PEM_BODY.match(text, m.end()).end()
-        add("PRIVATE_KEY", m.start(), end)
+        if _KEY_MATERIAL.search(text, m.end(), end):  # two marker strings in code hold no key
+            add("PRIVATE_KEY", m.start(), end)
 
 
 # --- vendor tokens and JWTs ----------------------------------------------------------
@@ -161,7 +163,7 @@ _PAIR_NAME = re.compile(r"""(?:name|key)["']?[ \t]*[:=][ \t]*["']?([\w.\-]+)["']
 _AFTER_SCHEME = re.compile(r"[ \t]+([^\s\"'`,;]{6,400})")
 _ASSIGN = re.compile(
     r"""([\w.\-]{1,80})["']?[ \t]*(?:=>|:=|[:=：])[ \t]*"""
-    r"""(?:"([^"\\\n]{1,400})"|'([^'\\\n]{1,400})'|`([^`\n]{1,400})`|((?:(?!["'`,;#)}\]<>])[!-~]){1,400}))"""
+    r"""(?:"([^"\\\n]{1,400})"|'([^'\\\n]{1,400})'|`([^`\n]{1,400})`|((?:(?!["'`,;#)}\]<>&])[!-~]){1,400}))"""
 )
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _PASSWORD_SEGS = frozenset("password passwd pass pwd passphrase contraseña contrasena senha clave".split())
@@ -172,14 +174,20 @@ _META_SEGS = frozenset(
     "type types count num length len min max limit size id ids name names file path dir url uri endpoint env "
     "var field label hint prompt policy expiry expires expiration ttl timeout format pattern regex header param "
     "column mode kind prefix suffix index idx usage budget enabled required reset changed strength rotation "
-    "version provider store manager source ref fingerprint algorithm alg method strategy".split()
+    "version provider store manager source ref fingerprint algorithm alg method strategy config public template "
+    "help description desc doc message msg error text title".split()
 )  # fmt: skip
 _CODE_VALUE = re.compile(
     r"^(?:none|null|nil|true|false|undefined|str|string|bytes|int|optional|required|secret|password)$"
     r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$|[(\[]|^[$%{&*@]",
     re.I,
 )
-_WORDLIKE = re.compile(r"^[A-Za-z]+(?:[_\-. ][A-Za-z]+)*$")
+# snake_case references with 3+ parts (`pkcs8_priv_key_info_st`) are code, not secrets
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9]*(?:_[A-Za-z0-9]+){2,}$")
+# Property paths and type names held by `*_KEY` constants: 'fs.s3.consistent', 'AWS::Auth::Mode', 'Ec2SubnetIds'
+_NAME_VALUE = re.compile(r"^(?:[A-Za-z][\w\-]*(?:(?:\.|::)[A-Za-z][\w\-]*)+|(?:[A-Z][a-z0-9]+){2,})$")
+_TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_\-+/=.~:]+$")
+_WORDLIKE = re.compile(r"^[_\-.]*[A-Za-z]+(?:[_\-. ]+[A-Za-z]+)*[_\-.]*$")
 _AWS_SECRET = re.compile(r"^[A-Za-z0-9/+]{40}$")
 
 
@@ -198,15 +206,25 @@ def _name_kind(name: str) -> str | None:
     return None
 
 
-def _secret_value_ok(val: str, kind: str, quoted: bool) -> bool:
+def _secret_value_ok(val: str, kind: str, quoted: bool, bare_key: bool = False) -> bool:
+    """`bare_key`: the name is just "key" (dict, sort or cache key in code): quoted values only."""
     if len(val) < 6 or any(c.isspace() for c in val) or _PLACEHOLDER.search(val):
         return False
-    if not quoted and (_CODE_VALUE.search(val) or _WORDLIKE.match(val)):
+    if not quoted and (_CODE_VALUE.search(val) or _WORDLIKE.match(val) or _IDENTIFIER.match(val) or bare_key):
         return False
     if kind == "password":
-        return quoted or any(c.isdigit() for c in val) or not val.isalnum()
-    # Keys and tokens are machine-generated: long and high-entropy, never plain words.
-    return len(val) >= 12 and not _WORDLIKE.match(val) and ck.shannon_entropy(val) >= 3.0
+        # Letters only ("context", "challengePassword") is what code maps names to; a password
+        # worth the name has a digit or a symbol.
+        return not val.isalpha() and not _WORDLIKE.match(val) and not _NAME_VALUE.match(val)
+    # Keys and tokens are machine-generated: long, high-entropy, from a token alphabet
+    # (base64, base64url, hex), never plain words or expressions.
+    return (
+        len(val) >= 12
+        and _TOKEN_CHARS.match(val) is not None
+        and not _WORDLIKE.match(val)
+        and not _NAME_VALUE.match(val)
+        and ck.shannon_entropy(val) >= 3.0
+    )
 
 
 def secret_assignments(text: str, add: Add) -> None:
@@ -240,6 +258,8 @@ def secret_assignments(text: str, add: Add) -> None:
 
 def _assignment(text: str, start: int, add: Add) -> int:
     """Judge the `name = value` at `start`; returns where scanning may resume."""
+    if start and text[start - 1] == ":":  # "AWS::KMS::Key": a qualified type name, not a variable
+        return start + 1
     m = _ASSIGN.match(text, start)
     if m is None:
         # `name: DEPLOY_TOKEN` followed by `value: ...` (Kubernetes, CI, JSON name/value pairs)
@@ -264,7 +284,7 @@ def _assignment(text: str, start: int, add: Add) -> int:
             vg = 2  # a token after a scheme word is as good as quoted
         else:
             val, s = val[scheme.end() :], s + scheme.end()
-    if _secret_value_ok(val, kind, vg != 5):
+    if _secret_value_ok(val, kind, vg != 5, name.lower().rsplit(".", 1)[-1].strip("-_") == "key"):
         low = name.lower()
         aws = "aws" in low and "secret" in low and _AWS_SECRET.match(val)
         add("AWS_SECRET_KEY" if aws else "SECRET_ASSIGNMENT", s, e)
@@ -288,7 +308,13 @@ _IPV4_HEAD = re.compile(r"\d{1,3}\Z")
 _VERSION_CTX = re.compile(
     r"(?:\bv|\bver\.?|version|versión|versao|versão|release|build|firmware|kernel|版本|oid|section|sección|"
     r"seção|secção|chapter|cap[ií]tulo|clause|cl[aá]usula|\bart\.?|art[ií]culo|artigo|item|step|paso|passo|§|"
-    r"章|节|条)\s*[:=#]?\s*$"
+    r"章|节|条|sections|identifier)\s*[:=#\"'(\[]{0,2}\s*$"
+)
+# Small dotted quads ("3.1.1.6", "7.1.4.34") are far more often versions than hosts; they
+# count as addresses only next to a word about networking.
+_IP_CTX = re.compile(
+    r"\bip\b|\bips\b|\bip_|\bhost|server|\baddr\b|dns|gateway|proxy|firewall|\bping|\bssh|connect|\bpeer|"
+    r"remote|servidor|地址|服务器"
 )
 _CIDR = re.compile(r"/(\d{1,3})(?!\d)")
 
@@ -303,16 +329,16 @@ def _ip_is_personal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
-def _is_network(text: str, m: re.Match) -> bool:
-    """`10.0.0.0/8` names a range (host bits all zero), not a host."""
-    c = _CIDR.match(text, m.end())
+def _is_network(text: str, addr: str, end: int) -> bool:
+    """`10.0.0.0/8`, `2001:db8::/32` name a range (host bits all zero), not a host."""
+    c = _CIDR.match(text, end)
     if c is None:
         return False
     try:
-        ipaddress.ip_network(f"{m.group()}/{c.group(1)}", strict=True)
-        return True
+        net = ipaddress.ip_network(f"{addr}/{c.group(1)}", strict=True)
     except ValueError:
         return False
+    return net.prefixlen < net.max_prefixlen
 
 
 def ipv4(text: str, add: Add) -> None:
@@ -329,8 +355,12 @@ def ipv4(text: str, add: Add) -> None:
             ip = ipaddress.IPv4Address(m.group())
         except ValueError:
             continue
-        if _ip_is_personal(ip) and not _VERSION_CTX.search(_before(text, m.start(), 20)) and not _is_network(text, m):
-            add("IPV4", *m.span())
+        before = _before(text, m.start(), 20)
+        if not _ip_is_personal(ip) or _VERSION_CTX.search(before) or _is_network(text, m.group(), m.end()):
+            continue
+        if ip.packed[0] < 10 and ip.packed[1] < 10 and not _IP_CTX.search(_before(text, m.start(), 40)):
+            continue
+        add("IPV4", *m.span())
 
 
 _IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
@@ -362,7 +392,7 @@ def ipv6(text: str, add: Add) -> None:
             ip = ipaddress.IPv6Address(cand)
         except ValueError:
             continue
-        if _ip_is_personal(ip):
+        if _ip_is_personal(ip) and not _is_network(text, cand, m.end()):
             add("IPV6", *m.span())
 
 

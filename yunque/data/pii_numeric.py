@@ -31,7 +31,8 @@ _CARD = re.compile(_LN + r"\d(?:[ \-]?\d){11,18}" + _RN)
 _IBAN = re.compile(_L + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?" + _R)
 _SSN = re.compile(_LN + r"(\d{3})-(\d{2})-(\d{4})" + _RN)
 _SSN_BARE = re.compile(_LN + r"(\d{3}) ?(\d{2}) ?(\d{4})" + _RN)
-_DNI = re.compile(_L + r"(\d{8})[ \-]?([A-Z])" + _R)
+_EXP_R = r"(?![0-9A-Za-z_]|[+\-]\d)"  # "1.38435736E+12" is a float, not an ID with a letter
+_DNI = re.compile(_LN + r"(\d{8})[ \-]?([A-Z])" + _EXP_R)
 _NIE = re.compile(_L + r"([XYZ])[ \-]?(\d{7})[ \-]?([A-Z])" + _R)
 _CURP = re.compile(_L + r"[A-Z][AEIOUX][A-Z]{2}\d{6}[HMX][A-Z]{5}[0-9A-Z]\d" + _R)
 _RFC = re.compile(r"(?<![0-9A-Za-z_&Ñ])[A-ZÑ&]{3,4}\d{6}[A-Z0-9]{2}[0-9A]" + _R)
@@ -56,11 +57,13 @@ _PHONE_NATIONAL = [
         _L + r"\(0?\d{2,4}\)" + _SEP + r"?\d{3,5}" + _SEP + r"?\d{4}",
         # Area code + local: 55 1234 5678, 11 91234-5678, 011 4123-4567, 0341 421-1234, 010-1234-5678
         _LN + r"(?:0?\d{2}|0\d{3})" + _SEP + r"(?:\d{4,5}|\d{3})" + _SEP + r"\d{4}",
-        # China: 138 0013 8000, 13800138000, 010-12345678
-        _LN + r"1[3-9]\d(?:[ \-]?\d{4}){2}",
+        # China: 138 0013 8000, 138-0013-8000, 010-12345678 (bare 13800138000: see _CN_BARE)
+        _LN + r"1[3-9]\d(?:[ \-]\d{4}){2}",
         _LN + r"0\d{2,3}-\d{7,8}",
     )
 ]
+_SIGNED_DECIMAL = re.compile(r"\+\d+\.\d+")
+_CN_BARE = re.compile(_LN + r"1[3-9]\d{9}" + _RN)
 _PHONE_BARE = re.compile(_LN + r"\d{9,12}" + _RN)
 _PHONE_CTX = re.compile(
     r"tel\b|tel[eé]fono|telefone|phone|mobile|cell|fax|whats ?app|call|m[oó]vil|celular|fone|contact|"
@@ -194,6 +197,8 @@ def _intl_phones(text: str, s: int, e: int, add: Add) -> None:
     for m in _PHONE_INTL.finditer(text, s, e):
         d = _digits(m.group())
         has_sep = any(not c.isdigit() for c in m.group()[1:])
+        if _SIGNED_DECIMAL.fullmatch(m.group()):  # "+35236450.6"
+            continue
         if 8 <= len(d) <= 15 and (has_sep or len(d) >= 10) and (d[:1] in _CC or d[:2] in _CC or d[:3] in _CC):
             add("PHONE", *m.span())
 
@@ -203,6 +208,13 @@ def _national_phones(text: str, s: int, e: int, add: Add) -> None:
         for m in pat.finditer(text, s, e):
             if _national_phone_ok(text, m.start(), m.end()):
                 add("PHONE", *m.span())
+    # An unformatted Chinese mobile number is just 11 digits: accept it in Chinese text (a CJK
+    # character right before) or after a phone word, not as a bare integer in code or tables.
+    for m in _CN_BARE.finditer(text, s, e):
+        before = text[max(0, m.start() - 8) : m.start()]
+        cjk = any("\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef" for c in before)
+        if (cjk or _PHONE_CTX.search(_ctx(text, m.start()))) and _national_phone_ok(text, m.start(), m.end()):
+            add("PHONE", *m.span())
     for m in _PHONE_BARE.finditer(text, s, e):
         if _PHONE_CTX.search(_ctx(text, m.start())) and _national_phone_ok(text, m.start(), m.end()):
             add("PHONE", *m.span())
