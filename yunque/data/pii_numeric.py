@@ -67,7 +67,8 @@ _CN_BARE = re.compile(_LN + r"1[3-9]\d{9}" + _RN)
 _PHONE_BARE = re.compile(_LN + r"\d{9,12}" + _RN)
 _PHONE_CTX = re.compile(
     r"tel\b|tel[eé]fono|telefone|phone|mobile|cell|fax|whats ?app|call|m[oó]vil|celular|fone|contact|"
-    r"contato|contacto|电话|手机|联系|致电|拨打"
+    r"contato|contacto|hotline|customer service|atendimento|atenci[oó]n al cliente|llam|ligue|ligar|"
+    r"\b(?:my|mi|meu|our|nuestro|nosso) n[uú]mero|\bmy number|电话|手机|联系|致电|拨打|热线|客服|号码"
 )
 _ID_CTX = re.compile(
     r"order|invoice|\bref|ticket|tracking|isbn|issn|serial|sku|account|acct|\bid\b|\bno\.|n[º°]|#|pedido|"
@@ -213,11 +214,16 @@ def _national_phones(text: str, s: int, e: int, add: Add) -> None:
     for m in _CN_BARE.finditer(text, s, e):
         before = text[max(0, m.start() - 8) : m.start()]
         cjk = any("\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef" for c in before)
-        if (cjk or _PHONE_CTX.search(_ctx(text, m.start()))) and _national_phone_ok(text, m.start(), m.end()):
+        if (cjk or _phone_words_near(text, m.start(), m.end())) and _national_phone_ok(text, m.start(), m.end()):
             add("PHONE", *m.span())
     for m in _PHONE_BARE.finditer(text, s, e):
-        if _PHONE_CTX.search(_ctx(text, m.start())) and _national_phone_ok(text, m.start(), m.end()):
+        if _phone_words_near(text, m.start(), m.end()) and _national_phone_ok(text, m.start(), m.end()):
             add("PHONE", *m.span())
+
+
+def _phone_words_near(text: str, start: int, end: int) -> bool:
+    """A phone word shortly before ("Tel: …") or after ("… por WhatsApp") the number."""
+    return bool(_PHONE_CTX.search(_ctx(text, start)) or _PHONE_CTX.search(text[end : end + 24].lower()))
 
 
 def _national_phone_ok(text: str, start: int, end: int) -> bool:
