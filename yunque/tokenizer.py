@@ -262,8 +262,13 @@ def _iter_plain(p: Path) -> Iterator[str]:
             pos += len(raw)
             if not raw:
                 break
-            # Cut at a line end (else a space) so no word is split across two pieces.
-            cut = max(text.rfind("\n"), text.rfind(" ")) + 1 or len(text)
+            # Cut after the last newline or space so no word is split across two pieces; a long
+            # run without either (CJK text) waits for more input, up to a bound.
+            cut = max(text.rfind("\n"), text.rfind(" ")) + 1
+            if cut == 0 and len(text) < 4 * _CHUNK:
+                carry = text
+                continue
+            cut = cut or len(text)
             carry = text[cut:]
             yield text[:cut]
     if text:
