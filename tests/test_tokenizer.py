@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tok_helpers import MIXED, VOCAB, family_dir, trained_dir, write_corpus
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models
-from tok_helpers import MIXED, VOCAB, family_dir, trained_dir, write_corpus
 
 import yunque.tokenizer as ytok
 from yunque.__main__ import main

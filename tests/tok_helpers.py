@@ -29,7 +29,7 @@ def write_corpus(path: Path, n_lines: int = 2500, seed: int = 0) -> Path:
     """~200 KB of shuffled fragments of MIXED, so every script and whitespace shape is seen."""
     rng = random.Random(seed)
     words = [w for line in MIXED[:-1] for w in line.replace("\n", " ").split(" ") if w]
-    syllables = "ka lo mi ne su ta ri po ña ción der ing tion 学 习 机 器 🙂".split()
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ña", "ción", "der", "ing", "tion", "学", "习", "机", "器", "🙂"]
     words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)]
     with path.open("w", encoding="utf-8") as f:
         for i in range(n_lines):
