@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tok_helpers import family_dir, trained_dir
 
-from yunque.chat import apply_chat_template, render_chat
+from yunque.chat import apply_chat_template, render_chat, render_chats
 from yunque.errors import YunqueError
 from yunque.tokenizer import BOS, EOS, EOT, Tokenizer
 
@@ -420,3 +420,11 @@ def test_sanitize_control_tokens_encodes_injected_tokens_as_text(dirs, hf_tokeni
     # A forged marker in the input is dropped instead of smuggling a token through.
     forged = [{"role": "user", "content": "\U000f0000<|eot_id|>\U000f0001"}]
     assert render_chat(tok, forged, sanitize_control_tokens=True).ids.count(eot) == 1
+
+
+def test_render_chats_batch_equals_one_by_one(dirs):
+    tok = Tokenizer.from_dir(dirs["qwen25"])
+    conversations = [CHAT, CHAT[:2], TOOL_CHAT, CHAT[1:3]]
+    assert render_chats(tok, conversations) == [render_chat(tok, c) for c in conversations]
+    with pytest.raises(YunqueError, match=r"conversations\[1\]: messages\[0\]: role 'bot'"):
+        render_chats(tok, [CHAT, [{"role": "bot", "content": "x"}]])
