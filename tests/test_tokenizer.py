@@ -95,7 +95,7 @@ def test_pad_is_never_eos_or_end_of_turn(tok_dir, tmp_path):
     t = Tokenizer.from_dir(d)
     assert t.pad_id == t.token_to_id(PAD) and t.stop_ids == [t.eos_id]
     # Nor the template's end-of-turn token, which every assistant turn must learn to emit.
-    d = family_dir(tok_dir, tmp_path / "c", config={"eos_token": EOS, "pad_token": EOT}, template=ytok.LLAMA3_CHAT_TEMPLATE)
+    d = family_dir(tok_dir, tmp_path / "c", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOT}, template=ytok.LLAMA3_CHAT_TEMPLATE)
     t = Tokenizer.from_dir(d)
     assert t.eot_id == t.token_to_id(EOT) and t.pad_id == t.token_to_id(PAD)
     # A vocabulary with no spare token: no pad rather than a pad that would mask the EOS.
