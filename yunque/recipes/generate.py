@@ -30,7 +30,7 @@ def _chat_ids(tok, messages: list[dict]) -> list[int]:
     return render_chat(tok, messages, add_generation_prompt=True).ids
 
 
-def generate_cmd(prompt: str, model: str, adapter: str | None = None, max_new_tokens: int = 128,
+def generate_cmd(*, model: str, prompt: str, adapter: str | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, chat: bool = False, system: str | None = None, stop: list[str] = (),
                  dtype: str = "auto", device: str = "auto", stats: bool = False) -> int:
