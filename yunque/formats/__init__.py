@@ -1,0 +1,1 @@
+"""One module per foreign checkpoint format; each maps state dicts and configs, never model code."""

@@ -1,0 +1,242 @@
+"""Hugging Face model directories: config.json <-> ModelConfig, safetensors <-> Transformer.
+
+Our parameter names are Hugging Face's, so the weight mapping is the identity; the work
+here is validating everything before a byte of weights is read, loading lean (tensor by
+tensor into a model built on the meta device), and refusing pickle outright.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yunque.errors import CheckpointError
+from yunque.formats.st import SafetensorsFile
+from yunque.model import ModelConfig, Transformer, rope_inv_freq
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ROPE_TYPES = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Keys we understand; anything else in config.json is carried through `extra` on save.
+_KNOWN = set(_REQUIRED) | {"architectures", "model_type", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                            "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+                            "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window",
+                            "use_sliding_window", "max_window_layers", "bos_token_id", "eos_token_id",
+                            "pad_token_id", "initializer_range", "torch_dtype", "dtype", "hidden_act",
+                            "transformers_version", "layer_types"}
+PICKLE_FILES = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def _rope(d: dict, src: str) -> tuple[float, dict | None]:
+    params = d.get("rope_parameters") or d.get("rope_scaling")  # transformers >= 5 writes rope_parameters
+    theta = d.get("rope_theta", (params or {}).get("rope_theta", 10000.0))
+    if not params:
+        return float(theta), None
+    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(f"{src}: {key}.rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    for f in ROPE_TYPES[kind]:
+        if f not in params:
+            raise CheckpointError(f"{src}: {key}.{f} is missing (needed by rope_type {kind!r})")
+    if kind == "default":
+        return float(theta), None
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    scaling["rope_type"] = kind
+    return float(theta), scaling
+
+
+def config_from_hf(d: dict[str, Any], src: str = "config.json") -> ModelConfig:
+    archs = d.get("architectures")
+    if not archs:
+        raise CheckpointError(f"{src}: field 'architectures' is missing")
+    arch = archs[0]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{src}: architectures {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    for f in _REQUIRED:
+        if f not in d:
+            raise CheckpointError(f"{src}: field {f!r} is missing")
+    if arch == "Qwen2ForCausalLM" and d.get("use_sliding_window"):
+        raise CheckpointError(f"{src}: use_sliding_window=true is not supported for Qwen2")
+    theta, scaling = _rope(d, src)
+    window = d.get("sliding_window") if arch == "MistralForCausalLM" else None
+    return ModelConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=theta, rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),
+        attention_bias=True if arch == "Qwen2ForCausalLM" else d.get("attention_bias", False),
+        attention_out_bias=arch == "LlamaForCausalLM" and d.get("attention_bias", False),
+        mlp_bias=d.get("mlp_bias", False), sliding_window=window, architecture=arch,
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+        initializer_range=d.get("initializer_range", 0.02),
+        extra={k: v for k, v in d.items() if k not in _KNOWN},
+    )
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "architectures": [cfg.architecture], "model_type": ARCHITECTURES[cfg.architecture],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.hd, "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "initializer_range": cfg.initializer_range, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if cfg.architecture == "LlamaForCausalLM":
+        d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    if cfg.architecture == "MistralForCausalLM":
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.architecture == "Qwen2ForCausalLM":
+        d["use_sliding_window"] = False
+    return {**cfg.extra, **d}
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a directory")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: not found (a Hugging Face model directory needs config.json)")
+    try:
+        d = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    return config_from_hf(d, str(cfg_path))
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from the shard index or the single model.safetensors; refuses pickle."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: invalid shard index ({e})") from None
+        for shard in sorted(set(wmap.values())):
+            if not (path / shard).is_file():
+                raise CheckpointError(f"{path / shard}: shard listed in {index.name} is missing")
+        return {name: path / shard for name, shard in wmap.items()}
+    single = path / "model.safetensors"
+    if single.is_file():
+        with SafetensorsFile(single) as f:
+            return {name: single for name in f.keys()}
+    pickles = sorted({q.name for pat in PICKLE_FILES for q in path.glob(pat)})
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only pickle weights found ({', '.join(pickles)}). yunque never unpickles files, which can run "
+            "arbitrary code. Convert them once, in a sandbox you trust, with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
+
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old checkpoints saved; we recompute them
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load an HF directory into a Transformer; dtype defaults to the checkpoint's own."""
+    path = Path(path)
+    cfg = read_config(path)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, torch.Tensor] = {}
+    unexpected = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
+                  and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    missing = [n for n in expected if n not in files]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for fpath, names in by_file.items():
+        with SafetensorsFile(fpath) as f:
+            for name in names:
+                want = tuple(expected[name].shape)
+                if f.shape(name) != want:
+                    raise CheckpointError(f"{fpath}: tensor {name} has shape {list(f.shape(name))}, the config needs {list(want)}")
+            for name in names:
+                target = dtype or f.entries[name][0]
+                out = torch.empty(expected[name].shape, dtype=target, device="cpu")
+                state[name] = f.read(name, out=out).to(device)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    return model.eval()
+
+
+def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1024**3,
+               generation_config: dict[str, Any] | None = None) -> Path:
+    """Write config.json, safetensors (sharded past `max_shard_bytes`) and generation_config.json.
+
+    Written into a temporary sibling directory and renamed, so a crash never leaves a
+    half-written model where a complete one is expected.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    dtype = next(iter(state.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for name, shard in zip(names, shards):
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+        if n > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                     "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation_config or {})}
+        if cfg.pad_token_id is not None:
+            gen["pad_token_id"] = cfg.pad_token_id
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if out.exists():
+            # Keep files we do not own (tokenizer, README) and replace only the model's own.
+            for f in out.iterdir():
+                if f.name.startswith("model") and f.suffix in (".safetensors", ".json") or f.name in ("config.json", "generation_config.json"):
+                    f.unlink()
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,193 @@
+"""Generation: one prefill, then `decode_one_token` over the static KV cache.
+
+Prompts of different lengths are left-padded into one batch; padded key slots are masked
+and RoPE positions count only real tokens, so a padded row computes what it would alone.
+Sampling follows Hugging Face's order: repetition penalty, temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from yunque.model import Transformer, causal_mask
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def decode_one_token(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tok (B, 1), pos (B, 1), slot (1,), mask (B, 1, 1, S) -> logits (B, V)."""
+    return model(tok, pos, mask, slot)[:, -1]
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros((len(prompts), P), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+            valid[i, P - len(p):] = True
+    return ids, valid
+
+
+@torch.inference_mode()
+def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0,
+                    use_cache: bool = True) -> Iterator[list[int | None]]:
+    """Yields, per step, each row's new token (None once that row has stopped)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    B = len(prompts)
+    ids, valid_prompt = _left_pad(prompts, pad_id, device)
+    P = ids.shape[1]
+    S = P + s.max_new_tokens
+    valid = torch.ones(B, S, dtype=torch.bool, device=device)
+    valid[:, :P] = valid_prompt
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): real tokens count from 0
+    window = model.config.sliding_window
+    full_mask = causal_mask(valid, torch.arange(S, device=device), window)  # (B, 1, S, S), sliced per step
+    gen = torch.Generator(device=device).manual_seed(s.seed) if s.seed is not None else None
+    seen = None
+    if s.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, valid_prompt)
+    stop = torch.tensor(sorted(set(s.stop_ids)) or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = ids
+    if use_cache:
+        model.setup_cache(B, S)
+    try:
+        slots = torch.arange(P, device=device)
+        if use_cache:
+            logits = model(ids, positions[:, :P], full_mask[:, :, :P], slots)[:, -1]
+        else:
+            logits = model(ids, positions[:, :P], full_mask[:, :, :P, :P])[:, -1]
+        for step in range(s.max_new_tokens):
+            nxt = sample_next(logits, seen, s, gen)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out = nxt.tolist()
+            yield [None if d else t for t, d in zip(out, done.tolist())]
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()) or step == s.max_new_tokens - 1:
+                return
+            if seen is not None:
+                seen[torch.arange(B, device=device), nxt] |= ~done
+            cur = P + step
+            if use_cache:
+                slot = torch.tensor([cur], device=device)
+                logits = decode_one_token(model, nxt[:, None], positions[:, cur:cur + 1], slot, full_mask[:, :, cur:cur + 1])
+            else:
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                logits = model(tokens, positions[:, :cur + 1], full_mask[:, :, :cur + 1, :cur + 1])[:, -1]
+    finally:
+        if use_cache:
+            model.clear_cache()
+
+
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0,
+             use_cache: bool = True) -> list[list[int]]:
+    """New token ids per prompt, ending with the stop token when one was produced."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in generate_tokens(model, prompts, s, pad_id, use_cache):
+        for row, t in zip(out, step):
+            if t is not None:
+                row.append(t)
+    return out
+
+
+class TextDecoder:
+    """Turns a growing list of ids into safe text deltas: never splits a UTF-8 character,
+    and holds back any tail that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.tok, self.stops = tokenizer, [x for x in stop_strings if x]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        for st in self.stops:
+            i = text.find(st)
+            if i >= 0:
+                self.stopped = True
+                return self._emit(text[:i])
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return ""
+        hold = max((k for st in self.stops for k in range(1, len(st)) if text.endswith(st[:k])), default=0)
+        return self._emit(text[: len(text) - hold])
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._emit(self.tok.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> str:
+        delta = text[self.emitted:] if len(text) > self.emitted else ""
+        self.emitted = max(self.emitted, len(text))
+        return delta
+
+
+def stream_text(model: Transformer, tokenizer, prompt_ids: Sequence[int], s: Sampling) -> Iterator[str]:
+    """Text deltas for one prompt, stopping at stop ids or stop strings."""
+    dec = TextDecoder(tokenizer, s.stop_strings)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    for (t,) in generate_tokens(model, [prompt_ids], s, pad):
+        if t is None:
+            break
+        if t in s.stop_ids:
+            break
+        delta = dec.add(t)
+        if delta:
+            yield delta
+        if dec.stopped:
+            return
+    tail = dec.flush()
+    if tail:
+        yield tail
+
+
+def complete(model: Transformer, tokenizer, prompts: Sequence[Sequence[int]], s: Sampling) -> list[str]:
+    """Batched generation returning text, cut at stop ids and stop strings."""
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    outs = generate(model, prompts, s, pad)
+    texts = []
+    for ids in outs:
+        ids = [t for t in ids if t not in set(s.stop_ids)]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(st) for st in s.stop_strings if st) if i >= 0), default=len(text))
+        texts.append(text[:cut])
+    return texts
