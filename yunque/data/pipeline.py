@@ -71,21 +71,34 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
         from yunque.tokenizer import Tokenizer
 
         Tokenizer.from_dir(cfg.tokenizer)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").is_file():
-            raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
-        shutil.rmtree(out)  # a previous run's output: replace it whole, never mix two runs
-    (out / ".tmp").mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
+    # Build in a sibling staging directory and swap it in at the end: a failed or interrupted run
+    # never leaves a half-written directory where training would look for data.
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / ".tmp").mkdir(parents=True)
+    try:
+        result = _prepare_into(stage, files, cfg, log)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # a previous prepared directory: replaced whole, never mixed with this run
+    stage.rename(out)
+    result.out_dir = out
+    return result
+
+
+def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> PrepareResult:
     stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars")
     writers = [SplitWriter(out, s) for s in SPLITS]
     try:
         _stream(files, out, cfg, stats, writers, log)
         if cfg.split.oversample_ratio is not None and any(stats.labels["train"].values()):
             _oversample(out, cfg, stats, writers[0])
-        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
     finally:
-        for w in writers:
-            w._fh.close(), w._hh.close()
+        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
         shutil.rmtree(out / ".tmp", ignore_errors=True)
     stats.check()
     if cfg.tokenizer is not None:
