@@ -32,7 +32,11 @@ _PII = ["Contact me at {n}.doe{i}@example.org for details.", "Call +1 415-555-{p
 
 
 def make_corpus(path: Path, mb: float, seed: int = 0) -> dict[str, int]:
-    """~`mb` MB of alpaca JSONL; 5% exact duplicates, 5% near duplicates, ~3% records with PII."""
+    """~`mb` MB of alpaca JSONL; 5% exact duplicates, 5% near duplicates, ~3% records with PII.
+    A corpus already in the scratch directory (same size and seed) is reused."""
+    meta = path.with_suffix(f".seed{seed}.json")
+    if path.is_file() and meta.is_file():
+        return json.loads(meta.read_text())
     rng = random.Random(seed)
     target = int(mb * 1e6)
     size = n = exact = near = pii = 0
@@ -64,7 +68,9 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> dict[str, int]:
             fh.write(line)
             size += len(line)
             n += 1
-    return {"records": n, "planted_exact": exact, "planted_near": near, "planted_pii": pii, "bytes": size}
+    out = {"records": n, "planted_exact": exact, "planted_near": near, "planted_pii": pii, "bytes": size}
+    meta.write_text(json.dumps(out))
+    return out
 
 
 def run_one(inp: str, out: str, near: str) -> None:
