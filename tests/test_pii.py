@@ -3,6 +3,7 @@ quality (every type >= 0.95 precision and recall), streaming equivalence, linear
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -66,8 +67,12 @@ def test_national_ids():
 
 def test_crypto_vectors():
     assert ck.keccak256(b"").hex() == "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470"
-    for addr in ("5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed", "fB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
-                 "dbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB", "D1220A0cf47c7B9Be7A2E6BA89F429762e7b9aDb"):  # EIP-55
+    for addr in (
+        "5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+        "fB6916095ca1df60bB79Ce92cE3Ea74c37c5d359",
+        "dbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB",
+        "D1220A0cf47c7B9Be7A2E6BA89F429762e7b9aDb",
+    ):  # EIP-55
         assert ck.eip55_ok(addr)
         assert not ck.eip55_ok(addr.swapcase()[:-1] + addr[-1]) or addr.swapcase() == addr
     assert ck.base58check_ok("1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa")
@@ -95,7 +100,7 @@ def test_scan_spans_sorted_nonoverlapping_and_valueless():
     text = "Mail ana@example.com, card 4111 1111 1111 1111, ip 203.0.113.9, tel +34 612 345 678."
     found = scan(text)
     assert [f.type for f in found] == ["EMAIL", "CREDIT_CARD", "IPV4", "PHONE"]
-    assert all(a.end <= b.start for a, b in zip(found, found[1:]))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(found))
     assert text[found[0].start : found[0].end] == "ana@example.com"
     assert set(Finding.__dataclass_fields__) == {"type", "start", "end"}  # never the value itself
     assert [f.type for f in scan(text, types=["IPV4"])] == ["IPV4"]

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from yunque.data import pii_detect as _d
 from yunque.data import pii_numeric as _n

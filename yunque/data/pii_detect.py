@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from yunque.data import pii_checks as ck
 
@@ -28,7 +28,7 @@ _PLACEHOLDER = re.compile(
     r"^[*xX.\-_#•]+$|<[^>]*>|\$\{|\{\{|%\(|%s\b|\*\*\*|xxxx|\.\.\.|^\$[A-Za-z_]"
     r"|\{\}|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)"
     r"|^(?:pass(?:word|wd)?|pwd|secret|token|key|user|username|hidden|dummy|test|foo|bar)$",
-    re.I,
+    re.IGNORECASE,
 )
 
 
@@ -65,9 +65,7 @@ _SLACK = (
 _AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|IPA|NPA|NVA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])")
 # The lookbehind sits after the literal so the prefix search still applies, and makes every
 # "eyJ" inside a longer base64 run fail at once (otherwise "eyJeyJeyJ..." is quadratic).
-_JWT = re.compile(
-    r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)"
-)
+_JWT = re.compile(r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)")
 
 
 def _word_at(text: str, i: int) -> bool:
@@ -180,7 +178,7 @@ _META_SEGS = frozenset(
 _CODE_VALUE = re.compile(
     r"^(?:none|null|nil|true|false|undefined|str|string|bytes|int|optional|required|secret|password)$"
     r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$|[(\[]|^[$%{&*@]",
-    re.I,
+    re.IGNORECASE,
 )
 # snake_case references with 3+ parts (`pkcs8_priv_key_info_st`) are code, not secrets
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9]*(?:_[A-Za-z0-9]+){2,}$")
@@ -416,4 +414,3 @@ def crypto_addresses(text: str, add: Add) -> None:
     for m in _ETH.finditer(text):
         if ck.eip55_ok(m.group(1)):
             add("ETHEREUM_ADDRESS", *m.span())
-

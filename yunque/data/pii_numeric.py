@@ -8,7 +8,7 @@ Typical prose has few such runs; a document without any costs one regex pass.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from yunque.data import pii_checks as ck
 
@@ -41,22 +41,19 @@ _CUIT = re.compile(_LN + r"(?:20|23|24|27|30|33|34)-\d{8}-\d" + _RN)
 _ELEVEN = re.compile(_LN + r"\d{11}" + _RN)
 _RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
 
-_PHONE_INTL = re.compile(
-    r"(?<![0-9A-Za-z_+])\+\d{1,3}(?:" + _SEP + r"?\(\d{1,4}\))?(?:" + _SEP + r"?\d{1,5}){1,6}" + _RN
-)
+# In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
+_PHONE_INTL = re.compile((r"(?<![0-9A-Za-z_+])\+\d{1,3}(?:~?\(\d{1,4}\))?(?:~?\d{1,5}){1,6}" + _RN).replace("~", _SEP))
 _PHONE_NATIONAL = [
-    re.compile(p + _RN)
+    re.compile((p + _RN).replace("~", _SEP))
     for p in (
         # NANP: (415) 555-0132, 415-555-0132, 1 415 555 0132
-        r"(?<![0-9A-Za-z_+\-.])(?:1" + _SEP + r")?(?:\([2-9]\d{2}\)" + _SEP + r"?|[2-9]\d{2}" + _SEP + r")[2-9]\d{2}"
-        + _SEP + r"\d{4}",
+        r"(?<![0-9A-Za-z_+\-.])(?:1~)?(?:\([2-9]\d{2}\)~?|[2-9]\d{2}~)[2-9]\d{2}~\d{4}",
         # Spain: 612 345 678, 612 34 56 78, 91 123 45 67
-        _LN + r"(?:[6789]\d{2}(?:" + _SEP + r"\d{3}){2}|[6789]\d{2}(?:" + _SEP + r"\d{2}){3}|[89]\d"
-        + _SEP + r"\d{3}(?:" + _SEP + r"\d{2}){2})",
+        _LN + r"(?:[6789]\d{2}(?:~\d{3}){2}|[6789]\d{2}(?:~\d{2}){3}|[89]\d~\d{3}(?:~\d{2}){2})",
         # Area code in parentheses: (55) 1234-5678, (11) 91234-5678, (011) 4123-4567
-        _L + r"\(0?\d{2,4}\)" + _SEP + r"?\d{3,5}" + _SEP + r"?\d{4}",
+        _L + r"\(0?\d{2,4}\)~?\d{3,5}~?\d{4}",
         # Area code + local: 55 1234 5678, 11 91234-5678, 011 4123-4567, 0341 421-1234, 010-1234-5678
-        _LN + r"(?:0?\d{2}|0\d{3})" + _SEP + r"(?:\d{4,5}|\d{3})" + _SEP + r"\d{4}",
+        _LN + r"(?:0?\d{2}|0\d{3})~(?:\d{4,5}|\d{3})~\d{4}",
         # China: 138 0013 8000, 138-0013-8000, 010-12345678 (bare 13800138000: see _CN_BARE)
         _LN + r"1[3-9]\d(?:[ \-]\d{4}){2}",
         _LN + r"0\d{2,3}-\d{7,8}",
@@ -78,7 +75,7 @@ _ID_CTX = re.compile(
 _AMOUNT_AFTER = re.compile(
     r",\d|\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|yen|yuan|km|kg|habitantes|people|personas|"
     r"pessoas|units|unidades|bytes|[kmg]b\b|元|人)",
-    re.I,
+    re.IGNORECASE,
 )
 _AMOUNT_BEFORE = re.compile(r"(?:\$|€|£|¥|\b(?:eur|usd|mxn|brl|ars|clp|gbp|cny|rmb|jpy))\s?$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
@@ -147,7 +144,11 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
             if count == want:
                 break
         end += 1
-        if count == want and (end == m.end() or text[end] == " ") and ck.iban_ok(m.group()[: end - m.start()].replace(" ", "")):
+        if (
+            count == want
+            and (end == m.end() or text[end] == " ")
+            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", ""))
+        ):
             add("IBAN", m.start(), end)
 
 
@@ -172,7 +173,11 @@ def _long_ids(text: str, s: int, e: int, add: Add) -> None:
         if ck.ssn_ok(*m.groups()):
             add("US_SSN", *m.span())
     for m in _SSN_BARE.finditer(text, s, e):
-        if "-" not in m.group() and re.search(r"ssn|social security|seguro social", _ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
+        if (
+            "-" not in m.group()
+            and re.search(r"ssn|social security|seguro social", _ctx(text, m.start()))
+            and ck.ssn_ok(*m.groups())
+        ):
             add("US_SSN", *m.span())
     for m in _CPF.finditer(text, s, e):
         if ck.cpf_ok(_digits(m.group())):
@@ -235,7 +240,11 @@ def _national_phone_ok(text: str, start: int, end: int) -> bool:
     if not 9 <= len(d) <= 12 or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
         return False
     before = _ctx(text, start)
-    if sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2 or _AMOUNT_AFTER.match(text, end) or _AMOUNT_BEFORE.search(before):
+    if (
+        sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2
+        or _AMOUNT_AFTER.match(text, end)
+        or _AMOUNT_BEFORE.search(before)
+    ):
         return False  # "2019 2020 2021", "700 000 000 €", "R$ 712.345.678"
     return not _ID_CTX.search(before) or bool(_PHONE_CTX.search(before))
 
