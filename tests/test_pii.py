@@ -115,6 +115,14 @@ def test_specific_type_wins_overlap():
     assert types_of('api_key = "ghp_' + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dF3hJ5" + '"') == ["GITHUB_TOKEN"]
 
 
+def test_context_decides_ambiguous_forms():
+    assert types_of("ping 8.8.4.4 from the host") == ["IPV4"]  # small quad, but a network word
+    assert types_of("手机13800138000") == ["PHONE"] and types_of("phone: 13800138000") == ["PHONE"]
+    assert types_of("SSN 123 45 6789") == ["US_SSN"] and types_of("id 123 45 6789") == []
+    assert types_of("CPF 11144477735") == ["BR_CPF"]
+    assert types_of("order #612 345 678") == [] and types_of("tel 612 345 678") == ["PHONE"]
+
+
 def test_scrub_placeholders_and_counts():
     r = scrub("Write to ana@example.com or bob@example.org; DNI 12345678Z.")
     assert r.text == "Write to [EMAIL] or [EMAIL]; DNI [DNI]."
@@ -145,6 +153,13 @@ def test_scrub_modes():
         "ref 1234 5678 9012 3456", "localhost 127.0.0.1 mask 255.255.255.0", "std::map<a::b, c::d>",
         "icon@2x.png", "password: str", "token = os.environ['TOKEN']", "ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
         "IBAN GB82 WEST 1234 5698 7654 33", "DNI 12345678A", "CPF 111.444.777-36",
+        # seen as false positives on the Python standard library and site-packages
+        "Tested on 3.1.1.6 and 2.7.2.2", 'POLICY = ObjectIdentifier("2.5.29.33")', "Decimal('1.38435736E+12')",
+        "Decimal('+35236450.6')", "assertEqual(13577625587, f(x))", '"AWS::KMS::Key": "2b447c471bc70388",',
+        "self.key = '_threading_local._localimpl.'", '_PassArg.context: "context",', "key=_num_version)",
+        'EMRFS_SSE_KEY = "fs.s3.enableServerSideEncryption"', "PKCS8_PRIV_KEY_INFO = pkcs8_priv_key_info_st",
+        '_SK_START = b"-----BEGIN OPENSSH PRIVATE KEY-----"\n_SK_END = b"-----END OPENSSH PRIVATE KEY-----"',
+        "ip_network('2001:db8::1000/124')", "10.0.0.0/8",
     ],
 )  # fmt: skip
 def test_look_alikes_are_not_pii(text):
