@@ -75,6 +75,11 @@ def phone() -> str:
         lambda: f"010-{R.randint(60000000, 89999999)}",
         lambda: f"+44 20 7946 0{R.randint(100, 999)}",
         lambda: f"+{R.choice(['34', '351', '49', '33'])}{R.randint(600000000, 699999999)}",
+        lambda: f"(+34) 6{R.randint(10, 99)} {a} {b}",
+        lambda: f"0034 6{R.randint(10, 99)} {a} {b}",
+        lambda: f"0{R.choice('67')} {R.randint(10, 99)} {R.randint(10, 99)} {R.randint(10, 99)} {R.randint(10, 99)}",
+        lambda: f"+44 (0)20 7946 0{R.randint(100, 999)}",
+        lambda: f"+7 495 {R.randint(100, 999)}-{R.randint(10, 99)}-{R.randint(10, 99)}",
     ]
     return R.choice(fmts)()
 
@@ -348,7 +353,7 @@ def fill(template: str, lang: str) -> dict:
 
 def build() -> list[dict]:
     cases = []
-    for _ in range(2):  # two fills per context: different values, same hand-written text
+    for _ in range(3):  # three fills per context: different values, same hand-written text
         for lang, template in TEMPLATES:
             cases.append(fill(template, lang))
     for lang, text in NEGATIVES:

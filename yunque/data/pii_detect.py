@@ -180,8 +180,8 @@ _CODE_VALUE = re.compile(
     r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$|[(\[]|^[$%{&*@]",
     re.IGNORECASE,
 )
-# snake_case references with 3+ parts (`pkcs8_priv_key_info_st`) are code, not secrets
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9]*(?:_[A-Za-z0-9]+){2,}$")
+# single-case snake references with 3+ parts (`pkcs8_priv_key_info_st`) are code, not secrets
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9]*(?:_[a-z0-9]+){2,}$|^[A-Z_][A-Z0-9]*(?:_[A-Z0-9]+){2,}$")
 # Property paths and type names held by `*_KEY` constants: 'fs.s3.consistent', 'AWS::Auth::Mode', 'Ec2SubnetIds'
 _NAME_VALUE = re.compile(r"^(?:[A-Za-z][\w\-]*(?:(?:\.|::)[A-Za-z][\w\-]*)+|(?:[A-Z][a-z0-9]+){2,})$")
 _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_\-+/=.~:]+$")
