@@ -13,10 +13,21 @@ Types and their placeholders (`PLACEHOLDERS`):
     PRIVATE_KEY [PRIVATE_KEY] (whole PEM block)  SECRET_ASSIGNMENT [SECRET] (only the value)
     BITCOIN_ADDRESS [BTC_ADDRESS]  ETHEREUM_ADDRESS [ETH_ADDRESS]
 
-Policy choices: checksummed identifiers must validate; national phone formats need
-separators (bare digit runs count only after a phone keyword); loopback/unspecified IPs
-and netmasks are not personal data and are kept; dotted quads after a version word
-("v", "version", "build", ...) are versions, not IPs.
+Policy choices (general rules, each with its reason next to the code):
+- Checksummed identifiers (cards, IBAN, DNI/NIE, CURP, CPF, CUIT, RUT, BTC, mixed-case ETH)
+  must validate; RFC needs a real date; SSN follows the SSA area/group/serial rules.
+- Phones: "+cc"/"00cc" numbers need a valid country code; national formats need separators
+  and are rejected inside number runs, after ID words ("order", "pedido", "订单"), next to
+  currencies/units, or as year lists; bare digit runs count only near a phone word (or, for
+  11-digit Chinese mobiles, right after CJK text). Unformatted SSN/CPF/CUIT need their name.
+- IPs: loopback, unspecified, netmasks and CIDR network addresses are kept; dotted quads
+  after version/section words are versions; quads whose first two parts are < 10 need a
+  networking word nearby ("3.1.1.6" is far more often a version).
+- Secrets: the value of a key/token/secret/password-like name (JSON, YAML, env, code, query
+  string, `Authorization: Bearer`, name/value pairs). Keys and tokens must look machine-made
+  (token alphabet, >= 12 chars, entropy >= 3 bits/char, not words or property paths);
+  passwords need a digit or symbol. Placeholders (`<...>`, `${VAR}`, `xxxx`, `changeme`)
+  and code (calls, attribute paths, `None`) are never secrets.
 
 Speed: each full-text pass is a regex that starts with a literal (`re` jumps between
 occurrences at memchr speed) or one digit-led pass; the ~20 digit-heavy patterns (phones,
