@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from yunque.data import pii_detect as _d
 from yunque.data import pii_numeric as _n
+from yunque.data import pii_secrets as _s
 from yunque.errors import ConfigError
 
 PII_TYPES: tuple[str, ...] = (
@@ -96,7 +97,7 @@ _DETECTORS: tuple[tuple[frozenset[str], Callable[[str, Add], None]], ...] = (
     (frozenset({"JWT", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "AWS_ACCESS_KEY"}), _d.tokens),
     (frozenset({"EMAIL"}), _d.emails),
     (frozenset({"URL_CREDENTIALS"}), _d.url_credentials),
-    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _d.secret_assignments),
+    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _s.secret_assignments),
     (frozenset({"IPV4"}), _d.ipv4),
     (frozenset({"IPV6"}), _d.ipv6),
     (frozenset({"BITCOIN_ADDRESS", "ETHEREUM_ADDRESS"}), _d.crypto_addresses),

@@ -12,6 +12,7 @@ import binascii
 import datetime
 import json
 import math
+import re
 from collections import Counter
 
 # --- generic ---------------------------------------------------------------------
@@ -44,6 +45,19 @@ def _valid_date(yy: int, mm: int, dd: int) -> bool:
         except ValueError:
             continue
     return False
+
+
+# Documentation stand-ins: "<your key>", "${VAR}", "xxxx", "changeme", "password".
+_PLACEHOLDER = re.compile(
+    r"^[*xX.\-_#•]+$|<[^>]*>|\$\{|\{\{|%\(|%s\b|\*\*\*|xxxx|\.\.\.|^\$[A-Za-z_]"
+    r"|\{\}|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)"
+    r"|^(?:pass(?:word|wd)?|pwd|secret|token|key|user|username|hidden|dummy|test|foo|bar)$",
+    re.IGNORECASE,
+)
+
+
+def is_placeholder(value: str) -> bool:
+    return _PLACEHOLDER.search(value) is not None
 
 
 # --- payment ---------------------------------------------------------------------
