@@ -14,9 +14,11 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models
 
 import yunque.tokenizer as ytok
+from yunque import textstream
 from yunque.__main__ import main
 from yunque.errors import YunqueError
-from yunque.tokenizer import BOS, EOS, EOT, PAD, SPECIAL_TOKENS, Tokenizer, iter_corpus, train_bpe
+from yunque.textstream import iter_corpus
+from yunque.tokenizer import BOS, EOS, EOT, PAD, SPECIAL_TOKENS, Tokenizer, train_bpe
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,7 @@ def test_trained_tokenizer_shape(tok, tok_dir):
     assert tok.pad_id not in tok.stop_ids
     assert tok.stop_ids == [tok.token_to_id(EOS), tok.token_to_id(EOT)]  # EOS + the template's end of turn
     assert "<|eot_id|>" in tok.chat_template and "add_generation_prompt" in tok.chat_template
+    assert tok.generation_config() == {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id}
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
     assert split["pattern"]["Regex"] == ytok.LLAMA3_SPLIT and byte_level["type"] == "ByteLevel"
@@ -127,7 +130,7 @@ def test_chat_template_files(tok_dir, tmp_path):
 
 
 def test_iter_corpus_streams_in_bounded_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(ytok, "_CHUNK", 64)
+    monkeypatch.setattr(textstream, "_CHUNK", 64)
     text = "".join(MIXED) * 20  # multi-byte characters fall across the 64-byte read boundaries
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
     pieces = list(iter_corpus([tmp_path / "a.txt"]))
