@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from tok_chat_templates import LLAMA31, LLAMA31_GENERATION, LLAMA32, MISTRAL, QWEN25, THINKING
-from tok_helpers import family_dir, trained_dir
+from tok_helpers import family_dir, trained_dir, write_corpus
 
 from yunque.chat import apply_chat_template, render_chat, render_chats
 from yunque.errors import YunqueError
@@ -222,3 +222,22 @@ def test_render_chats_batch_equals_one_by_one(dirs):
     assert render_chats(tok, conversations) == [render_chat(tok, c) for c in conversations]
     with pytest.raises(YunqueError, match=r"conversations\[1\]: messages\[0\]: role 'bot'"):
         render_chats(tok, [CHAT, [{"role": "bot", "content": "x"}]])
+
+
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """Metaspace + NFKC (Llama 2 / Mistral style) instead of byte-level: same parity, same masks."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train([str(write_corpus(tmp_path / "c.txt", n_lines=600))], vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    (tmp_path / "raw").mkdir()
+    sp.save(str(tmp_path / "raw" / "tokenizer.json"))
+    d = family_dir(tmp_path / "raw", tmp_path / "sp", config={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, template=MISTRAL)
+    tok, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    messages = [{"role": "user", "content": "hola ¿qué tal?"}, {"role": "assistant", "content": "bien, gracias."},
+                {"role": "user", "content": "y tú"}, {"role": "assistant", "content": "también"}]
+    r = render_chat(tok, messages)
+    assert r.ids == hf.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert [tok.decode(run) for run in _runs(r)] == ["bien, gracias.</s>", "también</s>"]  # the decoder drops the leading ▁
+    assert tok.stop_ids == [tok.token_to_id("</s>")] and tok.pad_id == tok.token_to_id("<unk>")
