@@ -126,7 +126,15 @@ def test_chat_template_files(tok_dir, tmp_path):
     (d / "chat_template.jinja").write_text("C")  # newer transformers save this; it wins
     (d / "additional_chat_templates").mkdir()
     (d / "additional_chat_templates" / "rag.jinja").write_text("D")
-    assert Tokenizer.from_dir(d).chat_templates == {"default": "C", "tool_use": "B", "rag": "D"}
+    tok = Tokenizer.from_dir(d)
+    assert tok.chat_templates == {"default": "C", "tool_use": "B", "rag": "D"}
+    tok.chat_templates["tool_use"] = "B2"
+    tok.save(d)  # into its own directory: the .jinja files must not override what was saved
+    assert Tokenizer.from_dir(d).chat_templates == {"default": "C", "tool_use": "B2", "rag": "D"}
+    tok.chat_templates["../evil"] = "E"
+    with pytest.raises(YunqueError, match=r"chat template name '../evil': only letters"):
+        tok.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_iter_corpus_streams_in_bounded_pieces(tmp_path, monkeypatch):

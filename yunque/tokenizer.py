@@ -14,6 +14,7 @@ learn to stop with.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,9 @@ class Tokenizer:
 
         Keys of the source config that yunque does not interpret are kept, so a fine-tune's
         tokenizer stays loadable by the same tools as the base model's."""
+        for name in self.chat_templates:  # names become file names
+            if not re.fullmatch(r"\w[\w.-]*", name):
+                raise YunqueError(f"chat template name {name!r}: only letters, digits, '_', '-', '.' can name a file")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self._rust.save(str(out / "tokenizer.json"))
@@ -219,12 +223,13 @@ class Tokenizer:
         config.setdefault("clean_up_tokenization_spaces", False)  # HF's cleanup is lossy (" ." -> ".")
         config.update(added_tokens_decoder=added, **specials)
         if self.chat_templates:
-            if set(self.chat_templates) == {"default"}:
-                config["chat_template"] = self.chat_template
-                # Newer transformers prefer chat_template.jinja: keep both in agreement.
-                (out / "chat_template.jinja").write_text(self.chat_template or "", encoding="utf-8")
-            else:
-                config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+            single = set(self.chat_templates) == {"default"}
+            config["chat_template"] = self.chat_template if single else [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+            # Newer transformers read .jinja files first: write them too, so no stale file wins.
+            for name, template in self.chat_templates.items():
+                path = out / ("chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja")
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(template, encoding="utf-8")
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
