@@ -241,3 +241,16 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     assert r.ids == hf.apply_chat_template(messages, return_dict=True)["input_ids"]
     assert [tok.decode(run) for run in _runs(r)] == ["bien, gracias.</s>", "también</s>"]  # the decoder drops the leading ▁
     assert tok.stop_ids == [tok.token_to_id("</s>")] and tok.pad_id == tok.token_to_id("<unk>")
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen25", "mistral"])
+def test_continue_final_message_matches_transformers(dirs, hf_tokenizers, name):
+    tok, hf = Tokenizer.from_dir(dirs[name]), hf_tokenizers[name]
+    messages = _chat_for(name)[:-1] + [{"role": "assistant", "content": "Sure, the answer is "}]
+    text = apply_chat_template(tok, messages, continue_final_message=True)
+    assert text == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.rstrip().endswith("the answer is")
+    with pytest.raises(YunqueError, match="cannot both be set"):
+        apply_chat_template(tok, messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(YunqueError, match="does not write the final message"):
+        apply_chat_template(tok, messages, chat_template="{{ messages[0].content }}", continue_final_message=True)
