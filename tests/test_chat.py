@@ -177,11 +177,14 @@ def test_bad_messages(dirs, messages, message):
     ("{% set ns = namespace(_x=1) %}", r"chat template line 1 failed: SecurityError: namespace attribute '_x'"),
     ("{% set x = messages.append(1) %}", r"chat template line 1 failed: SecurityError"),  # immutable sandbox
     ("{{ messages[0].content + 1 }}", r"chat template line 1 failed: TypeError"),
+    # A template that never writes assistant turns: no silent empty mask.
+    ("{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}",
+     r"messages\[2\]: cannot locate this assistant turn in the rendered chat"),
 ])
 def test_template_errors_and_sandbox(dirs, template, message):
     tok = Tokenizer.from_dir(dirs["llama3"])
     with pytest.raises(YunqueError, match=message):
-        apply_chat_template(tok, CHAT, chat_template=template)
+        render_chat(tok, CHAT, chat_template=template)
 
 
 def test_template_refusal_and_missing_template(dirs, tmp_path):
@@ -254,3 +257,21 @@ def test_continue_final_message_matches_transformers(dirs, hf_tokenizers, name):
         apply_chat_template(tok, messages, continue_final_message=True, add_generation_prompt=True)
     with pytest.raises(YunqueError, match="does not write the final message"):
         apply_chat_template(tok, messages, chat_template="{{ messages[0].content }}", continue_final_message=True)
+
+
+def test_empty_reply_masks_only_its_end_of_turn(dirs):
+    tok = Tokenizer.from_dir(dirs["llama3"])
+    r = render_chat(tok, [CHAT[1], {"role": "assistant", "content": ""}])
+    assert [tok.decode(run) for run in _runs(r)] == [EOT]
+
+
+def test_old_jinja_is_refused(dirs, monkeypatch):
+    import jinja2
+
+    from yunque import jinja_sandbox
+
+    monkeypatch.setattr(jinja2, "__version__", "3.1.4")
+    jinja_sandbox.compile_template.cache_clear()
+    with pytest.raises(YunqueError, match=r"chat templates need jinja2>=3.1.6 \(sandbox fixes\), found 3.1.4"):
+        apply_chat_template(Tokenizer.from_dir(dirs["llama3"]), CHAT, chat_template="{{ 1 }}x")
+    jinja_sandbox.compile_template.cache_clear()

@@ -172,6 +172,11 @@ def test_train_errors(tmp_path, name, content, kwargs, message):
 
 
 def test_train_jsonl_errors(tmp_path):
+    with pytest.raises(YunqueError, match="no training files given"):
+        train_bpe([], vocab_size=300)
+    (tmp_path / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(YunqueError, match=r"u.jsonl: not UTF-8 text"):
+        train_bpe([tmp_path / "u.jsonl"], vocab_size=300)
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     with pytest.raises(YunqueError, match=r"a.jsonl:2: expected an object with a string \"text\" field"):
         train_bpe([tmp_path / "a.jsonl"], vocab_size=300)
@@ -213,6 +218,10 @@ def _break(d: Path, name: str, text: str) -> None:
     (lambda d: _break(d, "tokenizer_config.json", '{"chat_template": [{"name": "x"}]}'), r"chat_template\[0\]: expected"),
     (lambda d: _break(d, "generation_config.json", '{"eos_token_id": [1, 99999]}'), r"eos_token_id 99999 is not a token id"),
     (lambda d: _break(d, "special_tokens_map.json", "nope"), r"special_tokens_map.json:1: invalid JSON"),
+    (lambda d: _break(d, "special_tokens_map.json", "[1]"), r"special_tokens_map.json: expected a JSON object"),
+    (lambda d: (d / "tokenizer_config.json").write_bytes(b'{"a": "\xff"}'), r"tokenizer_config.json: cannot read: .*utf-8"),
+    (lambda d: (d / "chat_template.jinja").write_bytes(b"\xff"), r"chat_template.jinja: cannot read"),
+    (lambda d: ((d / "tokenizer.json").rename(d / "tokenizer.model")), r"no tokenizer.json \(only a SentencePiece tokenizer.model"),
 ])
 def test_from_dir_errors(tok_dir, tmp_path, setup, message):
     d = tmp_path / "t"

@@ -280,7 +280,8 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
         if end is not None:
             # Whitespace a template puts after the end-of-turn token (ChatML's "\n") is layout, not output.
             end = len(text[:end].rstrip())
-        if start is None or end is None or end < start:
+        says_something = bool(m.get("tool_calls")) or (isinstance(m.get("content"), str) and m["content"].strip())
+        if start is None or end is None or end < start or (end == start and says_something):
             found = _search_turn(render, msgs, i, text, cursor, eots)
             if found is None:
                 raise YunqueError(
