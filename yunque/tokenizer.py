@@ -157,7 +157,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Encode many texts in parallel in Rust (no offsets computed: the fast path for data prep)."""
-        return [e.ids for e in self._rust.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+        batch = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)  # _fast: tokenizers >= 0.20
+        return [e.ids for e in batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def encode_offsets(self, text: str, special_as_text: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and each token's character span in `text` (no BOS/EOS added). With `special_as_text`
