@@ -290,7 +290,7 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
                 )
             if start is None or start > found[0]:
                 start = found[0]
-            if end is None or end < start:
+            if end is None or end <= start:
                 end = found[1]
         spans.append((start, end))
         cursor = end
