@@ -275,3 +275,13 @@ def test_old_jinja_is_refused(dirs, monkeypatch):
     with pytest.raises(YunqueError, match=r"chat templates need jinja2>=3.1.6 \(sandbox fixes\), found 3.1.4"):
         apply_chat_template(Tokenizer.from_dir(dirs["llama3"]), CHAT, chat_template="{{ 1 }}x")
     jinja_sandbox.compile_template.cache_clear()
+
+
+def test_mask_when_prefixes_drop_the_turn(dirs):
+    # The last message is never written (a template for prompts, not transcripts): rendering the
+    # conversation cut after a reply loses the reply, so its span comes from the full text.
+    tok = Tokenizer.from_dir(dirs["llama3"])
+    template = "{% for m in messages %}{% if not loop.last or m.role != 'assistant' %}<{{ m.role }}>{{ m.content }}<|eot_id|>{% endif %}{% endfor %}"
+    r = render_chat(tok, CHAT[:4], chat_template=template)
+    # With no generation prompt in the template, the model itself must write the role header.
+    assert [tok.decode(run) for run in _runs(r)] == ["<assistant>" + CHAT[2]["content"] + EOT]
