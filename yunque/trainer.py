@@ -268,7 +268,7 @@ class Trainer:
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:
         sums = torch.stack([p[1] for p in pending])
         D.all_reduce_sum(self.d, sums)  # each rank summed its own rows
-        norms = [p[4] for p in pending]
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in (p[4] for p in pending)]  # FSDP: DTensor
         norm_vals = torch.stack([n.float() for n in norms]).tolist() if all(n is not None for n in norms) else None
         for i, (step, _, n, lr, _) in enumerate(pending):
             loss = float(sums[i]) / max(1, n)
