@@ -60,9 +60,9 @@ def seed_everything(seed: int) -> None:
 def _lora_config(cfg: TrainConfig):
     from yunque.lora import LoraConfig
 
-    lc = cfg.lora
-    return LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets), rslora=lc.rslora,
-                      quantize="nf4" if cfg.method == "qlora" else None, double_quant=lc.double_quant)
+    lc, q = cfg.lora, cfg.method == "qlora"
+    return LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.targets), use_rslora=lc.rslora,
+                      quantize_base=q, double_quant=q and lc.double_quant)
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
@@ -88,9 +88,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
         if cfg.method in ("lora", "qlora"):
             from yunque.lora import apply_lora
 
-            for p in model.parameters():
-                p.requires_grad_(False)
-            apply_lora(model, _lora_config(cfg))
+            apply_lora(model, _lora_config(cfg), generator=torch.Generator().manual_seed(cfg.seed))
     model.gradient_checkpointing = cfg.grad_checkpointing
     return model
 
