@@ -6,16 +6,18 @@ when present). `train_bpe` trains a Llama-3-style byte-level BPE (same split reg
 special tokens, same chat template) that `transformers.AutoTokenizer` loads unchanged.
 
 Two rules keep fine-tunes well behaved: `stop_ids` holds every id that ends a reply (EOS,
-the template's end-of-turn token, generation_config's eos ids), and `pad_id` is never one
-of them, so masking padding can never mask the token the model must learn to stop with.
+the template's end-of-turn token, generation_config's eos ids), and `pad_id` is never the
+EOS or the end-of-turn id, so masking padding can never mask the token the model must
+learn to stop with.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
@@ -62,6 +64,7 @@ class Tokenizer:
                  chat_templates: dict[str, str] | None = None, generation_eos: Iterable[int] = (),
                  source: str = "<tokenizer>"):
         self._rust = rust
+        self._plain_rust: RustTokenizer | None = None
         self._config = dict(config or {})
         self.source = source
         self.chat_templates = dict(chat_templates or {})
@@ -83,16 +86,18 @@ class Tokenizer:
         if self.chat_template is not None:
             added = [t.content for t in rust.get_added_tokens_decoder().values()]
             eot = self.token_to_id(find_end_of_turn(self.chat_template, self.special_tokens, added) or "")
+        self.eot_id: int | None = eot if eot is not None else self.eos_id
         self.stop_ids: list[int] = list(dict.fromkeys(i for i in (self.eos_id, eot, *gen_eos) if i is not None))
         self.pad_id = self._pick_pad()
 
     def _pick_pad(self) -> int | None:
-        """The configured pad token unless it would end generation; else a known spare token; else None
-        (callers then pad with any id and mask by length)."""
+        """The configured pad token unless it is the EOS or the end-of-turn token (the ids a model
+        must learn to emit, which loss masking of padding would hide); else a known spare token;
+        else None (callers then pad with any id and mask by length)."""
         unk = self.special_tokens.get("unk_token")
         for name in (self.special_tokens.get("pad_token"), *_PAD_NAMES, unk):
             i = self.token_to_id(name or "")
-            if i is not None and i not in self.stop_ids:
+            if i is not None and i not in (self.eos_id, self.eot_id):
                 return i
         return None
 
@@ -127,7 +132,7 @@ class Tokenizer:
             raise YunqueError(f"{d}: no tokenizer.json{hint}")
         try:
             rust = RustTokenizer.from_file(str(tj))
-        except Exception as e:  # the Rust loader reports every problem as a bare Exception
+        except Exception as e:  # noqa: BLE001  (the Rust loader reports every problem as a bare Exception)
             _read_json(tj)  # a JSON syntax error gets a line number
             raise YunqueError(f"{tj}: not a valid tokenizer: {e}") from None
         config: dict[str, Any] = {}
@@ -153,10 +158,26 @@ class Tokenizer:
         """Encode many texts in parallel in Rust (no offsets computed: the fast path for data prep)."""
         return [e.ids for e in self._rust.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and each token's character span in `text` (no special tokens added)."""
-        enc = self._rust.encode(text, add_special_tokens=False)
+    def encode_offsets(self, text: str, special_as_text: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's character span in `text` (no BOS/EOS added). With `special_as_text`
+        the strings of special tokens in `text` are encoded as ordinary text."""
+        rust = self._rust
+        if special_as_text:
+            if self._plain_rust is None:  # a twin that ignores special tokens, so the shared one is never toggled
+                self._plain_rust = RustTokenizer.from_str(rust.to_str())
+                self._plain_rust.encode_special_tokens = True
+            rust = self._plain_rust
+        enc = rust.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
+
+    def encode_offsets_batch(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """`encode_offsets` for many texts, in parallel in Rust."""
+        return [(e.ids, e.offsets) for e in self._rust.encode_batch(list(texts), add_special_tokens=False)]
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The special tokens' strings (role headers, end of turn, ...)."""
+        return [t.content for t in self._rust.get_added_tokens_decoder().values() if t.special]
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         if hasattr(ids, "tolist"):  # tensors and arrays
@@ -262,8 +283,13 @@ def _iter_plain(p: Path) -> Iterator[str]:
             pos += len(raw)
             if not raw:
                 break
-            # Cut at a line end (else a space) so no word is split across two pieces.
-            cut = max(text.rfind("\n"), text.rfind(" ")) + 1 or len(text)
+            # Cut after the last newline or space so no word is split across two pieces; a long
+            # run without either (CJK text) waits for more input, up to a bound.
+            cut = max(text.rfind("\n"), text.rfind(" ")) + 1
+            if cut == 0 and len(text) < 4 * _CHUNK:
+                carry = text
+                continue
+            cut = cut or len(text)
             carry = text[cut:]
             yield text[:cut]
     if text:
