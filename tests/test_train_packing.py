@@ -98,3 +98,14 @@ def test_packed_rows_equal_separate_documents():
             alone = model(torch.tensor([ids]))[0]
             torch.testing.assert_close(packed[start:start + len(ids)], alone, atol=1e-5, rtol=1e-5)
             start += len(ids)
+
+
+def test_uint16_shard_source_gives_ignore_labels_not_wrapped_ids():
+    """Token shards are uint16 with a uint8 mask: -100 must not wrap to 65436."""
+    docs = _docs(10)
+    ref = ArraySource.from_docs(docs)
+    src = ArraySource(ref.tokens.astype(np.uint16), ref.offsets, ref.mask.astype(np.uint8))
+    a = Packer(ref, 16, split_docs=False, shuffle=False, seed=0).next_batch(4)
+    b = Packer(src, 16, split_docs=False, shuffle=False, seed=0).next_batch(4)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.input_ids, b.input_ids)
+    assert int(b.labels.max()) < 100 and (b.labels == IGNORE).any()

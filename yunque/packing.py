@@ -157,7 +157,7 @@ class Packer:
                 st.truncated += L > T
             a = st.offset
             ids[fill:fill + n] = ids_d[a:a + n]
-            tgt = ids_d[a + 1:a + n + 1]  # the next token within the document; shorter by one at its end
+            tgt = ids_d[a + 1:a + n + 1].astype(np.int64)  # the next token within the document; shorter by one at its end
             k = len(tgt)
             lab[fill:fill + k] = tgt if mask_d is None else np.where(mask_d[a + 1:a + 1 + k], tgt, IGNORE)
             pos[fill:fill + n] = np.arange(n)
