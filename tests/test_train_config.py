@@ -80,3 +80,13 @@ def test_dry_run_prints_and_does_not_train(tmp_path, data, capsys):
     example = out.split("--- training example 1")[1].split("\n", 1)[1].split("---")[0]
     assert example.index("⟦") < example.index("=⟧")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["pretrain-small", "lora-llama3", "qlora-llama3", "full-finetune"])
+def test_shipped_configs_load(name):
+    from tests.train_util import ROOT
+
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml")
+    if name.startswith(("lora", "qlora")):
+        assert (cfg.lora.r, cfg.lora.alpha, cfg.optim.lr, cfg.optim.schedule, cfg.epochs, cfg.grad_checkpointing) == \
+            (16, 32.0, 1e-4, "cosine", 3.0, True)
