@@ -30,8 +30,8 @@ from yunque.tokenizer import Tokenizer
 from yunque.tracking import Progress, Tracker, plot_metrics
 from yunque.train_config import TrainConfig
 from yunque.train_data import load_data, resolve_tokenizer, token_bytes
-from yunque.training import (CausalLMLoss, eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device,
-                             train_step)
+from yunque.training import (CausalLMLoss, eval_metrics, evaluate, keep_freed_memory, lr_at, make_optimizer, set_lr,
+                             to_device, train_step)
 
 PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
 
@@ -100,6 +100,8 @@ class Trainer:
         device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         self.model = build_model(cfg, self.tok).to(self.device)
