@@ -74,7 +74,7 @@ def test_dry_run_prints_and_does_not_train(tmp_path, data, capsys):
     assert train_cmd(cfg, "data.train=[" + str(data["sft"]) + "]", "data.val_fraction=0.2", dry_run=True) == 0
     out = capsys.readouterr().out
     assert "# resolved config" in out and "method: pretrain" in out
-    assert "trainable /" in out and "peak memory estimate:" in out and "total" in out
+    assert "trainable /" in out and "peak memory estimate" in out and "total" in out
     assert out.count("--- training example") == 2
     assert "⟦" in out and "add " in out  # the masked prompt is marked, the completion is not
     example = out.split("--- training example 1")[1].split("\n", 1)[1].split("---")[0]
