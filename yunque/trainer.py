@@ -104,6 +104,8 @@ class Trainer:
             keep_freed_memory()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
+        if cfg.eval.patience and self.data.val is None:
+            raise ConfigError("eval.patience: early stopping needs validation data (data.val, data.val_fraction or a val split)")
         self.model = build_model(cfg, self.tok).to(self.device)
         self.loss_module = CausalLMLoss(self.model)
         self.module = D.wrap(self.d, self.loss_module, self.model.model.layers, self.device)
