@@ -19,7 +19,7 @@ _one_thread = pytest.fixture(autouse=True)(one_thread)
 def _docs(n=40, seed=0, lo=2, hi=30):
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         L = int(rng.integers(lo, hi))
         ids = rng.integers(1, 100, size=L).tolist()
         mask = (rng.random(L) < 0.7).tolist()

@@ -27,7 +27,7 @@ from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
 from yunque.packing import Packer, fixed_batches
 from yunque.tokenizer import Tokenizer
-from yunque.tracking import Progress, Tracker, plot_metrics
+from yunque.tracking import Progress, Tracker
 from yunque.train_config import TrainConfig
 from yunque.train_data import load_data, resolve_tokenizer, token_bytes
 from yunque.training import (CausalLMLoss, eval_metrics, evaluate, keep_freed_memory, lr_at, make_optimizer, set_lr,
