@@ -243,7 +243,8 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             split = assign()
         if prev is not None and prev[1] != split:
             exact_overlap += 1
-        if prev is None:
+        if prev is None and (cfg.dedup.exact or label is not None):
+            # Without exact dedup a hash-split record needs no memory: equal content, equal split.
             seen[key] = (source, split)
         writers[split].write_hashed(line, digest)
         stats.keep(split, label, length)
