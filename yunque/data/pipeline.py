@@ -108,9 +108,26 @@ def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> Prepare
     report = write_report(out, stats)
     from yunque import __version__
 
-    digest = write_manifest(out, version=__version__, config=to_dict(cfg), inputs=files, splits=split_info)
+    digest = write_manifest(out, version=__version__, config=to_dict(cfg), inputs=files, splits=split_info,
+                            extra={"software": _software(cfg)})
     return PrepareResult(out, stats.records_in, stats.kept, dict(stats.dropped),
                          {s: split_info[s]["records"] for s in SPLITS}, digest, report)
+
+
+def _software(cfg: DataConfig) -> dict[str, str]:
+    """Versions that can change the output bytes (Unicode tables for NFC, MinHash, tokenizer)."""
+    import platform
+    import unicodedata
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "unicode": unicodedata.unidata_version}
+    for pkg, used in (("datasketch", cfg.dedup.near != "off"), ("tokenizers", cfg.tokenizer is not None)):
+        if used:
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                out[pkg] = "unknown"
+    return out
 
 
 def _workers(cfg: DataConfig) -> int:
@@ -243,7 +260,8 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             split = assign()
         if prev is not None and prev[1] != split:
             exact_overlap += 1
-        if prev is None:
+        if prev is None and (cfg.dedup.exact or label is not None):
+            # Without exact dedup a hash-split record needs no memory: equal content, equal split.
             seen[key] = (source, split)
         writers[split].write_hashed(line, digest)
         stats.keep(split, label, length)

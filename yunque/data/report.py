@@ -120,7 +120,8 @@ def _markdown(d: dict[str, Any], unit: str) -> str:
     L += ["## PII and secrets (counts only; values are never shown)", ""]
     if d["pii_findings"]:
         L += ["| type | findings |", "|---|---:|"] + [f"| {t} | {n} |" for t, n in d["pii_findings"].items()]
-        L += ["", f"Records with at least one finding: {d['pii_records_with_findings']}"]
+        L += ["", f"Records with at least one finding: {d['pii_records_with_findings']} "
+              "(counted over every record scanned, duplicates removed later included)"]
     else:
         L.append("No findings.")
     dd = d["dedup"]
