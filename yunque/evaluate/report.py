@@ -22,9 +22,15 @@ def _fmt(name: str, v: float) -> str:
     return f"{v:.4f}" if name == "bits_per_byte" else f"{v:.2f}"
 
 
+def display_names(results: Sequence[EvalResult]) -> list[str]:
+    """Column names: the model (or adapter) directory name, numbered when two would clash."""
+    names = [r.name for r in results]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
 def metrics_table(results: Sequence[EvalResult]) -> str:
     names = list(dict.fromkeys(k for r in results for k in r.metrics))
-    head = "| Metric | " + " | ".join(r.name for r in results) + " |"
+    head = "| Metric | " + " | ".join(display_names(results)) + " |"
     rows = [head, "|---|" + "---:|" * len(results)]
     for n in names:
         vals = [r.metrics.get(n) for r in results]
@@ -53,13 +59,13 @@ def markdown(results: Sequence[EvalResult]) -> str:
     parts = [f"# Evaluation: {Path(r0.data).name}", "",
              f"{r0.examples} {r0.kind} examples from `{r0.data}`. Scores are percentages except perplexity "
              "and bits per byte. Exact match uses the normalisation in `yunque.evaluate.metrics`.", ""]
-    for r in results:
-        parts.append(f"- **{r.name}**: model `{r.model}`" + (f", adapter `{r.adapter}`" if r.adapter else "")
+    for r, name in zip(results, display_names(results)):
+        parts.append(f"- **{name}**: model `{r.model}`" + (f", adapter `{r.adapter}`" if r.adapter else "")
                      + (f"; {r.timing['tokens_per_s']:.1f} generated tokens/s" if "tokens_per_s" in r.timing else ""))
     parts += ["", metrics_table(results), ""]
-    for r in results:
+    for r, name in zip(results, display_names(results)):
         if r.classification:
-            parts += [f"## {r.name}: per class", "", _class_tables(r), ""]
+            parts += [f"## {name}: per class", "", _class_tables(r), ""]
     return "\n".join(parts)
 
 
@@ -75,9 +81,9 @@ def charts(results: Sequence[EvalResult], out: Path) -> list[str]:
     if names:
         fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) * max(1, len(results)) ** 0.5 + 2), 3.5))
         w = 0.8 / len(results)
-        for i, r in enumerate(results):
+        for i, (r, label) in enumerate(zip(results, display_names(results))):
             xs = [j + i * w for j in range(len(names))]
-            ax.bar(xs, [r.metrics.get(n, 0.0) for n in names], width=w, label=r.name)
+            ax.bar(xs, [r.metrics.get(n, 0.0) for n in names], width=w, label=label)
         ax.set_xticks([j + 0.4 - w / 2 for j in range(len(names))], [_NAMES.get(n, n) for n in names])
         ax.set_ylabel("score (%)")
         ax.set_ylim(0, 100)
@@ -86,7 +92,7 @@ def charts(results: Sequence[EvalResult], out: Path) -> list[str]:
         fig.savefig(out / "metrics.png", dpi=110)
         plt.close(fig)
         written.append("metrics.png")
-    for r in results:
+    for k, (r, label) in enumerate(zip(results, display_names(results))):
         if not r.classification:
             continue
         c = r.classification
@@ -99,9 +105,9 @@ def charts(results: Sequence[EvalResult], out: Path) -> list[str]:
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("gold")
-        ax.set_title(r.name, fontsize=9)
+        ax.set_title(label, fontsize=9)
         fig.tight_layout()
-        name = f"confusion_{r.name}.png" if len(results) > 1 else "confusion.png"
+        name = f"confusion_{k + 1}_{r.name}.png" if len(results) > 1 else "confusion.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
@@ -113,9 +119,9 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     payload = results[0].to_json() if len(results) == 1 else {"models": [r.to_json() for r in results]}
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
-        for r in results:
+        for r, label in zip(results, display_names(results)):
             for p in r.predictions:
-                fh.write(json.dumps({"model": r.name, **p}, ensure_ascii=False) + "\n")
+                fh.write(json.dumps({"model": label, **p}, ensure_ascii=False) + "\n")
     payload["charts"] = charts(results, out)
     (out / "eval.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "eval.md").write_text(markdown(results) + "\n", encoding="utf-8")
