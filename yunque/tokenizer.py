@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
@@ -62,6 +63,7 @@ class Tokenizer:
                  chat_templates: dict[str, str] | None = None, generation_eos: Iterable[int] = (),
                  source: str = "<tokenizer>"):
         self._rust = rust
+        self._plain_rust: RustTokenizer | None = None
         self._config = dict(config or {})
         self.source = source
         self.chat_templates = dict(chat_templates or {})
@@ -127,7 +129,7 @@ class Tokenizer:
             raise YunqueError(f"{d}: no tokenizer.json{hint}")
         try:
             rust = RustTokenizer.from_file(str(tj))
-        except Exception as e:  # the Rust loader reports every problem as a bare Exception
+        except Exception as e:  # noqa: BLE001  (the Rust loader reports every problem as a bare Exception)
             _read_json(tj)  # a JSON syntax error gets a line number
             raise YunqueError(f"{tj}: not a valid tokenizer: {e}") from None
         config: dict[str, Any] = {}
@@ -153,10 +155,26 @@ class Tokenizer:
         """Encode many texts in parallel in Rust (no offsets computed: the fast path for data prep)."""
         return [e.ids for e in self._rust.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and each token's character span in `text` (no special tokens added)."""
-        enc = self._rust.encode(text, add_special_tokens=False)
+    def encode_offsets(self, text: str, special_as_text: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's character span in `text` (no BOS/EOS added). With `special_as_text`
+        the strings of special tokens in `text` are encoded as ordinary text."""
+        rust = self._rust
+        if special_as_text:
+            if self._plain_rust is None:  # a twin that ignores special tokens, so the shared one is never toggled
+                self._plain_rust = RustTokenizer.from_str(rust.to_str())
+                self._plain_rust.encode_special_tokens = True
+            rust = self._plain_rust
+        enc = rust.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
+
+    def encode_offsets_batch(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """`encode_offsets` for many texts, in parallel in Rust."""
+        return [(e.ids, e.offsets) for e in self._rust.encode_batch(list(texts), add_special_tokens=False)]
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The special tokens' strings (role headers, end of turn, ...)."""
+        return [t.content for t in self._rust.get_added_tokens_decoder().values() if t.special]
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         if hasattr(ids, "tolist"):  # tensors and arrays
@@ -262,8 +280,13 @@ def _iter_plain(p: Path) -> Iterator[str]:
             pos += len(raw)
             if not raw:
                 break
-            # Cut at a line end (else a space) so no word is split across two pieces.
-            cut = max(text.rfind("\n"), text.rfind(" ")) + 1 or len(text)
+            # Cut after the last newline or space so no word is split across two pieces; a long
+            # run without either (CJK text) waits for more input, up to a bound.
+            cut = max(text.rfind("\n"), text.rfind(" ")) + 1
+            if cut == 0 and len(text) < 4 * _CHUNK:
+                carry = text
+                continue
+            cut = cut or len(text)
             carry = text[cut:]
             yield text[:cut]
     if text:
