@@ -80,7 +80,7 @@ def test_canaries_cli(tmp_path):
 
     src = tmp_path / "train.jsonl"
     src.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(50)))
-    rc = call_with_argv(canaries_cmd, [str(src), str(tmp_path / "out.jsonl"), "--n", "2", "--rate", "0.1"], "yunque canaries")
+    rc = call_with_argv(canaries_cmd, ["--data", str(src), "--out", str(tmp_path / "out.jsonl"), "--n", "2", "--rate", "0.1"], "yunque canaries")
     assert rc == 0
     assert len(load_canaries(tmp_path / "out.canaries.json")) == 2
     assert len((tmp_path / "out.placements.jsonl").read_text().splitlines()) == 5

@@ -11,7 +11,7 @@ from typing import Literal
 from yunque.errors import YunqueError
 
 
-def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | None = None, adapter: Path | None = None,
+def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
              metrics: list[str] | None = None, compare: list[Path] | None = None,
              scoring: Literal["generate", "likelihood"] = "generate", labels: list[str] | None = None,
              chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8,
@@ -37,9 +37,6 @@ def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | No
     from yunque.evaluate.report import markdown, write_report
     from yunque.evaluate.runner import evaluate
 
-    for flag, v in (("--model", model), ("--data", data), ("--out", out)):
-        if v is None:
-            raise YunqueError(f"{flag} is required")
     runs: list[tuple[Path, Path | None]] = [(model, adapter)]
     for c in compare or []:
         runs.append((model, c) if (Path(c) / "adapter_config.json").is_file() else (c, None))
@@ -55,7 +52,7 @@ def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | No
     return 0
 
 
-def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | None = None,
+def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str | None = None,
                 api_key: str | None = None, adapter: Path | None = None, served_model: str | None = None,
                 attempts: int = 3, temperature: float = 0.7, max_tokens: int = 256, seed: int = 0,
                 probes: list[Path] | None = None, categories: list[str] | None = None,
@@ -117,7 +114,7 @@ def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | N
     return 1 if failed else 0
 
 
-def canaries_cmd(data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
+def canaries_cmd(*, data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
     """Plant unique canary strings into a JSONL training file, to measure memorisation later.
 
     Args:
