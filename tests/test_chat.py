@@ -338,13 +338,17 @@ def test_tool_call_turns_are_masked(dirs):
     assert runs == ['{"name": "get_weather", "parameters": {"city": "Madrid"}}<|eot_id|>', "21 °C in Madrid.<|eot_id|>"]
 
 
-@pytest.mark.parametrize("name,stop", [
-    ("llama3", [EOS, EOT]), ("llama31", [EOT, EOS, "<|eom_id|>"]), ("qwen25", ["<|im_end|>", "<|endoftext|>"]), ("mistral", ["</s>"]),
+@pytest.mark.parametrize("name,stop,eot,pad", [
+    ("llama3", [EOS, EOT], EOT, "<|finetune_right_pad_id|>"),
+    ("llama31", [EOT, EOS, "<|eom_id|>"], EOT, "<|finetune_right_pad_id|>"),
+    ("qwen25", ["<|im_end|>", "<|endoftext|>"], "<|im_end|>", "<|endoftext|>"),  # its configured pad is safe
+    ("mistral", ["</s>"], "</s>", "<|finetune_right_pad_id|>"),
 ])
-def test_stop_ids_hold_the_templates_end_of_turn(dirs, name, stop):
+def test_stop_ids_hold_the_templates_end_of_turn(dirs, name, stop, eot, pad):
     tok = Tokenizer.from_dir(dirs[name])
     assert tok.stop_ids == [tok.token_to_id(t) for t in stop]
-    assert tok.pad_id not in tok.stop_ids
+    assert (tok.eot_id, tok.pad_id) == (tok.token_to_id(eot), tok.token_to_id(pad))
+    assert tok.pad_id not in (tok.eos_id, tok.eot_id)
 
 
 def test_template_helpers_match_transformers(dirs, hf_tokenizers):

@@ -89,11 +89,15 @@ def test_save_roundtrip_keeps_config_and_loads_in_transformers(tok, tmp_path):
     assert hf.pad_token_id == tok.pad_id and hf.encode(MIXED[1]) == again.encode(MIXED[1], True)
 
 
-def test_pad_is_never_a_stop_token(tok_dir, tmp_path):
+def test_pad_is_never_eos_or_end_of_turn(tok_dir, tmp_path):
     # Llama-3-base style: pad == eos in the config; the reserved finetune pad is used instead.
     d = family_dir(tok_dir, tmp_path / "a", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, template=None)
     t = Tokenizer.from_dir(d)
     assert t.pad_id == t.token_to_id(PAD) and t.stop_ids == [t.eos_id]
+    # Nor the template's end-of-turn token, which every assistant turn must learn to emit.
+    d = family_dir(tok_dir, tmp_path / "c", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOT}, template=ytok.LLAMA3_CHAT_TEMPLATE)
+    t = Tokenizer.from_dir(d)
+    assert t.eot_id == t.token_to_id(EOT) and t.pad_id == t.token_to_id(PAD)
     # A vocabulary with no spare token: no pad rather than a pad that would mask the EOS.
     base = tmp_path / "b"
     base.mkdir()

@@ -6,8 +6,9 @@ when present). `train_bpe` trains a Llama-3-style byte-level BPE (same split reg
 special tokens, same chat template) that `transformers.AutoTokenizer` loads unchanged.
 
 Two rules keep fine-tunes well behaved: `stop_ids` holds every id that ends a reply (EOS,
-the template's end-of-turn token, generation_config's eos ids), and `pad_id` is never one
-of them, so masking padding can never mask the token the model must learn to stop with.
+the template's end-of-turn token, generation_config's eos ids), and `pad_id` is never the
+EOS or the end-of-turn id, so masking padding can never mask the token the model must
+learn to stop with.
 """
 
 from __future__ import annotations
@@ -85,16 +86,18 @@ class Tokenizer:
         if self.chat_template is not None:
             added = [t.content for t in rust.get_added_tokens_decoder().values()]
             eot = self.token_to_id(find_end_of_turn(self.chat_template, self.special_tokens, added) or "")
+        self.eot_id: int | None = eot if eot is not None else self.eos_id
         self.stop_ids: list[int] = list(dict.fromkeys(i for i in (self.eos_id, eot, *gen_eos) if i is not None))
         self.pad_id = self._pick_pad()
 
     def _pick_pad(self) -> int | None:
-        """The configured pad token unless it would end generation; else a known spare token; else None
-        (callers then pad with any id and mask by length)."""
+        """The configured pad token unless it is the EOS or the end-of-turn token (the ids a model
+        must learn to emit, which loss masking of padding would hide); else a known spare token;
+        else None (callers then pad with any id and mask by length)."""
         unk = self.special_tokens.get("unk_token")
         for name in (self.special_tokens.get("pad_token"), *_PAD_NAMES, unk):
             i = self.token_to_id(name or "")
-            if i is not None and i not in self.stop_ids:
+            if i is not None and i not in (self.eos_id, self.eot_id):
                 return i
         return None
 
