@@ -162,3 +162,15 @@ def test_missing_files_are_clear_errors(env, tmp_path):
     bad.write_text('{"text": "a"}\n{"text": \n')
     with pytest.raises(YunqueError, match=r"bad\.jsonl:2: invalid JSON"):
         evaluate(env["model"], bad)
+
+
+def test_csv_and_json_array_inputs(env, tmp_path):
+    csv_path = tmp_path / "cls.csv"
+    csv_path.write_text("text,label\nSpam offers win free money now.,spam\n\"Meeting moved, Tuesday.\",ham\n", encoding="utf-8")
+    r = evaluate(env["model"], csv_path, scoring="likelihood")
+    assert r.kind == "classification" and r.examples == 2
+    assert r.predictions[1]["source"].startswith(str(csv_path)) and r.predictions[1]["label"] == "ham"
+    arr = tmp_path / "gen.json"
+    arr.write_text(json.dumps([{"prompt": "The cat", "answer": "sat"}, {"prompt": "A bird", "answer": "sang"}]))
+    r = evaluate(env["model"], arr, metrics=["exact_match"], max_new_tokens=4)
+    assert r.examples == 2 and "exact_match" in r.metrics
