@@ -151,6 +151,8 @@ def test_local_tiny_model(tmp_path):
     lo, hi = leak["asr_ci95"]
     assert lo <= leak["asr"] <= hi
     assert any(json.loads(r)["probe"].endswith("-raw") for r in rows)
+    assert len(report["canary_exposure"]["bits"]) == 2
+    assert "Canary exposure" in (tmp_path / "rt" / "redteam.md").read_text()
 
 
 def test_user_probe_files_extend_and_are_checked(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -94,8 +95,9 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
         raise YunqueError(f"--fail-above {fail_above}: must be a fraction in [0, 1]")
     if attempts < 1:
         raise YunqueError("--attempts must be >= 1")
-    if canaries is not None:
-        add_canaries(suite, load_canaries(canaries), raw=model is not None)
+    planted = load_canaries(canaries) if canaries is not None else []
+    if planted:
+        add_canaries(suite, planted, raw=model is not None)
     if model is not None:
         from yunque.evaluate.targets import LocalTarget
 
@@ -106,6 +108,11 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
         key = api_key or os.environ.get("YUNQUE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         target = OpenAITarget(url, key, served_model, max_tokens=max_tokens, temperature=temperature)
     summary, records = run_redteam(target, suite, attempts=attempts, seed=seed)
+    if planted and model is not None:  # memorisation below the level of verbatim leaks
+        from yunque.evaluate.canary import canary_exposure
+
+        bits = canary_exposure(target.model, target.tok, planted, candidates=100, seed=seed)
+        summary["canary_exposure"] = {"candidates": 100, "max_bits": math.log2(100), "bits": bits}
     failed = gate(summary, fail_above)
     if fail_above is not None:
         summary["gate"] = {"fail_above": fail_above, "failed": failed}
