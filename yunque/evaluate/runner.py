@@ -114,7 +114,7 @@ def label_continuation(tok, prompt: str, label: str, templated: bool) -> tuple[l
 
 def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | None = None, adapter: str | Path | None = None,
              scoring: Literal["generate", "likelihood"] = "generate", labels: Sequence[str] | None = None,
-             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8, max_length: int | None = None,
+             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16, max_length: int | None = None,
              stride: int | None = None, limit: int | None = None, model_and_tokenizer=None) -> EvalResult:
     """Evaluate one model on one data file (see the module docstrings of `data` and `metrics`).
 

@@ -15,13 +15,13 @@ from yunque.errors import YunqueError
 def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
              metrics: list[str] | None = None, compare: list[Path] | None = None,
              scoring: Literal["generate", "likelihood"] = "generate", labels: list[str] | None = None,
-             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16,
              max_length: int | None = None, stride: int | None = None, limit: int | None = None) -> int:
     """Score a model on held-out data: perplexity, ROUGE, BLEU, chrF, exact match, classification.
 
     Args:
         model: model directory (Hugging Face format)
-        data: JSONL/JSON file of examples (text, prompt+reference, chat, alpaca or text+label records)
+        data: file of examples (JSONL, JSON, CSV/TSV, Parquet; text, prompt+reference, chat, alpaca or text+label records)
         out: output directory for eval.json, eval.md, predictions.jsonl and PNG charts
         adapter: LoRA adapter directory (PEFT format) merged into --model for this evaluation
         metrics: perplexity, rouge, bleu, chrf, exact_match, classification (default: by data kind)
