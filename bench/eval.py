@@ -7,7 +7,7 @@ left padding, one static KV cache per batch); the baseline calls `model.generate
 example, as a hand-written evaluation loop over transformers does. Outputs are compared token
 for token, then the speed ratio is printed.
 
-    PYTHONPATH=. python bench/eval.py [--preset small] [--n 32] [--max-new-tokens 48] [--batch-size 16]
+    PYTHONPATH=. python bench/eval.py [--preset base] [--n 16] [--max-new-tokens 48] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def build(tmp: Path, preset: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
