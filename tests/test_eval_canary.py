@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from yunque.evaluate.canary import (Canary, leaked, load_canaries, make_canaries, plant_canaries,
-                                    save_canaries)
 from yunque.errors import DataError
+from yunque.evaluate.canary import Canary, leaked, load_canaries, make_canaries, plant_canaries, save_canaries
 
 
 def test_make_canaries_unique_and_reproducible():

@@ -12,7 +12,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install lm-eval)")
 
-from eval_helpers import cached_model_dir  # noqa: E402
+from eval_helpers import cached_model_dir
 
 MC = [{"question": "The cat sat on the", "choices": ["mat.", "park.", "tree."], "answer": 0},
       {"question": "The dog ran in the", "choices": ["mat.", "park."], "answer": 1},

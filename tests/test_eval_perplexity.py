@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from eval_helpers import cached_model_dir
+
 from yunque.evaluate.perplexity import perplexity, score_continuations, sliding_windows
 
 

@@ -184,3 +184,12 @@ def test_wilson_interval():
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_check_only_and_argument_errors(tmp_path, capsys):
+    assert redteam_cmd(check_only=True) == 0
+    assert "all detectors check out" in capsys.readouterr().out
+    with pytest.raises(YunqueError, match="exactly one of --model DIR or --url URL"):
+        redteam_cmd(out=tmp_path)
+    with pytest.raises(YunqueError, match="--fail-above 1.5"):
+        redteam_cmd(out=tmp_path, url="http://127.0.0.1:9", fail_above=1.5)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from eval_helpers import cached_model_dir
+
 from yunque.errors import YunqueError
 from yunque.evaluate import metrics as M
 from yunque.evaluate.report import write_report
@@ -115,7 +115,6 @@ def test_lora_adapter_is_merged(env, tmp_path):
     peft = pytest.importorskip("peft")
     import transformers
 
-    from yunque.evaluate.perplexity import perplexity
     from yunque.tokenizer import Tokenizer
 
     base = transformers.AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32)
