@@ -91,7 +91,9 @@ def main() -> None:
                 fn(d)
             cpu, wall = min(cpu, time.process_time() - c0), min(wall, time.perf_counter() - w0)
         mb = nbytes / 1e6
-        print(f"{name:<6} {mb:.1f} MB in {len(docs)} docs: {mb / cpu:6.1f} MB/s per core (CPU time), {mb / wall:6.1f} MB/s wall")
+        print(
+            f"{name:<6} {mb:.1f} MB in {len(docs)} docs: {mb / cpu:6.1f} MB/s per core (CPU time), {mb / wall:6.1f} MB/s wall"
+        )
     found = sum(sum(scrub(d).findings.values()) for d in docs)
     print(f"findings in synthetic corpus: {found} ({found / len(docs):.2f} per doc)")
 

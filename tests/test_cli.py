@@ -61,3 +61,13 @@ def test_user_errors_are_one_line_exit_2(model_dir, capsys, argv, needle):
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_chat_streams_and_keeps_history(model_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "yunque", "chat", "--model", str(model_dir), "--max-new-tokens", "6",
+                        "--temperature", "0"], input="hello\nand again\n\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("assistant> ") == 2 and r.stdout.count("you> ") == 3

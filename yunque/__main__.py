@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("yunque.recipes.inspect", "inspect_cmd", "show a checkpoint's architecture, size, files and hashes"),
     "init": ("yunque.recipes.inspect", "init_cmd", "write a randomly initialised model from a preset"),
     "tokenizer train": ("yunque.recipes.tokenizer", "train_cmd", "train a byte-level BPE tokenizer"),
+    "data prepare": ("yunque.recipes.data", "prepare_cmd", "read, clean, dedup, scrub, split and hash training data"),
+    "data verify": ("yunque.recipes.data", "verify_cmd", "check a prepared data folder against its manifest"),
+    "data inspect": ("yunque.recipes.data", "inspect_cmd", "show rendered examples, masks and length statistics"),
+    "train": ("yunque.recipes.train", "train_cmd", "pretrain or fine-tune (full, LoRA, QLoRA) from a YAML config"),
+    "merge": ("yunque.recipes.merge", "merge_cmd", "merge a LoRA/QLoRA adapter into its base model"),
 }
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from yunque.data.pii_checks import keccak256  # noqa: E402  (checked against EIP-55 vectors in tests)
+from yunque.data.pii_checks import keccak256  # noqa: E402 (checked against EIP-55 vectors in tests)
 
 R = random.Random(20261123)
 UP, LO, DIG = string.ascii_uppercase, string.ascii_lowercase, string.digits
@@ -75,6 +75,11 @@ def phone() -> str:
         lambda: f"010-{R.randint(60000000, 89999999)}",
         lambda: f"+44 20 7946 0{R.randint(100, 999)}",
         lambda: f"+{R.choice(['34', '351', '49', '33'])}{R.randint(600000000, 699999999)}",
+        lambda: f"(+34) 6{R.randint(10, 99)} {a} {b}",
+        lambda: f"0034 6{R.randint(10, 99)} {a} {b}",
+        lambda: f"0{R.choice('67')} {R.randint(10, 99)} {R.randint(10, 99)} {R.randint(10, 99)} {R.randint(10, 99)}",
+        lambda: f"+44 (0)20 7946 0{R.randint(100, 999)}",
+        lambda: f"+7 495 {R.randint(100, 999)}-{R.randint(10, 99)}-{R.randint(10, 99)}",
     ]
     return R.choice(fmts)()
 
@@ -235,7 +240,9 @@ def jwt() -> str:
 
 
 def private_key() -> str:
-    kind = R.choice(["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY", "ENCRYPTED PRIVATE KEY"])
+    kind = R.choice(
+        ["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY", "ENCRYPTED PRIVATE KEY"]
+    )
     body = base64.b64encode(R.randbytes(48 * R.randint(3, 8))).decode()
     lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     return f"-----BEGIN {kind}-----\n" + "\n".join(lines) + f"\n-----END {kind}-----"
@@ -243,10 +250,27 @@ def private_key() -> str:
 
 def secret_assignment() -> tuple[str, tuple[int, int]]:
     if R.random() < 0.4:
-        name = R.choice(["password", "DB_PASSWORD", "db_pass", "passwd", "adminPassword", "contraseña", "senha", "SMTP_PASSWORD"])
-        value = R.choice(["hunter", "dragon", "sol", "lua", "tigre", "sunshine", "casa"]) + rs(DIG, R.randint(2, 4)) + R.choice(["", "!", "xyz", "#"])
+        name = R.choice(
+            ["password", "DB_PASSWORD", "db_pass", "passwd", "adminPassword", "contraseña", "senha", "SMTP_PASSWORD"]
+        )
+        value = (
+            R.choice(["hunter", "dragon", "sol", "lua", "tigre", "sunshine", "casa"])
+            + rs(DIG, R.randint(2, 4))
+            + R.choice(["", "!", "xyz", "#"])
+        )
     else:
-        name = R.choice(["api_key", "apiKey", "SECRET_KEY", "client_secret", "auth_token", "ACCESS_TOKEN", "stripe_secret", "openai_api_key"])
+        name = R.choice(
+            [
+                "api_key",
+                "apiKey",
+                "SECRET_KEY",
+                "client_secret",
+                "auth_token",
+                "ACCESS_TOKEN",
+                "stripe_secret",
+                "openai_api_key",
+            ]
+        )
         value = R.choice(["", "sk_live_", "sk-", "key-", "tok_"]) + rs(ALNUM, R.randint(24, 40))
     return _assign(name, value, R.choice(["py", "json", "yaml", "env", "js", "go"]))
 
@@ -312,7 +336,7 @@ GEN = {
     "BITCOIN_ADDRESS": bitcoin_address, "ETHEREUM_ADDRESS": ethereum_address,
 }  # fmt: skip
 
-from pii_templates import NEGATIVES, TEMPLATES, negatives_generated  # noqa: E402  (hand-written contexts)
+from pii_templates import NEGATIVES, TEMPLATES, negatives_generated  # noqa: E402 (hand-written contexts)
 
 
 def fill(template: str, lang: str) -> dict:
@@ -329,7 +353,7 @@ def fill(template: str, lang: str) -> dict:
 
 def build() -> list[dict]:
     cases = []
-    for _ in range(2):  # two fills per context: different values, same hand-written text
+    for _ in range(3):  # three fills per context: different values, same hand-written text
         for lang, template in TEMPLATES:
             cases.append(fill(template, lang))
     for lang, text in NEGATIVES:

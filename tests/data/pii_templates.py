@@ -12,7 +12,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Para más información escriba a {EMAIL} o visite nuestra oficina."),
     ("pt", "Dúvidas? Fale conosco pelo e-mail {EMAIL}."),
     ("zh", "如有问题，请发送邮件至{EMAIL}，我们会尽快回复。"),
-    ("en", "<a href=\"mailto:{EMAIL}\">Contact support</a>"),
+    ("en", '<a href="mailto:{EMAIL}">Contact support</a>'),
     ("en", "git log shows author Jane <{EMAIL}> committed 3 days ago"),
     ("zh", "联系人：王先生（{EMAIL}）"),
     # PHONE
@@ -34,7 +34,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "El servidor con IP {IPV4} no responde al ping."),
     ("pt", "O acesso veio do endereço {IPV4} às 03:12."),
     ("zh", "来自{IPV4}的请求被防火墙拦截。"),
-    ("en", "{IPV4} - - [10/Oct/2023:13:55:36 +0000] \"GET /index.html HTTP/1.1\" 200 2326"),
+    ("en", '{IPV4} - - [10/Oct/2023:13:55:36 +0000] "GET /index.html HTTP/1.1" 200 2326'),
     ("en", "host: {IPV4}\nport: 5432"),
     ("en", "Add {IPV4} to the allowlist, then restart nginx."),
     # IPV6
@@ -51,7 +51,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Mi tarjeta es {CREDIT_CARD} y caduca en 2027."),
     ("pt", "Número do cartão: {CREDIT_CARD}"),
     ("zh", "信用卡号{CREDIT_CARD}，有效期至2026年。"),
-    ("en", "{\"card\": \"{CREDIT_CARD}\", \"cvv\": \"123\"}"),
+    ("en", '{"card": "{CREDIT_CARD}", "cvv": "123"}'),
     ("es", "Cargo rechazado para la tarjeta {CREDIT_CARD}."),
     # IBAN
     ("en", "Please wire the deposit to IBAN {IBAN} (reference: booking)."),
@@ -123,7 +123,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "La cadena de conexión es {URL_CREDENTIALS}"),
     ("pt", "Use a URL {URL_CREDENTIALS} no arquivo de configuração."),
     ("zh", "数据库连接串：{URL_CREDENTIALS}"),
-    ("en", "url: \"{URL_CREDENTIALS}\""),
+    ("en", 'url: "{URL_CREDENTIALS}"'),
     # AWS_ACCESS_KEY
     ("en", "aws_access_key_id = {AWS_ACCESS_KEY}"),
     ("en", "The leaked key {AWS_ACCESS_KEY} was rotated."),
@@ -145,7 +145,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("pt", "Token do GitHub: {GITHUB_TOKEN}"),
     ("zh", "GitHub令牌{GITHUB_TOKEN}已泄露。"),
     # GITLAB_TOKEN
-    ("en", "curl --header \"PRIVATE-TOKEN: {GITLAB_TOKEN}\" https://gitlab.example.com/api/v4/projects"),
+    ("en", 'curl --header "PRIVATE-TOKEN: {GITLAB_TOKEN}" https://gitlab.example.com/api/v4/projects'),
     ("en", "The CI uses {GITLAB_TOKEN} to push tags."),
     ("es", "Token de GitLab: {GITLAB_TOKEN}"),
     ("pt", "Revogue o token {GITLAB_TOKEN} imediatamente."),
@@ -162,7 +162,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Token de sesión: {JWT}"),
     ("pt", "Recebemos o JWT {JWT} no header."),
     ("zh", "登录后返回的令牌为{JWT}。"),
-    ("en", "{\"id_token\": \"{JWT}\", \"expires_in\": 3600}"),
+    ("en", '{"id_token": "{JWT}", "expires_in": 3600}'),
     # PRIVATE_KEY
     ("en", "Here is the deploy key:\n{PRIVATE_KEY}\nDo not share it."),
     ("en", "{PRIVATE_KEY}"),
@@ -176,7 +176,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Variables de entorno:\n{SECRET_ASSIGNMENT}"),
     ("pt", "No arquivo .env coloque\n{SECRET_ASSIGNMENT}"),
     ("zh", "配置如下：\n{SECRET_ASSIGNMENT}"),
-    ("en", "client = Client(host=\"db\")\n{SECRET_ASSIGNMENT}"),
+    ("en", 'client = Client(host="db")\n{SECRET_ASSIGNMENT}'),
     ("es", "Ejemplo de configuración:\n{SECRET_ASSIGNMENT}\nlog_level: info"),
     # BITCOIN_ADDRESS
     ("en", "Send donations to {BITCOIN_ADDRESS}."),
@@ -191,10 +191,10 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Dirección de Ethereum: {ETHEREUM_ADDRESS}"),
     ("pt", "Envie os tokens para {ETHEREUM_ADDRESS}."),
     ("zh", "以太坊地址{ETHEREUM_ADDRESS}"),
-    ("en", "\"from\": \"{ETHEREUM_ADDRESS}\","),
+    ("en", '"from": "{ETHEREUM_ADDRESS}",'),
     # Harder contexts
-    ("en", "<a href=\"tel:{PHONE}\">call</a> or write to {EMAIL}"),
-    ("en", "{\"name\": \"Test\", \"phone\": \"{PHONE}\", \"ip\": \"{IPV4}\"}"),
+    ("en", '<a href="tel:{PHONE}">call</a> or write to {EMAIL}'),
+    ("en", '{"name": "Test", "phone": "{PHONE}", "ip": "{IPV4}"}'),
     ("en", "Ph. {PHONE} ext. 12 (after 6pm)"),
     ("pt", "Telefone fixo: {PHONE}; e-mail: {EMAIL}."),
     ("es", "Atención al cliente en el {PHONE} (lunes a viernes)."),
@@ -206,7 +206,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Usuario: admin / contraseña: {PASSWORD_VALUE}"),
     ("pt", "login=suporte&senha={PASSWORD_VALUE}"),
     ("en", "mysql -u root --password={PASSWORD_VALUE} shop"),
-    ("en", "headers = {\"Authorization\": \"Bearer {API_TOKEN_VALUE}\"}"),
+    ("en", 'headers = {"Authorization": "Bearer {API_TOKEN_VALUE}"}'),
     ("en", "https://api.example.com/v1/items?api_key={API_TOKEN_VALUE}&page=2"),
     ("en", "  - name: DEPLOY_TOKEN\n    value: {API_TOKEN_VALUE}"),
     ("es", "Pagado con tarjeta {CREDIT_CARD}; el cargo aparecerá como EJEMPLO SA."),
@@ -256,17 +256,17 @@ NEGATIVES: list[tuple[str, str]] = [
     ("en", "@app.route('/users') decorates the handler; ping @maria on Slack."),
     ("en", "npm install lodash@4.17.21 react@18.2.0"),
     ("en", "Send it to user@localhost for local testing."),
-    ("en", "token = os.environ[\"GITHUB_TOKEN\"]"),
-    ("en", "password = getpass.getpass(\"Password: \")"),
+    ("en", 'token = os.environ["GITHUB_TOKEN"]'),
+    ("en", 'password = getpass.getpass("Password: ")'),
     ("en", "def login(username: str, password: str) -> bool:"),
     ("en", "api_key = None  # set via env"),
     ("en", "password: ${DB_PASSWORD}"),
-    ("en", "SECRET_KEY = \"<your-secret-key>\""),
-    ("en", "token: \"xxxxxxxxxxxxxxxx\""),
-    ("en", "\"password\": \"********\""),
-    ("en", "max_tokens = 4096\ntoken_type = \"bearer\""),
-    ("en", "password_min_length: 12\npassword_hint: \"your pet's name\""),
-    ("en", "key = \"user_id\"\nvalue = row[key]"),
+    ("en", 'SECRET_KEY = "<your-secret-key>"'),
+    ("en", 'token: "xxxxxxxxxxxxxxxx"'),
+    ("en", '"password": "********"'),
+    ("en", 'max_tokens = 4096\ntoken_type = "bearer"'),
+    ("en", 'password_min_length: 12\npassword_hint: "your pet\'s name"'),
+    ("en", 'key = "user_id"\nvalue = row[key]'),
     ("en", "The password must contain at least 8 characters."),
     ("en", "Set the API key in settings.api_key before calling."),
     ("en", "export GITHUB_TOKEN=ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
@@ -298,7 +298,10 @@ NEGATIVES: list[tuple[str, str]] = [
     ("en", "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"),
     ("en", "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----"),
     ("en", "See https://example.com/path?query=1 and ftp://files.example.org/pub."),
-    ("en", "The URL scheme is scheme://user:password@host where user and password are placeholders: scheme://<user>:<password>@host"),
+    (
+        "en",
+        "The URL scheme is scheme://user:password@host where user and password are placeholders: scheme://<user>:<password>@host",
+    ),
     ("en", "ssh git@github.com:acme/repo.git"),
     ("en", "In 2023 we shipped 12 releases, 340 fixes, and 1,200 commits."),
     ("es", "Entre 2019 y 2023 las ventas crecieron un 12,5 %."),
@@ -316,7 +319,7 @@ NEGATIVES: list[tuple[str, str]] = [
     ("en", "PI is 3.14159265358979 and e is 2.71828182845904."),
     ("en", "The key: to success is patience."),
     ("en", "Token: 4 of 10 processed; secret: true"),
-    ("en", "def connect(api_key: Optional[str] = None, password: str = \"\"):"),
+    ("en", 'def connect(api_key: Optional[str] = None, password: str = ""):'),
     ("en", "self.password = password\nself.api_key = api_key"),
     ("en", "password = hash_password(raw_password)"),
     ("es", "La contraseña debe tener 8 caracteres y un símbolo."),
@@ -388,21 +391,25 @@ def negatives_generated(r: random.Random, g) -> list[tuple[str, str]]:
         cuit = g.ar_cuit()
         out.append(("es", f"CUIT {cuit[:-1]}{(int(cuit[-1]) + 1) % 10} no corresponde"))
     for k in range(3):
-        out.append(("en", f"SSN {r.choice(['000', '666', '912'])}-{r.randint(10, 99)}-{r.randint(1000, 9999)} is invalid"))
+        out.append(
+            ("en", f"SSN {r.choice(['000', '666', '912'])}-{r.randint(10, 99)}-{r.randint(1000, 9999)} is invalid")
+        )
     for k in range(4):
         addr = g.bitcoin_address()
         i = len(addr) - 3
         repl = next(c for c in "23456789" if c != addr[i])
-        out.append(("en", f"Invalid address {addr[:i]}{repl}{addr[i + 1:]}"))
+        out.append(("en", f"Invalid address {addr[:i]}{repl}{addr[i + 1 :]}"))
     for k in range(4):
         while True:
             addr = g.ethereum_address()
             if addr[2:] != addr[2:].lower():
                 break
         i = next(i for i, c in enumerate(addr) if i > 1 and c.isupper())
-        out.append(("en", f"Bad checksum {addr[:i]}{addr[i].lower()}{addr[i + 1:]}"))
+        out.append(("en", f"Bad checksum {addr[:i]}{addr[i].lower()}{addr[i + 1 :]}"))
     for k in range(3):
-        out.append(("en", f"Not a JWT: eyJ{''.join(r.choice('abcdefghijkmnop') for _ in range(20))}.{'x' * 10}.{'y' * 10}"))
+        out.append(
+            ("en", f"Not a JWT: eyJ{''.join(r.choice('abcdefghijkmnop') for _ in range(20))}.{'x' * 10}.{'y' * 10}")
+        )
     return out
 
 

@@ -91,6 +91,10 @@ class SplitWriter:
         self._hh.write(digest)
         self.merkle.add(digest)
 
+    def flush(self) -> None:
+        self._fh.flush()
+        self._hh.flush()
+
     def close(self) -> dict[str, Any]:
         self._fh.close()
         self._hh.close()

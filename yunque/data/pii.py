@@ -13,10 +13,21 @@ Types and their placeholders (`PLACEHOLDERS`):
     PRIVATE_KEY [PRIVATE_KEY] (whole PEM block)  SECRET_ASSIGNMENT [SECRET] (only the value)
     BITCOIN_ADDRESS [BTC_ADDRESS]  ETHEREUM_ADDRESS [ETH_ADDRESS]
 
-Policy choices: checksummed identifiers must validate; national phone formats need
-separators (bare digit runs count only after a phone keyword); loopback/unspecified IPs
-and netmasks are not personal data and are kept; dotted quads after a version word
-("v", "version", "build", ...) are versions, not IPs.
+Policy choices (general rules, each with its reason next to the code):
+- Checksummed identifiers (cards, IBAN, DNI/NIE, CURP, CPF, CUIT, RUT, BTC, mixed-case ETH)
+  must validate; RFC needs a real date; SSN follows the SSA area/group/serial rules.
+- Phones: "+cc"/"00cc" numbers need a valid country code; national formats need separators
+  and are rejected inside number runs, after ID words ("order", "pedido", "订单"), next to
+  currencies/units, or as year lists; bare digit runs count only near a phone word (or, for
+  11-digit Chinese mobiles, right after CJK text). Unformatted SSN/CPF/CUIT need their name.
+- IPs: loopback, unspecified, netmasks and CIDR network addresses are kept; dotted quads
+  after version/section words are versions; quads whose first two parts are < 10 need a
+  networking word nearby ("3.1.1.6" is far more often a version).
+- Secrets: the value of a key/token/secret/password-like name (JSON, YAML, env, code, query
+  string, `Authorization: Bearer`, name/value pairs). Keys and tokens must look machine-made
+  (token alphabet, >= 12 chars, entropy >= 3 bits/char, not words or property paths);
+  passwords need a digit or symbol. Placeholders (`<...>`, `${VAR}`, `xxxx`, `changeme`)
+  and code (calls, attribute paths, `None`) are never secrets.
 
 Speed: each full-text pass is a regex that starts with a literal (`re` jumps between
 occurrences at memchr speed) or one digit-led pass; the ~20 digit-heavy patterns (phones,
@@ -28,11 +39,12 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from yunque.data import pii_detect as _d
 from yunque.data import pii_numeric as _n
+from yunque.data import pii_secrets as _s
 from yunque.errors import ConfigError
 
 PII_TYPES: tuple[str, ...] = (
@@ -85,7 +97,7 @@ _DETECTORS: tuple[tuple[frozenset[str], Callable[[str, Add], None]], ...] = (
     (frozenset({"JWT", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "AWS_ACCESS_KEY"}), _d.tokens),
     (frozenset({"EMAIL"}), _d.emails),
     (frozenset({"URL_CREDENTIALS"}), _d.url_credentials),
-    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _d.secret_assignments),
+    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _s.secret_assignments),
     (frozenset({"IPV4"}), _d.ipv4),
     (frozenset({"IPV6"}), _d.ipv6),
     (frozenset({"BITCOIN_ADDRESS", "ETHEREUM_ADDRESS"}), _d.crypto_addresses),

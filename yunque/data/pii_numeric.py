@@ -8,7 +8,7 @@ Typical prose has few such runs; a document without any costs one regex pass.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from yunque.data import pii_checks as ck
 
@@ -41,22 +41,26 @@ _CUIT = re.compile(_LN + r"(?:20|23|24|27|30|33|34)-\d{8}-\d" + _RN)
 _ELEVEN = re.compile(_LN + r"\d{11}" + _RN)
 _RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
 
+# In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
+# International prefix: "+34", "(+34)" or "0034" (the 00 form only with separators, see below).
 _PHONE_INTL = re.compile(
-    r"(?<![0-9A-Za-z_+])\+\d{1,3}(?:" + _SEP + r"?\(\d{1,4}\))?(?:" + _SEP + r"?\d{1,5}){1,6}" + _RN
+    (
+        r"(?<![0-9A-Za-z_+(])(?:\+\d{1,3}|\(\+\d{1,3}\)|00[1-9]\d{0,2}(?=~))(?:~?\(\d{1,4}\))?(?:~?\d{1,5}){1,6}" + _RN
+    ).replace("~", _SEP)
 )
 _PHONE_NATIONAL = [
-    re.compile(p + _RN)
+    re.compile((p + _RN).replace("~", _SEP))
     for p in (
         # NANP: (415) 555-0132, 415-555-0132, 1 415 555 0132
-        r"(?<![0-9A-Za-z_+\-.])(?:1" + _SEP + r")?(?:\([2-9]\d{2}\)" + _SEP + r"?|[2-9]\d{2}" + _SEP + r")[2-9]\d{2}"
-        + _SEP + r"\d{4}",
+        r"(?<![0-9A-Za-z_+\-.])(?:1~)?(?:\([2-9]\d{2}\)~?|[2-9]\d{2}~)[2-9]\d{2}~\d{4}",
         # Spain: 612 345 678, 612 34 56 78, 91 123 45 67
-        _LN + r"(?:[6789]\d{2}(?:" + _SEP + r"\d{3}){2}|[6789]\d{2}(?:" + _SEP + r"\d{2}){3}|[89]\d"
-        + _SEP + r"\d{3}(?:" + _SEP + r"\d{2}){2})",
+        _LN + r"(?:[6789]\d{2}(?:~\d{3}){2}|[6789]\d{2}(?:~\d{2}){3}|[89]\d~\d{3}(?:~\d{2}){2})",
         # Area code in parentheses: (55) 1234-5678, (11) 91234-5678, (011) 4123-4567
-        _L + r"\(0?\d{2,4}\)" + _SEP + r"?\d{3,5}" + _SEP + r"?\d{4}",
+        _L + r"\(0?\d{2,4}\)~?\d{3,5}~?\d{4}",
         # Area code + local: 55 1234 5678, 11 91234-5678, 011 4123-4567, 0341 421-1234, 010-1234-5678
-        _LN + r"(?:0?\d{2}|0\d{3})" + _SEP + r"(?:\d{4,5}|\d{3})" + _SEP + r"\d{4}",
+        _LN + r"(?:0?\d{2}|0\d{3})~(?:\d{4,5}|\d{3})~\d{4}",
+        # Pairs after a trunk 0 (France, Belgium, Morocco...): 06 12 34 56 78
+        _LN + r"0\d(?:~\d{2}){4}",
         # China: 138 0013 8000, 138-0013-8000, 010-12345678 (bare 13800138000: see _CN_BARE)
         _LN + r"1[3-9]\d(?:[ \-]\d{4}){2}",
         _LN + r"0\d{2,3}-\d{7,8}",
@@ -78,7 +82,7 @@ _ID_CTX = re.compile(
 _AMOUNT_AFTER = re.compile(
     r",\d|\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|yen|yuan|km|kg|habitantes|people|personas|"
     r"pessoas|units|unidades|bytes|[kmg]b\b|元|人)",
-    re.I,
+    re.IGNORECASE,
 )
 _AMOUNT_BEFORE = re.compile(r"(?:\$|€|£|¥|\b(?:eur|usd|mxn|brl|ars|clp|gbp|cny|rmb|jpy))\s?$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
@@ -147,7 +151,11 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
             if count == want:
                 break
         end += 1
-        if count == want and (end == m.end() or text[end] == " ") and ck.iban_ok(m.group()[: end - m.start()].replace(" ", "")):
+        if (
+            count == want
+            and (end == m.end() or text[end] == " ")
+            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", ""))
+        ):
             add("IBAN", m.start(), end)
 
 
@@ -172,7 +180,11 @@ def _long_ids(text: str, s: int, e: int, add: Add) -> None:
         if ck.ssn_ok(*m.groups()):
             add("US_SSN", *m.span())
     for m in _SSN_BARE.finditer(text, s, e):
-        if "-" not in m.group() and re.search(r"ssn|social security|seguro social", _ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
+        if (
+            "-" not in m.group()
+            and re.search(r"ssn|social security|seguro social", _ctx(text, m.start()))
+            and ck.ssn_ok(*m.groups())
+        ):
             add("US_SSN", *m.span())
     for m in _CPF.finditer(text, s, e):
         if ck.cpf_ok(_digits(m.group())):
@@ -196,9 +208,16 @@ def _ruts(text: str, s: int, e: int, add: Add) -> None:
 
 def _intl_phones(text: str, s: int, e: int, add: Add) -> None:
     for m in _PHONE_INTL.finditer(text, s, e):
-        d = _digits(m.group())
-        has_sep = any(not c.isdigit() for c in m.group()[1:])
+        raw = m.group()
+        d = _digits(raw)
+        if raw.startswith("00"):
+            if _in_number_run(text, m.start(), m.end()):  # "4792 0096 6386 8791" is one number
+                continue
+            d = d[2:]
+        has_sep = any(not c.isdigit() for c in raw.lstrip("(+")[1:])
         if _SIGNED_DECIMAL.fullmatch(m.group()):  # "+35236450.6"
+            continue
+        if d[:1] in "17" and len(d) != 11:  # NANP (+1) and +7 numbers have exactly 10 national digits
             continue
         if 8 <= len(d) <= 15 and (has_sep or len(d) >= 10) and (d[:1] in _CC or d[:2] in _CC or d[:3] in _CC):
             add("PHONE", *m.span())
@@ -226,16 +245,24 @@ def _phone_words_near(text: str, start: int, end: int) -> bool:
     return bool(_PHONE_CTX.search(_ctx(text, start)) or _PHONE_CTX.search(text[end : end + 24].lower()))
 
 
+def _in_number_run(text: str, start: int, end: int) -> bool:
+    return bool(re.match(r"\d[ .\-]", text[max(0, start - 2) : start]) or re.match(r"[ .\-]\d", text[end : end + 2]))
+
+
 def _national_phone_ok(text: str, start: int, end: int) -> bool:
-    if re.match(r"\d[ .\-]", text[max(0, start - 2) : start]) or re.match(r"[ .\-]\d", text[end : end + 2]):
-        return False  # part of a longer run of numbers (scores, tables), not a dialable number
+    if _in_number_run(text, start, end):
+        return False  # scores, tables, long reference numbers: not a dialable number
     raw = text[start:end]
     groups = re.findall(r"\d+", raw)
     d = "".join(groups)
-    if not 9 <= len(d) <= 12 or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
+    if not 9 <= len(d) <= 12 or d.startswith("00") or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
         return False
     before = _ctx(text, start)
-    if sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2 or _AMOUNT_AFTER.match(text, end) or _AMOUNT_BEFORE.search(before):
+    if (
+        sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2
+        or _AMOUNT_AFTER.match(text, end)
+        or _AMOUNT_BEFORE.search(before)
+    ):
         return False  # "2019 2020 2021", "700 000 000 €", "R$ 712.345.678"
     return not _ID_CTX.search(before) or bool(_PHONE_CTX.search(before))
 
@@ -258,5 +285,5 @@ def numeric_ids(text: str, add: Add) -> None:
             _national_phones(text, s, e, add)
         if nd >= 7 and dash:
             _ruts(text, s, e, add)
-        if nd >= 6 and text.find("+", s, e) >= 0:
+        if nd >= 6 and (text.find("+", s, e) >= 0 or text.find("00", s, e) >= 0):
             _intl_phones(text, s, e, add)

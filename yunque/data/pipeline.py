@@ -37,7 +37,7 @@ from yunque.data.config import DataConfig
 from yunque.data.dedup import NearDupIndex
 from yunque.data.manifest import SplitWriter, verify_dir, write_manifest
 from yunque.data.read import expand_inputs, file_kind, iter_file, peek_objects
-from yunque.data.records import detect_shape, get_path
+from yunque.data.records import canonical_json, detect_shape, get_path
 from yunque.data.report import ERROR_REASONS, Stats, write_report
 from yunque.data.split import SPLITS, Stratifier, copies_for, oversample_plan, split_of
 from yunque.errors import ConfigError, DataError
@@ -71,21 +71,34 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
         from yunque.tokenizer import Tokenizer
 
         Tokenizer.from_dir(cfg.tokenizer)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").is_file():
-            raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
-        shutil.rmtree(out)  # a previous run's output: replace it whole, never mix two runs
-    (out / ".tmp").mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
+    # Build in a sibling staging directory and swap it in at the end: a failed or interrupted run
+    # never leaves a half-written directory where training would look for data.
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / ".tmp").mkdir(parents=True)
+    try:
+        result = _prepare_into(stage, files, cfg, log)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # a previous prepared directory: replaced whole, never mixed with this run
+    stage.rename(out)
+    result.out_dir = out
+    return result
+
+
+def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> PrepareResult:
     stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars")
     writers = [SplitWriter(out, s) for s in SPLITS]
     try:
         _stream(files, out, cfg, stats, writers, log)
         if cfg.split.oversample_ratio is not None and any(stats.labels["train"].values()):
             _oversample(out, cfg, stats, writers[0])
-        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
     finally:
-        for w in writers:
-            w._fh.close(), w._hh.close()
+        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
         shutil.rmtree(out / ".tmp", ignore_errors=True)
     stats.check()
     if cfg.tokenizer is not None:
@@ -265,7 +278,7 @@ def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) ->
     stats.labels_after = {s: stats.labels[s].copy() for s in SPLITS}
     if not plan:
         return
-    train._fh.flush()
+    train.flush()
     n = stats.split_counts["train"]
     seen: dict[str, int] = {}
     with open(out / train.file, "rb") as fh:
@@ -276,7 +289,7 @@ def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) ->
                 continue
             j = seen[lab] = seen.get(lab, -1) + 1
             for _ in range(copies_for(j, counts[lab], plan[lab])):
-                train.write(json.dumps({**rec, "oversampled": True}, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+                train.write(canonical_json({**rec, "oversampled": True}))
                 stats.oversampled += 1
                 stats.labels_after["train"][lab] += 1
 
@@ -291,8 +304,9 @@ def inspect(out_dir: str | Path, n: int = 3) -> str:
     out = Path(out_dir)
     m = verify_dir(out)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    unit = "tokens" if "mean_length_tokens" in report["splits"]["train"] else "chars"
     lines = [f"{out}: {report['records_in']} records in, {report['records_kept']} kept, {report['records_dropped']} dropped",
-             "splits: " + ", ".join(f"{s} {v['records']} (mean length {next(iter(x for k, x in v.items() if k.startswith('mean_length')))})"
+             "splits: " + ", ".join(f"{s} {v['records']} (mean length {v[f'mean_length_{unit}']} {unit})"
                                     for s, v in report["splits"].items())]
     if (out / "tokens").is_dir():
         from yunque.data.shards import render_examples
