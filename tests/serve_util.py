@@ -47,13 +47,13 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> in a background thread."""
 
-    def __init__(self, app, header_cap: int = 16384):
+    def __init__(self, app, cfg):
         import uvicorn
 
+        from yunque.serve.app import uvicorn_config
+
         self.port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http="h11",
-                                h11_max_incomplete_event_size=header_cap * 2, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, cfg, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -69,3 +69,31 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def make_server(model_dir: Path, tmp: Path, limits: dict | None = None, guards: dict | None = None,
+                auth: dict | None = None, slow_s: float = 0.0, audit: bool = True):
+    """(ServerThread, api_key, app) for the model in `model_dir`; `slow_s` delays every forward
+    (to make generation last long enough to observe cancellation and draining)."""
+    from yunque.config import from_dict
+    from yunque.formats.hf import load_model
+    from yunque.serve import ServeConfig, build_app
+    from yunque.serve.auth import create_key
+    from yunque.tokenizer import Tokenizer
+
+    keys = tmp / "keys.json"
+    key = create_key(keys, "tester")
+    cfg = from_dict(ServeConfig, {"limits": {"max_batch": 8, "max_len": 256, "max_prompt_tokens": 192, "max_tokens": 64,
+                                             "default_max_tokens": 16, **(limits or {})},
+                                  "auth": {"keys_file": str(keys), **(auth or {})}, "guards": guards or {},
+                                  "audit": {"path": str(tmp / "audit.jsonl")} if audit else {}})
+    model = load_model(model_dir)
+    if slow_s:
+        fwd = model.forward
+
+        def slow_forward(*a, **k):
+            time.sleep(slow_s)
+            return fwd(*a, **k)
+        model.forward = slow_forward
+    app = build_app(model, Tokenizer.from_dir(model_dir), cfg, "tiny")
+    return ServerThread(app, cfg), key, app

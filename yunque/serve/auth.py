@@ -200,3 +200,8 @@ class Authenticator:
         if token.count(".") == 2 and not token.startswith(KEY_PREFIX):
             return self.jwt.verify(token) if self.jwt is not None else None
         return self.keys.lookup(token) if self.keys is not None else None
+
+
+def build_authenticator(required: bool, keys_file: Path, jwt: JWTConfig | None) -> Authenticator:
+    return Authenticator(KeyStore(keys_file) if required else None,
+                         JWTVerifier(jwt) if (required and jwt is not None) else None, required)

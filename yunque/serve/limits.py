@@ -5,9 +5,11 @@ start and refilled continuously. A request is charged `prompt + max_tokens x n` 
 front (it cannot be known sooner what it will use) and the unused part is refunded when it
 finishes. Exactly `rpm` requests pass in a burst; the next gets 429 with Retry-After.
 
-`Gatekeeper`: pure ASGI middleware, outermost. Gives every response an `x-request-id`,
-answers 431 when the request headers exceed the cap and 413 when the body does (read in
-full, bounded, before any route runs), all in OpenAI's error shape.
+`Gatekeeper`: pure ASGI middleware, outermost, cheapest check first: gives every response an
+`x-request-id`, answers 431 when the request headers exceed the cap, 401 without valid
+credentials (every path but the public ones, unknown paths included, so nothing is learned
+without a key), then 413 when the body exceeds its cap (read in full, bounded, before any
+route runs). All errors in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -113,8 +115,11 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 class Gatekeeper:
     """ASGI middleware: x-request-id on everything, header cap (431), body cap (413)."""
 
-    def __init__(self, app, max_header_bytes: int, max_body_bytes: int, on_reject: Callable[[str], None] | None = None):
+    def __init__(self, app, max_header_bytes: int, max_body_bytes: int,
+                 authenticate: Callable[[str | None], Principal | None], public_paths: frozenset[str] = frozenset({"/health"}),
+                 on_reject: Callable[[str], None] | None = None):
         self.app, self.max_header_bytes, self.max_body_bytes = app, max_header_bytes, max_body_bytes
+        self.authenticate, self.public_paths = authenticate, public_paths
         self.on_reject = on_reject or (lambda reason: None)
 
     async def __call__(self, scope, receive, send):
@@ -135,6 +140,14 @@ class Gatekeeper:
             self.on_reject("headers_too_large")
             return await self._error(send_with_id, 431, f"request headers are {header_bytes} bytes, over the limit of {self.max_header_bytes}",
                                      "request_headers_too_large")
+        if scope["path"] not in self.public_paths:
+            auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
+            who = self.authenticate(auth[0]) if len(auth) == 1 else None
+            if who is None:
+                self.on_reject("auth")
+                return await self._error(send_with_id, 401, "Incorrect or missing API key or token: send `Authorization: Bearer <key>`",
+                                         "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+            scope["state"]["principal"] = who
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             self.on_reject("body_too_large")
@@ -162,8 +175,9 @@ class Gatekeeper:
         await self.app(scope, replay, send_with_id)
 
     @staticmethod
-    async def _error(send, status: int, message: str, code: str) -> None:
-        payload = json.dumps(error_body(message, "invalid_request_error", code)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    async def _error(send, status: int, message: str, code: str, extra: list | None = None) -> None:
+        type_ = "authentication_error" if status == 401 else "invalid_request_error"
+        payload = json.dumps(error_body(message, type_, code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
         await send({"type": "http.response.body", "body": payload})
