@@ -202,6 +202,6 @@ class Authenticator:
         return self.keys.lookup(token) if self.keys is not None else None
 
 
-def build_authenticator(required: bool, keys_file: Path, jwt: JWTConfig | None) -> Authenticator:
+def build_authenticator(required: bool, keys_file: Path, jwt: JWTConfig) -> Authenticator:
     return Authenticator(KeyStore(keys_file) if required else None,
-                         JWTVerifier(jwt) if (required and jwt is not None) else None, required)
+                         JWTVerifier(jwt) if (required and jwt.enabled) else None, required)

@@ -4,7 +4,7 @@ Defaults are the safe choice: authentication required, input guard blocking, out
 redacting, every size and count capped. A YAML file holds only what differs, e.g.
 
     limits: {max_batch: 32, rpm: 120}
-    auth: {keys_file: /etc/yunque/keys.json, jwt: {public_key_file: jwt.pem, algorithms: [RS256],
+    auth: {keys_file: /etc/yunque/keys.json, jwt: {enabled: true, public_key_file: jwt.pem, algorithms: [RS256],
            audience: yunque, issuer: https://idp.example}}
     audit: {path: /var/log/yunque/audit.jsonl}
 """
@@ -48,6 +48,7 @@ class LimitsConfig:
 class JWTConfig:
     """Bearer JWTs from an identity provider. The algorithm list is pinned here, never read from the token."""
 
+    enabled: bool = False
     audience: str = ""
     issuer: str = ""
     algorithms: list[str] = field(default_factory=lambda: ["RS256"])
@@ -58,6 +59,8 @@ class JWTConfig:
     tpm: int | None = field(default=None, metadata={"gt": 0})
 
     def validate(self) -> None:
+        if not self.enabled:
+            return
         if not self.audience or not self.issuer:
             raise ConfigError("auth.jwt: audience and issuer are required (both are checked on every token)")
         algs = set(self.algorithms)
@@ -78,7 +81,7 @@ class JWTConfig:
 class AuthConfig:
     required: bool = True  # false: anonymous access, allowed on a loopback address only
     keys_file: Path = DEFAULT_KEYS_FILE
-    jwt: JWTConfig | None = None
+    jwt: JWTConfig = field(default_factory=JWTConfig)
 
 
 @dataclass
