@@ -204,12 +204,17 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     async def events(job: _Job, request: Request):
         """(choice, event) pairs until every choice is done; cancels everything if the client leaves."""
         pending = len(job.seqs)
+        checked = time.monotonic()
         while pending:
             try:
                 i, ev = await asyncio.wait_for(job.queue.get(), _POLL_S)
             except asyncio.TimeoutError:
+                i, ev = -1, None
+            if time.monotonic() - checked >= _POLL_S:  # also while tokens flow: a busy stream must notice too
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return
+            if ev is None:
                 continue
             if ev[0] == "error":
                 raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error")
