@@ -32,6 +32,10 @@ def serve_cmd(model: str, adapter: str | None = None, host: str = "127.0.0.1", p
     cfg = load_config(ServeConfig, config)
     auth = build_authenticator(cfg.auth.required, cfg.auth.keys_file, cfg.auth.jwt)
     check_bind(host, cfg, auth)  # before the (slow) model load
+    if cfg.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     m, tok = load_for_serving(Path(model), Path(adapter) if adapter else None, cfg.dtype)
     name = cfg.model_name or Path(model).resolve().name
     app = create_app(m, tok, cfg, name, auth)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -33,6 +35,35 @@ from yunque.serve.schemas import SEED_MAX, ChatCompletionRequest, CompletionRequ
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431)}
 _POLL_S = 0.25  # how often a waiting handler checks that its client is still there (cancel within 1 s)
+
+
+class _Mailbox:
+    """Engine thread -> event loop: every event of a decode step is delivered with one wake-up
+    of the loop (one `call_soon_threadsafe`), not one per sequence."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._items: deque = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class APIError(Exception):
@@ -78,10 +109,12 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     in_guard = InputGuard(cfg.guards.input, _special_tokens(tokenizer), cfg.guards.extra_patterns)
     out_guard = OutputGuard(cfg.guards.output, cfg.guards.holdback)
     audit = AuditLog(cfg.audit.path, cfg.audit.log_prompts)
+    mailbox = _Mailbox()
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        mailbox.loop = asyncio.get_running_loop()
         engine.start()
         yield
         # uvicorn has already waited for in-flight requests (graceful shutdown); nothing is left to run
@@ -180,15 +213,8 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         return job, max_tokens
 
     def submit(job: _Job, req, max_tokens: int) -> None:
-        loop = asyncio.get_running_loop()
-
         def callback(i: int):
-            def push(ev):
-                try:
-                    loop.call_soon_threadsafe(job.queue.put_nowait, (i, ev))
-                except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                    pass
-            return push
+            return lambda ev: mailbox.post(job.queue, (i, ev))
 
         temp = 1.0 if req.temperature is None else req.temperature
         params = [SeqParams(max_tokens, temp, 1.0 if req.top_p is None else req.top_p,
@@ -202,29 +228,33 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
                            code="overloaded", headers={"retry-after": "1"}, reason="overloaded") from None
 
     async def events(job: _Job, request: Request):
-        """(choice, event) pairs until every choice is done; cancels everything if the client leaves."""
+        """Batches of (choice, event) until every choice is done: all that arrived since the last
+        batch, so a client that fell behind gets one write, not one per token. Returns early
+        (leaving the job unfinished, which cancels it) if the client went away."""
         pending = len(job.seqs)
         checked = time.monotonic()
         while pending:
             try:
-                i, ev = await asyncio.wait_for(job.queue.get(), _POLL_S)
+                batch = [await asyncio.wait_for(job.queue.get(), _POLL_S)]
             except asyncio.TimeoutError:
-                i, ev = -1, None
+                batch = []
+            while not job.queue.empty():
+                batch.append(job.queue.get_nowait())
             if time.monotonic() - checked >= _POLL_S:  # also while tokens flow: a busy stream must notice too
                 checked = time.monotonic()
                 if await request.is_disconnected():
                     return
-            if ev is None:
-                continue
-            if ev[0] == "error":
-                raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error")
-            if ev[0] == "done":
-                pending -= 1
-                job.finish[i] = ev[1]
-                job.completion_tokens += ev[3]
-            elif job.first_token_at is None:
-                job.first_token_at = time.monotonic()
-            yield i, ev
+            for i, ev in batch:
+                if ev[0] == "error":
+                    raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error")
+                if ev[0] == "done":
+                    pending -= 1
+                    job.finish[i] = ev[1]
+                    job.completion_tokens += ev[3]
+                elif job.first_token_at is None:
+                    job.first_token_at = time.monotonic()
+            if batch:
+                yield batch
 
     def finish(job: _Job, route: str, status: int, prompt_text: str | None) -> None:
         """Refund, metrics and the audit line; runs exactly once per admitted job."""
@@ -269,8 +299,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
 
         if not req.stream:
             try:
-                async for i, ev in events(job, request):
-                    job.texts[i] += guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
+                async for batch in events(job, request):
+                    for i, ev in batch:
+                        job.texts[i] += guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
                 if any(f is None for f in job.finish):
                     return Response(status_code=499)  # the client left; nobody reads this
                 job.status = "ok"
@@ -301,13 +332,21 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
                 if job.kind == "chat":
                     for i in range(len(job.prompts)):
                         yield chunk(i, None, None, role=True)
-                async for i, ev in events(job, request):
-                    text = guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
-                    job.texts[i] += text
-                    if text:
-                        yield chunk(i, text, None)
-                    if ev[0] == "done":
-                        yield chunk(i, None, ev[1])
+                async for batch in events(job, request):
+                    out: list[str] = []
+                    texts: dict[int, str] = {}  # consecutive deltas of a choice become one chunk
+                    for i, ev in batch:
+                        text = guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
+                        job.texts[i] += text
+                        texts[i] = texts.get(i, "") + text
+                        if ev[0] == "done":
+                            tail = texts.pop(i)
+                            if tail:
+                                out.append(chunk(i, tail, None))
+                            out.append(chunk(i, None, ev[1]))
+                    out += [chunk(i, t, None) for i, t in texts.items() if t]
+                    if out:
+                        yield "".join(out)
                 if any(f is None for f in job.finish):
                     return
                 if include_usage:

@@ -102,6 +102,7 @@ class AuditConfig:
 class ServeConfig:
     model_name: str | None = None  # id shown in /v1/models; default: the model directory's name
     dtype: Literal["float32", "bfloat16"] = "float32"
+    torch_threads: int | None = field(default=None, metadata={"gt": 0})  # None: torch's default (all cores)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)

@@ -42,10 +42,12 @@ class _PoolCache(torch.nn.Module):
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
         self.k, self.v = k, v
-        self.lo, self.hi = 0, 0
+        self.lo, self.hi, self.span = 0, 0, k.shape[2]
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kc, vc = self.k[self.lo:self.hi], self.v[self.lo:self.hi]  # views into the pool
+        # Views into the pool, cut to the longest row in the batch: attention (and GQA's head
+        # repeat) then costs what the batch holds, not what the pool could hold.
+        kc, vc = self.k[self.lo:self.hi, :, :self.span], self.v[self.lo:self.hi, :, :self.span]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
         kc[rows, :, slots] = k.transpose(1, 2)  # slots (B, T): row b writes its T tokens at its own slots
         vc[rows, :, slots] = v.transpose(1, 2)
@@ -192,13 +194,13 @@ class Engine:
             new.append(self.waiting.popleft())
         return new
 
-    def _set_rows(self, lo: int, hi: int) -> None:
+    def _set_rows(self, lo: int, hi: int, span: int) -> None:
         for c in self.caches:
-            c.lo, c.hi = lo, hi
+            c.lo, c.hi, c.span = lo, hi, span
 
-    def _mask(self, q_pos: torch.Tensor) -> torch.Tensor:
-        """(B, T) query slots -> (B, 1, T, max_len) bool: causal within each row (+ sliding window)."""
-        k = torch.arange(self.max_len, device=self.device)
+    def _mask(self, q_pos: torch.Tensor, span: int) -> torch.Tensor:
+        """(B, T) query slots -> (B, 1, T, span) bool: causal within each row (+ sliding window)."""
+        k = torch.arange(span, device=self.device)
         m = k[None, None, :] <= q_pos[:, :, None]
         if self.window is not None:
             m &= k[None, None, :] > q_pos[:, :, None] - self.window
@@ -213,8 +215,8 @@ class Engine:
             # junk that the row's own later tokens overwrite before anyone attends to them
         ids = ids.to(self.device)
         pos = torch.arange(T, device=self.device).expand(m, T)
-        self._set_rows(n, n + m)
-        logits = self.model(ids, pos, self._mask(pos), pos)  # (m, T, V)
+        self._set_rows(n, n + m, T)
+        logits = self.model(ids, pos, self._mask(pos, T), pos)  # (m, T, V)
         last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
         logits = logits[torch.arange(m, device=self.device), last]
         for s in new:
@@ -226,8 +228,9 @@ class Engine:
         n = len(self.running)
         tok = torch.tensor([[s.last] for s in self.running], device=self.device)
         pos = torch.tensor([[s.length] for s in self.running], device=self.device)
-        self._set_rows(0, n)
-        logits = self.model(tok, pos, self._mask(pos), pos)[:, -1]
+        span = max(s.length for s in self.running) + 1
+        self._set_rows(0, n, span)
+        logits = self.model(tok, pos, self._mask(pos, span), pos)[:, -1]
         for s in self.running:
             s.length += 1
         self._sample_and_emit(logits, list(self.running), first_row=0)
