@@ -460,6 +460,13 @@ def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str =
 
 
 def run_server(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info") -> None:
+    import sys
+
     import uvicorn
+
+    # The engine thread gives up the GIL inside every torch op and must get it back while the
+    # event loop is busy serialising chunks; at the default 5 ms interval each of those hand-backs
+    # can stall a decode step. 1 ms keeps steps moving (this process is the server, nothing else).
+    sys.setswitchinterval(0.001)
 
     uvicorn.Server(uvicorn_config(app, host, port, cfg, log_level)).run()
