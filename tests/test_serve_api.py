@@ -117,25 +117,26 @@ def test_async_client(server):
 def test_client_errors_are_openai_shaped(server, client):
     srv, key, _, _ = server
     url, h = srv.url + "/v1/chat/completions", {"Authorization": f"Bearer {key}"}
+    http = httpx.Client()
     ok = {"model": "tiny", "messages": MSG}
-    assert_error(httpx.post(url, headers=h, json={**ok, "model": "gpt-4"}), 404, "model_not_found")
-    assert_error(httpx.post(url, headers=h, json={**ok, "n": 99}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "max_tokens": 10_000}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "temperature": 5}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "top_p": -1}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "frobnicate": 1}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "presence_penalty": 1.0}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "stop": ["a", "b", "c", "d", "e"]}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "messages": []}), 400)
-    assert_error(httpx.post(url, headers=h, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
-    assert_error(httpx.post(url, headers=h, content=b"{not json", ), 400)
-    assert_error(httpx.post(url, headers={**h, "content-type": "application/json"}, content=b"[1,2]"), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "model": "gpt-4"}), 404, "model_not_found")
+    assert_error(http.post(url, headers=h, json={**ok, "n": 99}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "max_tokens": 10_000}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "temperature": 5}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "top_p": -1}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "frobnicate": 1}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "presence_penalty": 1.0}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "stop": ["a", "b", "c", "d", "e"]}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "messages": []}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    assert_error(http.post(url, headers=h, content=b"{not json", ), 400)
+    assert_error(http.post(url, headers={**h, "content-type": "application/json"}, content=b"[1,2]"), 400)
     long = {**ok, "messages": [{"role": "user", "content": "fox " * 400}]}
-    assert_error(httpx.post(url, headers=h, json=long), 400, "context_length_exceeded")
-    assert_error(httpx.post(url, headers=h, content=b"x" * 1_000_001), 413, "request_too_large")
-    assert_error(httpx.get(srv.url + "/v1/models", headers={**h, "x-big": "a" * 20_000}), 431)
-    assert_error(httpx.get(srv.url + "/v1/nothing", headers=h), 404)
-    assert_error(httpx.delete(srv.url + "/v1/models", headers=h), 405)
+    assert_error(http.post(url, headers=h, json=long), 400, "context_length_exceeded")
+    assert_error(http.post(url, headers=h, content=b"x" * 1_000_001), 413, "request_too_large")
+    assert_error(http.get(srv.url + "/v1/models", headers={**h, "x-big": "a" * 20_000}), 431)
+    assert_error(http.get(srv.url + "/v1/nothing", headers=h), 404)
+    assert_error(http.delete(srv.url + "/v1/models", headers=h), 405)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=MSG, n=50)
 
@@ -178,10 +179,15 @@ def test_input_guard_blocks_and_output_guard_redacts(server, client, monkeypatch
         assert "bob@example.com" not in text and "AKIAIOSFODNN7EXAMPLE" not in text
         assert "[EMAIL]" in text and "[AWS_ACCESS_KEY]" in text and text.startswith("Mail ") and text.endswith(" now.")
     monkeypatch.undo()
+    assert httpx.get(srv.url + "/v1/models").status_code == 401  # refusals are audited too
     lines = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
     assert lines[-1]["output_guard"]["redactions"] == {"EMAIL": 1, "AWS_ACCESS_KEY": 1}
-    assert all("prompt" not in x for x in lines) and all(x["key"] == "tester" for x in lines)
+    assert all("prompt" not in x for x in lines)
     assert {"request_id", "prompt_tokens", "completion_tokens", "latency_ms", "input_guard"} <= set(lines[-1])
+    blocked = [x for x in lines if x.get("reason") == "guard_block"]
+    assert len(blocked) == 2 and all(x["key"] == "tester" and x["status"] == 400 for x in blocked)
+    unauth = [x for x in lines if x.get("reason") == "auth"]
+    assert unauth and unauth[0]["key"] is None and unauth[0]["status"] == 401
     metrics = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {key}"}).text
     assert 'yunque_guard_verdicts_total{guard="input",verdict="block"} 2.0' in metrics
     assert 'yunque_guard_verdicts_total{guard="output",verdict="redacted"}' in metrics

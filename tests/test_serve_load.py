@@ -90,7 +90,8 @@ def test_rate_limits_are_exact(model_dir, tmp_path):
 
 
 def test_overload_and_disconnect_cancel(model_dir, tmp_path):
-    srv, key, app = make_server(model_dir, tmp_path, limits={"max_batch": 1, "max_queue": 1, "rpm": 1000}, slow_s=0.03)
+    srv, key, app = make_server(model_dir, tmp_path, limits={"max_batch": 1, "max_queue": 1, "rpm": 1000}, slow_s=0.03,
+                                guards={"holdback": 4})  # text must flow before the client hangs up
     engine = app.app.state.engine
     h = {"Authorization": f"Bearer {key}"}
     with srv:
@@ -127,7 +128,7 @@ def test_overload_and_disconnect_cancel(model_dir, tmp_path):
         assert "yunque_cancelled_sequences_total 2.0" in metrics
         assert 'yunque_rejections_total{reason="overloaded"}' in metrics
     outcomes = [json.loads(x)["outcome"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    assert outcomes.count("cancelled") == 2
+    assert outcomes.count("cancelled") == 2 and outcomes.count("rejected") == codes.count(429)
 
 
 SERVER_SCRIPT = textwrap.dedent("""

@@ -34,7 +34,9 @@ from yunque.serve.metrics import Metrics
 from yunque.serve.schemas import SEED_MAX, ChatCompletionRequest, CompletionRequest, ErrorResponse
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431)}
-_POLL_S = 0.25  # how often a waiting handler checks that its client is still there (cancel within 1 s)
+_POLL_S = 0.25
+_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/models": "models", "/metrics": "metrics",
+           "/health": "health", "/openapi.json": "openapi"}  # how often a waiting handler checks that its client is still there (cancel within 1 s)
 
 
 class _Mailbox:
@@ -129,16 +131,26 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         body = error_body(message, kw.get("type_", "invalid_request_error"), kw.get("code"), kw.get("param"))
         return JSONResponse(body, status_code=status, headers=kw.get("headers"))
 
+    def rejected(reason: str, status: int, scope: dict) -> None:
+        """Every refusal is counted and audited (who, where, why; never the body)."""
+        state = scope.get("state", {})
+        who = state.get("principal")
+        route = _ROUTES.get(scope.get("path", ""), "other")  # bounded label set
+        metrics.rejections.labels(reason).inc()
+        metrics.requests.labels(route, str(status)).inc()
+        audit.write({"request_id": state.get("request_id"), "key": who.name if who else None, "route": route,
+                     "status": status, "outcome": "rejected", "reason": reason})
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        metrics.rejections.labels(e.reason).inc()
+        rejected(e.reason, e.status, request.scope)
         return err(e.status, e.message, type_=e.type, code=e.code, param=e.param, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        metrics.rejections.labels("invalid_request").inc()
+        rejected("invalid_request", 400, request.scope)
         where = ".".join(loc)
         return err(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", param=where or None, code="invalid_value")
 
@@ -396,7 +408,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         return v
 
     return Gatekeeper(app, L.max_header_bytes, L.max_body_bytes, auth.authenticate,
-                      on_reject=lambda reason: metrics.rejections.labels(reason).inc())
+                      on_reject=lambda reason, status, scope: rejected(reason, status, scope))
 
 
 class _SSE(StreamingResponse):

@@ -88,7 +88,9 @@ class AuthConfig:
 class GuardConfig:
     input: Literal["off", "flag", "block"] = "block"  # prompt-injection / jailbreak / special-token patterns
     output: Literal["off", "redact"] = "redact"  # PII and secrets in generated text
-    holdback: int = field(default=64, metadata={"gt": 0})  # streamed characters held back for the redactor
+    # Streamed characters held back so a secret split across tokens is caught whole; a secret longer
+    # than this (a PEM block) can leak in part while streaming. Lower = snappier streams.
+    holdback: int = field(default=256, metadata={"gt": 0})
     extra_patterns: list[str] = field(default_factory=list)  # more input regexes (case-insensitive)
 
 

@@ -117,10 +117,10 @@ class Gatekeeper:
 
     def __init__(self, app, max_header_bytes: int, max_body_bytes: int,
                  authenticate: Callable[[str | None], Principal | None], public_paths: frozenset[str] = frozenset({"/health"}),
-                 on_reject: Callable[[str], None] | None = None):
+                 on_reject: Callable[[str, int, dict], None] | None = None):
         self.app, self.max_header_bytes, self.max_body_bytes = app, max_header_bytes, max_body_bytes
         self.authenticate, self.public_paths = authenticate, public_paths
-        self.on_reject = on_reject or (lambda reason: None)
+        self.on_reject = on_reject or (lambda reason, status, scope: None)  # for metrics and the audit log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -137,20 +137,20 @@ class Gatekeeper:
 
         header_bytes = sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"")
         if header_bytes > self.max_header_bytes:
-            self.on_reject("headers_too_large")
+            self.on_reject("headers_too_large", 431, scope)
             return await self._error(send_with_id, 431, f"request headers are {header_bytes} bytes, over the limit of {self.max_header_bytes}",
                                      "request_headers_too_large")
         if scope["path"] not in self.public_paths:
             auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
             who = self.authenticate(auth[0]) if len(auth) == 1 else None
             if who is None:
-                self.on_reject("auth")
+                self.on_reject("auth", 401, scope)
                 return await self._error(send_with_id, 401, "Incorrect or missing API key or token: send `Authorization: Bearer <key>`",
                                          "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             scope["state"]["principal"] = who
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            self.on_reject("body_too_large")
+            self.on_reject("body_too_large", 413, scope)
             return await self._error(send_with_id, 413, f"request body over the limit of {self.max_body_bytes} bytes", "request_too_large")
         body = bytearray()
         more = scope["method"] in ("POST", "PUT", "PATCH")
@@ -161,7 +161,7 @@ class Gatekeeper:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                self.on_reject("body_too_large")
+                self.on_reject("body_too_large", 413, scope)
                 return await self._error(send_with_id, 413, f"request body over the limit of {self.max_body_bytes} bytes", "request_too_large")
         replayed = False
 
