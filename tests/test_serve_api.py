@@ -181,9 +181,10 @@ def test_input_guard_blocks_and_output_guard_redacts(server, client, monkeypatch
     monkeypatch.undo()
     assert httpx.get(srv.url + "/v1/models").status_code == 401  # refusals are audited too
     lines = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
-    assert lines[-1]["output_guard"]["redactions"] == {"EMAIL": 1, "AWS_ACCESS_KEY": 1}
+    served = [x for x in lines if x["outcome"] == "ok"]
+    assert served[-1]["output_guard"]["redactions"] == {"EMAIL": 1, "AWS_ACCESS_KEY": 1}
     assert all("prompt" not in x for x in lines)
-    assert {"request_id", "prompt_tokens", "completion_tokens", "latency_ms", "input_guard"} <= set(lines[-1])
+    assert {"request_id", "prompt_tokens", "completion_tokens", "latency_ms", "input_guard"} <= set(served[-1])
     blocked = [x for x in lines if x.get("reason") == "guard_block"]
     assert len(blocked) == 2 and all(x["key"] == "tester" and x["status"] == 400 for x in blocked)
     unauth = [x for x in lines if x.get("reason") == "auth"]
