@@ -1,11 +1,10 @@
 """Chat templates: render messages through a checkpoint's own Jinja template, exactly as
 transformers' `apply_chat_template` does, and mark the tokens a fine-tune must learn.
 
-A chat template is untrusted code shipped with a checkpoint, so it runs in Jinja's
-immutable sandbox with the same small set of helpers transformers exposes
-(`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII, `namespace`
-without underscore attributes). Rendered text is then tokenized with
-`add_special_tokens=False`: the template writes its own BOS, so adding one would double it.
+A chat template is untrusted code shipped with a checkpoint; it runs in the sandbox of
+`yunque.jinja_sandbox`, with the helpers transformers gives templates. The rendered text
+is tokenized with `add_special_tokens=False`: the template writes its own BOS, so adding
+one would double it.
 
 The assistant mask works for any template, not only ones with `{% generation %}` blocks:
 the chat is rendered once per assistant turn with the conversation cut just before
@@ -17,26 +16,19 @@ content in the full text. Character spans become token masks via the tokenizer's
 
 from __future__ import annotations
 
-import json
-import traceback
+import bisect
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Iterable
-
-import jinja2
-import jinja2.utils
-from jinja2 import nodes
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import TYPE_CHECKING, Any
 
 from yunque.errors import YunqueError
+from yunque.jinja_sandbox import render_template
 
 if TYPE_CHECKING:
     from yunque.tokenizer import Tokenizer
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
-_MIN_JINJA = (3, 1, 6)  # older releases have known sandbox escapes
 
 
 @dataclass
@@ -44,109 +36,6 @@ class ChatRendering:
     text: str
     ids: list[int]
     assistant_mask: list[bool]  # True on tokens the model must learn: assistant turns and their end-of-turn token
-
-
-class _TemplateRaised(jinja2.TemplateError):
-    """The template itself rejected the messages via raise_exception()."""
-
-
-def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    # Jinja's own tojson HTML-escapes `<>&'`, which would change what the model sees.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class _Dict:
-    """`dict(...)` for templates without handing them the `dict` type itself."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any) -> dict:
-        return dict.fromkeys(*args)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """Jinja's namespace, refusing underscore names that could reach interpreter internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805  (Jinja's own signature trick)
-        self, rest = args[0], args[1:]
-        attrs = dict(*rest, **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name: Any) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
-
-
-class _GenerationBlock(Extension):
-    """Accept `{% generation %}...{% endgeneration %}` (used by transformers' assistant mask).
-
-    The body renders unchanged, inside a call block so `set` scoping matches transformers; the
-    mask is computed the same way for every template, so the markers carry no extra meaning.
-    """
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: Callable[[], str]) -> str:
-        return caller()
-
-
-def _jinja_version() -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in jinja2.__version__.split(".")[:3])
-    except (AttributeError, ValueError):
-        return _MIN_JINJA
-
-
-@lru_cache(maxsize=64)
-def compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the sandbox (cached: templates are reused for every sample)."""
-    if _jinja_version() < _MIN_JINJA:
-        raise YunqueError(f"chat templates need jinja2>=3.1.6 (sandbox fixes), found {jinja2.__version__}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(
-        raise_exception=_raise_exception,
-        strftime_now=lambda fmt: datetime.now().strftime(fmt),
-        dict=_Dict(),
-        namespace=_Namespace,
-    )
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise YunqueError(f"chat template line {e.lineno}: syntax error: {e.message}") from None
-
-
-def _template_line(exc: BaseException) -> str:
-    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<template>"]
-    return f" line {lines[-1]}" if lines else ""
-
-
-def render_template(source: str, variables: dict[str, Any]) -> str:
-    """Render `source` with `variables`; any failure of the template becomes one clear YunqueError."""
-    template = compile_template(source)
-    try:
-        return template.render(**variables)
-    except _TemplateRaised as e:
-        raise YunqueError(f"chat template{_template_line(e)} rejected the messages: {e}") from None
-    except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
-        raise YunqueError(f"chat template{_template_line(e)} failed: {type(e).__name__}: {e}") from None
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -206,13 +95,14 @@ def _select_template(tok: Tokenizer, chat_template: str | None, tools: Any) -> s
 class _Renderer:
     """Renders (prefixes of) one conversation with fixed tools/documents/extra variables."""
 
-    def __init__(self, tok: Tokenizer, chat_template: str | None, tools: Any, documents: Any, extra: dict[str, Any]):
+    def __init__(self, tok: Tokenizer, chat_template: str | None, tools: Any, documents: Any, extra: dict[str, Any],
+                 mark: Callable[[Any], Any] = lambda x: x):
         self.source = _select_template(tok, chat_template, tools)
         self.base = {
-            "tools": _plain(tools, "tools"),
-            "documents": _plain(documents, "documents"),
+            "tools": mark(_plain(tools, "tools")),
+            "documents": mark(_plain(documents, "documents")),
             **tok.special_tokens,  # bos_token, eos_token, ...: templates write them by name
-            **_plain(extra, "template_kwargs"),
+            **mark(_plain(extra, "template_kwargs")),
         }
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -227,15 +117,36 @@ def apply_chat_template(
     chat_template: str | None = None,
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
+    continue_final_message: bool = False,
     **template_kwargs: Any,
 ) -> str:
     """The chat as text, as the checkpoint's template writes it (same as transformers).
 
     `chat_template` overrides the tokenizer's template (a Jinja source, or the name of one of
     its named templates); `tools`, `documents` and `template_kwargs` are template variables.
+    `continue_final_message` leaves the last message open (no end-of-turn) so that generation
+    continues it: a prefilled start of the assistant's reply.
     """
     msgs = check_messages(messages)
-    return _Renderer(tok, chat_template, tools, documents, template_kwargs)(msgs, add_generation_prompt)
+    render = _Renderer(tok, chat_template, tools, documents, template_kwargs)
+    if not continue_final_message:
+        return render(msgs, add_generation_prompt)
+    if add_generation_prompt:
+        raise YunqueError("continue_final_message and add_generation_prompt cannot both be set")
+    if not isinstance(msgs[-1].get("content"), str):
+        raise YunqueError(f"messages[{len(msgs) - 1}]: continue_final_message needs a string 'content'")
+    # Render with a tag after the final content and cut there: whatever the template writes
+    # after a message (end-of-turn, newlines) falls away.
+    msgs[-1]["content"] += _CONTINUE_TAG
+    text = render(msgs, False)
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0:
+        raise YunqueError("continue_final_message: the chat template does not write the final message")
+    # A template that trims content also trimmed the tag's space and the reply's trailing blanks.
+    return text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def render_chat(
@@ -246,16 +157,103 @@ def render_chat(
     chat_template: str | None = None,
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
+    sanitize_control_tokens: bool = False,
     **template_kwargs: Any,
 ) -> ChatRendering:
-    """Text, token ids and the assistant-token mask of a chat (for supervised fine-tuning)."""
-    msgs = check_messages(messages)
-    render = _Renderer(tok, chat_template, tools, documents, template_kwargs)
-    text = render(msgs, add_generation_prompt)
-    eots = [t for t in (tok.id_to_token(i) for i in tok.stop_ids) if t]
-    spans = assistant_spans(render, msgs, text, eots)
-    ids, offsets = tok.encode_offsets(text)
+    """Text, token ids and the assistant-token mask of a chat (for supervised fine-tuning).
+
+    With `sanitize_control_tokens`, special-token strings inside messages, tools, documents and
+    template variables (e.g. a user typing "<|eot_id|><|start_header_id|>system...") are encoded
+    as plain text; only the template's own control tokens become special ids. Use it for any
+    text that comes from users. The text is unchanged; only the ids differ.
+    """
+    if sanitize_control_tokens:
+        text, spans = _text_and_spans(tok, messages, add_generation_prompt, chat_template, tools, documents,
+                                      template_kwargs, _marker(tok.control_tokens))
+        text, ids, offsets, to_clean = _encode_marked(tok, text)
+        spans = [(to_clean(s), to_clean(e)) for s, e in spans]
+    else:
+        text, spans = _text_and_spans(tok, messages, add_generation_prompt, chat_template, tools, documents, template_kwargs)
+        ids, offsets = tok.encode_offsets(text)
     return ChatRendering(text=text, ids=ids, assistant_mask=spans_to_mask(offsets, spans))
+
+
+def render_chats(
+    tok: Tokenizer,
+    conversations: list[list[dict]],
+    add_generation_prompt: bool = False,
+    *,
+    chat_template: str | None = None,
+    tools: list[dict] | None = None,
+    documents: list[dict] | None = None,
+    **template_kwargs: Any,
+) -> list[ChatRendering]:
+    """`render_chat` for many conversations, tokenized in one parallel Rust batch (dataset prep)."""
+    rendered = []
+    for k, conversation in enumerate(conversations):
+        try:
+            rendered.append(_text_and_spans(tok, conversation, add_generation_prompt, chat_template, tools, documents, template_kwargs))
+        except YunqueError as e:
+            raise YunqueError(f"conversations[{k}]: {e}") from None
+    encoded = tok.encode_offsets_batch([text for text, _ in rendered])
+    return [
+        ChatRendering(text=text, ids=ids, assistant_mask=spans_to_mask(offsets, spans))
+        for (text, spans), (ids, offsets) in zip(rendered, encoded)
+    ]
+
+
+def _text_and_spans(tok: Tokenizer, messages: list[dict], agp: bool, chat_template: str | None, tools: Any,
+                    documents: Any, extra: dict[str, Any], mark: Callable[[Any], Any] = lambda x: x,
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    msgs = mark(check_messages(messages))
+    render = _Renderer(tok, chat_template, tools, documents, extra, mark)
+    text = render(msgs, agp)
+    eots = [t for t in (tok.id_to_token(i) for i in tok.stop_ids) if t]
+    return text, assistant_spans(render, msgs, text, eots)
+
+
+# Code points of a supplementary private-use plane (as transformers uses; practically never in
+# real text), put around control tokens found in caller strings so that after rendering they
+# can be told apart from the control tokens the template writes itself.
+_OPEN, _CLOSE = "\U000f0000", "\U000f0001"
+
+
+def _marker(control_tokens: list[str]) -> Callable[[Any], Any]:
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(control_tokens, key=len, reverse=True)) or "(?!)")
+
+    def mark(obj: Any) -> Any:
+        if isinstance(obj, str):
+            # Stray marker characters in the input are dropped, so they cannot forge a marked token.
+            obj = obj.replace(_OPEN, "").replace(_CLOSE, "")
+            return pattern.sub(lambda m: _OPEN + m.group(0) + _CLOSE, obj)
+        if isinstance(obj, dict):
+            return {k: mark(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(mark(v) for v in obj)
+        return obj
+
+    return mark
+
+
+def _encode_marked(tok: Tokenizer, marked: str) -> tuple[str, list[int], list[tuple[int, int]], Callable[[int], int]]:
+    """Encode rendered text whose marked pieces are plain text; return the text without markers,
+    ids, offsets into that text, and a map from positions in `marked` to positions in it."""
+    # Odd pieces are marked tokens (None for a lone marker that a template's string slicing left behind).
+    pieces = re.split(f"{_OPEN}([^{_OPEN}{_CLOSE}]*){_CLOSE}|[{_OPEN}{_CLOSE}]", marked)
+    parts: list[str] = []
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    pos = 0
+    for k, piece in enumerate(pieces):
+        if not piece:
+            continue
+        p_ids, p_offsets = tok.encode_offsets(piece, special_as_text=k % 2 == 1)
+        ids += p_ids
+        offsets += [(a + pos, b + pos) for a, b in p_offsets]
+        parts.append(piece)
+        pos += len(piece)
+    marks = [i for i, c in enumerate(marked) if c in (_OPEN, _CLOSE)]
+    return "".join(parts), ids, offsets, lambda i: i - bisect.bisect_left(marks, i)
 
 
 def _prefix_len(render: _Renderer, msgs: list[dict], agp: bool, text: str) -> int | None:
@@ -282,7 +280,8 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
         if end is not None:
             # Whitespace a template puts after the end-of-turn token (ChatML's "\n") is layout, not output.
             end = len(text[:end].rstrip())
-        if start is None or end is None or end < start:
+        says_something = bool(m.get("tool_calls")) or (isinstance(m.get("content"), str) and m["content"].strip())
+        if start is None or end is None or end < start or (end == start and says_something):
             found = _search_turn(render, msgs, i, text, cursor, eots)
             if found is None:
                 raise YunqueError(
@@ -291,7 +290,7 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
                 )
             if start is None or start > found[0]:
                 start = found[0]
-            if end is None or end < start:
+            if end is None or end <= start:
                 end = found[1]
         spans.append((start, end))
         cursor = end
@@ -321,10 +320,13 @@ def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) 
     """Mark every token overlapping a span, and everything between the first and last of them
     (tokens whose offsets a tokenizer trimmed to nothing, e.g. whitespace, sit in between)."""
     mask = [False] * len(offsets)
+    starts = [a for a, _ in offsets]
+    ends = [b for _, b in offsets]  # offsets never go backwards, so both lists are sorted
     for s, e in spans:
-        hit = [t for t, (a, b) in enumerate(offsets) if a < e and b > s]
-        if hit:
-            mask[hit[0] : hit[-1] + 1] = [True] * (hit[-1] + 1 - hit[0])
+        first = bisect.bisect_right(ends, s)  # first token ending after the span starts
+        last = bisect.bisect_left(starts, e) - 1  # last token starting before the span ends
+        if first <= last:
+            mask[first : last + 1] = [True] * (last + 1 - first)
     return mask
 
 

@@ -5,7 +5,7 @@ detector's validators), from reserved or fictional ranges where they exist (exam
 TEST-NET IPs, 2001:db8::/32, 555-01xx, AWS's documented example key). Contexts and hard
 negatives are hand-written in English, Spanish, Portuguese and Chinese.
 
-    python tests/data/make_pii_cases.py   # rewrites pii_cases.jsonl next to this file
+    python tests/data/make_pii_cases.py [OUT]   # default: rewrites pii_cases.jsonl next to this file
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from yunque.data.pii_checks import keccak256  # noqa: E402  (checked against EIP-55 vectors in tests)
+from yunque.data.pii_checks import keccak256  # noqa: E402 (checked against EIP-55 vectors in tests)
 
 R = random.Random(20261123)
 UP, LO, DIG = string.ascii_uppercase, string.ascii_lowercase, string.digits
@@ -75,6 +75,11 @@ def phone() -> str:
         lambda: f"010-{R.randint(60000000, 89999999)}",
         lambda: f"+44 20 7946 0{R.randint(100, 999)}",
         lambda: f"+{R.choice(['34', '351', '49', '33'])}{R.randint(600000000, 699999999)}",
+        lambda: f"(+34) 6{R.randint(10, 99)} {a} {b}",
+        lambda: f"0034 6{R.randint(10, 99)} {a} {b}",
+        lambda: f"0{R.choice('67')} {R.randint(10, 99)} {R.randint(10, 99)} {R.randint(10, 99)} {R.randint(10, 99)}",
+        lambda: f"+44 (0)20 7946 0{R.randint(100, 999)}",
+        lambda: f"+7 495 {R.randint(100, 999)}-{R.randint(10, 99)}-{R.randint(10, 99)}",
     ]
     return R.choice(fmts)()
 
@@ -235,7 +240,9 @@ def jwt() -> str:
 
 
 def private_key() -> str:
-    kind = R.choice(["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY", "ENCRYPTED PRIVATE KEY"])
+    kind = R.choice(
+        ["RSA PRIVATE KEY", "PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY", "ENCRYPTED PRIVATE KEY"]
+    )
     body = base64.b64encode(R.randbytes(48 * R.randint(3, 8))).decode()
     lines = [body[i : i + 64] for i in range(0, len(body), 64)]
     return f"-----BEGIN {kind}-----\n" + "\n".join(lines) + f"\n-----END {kind}-----"
@@ -243,10 +250,27 @@ def private_key() -> str:
 
 def secret_assignment() -> tuple[str, tuple[int, int]]:
     if R.random() < 0.4:
-        name = R.choice(["password", "DB_PASSWORD", "db_pass", "passwd", "adminPassword", "contraseña", "senha", "SMTP_PASSWORD"])
-        value = R.choice(["hunter", "dragon", "sol", "lua", "tigre", "sunshine", "casa"]) + rs(DIG, R.randint(2, 4)) + R.choice(["", "!", "xyz", "#"])
+        name = R.choice(
+            ["password", "DB_PASSWORD", "db_pass", "passwd", "adminPassword", "contraseña", "senha", "SMTP_PASSWORD"]
+        )
+        value = (
+            R.choice(["hunter", "dragon", "sol", "lua", "tigre", "sunshine", "casa"])
+            + rs(DIG, R.randint(2, 4))
+            + R.choice(["", "!", "xyz", "#"])
+        )
     else:
-        name = R.choice(["api_key", "apiKey", "SECRET_KEY", "client_secret", "auth_token", "ACCESS_TOKEN", "stripe_secret", "openai_api_key"])
+        name = R.choice(
+            [
+                "api_key",
+                "apiKey",
+                "SECRET_KEY",
+                "client_secret",
+                "auth_token",
+                "ACCESS_TOKEN",
+                "stripe_secret",
+                "openai_api_key",
+            ]
+        )
         value = R.choice(["", "sk_live_", "sk-", "key-", "tok_"]) + rs(ALNUM, R.randint(24, 40))
     return _assign(name, value, R.choice(["py", "json", "yaml", "env", "js", "go"]))
 
@@ -291,7 +315,19 @@ def ethereum_address() -> str:
     return "0x" + "".join(c.upper() if int(k[i], 16) >= 8 else c for i, c in enumerate(h))
 
 
+def password_value() -> str:
+    return R.choice(["Abc", "Qwe", "Sol", "Lua", "Mar"]) + rs(DIG, R.randint(3, 5)) + R.choice(["!", "#", "xyz", "$"])
+
+
+def api_token_value() -> str:
+    return R.choice(["", "sk_live_", "tok_"]) + rs(ALNUM, R.randint(28, 40))
+
+
+# Value-only slots: the surrounding name is hand-written in the template.
+ALIAS = {"PASSWORD_VALUE": "SECRET_ASSIGNMENT", "API_TOKEN_VALUE": "SECRET_ASSIGNMENT"}
+
 GEN = {
+    "PASSWORD_VALUE": password_value, "API_TOKEN_VALUE": api_token_value,
     "EMAIL": email, "PHONE": phone, "IPV4": ipv4, "IPV6": ipv6, "CREDIT_CARD": credit_card, "IBAN": iban,
     "US_SSN": us_ssn, "ES_DNI": es_dni, "ES_NIE": es_nie, "MX_CURP": mx_curp, "MX_RFC": mx_rfc, "BR_CPF": br_cpf,
     "AR_CUIT": ar_cuit, "CL_RUT": cl_rut, "URL_CREDENTIALS": url_credentials, "AWS_ACCESS_KEY": aws_access_key,
@@ -300,7 +336,7 @@ GEN = {
     "BITCOIN_ADDRESS": bitcoin_address, "ETHEREUM_ADDRESS": ethereum_address,
 }  # fmt: skip
 
-from pii_templates import NEGATIVES, TEMPLATES, negatives_generated  # noqa: E402  (hand-written contexts)
+from pii_templates import NEGATIVES, TEMPLATES, negatives_generated  # noqa: E402 (hand-written contexts)
 
 
 def fill(template: str, lang: str) -> dict:
@@ -309,7 +345,7 @@ def fill(template: str, lang: str) -> dict:
         text += template[pos : m.start()]
         out = GEN[m.group(1)]()
         value, (s, e) = out if isinstance(out, tuple) else (out, (0, len(out)))
-        spans.append({"type": m.group(1), "start": len(text) + s, "end": len(text) + e})
+        spans.append({"type": ALIAS.get(m.group(1), m.group(1)), "start": len(text) + s, "end": len(text) + e})
         text += value
         pos = m.end()
     return {"text": text + template[pos:], "spans": spans, "lang": lang}
@@ -317,7 +353,7 @@ def fill(template: str, lang: str) -> dict:
 
 def build() -> list[dict]:
     cases = []
-    for _ in range(2):  # two fills per context: different values, same hand-written text
+    for _ in range(3):  # three fills per context: different values, same hand-written text
         for lang, template in TEMPLATES:
             cases.append(fill(template, lang))
     for lang, text in NEGATIVES:
@@ -328,7 +364,7 @@ def build() -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("pii_cases.jsonl")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("pii_cases.jsonl")
     rows = build()
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} cases to {out}")

@@ -12,7 +12,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Para más información escriba a {EMAIL} o visite nuestra oficina."),
     ("pt", "Dúvidas? Fale conosco pelo e-mail {EMAIL}."),
     ("zh", "如有问题，请发送邮件至{EMAIL}，我们会尽快回复。"),
-    ("en", "<a href=\"mailto:{EMAIL}\">Contact support</a>"),
+    ("en", '<a href="mailto:{EMAIL}">Contact support</a>'),
     ("en", "git log shows author Jane <{EMAIL}> committed 3 days ago"),
     ("zh", "联系人：王先生（{EMAIL}）"),
     # PHONE
@@ -34,7 +34,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "El servidor con IP {IPV4} no responde al ping."),
     ("pt", "O acesso veio do endereço {IPV4} às 03:12."),
     ("zh", "来自{IPV4}的请求被防火墙拦截。"),
-    ("en", "{IPV4} - - [10/Oct/2023:13:55:36 +0000] \"GET /index.html HTTP/1.1\" 200 2326"),
+    ("en", '{IPV4} - - [10/Oct/2023:13:55:36 +0000] "GET /index.html HTTP/1.1" 200 2326'),
     ("en", "host: {IPV4}\nport: 5432"),
     ("en", "Add {IPV4} to the allowlist, then restart nginx."),
     # IPV6
@@ -51,7 +51,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Mi tarjeta es {CREDIT_CARD} y caduca en 2027."),
     ("pt", "Número do cartão: {CREDIT_CARD}"),
     ("zh", "信用卡号{CREDIT_CARD}，有效期至2026年。"),
-    ("en", "{\"card\": \"{CREDIT_CARD}\", \"cvv\": \"123\"}"),
+    ("en", '{"card": "{CREDIT_CARD}", "cvv": "123"}'),
     ("es", "Cargo rechazado para la tarjeta {CREDIT_CARD}."),
     # IBAN
     ("en", "Please wire the deposit to IBAN {IBAN} (reference: booking)."),
@@ -123,7 +123,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "La cadena de conexión es {URL_CREDENTIALS}"),
     ("pt", "Use a URL {URL_CREDENTIALS} no arquivo de configuração."),
     ("zh", "数据库连接串：{URL_CREDENTIALS}"),
-    ("en", "url: \"{URL_CREDENTIALS}\""),
+    ("en", 'url: "{URL_CREDENTIALS}"'),
     # AWS_ACCESS_KEY
     ("en", "aws_access_key_id = {AWS_ACCESS_KEY}"),
     ("en", "The leaked key {AWS_ACCESS_KEY} was rotated."),
@@ -145,7 +145,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("pt", "Token do GitHub: {GITHUB_TOKEN}"),
     ("zh", "GitHub令牌{GITHUB_TOKEN}已泄露。"),
     # GITLAB_TOKEN
-    ("en", "curl --header \"PRIVATE-TOKEN: {GITLAB_TOKEN}\" https://gitlab.example.com/api/v4/projects"),
+    ("en", 'curl --header "PRIVATE-TOKEN: {GITLAB_TOKEN}" https://gitlab.example.com/api/v4/projects'),
     ("en", "The CI uses {GITLAB_TOKEN} to push tags."),
     ("es", "Token de GitLab: {GITLAB_TOKEN}"),
     ("pt", "Revogue o token {GITLAB_TOKEN} imediatamente."),
@@ -162,7 +162,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Token de sesión: {JWT}"),
     ("pt", "Recebemos o JWT {JWT} no header."),
     ("zh", "登录后返回的令牌为{JWT}。"),
-    ("en", "{\"id_token\": \"{JWT}\", \"expires_in\": 3600}"),
+    ("en", '{"id_token": "{JWT}", "expires_in": 3600}'),
     # PRIVATE_KEY
     ("en", "Here is the deploy key:\n{PRIVATE_KEY}\nDo not share it."),
     ("en", "{PRIVATE_KEY}"),
@@ -176,7 +176,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Variables de entorno:\n{SECRET_ASSIGNMENT}"),
     ("pt", "No arquivo .env coloque\n{SECRET_ASSIGNMENT}"),
     ("zh", "配置如下：\n{SECRET_ASSIGNMENT}"),
-    ("en", "client = Client(host=\"db\")\n{SECRET_ASSIGNMENT}"),
+    ("en", 'client = Client(host="db")\n{SECRET_ASSIGNMENT}'),
     ("es", "Ejemplo de configuración:\n{SECRET_ASSIGNMENT}\nlog_level: info"),
     # BITCOIN_ADDRESS
     ("en", "Send donations to {BITCOIN_ADDRESS}."),
@@ -191,7 +191,28 @@ TEMPLATES: list[tuple[str, str]] = [
     ("es", "Dirección de Ethereum: {ETHEREUM_ADDRESS}"),
     ("pt", "Envie os tokens para {ETHEREUM_ADDRESS}."),
     ("zh", "以太坊地址{ETHEREUM_ADDRESS}"),
-    ("en", "\"from\": \"{ETHEREUM_ADDRESS}\","),
+    ("en", '"from": "{ETHEREUM_ADDRESS}",'),
+    # Harder contexts
+    ("en", '<a href="tel:{PHONE}">call</a> or write to {EMAIL}'),
+    ("en", '{"name": "Test", "phone": "{PHONE}", "ip": "{IPV4}"}'),
+    ("en", "Ph. {PHONE} ext. 12 (after 6pm)"),
+    ("pt", "Telefone fixo: {PHONE}; e-mail: {EMAIL}."),
+    ("es", "Atención al cliente en el {PHONE} (lunes a viernes)."),
+    ("zh", "客服热线{PHONE}，工作时间9:00-18:00。"),
+    ("en", "curl http://{IPV4}:8080/health returned 503"),
+    ("en", "{IPV4},GET,/api/v1/users,200,0.023"),
+    ("en", "Peer {IPV6} (port 51413) sent 12 pieces"),
+    ("zh", "数据库密码：{PASSWORD_VALUE}，请勿外传。"),
+    ("es", "Usuario: admin / contraseña: {PASSWORD_VALUE}"),
+    ("pt", "login=suporte&senha={PASSWORD_VALUE}"),
+    ("en", "mysql -u root --password={PASSWORD_VALUE} shop"),
+    ("en", 'headers = {"Authorization": "Bearer {API_TOKEN_VALUE}"}'),
+    ("en", "https://api.example.com/v1/items?api_key={API_TOKEN_VALUE}&page=2"),
+    ("en", "  - name: DEPLOY_TOKEN\n    value: {API_TOKEN_VALUE}"),
+    ("es", "Pagado con tarjeta {CREDIT_CARD}; el cargo aparecerá como EJEMPLO SA."),
+    ("en", "Wallets: BTC {BITCOIN_ADDRESS}, ETH {ETHEREUM_ADDRESS}"),
+    ("pt", "Envie o comprovante do PIX para {EMAIL} (CPF {BR_CPF})."),
+    ("en", "ssh -i key.pem ubuntu@{IPV4}"),
     # Mixed
     ("en", "Name: Ana Test\nEmail: {EMAIL}\nPhone: {PHONE}\nCard: {CREDIT_CARD}"),
     ("es", "Datos del cliente: {EMAIL}, tel. {PHONE}, DNI {ES_DNI}, IBAN {IBAN}."),
@@ -235,17 +256,17 @@ NEGATIVES: list[tuple[str, str]] = [
     ("en", "@app.route('/users') decorates the handler; ping @maria on Slack."),
     ("en", "npm install lodash@4.17.21 react@18.2.0"),
     ("en", "Send it to user@localhost for local testing."),
-    ("en", "token = os.environ[\"GITHUB_TOKEN\"]"),
-    ("en", "password = getpass.getpass(\"Password: \")"),
+    ("en", 'token = os.environ["GITHUB_TOKEN"]'),
+    ("en", 'password = getpass.getpass("Password: ")'),
     ("en", "def login(username: str, password: str) -> bool:"),
     ("en", "api_key = None  # set via env"),
     ("en", "password: ${DB_PASSWORD}"),
-    ("en", "SECRET_KEY = \"<your-secret-key>\""),
-    ("en", "token: \"xxxxxxxxxxxxxxxx\""),
-    ("en", "\"password\": \"********\""),
-    ("en", "max_tokens = 4096\ntoken_type = \"bearer\""),
-    ("en", "password_min_length: 12\npassword_hint: \"your pet's name\""),
-    ("en", "key = \"user_id\"\nvalue = row[key]"),
+    ("en", 'SECRET_KEY = "<your-secret-key>"'),
+    ("en", 'token: "xxxxxxxxxxxxxxxx"'),
+    ("en", '"password": "********"'),
+    ("en", 'max_tokens = 4096\ntoken_type = "bearer"'),
+    ("en", 'password_min_length: 12\npassword_hint: "your pet\'s name"'),
+    ("en", 'key = "user_id"\nvalue = row[key]'),
     ("en", "The password must contain at least 8 characters."),
     ("en", "Set the API key in settings.api_key before calling."),
     ("en", "export GITHUB_TOKEN=ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"),
@@ -277,7 +298,10 @@ NEGATIVES: list[tuple[str, str]] = [
     ("en", "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"),
     ("en", "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ\n-----END CERTIFICATE-----"),
     ("en", "See https://example.com/path?query=1 and ftp://files.example.org/pub."),
-    ("en", "The URL scheme is scheme://user:password@host where user and password are placeholders: scheme://<user>:<password>@host"),
+    (
+        "en",
+        "The URL scheme is scheme://user:password@host where user and password are placeholders: scheme://<user>:<password>@host",
+    ),
     ("en", "ssh git@github.com:acme/repo.git"),
     ("en", "In 2023 we shipped 12 releases, 340 fixes, and 1,200 commits."),
     ("es", "Entre 2019 y 2023 las ventas crecieron un 12,5 %."),
@@ -293,6 +317,38 @@ NEGATIVES: list[tuple[str, str]] = [
     ("en", "Serial number SN-8473-2291-0045 on the back label."),
     ("en", "Flight IB 3166 departs at 14:35 from gate 12."),
     ("en", "PI is 3.14159265358979 and e is 2.71828182845904."),
+    ("en", "The key: to success is patience."),
+    ("en", "Token: 4 of 10 processed; secret: true"),
+    ("en", 'def connect(api_key: Optional[str] = None, password: str = ""):'),
+    ("en", "self.password = password\nself.api_key = api_key"),
+    ("en", "password = hash_password(raw_password)"),
+    ("es", "La contraseña debe tener 8 caracteres y un símbolo."),
+    ("pt", "Senha: (mínimo 8 caracteres)"),
+    ("es", "clave: valor"),
+    ("zh", "密码：请联系管理员获取。"),
+    ("en", "Call 911 now. ISBN 0-306-40615-2."),
+    ("en", "Location lat 37.7749 lon -122.4194, ZIP+4 94103-1234."),
+    ("en", "Case No. 2:19-cv-01234, Patent US 9,876,543 B2."),
+    ("pt", "Receita de R$ 712.345.678,90 em 2023."),
+    ("es", "La población es de 812.345.678 habitantes."),
+    ("en", "Logged at 2024/03/15 12:30:45.123 and 15-03-2024."),
+    ("en", "Date: Mon, 15 Mar 2024 12:30:45 +0000"),
+    ("en", "USPS tracking 9400 1000 0000 0000 0000 00 delivered."),
+    ("en", "See section 4.2.1.3 for details, and clause 7.1.2.4."),
+    ("en", "Write to name at example dot com, or foo@bar (no domain)."),
+    ("en", "AKIAEXAMPLE is too short; AKIA1234567890ABCDEFGHIJ too long."),
+    ("en", "-----BEGIN PGP PUBLIC KEY BLOCK-----\nmQENBFzL\n-----END PGP PUBLIC KEY BLOCK-----"),
+    ("en", "Never paste a BEGIN PRIVATE KEY block into chat."),
+    ("zh", "会议时间：2024年3月15日 14:30，地点：3号楼201室。"),
+    ("zh", "产品编号 ABC-2024-000123，批次 20240315。"),
+    ("pt", "Nota fiscal nº 000.123.456, série 1."),
+    ("es", "Expediente 2024/001234-B, folio 56789."),
+    ("en", "Matrix row: 101 202 303 404 505 606 707"),
+    ("en", "The range 10.0.0.0/8 is private; so is 192.168.0.0/16."),
+    ("en", "Revenue was $612,345,678 and costs 612 345 678 yen... no wait, EUR 712 345 678."),
+    ("pt", "Foram vendidas 912.345.678 unidades."),
+    ("en", "Memory: 8 589 934 592 bytes total."),
+    ("en", "Dial-in code 8812 3456, meeting room 12."),
 ]
 
 
@@ -335,21 +391,25 @@ def negatives_generated(r: random.Random, g) -> list[tuple[str, str]]:
         cuit = g.ar_cuit()
         out.append(("es", f"CUIT {cuit[:-1]}{(int(cuit[-1]) + 1) % 10} no corresponde"))
     for k in range(3):
-        out.append(("en", f"SSN {r.choice(['000', '666', '912'])}-{r.randint(10, 99)}-{r.randint(1000, 9999)} is invalid"))
+        out.append(
+            ("en", f"SSN {r.choice(['000', '666', '912'])}-{r.randint(10, 99)}-{r.randint(1000, 9999)} is invalid")
+        )
     for k in range(4):
         addr = g.bitcoin_address()
         i = len(addr) - 3
         repl = next(c for c in "23456789" if c != addr[i])
-        out.append(("en", f"Invalid address {addr[:i]}{repl}{addr[i + 1:]}"))
+        out.append(("en", f"Invalid address {addr[:i]}{repl}{addr[i + 1 :]}"))
     for k in range(4):
         while True:
             addr = g.ethereum_address()
             if addr[2:] != addr[2:].lower():
                 break
         i = next(i for i, c in enumerate(addr) if i > 1 and c.isupper())
-        out.append(("en", f"Bad checksum {addr[:i]}{addr[i].lower()}{addr[i + 1:]}"))
+        out.append(("en", f"Bad checksum {addr[:i]}{addr[i].lower()}{addr[i + 1 :]}"))
     for k in range(3):
-        out.append(("en", f"Not a JWT: eyJ{''.join(r.choice('abcdefghijkmnop') for _ in range(20))}.{'x' * 10}.{'y' * 10}"))
+        out.append(
+            ("en", f"Not a JWT: eyJ{''.join(r.choice('abcdefghijkmnop') for _ in range(20))}.{'x' * 10}.{'y' * 10}")
+        )
     return out
 
 
