@@ -53,10 +53,12 @@ def load_for_serving(model_dir: Path, adapter: Path | None, dtype: str):
     m = load_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
     if adapter is not None:
         try:
-            from yunque.formats.peft import load_adapter  # branch `lora`
+            from yunque.formats.peft import load_peft_adapter
+            from yunque.lora import merge_lora
         except ImportError:
-            raise YunqueError("--adapter needs yunque.formats.peft, which this install lacks") from None
-        load_adapter(m, adapter, merge=True)
+            raise YunqueError("--adapter needs yunque.formats.peft and yunque.lora, which this install lacks") from None
+        load_peft_adapter(m, adapter, quantize_base=False)
+        merge_lora(m)  # folded into the base weights: serving runs plain nn.Linear at full speed
     return m.eval(), Tokenizer.from_dir(model_dir)
 
 
