@@ -199,7 +199,7 @@ def test_input_guard_blocks_and_output_guard_redacts(server, client, monkeypatch
 def test_chat_remote(server, capsys):
     import io
 
-    from yunque.recipes.serve import chat_remote
+    from yunque.serve.client import chat_remote
 
     srv, key, _, _ = server
     out = io.StringIO()
