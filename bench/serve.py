@@ -26,8 +26,7 @@ from pathlib import Path
 import httpx
 import torch
 
-WORDS = ("model data token batch cache serve stream guard limit key secure fast train eval export chat "
-         "the a of to and in is on for with as by it that this from").split()
+WORDS = ["model", "data", "token", "batch", "cache", "serve", "stream", "guard", "limit", "key", "secure", "fast", "train", "eval", "export", "chat", "the", "a", "of", "to", "and", "in", "is", "on", "for", "with", "as", "by", "it", "that", "this", "from"]
 
 
 def corpus(n: int = 4000, seed: int = 0) -> str:
@@ -108,7 +107,7 @@ async def drive(url: str, key: str, texts: list[str], clients: int, max_tokens: 
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def main() -> None:

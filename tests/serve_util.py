@@ -50,14 +50,14 @@ class ServerThread:
     def __init__(self, app, cfg):
         import uvicorn
 
-        from yunque.serve.app import uvicorn_config
+        from yunque.serve.server import uvicorn_config
 
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, cfg, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 30
         while not self.server.started:

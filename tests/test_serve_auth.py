@@ -11,13 +11,13 @@ import warnings
 import httpx
 import jwt
 import pytest
-
 from serve_util import build_model_dir, make_server
+
 from yunque.config import from_dict
 from yunque.errors import ConfigError, YunqueError
-from yunque.serve.app import check_bind
 from yunque.serve.auth import build_authenticator, create_key, read_keys, revoke_key
 from yunque.serve.config import ServeConfig
+from yunque.serve.server import check_bind
 
 SECRET = "s" * 40
 JWT_CFG = {"enabled": True, "audience": "yunque", "issuer": "https://idp.test", "algorithms": ["HS256"], "secret_env": "YQ_TEST_JWT"}

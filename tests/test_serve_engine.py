@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
-
 from serve_util import build_model_dir
+
 from yunque.formats.hf import load_model
 from yunque.generate import Sampling, generate
 from yunque.serve.auth import Principal

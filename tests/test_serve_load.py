@@ -14,8 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from serve_util import build_model_dir, free_port, make_server
+
 from yunque.serve.auth import create_key
 
 MSG = [{"role": "user", "content": "Tell me about the quick brown fox."}]
@@ -38,7 +38,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, key: str, max_tokens:
 
 @pytest.mark.slow
 def test_64_concurrent_streaming_clients(model_dir, tmp_path):
-    srv, key, app = make_server(model_dir, tmp_path, limits={"max_batch": 16, "rpm": 10_000, "tpm": 10_000_000})
+    srv, key, _ = make_server(model_dir, tmp_path, limits={"max_batch": 16, "rpm": 10_000, "tpm": 10_000_000})
 
     async def client_loop(client, url):
         return [await stream_chat(client, url, key, 8) for _ in range(4)]
@@ -63,7 +63,7 @@ def test_64_concurrent_streaming_clients(model_dir, tmp_path):
 
 
 def test_rate_limits_are_exact(model_dir, tmp_path):
-    srv, key, app = make_server(model_dir, tmp_path)
+    srv, _, _ = make_server(model_dir, tmp_path)
     keys = tmp_path / "keys.json"
     five = create_key(keys, "five", rpm=5)
     with srv, httpx.Client() as c:  # one client: a fresh one per call spends ~0.1 s building an SSL context
@@ -137,7 +137,8 @@ SERVER_SCRIPT = textwrap.dedent("""
     from yunque.config import from_dict
     from yunque.formats.hf import load_model
     from yunque.serve import ServeConfig
-    from yunque.serve.app import create_app, run_server
+    from yunque.serve.app import create_app
+    from yunque.serve.server import run_server
     from yunque.serve.auth import build_authenticator
     from yunque.tokenizer import Tokenizer
 

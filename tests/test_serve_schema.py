@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install schemathesis)")
-from hypothesis import HealthCheck, given, settings  # noqa: E402  (schemathesis brings hypothesis)
-
-from serve_util import build_model_dir, make_server  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from serve_util import build_model_dir, make_server
 
 EXAMPLES = 30  # per operation and mode: enough to hit every validator, a few seconds in all
 
@@ -19,6 +18,21 @@ def check_response(resp) -> None:
     if resp.status_code >= 400:
         err = resp.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+
+
+def fuzzer(op, mode, url: str, headers: dict, seen: dict):
+    from schemathesis import GenerationMode
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=mode))
+    def fuzz(case):
+        if mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
+            case.body["model"] = "tiny"  # reach generation, not only the unknown-model 404
+        resp = case.call(base_url=url, headers=headers)
+        seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
+        check_response(resp)
+
+    return fuzz
 
 
 def test_fuzz_openapi_schema(tmp_path):
@@ -35,16 +49,5 @@ def test_fuzz_openapi_schema(tmp_path):
         for op in ops:
             modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
             for mode in modes:  # a GET without parameters has no invalid form
-
-                @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                          suppress_health_check=list(HealthCheck))
-                @given(case=op.as_strategy(generation_mode=mode))
-                def fuzz(case):
-                    if mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
-                        case.body["model"] = "tiny"  # reach generation, not only the unknown-model 404
-                    resp = case.call(base_url=srv.url, headers=headers)
-                    seen[resp.status_code] = seen.get(resp.status_code, 0) + 1
-                    check_response(resp)
-
-                fuzz()
+                fuzzer(op, mode, srv.url, headers, seen)()
     assert seen.get(200, 0) > 10 and seen.get(400, 0) > 10, seen  # both paths were exercised

@@ -21,9 +21,10 @@ def serve_cmd(model: str, adapter: str | None = None, host: str = "127.0.0.1", p
         config: serve.yaml (limits, auth, guards, audit); unknown keys are errors
     """
     from yunque.config import load_config
-    from yunque.serve.app import check_bind, create_app, run_server
+    from yunque.serve.app import create_app
     from yunque.serve.auth import build_authenticator
     from yunque.serve.config import ServeConfig
+    from yunque.serve.server import check_bind, run_server
 
     if not 0 < port < 65536:
         raise YunqueError(f"--port {port}: expected 1-65535")
@@ -91,7 +92,7 @@ def keys_list_cmd(keys_file: str = str(DEFAULT_KEYS_FILE)) -> int:
         return 0
     print(f"{'name':20} {'prefix':8} {'rpm':>6} {'tpm':>8} {'created':26} revoked")
     for k in keys:
-        print(f"{k['name']:20} {k.get('prefix', ''):8} {str(k.get('rpm') or '-'):>6} {str(k.get('tpm') or '-'):>8} "
+        print(f"{k['name']:20} {k.get('prefix', ''):8} {k.get('rpm') or '-'!s:>6} {k.get('tpm') or '-'!s:>8} "
               f"{k.get('created', ''):26} {k.get('revoked') or '-'}")
     return 0
 

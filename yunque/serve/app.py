@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import time
 import uuid
-from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from yunque.chat import apply_chat_template
@@ -31,41 +29,18 @@ from yunque.serve.engine import Engine, Overloaded, SeqParams
 from yunque.serve.guards import AuditLog, InputGuard, OutputGuard, Verdict
 from yunque.serve.limits import Gatekeeper, RateLimiter, error_body
 from yunque.serve.metrics import Metrics
-from yunque.serve.schemas import SEED_MAX, ChatCompletionRequest, CompletionRequest, ErrorResponse
+from yunque.serve.schemas import (
+    SEED_MAX,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+)
+from yunque.serve.server import Mailbox, SSEResponse, dumps
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431)}
 _POLL_S = 0.25
 _ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/models": "models", "/metrics": "metrics",
            "/health": "health", "/openapi.json": "openapi"}  # how often a waiting handler checks that its client is still there (cancel within 1 s)
-
-
-class _Mailbox:
-    """Engine thread -> event loop: every event of a decode step is delivered with one wake-up
-    of the loop (one `call_soon_threadsafe`), not one per sequence."""
-
-    def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._items: deque = deque()
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def post(self, queue: asyncio.Queue, item) -> None:
-        with self._lock:
-            self._items.append((queue, item))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed (shutdown): nobody is listening
-            pass
-
-    def _drain(self) -> None:
-        with self._lock:
-            items, self._items = self._items, deque()
-            self._scheduled = False
-        for queue, item in items:
-            queue.put_nowait(item)
 
 
 class APIError(Exception):
@@ -111,7 +86,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     in_guard = InputGuard(cfg.guards.input, _special_tokens(tokenizer), cfg.guards.extra_patterns)
     out_guard = OutputGuard(cfg.guards.output, cfg.guards.holdback)
     audit = AuditLog(cfg.audit.path, cfg.audit.log_prompts)
-    mailbox = _Mailbox()
+    mailbox = Mailbox()
     created = int(time.time())
 
     @asynccontextmanager
@@ -295,7 +270,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         cid = ("chatcmpl-" if job.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         headers = {**request.state.rate_headers, "x-guard-input": job.verdict.verdict}
-        usage = lambda: {"prompt_tokens": job.n_unique_prompt_tokens, "completion_tokens": job.completion_tokens,  # noqa: E731
+        usage = lambda: {"prompt_tokens": job.n_unique_prompt_tokens, "completion_tokens": job.completion_tokens,
                          "total_tokens": job.n_unique_prompt_tokens + job.completion_tokens}
         redactors = [out_guard.stream() for _ in job.prompts]
 
@@ -337,7 +312,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
             body = {"id": cid, "object": chunk_obj, "created": int(time.time()), "model": model_name, "choices": [c]}
             if include_usage:
                 body["usage"] = None
-            return "data: " + _json(body) + "\n\n"
+            return "data: " + dumps(body) + "\n\n"
 
         async def sse():
             try:
@@ -362,16 +337,16 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
                 if any(f is None for f in job.finish):
                     return
                 if include_usage:
-                    yield "data: " + _json({"id": cid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
+                    yield "data: " + dumps({"id": cid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
                                             "choices": [], "usage": usage()}) + "\n\n"
                 job.status = "ok"
                 yield "data: [DONE]\n\n"
             except APIError as e:  # headers are gone: report in-band, as OpenAI does
-                yield "data: " + _json(error_body(e.message, e.type, e.code)) + "\n\n"
+                yield "data: " + dumps(error_body(e.message, e.type, e.code)) + "\n\n"
             finally:
                 finish(job, route, 200, prompt_text)
 
-        return _SSE(sse(), headers=headers)
+        return SSEResponse(sse(), headers=headers)
 
     @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -411,20 +386,6 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
                       on_reject=lambda reason, status, scope: rejected(reason, status, scope))
 
 
-class _SSE(StreamingResponse):
-    """Server-sent events whose generator is always closed when the response ends, so a client
-    that disconnects stops its generation now rather than whenever the generator is collected."""
-
-    def __init__(self, gen, headers: dict[str, str]):
-        super().__init__(gen, media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
 def _special_tokens(tokenizer) -> set[str]:
     """Special tokens (chat-template markers) a user must not be able to write into a prompt.
     yunque's Tokenizer has no public accessor for them yet, hence the private attribute."""
@@ -432,53 +393,3 @@ def _special_tokens(tokenizer) -> set[str]:
     if rust is None:
         return set(tokenizer.special_tokens.values())
     return {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere, so it counts as exposed
-
-
-def check_bind(host: str, cfg: ServeConfig, auth: Authenticator) -> None:
-    """Refuse unsafe setups before anything is loaded."""
-    keys = cfg.auth.keys_file
-    if cfg.auth.required and not auth.configured:
-        raise YunqueError(f"no authentication configured: no active key in {keys} and no auth.jwt; create a key with "
-                          f"`yunque keys create --name NAME --keys-file {keys}`, or set auth.required: false (loopback only)")
-    if not is_loopback(host) and not (cfg.auth.required and auth.configured):
-        raise YunqueError(f"refusing to listen on {host}: a non-loopback address needs authentication (auth.required: true and a key or JWT)")
-
-
-def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info"):
-    """uvicorn with the safe settings: h11 (bounded header parsing), no server header, no proxy
-    headers trusted, graceful drain of in-flight requests on SIGTERM/SIGINT."""
-    import uvicorn
-
-    return uvicorn.Config(app, host=host, port=port, http="h11", h11_max_incomplete_event_size=2 * cfg.limits.max_header_bytes + 8192,
-                          server_header=False, proxy_headers=False, timeout_graceful_shutdown=cfg.drain_timeout_s,
-                          log_level=log_level, lifespan="on", access_log=False)
-
-
-def run_server(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info") -> None:
-    import sys
-
-    import uvicorn
-
-    # The engine thread gives up the GIL inside every torch op and must get it back while the
-    # event loop is busy serialising chunks; at the default 5 ms interval each of those hand-backs
-    # can stall a decode step. 1 ms keeps steps moving (this process is the server, nothing else).
-    sys.setswitchinterval(0.001)
-
-    uvicorn.Server(uvicorn_config(app, host, port, cfg, log_level)).run()

@@ -19,8 +19,8 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn
@@ -80,7 +80,7 @@ class Seq:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, max_batch: int, max_len: int, max_queue: int,
-                 max_prefill_tokens: int = 2048, on_step: Callable[["Engine"], None] | None = None):
+                 max_prefill_tokens: int = 2048, on_step: Callable[[Engine], None] | None = None):
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_prefill_tokens = max_prefill_tokens

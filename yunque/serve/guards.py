@@ -19,9 +19,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from yunque.data.pii import StreamRedactor, scrub
 from yunque.errors import ConfigError
@@ -57,7 +57,7 @@ class InputGuard:
         for i, pat in enumerate(extra_patterns):
             rules[f"custom_{i}"] = pat
         try:
-            self._rules = [(name, re.compile(p, re.I | re.S | re.M)) for name, p in rules.items()]
+            self._rules = [(name, re.compile(p, re.IGNORECASE | re.DOTALL | re.MULTILINE)) for name, p in rules.items()]
         except re.error as e:
             raise ConfigError(f"guards.extra_patterns: invalid regex: {e}") from None
         self._special = sorted({t for t in special_tokens if t and len(t) > 2}, key=len, reverse=True)
@@ -105,7 +105,8 @@ class AuditLog:
         if path is not None:
             path = Path(path).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: a crash loses at most one line
+            # line-buffered: a crash loses at most one line; open for the server's whole life
+            self._f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def write(self, record: dict, prompt: str | None = None, completion: str | None = None) -> None:
         if self._f is None:

@@ -8,7 +8,7 @@ ignored, and options yunque does not implement are accepted only at their neutra
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,7 +36,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=128)
 
@@ -62,7 +62,7 @@ class _Sampling(BaseModel):
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = Field(None)
+    stop: str | list[str] | None = Field(None)
     seed: int | None = Field(None, ge=-SEED_MAX - 1, le=SEED_MAX)
     user: str | None = Field(None, max_length=256)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -103,7 +103,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]] = Field()
+    prompt: str | list[str] = Field()
     echo: bool | None = None
     logprobs: int | None = None
 
