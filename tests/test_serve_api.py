@@ -129,6 +129,9 @@ def test_client_errors_are_openai_shaped(server, client):
     assert_error(http.post(url, headers=h, json={**ok, "messages": []}), 400)
     assert_error(http.post(url, headers=h, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert_error(http.post(url, headers=h, content=b"{not json", ), 400)
+    lone = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'  # JSON-legal, not encodable
+    err = assert_error(http.post(url, headers={**h, "content-type": "application/json"}, content=lone), 400)
+    assert err["param"] == "messages.0.content" and "surrogate" in err["message"]
     assert_error(http.post(url, headers={**h, "content-type": "application/json"}, content=b"[1,2]"), 400)
     long = {**ok, "messages": [{"role": "user", "content": "fox " * 400}]}
     assert_error(http.post(url, headers=h, json=long), 400, "context_length_exceeded")

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from yunque.chat import apply_chat_template
-from yunque.errors import YunqueError
+from yunque.errors import ConfigError, YunqueError
 from yunque.serve.auth import Authenticator, Principal
 from yunque.serve.config import ServeConfig
 from yunque.serve.engine import Engine, Overloaded, SeqParams
@@ -75,6 +75,8 @@ class _Job:
 
 def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> FastAPI:
     L = cfg.limits
+    if L.max_len > model.config.max_position_embeddings:
+        raise ConfigError(f"limits.max_len: {L.max_len} is past the model's context of {model.config.max_position_embeddings} tokens")
     metrics = Metrics()
 
     def on_step(e: Engine) -> None:
@@ -124,7 +126,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # Drop "body" and pydantic's union-branch tags ("function-after[...]", "list[TextPart]"): keep field paths.
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")
+               and str(p) not in ("str", "int", "float", "bool")]
         rejected("invalid_request", 400, request.scope)
         where = ".".join(loc)
         return err(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", param=where or None, code="invalid_value")

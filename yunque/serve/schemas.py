@@ -8,12 +8,24 @@ ignored, and options yunque does not implement are accepted only at their neutra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 SEED_MAX = 2**63 - 1
+
+
+def _utf8(v: str) -> str:
+    # JSON can carry lone surrogates ("\ud800") that no tokenizer can encode: refuse them here.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class ErrorDetail(BaseModel):
@@ -30,14 +42,14 @@ class ErrorResponse(BaseModel):
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = Field(None, max_length=64)
+    content: Text | list[TextPart] | None = None
+    name: Text | None = Field(None, max_length=64)
     tool_call_id: str | None = Field(None, max_length=128)
 
     def text(self) -> str:
@@ -62,7 +74,7 @@ class _Sampling(BaseModel):
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(None)
+    stop: Text | list[Text] | None = Field(None)
     seed: int | None = Field(None, ge=-SEED_MAX - 1, le=SEED_MAX)
     user: str | None = Field(None, max_length=256)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -103,7 +115,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field()
+    prompt: Text | list[Text] = Field()
     echo: bool | None = None
     logprobs: int | None = None
 
