@@ -1,0 +1,1 @@
+from datahelp import shared_data  # noqa: F401  (fixture)

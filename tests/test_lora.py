@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from yunque.config import from_dict
+from yunque.errors import CheckpointError, ConfigError
+from yunque.lora import (LoraConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict,
+                         merge_lora, trainable_parameters)
+from yunque.model import Transformer
+from yunque.presets import get_preset
+
+
+def tiny_model(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(get_preset("tiny", vocab_size=512, **kw))
+    m.init_weights()
+    return m.eval()
+
+
+def perturb(model, seed=1, std=0.1):
+    """Training-like adapter values: B no longer zero, A moved off its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.weight.add_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_linear_equals_hand_computed_reference(rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40, bias=True)
+    r, alpha = 8, 12.0
+    lin = LoRALinear(base, r=r, alpha=alpha, use_rslora=rslora)
+    assert lin.scale == pytest.approx(alpha / math.sqrt(r) if rslora else alpha / r)
+    x = torch.randn(3, 5, 48)
+    # Fresh adapter: B = 0, so the layer is exactly the base; A is kaiming-uniform (bound 1/sqrt(in)).
+    assert torch.equal(lin(x), base(x))
+    assert lin.lora_A.weight.abs().max() <= 1 / math.sqrt(48) and lin.lora_A.weight.std() > 0.3 / math.sqrt(48)
+    assert torch.count_nonzero(lin.lora_B.weight) == 0
+    A, B = torch.randn(r, 48), torch.randn(40, r)
+    with torch.no_grad():
+        lin.lora_A.weight.copy_(A)
+        lin.lora_B.weight.copy_(B)
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    ref = x @ base.weight.T + base.bias + scale * (x @ A.T @ B.T)
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.linear(x, lin.merged_weight(), base.bias), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_config_ranges_and_rules_are_errors_naming_the_field():
+    for bad, field in [({"r": 0}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
+                       ({"dropout": -0.1}, "dropout"), ({"block_size": 100}, "block_size"),
+                       ({"double_quant": True}, "double_quant"), ({"target_modules": []}, "target_modules")]:
+        with pytest.raises(ConfigError, match=f"^{field}:"):
+            from_dict(LoraConfig, bad)
+        with pytest.raises(ConfigError, match=f"^{field}:"):
+            LoraConfig(**bad)  # the Python API checks the same rules
+    with pytest.raises(ConfigError, match="lora.r: must be > 0"):
+        from_dict(LoraConfig, {"r": -1}, prefix="lora")
+    with pytest.raises(ConfigError, match="'q_prj' selects no linear layer.*linear layers: .*q_proj"):
+        apply_lora(tiny_model(), LoraConfig(target_modules=["q_proj", "q_prj"]))
+    with pytest.raises(ConfigError, match="embed_tokens is a Embedding, not nn.Linear"):
+        apply_lora(tiny_model(), LoraConfig(target_modules=["embed_tokens"]))
+
+
+def test_apply_lora_wraps_targets_freezes_the_rest_and_keeps_outputs():
+    m = tiny_model()
+    x = torch.randint(0, 512, (2, 16))
+    ref = m(x)
+    total_before = sum(p.numel() for p in m.parameters())
+    names = apply_lora(m, LoraConfig(r=4))
+    L, d, f = 4, 128, 384
+    kv = 2 * 32  # tiny preset: 2 kv heads of 32
+    assert len(names) == 7 * L and all(isinstance(m.get_submodule(n), LoRALinear) for n in names)
+    per_layer = 4 * ((d + d) + (d + kv) * 2 + (d + d)) + 4 * ((d + f) * 2 + (f + d))
+    trainable, total = trainable_parameters(m)
+    assert trainable == L * per_layer
+    assert total == total_before + trainable
+    assert all(("lora_A" in n or "lora_B" in n) == p.requires_grad for n, p in m.named_parameters())
+    assert torch.equal(m(x), ref)  # B = 0 at init
+    with pytest.raises(ConfigError, match="already has LoRA"):
+        apply_lora(m, LoraConfig())
+
+
+def test_only_adapter_weights_get_gradients_and_dropout_zero_is_a_no_op():
+    m = tiny_model()
+    apply_lora(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    perturb(m)
+    assert all(mod.lora_dropout is None for mod in lora_modules(m).values())
+    m.train()
+    x = torch.randint(0, 512, (2, 16))
+    m(x).logsumexp(-1).mean().backward()
+    for n, p in m.named_parameters():
+        if "lora_" in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None and not p.requires_grad, n
+
+
+def test_dropout_applies_in_training_only():
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(32, 32), r=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_()
+    x = torch.randn(4, 32)
+    lin.eval()
+    ref = lin(x)
+    assert torch.equal(lin(x), ref)
+    lin.train()
+    assert not torch.allclose(lin(x), ref)
+
+
+def test_lora_state_dict_round_trip_and_strict_errors():
+    m = tiny_model()
+    apply_lora(m, LoraConfig(r=4, target_modules=["o_proj"]))
+    perturb(m)
+    sd = {k: v.clone() for k, v in lora_state_dict(m).items()}
+    assert sorted(sd) == sorted(f"model.layers.{i}.self_attn.o_proj.lora_{p}.weight" for i in range(4) for p in "AB")
+    m2 = tiny_model()
+    apply_lora(m2, LoraConfig(r=4, target_modules=["o_proj"]))
+    load_lora_state_dict(m2, sd)
+    x = torch.randint(0, 512, (1, 8))
+    assert torch.equal(m(x), m2(x))
+    key = "model.layers.1.self_attn.o_proj.lora_B.weight"
+    with pytest.raises(CheckpointError, match=f"tensor {key} is missing"):
+        load_lora_state_dict(m2, {k: v for k, v in sd.items() if k != key})
+    with pytest.raises(CheckpointError, match=f"tensor {key} has shape \\[128, 3\\], the model needs \\[128, 4\\]"):
+        load_lora_state_dict(m2, {**sd, key: torch.zeros(128, 3)})
+    with pytest.raises(CheckpointError, match="tensor model.layers.0.mlp.up_proj.lora_A.weight matches no LoRA module"):
+        load_lora_state_dict(m2, {**sd, "model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 128)})
+
+
+def test_merge_lora_folds_adapters_into_plain_linears():
+    m = tiny_model()
+    apply_lora(m, LoraConfig(r=8, alpha=16, use_rslora=True))
+    perturb(m)
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = m(x)
+        merged = merge_lora(m)
+        out = m(x)
+    assert len(merged) == 28 and not lora_modules(m)
+    assert all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("_proj"))
+    assert set(m.state_dict()) == set(tiny_model().state_dict())  # HF names again: save_model works as is
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - tiny_model()(x)).abs().max() > 1e-2  # the adapter really changed the model
+
+
+def test_bf16_base_merges_to_bf16_and_runs_under_autocast():
+    x = torch.randint(0, 512, (2, 8))
+    ref = tiny_model()
+    apply_lora(ref, LoraConfig(r=4))
+    perturb(ref)
+    m = tiny_model().to(torch.bfloat16)
+    apply_lora(m, LoraConfig(r=4))
+    perturb(m)
+    assert lora_modules(m)["model.layers.0.mlp.up_proj"].lora_A.weight.dtype == torch.float32
+    with torch.no_grad():
+        y32, y = ref(x), m(x).float()
+        merge_lora(m)
+        assert m.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+        out = m(x).float()
+    # Merged in fp32, rounded once to bf16: no further from the fp32 model than the unmerged bf16 one.
+    rel = lambda a: ((a - y32).norm() / y32.norm()).item()
+    assert rel(out) < 1.25 * rel(y) and rel(y) < 0.1
+    m32 = tiny_model()
+    apply_lora(m32, LoraConfig(r=4))
+    perturb(m32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m32(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert lora_modules(m32)["model.layers.0.mlp.up_proj"].lora_A.weight.grad.dtype == torch.float32

@@ -1,0 +1,1 @@
+"""Data pipeline: cleaning, deduplication and PII / secret scrubbing of raw text corpora."""

@@ -1,0 +1,96 @@
+"""`DataConfig`: every option of `yunque data prepare`, loaded strictly from YAML (see yunque.config).
+
+Example data.yaml for Alpaca's seed tasks (one instruction, several `instances`):
+
+    read:
+      format: alpaca
+      explode: instances
+    pii:
+      modes: {private_key: drop}
+    split: {seed: 7}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from yunque.errors import ConfigError
+
+Format = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
+PIIMode = Literal["redact", "drop", "report", "off"]
+
+
+@dataclass
+class ReadConfig:
+    format: Format = "auto"
+    fields: dict[str, str] = field(default_factory=dict)  # canonical name -> dotted source path
+    explode: str | None = None  # list field whose elements become records (over their parent's fields)
+    text_unit: Literal["file", "block"] = "block"  # plain text: one document per file or per blank-line block
+    on_error: Literal["skip", "fail"] = "skip"
+    max_examples: int = field(default=5, metadata={"ge": 0})
+
+
+@dataclass
+class CleanConfig:
+    normalize: bool = True  # NFC, control/invisible characters out, whitespace normalised
+    min_chars: int = field(default=1, metadata={"ge": 0})
+    max_chars: int = field(default=1_000_000, metadata={"gt": 0})
+    min_tokens: int = field(default=0, metadata={"ge": 0})  # token limits apply only with a tokenizer
+    max_tokens: int | None = field(default=None, metadata={"gt": 0})
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: Literal["remove", "group", "off"] = "remove"  # group: keep near duplicates, same split
+    threshold: float = field(default=0.8, metadata={"gt": 0, "le": 1})
+    num_perm: int = field(default=128, metadata={"ge": 16})
+    shingle_size: int = field(default=5, metadata={"gt": 0})
+    seed: int = 1
+
+
+@dataclass
+class PIIConfig:
+    enabled: bool = True
+    default_mode: PIIMode = "redact"
+    modes: dict[str, PIIMode] = field(default_factory=dict)  # per type, e.g. {private_key: drop}
+
+
+@dataclass
+class SplitConfig:
+    train: float = field(default=0.8, metadata={"ge": 0})
+    val: float = field(default=0.1, metadata={"ge": 0})
+    test: float = field(default=0.1, metadata={"ge": 0})
+    seed: int = 0
+    stratify: bool = True  # classification only: split each label by its own hash stream
+    oversample_ratio: float | None = field(default=None, metadata={"gt": 0, "le": 1})  # train only
+
+    def validate(self) -> None:
+        if self.train + self.val + self.test <= 0:
+            raise ConfigError("split: train + val + test must be > 0")
+
+
+@dataclass
+class DataConfig:
+    read: ReadConfig = field(default_factory=ReadConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    pii: PIIConfig = field(default_factory=PIIConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    tokenizer: Path | None = None  # a tokenizer directory: enables token limits and token shards
+    workers: int = field(default=0, metadata={"ge": 0})  # 0: one per CPU core
+    chunk_size: int = field(default=256, metadata={"gt": 0})
+
+    def validate(self) -> None:
+        if self.clean.max_tokens is not None and self.clean.max_tokens < self.clean.min_tokens:
+            raise ConfigError("clean.max_tokens: must be >= clean.min_tokens")
+        if self.clean.max_chars < self.clean.min_chars:
+            raise ConfigError("clean.max_chars: must be >= clean.min_chars")
+        if self.read.fields and set(self.read.fields) - _CANONICAL:
+            bad = sorted(set(self.read.fields) - _CANONICAL)[0]
+            raise ConfigError(f"read.fields.{bad}: unknown field (known: {', '.join(sorted(_CANONICAL))})")
+
+
+_CANONICAL = {"instruction", "input", "output", "system", "messages", "conversations", "prompt", "completion", "text", "label"}

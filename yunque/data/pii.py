@@ -1,0 +1,219 @@
+"""Find and scrub personal data and secrets in text, for the data pipeline and the serving guard.
+
+`scan(text)` returns typed, non-overlapping spans (never the values); `scrub(text, modes)`
+replaces them with typed placeholders, counts them, or flags the document for dropping;
+`StreamRedactor` does the same on a token stream by holding back a short tail.
+
+Types and their placeholders (`PLACEHOLDERS`):
+    EMAIL [EMAIL]  PHONE [PHONE]  IPV4 [IPV4]  IPV6 [IPV6]  CREDIT_CARD [CREDIT_CARD]  IBAN [IBAN]
+    US_SSN [SSN]  ES_DNI [DNI]  ES_NIE [NIE]  MX_CURP [CURP]  MX_RFC [RFC]  BR_CPF [CPF]
+    AR_CUIT [CUIT]  CL_RUT [RUT]  URL_CREDENTIALS [CREDENTIALS] (only the user:pass part)
+    AWS_ACCESS_KEY [AWS_ACCESS_KEY]  AWS_SECRET_KEY [AWS_SECRET_KEY] (assigned values)
+    GITHUB_TOKEN [GITHUB_TOKEN]  GITLAB_TOKEN [GITLAB_TOKEN]  SLACK_TOKEN [SLACK_TOKEN]  JWT [JWT]
+    PRIVATE_KEY [PRIVATE_KEY] (whole PEM block)  SECRET_ASSIGNMENT [SECRET] (only the value)
+    BITCOIN_ADDRESS [BTC_ADDRESS]  ETHEREUM_ADDRESS [ETH_ADDRESS]
+
+Policy choices: checksummed identifiers must validate; national phone formats need
+separators (bare digit runs count only after a phone keyword); loopback/unspecified IPs
+and netmasks are not personal data and are kept; dotted quads after a version word
+("v", "version", "build", ...) are versions, not IPs.
+
+Speed: every detector is behind a cheap gate (a literal `in` test or a regex whose first
+character is a digit or a literal), and the digit-heavy national formats only run in small
+windows around runs of >= 6 digits, so prose without PII is scanned at C speed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from yunque.data import pii_detect as _d
+from yunque.data import pii_numeric as _n
+from yunque.errors import ConfigError
+
+PII_TYPES: tuple[str, ...] = (
+    "EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE",
+    "MX_CURP", "MX_RFC", "BR_CPF", "AR_CUIT", "CL_RUT", "URL_CREDENTIALS", "AWS_ACCESS_KEY",
+    "AWS_SECRET_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "JWT", "PRIVATE_KEY",
+    "SECRET_ASSIGNMENT", "BITCOIN_ADDRESS", "ETHEREUM_ADDRESS",
+)  # fmt: skip
+
+PLACEHOLDERS: dict[str, str] = {t: f"[{t}]" for t in PII_TYPES} | {
+    "US_SSN": "[SSN]", "ES_DNI": "[DNI]", "ES_NIE": "[NIE]", "MX_CURP": "[CURP]", "MX_RFC": "[RFC]",
+    "BR_CPF": "[CPF]", "AR_CUIT": "[CUIT]", "CL_RUT": "[RUT]", "URL_CREDENTIALS": "[CREDENTIALS]",
+    "SECRET_ASSIGNMENT": "[SECRET]", "BITCOIN_ADDRESS": "[BTC_ADDRESS]",
+    "ETHEREUM_ADDRESS": "[ETH_ADDRESS]",
+}  # fmt: skip
+
+MODES: tuple[str, ...] = ("redact", "drop", "report", "off")
+
+# When two detectors claim overlapping text the more specific one wins: a PEM block beats
+# everything inside it, a validated checksum beats a phone-shaped digit run.
+_PRIORITY = {
+    "PRIVATE_KEY": 100, "JWT": 90, "URL_CREDENTIALS": 86, "SLACK_TOKEN": 85, "GITHUB_TOKEN": 84,
+    "GITLAB_TOKEN": 84, "AWS_ACCESS_KEY": 83, "AWS_SECRET_KEY": 82, "IBAN": 70, "CREDIT_CARD": 68,
+    "MX_CURP": 66, "MX_RFC": 64, "ES_NIE": 62, "ES_DNI": 61, "BR_CPF": 60, "AR_CUIT": 60,
+    "CL_RUT": 58, "US_SSN": 57, "ETHEREUM_ADDRESS": 55, "BITCOIN_ADDRESS": 55, "EMAIL": 50,
+    "IPV6": 45, "IPV4": 44, "SECRET_ASSIGNMENT": 30, "PHONE": 20,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A typed span of `text[start:end]`; the value itself is never kept."""
+
+    type: str
+    start: int
+    end: int
+
+
+@dataclass
+class ScrubResult:
+    text: str
+    findings: dict[str, int]  # type -> count, for reports (values are never exposed)
+    drop: bool  # a type configured as "drop" fired: the caller should discard the document
+
+
+Add = Callable[[str, int, int], None]
+# Each detector reports (type, start, end) for every candidate it validated.
+_DETECTORS: tuple[tuple[frozenset[str], Callable[[str, Add], None]], ...] = (
+    (frozenset({"PRIVATE_KEY"}), _d.private_keys),
+    (frozenset({"JWT", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "AWS_ACCESS_KEY"}), _d.tokens),
+    (frozenset({"EMAIL"}), _d.emails),
+    (frozenset({"URL_CREDENTIALS"}), _d.url_credentials),
+    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _d.secret_assignments),
+    (frozenset({"IPV4"}), _d.ipv4),
+    (frozenset({"IPV6"}), _d.ipv6),
+    (frozenset({"BITCOIN_ADDRESS", "ETHEREUM_ADDRESS"}), _d.crypto_addresses),
+    (frozenset(_n.NUMERIC_TYPES), _n.numeric_ids),
+)
+
+
+def _wanted(types: Iterable[str] | None) -> frozenset[str]:
+    if types is None:
+        return frozenset(PII_TYPES)
+    wanted = frozenset(types)
+    unknown = wanted - set(PII_TYPES)
+    if unknown:
+        raise ConfigError(f"unknown PII type(s) {sorted(unknown)}; known: {', '.join(PII_TYPES)}")
+    return wanted
+
+
+def scan(text: str, types: Iterable[str] | None = None) -> list[Finding]:
+    """All PII/secret spans in `text` (restricted to `types`), non-overlapping, sorted by start."""
+    wanted = _wanted(types)
+    cands: list[tuple[int, int, int, str]] = []
+
+    def add(t: str, s: int, e: int) -> None:
+        if t in wanted and e > s:
+            cands.append((-_PRIORITY[t], s - e, s, t))
+
+    for det_types, fn in _DETECTORS:
+        if det_types & wanted:
+            fn(text, add)
+    if not cands:
+        return []
+    # Greedy by priority then length; `starts`/`ends` keep the accepted spans sorted.
+    cands.sort()
+    starts: list[int] = []
+    ends: list[int] = []
+    kept: list[Finding] = []
+    for _, neg_len, s, t in cands:
+        e = s - neg_len
+        i = bisect.bisect_right(starts, s)
+        if (i and ends[i - 1] > s) or (i < len(starts) and starts[i] < e):
+            continue
+        starts.insert(i, s)
+        ends.insert(i, e)
+        kept.insert(i, Finding(t, s, e))
+    return kept
+
+
+def _check_modes(modes: dict[str, str] | None, default_mode: str) -> dict[str, str]:
+    if default_mode not in MODES:
+        raise ConfigError(f"pii default_mode: expected one of {MODES}, got {default_mode!r}")
+    out = dict.fromkeys(PII_TYPES, default_mode)
+    for t, m in (modes or {}).items():
+        if t not in out:
+            raise ConfigError(f"pii modes: unknown type {t!r}; known: {', '.join(PII_TYPES)}")
+        if m not in MODES:
+            raise ConfigError(f"pii modes.{t}: expected one of {MODES}, got {m!r}")
+        out[t] = m
+    return out
+
+
+def _apply(text: str, findings: list[Finding], modes: dict[str, str], counts: dict[str, int]) -> tuple[str, bool]:
+    parts: list[str] = []
+    pos = 0
+    drop = False
+    for f in findings:
+        mode = modes[f.type]
+        counts[f.type] = counts.get(f.type, 0) + 1
+        drop |= mode == "drop"
+        if mode in ("redact", "drop"):  # a dropped document is still redacted, in case it is kept
+            parts.append(text[pos : f.start])
+            parts.append(PLACEHOLDERS[f.type])
+            pos = f.end
+    parts.append(text[pos:])
+    return "".join(parts), drop
+
+
+def scrub(text: str, modes: dict[str, str] | None = None, default_mode: str = "redact") -> ScrubResult:
+    """Redact / count / flag PII in `text`. `modes` maps a type to "redact", "drop", "report"
+    or "off"; types not named use `default_mode`. "off" types are not even scanned for."""
+    m = _check_modes(modes, default_mode)
+    findings = scan(text, [t for t, mode in m.items() if mode != "off"])
+    counts: dict[str, int] = {}
+    out, drop = _apply(text, findings, m, counts)
+    return ScrubResult(out, counts, drop)
+
+
+@dataclass
+class StreamRedactor:
+    """Redact a stream of text chunks (e.g. model output) with the same result as `scrub`
+    on the concatenation, for matches shorter than `holdback` characters.
+
+    `feed` returns what is safe to emit now: everything except the last `holdback`
+    characters, and never part of a span that is still open. Text already emitted cannot be
+    recalled, so "drop" acts like "redact" here; `dropped` tells the caller it fired.
+    """
+
+    modes: dict[str, str] | None = None
+    holdback: int = 256
+    default_mode: str = "redact"
+    findings: dict[str, int] = field(default_factory=dict)
+    dropped: bool = False
+
+    def __post_init__(self) -> None:
+        if self.holdback < 1:
+            raise ConfigError(f"StreamRedactor holdback: expected > 0, got {self.holdback}")
+        self._modes = _check_modes(self.modes, self.default_mode)
+        self._types = [t for t, m in self._modes.items() if m != "off"]
+        self._ctx = ""  # already-emitted raw text, kept as left context for the detectors
+        self._buf = ""  # raw text not yet emitted
+
+    def feed(self, chunk: str) -> str:
+        self._buf += chunk
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        off = len(self._ctx)
+        full = self._ctx + self._buf
+        found = [f for f in scan(full, self._types) if f.end > off]
+        cut = len(full) if final else max(off, len(full) - self.holdback)
+        for f in found:  # never split a span: stop before any span that reaches past the cut
+            if f.end > cut:
+                cut = max(off, min(cut, f.start))
+                break
+        emit = [Finding(f.type, max(f.start, off) - off, f.end - off) for f in found if f.end <= cut]
+        out, drop = _apply(self._buf[: cut - off], emit, self._modes, self.findings)
+        self.dropped |= drop
+        self._ctx = full[:cut][-self.holdback :]
+        self._buf = full[cut:]
+        return out

@@ -1,0 +1,213 @@
+"""Digit-heavy detectors: phones, cards, IBANs and national identifiers.
+
+All of them contain a run of >= 6 digits (separators allowed), so one cheap digit-led regex
+finds seed runs, and the ~20 specific patterns only run in small windows around them.
+Typical prose has few such runs; a document without any costs one regex pass.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from yunque.data import pii_checks as ck
+
+Add = Callable[[str, int, int], None]
+NUMERIC_TYPES = ("PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE", "MX_CURP", "MX_RFC",
+                 "BR_CPF", "AR_CUIT", "CL_RUT")  # fmt: skip
+
+_L = r"(?<![0-9A-Za-z_])"
+_R = r"(?![0-9A-Za-z_])"
+_LN = r"(?<![0-9A-Za-z_.\-])"
+_RN = r"(?![0-9A-Za-z_]|[.\-/]\d)"
+_SEP = r"[ .\-\u00a0]"
+
+_SEED = re.compile(r"\d(?:[ .\-/()\u00a0]{0,2}\d){5,}")
+_HEAD = re.compile(r"[0-9A-Za-z_]{0,64}\Z")
+_TAIL = re.compile(r"[0-9A-Za-z_]{0,64}")
+_MARGIN = 24  # longest non-digit stretch at either end of a match (IBAN "GB82 WEST ", CURP tail)
+
+_CARD = re.compile(_LN + r"\d(?:[ \-]?\d){11,18}" + _RN)
+_IBAN = re.compile(_L + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?" + _R)
+_SSN = re.compile(_LN + r"(\d{3})-(\d{2})-(\d{4})" + _RN)
+_SSN_BARE = re.compile(_LN + r"(\d{3}) ?(\d{2}) ?(\d{4})" + _RN)
+_DNI = re.compile(_L + r"(\d{8})[ \-]?([A-Z])" + _R)
+_NIE = re.compile(_L + r"([XYZ])[ \-]?(\d{7})[ \-]?([A-Z])" + _R)
+_CURP = re.compile(_L + r"[A-Z][AEIOUX][A-Z]{2}\d{6}[HMX][A-Z]{5}[0-9A-Z]\d" + _R)
+_RFC = re.compile(r"(?<![0-9A-Za-z_&Ñ])[A-ZÑ&]{3,4}\d{6}[A-Z0-9]{2}[0-9A]" + _R)
+_CPF = re.compile(_LN + r"\d{3}\.\d{3}\.\d{3}-\d{2}" + _RN)
+_CUIT = re.compile(_LN + r"(?:20|23|24|27|30|33|34)-\d{8}-\d" + _RN)
+_ELEVEN = re.compile(_LN + r"\d{11}" + _RN)
+_RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
+
+_PHONE_INTL = re.compile(
+    r"(?<![0-9A-Za-z_+])\+\d{1,3}(?:" + _SEP + r"?\(\d{1,4}\))?(?:" + _SEP + r"?\d{1,5}){1,6}" + _RN
+)
+_PHONE_NATIONAL = [
+    re.compile(p + _RN)
+    for p in (
+        # NANP: (415) 555-0132, 415-555-0132, 1 415 555 0132
+        r"(?<![0-9A-Za-z_+\-.])(?:1" + _SEP + r")?(?:\([2-9]\d{2}\)" + _SEP + r"?|[2-9]\d{2}" + _SEP + r")[2-9]\d{2}"
+        + _SEP + r"\d{4}",
+        # Spain: 612 345 678, 612 34 56 78, 91 123 45 67
+        _LN + r"(?:[6789]\d{2}(?:" + _SEP + r"\d{3}){2}|[6789]\d{2}(?:" + _SEP + r"\d{2}){3}|[89]\d"
+        + _SEP + r"\d{3}(?:" + _SEP + r"\d{2}){2})",
+        # Area code in parentheses: (55) 1234-5678, (11) 91234-5678, (011) 4123-4567
+        _L + r"\(0?\d{2,4}\)" + _SEP + r"?\d{3,5}" + _SEP + r"?\d{4}",
+        # Area code + local: 55 1234 5678, 11 91234-5678, 011 4123-4567, 0341 421-1234, 010-1234-5678
+        _LN + r"(?:0?\d{2}|0\d{3})" + _SEP + r"(?:\d{4,5}|\d{3})" + _SEP + r"\d{4}",
+        # China: 138 0013 8000, 13800138000, 010-12345678
+        _LN + r"1[3-9]\d(?:[ \-]?\d{4}){2}",
+        _LN + r"0\d{2,3}-\d{7,8}",
+    )
+]
+_PHONE_BARE = re.compile(_LN + r"\d{9,12}" + _RN)
+_PHONE_CTX = re.compile(
+    r"tel\b|tel[eé]fono|telefone|phone|mobile|cell|fax|whats ?app|call|m[oó]vil|celular|fone|contact|"
+    r"contato|contacto|电话|手机|联系|致电|拨打"
+)
+_ID_CTX = re.compile(
+    r"order|invoice|\bref|ticket|tracking|isbn|issn|serial|sku|account|acct|\bid\b|\bno\.|n[º°]|#|pedido|"
+    r"factura|folio|protocolo|rastreo|rastreamento|nota fiscal|订单|编号|单号|运单|发票|账号|序列"
+)
+_AMOUNT_AFTER = re.compile(
+    r"\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|km|kg|habitantes|people|personas|pessoas|"
+    r"units|unidades|bytes|[kmg]b\b|元|人)",
+    re.I,
+)
+_YEAR = re.compile(r"(?:19|20)\d\d")
+# ITU-T E.164 country codes (1-, 2- and 3-digit); a "+" number must start with one.
+_CC = frozenset(
+    "1 7 20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 54 55 56 57 58 60 61 62 63 64 65 66 "
+    "81 82 84 86 90 91 92 93 94 95 98 211 212 213 216 218 220 221 222 223 224 225 226 227 228 229 230 231 232 "
+    "233 234 235 236 237 238 239 240 241 242 243 244 245 246 248 249 250 251 252 253 254 255 256 257 258 260 "
+    "261 262 263 264 265 266 267 268 269 290 291 297 298 299 350 351 352 353 354 355 356 357 358 359 370 371 "
+    "372 373 374 375 376 377 378 380 381 382 383 385 386 387 389 420 421 423 500 501 502 503 504 505 506 507 "
+    "508 509 590 591 592 593 594 595 596 597 598 599 670 672 673 674 675 676 677 678 679 680 681 682 683 685 "
+    "686 687 688 689 690 691 692 850 852 853 855 856 880 886 960 961 962 963 964 965 966 967 968 970 971 972 "
+    "973 974 975 976 977 992 993 994 995 996 998".split()
+)
+
+
+def _digits(s: str) -> str:
+    return "".join(c for c in s if c.isdigit())
+
+
+def _ctx(text: str, start: int, width: int = 24) -> str:
+    return text[max(0, start - width) : start].lower()
+
+
+def _windows(text: str) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    n = len(text)
+    for m in _SEED.finditer(text):
+        s, e = max(0, m.start() - _MARGIN), min(n, m.end() + _MARGIN)
+        # Never cut a token in two: a truncated token would pass the boundary checks.
+        s = _HEAD.search(text, max(0, s - 64), s).start()
+        e = _TAIL.match(text, e).end()
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def _cards(text: str, s: int, e: int, add: Add) -> None:
+    for m in _CARD.finditer(text, s, e):
+        raw = m.group()
+        seps = set(re.findall(r"[ \-]", raw))
+        groups = re.split(r"[ \-]", raw)
+        if len(seps) > 1 or (seps and (len(groups[0]) != 4 or min(map(len, groups[:-1])) < 4)):
+            continue
+        # "4111 1111 1111 1111 2024": try the longest run of whole groups that validates.
+        for k in range(len(groups), 0, -1):
+            if ck.card_ok("".join(groups[:k])):
+                add("CREDIT_CARD", m.start(), m.start() + len(" ".join(groups[:k])))
+                break
+
+
+def _ibans(text: str, s: int, e: int, add: Add) -> None:
+    for m in _IBAN.finditer(text, s, e):
+        want = ck.IBAN_LENGTHS.get(m.group()[:2])
+        if want is None:
+            continue
+        # A following all-caps word can be swallowed by the grouping: cut at the country length.
+        count, end = 0, m.start()
+        for end, c in enumerate(m.group(), m.start()):
+            count += c != " "
+            if count == want:
+                break
+        end += 1
+        if count == want and (end == m.end() or text[end] == " ") and ck.iban_ok(m.group()[: end - m.start()].replace(" ", "")):
+            add("IBAN", m.start(), end)
+
+
+def _national_ids(text: str, s: int, e: int, add: Add) -> None:
+    for m in _SSN.finditer(text, s, e):
+        if ck.ssn_ok(*m.groups()):
+            add("US_SSN", *m.span())
+    for m in _SSN_BARE.finditer(text, s, e):
+        if "-" not in m.group() and re.search(r"ssn|social security|seguro social", _ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
+            add("US_SSN", *m.span())
+    for m in _DNI.finditer(text, s, e):
+        if ck.dni_ok(*m.groups()):
+            add("ES_DNI", *m.span())
+    for m in _NIE.finditer(text, s, e):
+        if ck.nie_ok(*m.groups()):
+            add("ES_NIE", *m.span())
+    for m in _CURP.finditer(text, s, e):
+        if ck.curp_ok(m.group()):
+            add("MX_CURP", *m.span())
+    for m in _RFC.finditer(text, s, e):
+        if ck.rfc_ok(m.group()):
+            add("MX_RFC", *m.span())
+    for m in _CPF.finditer(text, s, e):
+        if ck.cpf_ok(_digits(m.group())):
+            add("BR_CPF", *m.span())
+    for m in _CUIT.finditer(text, s, e):
+        if ck.cuit_ok(_digits(m.group())):
+            add("AR_CUIT", *m.span())
+    for m in _ELEVEN.finditer(text, s, e):  # unformatted: only right after the document's name
+        ctx, d = _ctx(text, m.start(), 16), m.group()
+        if "cpf" in ctx and ck.cpf_ok(d):
+            add("BR_CPF", *m.span())
+        elif ("cuit" in ctx or "cuil" in ctx) and ck.cuit_ok(d):
+            add("AR_CUIT", *m.span())
+    for m in _RUT.finditer(text, s, e):
+        if ck.rut_ok(m.group(1).replace(".", ""), m.group(2)):
+            add("CL_RUT", *m.span())
+
+
+def _phones(text: str, s: int, e: int, add: Add) -> None:
+    for m in _PHONE_INTL.finditer(text, s, e):
+        d = _digits(m.group())
+        has_sep = any(not c.isdigit() for c in m.group()[1:])
+        if 8 <= len(d) <= 15 and (has_sep or len(d) >= 10) and (d[:1] in _CC or d[:2] in _CC or d[:3] in _CC):
+            add("PHONE", *m.span())
+    for pat in _PHONE_NATIONAL:
+        for m in pat.finditer(text, s, e):
+            if _national_phone_ok(text, m.start(), m.end()):
+                add("PHONE", *m.span())
+    for m in _PHONE_BARE.finditer(text, s, e):
+        if _PHONE_CTX.search(_ctx(text, m.start())) and _national_phone_ok(text, m.start(), m.end()):
+            add("PHONE", *m.span())
+
+
+def _national_phone_ok(text: str, start: int, end: int) -> bool:
+    raw = text[start:end]
+    groups = re.findall(r"\d+", raw)
+    d = "".join(groups)
+    if not 9 <= len(d) <= 12 or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
+        return False
+    if sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2 or _AMOUNT_AFTER.match(text, end):
+        return False  # "2019 2020 2021", "700 000 000 €"
+    before = _ctx(text, start)
+    return not _ID_CTX.search(before) or bool(_PHONE_CTX.search(before))
+
+
+def numeric_ids(text: str, add: Add) -> None:
+    for s, e in _windows(text):
+        _cards(text, s, e, add)
+        _ibans(text, s, e, add)
+        _national_ids(text, s, e, add)
+        _phones(text, s, e, add)

@@ -1,0 +1,279 @@
+"""`prepare`, `verify`, `inspect`: the Python API behind `yunque data ...`.
+
+prepare(inputs, out_dir, cfg) streams every input once:
+
+    read (main) -> [parse, map, clean, scrub PII, length limits, MinHash] (worker processes,
+    ordered) -> exact dedup, near dedup, split assignment, write (main)
+
+then, if asked, appends oversampled copies to the training split, tokenizes and packs
+the splits into token shards, writes the report and finally the manifest over all of it.
+Memory stays flat in the input size except for the dedup index (16-byte content keys and,
+with near dedup, one 512-byte signature plus the LSH band entries per kept record).
+
+Output directory:
+
+    train.jsonl val.jsonl test.jsonl   normalised records (see records.py), canonical JSON
+    hashes/<split>.sha256              32-byte record hashes (see manifest.py)
+    tokens/, tokenizer/                with a tokenizer (see shards.py)
+    report.json report.md lengths.png  what happened (see report.py)
+    manifest.json                      hashes of everything above + inputs, Merkle roots, config
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from yunque.config import to_dict
+from yunque.data import work
+from yunque.data.config import DataConfig
+from yunque.data.dedup import NearDupIndex
+from yunque.data.manifest import SplitWriter, verify_dir, write_manifest
+from yunque.data.read import expand_inputs, file_kind, iter_file, peek_objects
+from yunque.data.records import detect_shape, get_path
+from yunque.data.report import ERROR_REASONS, Stats, write_report
+from yunque.data.split import SPLITS, Stratifier, copies_for, oversample_plan, split_of
+from yunque.errors import ConfigError, DataError
+
+
+@dataclass
+class PrepareResult:
+    out_dir: Path
+    records_in: int
+    records_kept: int
+    dropped: dict[str, int]
+    splits: dict[str, int]
+    manifest_sha256: str
+    report: dict[str, Any]
+
+
+def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | None = None, log=print) -> PrepareResult:
+    """Read, clean, scrub, deduplicate, split, (tokenize) and hash `inputs` into `out_dir`."""
+    cfg = cfg or DataConfig()
+    out = Path(out_dir)
+    files = expand_inputs(inputs)
+    # Check everything a worker will need here: an exception in a pool initializer respawns forever.
+    if cfg.pii.enabled:
+        scrub = work.load_scrubber()
+        if scrub is None:
+            raise ConfigError("pii.enabled: PII scrubbing needs yunque.data.pii, which is not installed")
+        scrub("", cfg.pii.modes or None, cfg.pii.default_mode)  # unknown types/modes -> ConfigError
+    if cfg.tokenizer is not None:
+        if not Path(cfg.tokenizer).is_dir():
+            raise ConfigError(f"tokenizer: {cfg.tokenizer} is not a tokenizer directory")
+        from yunque.tokenizer import Tokenizer
+
+        Tokenizer.from_dir(cfg.tokenizer)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "manifest.json").is_file():
+            raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
+        shutil.rmtree(out)  # a previous run's output: replace it whole, never mix two runs
+    (out / ".tmp").mkdir(parents=True, exist_ok=True)
+    stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars")
+    writers = [SplitWriter(out, s) for s in SPLITS]
+    try:
+        _stream(files, out, cfg, stats, writers, log)
+        if cfg.split.oversample_ratio is not None and any(stats.labels["train"].values()):
+            _oversample(out, cfg, stats, writers[0])
+        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
+    finally:
+        for w in writers:
+            w._fh.close(), w._hh.close()
+        shutil.rmtree(out / ".tmp", ignore_errors=True)
+    stats.check()
+    if cfg.tokenizer is not None:
+        from yunque.data.shards import write_shards
+
+        stats.tokens = write_shards(out, Path(cfg.tokenizer), workers=_workers(cfg))
+    report = write_report(out, stats)
+    from yunque import __version__
+
+    digest = write_manifest(out, version=__version__, config=to_dict(cfg), inputs=files, splits=split_info)
+    return PrepareResult(out, stats.records_in, stats.kept, dict(stats.dropped),
+                         {s: split_info[s]["records"] for s in SPLITS}, digest, report)
+
+
+def _workers(cfg: DataConfig) -> int:
+    return cfg.workers or os.cpu_count() or 1
+
+
+def _shape_for(path: Path, cfg: DataConfig, log) -> str:
+    if cfg.read.format != "auto":
+        return cfg.read.format
+    if file_kind(path) == "text":
+        shape = "text"
+    else:
+        samples = peek_objects(path)
+        if cfg.read.explode:
+            samples = [{**s, **e} for s in samples if isinstance(s, dict)
+                       for e in _first(s, cfg.read.explode) if isinstance(e, dict)]
+        shape = detect_shape(samples, cfg.read.fields) or "unknown"
+    log(f"{path}: format auto -> {shape}")
+    return shape
+
+
+def _first(obj: dict, path: str) -> list:
+    try:
+        v = get_path(obj, path)
+    except KeyError:
+        return []
+    return v[:1] if isinstance(v, list) else []
+
+
+def _items(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -> Iterator[tuple]:
+    for f in files:
+        shape = _shape_for(f, cfg, log)
+        stats.shapes[str(f)] = shape
+        for item in iter_file(f, cfg.read.text_unit, tmp):
+            yield (item.source, item.kind, item.payload, shape)
+
+
+def _results(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -> Iterator[tuple]:
+    items = _items(files, cfg, stats, tmp, log)
+    chunks = iter(lambda: list(itertools.islice(items, cfg.chunk_size)), [])
+    n = _workers(cfg)
+    if n == 1:
+        work.init_worker(cfg)
+        for chunk in chunks:
+            yield from work.process_chunk(chunk)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(n, initializer=work.init_worker, initargs=(cfg,)) as pool:
+        # Ordered imap keeps output identical to a single-process run; a bounded chunk size keeps memory flat.
+        for res in pool.imap(work.process_chunk, chunks, chunksize=1):
+            yield from res
+
+
+def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers: list[SplitWriter], log) -> None:
+    ratios = (cfg.split.train, cfg.split.val, cfg.split.test)
+    near = NearDupIndex(cfg.dedup.num_perm, cfg.dedup.threshold, cfg.dedup.seed) if cfg.dedup.near != "off" else None
+    near_split = bytearray()  # split of each near-index key
+    near_source: list[str] = []  # kept for duplicate examples in the report
+    seen: dict[bytes, tuple[str, int]] = {}  # exact key -> (source, split)
+    exact_overlap = 0
+    stratify = Stratifier(cfg.split.seed, ratios)
+    for res in _results(files, cfg, stats, out / ".tmp", log):
+        stats.records_in += 1
+        if res[0] == "drop":
+            _, source, reason, message, findings = res
+            _count_pii(stats, findings)
+            if cfg.read.on_error == "fail" and reason in ERROR_REASONS:
+                raise DataError(f"{source}: {message}")
+            stats.drop(reason, source, message)
+            continue
+        _, source, line, key, sig, length, label, findings = res
+        _count_pii(stats, findings)
+        prev = seen.get(key)
+        if prev is not None and cfg.dedup.exact:
+            stats.drop("exact_duplicate", source, f"same content as {prev[0]}")
+            _dup_example(stats, "exact", source, prev[0])
+            continue
+        def assign() -> int:  # an exact duplicate kept (dedup.exact off) follows its first copy
+            if prev is not None:
+                return prev[1]
+            if label is not None and cfg.split.stratify:
+                return stratify(str(label))
+            return split_of(key, cfg.split.seed, ratios)
+
+        if near is not None:
+            matches = near.matches(sig)
+            if matches and cfg.dedup.near == "remove":
+                k, sim = matches[0]
+                stats.drop("near_duplicate", source, f"near duplicate of {near_source[k]} (Jaccard ~{sim:.2f})")
+                _dup_example(stats, "near", source, near_source[k], sim)
+                continue
+            if matches:  # group: join the cluster's split; a record linking two splits would leak, drop it
+                found = {near_split[k] for k, _ in matches}
+                if len(found) > 1:
+                    stats.drop("near_duplicate_bridge", source,
+                               "near duplicate of records in different splits: " + ", ".join(near_source[k] for k, _ in matches[:3]))
+                    continue
+                split = found.pop()
+            else:
+                split = assign()
+            near.add(sig)
+            near_split.append(split)
+            near_source.append(source)
+        else:
+            split = assign()
+        if prev is not None and prev[1] != split:
+            exact_overlap += 1
+        if prev is None:
+            seen[key] = (source, split)
+        writers[split].write(line)
+        stats.keep(split, label, length)
+    stats.overlap = {"exact": exact_overlap, "near": _near_overlap(near, near_split) if near is not None else "not measured (dedup.near: off)"}
+
+
+def _near_overlap(near: NearDupIndex, splits: bytearray) -> int:
+    """Kept records in val/test with a confirmed near duplicate in another split (re-queried after
+    the whole index is built, so a match inserted later than a record is seen too)."""
+    n = 0
+    for k in range(near.size):
+        if splits[k] != 0 and any(splits[j] != splits[k] for j, _ in near.matches(near.signature(k)) if j != k):
+            n += 1
+    return n
+
+
+def _count_pii(stats: Stats, findings: dict[str, int] | None) -> None:
+    if findings:
+        stats.pii.update(findings)
+        stats.pii_records += 1
+
+
+def _dup_example(stats: Stats, kind: str, removed: str, kept: str, sim: float | None = None) -> None:
+    if len(stats.dup_examples) < 2 * stats.max_examples:
+        stats.dup_examples.append({"kind": kind, "removed": removed, "kept": kept, **({"similarity": round(sim, 3)} if sim is not None else {})})
+
+
+def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) -> None:
+    """Append copies of minority-label training records (marked "oversampled": true) to train.jsonl."""
+    counts = dict(stats.labels["train"])
+    plan = oversample_plan(counts, cfg.split.oversample_ratio)
+    stats.labels_after = {s: stats.labels[s].copy() for s in SPLITS}
+    if not plan:
+        return
+    train._fh.flush()
+    n = stats.split_counts["train"]
+    seen: dict[str, int] = {}
+    with open(out / train.file, "rb") as fh:
+        for line in itertools.islice(fh, n):
+            rec = json.loads(line)
+            lab = str(rec.get("label"))
+            if lab not in plan:
+                continue
+            j = seen[lab] = seen.get(lab, -1) + 1
+            for _ in range(copies_for(j, counts[lab], plan[lab])):
+                train.write(json.dumps({**rec, "oversampled": True}, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+                stats.oversampled += 1
+                stats.labels_after["train"][lab] += 1
+
+
+def verify(out_dir: str | Path) -> dict:
+    """Recompute every hash of a prepared directory; DataError names the file and record that differ."""
+    return verify_dir(Path(out_dir))
+
+
+def inspect(out_dir: str | Path, n: int = 3) -> str:
+    """A human-readable summary: totals, lengths, and a few rendered examples with masks marked."""
+    out = Path(out_dir)
+    m = verify_dir(out)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    lines = [f"{out}: {report['records_in']} records in, {report['records_kept']} kept, {report['records_dropped']} dropped",
+             "splits: " + ", ".join(f"{s} {v['records']} (mean length {next(iter(x for k, x in v.items() if k.startswith('mean_length')))})"
+                                    for s, v in report["splits"].items())]
+    if (out / "tokens").is_dir():
+        from yunque.data.shards import render_examples
+
+        lines.append(render_examples(out, n))
+    else:
+        with open(out / m["splits"]["train"]["file"], encoding="utf-8") as fh:
+            for line in itertools.islice(fh, n):
+                lines.append(line.rstrip("\n")[:500])
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Pack documents into fixed-length training rows, deterministically and resumably.
+
+A source is any indexed collection of documents: token ids plus a per-token loss mask
+(`mask[t]` True: token t is a target the model learns to predict). `ArraySource` holds
+one flat token stream with document offsets, which is exactly what a token-shard reader
+memory-maps, so shards plug in without copying.
+
+A row is `seq_len` tokens that may hold several documents. Positions restart at 0 for
+each document and `doc_ids` numbers the documents within the row, so `document_mask`
+stops attention across them: packing then trains exactly like one document per row,
+without the padding. Labels are the next token *within the same document*, or -100.
+
+Two modes:
+- split (pretraining): documents flow across rows; a piece cut at a row end continues at
+  position 0 in the next row. No token is lost as a target, only the context before a cut.
+- whole (fine-tuning): a document never straddles rows; one that does not fit in what is
+  left of a row starts the next row (the rest is padding). Longer than `seq_len`: truncated.
+
+The data position (epoch, cursor in the epoch's order, offset in the document) is the
+whole state: the epoch order is a pure function of (seed, epoch), so a resumed run sees
+the same rows as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+class TokenSource(Protocol):
+    def __len__(self) -> int: ...
+    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray | None]: ...  # (ids int, loss mask bool | None = all)
+    def lengths(self) -> np.ndarray: ...
+
+
+class ArraySource:
+    """Documents as slices of one token array: doc i is tokens[offsets[i]:offsets[i+1]]."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, mask: np.ndarray | None = None):
+        self.tokens, self.offsets, self.mask = tokens, np.asarray(offsets, dtype=np.int64), mask
+
+    @classmethod
+    def from_docs(cls, docs: Sequence[tuple[Sequence[int], Sequence[bool] | None]]) -> ArraySource:
+        lens = [len(ids) for ids, _ in docs]
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        tokens = np.fromiter((t for ids, _ in docs for t in ids), dtype=np.int32, count=int(offsets[-1]))
+        if all(m is None for _, m in docs):
+            return cls(tokens, offsets)
+        mask = np.concatenate([np.asarray(m, dtype=bool) if m is not None else np.ones(len(ids), dtype=bool)
+                               for ids, m in docs]) if docs else np.zeros(0, dtype=bool)
+        return cls(tokens, offsets, mask)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], None if self.mask is None else self.mask[a:b]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def num_targets(self) -> int:
+        """Tokens that are trained on (the first token of a document is never a target)."""
+        if self.mask is None:
+            return int(np.maximum(self.lengths() - 1, 0).sum())
+        starts = self.offsets[:-1][self.lengths() > 0]
+        return int(self.mask.sum() - self.mask[starts].sum())
+
+
+@dataclass
+class PackState:
+    epoch: int = 0
+    cursor: int = 0  # index into the epoch's document order
+    offset: int = 0  # tokens of the current document already packed (split mode)
+    rows: int = 0  # rows produced so far
+    truncated: int = 0  # whole mode: documents cut to seq_len
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (R, T) int64
+    labels: torch.Tensor  # (R, T) int64, IGNORE where not trained
+    positions: torch.Tensor  # (R, T) int64, restarting per document
+    doc_ids: torch.Tensor  # (R, T) int64
+    single_doc: bool  # every row is one unpadded document: plain causal attention suffices
+
+    def rows(self, start: int, stop: int) -> Batch:
+        sl = slice(start, stop)
+        d = self.doc_ids[sl]
+        return Batch(self.input_ids[sl], self.labels[sl], self.positions[sl], d, bool((d == 0).all()))
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+class Packer:
+    def __init__(self, source: TokenSource, seq_len: int, *, split_docs: bool, shuffle: bool, seed: int,
+                 pad_id: int = 0, one_pass: bool = False):
+        if len(source) == 0:
+            raise ValueError("cannot pack an empty source")
+        self.source, self.T, self.split, self.shuffle, self.seed, self.pad_id = source, seq_len, split_docs, shuffle, seed, pad_id
+        self.one_pass = one_pass  # stop at the end of epoch 0: the rest is padding (validation)
+        self.state = PackState()
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            n = len(self.source)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = PackState(**d)
+
+    def rows_per_epoch(self) -> int:
+        """Rows one pass over the data fills (whole mode depends on the order: epoch 0's)."""
+        lens = self.source.lengths()
+        if self.split:
+            return max(1, -(-int(lens.sum()) // self.T))
+        rows, fill = 0, 0
+        for n in np.minimum(lens[self.order(0)], self.T):
+            if fill + n > self.T:
+                rows, fill = rows + 1, 0
+            fill += n
+        return rows + (fill > 0)
+
+    def _next_doc(self) -> None:
+        st = self.state
+        st.cursor, st.offset = st.cursor + 1, 0
+        if st.cursor >= len(self.source):
+            st.epoch, st.cursor = st.epoch + 1, 0
+
+    def _row(self, ids: np.ndarray, lab: np.ndarray, pos: np.ndarray, doc: np.ndarray) -> None:
+        st, T = self.state, self.T
+        fill, d = 0, 0
+        while fill < T and not (self.one_pass and st.epoch > 0):
+            ids_d, mask_d = self.source.doc(int(self.order(st.epoch)[st.cursor]))
+            L = len(ids_d)
+            if self.split:
+                n = min(L - st.offset, T - fill)
+            else:
+                n = min(L, T)
+                if fill > 0 and n > T - fill:
+                    break  # does not fit: pad the rest of this row, start the next with this document
+                st.truncated += L > T
+            a = st.offset
+            ids[fill:fill + n] = ids_d[a:a + n]
+            tgt = ids_d[a + 1:a + n + 1]  # the next token within the document; shorter by one at its end
+            k = len(tgt)
+            lab[fill:fill + k] = tgt if mask_d is None else np.where(mask_d[a + 1:a + 1 + k], tgt, IGNORE)
+            pos[fill:fill + n] = np.arange(n)
+            doc[fill:fill + n] = d
+            fill, d = fill + n, d + 1
+            if self.split and a + n < L:
+                st.offset = a + n
+            else:
+                self._next_doc()
+        if fill < T:
+            doc[fill:] = d  # padding is its own document: it attends only to itself and is never a target
+        st.rows += 1
+
+    def next_batch(self, rows: int) -> Batch:
+        T = self.T
+        ids = np.full((rows, T), self.pad_id, dtype=np.int64)
+        lab = np.full((rows, T), IGNORE, dtype=np.int64)
+        pos = np.zeros((rows, T), dtype=np.int64)
+        doc = np.zeros((rows, T), dtype=np.int64)
+        for r in range(rows):
+            self._row(ids[r], lab[r], pos[r], doc[r])
+        t = torch.from_numpy
+        return Batch(t(ids), t(lab), t(pos), t(doc), bool((doc == 0).all()))
+
+
+def fixed_batches(source: TokenSource, seq_len: int, rows: int, *, split_docs: bool, pad_id: int = 0) -> list[Batch]:
+    """One ordered pass over `source` (validation): every document exactly once."""
+    p = Packer(source, seq_len, split_docs=split_docs, shuffle=False, seed=0, pad_id=pad_id, one_pass=True)
+    out = []
+    while p.state.epoch == 0:
+        out.append(p.next_batch(rows))
+    used = (out[-1].doc_ids != out[-1].doc_ids[:, :1]) | (out[-1].positions > 0) | (out[-1].labels != IGNORE)
+    keep = int(used.any(dim=1).sum())  # rows past the end are pure padding: drop them
+    out[-1] = out[-1].rows(0, keep)
+    return [b for b in out if len(b.input_ids)]

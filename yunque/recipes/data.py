@@ -1,0 +1,92 @@
+"""`yunque data prepare | verify | inspect`: thin wrappers over yunque.data.pipeline."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from yunque.config import load_config
+from yunque.data.config import DataConfig
+from yunque.errors import ConfigError
+
+FormatArg = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
+
+
+def prepare_cmd(
+    inputs: list[str],
+    out: str | None = None,
+    config: str | None = None,
+    format: FormatArg | None = None,
+    on_error: Literal["skip", "fail"] | None = None,
+    tokenizer: str | None = None,
+    workers: int | None = None,
+    overrides: list[str] | None = None,
+) -> int:
+    """Read, clean, scrub PII, deduplicate, split, hash (and tokenize) data into a directory.
+
+    Args:
+        inputs: data files, directories or globs (JSONL, JSON, CSV, TSV, Parquet, text; .gz too)
+        out: output directory (required); a previous prepared directory there is replaced
+        config: data.yaml with any DataConfig option; the flags below override it
+        format: record shape; auto detects it per file and says what it chose
+        on_error: skip bad records (counted, with examples) or fail at the first one
+        tokenizer: tokenizer directory: enables token limits and writes token shards
+        workers: worker processes (default: one per CPU core)
+        overrides: extra key=value settings, e.g. dedup.threshold=0.85 split.seed=3
+    """
+    from yunque.data.pipeline import prepare
+
+    if out is None:
+        raise ConfigError("--out is required")
+    extra = list(overrides or [])
+    for key, value in (("read.format", format), ("read.on_error", on_error), ("tokenizer", tokenizer), ("workers", workers)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    cfg = load_config(DataConfig, config, extra)
+    r = prepare(inputs, out, cfg)
+    rep = r.report
+    print(f"records in {r.records_in} = kept {r.records_kept} + dropped {sum(r.dropped.values())}")
+    for reason, n in sorted(r.dropped.items()):
+        first = rep["examples"].get(reason, [""])[0]
+        print(f"  dropped {reason}: {n}" + (f"  (first: {first})" if first else ""))
+    print("splits: " + ", ".join(f"{s} {n}" for s, n in r.splits.items()))
+    if rep["pii_findings"]:
+        print("PII findings: " + ", ".join(f"{t} {n}" for t, n in rep["pii_findings"].items()))
+    ov = rep["cross_split_overlap"]
+    print(f"cross-split overlap: exact {ov['exact']}, near {ov['near']}")
+    if rep["tokens"]:
+        print("tokens: " + ", ".join(f"{s} {v['tokens']}" for s, v in rep["tokens"]["splits"].items()))
+    print(f"wrote {r.out_dir} (report.md, manifest.json sha256 {r.manifest_sha256})")
+    return 0
+
+
+def verify_cmd(dir: str) -> int:
+    """Recompute every hash of a prepared data directory; fail naming the file and record that changed.
+
+    Args:
+        dir: a directory written by `yunque data prepare`
+    """
+    import hashlib
+    from pathlib import Path
+
+    from yunque.data.pipeline import verify
+
+    m = verify(dir)
+    for s, info in m["splits"].items():
+        print(f"{s}: {info['records']} records, merkle root {info['merkle_root']}")
+    print(f"files: {len(m['files'])} verified; inputs: {len(m['inputs_checked'])} verified"
+          + (f", {len(m['inputs_missing'])} not present here (not checked)" if m["inputs_missing"] else ""))
+    print(f"OK  manifest sha256 {hashlib.sha256((Path(dir) / 'manifest.json').read_bytes()).hexdigest()}")
+    return 0
+
+
+def inspect_cmd(dir: str, n: int = 3) -> int:
+    """Show totals, length statistics and a few rendered examples with the masked tokens marked.
+
+    Args:
+        dir: a directory written by `yunque data prepare`
+        n: number of examples to show
+    """
+    from yunque.data.pipeline import inspect
+
+    print(inspect(dir, n))
+    return 0

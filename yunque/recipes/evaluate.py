@@ -1,0 +1,161 @@
+"""`yunque eval`, `yunque redteam` and `yunque canaries`: thin wrappers over yunque.evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from yunque.errors import YunqueError
+
+
+def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | None = None, adapter: Path | None = None,
+             metrics: list[str] | None = None, compare: list[Path] | None = None,
+             scoring: Literal["generate", "likelihood"] = "generate", labels: list[str] | None = None,
+             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+             max_length: int | None = None, stride: int | None = None, limit: int | None = None) -> int:
+    """Score a model on held-out data: perplexity, ROUGE, BLEU, chrF, exact match, classification.
+
+    Args:
+        model: model directory (Hugging Face format)
+        data: JSONL/JSON file of examples (text, prompt+reference, chat, alpaca or text+label records)
+        out: output directory for eval.json, eval.md, predictions.jsonl and PNG charts
+        adapter: LoRA adapter directory (PEFT format) merged into --model for this evaluation
+        metrics: perplexity, rouge, bleu, chrf, exact_match, classification (default: by data kind)
+        compare: more models to put side by side; an adapter directory means --model plus that adapter
+        scoring: classification by parsing generated text or by comparing label likelihoods
+        labels: every class name (default: the labels found in the data)
+        chat: wrap raw prompts in the chat template (default: only chat records use it)
+        max_new_tokens: generation limit per example
+        batch_size: examples per generation / scoring batch
+        max_length: context window for scoring (default: the model's, at most 2048)
+        stride: sliding-window step for long documents (default: max_length / 2)
+        limit: evaluate only the first N examples
+    """
+    from yunque.evaluate.report import markdown, write_report
+    from yunque.evaluate.runner import evaluate
+
+    for flag, v in (("--model", model), ("--data", data), ("--out", out)):
+        if v is None:
+            raise YunqueError(f"{flag} is required")
+    runs: list[tuple[Path, Path | None]] = [(model, adapter)]
+    for c in compare or []:
+        runs.append((model, c) if (Path(c) / "adapter_config.json").is_file() else (c, None))
+    kw = dict(metrics=metrics, scoring=scoring, labels=labels, chat=chat, max_new_tokens=max_new_tokens,
+              batch_size=batch_size, max_length=max_length, stride=stride, limit=limit)
+    results = []
+    for m, a in runs:
+        print(f"evaluating {m}" + (f" + {a}" if a else ""), file=sys.stderr)
+        results.append(evaluate(m, data, adapter=a, **kw))
+    write_report(results, out)
+    print(markdown(results))
+    print(f"wrote {out}/eval.json, eval.md, predictions.jsonl, charts", file=sys.stderr)
+    return 0
+
+
+def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | None = None,
+                api_key: str | None = None, adapter: Path | None = None, served_model: str | None = None,
+                attempts: int = 3, temperature: float = 0.7, max_tokens: int = 256, seed: int = 0,
+                probes: list[Path] | None = None, categories: list[str] | None = None,
+                canaries: Path | None = None, fail_above: float | None = None, check_only: bool = False) -> int:
+    """Run the red-team probe suite (OWASP LLM Top 10 2025 categories) against a model or an endpoint.
+
+    Args:
+        out: output directory for redteam.json, redteam.md and attempts.jsonl
+        model: local model directory
+        url: OpenAI-compatible endpoint (http://host:port, .../v1 or .../v1/chat/completions)
+        api_key: bearer token for --url (default: $YUNQUE_API_KEY, then $OPENAI_API_KEY)
+        adapter: LoRA adapter merged into --model
+        served_model: the "model" field sent to --url
+        attempts: samples per prompt variant
+        temperature: sampling temperature (0: greedy, then use --attempts 1)
+        max_tokens: reply limit; reaching it counts as unbounded output
+        seed: sampling seed
+        probes: extra probe YAML files or directories (same format as the built-in ones)
+        categories: run only these categories
+        canaries: JSON file of canaries planted in the training data (from `yunque canaries`)
+        fail_above: exit with code 1 when any attack category's success rate exceeds this fraction
+        check_only: only check that every detector fires on its probe's example and not on a refusal
+    """
+    from yunque.evaluate.canary import load_canaries
+    from yunque.evaluate.redteam import add_canaries, check_suite, gate, load_suite, markdown, run_redteam, write_redteam
+
+    suite = load_suite(probes or [], categories)
+    problems = check_suite(suite)
+    if problems:
+        raise YunqueError("probe suite check failed:\n  " + "\n  ".join(problems))
+    if check_only:
+        print(f"{sum(len(c.probes) for c in suite.categories)} probes in {len(suite.categories)} categories: all detectors check out")
+        return 0
+    if (model is None) == (url is None):
+        raise YunqueError("give exactly one of --model DIR or --url URL")
+    if out is None:
+        raise YunqueError("--out is required")
+    if fail_above is not None and not 0.0 <= fail_above <= 1.0:
+        raise YunqueError(f"--fail-above {fail_above}: must be a fraction in [0, 1]")
+    if attempts < 1:
+        raise YunqueError("--attempts must be >= 1")
+    if canaries is not None:
+        add_canaries(suite, load_canaries(canaries), raw=model is not None)
+    if model is not None:
+        from yunque.evaluate.targets import LocalTarget
+
+        target = LocalTarget(model, adapter, max_tokens=max_tokens, temperature=temperature)
+    else:
+        from yunque.evaluate.targets import OpenAITarget
+
+        key = api_key or os.environ.get("YUNQUE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        target = OpenAITarget(url, key, served_model, max_tokens=max_tokens, temperature=temperature)
+    summary, records = run_redteam(target, suite, attempts=attempts, seed=seed)
+    failed = gate(summary, fail_above)
+    if fail_above is not None:
+        summary["gate"] = {"fail_above": fail_above, "failed": failed}
+    write_redteam(summary, records, out, target.name)
+    print(markdown(summary, target.name))
+    return 1 if failed else 0
+
+
+def canaries_cmd(data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
+    """Plant unique canary strings into a JSONL training file, to measure memorisation later.
+
+    Args:
+        data: input JSONL file of records (text, completion or chat)
+        out: output JSONL file; the canaries go to OUT with suffix .canaries.json, placements to .placements.jsonl
+        n: number of distinct canaries
+        rate: fraction of records that get a canary
+        seed: seed for the canaries and their placement
+    """
+    from yunque.evaluate.canary import make_canaries, plant_canaries, save_canaries
+
+    if not 0.0 < rate <= 1.0:
+        raise YunqueError(f"--rate {rate}: must be in (0, 1]")
+    if n < 1:
+        raise YunqueError("--n must be >= 1")
+    records = []
+    try:
+        with open(data, encoding="utf-8") as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise YunqueError(f"{data}:{i}: invalid JSON: {e.msg}") from None
+    except FileNotFoundError:
+        raise YunqueError(f"{data}: no such file") from None
+    if not records:
+        raise YunqueError(f"{data}: empty file (no records)")
+    canaries = make_canaries(n, seed)
+    planted, placements = plant_canaries(records, canaries, rate, seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for r in planted:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    save_canaries(canaries, out.with_suffix(".canaries.json"))
+    with open(out.with_suffix(".placements.jsonl"), "w", encoding="utf-8") as fh:
+        for p in placements:
+            fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+    print(f"planted {len(placements)} copies of {n} canaries into {out}; canaries: {out.with_suffix('.canaries.json')}")
+    return 0

@@ -1,0 +1,147 @@
+"""Run tracking: metrics.jsonl always, MLflow and TensorBoard when asked, a loss/lr plot at the end.
+
+metrics.jsonl is the source of truth: one JSON object per line, `{"step": n, "kind": "train"|"eval", ...}`.
+On resume the lines past the checkpoint's step are dropped, so the file reads like one
+uninterrupted run. MLflow (a local `file:` store by default) and TensorBoard are imported
+only when enabled, so neither is a dependency of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Tracker:
+    def __init__(self, out_dir: Path, *, enabled: bool = True, mlflow: bool = False, mlflow_uri: str | None = None,
+                 tensorboard: bool = False, run_name: str = "yunque", params: dict | None = None, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self._mlflow = self._tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and _step_of(ln) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        elif resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")
+        if mlflow:
+            import mlflow as mlf
+
+            mlf.set_tracking_uri(mlflow_uri or (out_dir / "mlruns").resolve().as_uri())
+            mlf.set_experiment("yunque")
+            self._mlflow = mlf
+            mlf.start_run(run_name=run_name)
+            mlf.log_params(_flat(params or {}))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log(self, step: int, kind: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._fh.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        self._fh.flush()
+        nums = {f"{kind}/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({k.replace("/", "_"): v for k, v in nums.items()}, step=step)
+        if self._tb is not None:
+            for k, v in nums.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self._mlflow is not None:
+            self._mlflow.end_run()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line from a killed run: drop it
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:250]
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> Path | None:
+    """Training and validation loss (left axis) and learning rate (right axis) against step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(metrics_path)
+    tr = [r for r in rows if r["kind"] == "train"]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss", lw=1)
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in tr], [r["lr"] for r in tr], color="gray", ls="--", lw=1, label="lr")
+    ax2.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return out_png
+
+
+class Progress:
+    """One line per log step: step, loss, lr, tokens/s, ETA. Rewrites in place on a terminal."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool):
+        self.total, self.start, self.enabled = total_steps, start_step, enabled
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float, lr: float, tok_s: float, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        done = step - self.start
+        el = time.perf_counter() - self.t0
+        eta = el / done * (self.total - step) if done > 0 else 0.0
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"eta {_hms(eta)}{(' | ' + extra) if extra else ''}")
+        print(line, file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

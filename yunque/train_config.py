@@ -1,0 +1,143 @@
+"""The typed, strict configuration of `yunque train` (one tree for every method).
+
+A YAML file gives only what differs from these defaults; `key=value` overrides address
+nested fields with dots (`optim.lr=1e-4`, `lora.r=8`, `parallel=ddp`). Cross-field rules
+live in the `validate()` methods and name the field they reject.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from yunque.errors import ConfigError
+
+Method = Literal["pretrain", "full", "lora", "qlora"]
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = None  # pretrain: a yunque.presets name ("tiny", "small", "base", ...)
+    path: Path | None = None  # full / lora / qlora: a Hugging Face model directory
+    overrides: dict[str, Any] = field(default_factory=dict)  # pretrain: ModelConfig fields over the preset
+    dtype: Literal["float32", "bfloat16"] = "float32"  # storage of the trained weights (fp32 master weights by default)
+
+
+@dataclass
+class DataSection:
+    dir: Path | None = None  # a `yunque data prepare` output: train.jsonl / val.jsonl + manifest.json
+    train: list[Path] = field(default_factory=list)  # or raw .txt / .jsonl files (text, chat, completion records)
+    val: list[Path] = field(default_factory=list)
+    val_fraction: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})  # hold out the tail of raw train text
+    seq_len: int = field(default=512, metadata={"gt": 1})
+    pack: Literal["auto", "split", "whole"] = "auto"  # auto: split for pretrain, whole documents for fine-tuning
+    shuffle: bool = True
+    train_on_prompt: bool = False  # fine-tuning: also learn the prompt / user turns
+    add_bos: bool = True
+    add_eos: bool = True
+
+
+@dataclass
+class LoraSection:
+    r: int = field(default=16, metadata={"gt": 0})
+    alpha: float = field(default=32.0, metadata={"gt": 0})
+    dropout: float = field(default=0.05, metadata={"ge": 0.0, "lt": 1.0})
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    rslora: bool = False
+    double_quant: bool = True  # qlora: quantise the NF4 scales too
+
+    def validate(self) -> None:
+        if not self.targets:
+            raise ConfigError("lora.targets: must name at least one linear layer")
+
+
+@dataclass
+class OptimSection:
+    lr: float = field(default=3e-4, metadata={"gt": 0})
+    weight_decay: float = field(default=0.1, metadata={"ge": 0})
+    beta1: float = field(default=0.9, metadata={"ge": 0, "lt": 1})
+    beta2: float = field(default=0.95, metadata={"ge": 0, "lt": 1})
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    warmup_steps: int = field(default=100, metadata={"ge": 0})
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = field(default=0.1, metadata={"ge": 0, "le": 1})  # the floor of the decay, times lr
+    grad_clip: float = field(default=1.0, metadata={"ge": 0})  # 0: off
+
+
+@dataclass
+class EvalSection:
+    every: int = field(default=100, metadata={"ge": 0})  # steps; 0: only at the end
+    max_batches: int = field(default=0, metadata={"ge": 0})  # 0: the whole validation set
+    patience: int = field(default=0, metadata={"ge": 0})  # early stopping after this many evals without improvement; 0: off
+    min_delta: float = field(default=0.0, metadata={"ge": 0})
+
+
+@dataclass
+class CheckpointSection:
+    every: int = field(default=200, metadata={"ge": 0})  # steps; 0: only best / final
+    keep_last: int = field(default=2, metadata={"ge": 1})
+
+
+@dataclass
+class LogSection:
+    every: int = field(default=10, metadata={"gt": 0})
+    mlflow: bool = False
+    mlflow_uri: str | None = None  # default: a local file store in the run directory
+    tensorboard: bool = False
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "pretrain"
+    out_dir: Path = Path("runs/train")
+    seed: int = 1234
+    tokenizer: Path | None = None  # default: the model directory (full/lora/qlora)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    micro_batch: int = field(default=4, metadata={"gt": 0})  # rows per rank per micro-step
+    grad_accum: int = field(default=1, metadata={"gt": 0})
+    max_steps: int = field(default=0, metadata={"ge": 0})  # 0: from epochs
+    epochs: float = field(default=1.0, metadata={"gt": 0})
+    max_time: float = field(default=0.0, metadata={"ge": 0})  # seconds of training; 0: no limit
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 master weights
+    grad_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint
+    verify_data: bool = True
+    base_model_name: str | None = None  # written into the PEFT adapter config (default: model.path)
+
+    def validate(self) -> None:
+        if self.method == "pretrain":
+            if self.model.preset is None:
+                raise ConfigError("model.preset: required for method pretrain (e.g. tiny, small, base)")
+            if self.model.path is not None:
+                raise ConfigError("model.path: method pretrain starts from random weights; use method full to continue a checkpoint")
+            if self.tokenizer is None:
+                raise ConfigError("tokenizer: required for method pretrain (the tokenizer directory of the data step)")
+        else:
+            if self.model.path is None:
+                raise ConfigError(f"model.path: required for method {self.method} (a Hugging Face model directory)")
+            if self.model.preset is not None or self.model.overrides:
+                raise ConfigError(f"model.preset: only for method pretrain, not {self.method}")
+        if self.data.dir is None and not self.data.train:
+            raise ConfigError("data.dir: give a prepared data directory or data.train files")
+        if self.data.dir is not None and (self.data.train or self.data.val):
+            raise ConfigError("data.train: give either data.dir or data.train/data.val files, not both")
+        if self.method == "qlora" and self.parallel == "fsdp":
+            raise ConfigError("parallel: fsdp is not supported with method qlora (NF4 weights cannot be sharded); use ddp")
+        if self.method in ("lora", "qlora") and self.model.dtype == "bfloat16" and self.precision == "fp32":
+            raise ConfigError("precision: bf16 base weights need precision bf16")
+        if self.eval.patience and self.eval.every == 0:
+            raise ConfigError("eval.every: early stopping (eval.patience) needs periodic evaluation")
+
+    @property
+    def split_docs(self) -> bool:
+        return self.data.pack == "split" or (self.data.pack == "auto" and self.method == "pretrain")

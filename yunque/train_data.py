@@ -1,0 +1,172 @@
+"""Training documents from the data step's output or raw files: token ids + loss mask per document.
+
+Record kinds (the data pipeline's normalised records, or raw JSONL of the same shape):
+    text            every token is trained
+    completion      prompt masked, completion trained (+ EOS)
+    chat            the chat template's assistant mask: assistant turns and their end-of-turn trained
+    classification  text as the prompt, the label as the completion
+`data.train_on_prompt` trains on prompts / user turns too. Raw .txt files are one `text`
+document each; `data.val_fraction` holds out the tail of raw text (e.g. the last 10%).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from yunque.errors import DataError
+from yunque.packing import ArraySource
+from yunque.tokenizer import Tokenizer
+from yunque.train_config import TrainConfig
+
+
+@dataclass
+class TrainData:
+    train: ArraySource
+    val: ArraySource | None
+    manifest: dict | None  # the verified data manifest's roots, for run.json
+
+
+def verify_prepared(d: Path) -> dict:
+    """The data pipeline's verification (raises DataError naming file and record)."""
+    try:
+        from yunque.data.pipeline import verify
+    except ImportError:
+        raise DataError(f"{d}: cannot verify the manifest: yunque.data.pipeline is not installed "
+                        "(pass --no-verify-data to train without verification)") from None
+    return verify(d)
+
+
+def _manifest_roots(d: Path) -> dict | None:
+    p = d / "manifest.json"
+    if not p.is_file():
+        return None
+    m = json.loads(p.read_text(encoding="utf-8"))
+    splits = m.get("splits", {})
+    return {name: {k: v for k, v in info.items() if k in ("records", "merkle_root", "sha256")}
+            for name, info in splits.items() if isinstance(info, dict)}
+
+
+class Encoder:
+    def __init__(self, tok: Tokenizer, cfg: TrainConfig):
+        self.tok, self.cfg = tok, cfg
+        self.bos = [tok.bos_id] if cfg.data.add_bos and tok.bos_id is not None else []
+        self.eos = [tok.eos_id] if cfg.data.add_eos and tok.eos_id is not None else []
+
+    def text(self, text: str) -> tuple[list[int], None]:
+        return self.bos + self.tok.encode(text) + self.eos, None
+
+    def pair(self, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
+        p, c = self.bos + self.tok.encode(prompt), self.tok.encode(completion) + self.eos
+        train_p = self.cfg.data.train_on_prompt
+        return p + c, [train_p] * len(p) + [True] * len(c)
+
+    def record(self, rec: dict, where: str) -> tuple[list[int], list[bool] | None]:
+        kind = rec.get("kind", "text" if "text" in rec else None)
+        if kind == "text":
+            return self.text(rec["text"])
+        if kind == "completion":
+            return self.pair(rec["prompt"], rec["completion"])
+        if kind == "classification":
+            return self.pair(rec["text"] + "\n", str(rec["label"]))
+        if kind == "chat":
+            from yunque.chat import render_chat
+
+            r = render_chat(self.tok, rec["messages"])
+            mask = [True] * len(r.ids) if self.cfg.data.train_on_prompt else list(r.assistant_mask)
+            return list(r.ids), mask
+        raise DataError(f"{where}: unknown record kind {kind!r} (expected text, completion, chat or classification)")
+
+
+def _jsonl_docs(path: Path, enc: Encoder) -> list:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object")
+            try:
+                docs.append(enc.record(rec, f"{path}:{i}"))
+            except KeyError as e:
+                raise DataError(f"{path}:{i}: record lacks field {e}") from None
+    return docs
+
+
+def _file_docs(path: Path, enc: Encoder, part: str, frac: float) -> list:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    if path.suffix == ".jsonl":
+        docs = _jsonl_docs(path, enc)
+        cut = int(round(len(docs) * (1 - frac)))
+        return docs[:cut] if part == "train" else docs[cut:]
+    text = path.read_text(encoding="utf-8")
+    cut = int(len(text) * (1 - frac))
+    piece = text[:cut] if part == "train" else text[cut:]
+    return [enc.text(piece)] if piece else []
+
+
+def _source(docs: list, what: str) -> ArraySource:
+    docs = [d for d in docs if len(d[0]) > 1]
+    if not docs:
+        raise DataError(f"no {what} documents with at least two tokens")
+    return ArraySource.from_docs(docs)
+
+
+def load_data(cfg: TrainConfig, tok: Tokenizer) -> TrainData:
+    enc = Encoder(tok, cfg)
+    d = cfg.data
+    manifest = None
+    if d.dir is not None:
+        if not d.dir.is_dir():
+            raise DataError(f"{d.dir}: data directory not found")
+        if cfg.verify_data:
+            verify_prepared(d.dir)
+        manifest = _manifest_roots(d.dir)
+        train = _jsonl_docs(d.dir / "train.jsonl", enc)
+        val = _jsonl_docs(d.dir / "val.jsonl", enc) if (d.dir / "val.jsonl").is_file() else []
+    else:
+        train = [doc for p in d.train for doc in _file_docs(p, enc, "train", d.val_fraction)]
+        val = [doc for p in d.val for doc in _file_docs(p, enc, "train", 0.0)]
+        if d.val_fraction > 0:
+            val += [doc for p in d.train for doc in _file_docs(p, enc, "val", d.val_fraction)]
+    vocab = tok.vocab_size
+    for docs, name in ((train, "train"), (val, "val")):
+        for ids, _ in docs:
+            if ids and max(ids) >= vocab:
+                raise DataError(f"{name} data has token id {max(ids)} >= vocab_size {vocab}")
+    return TrainData(_source(train, "training"), _source(val, "validation") if val else None, manifest)
+
+
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2 / Llama 3 byte-level alphabet: every byte is one printable character.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tok: Tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token stands for (0 for special tokens): the denominator of bits per byte."""
+    table = _byte_decoder()
+    special = set(tok._rust.get_added_tokens_decoder())
+    out = np.zeros(tok.vocab_size, dtype=np.float32)
+    for i in range(tok.vocab_size):
+        if i in special:
+            continue
+        s = tok.id_to_token(i) or ""
+        out[i] = len(s) if all(ch in table for ch in s) else len(tok.decode([i]).encode("utf-8"))
+    return torch.from_numpy(out)

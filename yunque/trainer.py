@@ -1,0 +1,280 @@
+"""One training loop for pretrain | full | lora | qlora, with exact resume.
+
+`Trainer(cfg)` builds everything (tokenizer, data, model, optimizer, packer) without
+training, which is what `--dry-run` inspects; `Trainer.run()` trains. Everything that
+decides what step n computes (weights, optimizer moments, RNG, data position, schedule
+step, early-stopping counters) is in the checkpoint, so a resumed run repeats the
+uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from yunque import distributed as D
+from yunque.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                               set_rng_state, unflatten_optimizer)
+from yunque.config import to_dict
+from yunque.errors import CheckpointError, ConfigError
+from yunque.model import ModelConfig, Transformer
+from yunque.packing import Packer, fixed_batches
+from yunque.tokenizer import Tokenizer
+from yunque.tracking import Progress, Tracker, plot_metrics
+from yunque.train_config import TrainConfig
+from yunque.train_data import load_data, token_bytes
+from yunque.training import (CausalLMLoss, eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device,
+                             train_step)
+
+PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    losses: list[float] = field(default_factory=list)  # per step, this session and (on resume) before it
+    final: dict = field(default_factory=dict)
+    best: dict | None = None
+    best_step: int | None = None
+    best_checkpoint: Path | None = None
+    stopped_early: bool = False
+    output: Path | None = None  # the HF model directory or the PEFT adapter directory
+    run_json: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _lora_config(cfg: TrainConfig):
+    from yunque.lora import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets), rslora=lc.rslora,
+                      quantize="nf4" if cfg.method == "qlora" else None, double_quant=lc.double_quant)
+
+
+def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    if cfg.method == "pretrain":
+        from yunque.presets import get_preset
+
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        for k in cfg.model.overrides:
+            if k not in known:
+                raise ConfigError(f"model.overrides.{k}: unknown model field (known: {', '.join(sorted(known))})")
+        mc = get_preset(cfg.model.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                        pad_token_id=tok.pad_id, **cfg.model.overrides)
+        model = Transformer(mc)
+        model.init_weights(generator=torch.Generator().manual_seed(cfg.seed))
+        model.to(dtype)
+    else:
+        from yunque.formats.hf import load_model
+
+        model = load_model(cfg.model.path, dtype=dtype)
+        if model.config.vocab_size < tok.vocab_size:
+            raise ConfigError(f"tokenizer: {tok.vocab_size} tokens but the model has {model.config.vocab_size} embeddings")
+        if cfg.method in ("lora", "qlora"):
+            from yunque.lora import apply_lora
+
+            for p in model.parameters():
+                p.requires_grad_(False)
+            apply_lora(model, _lora_config(cfg))
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, quiet: bool = False):
+        self.cfg = cfg
+        seed_everything(cfg.seed)
+        device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.d = D.init(cfg.parallel, device_type)
+        self.device = D.device_for(self.d, cfg.device)
+        self.tok = Tokenizer.from_dir(cfg.tokenizer or cfg.model.path)
+        self.data = load_data(cfg, self.tok)
+        self.model = build_model(cfg, self.tok).to(self.device)
+        self.loss_module = CausalLMLoss(self.model)
+        self.module = D.wrap(self.d, self.loss_module, self.model.model.layers, self.device)
+        o = cfg.optim
+        self.optimizer = make_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+                                        fused=False if self.d.kind == "fsdp" else None)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        self.packer = Packer(self.data.train, cfg.data.seq_len, split_docs=cfg.split_docs, shuffle=cfg.data.shuffle,
+                             seed=cfg.seed, pad_id=self.tok.pad_id or 0)
+        self.rows_per_step = cfg.micro_batch * self.d.world * cfg.grad_accum
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.packer.rows_per_epoch() / self.rows_per_step))
+        self.quiet = quiet or not self.d.main
+        self.ckpt_root = cfg.out_dir / "checkpoints"
+        self.step = self.tokens = self.bad_evals = 0
+        self.best: dict | None = None
+        self.best_step: int | None = None
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        if self.d.kind == "fsdp":
+            sd = D.gather_model_state(self.module, PREFIX)
+        else:
+            sd = self.model.state_dict()
+        full = self.cfg.method in ("pretrain", "full")
+        return {k: v for k, v in sd.items() if full or k in self.trainable}
+
+    def save(self) -> Path | None:
+        tensors = self._model_tensors()
+        osd = D.gather_optim_state(self.module, self.optimizer, PREFIX)
+        path = None
+        if self.d.main:
+            opt_t, groups = flatten_optimizer(osd)
+            rng_t, rng_meta = rng_state()
+            state = {"step": self.step, "tokens": self.tokens, "data": self.packer.state_dict(), "rng": rng_meta,
+                     "optimizer_groups": groups, "best": self.best, "best_step": self.best_step,
+                     "bad_evals": self.bad_evals, "losses": self.losses, "world": self.d.world,
+                     "config": to_dict(self.cfg)}
+            path = save_checkpoint(self.ckpt_root, self.step, {"model": tensors, "optimizer": opt_t, "rng": rng_t},
+                                   state, keep_last=self.cfg.checkpoint.keep_last, best_step=self.best_step)
+        D.barrier(self.d)
+        return path
+
+    def resume(self) -> Path | None:
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return None
+        files, state = load_checkpoint(path)
+        if state["config"]["method"] != self.cfg.method:
+            raise CheckpointError(f"{path}: written by method {state['config']['method']}, not {self.cfg.method}")
+        missing = (set(self.trainable) if self.cfg.method in ("lora", "qlora") else set()) - set(files["model"])
+        if missing:
+            raise CheckpointError(f"{path}: model.safetensors lacks {sorted(missing)[:3]}")
+        if self.d.kind == "fsdp":
+            D.set_model_state(self.module, PREFIX, files["model"])
+        else:
+            bad = self.model.load_state_dict(files["model"], strict=False).unexpected_keys
+            if bad:
+                raise CheckpointError(f"{path}: model.safetensors has keys the model lacks: {bad[:3]}")
+        D.set_optim_state(self.module, self.optimizer, PREFIX, unflatten_optimizer(files["optimizer"], state["optimizer_groups"]))
+        set_rng_state(files["rng"], state["rng"])
+        self.packer.load_state_dict(state["data"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+        self.losses = list(state["losses"])
+        return path
+
+    # ------------------------------------------------------------ loop
+
+    def _eval_batches(self):
+        if self.data.val is None:
+            return None
+        rows, r = self.cfg.micro_batch, self.d.rank
+        bs = fixed_batches(self.data.val, self.cfg.data.seq_len, rows * self.d.world, split_docs=self.cfg.split_docs,
+                           pad_id=self.tok.pad_id or 0)
+        if self.cfg.eval.max_batches:
+            bs = bs[: self.cfg.eval.max_batches]
+        return [to_device(b.rows(r * rows, (r + 1) * rows), self.device) for b in bs]
+
+    def evaluate(self) -> dict | None:
+        if self._val is None:
+            return None
+        sums = evaluate(self.module, self._val, self._byte_len, self.cfg.precision)
+        return eval_metrics(D.all_reduce_sum(self.d, sums.to(self.device)))
+
+    def run(self) -> TrainResult:
+        cfg, d = self.cfg, self.d
+        resumed = self.resume() if cfg.resume == "auto" else None
+        if self.d.main:
+            cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier(d)
+        self._val = self._eval_batches()
+        self._byte_len = token_bytes(self.tok).to(self.device) if self._val else None
+        tracker = Tracker(cfg.out_dir, enabled=d.main, mlflow=cfg.log.mlflow, mlflow_uri=cfg.log.mlflow_uri,
+                          tensorboard=cfg.log.tensorboard, params=to_dict(cfg), resume_step=self.step if resumed else None)
+        progress = Progress(self.total_steps, self.step, not self.quiet)
+        if resumed:
+            progress.message(f"resumed from {resumed} at step {self.step}")
+        self.module.train()
+        pending: list = []
+        t_last, tok_last = time.perf_counter(), self.tokens
+        t_start = time.perf_counter()
+        stopped_early = False
+        mb, r = cfg.micro_batch, d.rank
+        while self.step < self.total_steps:
+            if cfg.max_time and time.perf_counter() - t_start > cfg.max_time:
+                break
+            lr = lr_at(self.step, lr=cfg.optim.lr, warmup=cfg.optim.warmup_steps, total=self.total_steps,
+                       schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio)
+            set_lr(self.optimizer, lr)
+            micro, n_targets = [], 0
+            for _ in range(cfg.grad_accum):
+                b = self.packer.next_batch(mb * d.world)
+                n_targets += b.num_targets
+                micro.append(to_device(b.rows(r * mb, (r + 1) * mb), self.device))
+            loss_sum, norm = train_step(self.module, self.optimizer, micro, n_targets, world=d.world,
+                                        precision=cfg.precision, grad_clip=cfg.optim.grad_clip,
+                                        no_sync=D.no_sync(d, self.module), params=self.params)
+            self.step += 1
+            self.tokens += self.rows_per_step * cfg.data.seq_len
+            pending.append((self.step, loss_sum, n_targets, lr, norm))
+            do_eval = self._val is not None and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == self.total_steps)
+            do_ckpt = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+            if self.step % cfg.log.every == 0 or do_eval or do_ckpt or self.step == self.total_steps:
+                self._flush(pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last))
+                pending, t_last, tok_last = [], time.perf_counter(), self.tokens
+            improved = False
+            if do_eval:
+                m = self.evaluate()
+                tracker.log(self.step, "eval", m)
+                progress.message(f"eval step {self.step} | val_loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}"
+                                 + (f" | bpb {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
+                if self.best is None or m["val_loss"] < self.best["val_loss"] - cfg.eval.min_delta:
+                    self.best, self.best_step, self.bad_evals, improved = m, self.step, 0, True
+                else:
+                    self.bad_evals += 1
+                    stopped_early = bool(cfg.eval.patience) and self.bad_evals >= cfg.eval.patience
+            if do_ckpt or improved or stopped_early:
+                self.save()
+            if stopped_early:
+                progress.message(f"early stopping at step {self.step}: no val_loss improvement > {cfg.eval.min_delta} "
+                                 f"in {self.bad_evals} evals; best {self.best['val_loss']:.4f} at step {self.best_step}")
+                break
+        if pending:
+            self._flush(pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last))
+        final = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.step, "tokens": self.tokens}
+        last_eval = self.evaluate() if self._val is not None and self.best_step != self.step and not stopped_early else None
+        if last_eval:
+            tracker.log(self.step, "eval", last_eval)
+        final.update(last_eval or (self.best if self.best_step == self.step else {}))
+        tracker.close()
+        result = TrainResult(cfg.out_dir, self.step, self.tokens, list(self.losses), final, self.best, self.best_step,
+                             stopped_early=stopped_early)
+        from yunque.outputs import write_outputs
+
+        write_outputs(self, result)
+        D.barrier(d)
+        return result
+
+    def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:
+        sums = torch.stack([p[1] for p in pending])
+        D.all_reduce_sum(self.d, sums)  # each rank summed its own rows
+        norms = [p[4] for p in pending]
+        norm_vals = torch.stack([n.float() for n in norms]).tolist() if all(n is not None for n in norms) else None
+        for i, (step, _, n, lr, _) in enumerate(pending):
+            loss = float(sums[i]) / max(1, n)
+            self.losses.append(loss)
+            row = {"loss": loss, "lr": lr, "targets": n, "tokens": self.tokens - (len(pending) - 1 - i) * self.rows_per_step * self.cfg.data.seq_len}
+            if norm_vals is not None:
+                row["grad_norm"] = norm_vals[i]
+            tracker.log(step, "train", row)
+        progress.update(pending[-1][0], self.losses[-1], pending[-1][3], tok_s)

@@ -1,0 +1,210 @@
+"""The pieces of the training loop: optimizer groups, schedule, loss, one step, evaluation.
+
+Loss normalisation: a step's loss is the sum of per-token losses over *every* micro-batch
+of the accumulation step (and every rank), divided by the number of trained tokens in all
+of them. Averaging each micro-batch's mean instead weights a token by 1/len(its batch) and
+makes accumulation differ from a big batch when micro-batches hold different numbers of
+trained tokens, which is the rule rather than the exception with masked SFT data.
+
+The loss never materialises the (tokens, vocab) logits: `linear_cross_entropy` runs the
+output projection chunk by chunk, only over trained positions, and computes the gradients
+of each chunk while its logits are still there (as Liger's fused linear cross-entropy
+does), so backward costs nothing extra and memory stays flat for a 128k vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from yunque.model import Transformer, document_mask
+from yunque.packing import IGNORE, Batch
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices; never norms, biases or embeddings (decaying those only hurts)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name or "embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    if fused is None:  # fused needs plain tensors on a supported device; DTensors (FSDP) take foreach
+        ps = [p for g in groups for p in g["params"]]
+        fused = all(type(p.data) is torch.Tensor and p.is_floating_point() for p in ps)
+    kw = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine / linear decay to `min_ratio * lr`, or constant."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return lr
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac
+    return lr * (min_ratio + (1 - min_ratio) * shape)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(64, (1 << 25) // vocab)  # ~128 MiB of fp32 logits per chunk
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) with the gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, compute_dtype, need_grad):
+        n = h.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
+        w = weight.to(compute_dtype)
+        step = _chunk_rows(weight.shape[0])
+        for s in range(0, n, step):
+            hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
+            logits = (hc @ w.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if gh is None and gw is None:
+                continue
+            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            p[torch.arange(len(yc), device=p.device), yc] -= 1.0  # d CE / d logits
+            g = p.to(compute_dtype)
+            if gh is not None:
+                gh[s:s + step] = (g @ w).to(h.dtype)
+            if gw is not None:
+                gw.add_(g.t() @ hc)
+        ctx.save_for_backward(gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw = ctx.saved_tensors
+        dh = gh * grad_out.to(gh.dtype) if gh is not None else None
+        dw = (gw * grad_out).to(ctx.weight_dtype) if gw is not None else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `h (N, D) @ weight (V, D)^T` against `targets (N,)`, in fp32."""
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, dtype, need)
+
+
+class CausalLMLoss(nn.Module):
+    """Model + loss in one forward, so DDP / FSDP hooks see the output projection's use too."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, positions, mask, target_idx, targets) -> torch.Tensor:
+        h = self.model.hidden(input_ids, positions, mask)
+        h = h.reshape(-1, h.shape[-1]).index_select(0, target_idx)  # only trained positions reach the head
+        head = self.model.lm_head
+        if type(head) is nn.Linear:
+            return linear_cross_entropy(h, head.weight, targets)
+        return F.cross_entropy(head(h).float(), targets, reduction="sum")  # a wrapped head (LoRA on lm_head)
+
+
+@dataclass
+class DeviceBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    target_idx: torch.Tensor
+    targets: torch.Tensor
+
+
+def to_device(b: Batch, device: torch.device) -> DeviceBatch:
+    """Move a packed batch; target indices are found on the host so the device never syncs on them."""
+    flat = b.labels.reshape(-1)
+    idx = (flat != IGNORE).nonzero().squeeze(1)
+    nb = device.type == "cuda"
+    ids = b.input_ids.to(device, non_blocking=nb)
+    mask = None if b.single_doc else document_mask(b.doc_ids.to(device, non_blocking=nb))
+    return DeviceBatch(ids, b.positions.to(device, non_blocking=nb), mask,
+                       idx.to(device, non_blocking=nb), flat[idx].to(device, non_blocking=nb))
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro: list[DeviceBatch], n_targets: int,
+               *, world: int, precision: str, grad_clip: float, no_sync: Callable[[bool], contextlib.AbstractContextManager],
+               params: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over the micro-batches of this rank.
+
+    `n_targets` is the trained-token count of the whole step on all ranks; each rank's sum is
+    scaled by world / n_targets because DDP/FSDP average gradients over ranks. Returns this
+    rank's summed loss (a device tensor: no host sync) and the pre-clip gradient norm.
+    """
+    device = micro[0].input_ids.device
+    scale = world / max(1, n_targets)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for i, mb in enumerate(micro):
+        with no_sync(i < len(micro) - 1), autocast(device, precision):
+            loss = module(mb.input_ids, mb.positions, mb.mask, mb.target_idx, mb.targets)
+            (loss * scale).backward()
+        total += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, norm
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, batches: list[DeviceBatch], byte_len: torch.Tensor | None, precision: str) -> torch.Tensor:
+    """(summed nats, trained tokens, target bytes) over `batches`, as one device tensor (for all-reduce)."""
+    was = module.training
+    module.eval()
+    acc = None
+    for b in batches:
+        with autocast(b.input_ids.device, precision):
+            nats = module(b.input_ids, b.positions, b.mask, b.target_idx, b.targets)
+        nbytes = byte_len[b.targets].sum() if byte_len is not None else torch.zeros((), device=nats.device)
+        row = torch.stack([nats.float(), torch.tensor(float(len(b.targets)), device=nats.device), nbytes.float()])
+        acc = row if acc is None else acc + row
+    module.train(was)
+    return acc if acc is not None else torch.zeros(3)
+
+
+def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
+    nats, n, nbytes = (float(x) for x in sums.double().cpu())
+    loss = nats / max(n, 1.0)
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(n)}
+    if nbytes > 0:
+        out["val_bpb"] = nats / math.log(2) / nbytes
+    return out
