@@ -28,8 +28,8 @@ EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
 
 def solve(task: str, prompt: str) -> str:
     if task == "auth_triage":
-        fails = Counter(re.findall(rf"Failed password for .*? from ({IP}) port", prompt))
-        fails.update(re.findall(rf"401 login failed .*?ip=({IP})", prompt))
+        fails = Counter(re.findall(rf"Failed password for .*? from ({IP})$", prompt, re.M))
+        fails.update(re.findall(rf"POST /login 401 .*?ip=({IP})$", prompt, re.M))
         (ip, n), *rest = fails.most_common()
         assert not rest or rest[0][1] < n, "the brute-forcer must be unique"
         return f"{ip}, {n}"

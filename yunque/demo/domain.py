@@ -123,30 +123,29 @@ def _auth_triage(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
         else:
             events.append(("noise", attacker if rng.random() < 0.5 else fresh_ip(), ""))
     rng.shuffle(events)
-    t = datetime(2024, 1, 1) + timedelta(days=rng.randrange(365), seconds=rng.randrange(86400))
+    t = start = datetime(2024, 1, 1) + timedelta(days=rng.randrange(365), seconds=rng.randrange(86400))
     leak = web and pii and rng.random() < 0.5
     lines = []
+    # Lines are condensed (time of day, no pid / port) to keep a snippet near 200 tokens: with
+    # digits split in threes, a full syslog prefix alone costs ~15 tokens per line.
     for kind, ip, user in events:
         t += timedelta(seconds=rng.randint(1, 40))
+        ts = f"{t:%H:%M:%S}"
         if web:
-            ts = t.strftime("%Y-%m-%dT%H:%M:%SZ")
             if kind == "noise":
                 lines.append(f"{ts} GET /login 200 ip={ip}")
             else:
-                status = "401 login failed" if kind == "fail" else "302 login ok"
+                status = "401" if kind == "fail" else "302"
                 extra = f" password={syn.password(rng)}" if leak and kind == "fail" and rng.random() < 0.4 else ""
                 lines.append(f"{ts} POST /login {status} user={user}{extra} ip={ip}")
         else:
-            ts = f"{t:%b} {t.day:2d} {t:%H:%M:%S}"
-            pre = f"{ts} {host} sshd[{rng.randint(1000, 65000)}]:"
-            port = rng.randint(1024, 65535)
             if kind == "fail":
                 invalid = "invalid user " if user in _SSH_USERS and user not in ("root", "deploy", "git") else ""
-                lines.append(f"{pre} Failed password for {invalid}{user} from {ip} port {port} ssh2")
+                lines.append(f"{ts} sshd: Failed password for {invalid}{user} from {ip}")
             elif kind == "ok":
-                lines.append(f"{pre} Accepted {rng.choice(('publickey', 'password'))} for {user} from {ip} port {port} ssh2")
+                lines.append(f"{ts} sshd: Accepted {rng.choice(('publickey', 'password'))} for {user} from {ip}")
             else:
-                lines.append(f"{pre} Connection closed by {ip} port {port} [preauth]")
+                lines.append(f"{ts} sshd: Connection closed by {ip} [preauth]")
     if leak and any("password=" in line for line in lines):
         planted.append("SECRET_ASSIGNMENT")
     header = ""
@@ -157,7 +156,7 @@ def _auth_triage(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
     question = rng.choice(("Which IP is brute-forcing, and how many failed logins?",
                            "Who is brute-forcing this host, and how many failures?",
                            "Find the brute-force source and its failure count."))
-    user_text = f"{header}Auth log from {host}:\n" + "\n".join(lines) + f"\n\n{question}"
+    user_text = f"{header}Auth log from {host}, {start:%Y-%m-%d}:\n" + "\n".join(lines) + f"\n\n{question}"
     return user_text, f"{attacker}, {count}", sorted(set(planted))
 
 
@@ -240,7 +239,9 @@ def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list
 def _ioc_extract(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
     ips = [syn.public_ip(rng) for _ in range(rng.randint(1, 2))]
     domains = [syn.bad_domain(rng) for _ in range(rng.randint(0, 2))]
-    hashes = [syn.md5(rng) if rng.random() < 0.5 else syn.sha256(rng) for _ in range(rng.randint(0, 2))]
+    # Mostly one hash, MD5 more often than SHA-256: a SHA-256 costs ~50 tokens to read and to copy.
+    n_hashes = rng.choices((0, 1, 2), weights=(0.35, 0.5, 0.15))[0]
+    hashes = [syn.md5(rng) if rng.random() < 0.6 else syn.sha256(rng) for _ in range(n_hashes)]
     host = f"{rng.choice(('WS', 'LT', 'SRV'))}-{rng.randint(100, 9999):04d}"
     local = syn.private_ip(rng)
     proc = rng.choice(("powershell.exe", "rundll32.exe", "mshta.exe", "wscript.exe", "curl", "python3"))
