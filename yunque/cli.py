@@ -1,7 +1,8 @@
 """Typed function signatures become the command line.
 
 `build_parser(fn)` reads `fn`'s signature and docstring: parameters without a default
-are positional, the others are `--flags` (`max_new_tokens` -> `--max-new-tokens`),
+are positional, the others are `--flags` (`max_new_tokens` -> `--max-new-tokens`);
+keyword-only parameters without a default (after `*`) are required `--flags`;
 `bool` gives `--flag/--no-flag`, `list[str]` takes several values, `Literal[...]`
 gives choices, `*args: str` collects the rest (e.g. `key=value` overrides). The
 docstring's `Args:` section is the help text. No command has parsing logic of its own.
@@ -65,7 +66,9 @@ def build_parser(fn: Callable, prog: str) -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = tp if tp in (int, float, Path) else str
-        if p.default is p.empty:
+        if p.default is p.empty and p.kind is p.KEYWORD_ONLY:
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=True, **kw)
+        elif p.default is p.empty:
             parser.add_argument(name, **kw)
         else:
             if p.default is not None and tp is not bool:
@@ -81,7 +84,7 @@ def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
     for name, p in sig.parameters.items():
         if p.kind is p.VAR_POSITIONAL:
             args.extend(ns[name])
-        elif p.default is p.empty:
+        elif p.default is p.empty and p.kind is not p.KEYWORD_ONLY:
             args.append(ns[name])
         else:
             kwargs[name] = ns[name]

@@ -131,13 +131,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(slots, k, v)  # (B, K, S, hd)
-        if self.n_kv != self.n_heads:  # grouped-query attention: each kv head serves H/K query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        # Grouped-query attention: each kv head serves H/K query heads, without copying the cache H/K times.
+        gqa = self.n_kv != self.n_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, S) bool
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # mask: (B, 1, T, S)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

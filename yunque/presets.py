@@ -28,8 +28,7 @@ PRESETS: dict[str, ModelConfig] = {
                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048),
     # About 125M parameters: GPT-2-small-sized, Llama-shaped.
     "base-125m": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
-                             tie_word_embeddings=True),
+                             num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
     "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                                 rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072, tie_word_embeddings=True,
@@ -52,13 +51,3 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     if cfg.rope_scaling is not None:
         cfg.rope_scaling = dict(cfg.rope_scaling)
     return cfg
-
-
-def count_params(cfg: ModelConfig) -> int:
-    d, f, L, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.hd
-    attn = d * hd * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
-    if cfg.attention_bias:
-        attn += hd * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    per_layer = attn + 3 * d * f + 2 * d
-    emb = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
-    return L * per_layer + emb + d

@@ -13,25 +13,38 @@ Types and their placeholders (`PLACEHOLDERS`):
     PRIVATE_KEY [PRIVATE_KEY] (whole PEM block)  SECRET_ASSIGNMENT [SECRET] (only the value)
     BITCOIN_ADDRESS [BTC_ADDRESS]  ETHEREUM_ADDRESS [ETH_ADDRESS]
 
-Policy choices: checksummed identifiers must validate; national phone formats need
-separators (bare digit runs count only after a phone keyword); loopback/unspecified IPs
-and netmasks are not personal data and are kept; dotted quads after a version word
-("v", "version", "build", ...) are versions, not IPs.
+Policy choices (general rules, each with its reason next to the code):
+- Checksummed identifiers (cards, IBAN, DNI/NIE, CURP, CPF, CUIT, RUT, BTC, mixed-case ETH)
+  must validate; RFC needs a real date; SSN follows the SSA area/group/serial rules.
+- Phones: "+cc"/"00cc" numbers need a valid country code; national formats need separators
+  and are rejected inside number runs, after ID words ("order", "pedido", "订单"), next to
+  currencies/units, or as year lists; bare digit runs count only near a phone word (or, for
+  11-digit Chinese mobiles, right after CJK text). Unformatted SSN/CPF/CUIT need their name.
+- IPs: loopback, unspecified, netmasks and CIDR network addresses are kept; dotted quads
+  after version/section words are versions; quads whose first two parts are < 10 need a
+  networking word nearby ("3.1.1.6" is far more often a version).
+- Secrets: the value of a key/token/secret/password-like name (JSON, YAML, env, code, query
+  string, `Authorization: Bearer`, name/value pairs). Keys and tokens must look machine-made
+  (token alphabet, >= 12 chars, entropy >= 3 bits/char, not words or property paths);
+  passwords need a digit or symbol. Placeholders (`<...>`, `${VAR}`, `xxxx`, `changeme`)
+  and code (calls, attribute paths, `None`) are never secrets.
 
-Speed: every detector is behind a cheap gate (a literal `in` test or a regex whose first
-character is a digit or a literal), and the digit-heavy national formats only run in small
-windows around runs of >= 6 digits, so prose without PII is scanned at C speed.
+Speed: each full-text pass is a regex that starts with a literal (`re` jumps between
+occurrences at memchr speed) or one digit-led pass; the ~20 digit-heavy patterns (phones,
+cards, national IDs) only run in small windows around runs of >= 6 digits, and secret
+assignments are found from their operators or key words, whichever is rarer.
 """
 
 from __future__ import annotations
 
 import bisect
-import re
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from yunque.data import pii_detect as _d
 from yunque.data import pii_numeric as _n
+from yunque.data import pii_secrets as _s
 from yunque.errors import ConfigError
 
 PII_TYPES: tuple[str, ...] = (
@@ -84,7 +97,7 @@ _DETECTORS: tuple[tuple[frozenset[str], Callable[[str, Add], None]], ...] = (
     (frozenset({"JWT", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "AWS_ACCESS_KEY"}), _d.tokens),
     (frozenset({"EMAIL"}), _d.emails),
     (frozenset({"URL_CREDENTIALS"}), _d.url_credentials),
-    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _d.secret_assignments),
+    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _s.secret_assignments),
     (frozenset({"IPV4"}), _d.ipv4),
     (frozenset({"IPV6"}), _d.ipv6),
     (frozenset({"BITCOIN_ADDRESS", "ETHEREUM_ADDRESS"}), _d.crypto_addresses),
@@ -92,11 +105,14 @@ _DETECTORS: tuple[tuple[frozenset[str], Callable[[str, Add], None]], ...] = (
 )
 
 
+_ALL = frozenset(PII_TYPES)
+
+
 def _wanted(types: Iterable[str] | None) -> frozenset[str]:
     if types is None:
-        return frozenset(PII_TYPES)
+        return _ALL
     wanted = frozenset(types)
-    unknown = wanted - set(PII_TYPES)
+    unknown = wanted - _ALL
     if unknown:
         raise ConfigError(f"unknown PII type(s) {sorted(unknown)}; known: {', '.join(PII_TYPES)}")
     return wanted
@@ -133,16 +149,25 @@ def scan(text: str, types: Iterable[str] | None = None) -> list[Finding]:
 
 
 def _check_modes(modes: dict[str, str] | None, default_mode: str) -> dict[str, str]:
+    return _checked_modes(tuple(sorted((modes or {}).items())), default_mode)
+
+
+@functools.lru_cache(maxsize=64)  # the pipeline calls scrub() per document with the same modes
+def _checked_modes(modes: tuple[tuple[str, str], ...], default_mode: str) -> dict[str, str]:
     if default_mode not in MODES:
         raise ConfigError(f"pii default_mode: expected one of {MODES}, got {default_mode!r}")
     out = dict.fromkeys(PII_TYPES, default_mode)
-    for t, m in (modes or {}).items():
+    for t, m in modes:
         if t not in out:
             raise ConfigError(f"pii modes: unknown type {t!r}; known: {', '.join(PII_TYPES)}")
         if m not in MODES:
             raise ConfigError(f"pii modes.{t}: expected one of {MODES}, got {m!r}")
         out[t] = m
     return out
+
+
+def _active(modes: dict[str, str]) -> frozenset[str]:
+    return frozenset(t for t, m in modes.items() if m != "off")
 
 
 def _apply(text: str, findings: list[Finding], modes: dict[str, str], counts: dict[str, int]) -> tuple[str, bool]:
@@ -165,7 +190,7 @@ def scrub(text: str, modes: dict[str, str] | None = None, default_mode: str = "r
     """Redact / count / flag PII in `text`. `modes` maps a type to "redact", "drop", "report"
     or "off"; types not named use `default_mode`. "off" types are not even scanned for."""
     m = _check_modes(modes, default_mode)
-    findings = scan(text, [t for t, mode in m.items() if mode != "off"])
+    findings = scan(text, _active(m))
     counts: dict[str, int] = {}
     out, drop = _apply(text, findings, m, counts)
     return ScrubResult(out, counts, drop)
@@ -184,14 +209,14 @@ class StreamRedactor:
     modes: dict[str, str] | None = None
     holdback: int = 256
     default_mode: str = "redact"
-    findings: dict[str, int] = field(default_factory=dict)
-    dropped: bool = False
+    findings: dict[str, int] = field(default_factory=dict, init=False)  # type -> count so far
+    dropped: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.holdback < 1:
             raise ConfigError(f"StreamRedactor holdback: expected > 0, got {self.holdback}")
         self._modes = _check_modes(self.modes, self.default_mode)
-        self._types = [t for t, m in self._modes.items() if m != "off"]
+        self._types = _active(self._modes)
         self._ctx = ""  # already-emitted raw text, kept as left context for the detectors
         self._buf = ""  # raw text not yet emitted
 
@@ -217,3 +242,35 @@ class StreamRedactor:
         self._ctx = full[:cut][-self.holdback :]
         self._buf = full[cut:]
         return out
+
+
+def evaluate_spans(cases: Iterable[dict]) -> dict[str, dict[str, float]]:
+    """Per-type precision/recall of `scan` on labelled cases `{"text", "spans": [{type, start, end}]}`.
+
+    Span-level with exact type match; a prediction and a gold span that overlap are a hit.
+    """
+    tp_p: dict[str, int] = {}
+    tp_g: dict[str, int] = {}
+    n_pred: dict[str, int] = {}
+    n_gold: dict[str, int] = {}
+    for case in cases:
+        pred = scan(case["text"])
+        gold = case["spans"]
+        for p in pred:
+            n_pred[p.type] = n_pred.get(p.type, 0) + 1
+            if any(g["type"] == p.type and g["start"] < p.end and p.start < g["end"] for g in gold):
+                tp_p[p.type] = tp_p.get(p.type, 0) + 1
+        for g in gold:
+            n_gold[g["type"]] = n_gold.get(g["type"], 0) + 1
+            if any(g["type"] == p.type and g["start"] < p.end and p.start < g["end"] for p in pred):
+                tp_g[g["type"]] = tp_g.get(g["type"], 0) + 1
+    out = {}
+    for t in PII_TYPES:
+        np_, ng = n_pred.get(t, 0), n_gold.get(t, 0)
+        out[t] = {
+            "precision": tp_p.get(t, 0) / np_ if np_ else 1.0,
+            "recall": tp_g.get(t, 0) / ng if ng else 1.0,
+            "n_pred": np_,
+            "n_gold": ng,
+        }
+    return out

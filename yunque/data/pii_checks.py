@@ -12,6 +12,7 @@ import binascii
 import datetime
 import json
 import math
+import re
 from collections import Counter
 
 # --- generic ---------------------------------------------------------------------
@@ -44,6 +45,19 @@ def _valid_date(yy: int, mm: int, dd: int) -> bool:
         except ValueError:
             continue
     return False
+
+
+# Documentation stand-ins: "<your key>", "${VAR}", "xxxx", "changeme", "password".
+_PLACEHOLDER = re.compile(
+    r"^[*xX.\-_#•]+$|<[^>]*>|\$\{|\{\{|%\(|%s\b|\*\*\*|xxxx|\.\.\.|^\$[A-Za-z_]"
+    r"|\{\}|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)"
+    r"|^(?:pass(?:word|wd)?|pwd|secret|token|key|user|username|hidden|dummy|test|foo|bar)$",
+    re.IGNORECASE,
+)
+
+
+def is_placeholder(value: str) -> bool:
+    return _PLACEHOLDER.search(value) is not None
 
 
 # --- payment ---------------------------------------------------------------------
@@ -82,6 +96,7 @@ def card_ok(digits: str) -> bool:
 
 
 # ISO 13616 registry lengths.
+# fmt: off
 IBAN_LENGTHS = {
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
     "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
@@ -94,6 +109,7 @@ IBAN_LENGTHS = {
     "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23,
     "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
 }
+# fmt: on
 
 
 def iban_ok(compact: str) -> bool:
@@ -229,6 +245,7 @@ def bech32_ok(addr: str) -> bool:
     return (version == 0 and plen in (20, 32)) or (version > 0 and 2 <= plen <= 40)
 
 
+# fmt: off
 _KECCAK_RC = [
     0x0000000000000001, 0x0000000000008082, 0x800000000000808A, 0x8000000080008000,
     0x000000000000808B, 0x0000000080000001, 0x8000000080008081, 0x8000000000008009,
@@ -238,6 +255,7 @@ _KECCAK_RC = [
     0x8000000080008081, 0x8000000000008080, 0x0000000080000001, 0x8000000080008008,
 ]
 _KECCAK_ROT = [0, 1, 62, 28, 27, 36, 44, 6, 55, 20, 3, 10, 43, 25, 39, 41, 45, 15, 21, 8, 18, 2, 61, 56, 14]
+# fmt: on
 _M64 = (1 << 64) - 1
 
 
@@ -274,9 +292,7 @@ def eip55_ok(hex40: str) -> bool:
     if hex40.lower() == hex40 or hex40.upper() == hex40:
         return True
     h = keccak256(hex40.lower().encode()).hex()
-    return all(
-        (c.upper() if int(h[i], 16) >= 8 else c.lower()) == c for i, c in enumerate(hex40)
-    )
+    return all((c.upper() if int(h[i], 16) >= 8 else c.lower()) == c for i, c in enumerate(hex40))
 
 
 # --- tokens ------------------------------------------------------------------------

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from yunque.data import pii_checks as ck
 
 Add = Callable[[str, int, int], None]
-_L = r"(?<![0-9A-Za-z_])"  # ASCII word boundary on the left
+# Right-hand ASCII word boundary, and one that also refuses to end inside a dotted/dashed
+# number. Left boundaries are checked in code (`_left_ok`): a leading lookbehind would stop
+# `re` from jumping straight to a pattern's literal prefix.
 _R = r"(?![0-9A-Za-z_])"
-_LN = r"(?<![0-9A-Za-z_.\-])"  # ... and not continuing a dotted/dashed number
 _RN = r"(?![0-9A-Za-z_]|[.\-]\d)"
 
 
@@ -24,16 +25,10 @@ def _before(text: str, start: int, width: int = 32) -> str:
     return text[max(0, start - width) : start].lower()
 
 
-_PLACEHOLDER = re.compile(
-    r"^[*xX.\-_#•]+$|<[^>]*>|\$\{|\{\{|%\(|%s\b|\*\*\*|xxxx|\.\.\.|^\$[A-Za-z_]"
-    r"|your[_\- ]|changeme|redacted|placeholder|example\.(?:com|org)",
-    re.I,
-)
-
-
 # --- PEM private keys ------------------------------------------------------------
 
 _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
+_KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{16}")
 _PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|(?:[\w-]+: [^\n]*))*")
 
 
@@ -45,47 +40,62 @@ def private_keys(text: str, add: Add) -> None:
         j = text.find(end_marker, m.end(), m.end() + 20000)
         # A truncated block (no END yet, e.g. mid-stream) is redacted through its body.
         end = j + len(end_marker) if j >= 0 else _PEM_BODY.match(text, m.end()).end()
-        add("PRIVATE_KEY", m.start(), end)
+        if _KEY_MATERIAL.search(text, m.end(), end):  # two marker strings in code hold no key
+            add("PRIVATE_KEY", m.start(), end)
 
 
-# --- vendor tokens and JWTs: each starts with a literal, so the gates are `in` tests --
+# --- vendor tokens and JWTs ----------------------------------------------------------
 
-_GITHUB = re.compile(_L + r"(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,251})" + _R)
-_GITLAB = re.compile(_L + r"gl(?:pat|dt|rt|ptt|ft|cbt|soat|imt)-[A-Za-z0-9_\-]{20,80}" + _R)
-_SLACK = re.compile(
-    _L + r"xox[abposr]-[0-9A-Za-z\-]{10,250}" + _R + r"|xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]{32,}"
-    r"|https://hooks\.slack\.com/(?:services|workflows|triggers)/T[A-Z0-9]+/[A-Za-z0-9/]{8,}"
+_GITHUB = re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,251})" + _R)
+_GITLAB = re.compile(r"gl(?:pat|dt|rt|ptt|ft|cbt|soat|imt)-[A-Za-z0-9_\-]{20,80}" + _R)
+_SLACK = (
+    re.compile(r"xox[abposr]-[0-9A-Za-z\-]{10,250}" + _R),
+    re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]{32,}"),
+    re.compile(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/T[A-Z0-9]+/[A-Za-z0-9/]{8,}"),
 )
-_AWS_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Z0-9])")
-_JWT = re.compile(_L + r"(eyJ[A-Za-z0-9_\-]{8,})\.([A-Za-z0-9_\-]{4,})\.([A-Za-z0-9_\-]*)" + r"(?![A-Za-z0-9_\-])")
-_AWS_PREFIXES = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "AIPA", "ANPA", "ANVA", "ABIA", "ACCA")
+_AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|IPA|NPA|NVA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])")
+# The lookbehind sits after the literal so the prefix search still applies, and makes every
+# "eyJ" inside a longer base64 run fail at once (otherwise "eyJeyJeyJ..." is quadratic).
+_JWT = re.compile(r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)")
+
+
+def _word_at(text: str, i: int) -> bool:
+    """Is text[i] an ASCII word character (out of range counts as no)?"""
+    if not 0 <= i < len(text):
+        return False
+    c = text[i]
+    return c.isascii() and (c.isalnum() or c == "_")
+
+
+def _left_ok(text: str, i: int, chars: str = "") -> bool:
+    """May a match start at `i`: not glued to a word character (or one of `chars`) on its left?"""
+    return i == 0 or not (_word_at(text, i - 1) or text[i - 1] in chars)
 
 
 def _random_enough(s: str) -> bool:
     # Documentation placeholders ("ghp_xxxx…", "glpat-XXXXXXXX…") are not secrets.
-    return len(set(s)) >= 8 and not _PLACEHOLDER.search(s)
+    return len(set(s)) >= 8 and not ck.is_placeholder(s)
 
 
 def tokens(text: str, add: Add) -> None:
-    if "gh" in text:
-        for m in _GITHUB.finditer(text):
-            if _random_enough(m.group().split("_", 1)[1]):
-                add("GITHUB_TOKEN", *m.span())
-    if "gl" in text:
-        for m in _GITLAB.finditer(text):
-            if _random_enough(m.group()[6:]):
-                add("GITLAB_TOKEN", *m.span())
-    if "xox" in text or "xapp-" in text or "hooks.slack.com" in text:
-        for m in _SLACK.finditer(text):
-            if _random_enough(m.group()[5:]):
+    # No `in` pre-checks: each pattern starts with a literal, so `re` already skips ahead at
+    # memchr speed, and a pre-check would scan the text a second time.
+    for m in _GITHUB.finditer(text):
+        if _left_ok(text, m.start()) and _random_enough(m.group().split("_", 1)[1]):
+            add("GITHUB_TOKEN", *m.span())
+    for m in _GITLAB.finditer(text):
+        if _left_ok(text, m.start()) and _random_enough(m.group()[6:]):
+            add("GITLAB_TOKEN", *m.span())
+    for pat in _SLACK:
+        for m in pat.finditer(text):
+            if _left_ok(text, m.start()) and _random_enough(m.group()[5:]):
                 add("SLACK_TOKEN", *m.span())
-    if any(p in text for p in _AWS_PREFIXES):
-        for m in _AWS_ID.finditer(text):
+    for m in _AWS_ID.finditer(text):
+        if _left_ok(text, m.start()):
             add("AWS_ACCESS_KEY", *m.span())
-    if "eyJ" in text:
-        for m in _JWT.finditer(text):
-            if ck.jwt_header_ok(m.group(1)):
-                add("JWT", *m.span())
+    for m in _JWT.finditer(text):
+        if ck.jwt_header_ok(m.group(1)):
+            add("JWT", *m.span())
 
 
 # --- e-mail and URL credentials: anchored on '@' / '://' and grown outwards ------------
@@ -107,9 +117,13 @@ def emails(text: str, add: Add) -> None:
         if lm is None or m.group(1).rsplit(".", 1)[1].lower() in _FILE_EXT:
             continue
         s = lm.start()
+        if not _left_ok(text, s, "._%+-"):  # local part longer than 64: not an address
+            continue
         while s < at and text[s] in ".-+":  # a local part cannot start with punctuation
             s += 1
-        if s < at and text[at - 1] != ".":
+        # "git@github.com:org/repo" is an scp-style SSH remote, not a mailbox.
+        scp = text.startswith(":", m.end()) and m.end() + 1 < len(text) and not text[m.end() + 1].isspace()
+        if s < at and text[at - 1] != "." and not scp:
             add("EMAIL", s, m.end())
 
 
@@ -121,109 +135,28 @@ def url_credentials(text: str, add: Add) -> None:
     if "://" not in text:
         return
     for m in _URL_CRED.finditer(text):
-        if _SCHEME.search(text, max(0, m.start() - 21), m.start()) and not _PLACEHOLDER.search(m.group(2)):
+        if _SCHEME.search(text, max(0, m.start() - 21), m.start()) and not ck.is_placeholder(m.group(2)):
             add("URL_CREDENTIALS", m.start(1), m.end(2))
-
-
-# --- secrets assigned to key / token / password names ---------------------------------
-
-_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contraseña", "contrasena",
-                 "senha", "clave", "密码", "口令", "密钥", "令牌")  # fmt: skip
-_NAME_BACK = re.compile(r"[\w.\-]{0,48}\Z")
-_ASSIGN = re.compile(
-    r"""([\w.\-]{1,80})["']?[ \t]*(?:=>|:=|[:=：])[ \t]*"""
-    r"""(?:"([^"\\\n]{1,400})"|'([^'\\\n]{1,400})'|`([^`\n]{1,400})`|([^\s"'`,;#)}\]<>]{1,400}))"""
-)
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_PASSWORD_SEGS = frozenset("password passwd pass pwd passphrase contraseña contrasena senha clave".split())
-_SECRET_SEGS = frozenset("secret token key apikey secretkey accesskey privatekey auth credential credentials "
-                         "bearer authorization".split())  # fmt: skip
-# Names that talk *about* a secret rather than hold one (`max_tokens`, `password_hint`).
-_META_SEGS = frozenset(
-    "type types count num length len min max limit size id ids name names file path dir url uri endpoint env "
-    "var field label hint prompt policy expiry expires expiration ttl timeout format pattern regex header param "
-    "column mode kind prefix suffix index idx usage budget enabled required reset changed strength rotation "
-    "version provider store manager source ref fingerprint algorithm alg method strategy".split()
-)  # fmt: skip
-_CODE_VALUE = re.compile(
-    r"^(?:none|null|nil|true|false|undefined|str|string|bytes|int|optional|required|secret|password)$"
-    r"|^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+$|[(\[]|^[$%{&*@]",
-    re.I,
-)
-_WORDLIKE = re.compile(r"^[A-Za-z]+(?:[_\-. ][A-Za-z]+)*$")
-_AWS_SECRET = re.compile(r"^[A-Za-z0-9/+]{40}$")
-
-
-def _name_kind(name: str) -> str | None:
-    if any(w in name for w in ("密码", "口令")):
-        return "password"
-    if any(w in name for w in ("密钥", "令牌")):
-        return "secret"
-    segs = [s.lower() for s in re.split(r"[_\-.\s]+", _CAMEL.sub("_", name)) if s]
-    if not segs or _META_SEGS.intersection(segs):
-        return None
-    if _PASSWORD_SEGS.intersection(segs):
-        return "password"
-    if _SECRET_SEGS.intersection(segs):
-        return "secret"
-    return None
-
-
-def _secret_value_ok(val: str, kind: str, quoted: bool) -> bool:
-    if len(val) < 6 or any(c.isspace() for c in val) or _PLACEHOLDER.search(val):
-        return False
-    if not quoted and (_CODE_VALUE.search(val) or _WORDLIKE.match(val)):
-        return False
-    if kind == "password":
-        return quoted or any(c.isdigit() for c in val) or not val.isalnum()
-    # Keys and tokens are machine-generated: long and high-entropy, never plain words.
-    return len(val) >= 12 and not _WORDLIKE.match(val) and ck.shannon_entropy(val) >= 3.0
-
-
-def secret_assignments(text: str, add: Add) -> None:
-    lower = text.lower()
-    hits = sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)})
-    done = -1
-    for i in hits:
-        if i < done:
-            continue
-        back = _NAME_BACK.search(text, max(0, i - 48), i)
-        m = _ASSIGN.match(text, back.start() if back else i)
-        if m is None:
-            continue
-        done = m.end()
-        kind = _name_kind(m.group(1))
-        if kind is None:
-            continue
-        vg = next(g for g in (2, 3, 4, 5) if m.group(g) is not None)
-        val, s, e = m.group(vg), m.start(vg), m.end(vg)
-        if vg == 5 and val.lower() in ("bearer", "basic", "token"):  # "Authorization: Bearer <tok>"
-            tm = re.compile(r"[ \t]+([^\s\"'`,;]{6,400})").match(text, e)
-            if tm is None:
-                continue
-            val, s, e = tm.group(1), tm.start(1), tm.end(1)
-            vg = 2  # the token after the scheme word is as good as quoted
-        if not _secret_value_ok(val, kind, vg != 5):
-            continue
-        name = m.group(1).lower()
-        aws = "aws" in name and "secret" in name and _AWS_SECRET.match(val)
-        add("AWS_SECRET_KEY" if aws else "SECRET_ASSIGNMENT", s, e)
-
-
-def _find_all(hay: str, needle: str) -> list[int]:
-    out, i = [], hay.find(needle)
-    while i >= 0:
-        out.append(i)
-        i = hay.find(needle, i + 1)
-    return out
 
 
 # --- IP addresses --------------------------------------------------------------------
 
-_IPV4 = re.compile(_LN + r"(?:\d{1,3}\.){3}\d{1,3}" + _RN)
+_IPV4 = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}" + _RN)
+_IPV4_SEED = re.compile(r"\.\d{1,3}\.\d{1,3}\.")  # literal-led: '.' is cheap to jump between
+_IPV4_HEAD = re.compile(r"\d{1,3}\Z")
+# Dotted quads that are versions or document numbering, not addresses.
 _VERSION_CTX = re.compile(
-    r"(?:\bv|\bver\.?|version|versión|versao|versão|release|build|firmware|kernel|版本|oid)\s*[:=]?\s*$"
+    r"(?:\bv|\bver\.?|version|versión|versao|versão|release|build|firmware|kernel|版本|oid|section|sección|"
+    r"seção|secção|chapter|cap[ií]tulo|clause|cl[aá]usula|\bart\.?|art[ií]culo|artigo|item|step|paso|passo|§|"
+    r"章|节|条|sections|identifier)\s*[:=#\"'(\[]{0,2}\s*$"
 )
+# Small dotted quads ("3.1.1.6", "7.1.4.34") are far more often versions than hosts; they
+# count as addresses only next to a word about networking.
+_IP_CTX = re.compile(
+    r"\bip\b|\bips\b|\bip_|\bhost|server|\baddr\b|dns|gateway|proxy|firewall|\bping|\bssh|connect|\bpeer|"
+    r"remote|servidor|地址|服务器"
+)
+_CIDR = re.compile(r"/(\d{1,3})(?!\d)")
 
 
 def _ip_is_personal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -236,16 +169,38 @@ def _ip_is_personal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
+def _is_network(text: str, addr: str, end: int) -> bool:
+    """`10.0.0.0/8`, `2001:db8::/32` name a range (host bits all zero), not a host."""
+    c = _CIDR.match(text, end)
+    if c is None:
+        return False
+    try:
+        net = ipaddress.ip_network(f"{addr}/{c.group(1)}", strict=True)
+    except ValueError:
+        return False
+    return net.prefixlen < net.max_prefixlen
+
+
 def ipv4(text: str, add: Add) -> None:
-    if "." not in text:
-        return
-    for m in _IPV4.finditer(text):
+    pos = 0
+    for seed in _IPV4_SEED.finditer(text):
+        head = _IPV4_HEAD.search(text, max(0, seed.start() - 3), seed.start())
+        if head is None or head.start() < pos or not _left_ok(text, head.start(), ".-"):
+            continue
+        m = _IPV4.match(text, head.start())
+        if m is None:
+            continue
+        pos = m.end()
         try:
             ip = ipaddress.IPv4Address(m.group())
         except ValueError:
             continue
-        if _ip_is_personal(ip) and not _VERSION_CTX.search(_before(text, m.start(), 20)):
-            add("IPV4", *m.span())
+        before = _before(text, m.start(), 20)
+        if not _ip_is_personal(ip) or _VERSION_CTX.search(before) or _is_network(text, m.group(), m.end()):
+            continue
+        if ip.packed[0] < 10 and ip.packed[1] < 10 and not _IP_CTX.search(_before(text, m.start(), 40)):
+            continue
+        add("IPV4", *m.span())
 
 
 _IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
@@ -254,50 +209,50 @@ _IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[0-
 
 
 def ipv6(text: str, add: Add) -> None:
-    if "::" not in text and ":" not in text:
-        return
     pos = 0
     for seed in _IPV6_SEED.finditer(text):
         if seed.start() < pos:
             continue
         back = _IPV6_BACK.search(text, max(0, seed.start() - 40), seed.start())
         s = back.start() if back else seed.start()
-        if s and re.match(r"[0-9A-Za-z_:.]", text[s - 1]):
+        if not _left_ok(text, s, ":."):
             continue
         m = _IPV6.match(text, s)
         if m is None:
             continue
         pos = m.end()
-        if pos < len(text) and re.match(r"[0-9A-Za-z_]", text[pos]):
+        if _word_at(text, pos):
             continue
         cand = m.group().split("%", 1)[0]
-        if cand.count(":") < 2:
+        groups = [g for g in re.split(r"[:.]", cand) if g]
+        # "a::b" in C++ / Ruby is a scope operator; real addresses have a long group or many groups.
+        if cand.count(":") < 2 or (max(map(len, groups), default=0) < 3 and len(groups) < 4):
             continue
         try:
             ip = ipaddress.IPv6Address(cand)
         except ValueError:
             continue
-        if _ip_is_personal(ip):
+        if _ip_is_personal(ip) and not _is_network(text, cand, m.end()):
             add("IPV6", *m.span())
 
 
 # --- crypto addresses ----------------------------------------------------------------
 
-_BTC_LEGACY = re.compile(_L + r"[13][1-9A-HJ-NP-Za-km-z]{25,34}" + _R)
-_BTC_BECH32 = re.compile(_L + r"(?:bc1|BC1)[0-9A-Za-z]{8,87}" + _R)
-_ETH = re.compile(_L + r"0x([0-9a-fA-F]{40})" + _R)
+# One pass per leading character: a literal first character lets `re` skip ahead fast.
+_BTC_LEGACY = [re.compile(c + r"[1-9A-HJ-NP-Za-km-z]{25,34}" + _R) for c in "13"]
+_BTC_BECH32 = [re.compile(p + r"(?<![0-9A-Za-z_]" + p + r")[0-9A-Za-z]{8,87}" + _R) for p in ("bc1", "BC1")]
+_ETH = re.compile(r"0x(?<![0-9A-Za-z_]0x)([0-9a-fA-F]{40})" + _R)
 
 
 def crypto_addresses(text: str, add: Add) -> None:
-    for m in _BTC_LEGACY.finditer(text):
-        if ck.base58check_ok(m.group()):
-            add("BITCOIN_ADDRESS", *m.span())
-    if "bc1" in text or "BC1" in text:
-        for m in _BTC_BECH32.finditer(text):
+    for pat in _BTC_LEGACY:
+        for m in pat.finditer(text):
+            if _left_ok(text, m.start()) and ck.base58check_ok(m.group()):
+                add("BITCOIN_ADDRESS", *m.span())
+    for pat in _BTC_BECH32:
+        for m in pat.finditer(text):
             if ck.bech32_ok(m.group()):
                 add("BITCOIN_ADDRESS", *m.span())
-    if "0x" in text:
-        for m in _ETH.finditer(text):
-            if ck.eip55_ok(m.group(1)):
-                add("ETHEREUM_ADDRESS", *m.span())
-
+    for m in _ETH.finditer(text):
+        if ck.eip55_ok(m.group(1)):
+            add("ETHEREUM_ADDRESS", *m.span())

@@ -8,7 +8,7 @@ Typical prose has few such runs; a document without any costs one regex pass.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from yunque.data import pii_checks as ck
 
@@ -23,7 +23,7 @@ _RN = r"(?![0-9A-Za-z_]|[.\-/]\d)"
 _SEP = r"[ .\-\u00a0]"
 
 _SEED = re.compile(r"\d(?:[ .\-/()\u00a0]{0,2}\d){5,}")
-_HEAD = re.compile(r"[0-9A-Za-z_]{0,64}\Z")
+_NOT_DIGIT = re.compile(r"\D")
 _TAIL = re.compile(r"[0-9A-Za-z_]{0,64}")
 _MARGIN = 24  # longest non-digit stretch at either end of a match (IBAN "GB82 WEST ", CURP tail)
 
@@ -31,7 +31,8 @@ _CARD = re.compile(_LN + r"\d(?:[ \-]?\d){11,18}" + _RN)
 _IBAN = re.compile(_L + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?" + _R)
 _SSN = re.compile(_LN + r"(\d{3})-(\d{2})-(\d{4})" + _RN)
 _SSN_BARE = re.compile(_LN + r"(\d{3}) ?(\d{2}) ?(\d{4})" + _RN)
-_DNI = re.compile(_L + r"(\d{8})[ \-]?([A-Z])" + _R)
+_EXP_R = r"(?![0-9A-Za-z_]|[+\-]\d)"  # "1.38435736E+12" is a float, not an ID with a letter
+_DNI = re.compile(_LN + r"(\d{8})[ \-]?([A-Z])" + _EXP_R)
 _NIE = re.compile(_L + r"([XYZ])[ \-]?(\d{7})[ \-]?([A-Z])" + _R)
 _CURP = re.compile(_L + r"[A-Z][AEIOUX][A-Z]{2}\d{6}[HMX][A-Z]{5}[0-9A-Z]\d" + _R)
 _RFC = re.compile(r"(?<![0-9A-Za-z_&Ñ])[A-ZÑ&]{3,4}\d{6}[A-Z0-9]{2}[0-9A]" + _R)
@@ -40,41 +41,50 @@ _CUIT = re.compile(_LN + r"(?:20|23|24|27|30|33|34)-\d{8}-\d" + _RN)
 _ELEVEN = re.compile(_LN + r"\d{11}" + _RN)
 _RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
 
+# In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
+# International prefix: "+34", "(+34)" or "0034" (the 00 form only with separators, see below).
 _PHONE_INTL = re.compile(
-    r"(?<![0-9A-Za-z_+])\+\d{1,3}(?:" + _SEP + r"?\(\d{1,4}\))?(?:" + _SEP + r"?\d{1,5}){1,6}" + _RN
+    (
+        r"(?<![0-9A-Za-z_+(])(?:\+\d{1,3}|\(\+\d{1,3}\)|00[1-9]\d{0,2}(?=~))(?:~?\(\d{1,4}\))?(?:~?\d{1,5}){1,6}" + _RN
+    ).replace("~", _SEP)
 )
 _PHONE_NATIONAL = [
-    re.compile(p + _RN)
+    re.compile((p + _RN).replace("~", _SEP))
     for p in (
         # NANP: (415) 555-0132, 415-555-0132, 1 415 555 0132
-        r"(?<![0-9A-Za-z_+\-.])(?:1" + _SEP + r")?(?:\([2-9]\d{2}\)" + _SEP + r"?|[2-9]\d{2}" + _SEP + r")[2-9]\d{2}"
-        + _SEP + r"\d{4}",
+        r"(?<![0-9A-Za-z_+\-.])(?:1~)?(?:\([2-9]\d{2}\)~?|[2-9]\d{2}~)[2-9]\d{2}~\d{4}",
         # Spain: 612 345 678, 612 34 56 78, 91 123 45 67
-        _LN + r"(?:[6789]\d{2}(?:" + _SEP + r"\d{3}){2}|[6789]\d{2}(?:" + _SEP + r"\d{2}){3}|[89]\d"
-        + _SEP + r"\d{3}(?:" + _SEP + r"\d{2}){2})",
+        _LN + r"(?:[6789]\d{2}(?:~\d{3}){2}|[6789]\d{2}(?:~\d{2}){3}|[89]\d~\d{3}(?:~\d{2}){2})",
         # Area code in parentheses: (55) 1234-5678, (11) 91234-5678, (011) 4123-4567
-        _L + r"\(0?\d{2,4}\)" + _SEP + r"?\d{3,5}" + _SEP + r"?\d{4}",
+        _L + r"\(0?\d{2,4}\)~?\d{3,5}~?\d{4}",
         # Area code + local: 55 1234 5678, 11 91234-5678, 011 4123-4567, 0341 421-1234, 010-1234-5678
-        _LN + r"(?:0?\d{2}|0\d{3})" + _SEP + r"(?:\d{4,5}|\d{3})" + _SEP + r"\d{4}",
-        # China: 138 0013 8000, 13800138000, 010-12345678
-        _LN + r"1[3-9]\d(?:[ \-]?\d{4}){2}",
+        _LN + r"(?:0?\d{2}|0\d{3})~(?:\d{4,5}|\d{3})~\d{4}",
+        # Pairs after a trunk 0 (France, Belgium, Morocco...): 06 12 34 56 78
+        _LN + r"0\d(?:~\d{2}){4}",
+        # China: 138 0013 8000, 138-0013-8000, 010-12345678 (bare 13800138000: see _CN_BARE)
+        _LN + r"1[3-9]\d(?:[ \-]\d{4}){2}",
         _LN + r"0\d{2,3}-\d{7,8}",
     )
 ]
+_SIGNED_DECIMAL = re.compile(r"\+\d+\.\d+")
+_CN_BARE = re.compile(_LN + r"1[3-9]\d{9}" + _RN)
 _PHONE_BARE = re.compile(_LN + r"\d{9,12}" + _RN)
 _PHONE_CTX = re.compile(
     r"tel\b|tel[eé]fono|telefone|phone|mobile|cell|fax|whats ?app|call|m[oó]vil|celular|fone|contact|"
-    r"contato|contacto|电话|手机|联系|致电|拨打"
+    r"contato|contacto|hotline|customer service|atendimento|atenci[oó]n al cliente|llam|ligue|ligar|"
+    r"\b(?:my|mi|meu|our|nuestro|nosso) n[uú]mero|\bmy number|电话|手机|联系|致电|拨打|热线|客服|号码"
 )
 _ID_CTX = re.compile(
     r"order|invoice|\bref|ticket|tracking|isbn|issn|serial|sku|account|acct|\bid\b|\bno\.|n[º°]|#|pedido|"
     r"factura|folio|protocolo|rastreo|rastreamento|nota fiscal|订单|编号|单号|运单|发票|账号|序列"
 )
+# Amounts and counts: a currency or unit right before/after, or decimals after (",90").
 _AMOUNT_AFTER = re.compile(
-    r"\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|km|kg|habitantes|people|personas|pessoas|"
-    r"units|unidades|bytes|[kmg]b\b|元|人)",
-    re.I,
+    r",\d|\s?(?:€|\$|%|eur\b|usd\b|euros?\b|d[oó]lares|pesos|reais|yen|yuan|km|kg|habitantes|people|personas|"
+    r"pessoas|units|unidades|bytes|[kmg]b\b|元|人)",
+    re.IGNORECASE,
 )
+_AMOUNT_BEFORE = re.compile(r"(?:\$|€|£|¥|\b(?:eur|usd|mxn|brl|ars|clp|gbp|cny|rmb|jpy))\s?$")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 # ITU-T E.164 country codes (1-, 2- and 3-digit); a "+" number must start with one.
 _CC = frozenset(
@@ -97,18 +107,21 @@ def _ctx(text: str, start: int, width: int = 24) -> str:
     return text[max(0, start - width) : start].lower()
 
 
-def _windows(text: str) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
+def _windows(text: str) -> list[tuple[int, int, int]]:
+    """Merged (start, end, most digits in one seed run) windows around runs of >= 6 digits."""
+    out: list[tuple[int, int, int]] = []
     n = len(text)
     for m in _SEED.finditer(text):
+        nd = len(_NOT_DIGIT.sub("", m.group()))
         s, e = max(0, m.start() - _MARGIN), min(n, m.end() + _MARGIN)
-        # Never cut a token in two: a truncated token would pass the boundary checks.
-        s = _HEAD.search(text, max(0, s - 64), s).start()
+        # Never cut a token in two (a truncated token would pass the boundary checks):
+        # widen to the surrounding whitespace.
+        s = max(text.rfind(" ", max(0, s - 64), s), text.rfind("\n", max(0, s - 64), s), s - 64, 0)
         e = _TAIL.match(text, e).end()
         if out and s <= out[-1][1]:
-            out[-1] = (out[-1][0], e)
+            out[-1] = (out[-1][0], e, max(nd, out[-1][2]))
         else:
-            out.append((s, e))
+            out.append((s, e, nd))
     return out
 
 
@@ -138,17 +151,15 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
             if count == want:
                 break
         end += 1
-        if count == want and (end == m.end() or text[end] == " ") and ck.iban_ok(m.group()[: end - m.start()].replace(" ", "")):
+        if (
+            count == want
+            and (end == m.end() or text[end] == " ")
+            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", ""))
+        ):
             add("IBAN", m.start(), end)
 
 
-def _national_ids(text: str, s: int, e: int, add: Add) -> None:
-    for m in _SSN.finditer(text, s, e):
-        if ck.ssn_ok(*m.groups()):
-            add("US_SSN", *m.span())
-    for m in _SSN_BARE.finditer(text, s, e):
-        if "-" not in m.group() and re.search(r"ssn|social security|seguro social", _ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
-            add("US_SSN", *m.span())
+def _upper_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _DNI.finditer(text, s, e):
         if ck.dni_ok(*m.groups()):
             add("ES_DNI", *m.span())
@@ -161,6 +172,20 @@ def _national_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _RFC.finditer(text, s, e):
         if ck.rfc_ok(m.group()):
             add("MX_RFC", *m.span())
+
+
+def _long_ids(text: str, s: int, e: int, add: Add) -> None:
+    """Identifiers of >= 9 digits: SSN, CPF, CUIT."""
+    for m in _SSN.finditer(text, s, e):
+        if ck.ssn_ok(*m.groups()):
+            add("US_SSN", *m.span())
+    for m in _SSN_BARE.finditer(text, s, e):
+        if (
+            "-" not in m.group()
+            and re.search(r"ssn|social security|seguro social", _ctx(text, m.start()))
+            and ck.ssn_ok(*m.groups())
+        ):
+            add("US_SSN", *m.span())
     for m in _CPF.finditer(text, s, e):
         if ck.cpf_ok(_digits(m.group())):
             add("BR_CPF", *m.span())
@@ -173,41 +198,92 @@ def _national_ids(text: str, s: int, e: int, add: Add) -> None:
             add("BR_CPF", *m.span())
         elif ("cuit" in ctx or "cuil" in ctx) and ck.cuit_ok(d):
             add("AR_CUIT", *m.span())
+
+
+def _ruts(text: str, s: int, e: int, add: Add) -> None:
     for m in _RUT.finditer(text, s, e):
         if ck.rut_ok(m.group(1).replace(".", ""), m.group(2)):
             add("CL_RUT", *m.span())
 
 
-def _phones(text: str, s: int, e: int, add: Add) -> None:
+def _intl_phones(text: str, s: int, e: int, add: Add) -> None:
     for m in _PHONE_INTL.finditer(text, s, e):
-        d = _digits(m.group())
-        has_sep = any(not c.isdigit() for c in m.group()[1:])
+        raw = m.group()
+        d = _digits(raw)
+        if raw.startswith("00"):
+            if _in_number_run(text, m.start(), m.end()):  # "4792 0096 6386 8791" is one number
+                continue
+            d = d[2:]
+        has_sep = any(not c.isdigit() for c in raw.lstrip("(+")[1:])
+        if _SIGNED_DECIMAL.fullmatch(m.group()):  # "+35236450.6"
+            continue
+        if d[:1] in "17" and len(d) != 11:  # NANP (+1) and +7 numbers have exactly 10 national digits
+            continue
         if 8 <= len(d) <= 15 and (has_sep or len(d) >= 10) and (d[:1] in _CC or d[:2] in _CC or d[:3] in _CC):
             add("PHONE", *m.span())
+
+
+def _national_phones(text: str, s: int, e: int, add: Add) -> None:
     for pat in _PHONE_NATIONAL:
         for m in pat.finditer(text, s, e):
             if _national_phone_ok(text, m.start(), m.end()):
                 add("PHONE", *m.span())
+    # An unformatted Chinese mobile number is just 11 digits: accept it in Chinese text (a CJK
+    # character right before) or after a phone word, not as a bare integer in code or tables.
+    for m in _CN_BARE.finditer(text, s, e):
+        before = text[max(0, m.start() - 8) : m.start()]
+        cjk = any("\u3000" <= c <= "\u9fff" or "\uff00" <= c <= "\uffef" for c in before)
+        if (cjk or _phone_words_near(text, m.start(), m.end())) and _national_phone_ok(text, m.start(), m.end()):
+            add("PHONE", *m.span())
     for m in _PHONE_BARE.finditer(text, s, e):
-        if _PHONE_CTX.search(_ctx(text, m.start())) and _national_phone_ok(text, m.start(), m.end()):
+        if _phone_words_near(text, m.start(), m.end()) and _national_phone_ok(text, m.start(), m.end()):
             add("PHONE", *m.span())
 
 
+def _phone_words_near(text: str, start: int, end: int) -> bool:
+    """A phone word shortly before ("Tel: …") or after ("… por WhatsApp") the number."""
+    return bool(_PHONE_CTX.search(_ctx(text, start)) or _PHONE_CTX.search(text[end : end + 24].lower()))
+
+
+def _in_number_run(text: str, start: int, end: int) -> bool:
+    return bool(re.match(r"\d[ .\-]", text[max(0, start - 2) : start]) or re.match(r"[ .\-]\d", text[end : end + 2]))
+
+
 def _national_phone_ok(text: str, start: int, end: int) -> bool:
+    if _in_number_run(text, start, end):
+        return False  # scores, tables, long reference numbers: not a dialable number
     raw = text[start:end]
     groups = re.findall(r"\d+", raw)
     d = "".join(groups)
-    if not 9 <= len(d) <= 12 or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
+    if not 9 <= len(d) <= 12 or d.startswith("00") or len(set(d)) < 3 or set(d[len(groups[0]) :]) == {"0"}:
         return False
-    if sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2 or _AMOUNT_AFTER.match(text, end):
-        return False  # "2019 2020 2021", "700 000 000 €"
     before = _ctx(text, start)
+    if (
+        sum(bool(_YEAR.fullmatch(g)) for g in groups) >= 2
+        or _AMOUNT_AFTER.match(text, end)
+        or _AMOUNT_BEFORE.search(before)
+    ):
+        return False  # "2019 2020 2021", "700 000 000 €", "R$ 712.345.678"
     return not _ID_CTX.search(before) or bool(_PHONE_CTX.search(before))
 
 
+_UPPER_NEAR_DIGIT = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]")
+
+
 def numeric_ids(text: str, add: Add) -> None:
-    for s, e in _windows(text):
-        _cards(text, s, e, add)
-        _ibans(text, s, e, add)
-        _national_ids(text, s, e, add)
-        _phones(text, s, e, add)
+    # Gate each family on what its shortest member needs, so the many date/amount windows
+    # of ordinary prose cost one or two checks instead of twenty regex runs.
+    for s, e, nd in _windows(text):
+        dash = text.find("-", s, e) >= 0
+        if _UPPER_NEAR_DIGIT.search(text, s, e):
+            _upper_ids(text, s, e, add)
+            _ibans(text, s, e, add)
+        if nd >= 12:
+            _cards(text, s, e, add)
+        if nd >= 9:
+            _long_ids(text, s, e, add)
+            _national_phones(text, s, e, add)
+        if nd >= 7 and dash:
+            _ruts(text, s, e, add)
+        if nd >= 6 and (text.find("+", s, e) >= 0 or text.find("00", s, e) >= 0):
+            _intl_phones(text, s, e, add)

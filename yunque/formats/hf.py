@@ -32,7 +32,6 @@ _KNOWN = set(_REQUIRED) | {"architectures", "model_type", "num_key_value_heads",
                             "pad_token_id", "initializer_range", "torch_dtype", "dtype", "hidden_act",
                             "transformers_version", "layer_types"}
 PICKLE_FILES = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _rope(d: dict, src: str) -> tuple[float, dict | None]:
@@ -241,8 +240,3 @@ def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
-    d = json.loads((Path(path) / "config.json").read_text())
-    return _DTYPE_NAMES.get(d.get("torch_dtype") or d.get("dtype") or "")

@@ -79,17 +79,23 @@ class SafetensorsFile:
     def read(self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `name`, converted to `dtype` (or copied into `out`)."""
         src_dtype, shape, begin, end = self.entries[name]
-        staging = out if out is not None and out.dtype == src_dtype else torch.empty(shape, dtype=src_dtype)
-        if end > begin:
-            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._base + begin)
-            staging.view(-1).view(torch.uint8).copy_(raw)  # byte copy: no alignment demands on the file
-            del raw
-            self._release(begin, end)
-        if out is not None:
-            if out is not staging:
-                out.copy_(staging)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype or src_dtype)
+        if end == begin:
             return out
-        return staging if dtype is None or dtype == src_dtype else staging.to(dtype)
+        offset = self._base + begin
+        if offset % src_dtype.itemsize == 0:
+            # Aligned (as safetensors writes them): convert straight from the map, no staging copy.
+            # A freed staging buffer would stay in glibc's heap and count in RSS.
+            src = torch.frombuffer(self._map, dtype=src_dtype, count=(end - begin) // src_dtype.itemsize, offset=offset)
+            out.view(-1).copy_(src)
+        else:
+            raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=offset)
+            staging = torch.empty(shape, dtype=src_dtype)
+            staging.view(-1).view(torch.uint8).copy_(raw)  # byte copy: no alignment demands on the file
+            out.copy_(staging)
+        self._release(begin, end)
+        return out
 
     def _release(self, begin: int, end: int) -> None:
         # Drop the pages we just read from RSS; the file is read once, so nothing is lost.

@@ -1,0 +1,106 @@
+"""Decode speed: yunque vs transformers.generate on the same Llama-shaped models, interleaved.
+
+For each model size x dtype x batch: random prompts of --prompt tokens, --new tokens greedy,
+runs alternate yunque / transformers (A B A B ...), medians are compared. The roofline is
+weight bytes x decode steps/s / measured copy bandwidth (STREAM convention: a copy moves
+2x its size), i.e. the fraction of memory bandwidth spent streaming the weights once per step.
+
+    python bench/generate.py                 # the issue's table (takes a while on 2 cores)
+    python bench/generate.py --quick         # smaller, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from yunque.formats.hf import save_model
+from yunque.generate import Sampling, generate
+from yunque.model import Transformer
+from yunque.presets import get_preset
+
+SIZES = {"56M": "base", "125M": "base-125m"}
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sizes", nargs="*", default=list(SIZES))
+    ap.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
+    args = ap.parse_args()
+    if args.quick:
+        args.new, args.reps, args.sizes = 32, 2, ["56M"]
+    import transformers
+
+    bw = copy_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"prompt {args.prompt}, new tokens {args.new}, reps {args.reps} (interleaved, medians)\n")
+    rows = []
+    for size in args.sizes:
+        torch.manual_seed(0)
+        ours = Transformer(get_preset(SIZES[size]))
+        ours.init_weights()
+        ours.eval()
+        with tempfile.TemporaryDirectory() as d:
+            save_model(ours, d)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+        n_params = sum(p.numel() for p in ours.parameters())
+        for dname in args.dtypes:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+            ours.to(dtype), hf.to(dtype)
+            for B in args.batches:
+                prompts = torch.randint(0, ours.config.vocab_size, (B, args.prompt))
+                s = Sampling(max_new_tokens=args.new)
+
+                def run_ours():
+                    generate(ours, prompts.tolist(), s)
+
+                def run_hf():
+                    with torch.inference_mode():
+                        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
+                                    min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+
+                run_ours(), run_hf()  # warm-up
+                t_ours, t_hf = [], []
+                for _ in range(args.reps):
+                    t_ours.append(timed(run_ours))
+                    t_hf.append(timed(run_hf))
+                a, b = statistics.median(t_ours), statistics.median(t_hf)
+                tps_ours, tps_hf = B * args.new / a, B * args.new / b
+                roof = n_params * dtype.itemsize * (args.new / a) / bw
+                rows.append((size, dname, B, tps_ours, tps_hf, tps_ours / tps_hf, roof))
+                print(f"{size:>5} {dname} batch {B}: yunque {tps_ours:8.1f} tok/s  transformers {tps_hf:8.1f} tok/s  "
+                      f"ratio {tps_ours / tps_hf:5.2f}x  roofline {roof:5.1%}", flush=True)
+    print("\n| model | dtype | batch | yunque tok/s | transformers tok/s | ratio | roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.2f}x | {r[6]:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

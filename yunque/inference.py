@@ -1,0 +1,54 @@
+"""Everything a command needs to run a model: pick device and dtype, load model (+ adapter) and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from yunque.errors import YunqueError
+from yunque.formats.hf import load_model
+from yunque.model import Transformer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise YunqueError(f"device {device!r} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on CUDA (fast and safe there), fp32 on CPU (bf16 kernels are slower on most CPUs)."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise YunqueError(f"dtype {dtype!r} is unknown (known: auto, {', '.join(_DTYPES)})")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(model_dir: str | Path):
+    from yunque.tokenizer import Tokenizer
+
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise YunqueError(f"{model_dir}: no tokenizer.json (train one with `yunque tokenizer train` or copy the base model's)")
+    return Tokenizer.from_dir(model_dir)
+
+
+def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
+         device: str = "auto") -> tuple[Transformer, object]:
+    """(model in eval mode, tokenizer) from an HF directory, with a PEFT adapter applied if given."""
+    dev = resolve_device(device)
+    model = load_model(model_dir, dtype=resolve_dtype(dtype, dev), device=dev)
+    if adapter is not None:
+        from yunque.formats.peft import load_peft_adapter
+
+        load_peft_adapter(model, adapter)
+        model.eval()
+    return model, load_tokenizer(model_dir)
