@@ -6,222 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tok_helpers import family_dir, trained_dir
+from tok_chat_templates import LLAMA31, LLAMA31_GENERATION, LLAMA32, MISTRAL, QWEN25, THINKING
+from tok_helpers import family_dir, trained_dir, write_corpus
 
 from yunque.chat import apply_chat_template, render_chat, render_chats
 from yunque.errors import YunqueError
 from yunque.tokenizer import BOS, EOS, EOT, Tokenizer
-
-# Llama 3.1 Instruct's template (date, builtin and custom tools, ipython, eom).
-LLAMA31 = r"""{{- bos_token }}
-{%- if custom_tools is defined %}
-    {%- set tools = custom_tools %}
-{%- endif %}
-{%- if not tools_in_user_message is defined %}
-    {%- set tools_in_user_message = true %}
-{%- endif %}
-{%- if not date_string is defined %}
-    {%- set date_string = "26 Jul 2024" %}
-{%- endif %}
-{%- if not tools is defined %}
-    {%- set tools = none %}
-{%- endif %}
-
-{#- This block extracts the system message, so we can slot it into the right place. #}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-
-{#- System message + builtin tools #}
-{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
-{%- if builtin_tools is defined or tools is not none %}
-    {{- "Environment: ipython\n" }}
-{%- endif %}
-{%- if builtin_tools is defined %}
-    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\n\n"}}
-{%- endif %}
-{{- "Cutting Knowledge Date: December 2023\n" }}
-{{- "Today Date: " + date_string + "\n\n" }}
-{%- if tools is not none and not tools_in_user_message %}
-    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\n\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\n\n" }}
-    {%- endfor %}
-{%- endif %}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-
-{#- Custom tools are passed in a user message with some extra guidance #}
-{%- if tools_in_user_message and not tools is none %}
-    {#- Extract the first user message so we can plug it in here #}
-    {%- if messages | length != 0 %}
-        {%- set first_user_message = messages[0]['content']|trim %}
-        {%- set messages = messages[1:] %}
-    {%- else %}
-        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
-{%- endif %}
-    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
-    {{- "Given the following functions, please respond with a JSON for a function call " }}
-    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\n\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\n\n" }}
-    {%- endfor %}
-    {{- first_user_message + "<|eot_id|>"}}
-{%- endif %}
-
-{%- for message in messages %}
-    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
-        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
-    {%- elif 'tool_calls' in message %}
-        {%- if not message.tool_calls|length == 1 %}
-            {{- raise_exception("This model only supports single tool-calls at once!") }}
-        {%- endif %}
-        {%- set tool_call = message.tool_calls[0].function %}
-        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
-            {%- for arg_name, arg_val in tool_call.arguments | items %}
-                {{- arg_name + '="' + arg_val + '"' }}
-                {%- if not loop.last %}
-                    {{- ", " }}
-                {%- endif %}
-                {%- endfor %}
-            {{- ")" }}
-        {%- else  %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-            {{- '{"name": "' + tool_call.name + '", ' }}
-            {{- '"parameters": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- "}" }}
-        {%- endif %}
-        {%- if builtin_tools is defined %}
-            {#- This means we're in ipython mode #}
-            {{- "<|eom_id|>" }}
-        {%- else %}
-            {{- "<|eot_id|>" }}
-        {%- endif %}
-    {%- elif message.role == "tool" or message.role == "ipython" %}
-        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
-        {%- if message.content is mapping or message.content is iterable %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot_id|>" }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- endif %}
-"""
-
-# The same, with transformers' {% generation %} markers around assistant text.
-_PLAIN_TURN = """        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"""
-LLAMA31_GENERATION = LLAMA31.replace(_PLAIN_TURN, """        {%- if message.role == 'assistant' %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-            {%- generation %}{{- message['content'] | trim }}{%- endgeneration %}
-            {{- '<|eot_id|>' }}
-        {%- else %}
-""" + _PLAIN_TURN + "        {%- endif %}\n")
-
-# Llama 3.2: today's date via strftime_now, no builtin tools.
-LLAMA32 = (
-    LLAMA31.replace(
-        '{%- set date_string = "26 Jul 2024" %}',
-        '{%- if strftime_now is defined %}\n        {%- set date_string = strftime_now("%d %b %Y") %}\n'
-        '    {%- else %}\n        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}',
-    )
-    .replace("{%- if builtin_tools is defined or tools is not none %}", "{%- if tools is not none %}")
-)
-
-# Qwen2.5 (ChatML, with tools and tool responses).
-QWEN25 = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
-    {%- endif %}
-    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- if message.content %}
-            {{- '\n' + message.content }}
-        {%- endif %}
-        {%- for tool_call in message.tool_calls %}
-            {%- if tool_call.function is defined %}
-                {%- set tool_call = tool_call.function %}
-            {%- endif %}
-            {{- '\n<tool_call>\n{"name": "' }}
-            {{- tool_call.name }}
-            {{- '", "arguments": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- '}\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- message.content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
-
-# Mistral Instruct ([INST] ... [/INST], strict alternation, EOS after each reply).
-MISTRAL = r"""{{- bos_token }}
-{%- for message in messages %}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
-        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
-    {%- endif %}
-    {%- if message['role'] == 'user' %}
-        {{- '[INST] ' + message['content'] + ' [/INST]' }}
-    {%- elif message['role'] == 'assistant' %}
-        {{- ' ' + message['content'] + eos_token }}
-    {%- else %}
-        {{- raise_exception('Only user and assistant roles are supported!') }}
-    {%- endif %}
-{%- endfor %}
-"""
-
-# A reasoning template that drops the thinking of earlier turns (Qwen3-like): conversation
-# prefixes render differently from the full chat, which exercises the mask's fallback.
-THINKING = """{%- for m in messages %}<|im_start|>{{ m.role }}
-{% if m.role == 'assistant' and loop.last and m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>
-{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
 
 CHAT = [
     {"role": "system", "content": "You are terse. Réponds en français si besoin."},
@@ -338,13 +128,17 @@ def test_tool_call_turns_are_masked(dirs):
     assert runs == ['{"name": "get_weather", "parameters": {"city": "Madrid"}}<|eot_id|>', "21 °C in Madrid.<|eot_id|>"]
 
 
-@pytest.mark.parametrize("name,stop", [
-    ("llama3", [EOS, EOT]), ("llama31", [EOT, EOS, "<|eom_id|>"]), ("qwen25", ["<|im_end|>", "<|endoftext|>"]), ("mistral", ["</s>"]),
+@pytest.mark.parametrize("name,stop,eot,pad", [
+    ("llama3", [EOS, EOT], EOT, "<|finetune_right_pad_id|>"),
+    ("llama31", [EOT, EOS, "<|eom_id|>"], EOT, "<|finetune_right_pad_id|>"),
+    ("qwen25", ["<|im_end|>", "<|endoftext|>"], "<|im_end|>", "<|endoftext|>"),  # its configured pad is safe
+    ("mistral", ["</s>"], "</s>", "<|finetune_right_pad_id|>"),
 ])
-def test_stop_ids_hold_the_templates_end_of_turn(dirs, name, stop):
+def test_stop_ids_hold_the_templates_end_of_turn(dirs, name, stop, eot, pad):
     tok = Tokenizer.from_dir(dirs[name])
     assert tok.stop_ids == [tok.token_to_id(t) for t in stop]
-    assert tok.pad_id not in tok.stop_ids
+    assert (tok.eot_id, tok.pad_id) == (tok.token_to_id(eot), tok.token_to_id(pad))
+    assert tok.pad_id not in (tok.eos_id, tok.eot_id)
 
 
 def test_template_helpers_match_transformers(dirs, hf_tokenizers):
@@ -383,11 +177,14 @@ def test_bad_messages(dirs, messages, message):
     ("{% set ns = namespace(_x=1) %}", r"chat template line 1 failed: SecurityError: namespace attribute '_x'"),
     ("{% set x = messages.append(1) %}", r"chat template line 1 failed: SecurityError"),  # immutable sandbox
     ("{{ messages[0].content + 1 }}", r"chat template line 1 failed: TypeError"),
+    # A template that never writes assistant turns: no silent empty mask.
+    ("{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}",
+     r"messages\[2\]: cannot locate this assistant turn in the rendered chat"),
 ])
 def test_template_errors_and_sandbox(dirs, template, message):
     tok = Tokenizer.from_dir(dirs["llama3"])
     with pytest.raises(YunqueError, match=message):
-        apply_chat_template(tok, CHAT, chat_template=template)
+        render_chat(tok, CHAT, chat_template=template)
 
 
 def test_template_refusal_and_missing_template(dirs, tmp_path):
@@ -428,3 +225,63 @@ def test_render_chats_batch_equals_one_by_one(dirs):
     assert render_chats(tok, conversations) == [render_chat(tok, c) for c in conversations]
     with pytest.raises(YunqueError, match=r"conversations\[1\]: messages\[0\]: role 'bot'"):
         render_chats(tok, [CHAT, [{"role": "bot", "content": "x"}]])
+
+
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """Metaspace + NFKC (Llama 2 / Mistral style) instead of byte-level: same parity, same masks."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train([str(write_corpus(tmp_path / "c.txt", n_lines=600))], vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    (tmp_path / "raw").mkdir()
+    sp.save(str(tmp_path / "raw" / "tokenizer.json"))
+    d = family_dir(tmp_path / "raw", tmp_path / "sp", config={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, template=MISTRAL)
+    tok, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    messages = [{"role": "user", "content": "hola ¿qué tal?"}, {"role": "assistant", "content": "bien, gracias."},
+                {"role": "user", "content": "y tú"}, {"role": "assistant", "content": "también"}]
+    r = render_chat(tok, messages)
+    assert r.ids == hf.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert [tok.decode(run) for run in _runs(r)] == ["bien, gracias.</s>", "también</s>"]  # the decoder drops the leading ▁
+    assert tok.stop_ids == [tok.token_to_id("</s>")] and tok.pad_id == tok.token_to_id("<unk>")
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen25", "mistral"])
+def test_continue_final_message_matches_transformers(dirs, hf_tokenizers, name):
+    tok, hf = Tokenizer.from_dir(dirs[name]), hf_tokenizers[name]
+    messages = _chat_for(name)[:-1] + [{"role": "assistant", "content": "Sure, the answer is "}]
+    text = apply_chat_template(tok, messages, continue_final_message=True)
+    assert text == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.rstrip().endswith("the answer is")
+    with pytest.raises(YunqueError, match="cannot both be set"):
+        apply_chat_template(tok, messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(YunqueError, match="does not write the final message"):
+        apply_chat_template(tok, messages, chat_template="{{ messages[0].content }}", continue_final_message=True)
+
+
+def test_empty_reply_masks_only_its_end_of_turn(dirs):
+    tok = Tokenizer.from_dir(dirs["llama3"])
+    r = render_chat(tok, [CHAT[1], {"role": "assistant", "content": ""}])
+    assert [tok.decode(run) for run in _runs(r)] == [EOT]
+
+
+def test_old_jinja_is_refused(dirs, monkeypatch):
+    import jinja2
+
+    from yunque import jinja_sandbox
+
+    monkeypatch.setattr(jinja2, "__version__", "3.1.4")
+    jinja_sandbox.compile_template.cache_clear()
+    with pytest.raises(YunqueError, match=r"chat templates need jinja2>=3.1.6 \(sandbox fixes\), found 3.1.4"):
+        apply_chat_template(Tokenizer.from_dir(dirs["llama3"]), CHAT, chat_template="{{ 1 }}x")
+    jinja_sandbox.compile_template.cache_clear()
+
+
+def test_mask_when_prefixes_drop_the_turn(dirs):
+    # The last message is never written (a template for prompts, not transcripts): rendering the
+    # conversation cut after a reply loses the reply, so its span comes from the full text.
+    tok = Tokenizer.from_dir(dirs["llama3"])
+    template = "{% for m in messages %}{% if not loop.last or m.role != 'assistant' %}<{{ m.role }}>{{ m.content }}<|eot_id|>{% endif %}{% endfor %}"
+    r = render_chat(tok, CHAT[:4], chat_template=template)
+    # With no generation prompt in the template, the model itself must write the role header.
+    assert [tok.decode(run) for run in _runs(r)] == ["<assistant>" + CHAT[2]["content"] + EOT]

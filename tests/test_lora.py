@@ -175,3 +175,123 @@ def test_bf16_base_merges_to_bf16_and_runs_under_autocast():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert lora_modules(m32)["model.layers.0.mlp.up_proj"].lora_A.weight.grad.dtype == torch.float32
+
+
+# ---- QLoRA: NF4 base (bitsandbytes kernels) ----
+
+bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional bitsandbytes dependency")
+
+
+def qlora_pair(double_quant=False, r=8):
+    """The same adapter on a full-precision base and on its NF4 copy."""
+    full, quant = tiny_model(), tiny_model()
+    apply_lora(full, LoraConfig(r=r), generator=torch.Generator().manual_seed(3))
+    apply_lora(quant, LoraConfig(r=r, quantize_base=True, double_quant=double_quant),
+               generator=torch.Generator().manual_seed(3))
+    perturb(full, std=0.02)
+    perturb(quant, std=0.02)
+    return full, quant
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_qlora_forward_is_close_to_lora_on_full_precision():
+    from yunque.quant import NF4Linear
+
+    full, quant = qlora_pair()
+    q = quant.model.layers[0].mlp.gate_proj.base
+    assert isinstance(q, NF4Linear) and isinstance(quant.model.layers[0].mlp.gate_proj, LoRALinear)
+    w = full.model.layers[0].mlp.gate_proj.base.weight
+    w_err = rel_err(q.dequantize(), w)
+    assert 0.05 < w_err < 0.12, w_err  # NF4 on Gaussian weights: ~9% relative error
+    x = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        a, b = quant(x), full(x)
+    err = rel_err(a, b)
+    print(f"QLoRA vs LoRA: weight rel err {w_err:.4f}, logits rel err {err:.4f}")
+    assert 0 < err < 0.15
+    # lm_head and embeddings stay full precision (as in bitsandbytes/transformers QLoRA)
+    assert type(quant.lm_head) is nn.Linear or quant.config.tie_word_embeddings
+
+
+def test_qlora_gradients_reach_only_adapters():
+    _, quant = qlora_pair()
+    quant.train()
+    quant(torch.randint(0, 512, (2, 16))).logsumexp(-1).mean().backward()
+    grads = {n for n, p in quant.named_parameters() if p.grad is not None}
+    assert grads == {n for n, _ in quant.named_parameters() if "lora_" in n} and grads
+    assert not any(b.requires_grad for b in quant.buffers())
+
+
+@pytest.mark.parametrize("double_quant,lo,hi", [(False, 4.45, 4.6), (True, 4.1, 4.25)])
+def test_nf4_storage_bits_per_param(double_quant, lo, hi):
+    from yunque.quant import bits_per_param
+
+    full, quant = qlora_pair(double_quant)
+    bits = bits_per_param(quant)
+    print(f"NF4 double_quant={double_quant}: {bits:.3f} bits/param")
+    assert lo < bits < hi
+    # No full-precision copy of a quantised weight is left behind.
+    fp = sum(p.numel() for n, p in quant.named_parameters() if "lora_" not in n)
+    assert fp == sum(p.numel() for n, p in quant.named_parameters() if "embed" in n or "norm" in n or "lm_head" in n)
+    assert trainable_parameters(quant) == trainable_parameters(full)
+
+
+def test_double_quant_matches_single_quant_closely():
+    _, q1 = qlora_pair(False)
+    _, q2 = qlora_pair(True)
+    x = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert rel_err(q2(x), q1(x)) < 0.02
+    # Our module's dequantisation is exactly bitsandbytes' with the state it returned when quantising.
+    w = tiny_model().model.layers[1].self_attn.o_proj.weight
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(q2.model.layers[1].self_attn.o_proj.base.dequantize(), bnb.functional.dequantize_4bit(packed, state))
+    w1 = q1.model.layers[1].self_attn.o_proj.base.dequantize()
+    w2 = q2.model.layers[1].self_attn.o_proj.base.dequantize()
+    assert 0 < rel_err(w2, w1) < 0.01
+
+
+def test_qlora_training_reduces_loss_and_merge_dequantises_to_original_dtype():
+    m = tiny_model(tie_word_embeddings=False)
+    with torch.no_grad():  # a frozen head at init scale caps logits near 2.5: let the adapters have room to learn
+        m.lm_head.weight.normal_(0, 0.1)
+    apply_lora(m, LoraConfig(r=8, quantize_base=True, double_quant=True), generator=torch.Generator().manual_seed(0))
+    # A learnable task: each row counts up by a row-specific stride from a random start.
+    start, stride = torch.randint(0, 512, (4, 1), generator=torch.Generator().manual_seed(0)), torch.tensor([[1], [3], [5], [7]])
+    x = (start + stride * torch.arange(33)) % 512
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
+    m.train()
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print("QLoRA losses", [round(v, 3) for v in losses])
+    assert losses[-1] < 0.5 * losses[0]
+    m.eval()
+    with torch.no_grad():
+        ref = m(x)
+        merge_lora(m)
+        out = m(x)
+    assert all(type(mod) is nn.Linear and mod.weight.dtype == torch.float32
+               for n, mod in m.named_modules() if n.endswith("_proj"))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_bf16_base_under_autocast():
+    m = tiny_model().to(torch.bfloat16)
+    apply_lora(m, LoraConfig(r=4, quantize_base=True))
+    perturb(m, std=0.02)
+    assert m.model.layers[0].self_attn.q_proj.base.orig_dtype == torch.bfloat16
+    x = torch.randint(0, 512, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    assert lora_modules(m)["model.layers.0.self_attn.q_proj"].lora_B.weight.grad.dtype == torch.float32
+    merge_lora(m)
+    assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

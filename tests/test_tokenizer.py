@@ -14,9 +14,11 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models
 
 import yunque.tokenizer as ytok
+from yunque import textstream
 from yunque.__main__ import main
 from yunque.errors import YunqueError
-from yunque.tokenizer import BOS, EOS, EOT, PAD, SPECIAL_TOKENS, Tokenizer, iter_corpus, train_bpe
+from yunque.textstream import iter_corpus
+from yunque.tokenizer import BOS, EOS, EOT, PAD, SPECIAL_TOKENS, Tokenizer, train_bpe
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,7 @@ def test_trained_tokenizer_shape(tok, tok_dir):
     assert tok.pad_id not in tok.stop_ids
     assert tok.stop_ids == [tok.token_to_id(EOS), tok.token_to_id(EOT)]  # EOS + the template's end of turn
     assert "<|eot_id|>" in tok.chat_template and "add_generation_prompt" in tok.chat_template
+    assert tok.generation_config() == {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id}
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
     assert split["pattern"]["Regex"] == ytok.LLAMA3_SPLIT and byte_level["type"] == "ByteLevel"
@@ -89,11 +92,15 @@ def test_save_roundtrip_keeps_config_and_loads_in_transformers(tok, tmp_path):
     assert hf.pad_token_id == tok.pad_id and hf.encode(MIXED[1]) == again.encode(MIXED[1], True)
 
 
-def test_pad_is_never_a_stop_token(tok_dir, tmp_path):
+def test_pad_is_never_eos_or_end_of_turn(tok_dir, tmp_path):
     # Llama-3-base style: pad == eos in the config; the reserved finetune pad is used instead.
     d = family_dir(tok_dir, tmp_path / "a", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, template=None)
     t = Tokenizer.from_dir(d)
     assert t.pad_id == t.token_to_id(PAD) and t.stop_ids == [t.eos_id]
+    # Nor the template's end-of-turn token, which every assistant turn must learn to emit.
+    d = family_dir(tok_dir, tmp_path / "c", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOT}, template=ytok.LLAMA3_CHAT_TEMPLATE)
+    t = Tokenizer.from_dir(d)
+    assert t.eot_id == t.token_to_id(EOT) and t.pad_id == t.token_to_id(PAD)
     # A vocabulary with no spare token: no pad rather than a pad that would mask the EOS.
     base = tmp_path / "b"
     base.mkdir()
@@ -119,11 +126,19 @@ def test_chat_template_files(tok_dir, tmp_path):
     (d / "chat_template.jinja").write_text("C")  # newer transformers save this; it wins
     (d / "additional_chat_templates").mkdir()
     (d / "additional_chat_templates" / "rag.jinja").write_text("D")
-    assert Tokenizer.from_dir(d).chat_templates == {"default": "C", "tool_use": "B", "rag": "D"}
+    tok = Tokenizer.from_dir(d)
+    assert tok.chat_templates == {"default": "C", "tool_use": "B", "rag": "D"}
+    tok.chat_templates["tool_use"] = "B2"
+    tok.save(d)  # into its own directory: the .jinja files must not override what was saved
+    assert Tokenizer.from_dir(d).chat_templates == {"default": "C", "tool_use": "B2", "rag": "D"}
+    tok.chat_templates["../evil"] = "E"
+    with pytest.raises(YunqueError, match=r"chat template name '../evil': only letters"):
+        tok.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
 def test_iter_corpus_streams_in_bounded_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(ytok, "_CHUNK", 64)
+    monkeypatch.setattr(textstream, "_CHUNK", 64)
     text = "".join(MIXED) * 20  # multi-byte characters fall across the 64-byte read boundaries
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
     pieces = list(iter_corpus([tmp_path / "a.txt"]))
@@ -157,6 +172,11 @@ def test_train_errors(tmp_path, name, content, kwargs, message):
 
 
 def test_train_jsonl_errors(tmp_path):
+    with pytest.raises(YunqueError, match="no training files given"):
+        train_bpe([], vocab_size=300)
+    (tmp_path / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(YunqueError, match=r"u.jsonl: not UTF-8 text"):
+        train_bpe([tmp_path / "u.jsonl"], vocab_size=300)
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
     with pytest.raises(YunqueError, match=r"a.jsonl:2: expected an object with a string \"text\" field"):
         train_bpe([tmp_path / "a.jsonl"], vocab_size=300)
@@ -198,6 +218,10 @@ def _break(d: Path, name: str, text: str) -> None:
     (lambda d: _break(d, "tokenizer_config.json", '{"chat_template": [{"name": "x"}]}'), r"chat_template\[0\]: expected"),
     (lambda d: _break(d, "generation_config.json", '{"eos_token_id": [1, 99999]}'), r"eos_token_id 99999 is not a token id"),
     (lambda d: _break(d, "special_tokens_map.json", "nope"), r"special_tokens_map.json:1: invalid JSON"),
+    (lambda d: _break(d, "special_tokens_map.json", "[1]"), r"special_tokens_map.json: expected a JSON object"),
+    (lambda d: (d / "tokenizer_config.json").write_bytes(b'{"a": "\xff"}'), r"tokenizer_config.json: cannot read: .*utf-8"),
+    (lambda d: (d / "chat_template.jinja").write_bytes(b"\xff"), r"chat_template.jinja: cannot read"),
+    (lambda d: ((d / "tokenizer.json").rename(d / "tokenizer.model")), r"no tokenizer.json \(only a SentencePiece tokenizer.model"),
 ])
 def test_from_dir_errors(tok_dir, tmp_path, setup, message):
     d = tmp_path / "t"

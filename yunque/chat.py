@@ -117,15 +117,36 @@ def apply_chat_template(
     chat_template: str | None = None,
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
+    continue_final_message: bool = False,
     **template_kwargs: Any,
 ) -> str:
     """The chat as text, as the checkpoint's template writes it (same as transformers).
 
     `chat_template` overrides the tokenizer's template (a Jinja source, or the name of one of
     its named templates); `tools`, `documents` and `template_kwargs` are template variables.
+    `continue_final_message` leaves the last message open (no end-of-turn) so that generation
+    continues it: a prefilled start of the assistant's reply.
     """
     msgs = check_messages(messages)
-    return _Renderer(tok, chat_template, tools, documents, template_kwargs)(msgs, add_generation_prompt)
+    render = _Renderer(tok, chat_template, tools, documents, template_kwargs)
+    if not continue_final_message:
+        return render(msgs, add_generation_prompt)
+    if add_generation_prompt:
+        raise YunqueError("continue_final_message and add_generation_prompt cannot both be set")
+    if not isinstance(msgs[-1].get("content"), str):
+        raise YunqueError(f"messages[{len(msgs) - 1}]: continue_final_message needs a string 'content'")
+    # Render with a tag after the final content and cut there: whatever the template writes
+    # after a message (end-of-turn, newlines) falls away.
+    msgs[-1]["content"] += _CONTINUE_TAG
+    text = render(msgs, False)
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0:
+        raise YunqueError("continue_final_message: the chat template does not write the final message")
+    # A template that trims content also trimmed the tag's space and the reply's trailing blanks.
+    return text[:at] if text.startswith(_CONTINUE_TAG, at) else text[:at].rstrip()
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 def render_chat(
@@ -259,7 +280,8 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
         if end is not None:
             # Whitespace a template puts after the end-of-turn token (ChatML's "\n") is layout, not output.
             end = len(text[:end].rstrip())
-        if start is None or end is None or end < start:
+        says_something = bool(m.get("tool_calls")) or (isinstance(m.get("content"), str) and m["content"].strip())
+        if start is None or end is None or end < start or (end == start and says_something):
             found = _search_turn(render, msgs, i, text, cursor, eots)
             if found is None:
                 raise YunqueError(
@@ -268,7 +290,7 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
                 )
             if start is None or start > found[0]:
                 start = found[0]
-            if end is None or end < start:
+            if end is None or end <= start:
                 end = found[1]
         spans.append((start, end))
         cursor = end

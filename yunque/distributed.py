@@ -131,6 +131,8 @@ def gather_optim_state(module: nn.Module, optimizer: torch.optim.Optimizer, pref
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(module, optimizer, options=_options())
+    if not osd:  # full_state_dict + cpu_offload: only rank 0 receives it
+        return {}
     return {"state": _strip(osd["state"], prefix),
             "param_groups": [dict(g, params=[p[len(prefix):] if p.startswith(prefix) else p for p in g["params"]])
                              for g in osd["param_groups"]]}

@@ -93,7 +93,9 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sam
     try:
         slots = torch.arange(P, device=device)
         if use_cache:
-            logits = model(ids, positions[:, :P], full_mask[:, :, :P], slots)[:, -1]
+            # Only the last position's logits are needed: the head over all P positions would cost
+            # B x P x V (gigabytes for a 128k vocabulary) for nothing.
+            logits = model.lm_head(model.hidden(ids, positions[:, :P], full_mask[:, :, :P], slots)[:, -1])
         else:
             logits = model(ids, positions[:, :P], full_mask[:, :, :P, :P])[:, -1]
         for step in range(s.max_new_tokens):

@@ -142,7 +142,7 @@ class Packer:
         if st.cursor >= len(self.source):
             st.epoch, st.cursor = st.epoch + 1, 0
 
-    def _row(self, ids: np.ndarray, lab: np.ndarray, pos: np.ndarray, doc: np.ndarray) -> None:
+    def _row(self, ids: np.ndarray, lab: np.ndarray, pos: np.ndarray, doc: np.ndarray) -> int:
         st, T = self.state, self.T
         fill, d = 0, 0
         while fill < T and not (self.one_pass and st.epoch > 0):
@@ -157,7 +157,7 @@ class Packer:
                 st.truncated += L > T
             a = st.offset
             ids[fill:fill + n] = ids_d[a:a + n]
-            tgt = ids_d[a + 1:a + n + 1]  # the next token within the document; shorter by one at its end
+            tgt = ids_d[a + 1:a + n + 1].astype(np.int64)  # the next token within the document; shorter by one at its end
             k = len(tgt)
             lab[fill:fill + k] = tgt if mask_d is None else np.where(mask_d[a + 1:a + 1 + k], tgt, IGNORE)
             pos[fill:fill + n] = np.arange(n)
@@ -169,7 +169,9 @@ class Packer:
                 self._next_doc()
         if fill < T:
             doc[fill:] = d  # padding is its own document: it attends only to itself and is never a target
+            pos[fill:] = np.arange(T - fill)
         st.rows += 1
+        return fill
 
     def next_batch(self, rows: int) -> Batch:
         T = self.T
@@ -177,8 +179,7 @@ class Packer:
         lab = np.full((rows, T), IGNORE, dtype=np.int64)
         pos = np.zeros((rows, T), dtype=np.int64)
         doc = np.zeros((rows, T), dtype=np.int64)
-        for r in range(rows):
-            self._row(ids[r], lab[r], pos[r], doc[r])
+        self.last_filled = sum(self._row(ids[r], lab[r], pos[r], doc[r]) > 0 for r in range(rows))
         t = torch.from_numpy
         return Batch(t(ids), t(lab), t(pos), t(doc), bool((doc == 0).all()))
 
@@ -189,7 +190,5 @@ def fixed_batches(source: TokenSource, seq_len: int, rows: int, *, split_docs: b
     out = []
     while p.state.epoch == 0:
         out.append(p.next_batch(rows))
-    used = (out[-1].doc_ids != out[-1].doc_ids[:, :1]) | (out[-1].positions > 0) | (out[-1].labels != IGNORE)
-    keep = int(used.any(dim=1).sum())  # rows past the end are pure padding: drop them
-    out[-1] = out[-1].rows(0, keep)
+    out[-1] = out[-1].rows(0, p.last_filled)  # rows past the end are pure padding: drop them
     return [b for b in out if len(b.input_ids)]

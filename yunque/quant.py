@@ -60,6 +60,20 @@ def _check_device(device: torch.device) -> None:
         raise ConfigError("quantize_base: a CUDA tensor was given but CUDA is not available")
 
 
+_CODE_BOOKS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _code_book(name: str, device: torch.device) -> torch.Tensor:
+    """bitsandbytes' constant level tables (16 NF4 levels; 256-entry dynamic map for the scales),
+    one copy per device rather than one per layer."""
+    key = (name, device)
+    if key not in _CODE_BOOKS:
+        bnbf = _bnb_functional()
+        table = bnbf.get_4bit_type("nf4", device=device) if name == "nf4" else bnbf.create_dynamic_map()
+        _CODE_BOOKS[key] = table.to(device=device, dtype=torch.float32)
+    return _CODE_BOOKS[key]
+
+
 class _NF4Matmul(torch.autograd.Function):
     """y = x @ W^T with W dequantised on the fly; backward re-dequantises instead of keeping
     a full-precision copy of W alive for every layer until backward (QLoRA's memory win)."""
@@ -93,12 +107,10 @@ class NF4Linear(nn.Module):
         n_blocks = -(-n // block_size)
         kw = dict(device=device)
         self.register_buffer("weight_nf4", torch.zeros(-(-n // 2), 1, dtype=torch.uint8, **kw))
-        self.register_buffer("code", torch.zeros(16, dtype=torch.float32, **kw))
         if double_quant:
             self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8, **kw))
             self.register_buffer("absmax_offset", torch.zeros((), dtype=torch.float32, **kw))
             self.register_buffer("absmax_scale", torch.zeros(-(-n_blocks // _NESTED_BLOCK), dtype=torch.float32, **kw))
-            self.register_buffer("absmax_code", torch.zeros(256, dtype=torch.float32, **kw))
         else:
             self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.float32, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
@@ -115,26 +127,25 @@ class NF4Linear(nn.Module):
                                            compress_statistics=double_quant)
         with torch.device("meta"):
             m = cls(linear.in_features, linear.out_features, block_size, double_quant, w.dtype, linear.bias is not None)
-        m.weight_nf4, m.code = packed, state.code.float()
+        m.weight_nf4 = packed
         m.absmax = state.absmax
         if double_quant:
             m.absmax_offset = state.offset.float().reshape(())
-            m.absmax_scale, m.absmax_code = state.state2.absmax.float(), state.state2.code.float()
+            m.absmax_scale = state.state2.absmax.float()
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return m
 
     def _state(self, dtype: torch.dtype):
-        from bitsandbytes.functional import QuantState  # only reached once from_linear has imported it
-
-        nested = None
-        offset = None
+        bnbf = _bnb_functional()
+        nested = offset = None
         if self.double_quant:
-            nested = QuantState(absmax=self.absmax_scale, code=self.absmax_code, blocksize=_NESTED_BLOCK,
-                                dtype=torch.float32)
+            nested = bnbf.QuantState(absmax=self.absmax_scale, code=_code_book("dynamic", self.absmax.device),
+                                     blocksize=_NESTED_BLOCK, dtype=torch.float32)
             offset = self.absmax_offset
-        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), code=self.code,
-                          blocksize=self.block_size, quant_type="nf4", dtype=dtype, offset=offset, state2=nested)
+        return bnbf.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                               code=_code_book("nf4", self.absmax.device), blocksize=self.block_size,
+                               quant_type="nf4", dtype=dtype, offset=offset, state2=nested)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: the dtype it was quantised from)."""
@@ -159,7 +170,7 @@ class NF4Linear(nn.Module):
         return self.in_features * self.out_features
 
     def storage_bytes(self) -> int:
-        """Bytes holding the weight: codes, scales and this module's copy of the code books (bias excluded)."""
+        """Bytes holding the weight: 4-bit codes and block scales (bias excluded)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:

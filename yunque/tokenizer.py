@@ -6,14 +6,15 @@ when present). `train_bpe` trains a Llama-3-style byte-level BPE (same split reg
 special tokens, same chat template) that `transformers.AutoTokenizer` loads unchanged.
 
 Two rules keep fine-tunes well behaved: `stop_ids` holds every id that ends a reply (EOS,
-the template's end-of-turn token, generation_config's eos ids), and `pad_id` is never one
-of them, so masking padding can never mask the token the model must learn to stop with.
+the template's end-of-turn token, generation_config's eos ids), and `pad_id` is never the
+EOS or the end-of-turn id, so masking padding can never mask the token the model must
+learn to stop with.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from yunque.chat import find_end_of_turn
 from yunque.errors import YunqueError
+from yunque.textstream import corpus_files, iter_corpus
 
 # Llama 3's pre-tokenizer split (tiktoken's cl100k pattern): contractions, letter runs with one
 # leading non-letter, digit groups of <= 3, punctuation runs, newline runs, other whitespace.
@@ -85,16 +87,18 @@ class Tokenizer:
         if self.chat_template is not None:
             added = [t.content for t in rust.get_added_tokens_decoder().values()]
             eot = self.token_to_id(find_end_of_turn(self.chat_template, self.special_tokens, added) or "")
+        self.eot_id: int | None = eot if eot is not None else self.eos_id
         self.stop_ids: list[int] = list(dict.fromkeys(i for i in (self.eos_id, eot, *gen_eos) if i is not None))
         self.pad_id = self._pick_pad()
 
     def _pick_pad(self) -> int | None:
-        """The configured pad token unless it would end generation; else a known spare token; else None
-        (callers then pad with any id and mask by length)."""
+        """The configured pad token unless it is the EOS or the end-of-turn token (the ids a model
+        must learn to emit, which loss masking of padding would hide); else a known spare token;
+        else None (callers then pad with any id and mask by length)."""
         unk = self.special_tokens.get("unk_token")
         for name in (self.special_tokens.get("pad_token"), *_PAD_NAMES, unk):
             i = self.token_to_id(name or "")
-            if i is not None and i not in self.stop_ids:
+            if i is not None and i not in (self.eos_id, self.eot_id):
                 return i
         return None
 
@@ -153,7 +157,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Encode many texts in parallel in Rust (no offsets computed: the fast path for data prep)."""
-        return [e.ids for e in self._rust.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)]
+        batch = getattr(self._rust, "encode_batch_fast", self._rust.encode_batch)  # _fast: tokenizers >= 0.20
+        return [e.ids for e in batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def encode_offsets(self, text: str, special_as_text: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and each token's character span in `text` (no BOS/EOS added). With `special_as_text`
@@ -189,12 +194,20 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._rust.id_to_token(int(i))
 
+    def generation_config(self) -> dict[str, Any]:
+        """Token ids for a checkpoint's generation_config.json: with every stop id as
+        `eos_token_id`, transformers, vLLM and llama.cpp stop at the end of a turn too."""
+        return {"bos_token_id": self.bos_id, "eos_token_id": self.stop_ids, "pad_token_id": self.pad_id}
+
     # -- saving ------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF format).
 
         Keys of the source config that yunque does not interpret are kept, so a fine-tune's
         tokenizer stays loadable by the same tools as the base model's."""
+        for name in self.chat_templates:  # names become file names
+            if not re.fullmatch(r"\w[\w.-]*", name):
+                raise YunqueError(f"chat template name {name!r}: only letters, digits, '_', '-', '.' can name a file")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self._rust.save(str(out / "tokenizer.json"))
@@ -211,12 +224,13 @@ class Tokenizer:
         config.setdefault("clean_up_tokenization_spaces", False)  # HF's cleanup is lossy (" ." -> ".")
         config.update(added_tokens_decoder=added, **specials)
         if self.chat_templates:
-            if set(self.chat_templates) == {"default"}:
-                config["chat_template"] = self.chat_template
-                # Newer transformers prefer chat_template.jinja: keep both in agreement.
-                (out / "chat_template.jinja").write_text(self.chat_template or "", encoding="utf-8")
-            else:
-                config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+            single = set(self.chat_templates) == {"default"}
+            config["chat_template"] = self.chat_template if single else [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+            # Newer transformers read .jinja files first: write them too, so no stale file wins.
+            for name, template in self.chat_templates.items():
+                path = out / ("chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja")
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(template, encoding="utf-8")
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -263,74 +277,6 @@ def _generation_eos(d: Path, rust: RustTokenizer) -> list[int]:
 
 
 # -- training ------------------------------------------------------------------------------------
-_CHUNK = 1 << 20  # text is streamed to the trainer in ~1 MiB pieces, never a whole corpus at once
-
-
-def _iter_plain(p: Path) -> Iterator[str]:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    pos, carry = 0, ""
-    with p.open("rb") as fh:
-        while True:
-            raw = fh.read(_CHUNK)
-            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous read
-            try:
-                text = carry + decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise YunqueError(f"{p}: not UTF-8 text (invalid byte at offset {pos - pending + e.start})") from None
-            pos += len(raw)
-            if not raw:
-                break
-            # Cut after the last newline or space so no word is split across two pieces; a long
-            # run without either (CJK text) waits for more input, up to a bound.
-            cut = max(text.rfind("\n"), text.rfind(" ")) + 1
-            if cut == 0 and len(text) < 4 * _CHUNK:
-                carry = text
-                continue
-            cut = cut or len(text)
-            carry = text[cut:]
-            yield text[:cut]
-    if text:
-        yield text
-
-
-def _iter_jsonl(p: Path) -> Iterator[str]:
-    with p.open(encoding="utf-8") as fh:
-        try:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise YunqueError(f"{p}:{n}: invalid JSON: {e.msg}") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise YunqueError(f"{p}:{n}: expected an object with a string \"text\" field")
-                yield row["text"]
-        except UnicodeDecodeError as e:
-            raise YunqueError(f"{p}: not UTF-8 text ({e.reason})") from None
-
-
-def corpus_files(files: Iterable[str | Path]) -> list[Path]:
-    """Check every input up front, so a typo fails before minutes of training, not after."""
-    paths = [Path(f) for f in files]
-    if not paths:
-        raise YunqueError("no training files given")
-    for p in paths:
-        if not p.is_file():
-            raise YunqueError(f"{p}: no such file")
-        try:
-            p.open("rb").close()
-        except OSError as e:
-            raise YunqueError(f"{p}: cannot read: {e.strerror}") from None
-    return paths
-
-
-def iter_corpus(files: Iterable[str | Path]) -> Iterator[str]:
-    """Stream the text of `files`: .jsonl files give each line's "text" field, other files their text."""
-    for p in corpus_files(files):
-        yield from (_iter_jsonl(p) if p.suffix == ".jsonl" else _iter_plain(p))
-
-
 def train_bpe(files: list, vocab_size: int, out_dir: str | Path | None = None, min_frequency: int = 2) -> Tokenizer:
     """Train a Llama-3-style byte-level BPE on text files; save it in HF format if `out_dir` is given.
 

@@ -93,7 +93,7 @@ class TrainConfig:
     method: Method = "pretrain"
     out_dir: Path = Path("runs/train")
     seed: int = 1234
-    tokenizer: Path | None = None  # default: the model directory (full/lora/qlora)
+    tokenizer: Path | None = None  # default: data.dir/tokenizer (what the shards were made with), else model.path
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -120,7 +120,7 @@ class TrainConfig:
                 raise ConfigError("model.preset: required for method pretrain (e.g. tiny, small, base)")
             if self.model.path is not None:
                 raise ConfigError("model.path: method pretrain starts from random weights; use method full to continue a checkpoint")
-            if self.tokenizer is None:
+            if self.tokenizer is None and self.data.dir is None:
                 raise ConfigError("tokenizer: required for method pretrain (the tokenizer directory of the data step)")
         else:
             if self.model.path is None:

@@ -11,6 +11,7 @@ document each; `data.val_fraction` holds out the tail of raw text (e.g. the last
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yunque.errors import DataError
+from yunque.errors import ConfigError, DataError
 from yunque.packing import ArraySource
 from yunque.tokenizer import Tokenizer
 from yunque.train_config import TrainConfig
@@ -45,10 +46,47 @@ def _manifest_roots(d: Path) -> dict | None:
     p = d / "manifest.json"
     if not p.is_file():
         return None
-    m = json.loads(p.read_text(encoding="utf-8"))
+    raw = p.read_bytes()
+    m = json.loads(raw)
     splits = m.get("splits", {})
-    return {name: {k: v for k, v in info.items() if k in ("records", "merkle_root", "sha256")}
-            for name, info in splits.items() if isinstance(info, dict)}
+    roots = {name: {k: v for k, v in info.items() if k in ("records", "merkle_root")}
+             for name, info in splits.items() if isinstance(info, dict)}
+    return {"manifest_sha256": hashlib.sha256(raw).hexdigest(), "splits": roots}
+
+
+def resolve_tokenizer(cfg: TrainConfig) -> Path:
+    """cfg.tokenizer, else the tokenizer the data step tokenized with, else the model directory's."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    if cfg.data.dir is not None and (cfg.data.dir / "tokenizer" / "tokenizer.json").is_file():
+        return cfg.data.dir / "tokenizer"
+    if cfg.model.path is not None:
+        return cfg.model.path
+    raise ConfigError("tokenizer: required (no data.dir/tokenizer and no model.path to take it from)")
+
+
+def _shards(cfg: TrainConfig, tok_dir: Path) -> tuple[ArraySource, ArraySource | None]:
+    """Pre-tokenized `tokens/` of a prepared directory, memory-mapped (the data step's TokenShards)."""
+    from yunque.data.shards import TokenShards
+
+    d = cfg.data.dir
+    made_with = d / "tokenizer" / "tokenizer.json"
+    if made_with.is_file() and (tok_dir / "tokenizer.json").read_bytes() != made_with.read_bytes():
+        raise DataError(f"{d / 'tokens'}: tokenized with {made_with.parent}, not with the tokenizer {tok_dir}; "
+                        "train with that tokenizer or re-run the data step")
+    out = []
+    for split in ("train", "val"):
+        try:
+            s = TokenShards(d, split)
+        except DataError:
+            if split == "train":
+                raise
+            out.append(None)
+            continue
+        out.append(ArraySource(s.tokens, np.asarray(s.doc_offsets), s.loss_mask) if len(s) else None)
+    if out[0] is None:
+        raise DataError(f"{d / 'tokens'}: the train split has no documents")
+    return out[0], out[1]
 
 
 class Encoder:
@@ -131,6 +169,10 @@ def load_data(cfg: TrainConfig, tok: Tokenizer) -> TrainData:
         if cfg.verify_data:
             verify_prepared(d.dir)
         manifest = _manifest_roots(d.dir)
+        if (d.dir / "tokens" / "meta.json").is_file():
+            tr, va = _shards(cfg, resolve_tokenizer(cfg))
+            _check_vocab(tr, tok, "train")
+            return TrainData(tr, va, manifest)
         train = _jsonl_docs(d.dir / "train.jsonl", enc)
         val = _jsonl_docs(d.dir / "val.jsonl", enc) if (d.dir / "val.jsonl").is_file() else []
     else:
@@ -138,12 +180,15 @@ def load_data(cfg: TrainConfig, tok: Tokenizer) -> TrainData:
         val = [doc for p in d.val for doc in _file_docs(p, enc, "train", 0.0)]
         if d.val_fraction > 0:
             val += [doc for p in d.train for doc in _file_docs(p, enc, "val", d.val_fraction)]
-    vocab = tok.vocab_size
-    for docs, name in ((train, "train"), (val, "val")):
-        for ids, _ in docs:
-            if ids and max(ids) >= vocab:
-                raise DataError(f"{name} data has token id {max(ids)} >= vocab_size {vocab}")
-    return TrainData(_source(train, "training"), _source(val, "validation") if val else None, manifest)
+    tr, va = _source(train, "training"), _source(val, "validation") if val else None
+    _check_vocab(tr, tok, "train")
+    return TrainData(tr, va, manifest)
+
+
+def _check_vocab(src: ArraySource, tok: Tokenizer, name: str) -> None:
+    top = int(src.tokens.max()) if len(src.tokens) else 0
+    if top >= tok.vocab_size:
+        raise DataError(f"{name} data has token id {top} >= the tokenizer's vocab_size {tok.vocab_size}")
 
 
 def _byte_decoder() -> dict[str, int]:

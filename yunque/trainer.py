@@ -29,7 +29,7 @@ from yunque.packing import Packer, fixed_batches
 from yunque.tokenizer import Tokenizer
 from yunque.tracking import Progress, Tracker, plot_metrics
 from yunque.train_config import TrainConfig
-from yunque.train_data import load_data, token_bytes
+from yunque.train_data import load_data, resolve_tokenizer, token_bytes
 from yunque.training import (CausalLMLoss, eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device,
                              train_step)
 
@@ -60,9 +60,9 @@ def seed_everything(seed: int) -> None:
 def _lora_config(cfg: TrainConfig):
     from yunque.lora import LoraConfig
 
-    lc = cfg.lora
-    return LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=list(lc.targets), rslora=lc.rslora,
-                      quantize="nf4" if cfg.method == "qlora" else None, double_quant=lc.double_quant)
+    lc, q = cfg.lora, cfg.method == "qlora"
+    return LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.targets), use_rslora=lc.rslora,
+                      quantize_base=q, double_quant=q and lc.double_quant)
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
@@ -88,9 +88,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
         if cfg.method in ("lora", "qlora"):
             from yunque.lora import apply_lora
 
-            for p in model.parameters():
-                p.requires_grad_(False)
-            apply_lora(model, _lora_config(cfg))
+            apply_lora(model, _lora_config(cfg), generator=torch.Generator().manual_seed(cfg.seed))
     model.gradient_checkpointing = cfg.grad_checkpointing
     return model
 
@@ -102,7 +100,7 @@ class Trainer:
         device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
-        self.tok = Tokenizer.from_dir(cfg.tokenizer or cfg.model.path)
+        self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         self.model = build_model(cfg, self.tok).to(self.device)
         self.loss_module = CausalLMLoss(self.model)
@@ -268,7 +266,7 @@ class Trainer:
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:
         sums = torch.stack([p[1] for p in pending])
         D.all_reduce_sum(self.d, sums)  # each rank summed its own rows
-        norms = [p[4] for p in pending]
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in (p[4] for p in pending)]  # FSDP: DTensor
         norm_vals = torch.stack([n.float() for n in norms]).tolist() if all(n is not None for n in norms) else None
         for i, (step, _, n, lr, _) in enumerate(pending):
             loss = float(sums[i]) / max(1, n)

@@ -82,14 +82,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, compute_dtype, need_grad):
         n = h.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax in at least fp32
+        loss = torch.zeros((), dtype=acc, device=h.device)
         gh = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
         w = weight.to(compute_dtype)
         step = _chunk_rows(weight.shape[0])
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
-            logits = (hc @ w.t()).float()  # (c, V)
+            logits = (hc @ w.t()).to(acc)  # (c, V)
             lse = torch.logsumexp(logits, dim=-1)
             loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
             if gh is None and gw is None:

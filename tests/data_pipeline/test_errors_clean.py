@@ -69,6 +69,20 @@ def test_on_error_fail_stops_at_first(tmp_path, which, expect):
         prepare([inputs[which]], tmp_path / "out", cfg(pii=NO_PII, read={"on_error": "fail"}), **QUIET)
 
 
+def test_failed_run_leaves_previous_output_untouched(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine too"}, {"nope": 1}])
+    out = tmp_path / "out"
+    first = prepare([good], out, cfg(pii=NO_PII), **QUIET)
+    with pytest.raises(DataError, match="bad.jsonl:2: missing field"):
+        prepare([bad], out, cfg(pii=NO_PII, read={"on_error": "fail", "format": "text"}), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out"]  # no staging left behind
+    from yunque.data.pipeline import verify
+
+    assert verify(out)["inputs"][0]["sha256"] and first.records_kept == 1
+    assert all_records(out) == [{"kind": "text", "source": f"{good}:1", "text": "fine"}]
+
+
 def test_on_error_fail_ignores_filters(tmp_path):
     # Duplicates and length filters are decisions, not input errors: on_error=fail does not stop on them.
     src = write_jsonl(tmp_path / "d.jsonl", [{"text": "same text"}, {"text": "same text"}, {"text": "x"}])

@@ -71,6 +71,24 @@ def test_json_array_streamed_with_line_numbers(tmp_path, monkeypatch):
         assert text_lines[int(item.source.rsplit(":", 1)[1]) - 1].strip() == "{"
 
 
+@pytest.mark.parametrize("block", [7, 64, 1 << 19])
+def test_jsonl_blocks_split_into_the_same_lines(tmp_path, monkeypatch, block):
+    from yunque.data import work
+    from yunque.data.config import DataConfig
+
+    rows = [{"text": f"line {i} " + "é" * (i % 13)} for i in range(60)]
+    body = "".join(json.dumps(r, ensure_ascii=False) + ("\n\n" if i % 9 == 0 else "\n") for i, r in enumerate(rows))
+    path = tmp_path / "b.jsonl.gz"
+    with gzip.open(path, "wb") as gz:
+        gz.write(b"\xef\xbb\xbf" + body.encode() + b'{"text": "no newline at end"}')
+    monkeypatch.setattr(read, "_BLOCK", block)
+    work.init_worker(DataConfig(workers=1))
+    got = [r[1:3] for item in iter_file(path, blocks=True) for r in work.process_item(item.source, item.kind, item.payload, "text")]
+    want = [r[1:3] for item in iter_file(path) for r in work.process_item(item.source, item.kind, item.payload, "text")]
+    assert got == want and len(got) == 61
+    assert got[-1][0] == f"{path}:{len(body.splitlines()) + 1}"
+
+
 def test_json_array_truncated_and_empty(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"text": "a"},\n {"text": "b"},\n {"text": ', encoding="utf-8")

@@ -19,9 +19,8 @@ _STRIP = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u200b\u200c\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
 )
 _FENCE = re.compile(r"^[ \t]{0,3}(```|~~~)")
-_WS = "[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]"
-_TRAILING = re.compile(f"{_WS}+(?=\n|$)")
-_INNER = re.compile(f"(?<=\\S)(?: {_WS}+|(?! ){_WS}{_WS}*)(?=\\S)")
+_SPACES = re.compile("[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+_UNI_WS = re.compile("[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 _NEWLINES = re.compile(r"\n{3,}")
 
 
@@ -56,8 +55,16 @@ def clean_text(text: str) -> str:
 
 
 def _tidy(prose: str) -> str:
-    # Whole-text regexes (no per-line Python loop): this runs on every record.
+    if not _messy(prose):  # most text is already tidy; these checks run at memchr speed
+        return prose
     # Leading indentation stays (nested lists, indented code); inner runs collapse; trailing goes.
-    prose = _TRAILING.sub("", prose)
-    prose = _INNER.sub(" ", prose)
-    return _NEWLINES.sub("\n\n", prose).strip()
+    lines = []
+    for line in prose.split("\n"):
+        body = line.lstrip(" \t")
+        lines.append(line[: len(line) - len(body)] + _SPACES.sub(" ", body).rstrip() if body.strip() else "")
+    return _NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def _messy(s: str) -> bool:
+    return ("  " in s or "\t" in s or " \n" in s or "\n\n\n" in s or s[:1].isspace() or s[-1:].isspace()
+            or (not s.isascii() and _UNI_WS.search(s) is not None))

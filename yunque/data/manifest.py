@@ -83,10 +83,17 @@ class SplitWriter:
 
     def write(self, line: str) -> None:
         data = line.encode("utf-8")
-        digest = hashlib.sha256(data).digest()
+        self.write_hashed(data, hashlib.sha256(data).digest())
+
+    def write_hashed(self, data: bytes, digest: bytes) -> None:
+        """Write a record whose SHA-256 the caller already computed (in a worker process)."""
         self._fh.write(data + b"\n")
         self._hh.write(digest)
         self.merkle.add(digest)
+
+    def flush(self) -> None:
+        self._fh.flush()
+        self._hh.flush()
 
     def close(self) -> dict[str, Any]:
         self._fh.close()

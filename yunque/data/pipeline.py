@@ -21,6 +21,7 @@ Output directory:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import multiprocessing as mp
@@ -36,7 +37,7 @@ from yunque.data.config import DataConfig
 from yunque.data.dedup import NearDupIndex
 from yunque.data.manifest import SplitWriter, verify_dir, write_manifest
 from yunque.data.read import expand_inputs, file_kind, iter_file, peek_objects
-from yunque.data.records import detect_shape, get_path
+from yunque.data.records import canonical_json, detect_shape, get_path
 from yunque.data.report import ERROR_REASONS, Stats, write_report
 from yunque.data.split import SPLITS, Stratifier, copies_for, oversample_plan, split_of
 from yunque.errors import ConfigError, DataError
@@ -70,21 +71,34 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
         from yunque.tokenizer import Tokenizer
 
         Tokenizer.from_dir(cfg.tokenizer)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").is_file():
-            raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
-        shutil.rmtree(out)  # a previous run's output: replace it whole, never mix two runs
-    (out / ".tmp").mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise DataError(f"{out}: exists, is not empty and is not a prepared data directory; refusing to overwrite")
+    # Build in a sibling staging directory and swap it in at the end: a failed or interrupted run
+    # never leaves a half-written directory where training would look for data.
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / ".tmp").mkdir(parents=True)
+    try:
+        result = _prepare_into(stage, files, cfg, log)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)  # a previous prepared directory: replaced whole, never mixed with this run
+    stage.rename(out)
+    result.out_dir = out
+    return result
+
+
+def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> PrepareResult:
     stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars")
     writers = [SplitWriter(out, s) for s in SPLITS]
     try:
         _stream(files, out, cfg, stats, writers, log)
         if cfg.split.oversample_ratio is not None and any(stats.labels["train"].values()):
             _oversample(out, cfg, stats, writers[0])
-        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
     finally:
-        for w in writers:
-            w._fh.close(), w._hh.close()
+        split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
         shutil.rmtree(out / ".tmp", ignore_errors=True)
     stats.check()
     if cfg.tokenizer is not None:
@@ -130,13 +144,30 @@ def _items(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -> 
     for f in files:
         shape = _shape_for(f, cfg, log)
         stats.shapes[str(f)] = shape
-        for item in iter_file(f, cfg.read.text_unit, tmp):
+        for item in iter_file(f, cfg.read.text_unit, tmp, blocks=True):
             yield (item.source, item.kind, item.payload, shape)
 
 
+def _chunks(items: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
+    """Items in lists of `size`; a block of JSONL lines (already ~0.5 MB) travels alone."""
+    chunk: list[tuple] = []
+    for item in items:
+        if item[1] == "lines":
+            if chunk:
+                yield chunk
+                chunk = []
+            yield [item]
+            continue
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _results(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -> Iterator[tuple]:
-    items = _items(files, cfg, stats, tmp, log)
-    chunks = iter(lambda: list(itertools.islice(items, cfg.chunk_size)), [])
+    chunks = _chunks(_items(files, cfg, stats, tmp, log), cfg.chunk_size)
     n = _workers(cfg)
     if n == 1:
         work.init_worker(cfg)
@@ -145,9 +176,16 @@ def _results(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(n, initializer=work.init_worker, initargs=(cfg,)) as pool:
-        # Ordered imap keeps output identical to a single-process run; a bounded chunk size keeps memory flat.
-        for res in pool.imap(work.process_chunk, chunks, chunksize=1):
-            yield from res
+        # A bounded window of chunks in flight, consumed in submission order: output identical to a
+        # single-process run, and memory flat (Pool.imap would buffer results without limit
+        # whenever this process is the slower side).
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(work.process_chunk, (chunk,)))
+            if len(pending) >= 2 * n + 1:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
 
 
 def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers: list[SplitWriter], log) -> None:
@@ -167,7 +205,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
                 raise DataError(f"{source}: {message}")
             stats.drop(reason, source, message)
             continue
-        _, source, line, key, sig, length, label, findings = res
+        _, source, line, digest, key, sig, length, label, findings = res
         _count_pii(stats, findings)
         prev = seen.get(key)
         if prev is not None and cfg.dedup.exact:
@@ -182,7 +220,8 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             return split_of(key, cfg.split.seed, ratios)
 
         if near is not None:
-            matches = near.matches(sig)
+            bands = near.bands(sig)
+            matches = near.matches(sig, bands)
             if matches and cfg.dedup.near == "remove":
                 k, sim = matches[0]
                 stats.drop("near_duplicate", source, f"near duplicate of {near_source[k]} (Jaccard ~{sim:.2f})")
@@ -197,7 +236,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
                 split = found.pop()
             else:
                 split = assign()
-            near.add(sig)
+            near.add(sig, bands)
             near_split.append(split)
             near_source.append(source)
         else:
@@ -206,7 +245,7 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             exact_overlap += 1
         if prev is None:
             seen[key] = (source, split)
-        writers[split].write(line)
+        writers[split].write_hashed(line, digest)
         stats.keep(split, label, length)
     stats.overlap = {"exact": exact_overlap, "near": _near_overlap(near, near_split) if near is not None else "not measured (dedup.near: off)"}
 
@@ -239,7 +278,7 @@ def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) ->
     stats.labels_after = {s: stats.labels[s].copy() for s in SPLITS}
     if not plan:
         return
-    train._fh.flush()
+    train.flush()
     n = stats.split_counts["train"]
     seen: dict[str, int] = {}
     with open(out / train.file, "rb") as fh:
@@ -250,7 +289,7 @@ def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) ->
                 continue
             j = seen[lab] = seen.get(lab, -1) + 1
             for _ in range(copies_for(j, counts[lab], plan[lab])):
-                train.write(json.dumps({**rec, "oversampled": True}, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
+                train.write(canonical_json({**rec, "oversampled": True}))
                 stats.oversampled += 1
                 stats.labels_after["train"][lab] += 1
 
@@ -265,8 +304,9 @@ def inspect(out_dir: str | Path, n: int = 3) -> str:
     out = Path(out_dir)
     m = verify_dir(out)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    unit = "tokens" if "mean_length_tokens" in report["splits"]["train"] else "chars"
     lines = [f"{out}: {report['records_in']} records in, {report['records_kept']} kept, {report['records_dropped']} dropped",
-             "splits: " + ", ".join(f"{s} {v['records']} (mean length {next(iter(x for k, x in v.items() if k.startswith('mean_length')))})"
+             "splits: " + ", ".join(f"{s} {v['records']} (mean length {v[f'mean_length_{unit}']} {unit})"
                                     for s, v in report["splits"].items())]
     if (out / "tokens").is_dir():
         from yunque.data.shards import render_examples

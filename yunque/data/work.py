@@ -5,13 +5,15 @@ Everything here is a pure function of one raw item and the config, which is what
 bytes as a single-process run. A worker returns plain tuples (no objects with behaviour):
 
     ("drop", source, reason, message, pii_counts)
-    ("ok", source, line, exact_key, signature | None, length, label, pii_counts)
+    ("ok", source, line, sha256, exact_key, signature | None, length, label, pii_counts)
 
-where `line` is the record's canonical JSON including its source.
+where `line` is the record's canonical JSON (UTF-8 bytes) including its source, and `sha256`
+its digest for the manifest (hashing here keeps that work off the single main process).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from yunque.data.clean import clean_text
@@ -53,6 +55,13 @@ def process_item(source: str, kind: str, payload: Any, shape: str) -> list[tuple
     from yunque.data.read import RawItem
 
     cfg: DataConfig = _STATE["cfg"]
+    if kind == "lines":
+        path, first = source.rsplit(":", 1)
+        out: list[tuple] = []
+        for i, raw in enumerate(payload.split(b"\n"), int(first)):
+            if raw.strip():
+                out.extend(process_item(f"{path}:{i}", "line", raw, shape))
+        return out
     if shape == "unknown" and kind != "error":
         return [("drop", source, "unknown_shape", "cannot tell the record shape; pass --format or a field mapping", None)]
     results = []
@@ -105,7 +114,8 @@ def _finish(source: str, rec: dict, cfg: DataConfig) -> tuple:
     sig = mh(content) if mh is not None else None
     rec["source"] = source
     label = rec.get("label") if rec["kind"] == "classification" else None
-    return ("ok", source, canonical_json(rec), exact_key(content), sig, length, label, findings)
+    line = canonical_json(rec).encode("utf-8")
+    return ("ok", source, line, hashlib.sha256(line).digest(), exact_key(content), sig, length, label, findings)
 
 
 def _required(rec: dict, texts: list[str]) -> list[str]:

@@ -9,14 +9,14 @@ Each JSON object becomes one `Example` by its fields:
                     the conversation up to the last assistant turn is the prompt (chat template)
     alpaca          {"instruction", "input"?, "output"}        -> a one-turn chat
 
-`references` may be a list (several acceptable answers). Files: .jsonl, .json (an array or
-JSON Lines), optionally gzip-compressed. An empty file or a record of no known shape is a
-DataError naming the file and line.
+`references` may be a list (several acceptable answers). Files are read by the data pipeline's
+reader (`yunque.data.read`): JSONL, JSON arrays, CSV/TSV, Parquet, plain text, optionally
+gzip-compressed. An empty file, an unreadable part or a record of no known shape is a DataError
+naming the file and line.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,30 +40,27 @@ class Example:
 
 
 def _records(path: Path) -> list[tuple[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
-    if not raw.strip():
-        raise DataError(f"{path}: empty file (no examples)")
-    if raw.lstrip().startswith("["):
-        try:
-            items = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        return [(f"{path}#{i}", obj) for i, obj in enumerate(items)]
+    """(source, object) pairs through the data pipeline's reader; any unreadable part is an error here,
+    since a metric over silently fewer examples would be a wrong number."""
+    from yunque.data.read import iter_file
+
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
     out = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+    for item in iter_file(path):
+        if item.kind == "error":
+            reason, message = item.payload
+            raise DataError(f"{path}: {message}" if reason == "empty_file" else f"{item.source}: {message}")
+        if item.kind == "line":
+            try:
+                obj = json.loads(item.payload.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{item.source}: invalid UTF-8 at byte {e.start}") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{item.source}: invalid JSON: {e.msg}") from None
+        else:
+            obj = {"text": item.payload} if item.kind == "text" else item.payload
+        out.append((item.source, obj))
     return out
 
 

@@ -37,7 +37,7 @@ def merge_lora_adapter(model, adapter_dir: Path) -> None:
         raise CheckpointError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("use_dora", "modules_to_save"):
+    for key in ("use_dora", "modules_to_save", "fan_in_fan_out"):
         if cfg.get(key):
             raise CheckpointError(f"{cfg_path}: {key} is not supported for evaluation merges")
     weights = adapter_dir / "adapter_model.safetensors"
@@ -50,11 +50,11 @@ def merge_lora_adapter(model, adapter_dir: Path) -> None:
         names = list(f.entries)
         pairs: dict[str, dict[str, str]] = {}
         for n in names:
-            for part in ("lora_A", "lora_B"):
-                tag = f".{part}."
-                if tag in n:
-                    base = n.split(tag)[0].removeprefix("base_model.model.")
-                    pairs.setdefault(base, {})[part] = n
+            part = next((p for p in ("lora_A", "lora_B") if f".{p}." in n), None)
+            if part is None:  # e.g. lora_embedding_A or a saved module: never drop part of an adapter silently
+                raise CheckpointError(f"{weights}: tensor {n} is not a LoRA A/B matrix of a linear layer (not supported)")
+            base = n.split(f".{part}.")[0].removeprefix("base_model.model.")
+            pairs.setdefault(base, {})[part] = n
         if not pairs:
             raise CheckpointError(f"{weights}: holds no lora_A/lora_B tensors")
         for base, ab in sorted(pairs.items()):

@@ -294,7 +294,8 @@ def _pct(x: float | None) -> str:
 
 def markdown(summary: dict, target: str) -> str:
     lines = [f"# Red-team report: {target}", "",
-             "ASR: attack success rate, with a 95% Wilson interval. Over-refusal: benign requests refused.", "",
+             "ASR: attack success rate. Over-refusal: benign requests refused. The 95% Wilson interval is for the ASR",
+             "(attack categories) or the over-refusal rate (benign ones).", "",
              "| Category | OWASP 2025 | Attempts | ASR | 95% CI | Refusal rate | Over-refusal | Errors |",
              "|---|---|---:|---:|---|---:|---:|---:|"]
     for name, c in summary["categories"].items():
@@ -304,6 +305,10 @@ def markdown(summary: dict, target: str) -> str:
     o = summary["overall"]
     lines += ["", f"Overall ASR over {o['attack_attempts']} attack attempts: {_pct(o['asr'])} "
                   f"(95% CI {_pct(o['asr_ci95'][0])}-{_pct(o['asr_ci95'][1])})."]
+    if "canary_exposure" in summary:
+        e = summary["canary_exposure"]
+        lines.append(f"Canary exposure (bits, max {e['max_bits']:.2f}; about 1 means not memorised): "
+                     + ", ".join(f"{b:.2f}" for b in e["bits"]))
     if "gate" in summary:
         g = summary["gate"]
         lines.append(f"Gate (fail above {_pct(g['fail_above'])}): " + ("FAILED: " + ", ".join(g["failed"]) if g["failed"] else "passed"))

@@ -8,6 +8,7 @@ results are put back in file order.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def label_continuation(tok, prompt: str, label: str, templated: bool) -> tuple[l
 
 def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | None = None, adapter: str | Path | None = None,
              scoring: Literal["generate", "likelihood"] = "generate", labels: Sequence[str] | None = None,
-             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8, max_length: int | None = None,
+             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16, max_length: int | None = None,
              stride: int | None = None, limit: int | None = None, model_and_tokenizer=None) -> EvalResult:
     """Evaluate one model on one data file (see the module docstrings of `data` and `metrics`).
 
@@ -145,8 +146,6 @@ def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | N
             scores = score_continuations(model, pairs, batch_size, max_length)
             nll, ntok = -sum(s.logprob for s in scores), sum(s.tokens for s in scores)
             nbytes = sum(len(t.encode("utf-8")) for t in targets)
-        import math
-
         result.metrics["perplexity"] = math.exp(nll / ntok)
         result.metrics["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
         result.timing["perplexity_s"] = time.perf_counter() - t0

@@ -6,14 +6,14 @@ from typing import Literal
 
 from yunque.config import load_config
 from yunque.data.config import DataConfig
-from yunque.errors import ConfigError
 
 FormatArg = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
 
 
 def prepare_cmd(
     inputs: list[str],
-    out: str | None = None,
+    *,
+    out: str,
     config: str | None = None,
     format: FormatArg | None = None,
     on_error: Literal["skip", "fail"] | None = None,
@@ -25,7 +25,7 @@ def prepare_cmd(
 
     Args:
         inputs: data files, directories or globs (JSONL, JSON, CSV, TSV, Parquet, text; .gz too)
-        out: output directory (required); a previous prepared directory there is replaced
+        out: output directory; a previous prepared directory there is replaced
         config: data.yaml with any DataConfig option; the flags below override it
         format: record shape; auto detects it per file and says what it chose
         on_error: skip bad records (counted, with examples) or fail at the first one
@@ -35,8 +35,6 @@ def prepare_cmd(
     """
     from yunque.data.pipeline import prepare
 
-    if out is None:
-        raise ConfigError("--out is required")
     extra = list(overrides or [])
     for key, value in (("read.format", format), ("read.on_error", on_error), ("tokenizer", tokenizer), ("workers", workers)):
         if value is not None:

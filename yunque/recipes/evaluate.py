@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,16 +12,16 @@ from typing import Literal
 from yunque.errors import YunqueError
 
 
-def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | None = None, adapter: Path | None = None,
+def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
              metrics: list[str] | None = None, compare: list[Path] | None = None,
              scoring: Literal["generate", "likelihood"] = "generate", labels: list[str] | None = None,
-             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16,
              max_length: int | None = None, stride: int | None = None, limit: int | None = None) -> int:
     """Score a model on held-out data: perplexity, ROUGE, BLEU, chrF, exact match, classification.
 
     Args:
         model: model directory (Hugging Face format)
-        data: JSONL/JSON file of examples (text, prompt+reference, chat, alpaca or text+label records)
+        data: file of examples (JSONL, JSON, CSV/TSV, Parquet; text, prompt+reference, chat, alpaca or text+label records)
         out: output directory for eval.json, eval.md, predictions.jsonl and PNG charts
         adapter: LoRA adapter directory (PEFT format) merged into --model for this evaluation
         metrics: perplexity, rouge, bleu, chrf, exact_match, classification (default: by data kind)
@@ -37,9 +38,6 @@ def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | No
     from yunque.evaluate.report import markdown, write_report
     from yunque.evaluate.runner import evaluate
 
-    for flag, v in (("--model", model), ("--data", data), ("--out", out)):
-        if v is None:
-            raise YunqueError(f"{flag} is required")
     runs: list[tuple[Path, Path | None]] = [(model, adapter)]
     for c in compare or []:
         runs.append((model, c) if (Path(c) / "adapter_config.json").is_file() else (c, None))
@@ -55,7 +53,7 @@ def eval_cmd(model: Path | None = None, data: Path | None = None, out: Path | No
     return 0
 
 
-def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | None = None,
+def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str | None = None,
                 api_key: str | None = None, adapter: Path | None = None, served_model: str | None = None,
                 attempts: int = 3, temperature: float = 0.7, max_tokens: int = 256, seed: int = 0,
                 probes: list[Path] | None = None, categories: list[str] | None = None,
@@ -97,8 +95,9 @@ def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | N
         raise YunqueError(f"--fail-above {fail_above}: must be a fraction in [0, 1]")
     if attempts < 1:
         raise YunqueError("--attempts must be >= 1")
-    if canaries is not None:
-        add_canaries(suite, load_canaries(canaries), raw=model is not None)
+    planted = load_canaries(canaries) if canaries is not None else []
+    if planted:
+        add_canaries(suite, planted, raw=model is not None)
     if model is not None:
         from yunque.evaluate.targets import LocalTarget
 
@@ -109,6 +108,11 @@ def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | N
         key = api_key or os.environ.get("YUNQUE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         target = OpenAITarget(url, key, served_model, max_tokens=max_tokens, temperature=temperature)
     summary, records = run_redteam(target, suite, attempts=attempts, seed=seed)
+    if planted and model is not None:  # memorisation below the level of verbatim leaks
+        from yunque.evaluate.canary import canary_exposure
+
+        bits = canary_exposure(target.model, target.tok, planted, candidates=100, seed=seed)
+        summary["canary_exposure"] = {"candidates": 100, "max_bits": math.log2(100), "bits": bits}
     failed = gate(summary, fail_above)
     if fail_above is not None:
         summary["gate"] = {"fail_above": fail_above, "failed": failed}
@@ -117,7 +121,7 @@ def redteam_cmd(out: Path | None = None, model: Path | None = None, url: str | N
     return 1 if failed else 0
 
 
-def canaries_cmd(data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
+def canaries_cmd(*, data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
     """Plant unique canary strings into a JSONL training file, to measure memorisation later.
 
     Args:

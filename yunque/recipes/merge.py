@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from yunque.errors import CheckpointError
+from yunque.errors import CheckpointError, YunqueError
 
 
-def merge_cmd(base: str, adapter: str, out: str, original_base: bool = False, overwrite: bool = False) -> None:
+def merge_cmd(base: str | None = None, adapter: str | None = None, out: str | None = None,
+              original_base: bool = False, overwrite: bool = False) -> None:
     """Merge a PEFT LoRA adapter into its base model and write a Hugging Face model directory.
 
     Args:
@@ -20,6 +21,9 @@ def merge_cmd(base: str, adapter: str, out: str, original_base: bool = False, ov
     """
     from yunque.formats.peft import merge_adapter
 
+    for flag, value in (("--base", base), ("--adapter", adapter), ("--out", out)):
+        if not value:
+            raise YunqueError(f"{flag} DIR is required")
     out_p = Path(out)
     if out_p.resolve() == Path(base).resolve() or out_p.resolve() == Path(adapter).resolve():
         raise CheckpointError(f"{out}: --out must be a new directory, not the base or adapter directory")

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from yunque.errors import YunqueError
-from yunque.tokenizer import SPECIAL_TOKENS, corpus_files, iter_corpus, train_bpe
+from yunque.textstream import corpus_files, iter_corpus
+from yunque.tokenizer import SPECIAL_TOKENS, train_bpe
 
 _SAMPLE_CHARS = 1 << 20
 

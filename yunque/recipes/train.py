@@ -48,7 +48,7 @@ def _mark(tok, ids, mask) -> str:
 def estimate_memory(tr: Trainer) -> dict[str, float]:
     """Peak memory per process in GiB: weights, grads, AdamW moments, activations, loss chunk."""
     cfg, mc = tr.cfg, tr.model.config
-    weights = sum(p.numel() * p.element_size() for p in tr.model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in (*tr.model.parameters(), *tr.model.buffers()))  # NF4 codes are buffers
     trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
     world = tr.d.world if cfg.parallel == "fsdp" else 1
     B, T, Dm, F, L = cfg.micro_batch, cfg.data.seq_len, mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
@@ -64,9 +64,10 @@ def estimate_memory(tr: Trainer) -> dict[str, float]:
 
 
 def dry_run(cfg: TrainConfig) -> str:
+    from yunque.lora import trainable_parameters
+
     tr = Trainer(cfg, quiet=True)
-    total = sum(p.numel() for p in tr.model.parameters())
-    trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
+    trainable, total = trainable_parameters(tr.model)
     mem = estimate_memory(tr)
     src = tr.data.train
     lines = ["# resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
