@@ -95,14 +95,16 @@ def _run_json(result: DemoResult) -> Path:
 
 
 def next_commands(out: Path) -> list[str]:
+    """Commands to try on the result ($'...' is bash/zsh quoting, so that \\n is a newline)."""
     model = out / "model"
-    system = domain.SYSTEM["phishing"]
     prompt = ("From: Woodgrove Bank <security@woodgrovebank-verify.top>\\nSubject: Unusual sign-in activity\\n\\n"
               "Verify your identity within 24 hours: http://woodgrovebank-verify.top/login\\n\\nPhishing or legitimate?")
-    return [f'yunque generate --model {model} --chat --system "{system}" --prompt "{prompt}" --max-new-tokens 8',
-            f'yunque chat --model {model} --system "{domain.SYSTEM["auth_triage"]}"',
-            f"yunque serve {model}",
-            f"yunque data inspect {out / 'data'}"]
+    return [f"yunque generate --model {model} --chat --system '{domain.SYSTEM['phishing']}' --prompt $'{prompt}' "
+            "--max-new-tokens 8",
+            f"yunque chat --model {model} --system '{domain.SYSTEM['auth_triage']}'",
+            f"yunque eval --model {model} --data {out / 'data' / 'test.jsonl'} --out {out / 'eval-again'}",
+            f"yunque data verify {out / 'data'}",
+            f"yunque serve {model}"]
 
 
 def write_report(result: DemoResult, log=print) -> Path:
