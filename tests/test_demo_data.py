@@ -1,0 +1,266 @@
+"""The demo's data sources: the stdlib corpus and the generated security instruction set.
+
+Answers are checked by `solve`, written here from the task definitions alone: it reads the
+prompt text the way an analyst would and never looks at how the generator built it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from yunque.demo import corpus, domain
+from yunque.demo.synthetic import ORGS, luhn_digit
+from yunque.errors import DataError
+
+IP = r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)"
+TLDS = "com|net|org|io|top|xyz|info|biz|online|site|live|click"
+DOMAIN = rf"(?<![\w.@-])(?:[a-z0-9-]+\.)+(?:{TLDS})(?![\w-])"
+HASH = r"(?<![0-9A-Za-z])(?:[0-9a-f]{64}|[0-9a-f]{32})(?![0-9A-Za-z])"
+EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
+
+
+def solve(task: str, prompt: str) -> str:
+    if task == "auth_triage":
+        fails = Counter(re.findall(rf"Failed password for .*? from ({IP})$", prompt, re.M))
+        fails.update(re.findall(rf"POST /login 401 .*?ip=({IP})$", prompt, re.M))
+        (ip, n), *rest = fails.most_common()
+        assert not rest or rest[0][1] < n, "the brute-forcer must be unique"
+        return f"{ip}, {n}"
+    if task == "phishing":
+        # Legitimate iff the sender (unless scrubbed) and every link are on the official domain
+        # of the organisation the message claims to come from.
+        org, sender = re.search(r"^From: (.*) <(?:[^@>]+@([^>]+)|\[EMAIL\])>$", prompt, re.M).groups()
+        official = ORGS[org][0]
+        hosts = re.findall(r"https?://([^/\s]+)", prompt)
+        ok = sender in (None, official) and hosts and all(h == official or h.endswith("." + official) for h in hosts)
+        return "legitimate" if ok else "phishing"
+    alert = prompt.split("Alert:\n", 1)[1].rsplit("\n\n", 1)[0]
+    alert = re.sub(EMAIL, " ", alert)  # people's addresses are not indicators
+    hits = sorted([(m.start(), "ips", m.group()) for m in re.finditer(IP, alert)]
+                  + [(m.start(), "domains", m.group()) for m in re.finditer(DOMAIN, alert)]
+                  + [(m.start(), "hashes", m.group()) for m in re.finditer(HASH, alert)])
+    return "; ".join(f"{k}: " + (", ".join(dict.fromkeys(v for _, kk, v in hits if kk == k)) or "none")
+                     for k in ("ips", "domains", "hashes"))
+
+
+def scrub_like(text: str) -> str:
+    """What a PII scrubber does to the planted values (IPs are indicators here and stay)."""
+    text = re.sub(r"eyJ[\w-]+\.[\w-]+\.[\w-]+", "[JWT]", text)
+    text = re.sub(EMAIL, "[EMAIL]", text)
+    text = re.sub(r"\b\d{4} \d{4} \d{4} \d{4}\b", "[CREDIT_CARD]", text)
+    text = re.sub(r"(aws_\w+ = )\S+", r"\1[SECRET]", text)
+    text = re.sub(r"password=\S+", "password=[SECRET]", text)
+    return re.sub(r"(\+\d+ )?(\(\d{3}\) |\d{3}-)?555-01\d\d|\+44 20 7946 0\d{3}", "[PHONE]", text)
+
+
+@pytest.fixture(scope="module")
+def records():
+    return domain.generate(3000, seed=0)
+
+
+def _base(records):
+    return [r for r in records if "duplicate_of" not in r["meta"] and "near_duplicate_of" not in r["meta"]]
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a = domain.write_domain(tmp_path / "a.jsonl", 300, seed=3)
+    b = domain.write_domain(tmp_path / "b.jsonl", 300, seed=3)
+    c = domain.write_domain(tmp_path / "c.jsonl", 300, seed=4)
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert a.sha256 == b.sha256 == hashlib.sha256((tmp_path / "a.jsonl").read_bytes()).hexdigest()
+    assert c.sha256 != a.sha256
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert len(lines) == a.records == 300
+    rec = json.loads(lines[0])
+    assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"] and rec["task"] in domain.TASKS
+
+
+def test_every_answer_recomputed_from_the_prompt(records):
+    for r in records:
+        assert domain.task_of(r["messages"]) == r["task"]
+        prompt, answer = r["messages"][1]["content"], r["messages"][2]["content"]
+        assert solve(r["task"], prompt) == answer, prompt
+
+
+def test_scrubbing_the_planted_pii_never_changes_an_answer(records):
+    with_pii = [r for r in records if r["meta"]["pii"]]
+    changed = 0
+    for r in with_pii:
+        prompt = r["messages"][1]["content"]
+        scrubbed = scrub_like(prompt)
+        changed += scrubbed != prompt
+        assert solve(r["task"], scrubbed) == r["messages"][2]["content"], scrubbed
+    assert changed == len(with_pii)  # every record said to carry PII really does
+
+
+def test_balance_and_difficulty(records):
+    base = _base(records)
+    tasks = Counter(r["task"] for r in base)
+    assert max(tasks.values()) - min(tasks.values()) <= 1
+    labels = Counter(r["messages"][2]["content"] for r in base if r["task"] == "phishing")
+    assert set(labels) == {"phishing", "legitimate"} and abs(labels["phishing"] - labels["legitimate"]) <= 1
+    # The brute-forcer must be found: it is not always the first address in the log, nor the last.
+    first = last = 0
+    counts = Counter()
+    triage = [r for r in base if r["task"] == "auth_triage"]
+    for r in triage:
+        ips = re.findall(IP, r["messages"][1]["content"])
+        ip, n = r["messages"][2]["content"].split(", ")
+        first += ips[0] == ip
+        last += ips[-1] == ip
+        counts[int(n)] += 1
+    assert first < 0.8 * len(triage) and last < 0.8 * len(triage)
+    assert len(counts) >= 4 and max(counts.values()) < 0.4 * len(triage)
+    # Wording alone does not give the label away: "verify" appears in both classes.
+    verify = Counter(r["messages"][2]["content"] for r in base
+                     if r["task"] == "phishing" and "verify" in r["messages"][1]["content"].lower())
+    assert verify["phishing"] > 0 and verify["legitimate"] > 0
+    iocs = [r["messages"][2]["content"] for r in base if r["task"] == "ioc_extract"]
+    assert any("domains: none" in a for a in iocs) and any("hashes: none" not in a for a in iocs)
+
+
+def test_prompts_are_short(records):
+    # ~4 characters per BPE token on this kind of text: 1000 characters is ~250 tokens.
+    lengths = sorted(len(r["messages"][1]["content"]) for r in records)
+    assert lengths[len(lengths) // 2] < 700 and lengths[-1] < 1400
+
+
+def test_pii_planted_in_the_expected_fraction(records):
+    base = _base(records)
+    frac = sum(bool(r["meta"]["pii"]) for r in base) / len(base)
+    assert 0.25 < frac < 0.35
+    kinds = Counter(t for r in base for t in r["meta"]["pii"])
+    assert {"EMAIL", "PHONE", "CREDIT_CARD", "AWS_ACCESS_KEY", "JWT", "SECRET_ASSIGNMENT"} <= set(kinds)
+    for r in base:
+        text = r["messages"][1]["content"]
+        if "CREDIT_CARD" in r["meta"]["pii"]:
+            digits = re.search(r"\b\d{4} \d{4} \d{4} \d{4}\b", text).group().replace(" ", "")
+            assert luhn_digit(digits[:-1]) == int(digits[-1])
+        if "JWT" in r["meta"]["pii"]:
+            assert re.search(r"eyJ[\w-]+\.eyJ[\w-]+\.[\w-]{43}\b", text)
+        if "AWS_ACCESS_KEY" in r["meta"]["pii"]:
+            assert re.search(r"\bAKIA[A-Z2-7]{16}\b", text)
+
+
+def test_pii_found_by_the_project_scanner(records):
+    pii = pytest.importorskip("yunque.data.pii", reason="yunque.data.pii lives on the data branch until merged")
+    missed = Counter()
+    for r in _base(records)[:600]:
+        found = {f.type for f in pii.scan(r["messages"][1]["content"])}
+        missed.update(set(r["meta"]["pii"]) - found)
+    assert not missed, missed
+
+
+def test_planted_duplicates(records):
+    keys = Counter(json.dumps(r["messages"]) for r in records)
+    assert sum(v - 1 for v in keys.values()) == sum("duplicate_of" in r["meta"] for r in records) == 90
+    near = [r for r in records if "near_duplicate_of" in r["meta"]]
+    assert len(near) == 90
+    base = _base(records)
+    for r in near[:20]:
+        src = base_text = None
+        for b in base:
+            if r["messages"][1]["content"].startswith(b["messages"][1]["content"] + "\n"):
+                src, base_text = b, b["messages"][1]["content"]
+        assert src is not None and src["messages"][2] == r["messages"][2] and len(base_text) > 50
+
+
+def test_bad_sizes_are_config_errors():
+    from yunque.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least"):
+        domain.generate(3)
+    with pytest.raises(ConfigError, match="pii_fraction"):
+        domain.generate(100, pii_fraction=1.5)
+
+
+def test_answers_match_is_exact_up_to_case_and_space():
+    assert domain.answers_match(" Phishing\n", "phishing")
+    assert domain.answers_match("192.0.2.1,  4", "192.0.2.1, 4")
+    assert not domain.answers_match("192.0.2.1, 4", "192.0.2.1, 5")
+
+
+# --- corpus ------------------------------------------------------------------------------
+
+def _fake_stdlib(root: Path) -> Path:
+    (root / "pkg").mkdir(parents=True)
+    (root / "os.py").write_text('"""Operating system interfaces for everyone."""\nimport sys\n')
+    (root / "pkg" / "mod.py").write_text(
+        "#!/usr/bin/env python3\n# -*- coding: utf-8 -*-\n"
+        '"""A module docstring with several words.\n\n    Indented detail line.\n"""\n'
+        "# Why this constant: it is the answer\n# to everything, said the book.\n"
+        "ANSWER = 42\n\n\f\n"
+        "class Thing:\n"
+        '    """One thing, documented well."""\n'
+        "    def f(self):  # an inline comment stays in the code\n"
+        '        """Operating system interfaces for everyone."""\n'
+        "        return 1\n"
+        'def g(): "Short one-line docstring on the def line here."; return 2\n')
+    (root / "test").mkdir()
+    (root / "test" / "test_x.py").write_text('"""Test docstrings are skipped entirely here."""\n')
+    (root / "README.txt").write_text("Read me\n\n\nplease.\n")
+    return root
+
+
+def test_corpus_extraction_on_a_small_tree(tmp_path):
+    root = _fake_stdlib(tmp_path / "lib")
+    info = corpus.build_corpus(tmp_path / "out", root=root, min_bytes=0, workers=1)
+    docs = list(corpus.read_corpus(tmp_path / "out"))
+    assert info.documents == len(docs)
+    by = {(k, s): t for k, s, t in docs}
+    assert by[("text", "README.txt:1")] == "Read me\nplease."
+    assert by[("docstring", "pkg/mod.py:3")] == "A module docstring with several words.\nIndented detail line."
+    assert by[("comment", "pkg/mod.py:7")] == "Why this constant: it is the answer\nto everything, said the book."
+    assert by[("docstring", "pkg/mod.py:13")] == "One thing, documented well."
+    assert ("docstring", "pkg/mod.py:15") not in by  # same text as os.py's docstring: kept once
+    assert info.duplicates_dropped == 1
+    code = by[("code", "pkg/mod.py:1")]
+    assert "ANSWER = 42" in code and "# an inline comment stays" in code and "def g(): \"Short" in code
+    assert '"""' not in code and "Why this constant" not in code and "coding" not in code
+    assert not any("Test docstrings" in t for t in by.values())
+    assert all("\n\n" not in t for t in by.values())
+    with pytest.raises(DataError, match="need 1,000"):
+        corpus.build_corpus(tmp_path / "out2", root=root, min_bytes=1000, workers=1)
+    with pytest.raises(DataError, match="not a Python standard library"):
+        corpus.build_corpus(tmp_path / "out3", root=tmp_path / "out", min_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    before = set(sys.modules)
+    info = corpus.build_corpus(out, workers=2)
+    return out, info, set(sys.modules) - before
+
+
+def test_stdlib_corpus_is_big_offline_traceable_and_imports_nothing(stdlib_corpus):
+    out, a, imported = stdlib_corpus
+    assert a.bytes >= 5_000_000 and a.documents > 5000
+    assert a.sha256 == hashlib.sha256((out / "corpus.txt").read_bytes()).hexdigest()
+    assert not {"antigravity", "this", "turtle", "idlelib", "tkinter"} & imported
+    assert set(a.per_kind) == set(corpus.KINDS) and all(v["bytes"] > 100_000 for v in a.per_kind.values())
+    # Provenance: a document's source line really holds its start.
+    root = corpus.stdlib_dir()
+    for kind, source, text in list(corpus.read_corpus(out))[::997]:
+        if kind in ("docstring", "comment"):
+            path, line = source.rsplit(":", 1)
+            src = (root / path).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").split("\n")
+            first_words = text.split("\n")[0].split()[:3]
+            assert all(w in "\n".join(src[int(line) - 1 : int(line) + 3]) for w in first_words), (source, text[:80])
+    meta = json.loads((out / "corpus.json").read_text())
+    assert meta["sha256"] == a.sha256 and meta["python"] == sys.version.split()[0]
+
+
+@pytest.mark.slow
+def test_stdlib_corpus_bytes_do_not_depend_on_parallelism(stdlib_corpus, tmp_path):
+    out, a, _ = stdlib_corpus
+    b = corpus.build_corpus(tmp_path, workers=1)
+    assert b.sha256 == a.sha256
+    assert (tmp_path / "corpus.sources.tsv").read_bytes() == (out / "corpus.sources.tsv").read_bytes()

@@ -1,0 +1,80 @@
+"""The demo recipe: its pieces fast, and the whole quick run end to end (slow)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from yunque.demo import corpus, domain, report, scoring
+from yunque.demo.run import QUICK, pretraining_text
+
+
+def _chat(task: str, user: str, answer: str) -> dict:
+    return {"kind": "chat", "messages": [{"role": "system", "content": domain.SYSTEM[task]},
+                                         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def test_pretraining_text_has_prompts_but_never_answers(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "os.py").write_text('"""Operating system interfaces, documented here."""\n')
+    corpus.build_corpus(tmp_path / "c", root=root, min_bytes=0, workers=1)
+    train = [_chat("phishing", "From: X <a@b.com>\nSubject: hi\n\nbody text", "legitimate"),
+             _chat("auth_triage", "Auth log from db02:\n10:00:00 sshd: Failed password for root from 192.0.2.1",
+                   "192.0.2.1, 1")]
+    rows = pretraining_text(tmp_path / "c", train, 10_000, seed=0)
+    texts = [r["text"] for r in rows]
+    assert all(r["kind"] == "text" for r in rows)
+    assert "Operating system interfaces, documented here." in texts
+    assert train[0]["messages"][1]["content"] in texts and train[1]["messages"][1]["content"] in texts
+    assert not any(t in ("legitimate", "192.0.2.1, 1") or domain.SYSTEM["phishing"] in t for t in texts)
+    assert rows == pretraining_text(tmp_path / "c", train, 10_000, seed=0)
+
+
+def test_task_scores_are_exact_per_task():
+    recs = [_chat("phishing", "m1", "phishing"), _chat("phishing", "m2", "legitimate"),
+            _chat("auth_triage", "log", "192.0.2.1, 4")]
+    s = scoring.task_scores(recs, ["Phishing", "phishing", "192.0.2.1, 4 "])
+    assert s["all"] == {"n": 3, "correct": 2, "accuracy": pytest.approx(200 / 3)}
+    assert s["phishing"]["accuracy"] == 50.0 and s["auth_triage"]["accuracy"] == 100.0
+    with pytest.raises(ValueError):
+        scoring.task_scores(recs, ["phishing"])  # one prediction per record, never silently fewer
+
+
+def test_summary_rows_and_next_commands(tmp_path):
+    tasks = {"all": {"n": 4, "correct": 3, "accuracy": 75.0}, "phishing": {"n": 4, "correct": 3, "accuracy": 75.0}}
+    ev = {name: {"tasks": tasks, "metrics": {"exact_match": 75.0, "rougeL": 80.0, "perplexity": 1.5}}
+          for name in ("base", "fine-tuned")}
+    rows = report.accuracy_rows(ev)
+    assert rows[0] == ("task accuracy (all)", "", "75.0%", "75.0%")
+    assert ("  phishing (n=4)", "50.0%", "75.0%", "75.0%") in rows
+    for cmd in report.next_commands(tmp_path / "run"):
+        argv = shlex.split(cmd)  # every printed command must be valid shell
+        assert argv[0] == "yunque" and str(tmp_path / "run") in cmd
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    from yunque.demo.run import run_demo
+
+    lines: list[str] = []
+    r = run_demo(tmp_path / "demo", quick=True, seed=0, log=lines.append)
+    out = r.out_dir
+    for rel in ("report.md", "run.json", "accuracy.png", "pretrain_loss.png", "finetune_loss.png", "model/config.json",
+                "data/manifest.json", "eval/fine-tuned.jsonl", "corpus/corpus.sources.tsv"):
+        assert (out / rel).is_file(), rel
+    run = json.loads((out / "run.json").read_text())
+    ev = run["eval"]
+    n = ev["fine-tuned"]["examples"]
+    assert n == QUICK.test_limit and sum(ev["fine-tuned"]["tasks"][t]["n"] for t in domain.TASKS) == n
+    assert run["prepare"]["pii_findings"].get("EMAIL", 0) > 0 and run["prepare"]["dropped"].get("exact_duplicate", 0) > 0
+    assert len(run["files_sha256"]["model/model.safetensors"]) == 64
+    md = (out / "report.md").read_text()
+    assert "base vs fine-tuned" in md and "| task accuracy (all) |" in md
+    assert any("fine-tuned task accuracy" in line for line in lines)
+    # Even a quick run moves the model toward the answers: the reference answers get likelier.
+    tuned, base = ev["fine-tuned"]["tasks"]["all"]["accuracy"], ev["base"]["tasks"]["all"]["accuracy"]
+    assert ev["fine-tuned"]["metrics"]["perplexity"] < ev["base"]["metrics"]["perplexity"]
+    print(f"quick demo: base {base:.1f}% -> fine-tuned {tuned:.1f}% in {r.seconds:.0f} s")

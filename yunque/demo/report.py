@@ -1,0 +1,176 @@
+"""The demo's results: report.md (tables + PNG plots), run.json (settings, versions, hashes), a printed summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from yunque.demo import domain, scoring
+
+if TYPE_CHECKING:
+    from yunque.demo.run import DemoResult
+
+_HASHED = ("corpus/corpus.txt", "corpus/corpus.sources.tsv", "domain/raw.jsonl", "data/manifest.json",
+           "data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "pretrain/pretrain.jsonl")
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}%"
+
+
+def accuracy_rows(ev: dict) -> list[tuple[str, str, str, str]]:
+    """(row, chance, base, fine-tuned) for the summary and report tables."""
+    b, t = ev["base"], ev["fine-tuned"]
+    rows = [("task accuracy (all)", "", _pct(b["tasks"]["all"]["accuracy"]), _pct(t["tasks"]["all"]["accuracy"]))]
+    for task in domain.TASKS:
+        if task in t["tasks"]:
+            n = t["tasks"][task]["n"]
+            rows.append((f"  {task} (n={n})", _pct(scoring.CHANCE[task]), _pct(b["tasks"][task]["accuracy"]),
+                         _pct(t["tasks"][task]["accuracy"])))
+    rows.append(("exact match (runner)", "", _pct(b["metrics"].get("exact_match")), _pct(t["metrics"].get("exact_match"))))
+    rows.append(("ROUGE-L", "", f"{b['metrics'].get('rougeL', 0):.1f}", f"{t['metrics'].get('rougeL', 0):.1f}"))
+    rows.append(("answer perplexity", "", f"{b['metrics'].get('perplexity', float('nan')):.2f}",
+                 f"{t['metrics'].get('perplexity', float('nan')):.2f}"))
+    return rows
+
+
+def _table(header: tuple[str, ...], rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c).strip() for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plot_accuracy(ev: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = ["all", *[t for t in domain.TASKS if t in ev["fine-tuned"]["tasks"]]]
+    xs = range(len(tasks))
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    for off, name in ((-0.2, "base"), (0.2, "fine-tuned")):
+        vals = [ev[name]["tasks"][t]["accuracy"] for t in tasks]
+        bars = ax.bar([x + off for x in xs], vals, width=0.4, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(list(xs), tasks)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(loc="upper left")
+    ax.set_title("Base vs fine-tuned on the held-out test split")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _sha256(p: Path) -> str:
+    from yunque.outputs import sha256
+
+    return sha256(p)
+
+
+def _run_json(result: DemoResult) -> Path:
+    from yunque import __version__
+    from yunque.outputs import environment, git_commit
+
+    out = result.out_dir
+    files = {rel: _sha256(out / rel) for rel in _HASHED if (out / rel).is_file()}
+    for d in ("model", "pretrain/tokenizer", "finetune/adapter"):
+        for p in sorted((out / d).glob("*")):
+            if p.is_file():
+                files[p.relative_to(out).as_posix()] = _sha256(p)
+    run = {"yunque_version": __version__, "git_commit": git_commit(), **environment(), **result.facts,
+           "files_sha256": files}
+    path = out / "run.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run, indent=1, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def next_commands(out: Path) -> list[str]:
+    """Commands to try on the result ($'...' is bash/zsh quoting, so that \\n is a newline)."""
+    model = out / "model"
+    prompt = ("From: Woodgrove Bank <security@woodgrovebank-verify.top>\\nSubject: Unusual sign-in activity\\n\\n"
+              "Verify your identity within 24 hours: http://woodgrovebank-verify.top/login\\n\\nPhishing or legitimate?")
+    return [f"yunque generate --model {model} --chat --system '{domain.SYSTEM['phishing']}' --prompt $'{prompt}' "
+            "--max-new-tokens 8",
+            f"yunque chat --model {model} --system '{domain.SYSTEM['auth_triage']}'",
+            f"yunque eval --model {model} --data {out / 'data' / 'test.jsonl'} --out {out / 'eval-again'}",
+            f"yunque data verify {out / 'data'}",
+            f"yunque serve {model}"]
+
+
+def write_report(result: DemoResult, log=print) -> Path:
+    out, f = result.out_dir, result.facts
+    ev, plan = f["eval"], f["plan"]
+    for src, dst in (("pretrain/run/loss.png", "pretrain_loss.png"), ("finetune/loss.png", "finetune_loss.png")):
+        if (out / src).is_file():
+            shutil.copyfile(out / src, out / dst)
+    has_acc = _plot_accuracy(ev, out / "accuracy.png")
+    c, d, p = f["corpus"], f["domain"], f["prepare"]
+    tuned_acc = ev["fine-tuned"]["tasks"]["all"]["accuracy"]
+    bar = plan["accuracy_bar"]
+    verdict = "meets" if tuned_acc >= bar else "does NOT meet"
+    pt, ftn = f["pretrain"], f["finetune"]
+    md = [f"# yunque demo: a security-domain LLM built from scratch, offline ({'quick' if f['quick'] else 'full'} run)", "",
+          f"Seed {f['seed']}, {result.seconds:.0f} s end to end. The fine-tuned model reaches **{tuned_acc:.1f}%** task "
+          f"accuracy on the held-out test split (base model: {ev['base']['tasks']['all']['accuracy']:.1f}%); "
+          f"this {verdict} the {bar:.0f}% bar set for this run size.", "",
+          "## Results: base vs fine-tuned (test split)", "",
+          _table(("metric", "chance", "base", "fine-tuned"), accuracy_rows(ev)), "",
+          "Task accuracy is an exact match of the whole answer (case and spacing aside): the right IP *and* count, "
+          "the right label, every indicator in order. Chance is what a guesser gets without reading the input.", ""]
+    if has_acc:
+        md += ["![accuracy](accuracy.png)", ""]
+    md += ["Predictions, one per task (`eval/base.jsonl` and `eval/fine-tuned.jsonl` hold all of them):", ""]
+    for ex in scoring.examples(out / "eval"):
+        md += [f"- **{ex['task']}** reference `{ex['reference']}`; fine-tuned `{ex['prediction']}` "
+               f"({'right' if ex['correct'] else 'wrong'}); base `{ex['base_prediction'][:60]}`"]
+    md += ["", "## What happened", "",
+           _table(("stage", "seconds", "what"), [
+               ("corpus", f["stages"].get("corpus"), f"{c['documents']:,} documents, {c['bytes'] / 1e6:.1f} MB from the "
+                f"Python {c['python']} standard library (no download), sha256 `{c['sha256'][:16]}`"),
+               ("domain", f["stages"].get("domain"), f"{d['records']} generated records ({', '.join(f'{k} {v}' for k, v in d['per_task'].items())}); "
+                f"{d['with_pii']} carry planted PII/secrets; {d['exact_duplicates']} exact + {d['near_duplicates']} near duplicates planted"),
+               ("prepare", f["stages"].get("prepare"), f"kept {p['records_kept']}/{p['records_in']}, dropped {p['dropped']}, "
+                f"splits {p['splits']}; manifest sha256 `{p['manifest_sha256'][:16]}`"),
+               ("tokenizer", f["stages"].get("tokenizer"), f"byte-level BPE, {plan['vocab_size']} tokens, trained on the pretraining text"),
+               ("pretrain", f["stages"].get("pretrain"), f"{pt['params'] / 1e6:.1f}M parameters from random init, {pt['steps']} steps, "
+                f"{pt['tokens']:,} tokens; val loss {pt['final'].get('val_loss', float('nan')):.3f}"),
+               ("finetune", f["stages"].get("finetune"), f"LoRA r={plan['lora_r']} on all projections, {ftn['steps']} steps; "
+                f"val loss {ftn['final'].get('val_loss', float('nan')):.3f}"),
+               ("merge", f["stages"].get("merge"), f"{f['merge']['modules']} LoRA modules folded into `model/`"),
+               ("evaluate", f["stages"].get("evaluate"), f"{ev['fine-tuned']['examples']} test examples, greedy decoding"),
+           ]), "",
+           "### PII and secrets scrubbed by `yunque data prepare`", "",
+           _table(("type", "found"), sorted(p["pii_findings"].items())), "",
+           "Sender addresses in the phishing e-mails are e-mail addresses too, so they are redacted as well; IP addresses "
+           "are the indicators the tasks are about and are kept (`pii.modes: {IPV4: off}`). The data report with "
+           "examples is `data/report.md`; `data/manifest.json` pins every record (verify with `yunque data verify`).", "",
+           "## Loss curves", "", "![pretraining loss](pretrain_loss.png)", "", "![fine-tuning loss](finetune_loss.png)", "",
+           "## Files", "",
+           "- `model/`: the merged fine-tuned model (Hugging Face format, tokenizer included)",
+           "- `pretrain/run/model/`: the base model; `finetune/adapter/`: the LoRA adapter (PEFT format)",
+           "- `data/`: prepared splits, `report.md`, `manifest.json`; `domain/raw.jsonl`: the data before preparation",
+           "- `corpus/`: the corpus with `corpus.sources.tsv` (the stdlib file and line of every document)",
+           "- `run.json`: settings, versions and the SHA-256 of every input and output", "",
+           "## Try it", "", "```", *next_commands(out), "```", ""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    run_path = _run_json(result)
+    log("")
+    width = max(len(r[0]) for r in accuracy_rows(ev))
+    log(f"{'':{width}}  {'chance':>7}  {'base':>7}  {'fine-tuned':>10}")
+    for name, chance, b, t in accuracy_rows(ev):
+        log(f"{name:{width}}  {chance:>7}  {b:>7}  {t:>10}")
+    log(f"\nfine-tuned task accuracy {tuned_acc:.1f}% {verdict} the {bar:.0f}% bar of this "
+        f"{'quick' if f['quick'] else 'full'} run; {result.seconds:.0f} s end to end")
+    log(f"report: {out / 'report.md'}   hashes: {run_path}")
+    log("next:\n  " + "\n  ".join(next_commands(out)))
+    return out / "report.md"
