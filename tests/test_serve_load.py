@@ -51,7 +51,9 @@ def test_64_concurrent_streaming_clients(model_dir, tmp_path):
         return [await stream_chat(client, url, key, 8) for _ in range(4)]
 
     async def go(url):
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        # Idle connections expire client-side before uvicorn's 5 s keep-alive closes them, else a reused
+        # connection can race the server's close (ReadError): the standard client-side practice.
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=2.0)
         async with httpx.AsyncClient(limits=limits, timeout=120) as client:
             return await asyncio.gather(*[client_loop(client, url) for _ in range(64)])
 
