@@ -97,7 +97,7 @@ async def drive(url: str, key: str, texts: list[str], clients: int, max_tokens: 
                         tokens += json.loads(line[6:])["usage"]["completion_tokens"]
             lat.append(time.perf_counter() - a)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)  # < uvicorn's 5 s
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(c) for _ in range(clients)])

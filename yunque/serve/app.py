@@ -71,6 +71,7 @@ class _Job:
     redactions: dict[str, int] = field(default_factory=dict)
     first_token_at: float | None = None
     status: str = "incomplete"
+    accounted: bool = False
 
 
 def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> FastAPI:
@@ -248,7 +249,10 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
                 yield batch
 
     def finish(job: _Job, route: str, status: int, prompt_text: str | None) -> None:
-        """Refund, metrics and the audit line; runs exactly once per admitted job."""
+        """Refund, metrics and the audit line, exactly once per admitted job (later calls do nothing)."""
+        if job.accounted:
+            return
+        job.accounted = True
         if any(f is None for f in job.finish):
             engine.cancel(job.seqs)
             metrics.cancelled.inc(sum(f is None for f in job.finish))
@@ -344,6 +348,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
                     yield "data: " + dumps({"id": cid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
                                             "choices": [], "usage": usage()}) + "\n\n"
                 job.status = "ok"
+                finish(job, route, 200, prompt_text)  # accounted before the client can see the end
                 yield "data: [DONE]\n\n"
             except APIError as e:  # headers are gone: report in-band, as OpenAI does
                 yield "data: " + dumps(error_body(e.message, e.type, e.code)) + "\n\n"
