@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -78,8 +79,8 @@ class SplitWriter:
         self.file = f"{split}.jsonl"
         self.hashes_file = f"hashes/{split}.sha256"
         (out_dir / "hashes").mkdir(parents=True, exist_ok=True)
-        self._fh = open(out_dir / self.file, "wb")
-        self._hh = open(out_dir / self.hashes_file, "wb")
+        self._fh = open(out_dir / self.file, "wb")  # noqa: SIM115  (open for the writer's lifetime)
+        self._hh = open(out_dir / self.hashes_file, "wb")  # noqa: SIM115
         self.merkle = MerkleBuilder()
 
     def write(self, line: str) -> None:
