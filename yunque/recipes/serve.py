@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from yunque.errors import YunqueError
+from yunque.inference import load
 from yunque.serve.config import DEFAULT_KEYS_FILE
 
 
@@ -35,30 +36,13 @@ def serve_cmd(model: str, adapter: str | None = None, host: str = "127.0.0.1", p
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
-    m, tok = load_for_serving(Path(model), Path(adapter) if adapter else None, cfg.dtype)
+    # An adapter is merged into the weights: serving runs plain nn.Linear at full speed.
+    m, tok = load(model, adapter, cfg.dtype, quantize_base=False)
     name = cfg.model_name or Path(model).resolve().name
     app = create_app(m, tok, cfg, name, auth)
     print(f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})", file=sys.stderr)
     run_server(app, host, port, cfg)
     return 0
-
-
-def load_for_serving(model_dir: Path, adapter: Path | None, dtype: str):
-    import torch
-
-    from yunque.formats.hf import load_model
-    from yunque.tokenizer import Tokenizer
-
-    m = load_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    if adapter is not None:
-        try:
-            from yunque.formats.peft import load_peft_adapter
-            from yunque.lora import merge_lora
-        except ImportError:
-            raise YunqueError("--adapter needs yunque.formats.peft and yunque.lora, which this install lacks") from None
-        load_peft_adapter(m, adapter, quantize_base=False)
-        merge_lora(m)  # folded into the base weights: serving runs plain nn.Linear at full speed
-    return m.eval(), Tokenizer.from_dir(model_dir)
 
 
 def keys_create_cmd(name: str, rpm: int | None = None, tpm: int | None = None, keys_file: str = str(DEFAULT_KEYS_FILE)) -> int:
