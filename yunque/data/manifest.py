@@ -1,11 +1,12 @@
 """Integrity manifest: prove that prepared data is byte-for-byte what `prepare` wrote.
 
 `manifest.json` holds the SHA-256 and size of every input file and every output file, the
-resolved config, the yunque version, and per split the record count and a Merkle root over
-per-record hashes. A record hash is SHA-256 of the record's line (canonical JSON, without
-the newline); the per-record hashes are also stored, 32 bytes each, in
-`hashes/<split>.sha256`, so that verification can name the first record that differs and
-say how (changed, deleted, added, reordered, file truncated) instead of only "hash mismatch".
+resolved config, the yunque version and the library versions that shape the output, and per
+split the record count and a Merkle root over per-record hashes. A record hash is SHA-256 of
+the record's line (canonical JSON, without the newline); the per-record hashes are also
+stored, 32 bytes each, in `hashes/<split>.sha256`, so that verification can name the first
+record that differs and say how (changed, deleted, added, reordered, file truncated)
+instead of only "hash mismatch".
 The Merkle tree is RFC 6962's (leaf = H(0x00 || record hash), node = H(0x01 || left || right)),
 computed in one streaming pass with O(log n) memory.
 
