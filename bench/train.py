@@ -282,9 +282,14 @@ def bench_shakespeare(args, work: Path) -> None:
             "data": {"train": [str(src)], "val_fraction": 0.1, "seq_len": 128, "add_bos": False, "add_eos": False},
             "micro_batch": 16, "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1},
             "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"every": 50, "plot": False}}
-    t = time.perf_counter()  # calibrate: steps that fit the budget, so the cosine decay ends on time
-    train(from_dict(TrainConfig, {**base, "out_dir": str(work / "shk_cal"), "max_steps": 10}))
-    per_step = (time.perf_counter() - t) / 10
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        train(from_dict(TrainConfig, {**base, "out_dir": str(work / f"shk_cal{n}"), "max_steps": n}))
+        return time.perf_counter() - t
+
+    # Calibrate the steps that fit the budget (setup excluded), so the cosine decay ends on time.
+    per_step = (timed(12) - timed(2)) / 10
     steps = max(20, int(args.shakespeare_seconds / per_step * 0.95))
     t = time.perf_counter()
     r = train(from_dict(TrainConfig, {**base, "out_dir": str(work / "shk"), "max_steps": steps,
