@@ -91,7 +91,7 @@ def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool
 
     Args:
         config: the training config (YAML)
-        overrides: key=value settings over the config (e.g. optim.lr=1e-4 parallel=ddp)
+        overrides: key=value settings over the config (e.g. optim.lr=2.0e-4 parallel=ddp)
         dry_run: validate, print the resolved config, parameters, memory estimate and two examples, then exit
         resume: continue from the newest complete checkpoint in out_dir (same as resume=auto)
         verify_data: verify the prepared data against its manifest before training
