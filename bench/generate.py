@@ -75,17 +75,16 @@ def main() -> None:
             ours.to(dtype), hf.to(dtype)
             for B in args.batches:
                 prompts = torch.randint(0, ours.config.vocab_size, (B, args.prompt))
-                s = Sampling(max_new_tokens=args.new)
 
-                def run_ours():
-                    generate(ours, prompts.tolist(), s)
+                def run_ours(n=args.new):
+                    generate(ours, prompts.tolist(), Sampling(max_new_tokens=n))
 
-                def run_hf():
+                def run_hf(n=args.new):
                     with torch.inference_mode():
-                        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new,
-                                    min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+                        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-                run_ours(), run_hf()  # warm-up
+                run_ours(8), run_hf(8)  # warm-up
                 t_ours, t_hf = [], []
                 for _ in range(args.reps):
                     t_ours.append(timed(run_ours))
