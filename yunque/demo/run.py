@@ -50,13 +50,14 @@ class DemoPlan:
     accuracy_bar: float  # the fine-tuned task accuracy (%) this plan is expected to reach
 
 
-# Sized from measured throughput on 2 CPU cores (fp32): ~2k tokens/s training the 1M "tiny"
-# model, ~1.6k tokens/s for the 4M one below. Steps are fixed, never a time limit (determinism).
+# Sized from measured CPU time on 2 cores (fp32): ~2k tokens/s training the 1M "tiny" model,
+# ~1.6k tokens/s for the 4M one below, so FULL is ~3 min pretraining + ~5 min LoRA + ~1.5 min
+# evaluation. Steps are fixed, never a time limit (determinism).
 FULL = DemoPlan(records=domain.DEFAULT_RECORDS, vocab_size=4096,
                 model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=1024),
-                pretrain_bytes=2_000_000, pretrain_steps=80, pretrain_batch=16, pretrain_seq=256, pretrain_lr=1.5e-3,
-                finetune_steps=180, finetune_batch=8, finetune_lr=4e-3, lora_r=32, test_limit=None, accuracy_bar=80.0)
+                pretrain_bytes=2_000_000, pretrain_steps=64, pretrain_batch=16, pretrain_seq=256, pretrain_lr=1.5e-3,
+                finetune_steps=150, finetune_batch=8, finetune_lr=4e-3, lora_r=32, test_limit=None, accuracy_bar=80.0)
 # Quick checks that every stage works and that fine-tuning moves the model toward the answers
 # (lower answer perplexity); a few minutes of 2-core CPU is too little for the tasks themselves.
 QUICK = DemoPlan(records=domain.QUICK_RECORDS, vocab_size=2048, model=dict(max_position_embeddings=1024),
