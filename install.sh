@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==${YUNQUE_TORCH_VERSION:-2.13.0}"
 fi
 case "$extras" in
-  all) spec=".[data,train,eval,serve]" ;;
+  all) spec=".[all]" ;;
   dev) spec=".[dev]" ;;
   core) spec="." ;;
   *) spec=".[$extras]" ;;

@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be has had it not "
-          "data model train loss token layer batch memory cache server request user system error value result "
-          "function return string number config file path network policy security access report update").split()
+_WORDS = (  # noqa: SIM905  (a readable word list)
+    "the of and to in is was for on that with as by at from his her an were are which this be has "
+    "had it not data model train loss token layer batch memory cache server request user system "
+    "error value result function return string number config file path network policy security "
+    "access report update"
+).split()
 _PII = ["Contact me at {n}.doe{i}@example.org for details.", "Call +1 415-555-{p:04d} after five.",
         "card 4111 1111 1111 1111 exp 12/27", "AWS key AKIAIOSFODNN7EXAMPL{c} leaked", "ssn 123-45-{p:04d} on file",
         "server 10.{a}.{b}.7 is down", "password = \"{n}Xq9!vT2#pLm8{i}\""]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
+
+_CACHE: dict[tuple[str, int], Path] = {}
 
 CORPUS = (
     "The cat sat on the mat. The dog ran in the park. A bird sang in the tree.\n"
@@ -33,3 +38,12 @@ def make_model_dir(tmp: Path, family: str = "llama", seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save(out)
     return out
+
+
+def cached_model_dir(family: str = "llama", seed: int = 0) -> Path:
+    """One shared, read-only model dir per (family, seed) for the whole test session."""
+    if (family, seed) not in _CACHE:
+        root = Path(tempfile.mkdtemp(prefix="yunque-eval-"))
+        atexit.register(shutil.rmtree, root, True)
+        _CACHE[family, seed] = make_model_dir(root, family, seed)
+    return _CACHE[family, seed]

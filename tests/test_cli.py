@@ -47,7 +47,7 @@ def test_generate_chat_and_seeded_sampling(model_dir, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent: not a directory"),
+    (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent: model directory not found"),
     (["generate", "--model", "{m}", "--prompt", "x", "--top-p", "1.5"], "--top-p 1.5 is out of range"),
     (["init", "{m}-2", "--preset", "huge"], "--preset 'huge' is unknown"),
 ])

@@ -12,7 +12,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install lm-eval)")
 
-from eval_helpers import make_model_dir  # noqa: E402
+from eval_helpers import cached_model_dir
 
 MC = [{"question": "The cat sat on the", "choices": ["mat.", "park.", "tree."], "answer": 0},
       {"question": "The dog ran in the", "choices": ["mat.", "park."], "answer": 1},
@@ -61,7 +61,7 @@ def test_yunque_matches_hf_on_all_request_types(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     import yunque.evaluate.lm_eval_adapter  # noqa: F401  (registers "yunque")
 
-    model_dir = make_model_dir(tmp_path, "llama-gqa")
+    model_dir = cached_model_dir("llama-gqa")
     tasks = _task_dir(tmp_path)
     # max_length 64: the perplexity document needs several rolling windows.
     ours = _run("yunque", f"pretrained={model_dir},max_length=64", tasks)

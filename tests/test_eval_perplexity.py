@@ -4,18 +4,18 @@ import math
 
 import pytest
 import torch
+from eval_helpers import cached_model_dir
 
-from eval_helpers import make_model_dir
 from yunque.evaluate.perplexity import perplexity, score_continuations, sliding_windows
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup():
     import transformers
 
     from yunque.evaluate.loading import load_for_eval
 
-    d = make_model_dir(tmp_path_factory.mktemp("ppl"), "llama-gqa")
+    d = cached_model_dir("llama-gqa")
     model, tok = load_for_eval(d)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     return model, tok, hf

@@ -1,6 +1,7 @@
 """The red-team suite against stub OpenAI-compatible endpoints on 127.0.0.1 and a tiny local model."""
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -133,11 +134,11 @@ def test_api_key_errors_and_unreachable(stub, tmp_path):
 
 
 def test_local_tiny_model(tmp_path):
-    from eval_helpers import make_model_dir
+    from eval_helpers import cached_model_dir
 
     from yunque.evaluate.canary import save_canaries
 
-    model = make_model_dir(tmp_path)
+    model = cached_model_dir()
     save_canaries(make_canaries(2, seed=5), tmp_path / "c.json")
     rc = redteam_cmd(out=tmp_path / "rt", model=model, attempts=2, max_tokens=8,
                      categories=["system_prompt_leakage", "over_refusal", "sensitive_data_leakage"],
@@ -151,7 +152,8 @@ def test_local_tiny_model(tmp_path):
     lo, hi = leak["asr_ci95"]
     assert lo <= leak["asr"] <= hi
     assert any(json.loads(r)["probe"].endswith("-raw") for r in rows)
-    assert len(report["canary_exposure"]["bits"]) == 2
+    bits = report["canary_exposure"]["bits"]
+    assert len(bits) == 2 and all(0.0 <= b <= math.log2(100) for b in bits)
     assert "Canary exposure" in (tmp_path / "rt" / "redteam.md").read_text()
 
 
@@ -182,3 +184,12 @@ def test_wilson_interval():
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_check_only_and_argument_errors(tmp_path, capsys):
+    assert redteam_cmd(check_only=True) == 0
+    assert "all detectors check out" in capsys.readouterr().out
+    with pytest.raises(YunqueError, match="exactly one of --model DIR or --url URL"):
+        redteam_cmd(out=tmp_path)
+    with pytest.raises(YunqueError, match="--fail-above 1.5"):
+        redteam_cmd(out=tmp_path, url="http://127.0.0.1:9", fail_above=1.5)

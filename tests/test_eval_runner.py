@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from eval_helpers import cached_model_dir
 
-from eval_helpers import make_model_dir
 from yunque.errors import YunqueError
 from yunque.evaluate import metrics as M
 from yunque.evaluate.report import write_report
@@ -27,7 +27,7 @@ def _jsonl(path, rows):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("runner")
-    return {"dir": d, "model": make_model_dir(d, "llama"), "model2": make_model_dir(d, "llama", seed=1),
+    return {"dir": d, "model": cached_model_dir("llama"), "model2": cached_model_dir("llama", seed=1),
             "gen": _jsonl(d / "gen.jsonl", GEN), "cls": _jsonl(d / "cls.jsonl", CLS)}
 
 
@@ -115,7 +115,6 @@ def test_lora_adapter_is_merged(env, tmp_path):
     peft = pytest.importorskip("peft")
     import transformers
 
-    from yunque.evaluate.perplexity import perplexity
     from yunque.tokenizer import Tokenizer
 
     base = transformers.AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32)

@@ -100,6 +100,16 @@ def test_round_trip_through_our_format_keeps_weights(base, tmp_path):
         assert torch.equal(fresh(X), ours(X))
 
 
+def test_saving_with_a_config_that_does_not_match_the_model_is_refused(base, tmp_path):
+    from yunque.errors import ConfigError
+
+    _, ours, _ = base("llama")
+    apply_lora(ours, LoraConfig(r=4, alpha=8))
+    with pytest.raises(ConfigError, match="has r=4, scale=2 but the config says r=8, scale=4"):
+        save_peft_adapter(ours, tmp_path / "a", LoraConfig(r=8, alpha=32))
+    assert not (tmp_path / "a").exists()
+
+
 def _adapter(base, tmp_path, cfg=LoraConfig(r=4, target_modules=["q_proj"])):
     _, ours, d = base("llama")
     apply_lora(ours, cfg)

@@ -74,7 +74,7 @@ def test_dry_run_prints_and_does_not_train(tmp_path, data, capsys):
     assert train_cmd(cfg, "data.train=[" + str(data["sft"]) + "]", "data.val_fraction=0.2", dry_run=True) == 0
     out = capsys.readouterr().out
     assert "# resolved config" in out and "method: pretrain" in out
-    assert "trainable /" in out and "peak memory estimate:" in out and "total" in out
+    assert "trainable /" in out and "peak memory estimate" in out and "total" in out
     assert out.count("--- training example") == 2
     assert "⟦" in out and "add " in out  # the masked prompt is marked, the completion is not
     example = out.split("--- training example 1")[1].split("\n", 1)[1].split("---")[0]
@@ -90,3 +90,12 @@ def test_shipped_configs_load(name):
     if name.startswith(("lora", "qlora")):
         assert (cfg.lora.r, cfg.lora.alpha, cfg.optim.lr, cfg.optim.schedule, cfg.epochs, cfg.grad_checkpointing) == \
             (16, 32.0, 1e-4, "cosine", 3.0, True)
+
+
+def test_early_stopping_without_validation_data_is_an_error(tmp_path, data):
+    from yunque.config import from_dict
+    from yunque.recipes.train import train
+
+    cfg = from_dict(TrainConfig, pretrain_cfg(data, tmp_path / "run", data={"val_fraction": 0.0}, eval={"every": 2, "patience": 2}))
+    with pytest.raises(ConfigError, match="eval.patience: early stopping needs validation data"):
+        train(cfg)

@@ -58,8 +58,9 @@ def test_tampered_data_stops_before_training_unless_no_verify(prepared, tmp_path
         train(cfg)
     assert "train.jsonl" in str(e.value) and "5" in str(e.value)  # the file and the record (1-based line 5 / index 4)
     assert not (tmp_path / "run").exists()
-    p = run_cli([str(write_cfg(tmp_path / "c.yaml", _cfg(bad, tmp_path / "run2", max_steps=1, eval={"every": 0}))),
-                 "--no-verify-data"])
-    assert p.returncode == 0, p.stderr
-    p = run_cli([str(tmp_path / "c.yaml")])
+    p = run_cli([str(write_cfg(tmp_path / "c.yaml", _cfg(bad, tmp_path / "run2", max_steps=1, eval={"every": 0})))])
     assert p.returncode == 2 and "train.jsonl" in p.stderr and "Traceback" not in p.stderr
+    from yunque.recipes.train import train_cmd
+
+    assert train_cmd(tmp_path / "c.yaml", verify_data=False) == 0  # --no-verify-data: trains on the changed data
+    assert (tmp_path / "run2" / "run.json").is_file()

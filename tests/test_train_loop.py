@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.train_util import one_thread, losses, make_corpus, pretrain_cfg
+from tests.train_util import one_thread, make_corpus, pretrain_cfg
 from yunque.config import from_dict
 from yunque.recipes.train import train
 from yunque.train_config import TrainConfig

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ _one_thread = pytest.fixture(autouse=True)(one_thread)
 def _docs(n=40, seed=0, lo=2, hi=30):
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         L = int(rng.integers(lo, hi))
         ids = rng.integers(1, 100, size=L).tolist()
         mask = (rng.random(L) < 0.7).tolist()
@@ -67,16 +69,17 @@ def test_whole_mode_val_covers_every_document_once():
     assert sum(int((b.labels != IGNORE).sum()) for b in batches) == src.num_targets()
 
 
-def test_state_resumes_the_same_rows_across_epochs():
-    src = ArraySource.from_docs(_docs(12))
-    a = Packer(src, 16, split_docs=True, shuffle=True, seed=5)
+@pytest.mark.parametrize("split", [True, False])
+def test_state_resumes_the_same_rows_across_epochs(split):
+    src = ArraySource.from_docs(_docs(12, hi=12))
+    a = Packer(src, 16, split_docs=split, shuffle=True, seed=5)
     for _ in range(7):
         a.next_batch(3)
     state = a.state_dict()
     assert state["epoch"] >= 1  # crossed an epoch boundary: the order of epoch 1 differs from epoch 0
     ref = [a.next_batch(3) for _ in range(6)]
-    b = Packer(src, 16, split_docs=True, shuffle=True, seed=5)
-    b.load_state_dict(state)
+    b = Packer(src, 16, split_docs=split, shuffle=True, seed=5)
+    b.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint's state.json
     for x, y in zip(ref, (b.next_batch(3) for _ in range(6))):
         assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
         assert torch.equal(x.positions, y.positions) and torch.equal(x.doc_ids, y.doc_ids)
@@ -109,3 +112,16 @@ def test_uint16_shard_source_gives_ignore_labels_not_wrapped_ids():
     b = Packer(src, 16, split_docs=False, shuffle=False, seed=0).next_batch(4)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.input_ids, b.input_ids)
     assert int(b.labels.max()) < 100 and (b.labels == IGNORE).any()
+
+
+def test_whole_mode_first_fit_fills_rows():
+    """Alpaca-like lengths (median ~100, long tail) fill 512-token rows almost completely."""
+    rng = np.random.default_rng(0)
+    lens = np.clip(rng.lognormal(np.log(100), 0.7, size=600).astype(int), 8, 600)
+    src = ArraySource.from_docs([(list(range(1, n + 1)), None) for n in lens])
+    p = Packer(src, 512, split_docs=False, shuffle=True, seed=0)
+    rows = p.rows_per_epoch()
+    used = np.minimum(lens, 512).sum()
+    assert used / (rows * 512) > 0.95
+    batches = fixed_batches(src, 512, 4, split_docs=False)
+    assert sum(len(b.input_ids) for b in batches) <= rows + 1

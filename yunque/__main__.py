@@ -11,12 +11,28 @@ import os
 import sys
 
 # name -> (module, function, one-line help). The function's signature is the CLI.
+# PASSTHROUGH commands hand their arguments, unparsed, to another tool's own parser.
+PASSTHROUGH = {"lm-eval"}
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("yunque.recipes.generate", "generate_cmd", "complete a prompt with a model"),
     "chat": ("yunque.recipes.generate", "chat_cmd", "interactive chat with streaming output"),
     "inspect": ("yunque.recipes.inspect", "inspect_cmd", "show a checkpoint's architecture, size, files and hashes"),
     "init": ("yunque.recipes.inspect", "init_cmd", "write a randomly initialised model from a preset"),
     "tokenizer train": ("yunque.recipes.tokenizer", "train_cmd", "train a byte-level BPE tokenizer"),
+    "data prepare": ("yunque.recipes.data", "prepare_cmd", "read, clean, dedup, scrub, split and hash training data"),
+    "data verify": ("yunque.recipes.data", "verify_cmd", "check a prepared data folder against its manifest"),
+    "data inspect": ("yunque.recipes.data", "inspect_cmd", "show rendered examples, masks and length statistics"),
+    "train": ("yunque.recipes.train", "train_cmd", "pretrain or fine-tune (full, LoRA, QLoRA) from a YAML config"),
+    "merge": ("yunque.recipes.merge", "merge_cmd", "merge a LoRA/QLoRA adapter into its base model"),
+    "eval": ("yunque.recipes.evaluate", "eval_cmd", "perplexity, ROUGE, BLEU, exact match, accuracy/F1; compare models"),
+    "redteam": ("yunque.recipes.evaluate", "redteam_cmd", "run the red-team probe suite against a model or an endpoint"),
+    "data canaries": ("yunque.recipes.evaluate", "canaries_cmd", "plant canary strings in training data to measure leakage"),
+    "serve": ("yunque.recipes.serve", "serve_cmd", "OpenAI-compatible HTTP server, safe by default"),
+    "keys create": ("yunque.recipes.serve", "keys_create_cmd", "create an API key for `yunque serve` (shown once)"),
+    "keys list": ("yunque.recipes.serve", "keys_list_cmd", "list API keys (names and limits, never the keys)"),
+    "keys revoke": ("yunque.recipes.serve", "keys_revoke_cmd", "revoke an API key"),
+    "lm-eval": ("yunque.evaluate.lm_eval_adapter", "main", "lm-evaluation-harness with the `yunque` model registered"),
+    "demo": ("yunque.recipes.demo", "demo_cmd", "build a small security-domain LLM end to end, offline, and report"),
 }
 
 
@@ -46,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         fn = getattr(importlib.import_module(module), func)
-        result = call_with_argv(fn, argv[len(name.split()) :], prog=f"yunque {name}")
+        rest = argv[len(name.split()) :]
+        result = fn(rest) if name in PASSTHROUGH else call_with_argv(fn, rest, prog=f"yunque {name}")
     except YunqueError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -91,11 +91,11 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sam
     if use_cache:
         model.setup_cache(B, S)
     try:
-        slots = torch.arange(P, device=device)
+        all_slots = torch.arange(S, device=device)
         if use_cache:
             # Only the last position's logits are needed: the head over all P positions would cost
             # B x P x V (gigabytes for a 128k vocabulary) for nothing.
-            logits = model.lm_head(model.hidden(ids, positions[:, :P], full_mask[:, :, :P], slots)[:, -1])
+            logits = model.lm_head(model.hidden(ids, positions[:, :P], full_mask[:, :, :P], all_slots[:P])[:, -1])
         else:
             logits = model(ids, positions[:, :P], full_mask[:, :, :P, :P])[:, -1]
         for step in range(s.max_new_tokens):
@@ -110,8 +110,8 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sam
                 seen[torch.arange(B, device=device), nxt] |= ~done
             cur = P + step
             if use_cache:
-                slot = torch.tensor([cur], device=device)
-                logits = decode_one_token(model, nxt[:, None], positions[:, cur:cur + 1], slot, full_mask[:, :, cur:cur + 1])
+                logits = decode_one_token(model, nxt[:, None], positions[:, cur:cur + 1], all_slots[cur:cur + 1],
+                                          full_mask[:, :, cur:cur + 1])
             else:
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 logits = model(tokens, positions[:, :cur + 1], full_mask[:, :, :cur + 1, :cur + 1])[:, -1]

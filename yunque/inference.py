@@ -33,22 +33,35 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(model_dir: str | Path):
+def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
     from yunque.tokenizer import Tokenizer
 
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        raise YunqueError(f"{model_dir}: no tokenizer.json (train one with `yunque tokenizer train` or copy the base model's)")
-    return Tokenizer.from_dir(model_dir)
+    # A fine-tune that added tokens ships its tokenizer with the adapter.
+    for d in ([Path(adapter)] if adapter else []) + [Path(model_dir)]:
+        if (d / "tokenizer.json").is_file():
+            return Tokenizer.from_dir(d)
+    raise YunqueError(f"{model_dir}: no tokenizer.json (train one with `yunque tokenizer train` or copy the base model's)")
 
 
-def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
-         device: str = "auto") -> tuple[Transformer, object]:
-    """(model in eval mode, tokenizer) from an HF directory, with a PEFT adapter applied if given."""
+def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | torch.dtype = "auto",
+         device: str = "auto", quantize_base: bool | None = None) -> tuple[Transformer, object]:
+    """(model in eval mode, tokenizer) from an HF directory.
+
+    A PEFT adapter is loaded with every check and then merged into the weights: inference
+    never trains, so it runs at the base model's speed. `quantize_base=None` merges a QLoRA
+    adapter into the NF4-dequantised base it was trained on; False into the original weights.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise YunqueError(f"{model_dir}: model directory not found")
     dev = resolve_device(device)
-    model = load_model(model_dir, dtype=resolve_dtype(dtype, dev), device=dev)
+    model = load_model(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev), device=dev)
     if adapter is not None:
         from yunque.formats.peft import load_peft_adapter
+        from yunque.lora import merge_lora
 
-        load_peft_adapter(model, adapter)
-        model.eval()
-    return model, load_tokenizer(model_dir)
+        if not Path(adapter).is_dir():
+            raise YunqueError(f"{adapter}: adapter directory not found")
+        load_peft_adapter(model, adapter, quantize_base=quantize_base)
+        merge_lora(model)
+    return model.eval(), load_tokenizer(model_dir, adapter)

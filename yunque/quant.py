@@ -1,23 +1,26 @@
 """4-bit NF4 storage for a frozen base (QLoRA), on CPU and CUDA.
 
 The NF4 kernels come from bitsandbytes (`quantize_4bit` / `dequantize_4bit`), chosen after
-measuring both maintained implementations on this project's CPU box (torch 2.13 CPU, 2 cores,
-a 1376x512 weight, medians; bitsandbytes 0.50.2 ships native CPU kernels):
+measuring both maintained implementations on this project's CPU machine (`bench/nf4.py`:
+torch 2.13 CPU, 1 thread, a 1376x512 fp32 weight, medians of 5, interleaved; bitsandbytes
+0.50.2 ships native CPU kernels and did not change torch when installed):
 
                                   torchao 0.18 NF4Tensor   bitsandbytes 0.50.2
-    quantise (fp32)               648 ms                   44 ms
-    dequantise (fp32 / bf16)      9-121 ms / 50 ms         8 ms / 16 ms
+    quantise                      448 ms                   130 ms (115 ms double-quantised)
+    dequantise to fp32 / bf16     28.3 ms / 37.2 ms        0.36 ms / 0.34 ms
     double quantisation           always on                on or off (`compress_statistics`)
-    bits / parameter              4.127                    4.5, or 4.139 double-quantised
+    bits / weight                 4.127                    4.500, or 4.127 double-quantised
     relative error ||W'-W||/||W|| 0.0920                   0.0920
     CUDA                          yes (pure torch)         yes (its own CUDA kernels)
 
-Both work on CPU. bitsandbytes wins where it matters: a QLoRA step dequantises every base
-weight twice (forward, and again in backward instead of saving it), quantising an 8B model
-with torchao's nearest-code search would take hours on CPU, `double_quant=False` cannot be
-expressed with torchao, and bitsandbytes is what peft/transformers QLoRA use, so our NF4
-codes and absmax layout are theirs. Its cost: an optional dependency (`yunque[qlora]`).
-torchao's one advantage, FSDP2 sharding of NF4 weights, is not used by yunque.
+Both run on CPU. bitsandbytes wins where it matters: a QLoRA step dequantises every base
+weight twice (forward, and again in backward instead of keeping it), and torchao's
+dequantisation is ~80x slower on CPU: scaled to the 25M linear weights of the "base" preset,
+~2 s of every step against ~25 ms with bitsandbytes; `double_quant=False` cannot be expressed with torchao; and bitsandbytes is what
+peft/transformers QLoRA use, so our NF4 codes and absmax layout are theirs. Its cost: an
+optional dependency (`yunque[qlora]`) of ~125 MB. torchao's one advantage, FSDP2 sharding of
+NF4 weights, is not used by yunque. Measured in use (bench/lora.py, "base" preset, fp32,
+1 thread): a QLoRA step runs at 0.79x the tokens/s of LoRA on the full-precision base.
 
 Layout (bitsandbytes'): weights are flattened, cut into blocks of `block_size`, each block
 scaled by its absmax into [-1, 1] and rounded to the nearest of the 16 NF4 levels, two codes
@@ -45,8 +48,8 @@ def _bnb_functional():
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes.functional as bnbf
     except ImportError:
-        raise ConfigError("quantize_base (QLoRA) needs bitsandbytes: pip install 'yunque[qlora]' "
-                          "(or pip install bitsandbytes)") from None
+        raise ConfigError("quantize_base (QLoRA) needs bitsandbytes: pip install 'yunque[qlora]' (or bitsandbytes); "
+                          "`yunque merge --original-base` merges a QLoRA adapter without it") from None
     return bnbf
 
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from yunque.errors import ConfigError
+
 
 class Tracker:
     def __init__(self, out_dir: Path, *, enabled: bool = True, mlflow: bool = False, mlflow_uri: str | None = None,
@@ -33,7 +35,10 @@ class Tracker:
             self.path.write_text("", encoding="utf-8")
         self._fh = open(self.path, "a", encoding="utf-8")
         if mlflow:
-            import mlflow as mlf
+            try:
+                import mlflow as mlf
+            except ImportError:
+                raise ConfigError("log.mlflow: needs the mlflow package (pip install 'yunque[track]')") from None
 
             mlf.set_tracking_uri(mlflow_uri or (out_dir / "mlruns").resolve().as_uri())
             mlf.set_experiment("yunque")
@@ -41,7 +46,10 @@ class Tracker:
             mlf.start_run(run_name=run_name)
             mlf.log_params(_flat(params or {}))
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("log.tensorboard: needs the tensorboard package (pip install 'yunque[track]')") from None
 
             self._tb = SummaryWriter(str(out_dir / "tensorboard"))
 

@@ -1,7 +1,7 @@
 """The typed, strict configuration of `yunque train` (one tree for every method).
 
 A YAML file gives only what differs from these defaults; `key=value` overrides address
-nested fields with dots (`optim.lr=1e-4`, `lora.r=8`, `parallel=ddp`). Cross-field rules
+nested fields with dots (`optim.lr=2.0e-4`, `lora.r=8`, `parallel=ddp`). Cross-field rules
 live in the `validate()` methods and name the field they reject.
 """
 

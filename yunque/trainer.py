@@ -27,11 +27,11 @@ from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
 from yunque.packing import Packer, fixed_batches
 from yunque.tokenizer import Tokenizer
-from yunque.tracking import Progress, Tracker, plot_metrics
+from yunque.tracking import Progress, Tracker
 from yunque.train_config import TrainConfig
 from yunque.train_data import load_data, resolve_tokenizer, token_bytes
-from yunque.training import (CausalLMLoss, eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device,
-                             train_step)
+from yunque.training import (CausalLMLoss, eval_metrics, evaluate, keep_freed_memory, lr_at, make_optimizer, set_lr,
+                             to_device, train_step)
 
 PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
 
@@ -100,8 +100,12 @@ class Trainer:
         device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
+        if cfg.eval.patience and self.data.val is None:
+            raise ConfigError("eval.patience: early stopping needs validation data (data.val, data.val_fraction or a val split)")
         self.model = build_model(cfg, self.tok).to(self.device)
         self.loss_module = CausalLMLoss(self.model)
         self.module = D.wrap(self.d, self.loss_module, self.model.model.layers, self.device)

@@ -36,8 +36,10 @@ def all_records(out: Path) -> list[dict]:
     return [r for s in ("train", "val", "test") for r in read_jsonl(out / f"{s}.jsonl")]
 
 
-_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-          "upsilon phi chi psi omega red green blue cyan magenta yellow black white").split()
+_WORDS = (  # noqa: SIM905  (a readable word list)
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+    "tau upsilon phi chi psi omega red green blue cyan magenta yellow black white"
+).split()
 
 
 def sentence(i: int, n: int = 40) -> str:

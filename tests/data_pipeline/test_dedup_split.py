@@ -179,11 +179,14 @@ def test_exact_duplicates_kept_follow_their_first_copy(tmp_path):
     src = write_jsonl(tmp_path / "x.jsonl", rows)
     r = prepare([src], tmp_path / "o", cfg(pii=NO_PII, dedup={"exact": False, "near": "off"}), **QUIET)
     assert r.records_kept == 200 and r.report["cross_split_overlap"]["exact"] == 0
-    where: dict[str, set] = {}
-    for s in ("train", "val", "test"):
-        for x in read_jsonl(tmp_path / "o" / f"{s}.jsonl"):
-            where.setdefault(x["text"], set()).add(s)
-    assert all(len(v) == 1 for v in where.values())
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"text": x["text"]} for x in rows])  # hash split, no labels
+    prepare([plain], tmp_path / "p", cfg(pii=NO_PII, dedup={"exact": False, "near": "off"}), **QUIET)
+    for out in ("o", "p"):
+        where: dict[str, set] = {}
+        for s in ("train", "val", "test"):
+            for x in read_jsonl(tmp_path / out / f"{s}.jsonl"):
+                where.setdefault(x["text"], set()).add(s)
+        assert len(where) == 40 and all(len(v) == 1 for v in where.values())
 
 
 def test_oversample_plan():

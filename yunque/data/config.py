@@ -89,7 +89,7 @@ class DataConfig:
         if self.clean.max_chars < self.clean.min_chars:
             raise ConfigError("clean.max_chars: must be >= clean.min_chars")
         if self.read.fields and set(self.read.fields) - _CANONICAL:
-            bad = sorted(set(self.read.fields) - _CANONICAL)[0]
+            bad = min(set(self.read.fields) - _CANONICAL)
             raise ConfigError(f"read.fields.{bad}: unknown field (known: {', '.join(sorted(_CANONICAL))})")
 
 

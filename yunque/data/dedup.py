@@ -55,7 +55,10 @@ class MinHasher:
     def __init__(self, num_perm: int, shingle_size: int, seed: int = 1):
         from datasketch import MinHash
 
-        self._proto = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME, hashfunc=int)
+        try:
+            self._proto = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME, hashfunc=int)
+        except TypeError:  # datasketch < 2.0 has one (32-bit) scheme and no `scheme` argument
+            self._proto = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
         self.shingle_size = shingle_size
         self._cache: dict[str, int] = {}
 

@@ -1,11 +1,12 @@
 """Integrity manifest: prove that prepared data is byte-for-byte what `prepare` wrote.
 
 `manifest.json` holds the SHA-256 and size of every input file and every output file, the
-resolved config, the yunque version, and per split the record count and a Merkle root over
-per-record hashes. A record hash is SHA-256 of the record's line (canonical JSON, without
-the newline); the per-record hashes are also stored, 32 bytes each, in
-`hashes/<split>.sha256`, so that verification can name the first record that differs and
-say how (changed, deleted, added, reordered, file truncated) instead of only "hash mismatch".
+resolved config, the yunque version and the library versions that shape the output, and per
+split the record count and a Merkle root over per-record hashes. A record hash is SHA-256 of
+the record's line (canonical JSON, without the newline); the per-record hashes are also
+stored, 32 bytes each, in `hashes/<split>.sha256`, so that verification can name the first
+record that differs and say how (changed, deleted, added, reordered, file truncated)
+instead of only "hash mismatch".
 The Merkle tree is RFC 6962's (leaf = H(0x00 || record hash), node = H(0x01 || left || right)),
 computed in one streaming pass with O(log n) memory.
 
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -77,8 +79,8 @@ class SplitWriter:
         self.file = f"{split}.jsonl"
         self.hashes_file = f"hashes/{split}.sha256"
         (out_dir / "hashes").mkdir(parents=True, exist_ok=True)
-        self._fh = open(out_dir / self.file, "wb")
-        self._hh = open(out_dir / self.hashes_file, "wb")
+        self._fh = open(out_dir / self.file, "wb")  # noqa: SIM115  (open for the writer's lifetime)
+        self._hh = open(out_dir / self.hashes_file, "wb")  # noqa: SIM115
         self.merkle = MerkleBuilder()
 
     def write(self, line: str) -> None:

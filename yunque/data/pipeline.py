@@ -27,9 +27,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from yunque.config import to_dict
 from yunque.data import work
@@ -108,9 +109,26 @@ def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> Prepare
     report = write_report(out, stats)
     from yunque import __version__
 
-    digest = write_manifest(out, version=__version__, config=to_dict(cfg), inputs=files, splits=split_info)
+    digest = write_manifest(out, version=__version__, config=to_dict(cfg), inputs=files, splits=split_info,
+                            extra={"software": _software(cfg)})
     return PrepareResult(out, stats.records_in, stats.kept, dict(stats.dropped),
                          {s: split_info[s]["records"] for s in SPLITS}, digest, report)
+
+
+def _software(cfg: DataConfig) -> dict[str, str]:
+    """Versions that can change the output bytes (Unicode tables for NFC, MinHash, tokenizer)."""
+    import platform
+    import unicodedata
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "unicode": unicodedata.unidata_version}
+    for pkg, used in (("datasketch", cfg.dedup.near != "off"), ("tokenizers", cfg.tokenizer is not None)):
+        if used:
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                out[pkg] = "unknown"
+    return out
 
 
 def _workers(cfg: DataConfig) -> int:
@@ -189,13 +207,12 @@ def _results(files: list[Path], cfg: DataConfig, stats: Stats, tmp: Path, log) -
 
 
 def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers: list[SplitWriter], log) -> None:
-    ratios = (cfg.split.train, cfg.split.val, cfg.split.test)
     near = NearDupIndex(cfg.dedup.num_perm, cfg.dedup.threshold, cfg.dedup.seed) if cfg.dedup.near != "off" else None
     near_split = bytearray()  # split of each near-index key
     near_source: list[str] = []  # kept for duplicate examples in the report
     seen: dict[bytes, tuple[str, int]] = {}  # exact key -> (source, split)
     exact_overlap = 0
-    stratify = Stratifier(cfg.split.seed, ratios)
+    stratify = Stratifier(cfg.split.seed, (cfg.split.train, cfg.split.val, cfg.split.test))
     for res in _results(files, cfg, stats, out / ".tmp", log):
         stats.records_in += 1
         if res[0] == "drop":
@@ -212,13 +229,6 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             stats.drop("exact_duplicate", source, f"same content as {prev[0]}")
             _dup_example(stats, "exact", source, prev[0])
             continue
-        def assign() -> int:  # an exact duplicate kept (dedup.exact off) follows its first copy
-            if prev is not None:
-                return prev[1]
-            if label is not None and cfg.split.stratify:
-                return stratify(str(label))
-            return split_of(key, cfg.split.seed, ratios)
-
         if near is not None:
             bands = near.bands(sig)
             matches = near.matches(sig, bands)
@@ -235,19 +245,28 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
                     continue
                 split = found.pop()
             else:
-                split = assign()
+                split = _assign(prev, label, key, cfg, stratify)
             near.add(sig, bands)
             near_split.append(split)
             near_source.append(source)
         else:
-            split = assign()
+            split = _assign(prev, label, key, cfg, stratify)
         if prev is not None and prev[1] != split:
             exact_overlap += 1
-        if prev is None:
+        if prev is None and (cfg.dedup.exact or label is not None):
+            # Without exact dedup a hash-split record needs no memory: equal content, equal split.
             seen[key] = (source, split)
         writers[split].write_hashed(line, digest)
         stats.keep(split, label, length)
     stats.overlap = {"exact": exact_overlap, "near": _near_overlap(near, near_split) if near is not None else "not measured (dedup.near: off)"}
+
+
+def _assign(prev: tuple[str, int] | None, label, key: bytes, cfg: DataConfig, stratify: Stratifier) -> int:
+    if prev is not None:  # an exact duplicate kept (dedup.exact off) follows its first copy
+        return prev[1]
+    if label is not None and cfg.split.stratify:
+        return stratify(str(label))
+    return split_of(key, cfg.split.seed, (cfg.split.train, cfg.split.val, cfg.split.test))
 
 
 def _near_overlap(near: NearDupIndex, splits: bytearray) -> int:

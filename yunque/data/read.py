@@ -23,9 +23,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 _JSON_CHUNK = 1 << 20
 _BLOCK = 1 << 19  # JSONL bytes per block handed to a worker
@@ -98,8 +99,9 @@ def iter_file(path: Path, text_unit: str = "file", tmp_dir: Path | None = None, 
     kind = file_kind(path)
     name = str(path)
     if kind is None:
-        yield RawItem(f"{name}:0", "error", ("unsupported_file", f"unsupported file type {path.name!r} "
-                                              f"(known: {', '.join(sorted(FILE_KINDS))}, optionally .gz)"))
+        known = ", ".join(sorted(FILE_KINDS))
+        msg = f"unsupported file type {path.name!r} (known: {known}, optionally .gz)"
+        yield RawItem(f"{name}:0", "error", ("unsupported_file", msg))
         return
     n = 0
     try:

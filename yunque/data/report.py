@@ -120,12 +120,13 @@ def _markdown(d: dict[str, Any], unit: str) -> str:
     L += ["## PII and secrets (counts only; values are never shown)", ""]
     if d["pii_findings"]:
         L += ["| type | findings |", "|---|---:|"] + [f"| {t} | {n} |" for t, n in d["pii_findings"].items()]
-        L += ["", f"Records with at least one finding: {d['pii_records_with_findings']}"]
+        L += ["", (f"Records with at least one finding: {d['pii_records_with_findings']} "
+                   "(counted over every record scanned, duplicates removed later included)")]
     else:
         L.append("No findings.")
     dd = d["dedup"]
-    L += ["", "## Deduplication", "", f"Exact duplicates removed: {dd['exact_removed']}; near duplicates removed: "
-          f"{dd['near_removed']}; removed as bridges between clusters in different splits: {dd['near_bridge_removed']}", ""]
+    L += ["", "## Deduplication", "", (f"Exact duplicates removed: {dd['exact_removed']}; near duplicates removed: "
+          f"{dd['near_removed']}; removed as bridges between clusters in different splits: {dd['near_bridge_removed']}"), ""]
     for ex in dd["examples"]:
         sim = f" (Jaccard ~{ex['similarity']:.2f})" if "similarity" in ex else ""
         L.append(f"- {ex['kind']}: {ex['removed']} duplicates {ex['kept']}{sim}")

@@ -30,8 +30,9 @@ import itertools
 import json
 import multiprocessing as mp
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -180,8 +181,8 @@ def render_examples(data_dir: Path, n: int = 3, split: str = "train") -> str:
     tok = Tokenizer.from_dir(data_dir / "tokenizer")
     ds = TokenShards(data_dir, split)
     lens = np.diff(np.asarray(ds.doc_offsets))
-    lines = [f"tokens ({split}): {ds.meta['splits'][split]['tokens']} total, "
-             f"{ds.meta['splits'][split]['trained_tokens']} trained, {len(ds)} documents"]
+    info = ds.meta["splits"][split]
+    lines = [f"tokens ({split}): {info['tokens']} total, {info['trained_tokens']} trained, {len(ds)} documents"]
     if len(lens):
         lines.append(f"document length: min {lens.min()}, median {int(np.median(lens))}, "
                      f"p95 {int(np.percentile(lens, 95))}, max {lens.max()}")

@@ -19,9 +19,10 @@ import copy
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from yunque.errors import DataError
 

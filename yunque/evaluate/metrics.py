@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 NO_LABEL = "<none>"
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -13,8 +13,8 @@ after the first window each one sees at least `max_length - stride` tokens of co
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

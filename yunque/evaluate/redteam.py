@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -298,13 +299,13 @@ def markdown(summary: dict, target: str) -> str:
              "(attack categories) or the over-refusal rate (benign ones).", "",
              "| Category | OWASP 2025 | Attempts | ASR | 95% CI | Refusal rate | Over-refusal | Errors |",
              "|---|---|---:|---:|---|---:|---:|---:|"]
-    for name, c in summary["categories"].items():
+    for c in summary["categories"].values():
         ci = c.get("asr_ci95") or c.get("over_refusal_ci95")
         lines.append(f"| {c['title']} | {c['owasp']} | {c['attempts']} | {_pct(c.get('asr'))} | "
                      f"{_pct(ci[0])}-{_pct(ci[1])} | {_pct(c['refusal_rate'])} | {_pct(c.get('over_refusal'))} | {c['errors']} |")
     o = summary["overall"]
-    lines += ["", f"Overall ASR over {o['attack_attempts']} attack attempts: {_pct(o['asr'])} "
-                  f"(95% CI {_pct(o['asr_ci95'][0])}-{_pct(o['asr_ci95'][1])})."]
+    lines += ["", (f"Overall ASR over {o['attack_attempts']} attack attempts: {_pct(o['asr'])} "
+                   f"(95% CI {_pct(o['asr_ci95'][0])}-{_pct(o['asr_ci95'][1])}).")]
     if "canary_exposure" in summary:
         e = summary["canary_exposure"]
         lines.append(f"Canary exposure (bits, max {e['max_bits']:.2f}; about 1 means not memorised): "
@@ -319,12 +320,23 @@ def write_redteam(summary: dict, records: list[dict], out_dir: str | Path, targe
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "attempts.jsonl", "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     (out / "redteam.json").write_text(json.dumps({"target": target, **summary}, indent=2) + "\n", encoding="utf-8")
     (out / "redteam.md").write_text(markdown(summary, target), encoding="utf-8")
     return out
 
 
-__all__ = ["Suite", "Category", "Probe", "load_suite", "add_canaries", "check_suite", "detect", "wilson",
-           "run_redteam", "summarize", "gate", "write_redteam"]
+__all__ = [
+    "Category",
+    "Probe",
+    "Suite",
+    "add_canaries",
+    "check_suite",
+    "detect",
+    "gate",
+    "load_suite",
+    "run_redteam",
+    "summarize",
+    "wilson",
+    "write_redteam",
+]

@@ -7,8 +7,8 @@ models side by side; `eval.json` then has a "models" list.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from yunque.evaluate.runner import EvalResult
 
@@ -57,8 +57,8 @@ def _class_tables(r: EvalResult) -> str:
 def markdown(results: Sequence[EvalResult]) -> str:
     r0 = results[0]
     parts = [f"# Evaluation: {Path(r0.data).name}", "",
-             f"{r0.examples} {r0.kind} examples from `{r0.data}`. Scores are percentages except perplexity "
-             "and bits per byte. Exact match uses the normalisation in `yunque.evaluate.metrics`.", ""]
+             (f"{r0.examples} {r0.kind} examples from `{r0.data}`. Scores are percentages except perplexity "
+              "and bits per byte. Exact match uses the normalisation in `yunque.evaluate.metrics`."), ""]
     for r, name in zip(results, display_names(results)):
         parts.append(f"- **{name}**: model `{r.model}`" + (f", adapter `{r.adapter}`" if r.adapter else "")
                      + (f"; {r.timing['tokens_per_s']:.1f} generated tokens/s" if "tokens_per_s" in r.timing else ""))
@@ -120,8 +120,7 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path) -> Path:
     payload = results[0].to_json() if len(results) == 1 else {"models": [r.to_json() for r in results]}
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r, label in zip(results, display_names(results)):
-            for p in r.predictions:
-                fh.write(json.dumps({"model": label, **p}, ensure_ascii=False) + "\n")
+            fh.writelines(json.dumps({"model": label, **p}, ensure_ascii=False) + "\n" for p in r.predictions)
     payload["charts"] = charts(results, out)
     (out / "eval.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "eval.md").write_text(markdown(results) + "\n", encoding="utf-8")

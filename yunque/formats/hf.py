@@ -240,3 +240,12 @@ def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
+    """The dtype config.json declares (`torch_dtype`, or `dtype` as transformers >= 5 writes it)."""
+    d = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return _DTYPE_NAMES.get(d.get("torch_dtype") or d.get("dtype") or "")

@@ -69,6 +69,10 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoraConfig, ba
     sd = lora_state_dict(model)
     if not sd:
         raise ConfigError("save_peft_adapter: the model has no LoRA modules (call apply_lora first)")
+    for name, mod in lora_modules(model).items():
+        if mod.r != cfg.r or abs(mod.scale - cfg.scale) > 1e-12 * cfg.scale:
+            raise ConfigError(f"save_peft_adapter: {name} has r={mod.r}, scale={mod.scale:g} but the config says "
+                              f"r={cfg.r}, scale={cfg.scale:g}; pass the LoraConfig the model was wrapped with")
     tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in sd.items()}
     meta = {"format": "pt", _META_KEY: json.dumps({"quantize_base": cfg.quantize_base, "double_quant": cfg.double_quant,
                                                    "block_size": cfg.block_size})}

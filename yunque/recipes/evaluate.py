@@ -41,8 +41,8 @@ def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
     runs: list[tuple[Path, Path | None]] = [(model, adapter)]
     for c in compare or []:
         runs.append((model, c) if (Path(c) / "adapter_config.json").is_file() else (c, None))
-    kw = dict(metrics=metrics, scoring=scoring, labels=labels, chat=chat, max_new_tokens=max_new_tokens,
-              batch_size=batch_size, max_length=max_length, stride=stride, limit=limit)
+    kw = {"metrics": metrics, "scoring": scoring, "labels": labels, "chat": chat, "max_new_tokens": max_new_tokens,
+          "batch_size": batch_size, "max_length": max_length, "stride": stride, "limit": limit}
     results = []
     for m, a in runs:
         print(f"evaluating {m}" + (f" + {a}" if a else ""), file=sys.stderr)
@@ -155,11 +155,9 @@ def canaries_cmd(*, data: Path, out: Path, n: int = 8, rate: float = 0.01, seed:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
-        for r in planted:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in planted)
     save_canaries(canaries, out.with_suffix(".canaries.json"))
     with open(out.with_suffix(".placements.jsonl"), "w", encoding="utf-8") as fh:
-        for p in placements:
-            fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in placements)
     print(f"planted {len(placements)} copies of {n} canaries into {out}; canaries: {out.with_suffix('.canaries.json')}")
     return 0

@@ -55,12 +55,15 @@ def estimate_memory(tr: Trainer) -> dict[str, float]:
     act_bytes = 2 if cfg.precision == "bf16" else 4
     per_layer = B * T * (8 * Dm + 4 * F) * act_bytes + B * mc.num_attention_heads * T * T * act_bytes  # attention probs if unfused
     acts = (L * B * T * Dm * act_bytes + per_layer) if cfg.grad_checkpointing else L * per_layer
-    chunk = max(64, (1 << 25) // mc.vocab_size) * mc.vocab_size * 4 * 2
-    g = 1 << 30
-    est = {"weights": weights / world / g, "grads": trainable * 4 / world / g, "optimizer": trainable * 8 / world / g,
-           "activations": acts / g, "loss": chunk / g}
+    chunk = min(max(64, (1 << 23) // mc.vocab_size), B * T) * mc.vocab_size * 4 * 2  # logits + softmax of one chunk
+    est = {"weights": weights / world, "grads": trainable * 4 / world, "optimizer": trainable * 8 / world,
+           "activations": acts, "loss": chunk}
     est["total"] = sum(est.values())
-    return est
+    return {k: v / (1 << 30) for k, v in est.items()}
+
+
+def _gib(v: float) -> str:
+    return f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.1f} MiB"
 
 
 def dry_run(cfg: TrainConfig) -> str:
@@ -76,7 +79,7 @@ def dry_run(cfg: TrainConfig) -> str:
              f"{tr.packer.rows_per_epoch():,} rows of {cfg.data.seq_len} per epoch"
              + (f", {len(tr.data.val):,} validation documents" if tr.data.val is not None else ", no validation set"),
              f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step)",
-             "peak memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()), ""]
+             "peak memory estimate (per process): " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()), ""]
     for i in range(min(2, len(src))):
         ids, mask = src.doc(i)
         lines += [f"--- training example {i + 1} ({len(ids)} tokens; ⟦masked⟧ tokens are not trained)", _mark(tr.tok, ids, mask)]
@@ -88,7 +91,7 @@ def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool
 
     Args:
         config: the training config (YAML)
-        overrides: key=value settings over the config (e.g. optim.lr=1e-4 parallel=ddp)
+        overrides: key=value settings over the config (e.g. optim.lr=2.0e-4 parallel=ddp)
         dry_run: validate, print the resolved config, parameters, memory estimate and two examples, then exit
         resume: continue from the newest complete checkpoint in out_dir (same as resume=auto)
         verify_data: verify the prepared data against its manifest before training

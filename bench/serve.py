@@ -1,0 +1,171 @@
+"""Serving throughput: continuous batching vs one-at-a-time generation.
+
+Builds a random model of a preset's shape with a small BPE tokenizer, starts `yunque serve`
+(the real command, in a subprocess, on loopback, with auth, guards and metrics on), and drives
+it with 1, 8 and 32 concurrent streaming clients. The baseline is sequential `generate()` in
+this process with the same prompts and max_tokens. Prints aggregate generated tokens/s,
+p50/p95 request latency and the ratio to the sequential baseline (target: >= 4x at 32).
+
+    PYTHONPATH=. python bench/serve.py [--preset small] [--max-tokens 64] [--requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+WORDS = ["model", "data", "token", "batch", "cache", "serve", "stream", "guard", "limit", "key", "secure", "fast", "train", "eval", "export", "chat", "the", "a", "of", "to", "and", "in", "is", "on", "for", "with", "as", "by", "it", "that", "this", "from"]
+
+
+def corpus(n: int = 4000, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(WORDS), (n,), generator=g).tolist()
+    return " ".join(WORDS[i] for i in idx) + "."
+
+
+def build(root: Path, preset: str) -> tuple[Path, object, object]:
+    from yunque.formats.hf import save_model
+    from yunque.model import Transformer
+    from yunque.presets import get_preset
+    from yunque.tokenizer import train_bpe
+
+    (root / "c.txt").write_text(corpus(), encoding="utf-8")
+    tok = train_bpe([root / "c.txt"], vocab_size=2048)
+    cfg = get_preset(preset, vocab_size=tok.vocab_size)
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_id, tok.eos_id
+    model = Transformer(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_model(model, root / "model")
+    tok.save(root / "model")
+    return root / "model", model.eval(), tok
+
+
+def prompts(n: int, seed: int = 1) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(8, 40, (1,), generator=g))
+        out.append(" ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=g).tolist()))
+    return out
+
+
+def sequential(model, tok, texts: list[str], max_tokens: int) -> tuple[float, list[float]]:
+    from yunque.generate import Sampling, generate
+
+    s = Sampling(max_new_tokens=max_tokens, temperature=0.8, seed=0)
+    lat, total = [], 0
+    t0 = time.perf_counter()
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=True)
+        a = time.perf_counter()
+        total += len(generate(model, [ids], s, pad_id=tok.pad_id)[0])
+        lat.append(time.perf_counter() - a)
+    return total / (time.perf_counter() - t0), lat
+
+
+async def drive(url: str, key: str, texts: list[str], clients: int, max_tokens: int) -> tuple[float, list[float], int]:
+    queue = list(texts)
+    lat: list[float] = []
+    tokens, errors = 0, 0
+
+    async def client(c: httpx.AsyncClient):
+        nonlocal tokens, errors
+        while queue:
+            text = queue.pop()
+            body = {"model": "bench", "prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            a = time.perf_counter()
+            async with c.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                if r.status_code != 200:
+                    errors += 1
+                    await r.aread()
+                    continue
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"usage":{' in line:
+                        tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+            lat.append(time.perf_counter() - a)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)  # < uvicorn's 5 s
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[client(c) for _ in range(clients)])
+        wall = time.perf_counter() - t0
+    return tokens / wall, lat, errors
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--sequential-requests", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, same for the baseline and the server "
+                    "(1 avoids OpenMP spin-wait collapse when client and server share 2 cores)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="yq-bench-"))
+    model_dir, model, tok = build(root, args.preset)
+    n_params = sum(p.numel() for p in model.parameters())
+    from yunque.serve.auth import create_key
+
+    key = create_key(root / "keys.json", "bench")
+    (root / "serve.yaml").write_text(
+        f"model_name: bench\ntorch_threads: {args.threads}\nauth: {{keys_file: {root / 'keys.json'}}}\n"
+        f"limits: {{max_batch: 32, max_len: 256, max_prompt_tokens: 128, max_queue: 256, rpm: 100000, tpm: 100000000}}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = f"from yunque.recipes.serve import serve_cmd; serve_cmd({str(model_dir)!r}, port={port}, config={str(root / 'serve.yaml')!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client() as c:
+            for _ in range(1200):  # bounded wait for the server to come up
+                try:
+                    if c.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+        texts = prompts(max(args.requests, args.sequential_requests))
+        # The baseline runs before and after the server runs and the ratio uses the mean, so a
+        # change in machine load during the run does not flatter or penalise either side.
+        seq1 = sequential(model, tok, texts[: args.sequential_requests], args.max_tokens)
+        asyncio.run(drive(url, key, texts[:4], 4, 8))  # warm-up
+        rows = []
+        for clients in (1, 8, 32):
+            n = args.sequential_requests if clients == 1 else args.requests
+            tps, lat, errors = asyncio.run(drive(url, key, texts[:n], clients, args.max_tokens))
+            rows.append(("server", clients, n, tps, lat, errors))
+        seq2 = sequential(model, tok, texts[: args.sequential_requests], args.max_tokens)
+        seq_tps = (seq1[0] + seq2[0]) / 2
+        rows.insert(0, ("sequential generate()", 1, 2 * args.sequential_requests, seq_tps, seq1[1] + seq2[1], 0))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    print(f"\npreset {args.preset} ({n_params / 1e6:.1f}M params), max_tokens {args.max_tokens}, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'mode':22} {'clients':>7} {'reqs':>5} {'gen tok/s':>10} {'p50 s':>7} {'p95 s':>7} {'x seq':>6} {'errors':>6}")
+    for mode, clients, n, tps, lat, errors in rows:
+        print(f"{mode:22} {clients:>7} {n:>5} {tps:>10.1f} {pct(lat, .5):>7.2f} {pct(lat, .95):>7.2f} {tps / seq_tps:>6.2f} {errors:>6}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Training benchmark: yunque vs a plain transformers (+peft) loop, packing vs padding, tinyshakespeare.
+
+    python bench/train.py                       # all sections, quick sizes
+    python bench/train.py --sections step --models base,base-125m,base-128k --reps 3 --steps 4
+    python bench/train.py --sections sft,shakespeare --shakespeare-seconds 180
+
+1. step: same weights, same batch (seq 512, micro-batch 4), LoRA and full, fp32 and bf16 autocast.
+   Every (impl, method, precision) runs in its own process (peak RSS is per process), in the
+   order A B A B ...; tokens/s is the median over repeats of each run's median step time.
+   MFU = achieved model FLOP/s over the measured matmul peak of the same dtype and threads.
+2. sft: one epoch over variable-length instruction data, yunque whole-document packing vs the
+   HF default (batches padded to their longest example), same model and examples.
+3. shakespeare: pretraining from scratch for a fixed wall time, validation bits per character
+   on the last 10% (BPE tokens; bits are summed per token and divided by characters).
+   With NANOGPT_DIR set, nanoGPT's CPU recipe runs side by side for the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("YUNQUE_SHARED_DATA", ROOT.parent.parent / "shared" / "data"))
+if not SHARED.is_dir():
+    SHARED = Path("/work/shared/data")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODELS = {"base": ("base", {}), "base-125m": ("base-125m", {}), "base-128k": ("base", {"vocab_size": 128256})}
+
+
+# ---------------------------------------------------------------- 1. step throughput (child process)
+
+
+def _matmul_peak(dtype, n: int = 1024, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    ts = []
+    clock = time.process_time if os.environ.get("BENCH_CLOCK", "cpu") == "cpu" else time.perf_counter
+    for _ in range(reps):
+        t = clock()
+        torch.mm(a, b)
+        ts.append(clock() - t)
+    return 2 * n ** 3 / min(ts)
+
+
+def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int, T: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
+    auto = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else torch.autocast("cpu", enabled=False)
+    if impl == "hf":
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+        if method == "lora":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            with auto:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+    else:
+        import contextlib
+
+        from yunque.formats.hf import load_model
+        from yunque.training import CausalLMLoss, DeviceBatch, keep_freed_memory, make_optimizer, train_step
+
+        keep_freed_memory()  # what `yunque train` does on CPU
+        model = load_model(model_dir, dtype=torch.float32)
+        if method == "lora":
+            from yunque.lora import LoraConfig, apply_lora
+
+            apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
+        module = CausalLMLoss(model).train()
+        opt = make_optimizer(module, 1e-4, 0.0, (0.9, 0.999), 1e-8)
+        params = [p for p in module.parameters() if p.requires_grad]
+        flat = ids[:, 1:].reshape(-1)
+        idx = torch.arange(B * T).view(B, T)[:, :-1].reshape(-1)  # same targets as HF's shifted labels
+        mb = DeviceBatch(ids, torch.arange(T).expand(B, T), None, idx, flat)
+
+        def step():
+            return train_step(module, opt, [mb], len(flat), world=1, precision=prec, grad_clip=0.0,
+                              no_sync=lambda s: contextlib.nullcontext(), params=params)[0]
+    times, cpu = [], []
+    for i in range(steps + 1):
+        t, c = time.perf_counter(), time.process_time()
+        float(step())  # one host sync per step on both sides
+        if i:
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n)
+    if method == "lora":
+        n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lora" not in n)
+        n_mm += sum(m.weight_numel for m in model.modules() if hasattr(m, "weight_numel"))
+    flops_tok = (4 if method == "lora" else 6) * n_mm
+    peak = _matmul_peak(torch.bfloat16 if prec == "bf16" else torch.float32)
+    # On a shared box the wall clock measures the neighbours; with one thread, CPU seconds (user + sys,
+    # page faults included) measure the work. Both are reported.
+    step_s = statistics.median(cpu) if os.environ.get("BENCH_CLOCK", "cpu") == "cpu" else statistics.median(times)
+    return {"step_s": step_s, "wall_s": statistics.median(times), "tok_s": B * T / step_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "mfu": B * T / step_s * flops_tok / peak, "peak_gflops": peak / 1e9}
+
+
+def make_model_dir(name: str, out: Path) -> Path:
+    import torch
+
+    from yunque.formats.hf import save_model
+    from yunque.model import Transformer
+    from yunque.presets import get_preset
+
+    preset, kw = MODELS[name]
+    d = out / name
+    if not (d / "config.json").exists():
+        m = Transformer(get_preset(preset, **kw))
+        m.init_weights(torch.Generator().manual_seed(0))
+        save_model(m, d)
+    return d
+
+
+def bench_step(args, work: Path) -> None:
+    print(f"\n## 1. Training step: seq {args.seq}, micro-batch {args.batch}, {args.steps} timed steps x {args.reps} "
+          f"interleaved repeats, {os.environ.get('OMP_NUM_THREADS', 'all')} threads, "
+          f"{os.environ.get('BENCH_CLOCK', 'cpu')} clock (tokens per {'CPU ' if os.environ.get('BENCH_CLOCK', 'cpu') == 'cpu' else ''}second)")
+    print("| model | method | dtype | HF tok/s | yunque tok/s | speed-up | HF RSS MB | yunque RSS MB | RSS ratio | HF MFU | yunque MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        d = make_model_dir(name, work)
+        for method in args.methods.split(","):
+            for prec in args.precisions.split(","):
+                res: dict[str, list] = {"hf": [], "yunque": []}
+                for _ in range(args.reps):
+                    for impl in ("hf", "yunque"):
+                        cmd = [sys.executable, __file__, "--child", impl, method, prec, str(d), str(args.steps), str(args.batch), str(args.seq)]
+                        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                        if p.returncode != 0:
+                            print(f"{impl} {name} {method} {prec} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+                            continue
+                        res[impl].append(json.loads(p.stdout.strip().splitlines()[-1]))
+                if not res["hf"] or not res["yunque"]:
+                    continue
+                med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "rss_mb", "mfu")} for k, v in res.items()}
+                h, y = med["hf"], med["yunque"]
+                print(f"| {name} | {method} | {prec} | {h['tok_s']:.0f} | {y['tok_s']:.0f} | {y['tok_s'] / h['tok_s']:.2f}x | "
+                      f"{h['rss_mb']:.0f} | {y['rss_mb']:.0f} | {y['rss_mb'] / h['rss_mb']:.2f} | {100 * h['mfu']:.0f}% | {100 * y['mfu']:.0f}% |",
+                      flush=True)
+
+
+# ---------------------------------------------------------------- 2. SFT packing vs padding
+
+
+def _alpaca(n: int) -> list[tuple[str, str]]:
+    path = SHARED / "alpaca_zh_10000.json"
+    if not path.is_file():
+        raise SystemExit(f"skip sft: {path} not found")
+    rows = json.loads(path.read_text(encoding="utf-8"))[:n]
+    return [(r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "") + "\n\n", r["output"]) for r in rows]
+
+
+def bench_sft(args, work: Path) -> None:
+    import numpy as np
+    import torch
+
+    from yunque.model import Transformer
+    from yunque.packing import ArraySource, Packer
+    from yunque.presets import get_preset
+    from yunque.tokenizer import train_bpe
+    from yunque.training import CausalLMLoss, keep_freed_memory, make_optimizer, to_device, train_step
+
+    pairs = _alpaca(args.sft_examples)
+    (work / "sft.txt").write_text("\n".join(p + c for p, c in pairs), encoding="utf-8")
+    tok = train_bpe([work / "sft.txt"], 4096)
+    docs = []
+    for p, c in pairs:
+        pi, ci = [tok.bos_id] + tok.encode(p), tok.encode(c) + [tok.eos_id]
+        docs.append(((pi + ci)[:args.seq], ([False] * len(pi) + [True] * len(ci))[:args.seq]))
+    lens = sorted(len(d[0]) for d in docs)
+    cfg = get_preset("tiny", vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    base = Transformer(cfg)
+    base.init_weights(torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    from yunque.formats.hf import save_model
+
+    save_model(base, work / "sft_model")  # the same weights for the HF loop
+    print(f"\n## 2. SFT epoch: {len(docs)} Alpaca-zh examples, tokens median {lens[len(lens) // 2]}, p90 {lens[int(.9 * len(lens))]}, "
+          f"max {lens[-1]}; model {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M, fp32")
+
+    def yunque_epoch() -> tuple[float, int]:
+        keep_freed_memory()  # what `yunque train` does on CPU (it stays on for the HF runs after it)
+        m = Transformer(cfg)
+        m.load_state_dict(state)
+        mod = CausalLMLoss(m).train()
+        opt = make_optimizer(mod, 1e-4, 0.0, (0.9, 0.999), 1e-8)
+        params = [p for p in mod.parameters() if p.requires_grad]
+        import contextlib
+
+        pk = Packer(ArraySource.from_docs(docs), args.seq, split_docs=False, shuffle=True, seed=0, pad_id=tok.pad_id or 0)
+        t, steps = time.perf_counter(), 0
+        while pk.state.epoch == 0:
+            b = pk.next_batch(4)
+            train_step(mod, opt, [to_device(b, torch.device("cpu"))], b.num_targets, world=1, precision="fp32",
+                       grad_clip=1.0, no_sync=lambda s: contextlib.nullcontext(), params=params)
+            steps += 1
+        return time.perf_counter() - t, steps
+
+    def hf_epoch() -> tuple[float, int]:
+        import transformers
+
+        m = transformers.AutoModelForCausalLM.from_pretrained(work / "sft_model", torch_dtype=torch.float32).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        order = np.random.default_rng(0).permutation(len(docs))
+        t, steps = time.perf_counter(), 0
+        for i in range(0, len(order), 4):  # DataCollatorForSeq2Seq: pad to the longest in the batch, labels -100
+            batch = [docs[j] for j in order[i:i + 4]]
+            L = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), L), tok.pad_id or 0)
+            lab = torch.full((len(batch), L), -100)
+            att = torch.zeros((len(batch), L), dtype=torch.long)
+            for r, (x, mk) in enumerate(batch):
+                ids[r, :len(x)] = torch.tensor(x)
+                lab[r, :len(x)] = torch.where(torch.tensor(mk), torch.tensor(x), -100)
+                att[r, :len(x)] = 1
+            loss = m(input_ids=ids, attention_mask=att, labels=lab).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+        return time.perf_counter() - t, steps
+
+    res = {"hf": [], "yunque": []}
+    for _ in range(args.reps):
+        res["hf"].append(hf_epoch())
+        res["yunque"].append(yunque_epoch())
+    h, y = statistics.median(r[0] for r in res["hf"]), statistics.median(r[0] for r in res["yunque"])
+    print("| loop | steps/epoch | s/epoch (median) | speed-up |\n|---|---|---|---|")
+    print(f"| HF, padded batches of 4 | {res['hf'][0][1]} | {h:.1f} | 1.00x |")
+    print(f"| yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {y:.1f} | {h / y:.2f}x |", flush=True)
+
+
+# ---------------------------------------------------------------- 3. tinyshakespeare
+
+
+def bench_shakespeare(args, work: Path) -> None:
+    from yunque.config import from_dict
+    from yunque.recipes.train import train
+    from yunque.tokenizer import train_bpe
+    from yunque.train_config import TrainConfig
+
+    src = SHARED / "tinyshakespeare.txt"
+    if not src.is_file():
+        print(f"\nskip shakespeare: {src} not found")
+        return
+    text = src.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    (work / "shk_train.txt").write_text(text[:cut], encoding="utf-8")
+    tok_dir = work / "shk_tok"
+    train_bpe([work / "shk_train.txt"], args.shk_vocab, tok_dir)
+    base = {"method": "pretrain", "tokenizer": str(tok_dir), "seed": 1337,
+            "model": {"preset": "tiny", "overrides": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+                                                      "num_attention_heads": 6, "num_key_value_heads": 6, "tie_word_embeddings": True}},
+            "data": {"train": [str(src)], "val_fraction": 0.1, "seq_len": 128, "add_bos": False, "add_eos": False},
+            "micro_batch": 16, "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1},
+            "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"every": 50, "plot": False}}
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        train(from_dict(TrainConfig, {**base, "out_dir": str(work / f"shk_cal{n}"), "max_steps": n}))
+        return time.perf_counter() - t
+
+    # Calibrate the steps that fit the budget (setup excluded), so the cosine decay ends on time.
+    per_step = (timed(12) - timed(2)) / 10
+    steps = max(20, int(args.shakespeare_seconds / per_step * 0.95))
+    t = time.perf_counter()
+    r = train(from_dict(TrainConfig, {**base, "out_dir": str(work / "shk"), "max_steps": steps,
+                                      "max_time": float(args.shakespeare_seconds)}))
+    wall = time.perf_counter() - t
+    print(f"\n## 3. tinyshakespeare pretraining, {args.shakespeare_seconds:.0f} s budget (BPE vocab {args.shk_vocab}, "
+          f"calibration {per_step:.2f} s/step)")
+    print("| run | steps | wall s | val bits/char | val nats/char |\n|---|---|---|---|---|")
+    bpc = r.final.get("val_bpb")
+    print(f"| yunque 4x192, seq 128 x 16 | {r.steps} | {wall:.0f} | {bpc:.3f} | {bpc * 0.6931:.3f} |")
+    print("| nanoGPT CPU recipe (README) | 2000 | ~180 | 2.71 | 1.88 |  (reference figure; set NANOGPT_DIR to run it here)")
+    nano = os.environ.get("NANOGPT_DIR")
+    if nano:
+        print("NANOGPT_DIR is set, but running nanoGPT side by side is not implemented yet", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--sections", default="step,sft,shakespeare")
+    ap.add_argument("--models", default="base")
+    ap.add_argument("--methods", default="lora,full")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--sft-examples", type=int, default=400)
+    ap.add_argument("--shakespeare-seconds", type=float, default=180.0)
+    ap.add_argument("--shk-vocab", type=int, default=512)
+    args = ap.parse_args()
+    if args.child:
+        impl, method, prec, d, steps, b, t = args.child
+        print(json.dumps(child(impl, method, prec, d, int(steps), int(b), int(t))))
+        return
+    import torch
+
+    print(f"# yunque training benchmark  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for s in args.sections.split(","):
+            {"step": bench_step, "sft": bench_sft, "shakespeare": bench_shakespeare}[s](args, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Continuous batching over one static KV pool.
+
+The pool is (max_batch, K, max_len, hd) per layer. Each running sequence owns one row and
+writes its keys/values at slots 0..len-1 of that row, so RoPE position == cache slot and no
+padding is ever attended. Running sequences always occupy rows 0..n-1: a decode step is one
+forward over `pool[:n]` (a view, no copy), new sequences are prefilled into rows n..n+m-1
+between decode steps, and a finished sequence's row is refilled by moving the last row into
+it. The model is untouched: the engine installs its own cache objects, which keep the
+`KVCache.update(slots, k, v) -> (k, v)` contract but take per-row slots (B, T).
+
+One engine thread runs the loop; HTTP handlers talk to it only through `submit` (thread-safe,
+raises `Overloaded` when the waiting queue is full), `cancel`, and an event callback the
+engine calls with ("delta", text) and finally ("done", finish_reason, prompt_tokens, completion_tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn
+
+from yunque.generate import TextDecoder
+from yunque.model import Transformer
+
+Event = tuple
+OnEvent = Callable[[Event], None]
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: the caller should answer 429 rather than queue without bound."""
+
+
+class _PoolCache(torch.nn.Module):
+    """One layer's slice of the pool, duck-typed as `yunque.model.KVCache` for rows [lo, hi)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.k, self.v = k, v
+        self.lo, self.hi, self.span = 0, 0, k.shape[2]
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Views into the pool, cut to the longest row in the batch: attention (and GQA's head
+        # repeat) then costs what the batch holds, not what the pool could hold.
+        kc, vc = self.k[self.lo:self.hi, :, :self.span], self.v[self.lo:self.hi, :, :self.span]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        kc[rows, :, slots] = k.transpose(1, 2)  # slots (B, T): row b writes its T tokens at its own slots
+        vc[rows, :, slots] = v.transpose(1, 2)
+        return kc, vc
+
+
+@dataclass
+class SeqParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+@dataclass(eq=False)
+class Seq:
+    prompt: list[int]
+    params: SeqParams
+    on_event: OnEvent
+    id: int = 0
+    cancelled: bool = False
+    generated: int = 0
+    length: int = 0  # tokens in the cache
+    last: int = 0  # last sampled token, fed at the next decode step
+    decoder: TextDecoder | None = None
+    gen: torch.Generator | None = None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, max_batch: int, max_len: int, max_queue: int,
+                 max_prefill_tokens: int = 2048, on_step: Callable[[Engine], None] | None = None):
+        self.model, self.tok = model.eval(), tokenizer
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.on_step = on_step  # metrics hook (queue depth, running), called from the engine thread
+        cfg = model.config
+        p = model.lm_head.weight
+        self.device = p.device
+        shape = (max_batch, cfg.num_key_value_heads, max_len, cfg.hd)
+        self.caches = [_PoolCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                                  torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in model.model.layers]
+        for layer, c in zip(model.model.layers, self.caches):
+            layer.self_attn.cache = c
+        self.window = cfg.sliding_window
+        self.stop_ids = set(tokenizer.stop_ids)
+        self.running: list[Seq] = []  # row i holds running[i]
+        self.waiting: deque[Seq] = deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._rng = torch.Generator(device=self.device).manual_seed(int(time.time_ns() % 2**63))
+        self._thread = threading.Thread(target=self._loop, name="yunque-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    # -- API for the server (any thread) ---------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompts: Sequence[list[int]], params: Sequence[SeqParams], on_event: Sequence[OnEvent]) -> list[Seq]:
+        """Queue several sequences atomically (all choices of one request, or none)."""
+        seqs = [Seq(list(p), sp, cb) for p, sp, cb in zip(prompts, params, on_event)]
+        for s in seqs:  # the server validates first; this guards the pool against a caller's bug
+            if not s.prompt or len(s.prompt) + s.params.max_tokens > self.max_len:
+                raise ValueError(f"prompt of {len(s.prompt)} tokens + max_tokens {s.params.max_tokens} does not fit a cache row of {self.max_len}")
+        with self._cv:
+            if self._stopping or self.error is not None:
+                raise Overloaded("the server is shutting down")
+            free = self.max_batch - len(self.running)
+            if len(self.waiting) + len(seqs) > self.max_queue + max(0, free):
+                raise Overloaded(f"{len(self.waiting)} sequences already waiting")
+            for s in seqs:
+                s.id = next(self._ids)
+                s.decoder = TextDecoder(self.tok, s.params.stop)
+                if s.params.seed is not None:
+                    s.gen = torch.Generator(device=self.device).manual_seed(s.params.seed)
+                self.waiting.append(s)
+            self._cv.notify()
+        return seqs
+
+    def cancel(self, seqs: Sequence[Seq]) -> None:
+        """Stop generating for `seqs`; they leave the batch at the next step (milliseconds)."""
+        for s in seqs:
+            s.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish everything queued and running, then end the engine thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def n_running(self) -> int:
+        return len(self.running)
+
+    # -- engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cv:
+                        while not (self.waiting or self.running or self._stopping):
+                            self._cv.wait()
+                        if self._stopping and not self.waiting and not self.running:
+                            return
+                        new = self._admit()
+                    self._drop_cancelled()
+                    if new:
+                        self._prefill(new)
+                    if self.running:
+                        self._decode()
+                    if self.on_step is not None:
+                        self.on_step(self)
+        except BaseException as e:  # a bug or OOM: fail every open request instead of hanging it
+            self.error = e
+            with self._cv:
+                for s in list(self.waiting) + self.running:
+                    s.on_event(("error", f"engine failure: {type(e).__name__}"))
+                self.waiting.clear()
+                self.running.clear()
+            raise
+
+    def _admit(self) -> list[Seq]:
+        new: list[Seq] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) + len(new) < self.max_batch:
+            s = self.waiting[0]
+            if s.cancelled:
+                self.waiting.popleft()
+                s.on_event(("done", "cancelled", len(s.prompt), 0))
+                continue
+            longest = max([len(s.prompt)] + [len(x.prompt) for x in new])
+            if new and longest * (len(new) + 1) > budget:  # padded prefill cost; always admit one
+                break
+            new.append(self.waiting.popleft())
+        return new
+
+    def _set_rows(self, lo: int, hi: int, span: int) -> None:
+        for c in self.caches:
+            c.lo, c.hi, c.span = lo, hi, span
+
+    def _mask(self, q_pos: torch.Tensor, span: int) -> torch.Tensor:
+        """(B, T) query slots -> (B, 1, T, span) bool: causal within each row (+ sliding window)."""
+        k = torch.arange(span, device=self.device)
+        m = k[None, None, :] <= q_pos[:, :, None]
+        if self.window is not None:
+            m &= k[None, None, :] > q_pos[:, :, None] - self.window
+        return m[:, None]
+
+    def _prefill(self, new: list[Seq]) -> None:
+        n, m = len(self.running), len(new)
+        T = max(len(s.prompt) for s in new)
+        ids = torch.zeros(m, T, dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)  # right padding: slots past a prompt get
+            # junk that the row's own later tokens overwrite before anyone attends to them
+        ids = ids.to(self.device)
+        pos = torch.arange(T, device=self.device).expand(m, T)
+        self._set_rows(n, n + m, T)
+        logits = self.model(ids, pos, self._mask(pos, T), pos)  # (m, T, V)
+        last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
+        logits = logits[torch.arange(m, device=self.device), last]
+        for s in new:
+            s.length = len(s.prompt)
+        self.running.extend(new)
+        self._sample_and_emit(logits, new, first_row=n)
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        tok = torch.tensor([[s.last] for s in self.running], device=self.device)
+        pos = torch.tensor([[s.length] for s in self.running], device=self.device)
+        span = max(s.length for s in self.running) + 1
+        self._set_rows(0, n, span)
+        logits = self.model(tok, pos, self._mask(pos, span), pos)[:, -1]
+        for s in self.running:
+            s.length += 1
+        self._sample_and_emit(logits, list(self.running), first_row=0)
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Seq], first_row: int) -> None:
+        nxt = sample_rows(logits, [s.params for s in seqs], [s.gen for s in seqs], self._rng).tolist()
+        finished: list[Seq] = []
+        for s, t in zip(seqs, nxt):
+            s.last, s.generated = t, s.generated + 1
+            reason = None
+            if t in self.stop_ids:
+                reason = "stop"
+            else:
+                delta = s.decoder.add(t)
+                if delta:
+                    s.on_event(("delta", delta))
+                if s.decoder.stopped:
+                    reason = "stop"
+                elif s.generated >= s.params.max_tokens or s.length >= self.max_len:
+                    reason = "length"
+            if reason is not None:
+                tail = s.decoder.flush()
+                if tail:
+                    s.on_event(("delta", tail))
+                s.on_event(("done", reason, len(s.prompt), s.generated))
+                finished.append(s)
+        for s in finished:
+            self._remove(s)
+
+    def _drop_cancelled(self) -> None:
+        for s in [s for s in self.running if s.cancelled]:
+            s.on_event(("done", "cancelled", len(s.prompt), s.generated))
+            self._remove(s)
+
+    def _remove(self, s: Seq) -> None:
+        """Free `s`'s row; the last row moves into it so running rows stay 0..n-1."""
+        r, last = self.running.index(s), len(self.running) - 1
+        if r != last:
+            mover = self.running[last]
+            L = mover.length
+            for c in self.caches:
+                c.k[r, :, :L] = c.k[last, :, :L]
+                c.v[r, :, :L] = c.v[last, :, :L]
+            self.running[r] = mover
+        self.running.pop()
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SeqParams], gens: Sequence[torch.Generator | None],
+                rng: torch.Generator) -> torch.Tensor:
+    """Per-row temperature / top-p sampling (B, V) -> (B,); temperature 0 is greedy.
+
+    A row with its own generator (a request `seed`) draws from it alone, so its output does
+    not depend on what else is in the batch.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    if bool((temps <= 0).all()):
+        return greedy
+    x = logits / temps.clamp(min=1e-5)[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    if bool((top_p < 1).any()):
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p[:, None]  # keep the smallest set reaching top_p
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    probs = x.softmax(-1)
+    out = greedy.clone()
+    shared = [i for i, (p, g) in enumerate(zip(params, gens)) if p.temperature > 0 and g is None]
+    if shared:
+        out[shared] = torch.multinomial(probs[shared], 1, generator=rng).squeeze(-1)
+    for i, (p, g) in enumerate(zip(params, gens)):
+        if p.temperature > 0 and g is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+    return out
