@@ -134,21 +134,6 @@ def count_params(cfg) -> int:
         return sum(p.numel() for p in Transformer(cfg).parameters())
 
 
-def merge_into(base_dir: Path, adapter_dir: Path, out_dir: Path) -> list[str]:
-    """Fold the LoRA adapter into the base weights and save a plain HF model with the tokenizer."""
-    from yunque.formats.hf import load_model, save_model
-    from yunque.formats.peft import load_peft_adapter
-    from yunque.lora import merge_lora
-    from yunque.tokenizer import Tokenizer
-
-    model = load_model(base_dir)
-    load_peft_adapter(model, adapter_dir)
-    merged = merge_lora(model)
-    save_model(model, out_dir)
-    Tokenizer.from_dir(base_dir).save(out_dir)
-    return merged
-
-
 def _train_config(**kw):
     from yunque.config import from_dict
     from yunque.train_config import TrainConfig
@@ -231,8 +216,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         facts["finetune"] = {"steps": fr.steps, "tokens": fr.tokens, "final": fr.final, "adapter": str(fr.output)}
 
     with clock.stage("merge", "merging the adapter into the base model"):
-        merged = merge_into(pr.output, fr.output, out / "model")
-        facts["merge"] = {"modules": len(merged), "out": str(out / "model")}
+        from yunque.formats.peft import merge_adapter
+
+        merged = merge_adapter(pr.output, fr.output, out / "model")
+        facts["merge"] = {"modules": len(merged["modules"]), "out": str(out / "model")}
 
     with clock.stage("evaluate", "evaluating base vs fine-tuned on the held-out test split"):
         from yunque.demo.scoring import evaluate_pair
