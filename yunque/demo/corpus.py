@@ -48,10 +48,10 @@ import sys
 import sysconfig
 import time
 import tokenize
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from yunque.errors import DataError
 
@@ -146,7 +146,7 @@ def _extract_module(args: tuple[str, str, int]) -> list[tuple[str, str, str]] | 
                 continue  # shebang / encoding cookie
             if not block:
                 start = i
-            block.append(body[1:] if body.startswith(" ") else body)
+            block.append(body.removeprefix(" "))
         if block and (not is_comment or i == len(lines)):
             text = _one_doc("\n".join(block).rstrip("#").strip())
             if text and _enough_words(text, min_words):

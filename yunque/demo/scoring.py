@@ -91,8 +91,8 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
 
 def examples(eval_dir: str | Path, per_task: int = 1) -> list[dict]:
     """A few fine-tuned predictions per task (right and wrong ones alike) for the report."""
-    rows = [json.loads(line) for line in open(Path(eval_dir) / "fine-tuned.jsonl", encoding="utf-8")]
-    base = [json.loads(line) for line in open(Path(eval_dir) / "base.jsonl", encoding="utf-8")]
+    rows = _records(Path(eval_dir) / "fine-tuned.jsonl", None)
+    base = _records(Path(eval_dir) / "base.jsonl", None)
     picked, seen = [], {}
     for row, b in zip(rows, base):
         if seen.get(row["task"], 0) < per_task:
