@@ -7,7 +7,6 @@ metrics, and the SHA-256 of every output file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ import torch
 
 from yunque import distributed as D
 from yunque.config import to_dict
+from yunque.data.manifest import sha256_file as sha256
 from yunque.tracking import plot_metrics
 
 if TYPE_CHECKING:
@@ -28,12 +28,6 @@ if TYPE_CHECKING:
 PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "peft", "torchao", "bitsandbytes")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_commit() -> str | None:

@@ -70,9 +70,9 @@ def _plot_accuracy(ev: dict, path: Path) -> bool:
 
 
 def _sha256(p: Path) -> str:
-    from yunque.outputs import sha256
+    from yunque.data.manifest import sha256_file
 
-    return sha256(p)
+    return sha256_file(p)
 
 
 def _run_json(result: DemoResult) -> Path:

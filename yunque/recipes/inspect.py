@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from yunque.data.manifest import sha256_file
 from yunque.errors import YunqueError
 from yunque.formats.hf import read_config, save_model, weight_files
 from yunque.formats.st import SafetensorsFile
@@ -16,14 +16,6 @@ from yunque.model import Transformer
 from yunque.presets import PRESETS, get_preset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def inspect_cmd(path: str, hashes: bool = True) -> dict:
