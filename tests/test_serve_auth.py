@@ -103,7 +103,7 @@ def test_keys_cli(tmp_path, capsys):
     from yunque.recipes.serve import keys_create_cmd, keys_list_cmd, keys_revoke_cmd
 
     path = tmp_path / "k" / "keys.json"
-    assert keys_create_cmd("ci-bot", rpm=5, tpm=1000, keys_file=str(path)) == 0
+    assert keys_create_cmd(name="ci-bot", rpm=5, tpm=1000, keys_file=str(path)) == 0
     key = capsys.readouterr().out.strip()
     assert key.startswith("yq-") and len(key) > 40
     raw = path.read_text()
@@ -112,7 +112,7 @@ def test_keys_cli(tmp_path, capsys):
     rec = read_keys(path)[0]
     assert rec["name"] == "ci-bot" and rec["rpm"] == 5 and len(rec["sha256"]) == 64
     with pytest.raises(YunqueError, match="exists"):
-        keys_create_cmd("ci-bot", keys_file=str(path))
+        keys_create_cmd(name="ci-bot", keys_file=str(path))
     keys_list_cmd(keys_file=str(path))
     listing = capsys.readouterr().out
     assert "ci-bot" in listing and key not in listing
@@ -161,7 +161,7 @@ def test_serve_cmd_refuses_before_loading(tmp_path):
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"auth:\n  required: false\n  keys_file: {tmp_path / 'k.json'}\n")
     with pytest.raises(YunqueError, match="refusing to listen on 0.0.0.0"):
-        serve_cmd(str(tmp_path / "no-model"), host="0.0.0.0", config=str(cfg))
+        serve_cmd(model=str(tmp_path / "no-model"), host="0.0.0.0", config=str(cfg))
     cfg.write_text("limits:\n  max_batchh: 3\n")
     with pytest.raises(ConfigError, match=r"serve.yaml:2: limits.max_batchh: unknown key"):
-        serve_cmd(str(tmp_path / "no-model"), config=str(cfg))
+        serve_cmd(model=str(tmp_path / "no-model"), config=str(cfg))

@@ -104,7 +104,7 @@ def next_commands(out: Path) -> list[str]:
             f"yunque chat --model {model} --system '{domain.SYSTEM['auth_triage']}'",
             f"yunque eval --model {model} --data {out / 'data' / 'test.jsonl'} --out {out / 'eval-again'}",
             f"yunque data verify {out / 'data'}",
-            f"yunque serve {model}"]
+            f"yunque serve --model {model}"]
 
 
 def write_report(result: DemoResult, log=print) -> Path:

@@ -10,7 +10,7 @@ from yunque.inference import load
 from yunque.serve.config import DEFAULT_KEYS_FILE
 
 
-def serve_cmd(model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
               config: str | None = None) -> int:
     """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics).
 
@@ -45,7 +45,7 @@ def serve_cmd(model: str, adapter: str | None = None, host: str = "127.0.0.1", p
     return 0
 
 
-def keys_create_cmd(name: str, rpm: int | None = None, tpm: int | None = None, keys_file: str = str(DEFAULT_KEYS_FILE)) -> int:
+def keys_create_cmd(*, name: str, rpm: int | None = None, tpm: int | None = None, keys_file: str = str(DEFAULT_KEYS_FILE)) -> int:
     """Create an API key; it is printed once and only its SHA-256 hash is stored.
 
     Args:
