@@ -141,7 +141,7 @@ def test_split_of_ratios():
 def test_stratified_classification_and_oversampling_only_in_train(tmp_path):
     rows = [{"text": sentence(i, 20), "label": "spam" if i % 10 == 0 else "ham"} for i in range(2000)]
     src = write_jsonl(tmp_path / "c.jsonl", rows)
-    r = prepare([src], tmp_path / "out", cfg(pii=NO_PII, dedup={"near": "off"}, split={"oversample_ratio": 0.5}), **QUIET)
+    r = prepare([src], tmp_path / "out", cfg(pii=NO_PII, dedup={"near": "off"}, split={"oversample_ratio": 0.5, "stratify": True}), **QUIET)
     sp = r.report["splits"]
     for s in ("train", "val", "test"):
         labels = sp[s]["labels"]
@@ -164,14 +164,30 @@ def test_stratification_is_exact_and_stable_under_appending(tmp_path):
     rows = [{"text": sentence(i, 12), "label": ["a", "b", "c", "d"][min(3, i % 20)]} for i in range(400)]
     a = write_jsonl(tmp_path / "a.jsonl", rows)
     b = write_jsonl(tmp_path / "b.jsonl", rows + [{"text": sentence(i, 12), "label": "c"} for i in range(1000, 1100)])
-    r = prepare([a], tmp_path / "o1", cfg(pii=NO_PII, dedup={"near": "off"}), **QUIET)
+    exact = {"stratify": True}
+    r = prepare([a], tmp_path / "o1", cfg(pii=NO_PII, dedup={"near": "off"}, split=exact), **QUIET)
     for lab, n in Counter(x["label"] for x in rows).items():
         for s, share in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
             assert abs(r.report["splits"][s]["labels"].get(lab, 0) - share * n) <= 1.5, (lab, s)
-    prepare([a, b], tmp_path / "o2", cfg(pii=NO_PII, dedup={"near": "off"}), **QUIET)
+    prepare([a, b], tmp_path / "o2", cfg(pii=NO_PII, dedup={"near": "off"}, split=exact), **QUIET)
     w1 = {r["text"]: s for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "o1" / f"{s}.jsonl")}
     w2 = {r["text"]: s for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "o2" / f"{s}.jsonl")}
     assert all(w2[t] == s for t, s in w1.items())
+
+
+def test_default_split_is_stable_under_any_insertion_and_stratified_in_expectation(tmp_path):
+    rows = [{"text": sentence(i, 12), "label": ["a", "b"][i % 2]} for i in range(3000)]
+    extra = [{"text": sentence(i, 12), "label": "b"} for i in range(5000, 5600)]
+    before = write_jsonl(tmp_path / "a.jsonl", rows)
+    mixed = write_jsonl(tmp_path / "b.jsonl", extra[:300] + rows[:1500] + extra[300:] + rows[1500:])
+    r = prepare([before], tmp_path / "o1", cfg(pii=NO_PII, dedup={"near": "off"}), **QUIET)
+    for lab in ("a", "b"):  # 1500 per label: the shares hold to binomial noise (sd ~1.2 points at 10%)
+        for s, share in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+            assert abs(r.report["splits"][s]["labels"][lab] / 1500 - share) < 0.04, (lab, s)
+    prepare([mixed], tmp_path / "o2", cfg(pii=NO_PII, dedup={"near": "off"}), **QUIET)
+    w1 = {r["text"]: s for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "o1" / f"{s}.jsonl")}
+    w2 = {r["text"]: s for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "o2" / f"{s}.jsonl")}
+    assert len(w1) == 3000 and len(w2) == 3600 and all(w2[t] == s for t, s in w1.items())
 
 
 def test_exact_duplicates_kept_follow_their_first_copy(tmp_path):

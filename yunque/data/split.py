@@ -6,14 +6,15 @@ the other records, so adding records never moves an existing one, and the same i
 config always give the same splits. Near-duplicate clusters go where their first member
 (the cluster's representative) went; the pipeline passes the representative's key here.
 
-Stratification (classification, `stratify: true`): a hash gives each label its split shares
-only up to binomial noise (a 10% label in a 200-record test split lands anywhere from 11 to
-29 records), so instead the k-th kept record of a label, in input order, goes where the
-golden-ratio sequence frac(offset + k * 0.618...) falls, with a seeded per-label offset. Every
-label then has its exact shares in every split (to within a record or two), and appending
-records (new files, new lines at the end) never moves an existing one. The price: records
-inserted before existing ones of the same label can shift those. Set `stratify: false` for
-the pure content-hash split, which is stable under any insertion.
+Stratification (classification): the content hash is independent of the label, so every label
+gets its split shares in expectation, and that is the default because it is the only rule under
+which adding records anywhere never moves an existing one. For small labels the binomial noise is
+large (a 10% label in a 200-record test split lands anywhere from 11 to 29 records), so
+`stratify: true` offers exact shares instead: the k-th kept record of a label, in input order, goes
+where the golden-ratio sequence frac(offset + k * 0.618...) falls, with a seeded per-label offset.
+Every label then has its exact shares in every split (to within a record or two), and appending
+records (new files, new lines at the end) still never moves an existing one; the price is that
+records inserted before existing ones of the same label can shift those.
 """
 
 from __future__ import annotations
