@@ -1,11 +1,12 @@
 """lm-evaluation-harness model `yunque`: any yunque model directory under lm-eval's tasks.
 
-    yunque lm-eval --model yunque --model_args pretrained=runs/sft/model,batch_size=8 --tasks hellaswag
-    python -c "import yunque.evaluate.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='yunque', ...)"
+    lm_eval --model yunque --model_args pretrained=runs/sft/model,batch_size=8 --tasks hellaswag
+    python -c "import lm_eval; lm_eval.simple_evaluate(model='yunque', ...)"
 
-Importing this module registers the model with lm-eval. lm-eval 0.4.x discovers models only by
-import (it has no plugin entry points), so the plain `lm_eval` command cannot see it;
-`yunque lm-eval ARGS` is `lm_eval ARGS` with this module imported first.
+Importing this module registers the model with lm-eval. An installed yunque also registers it
+lazily in every process that imports lm-eval (the `_yunque_lm_eval.pth` hook: lm-eval <= 0.4.13
+reads no plugin entry points), so the plain `lm_eval` command sees it; `yunque lm-eval ARGS` is
+`lm_eval ARGS` with this module imported first, for environments where the hook is absent.
 
 The request handling mirrors lm-eval's own `hf` model so that the numbers are the same on the
 same checkpoint: tokenisation (BOS via the tokenizer's post-processor unless `add_bos_token`
