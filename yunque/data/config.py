@@ -8,6 +8,7 @@ Example data.yaml for Alpaca's seed tasks (one instruction, several `instances`)
     pii:
       modes: {private_key: drop}
     split: {seed: 7}
+    canaries: {count: 8, rate: 0.01}   # plant 8 canaries into 1% of the training records
 """
 
 from __future__ import annotations
@@ -75,12 +76,22 @@ class SplitConfig:
 
 
 @dataclass
+class CanaryConfig:
+    """Canaries planted into the training split (see data/canary.py); count 0: off."""
+
+    count: int = field(default=0, metadata={"ge": 0})  # distinct canaries
+    rate: float = field(default=0.01, metadata={"gt": 0, "le": 1})  # fraction of training records carrying one
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     read: ReadConfig = field(default_factory=ReadConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     pii: PIIConfig = field(default_factory=PIIConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)
     tokenizer: Path | None = None  # a tokenizer directory: enables token limits and token shards
     workers: int = field(default=0, metadata={"ge": 0})  # 0: one per CPU core
     chunk_size: int = field(default=256, metadata={"gt": 0})

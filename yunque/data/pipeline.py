@@ -5,8 +5,9 @@ prepare(inputs, out_dir, cfg) streams every input once:
     read (main) -> [parse, map, clean, scrub PII, length limits, MinHash] (worker processes,
     ordered) -> exact dedup, near dedup, split assignment, write (main)
 
-then, if asked, appends oversampled copies to the training split, tokenizes and packs
-the splits into token shards, writes the report and finally the manifest over all of it.
+then, if asked, appends oversampled copies to the training split, plants canaries into it,
+tokenizes and packs the splits into token shards, writes the report and finally the manifest
+over all of it.
 Memory stays flat in the input size except for the dedup index (16-byte content keys and,
 with near dedup, one 512-byte signature plus the LSH band entries per kept record).
 
@@ -15,6 +16,7 @@ Output directory:
     train.jsonl val.jsonl test.jsonl   normalised records (see records.py), canonical JSON
     hashes/<split>.sha256              32-byte record hashes (see manifest.py)
     tokens/, tokenizer/                with a tokenizer (see shards.py)
+    canaries.json                      with canaries: the planted ones (see canary.py)
     report.json report.md lengths.png  what happened (see report.py)
     manifest.json                      hashes of everything above + inputs, Merkle roots, config
 """
@@ -42,6 +44,8 @@ from yunque.data.records import canonical_json, detect_shape, get_path
 from yunque.data.report import ERROR_REASONS, Stats, write_report
 from yunque.data.split import SPLITS, Stratifier, copies_for, oversample_plan, split_of
 from yunque.errors import ConfigError, DataError
+
+CANARIES = "canaries.json"
 
 
 @dataclass
@@ -100,8 +104,10 @@ def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> Prepare
             _oversample(out, cfg, stats, writers[0])
     finally:
         split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
-        shutil.rmtree(out / ".tmp", ignore_errors=True)
     stats.check()
+    if cfg.canaries.count:
+        split_info["train"] = _plant_canaries(out, cfg, stats, split_info["train"])
+    shutil.rmtree(out / ".tmp", ignore_errors=True)  # on failure prepare() removes the whole staging directory
     if cfg.tokenizer is not None:
         from yunque.data.shards import write_shards
 
@@ -311,6 +317,20 @@ def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) ->
                 train.write(canonical_json({**rec, "oversampled": True}))
                 stats.oversampled += 1
                 stats.labels_after["train"][lab] += 1
+
+
+def _plant_canaries(out: Path, cfg: DataConfig, stats: Stats, train: dict) -> dict:
+    """Canaries into the training split only (after splitting, so val and test never hold one, and
+    after PII scrubbing, which would redact them); canaries.json lists the planted ones."""
+    from yunque.data.canary import make_canaries, plant_split, save_canaries
+
+    c = cfg.canaries
+    p = plant_split(out, train, make_canaries(c.count, c.seed), c.rate, c.seed, stats.max_examples)
+    save_canaries(p.canaries, out / CANARIES)
+    stats.canaries = {"split": "train", "file": CANARIES, "requested": c.count, "planted": len(p.canaries),
+                      "records": p.records, "split_records": train["records"],
+                      "rate": round(p.records / train["records"], 6), "seed": c.seed, "examples": p.examples}
+    return p.split_info
 
 
 def verify(out_dir: str | Path) -> dict:

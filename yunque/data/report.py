@@ -44,6 +44,7 @@ class Stats:
     length_unit: str = "chars"
     overlap: dict[str, Any] = field(default_factory=dict)
     tokens: dict[str, Any] = field(default_factory=dict)
+    canaries: dict[str, Any] = field(default_factory=dict)
 
     def drop(self, reason: str, source: str, message: str) -> None:
         self.dropped[reason] += 1
@@ -95,6 +96,7 @@ class Stats:
             "labels_missing_from_val_and_test": missing,
             "cross_split_overlap": self.overlap,
             "tokens": self.tokens,
+            "canaries": self.canaries,
         }
 
 
@@ -142,6 +144,12 @@ def _markdown(d: dict[str, Any], unit: str) -> str:
             L.append(f"- labels absent from both val and test: {d['labels_missing_from_val_and_test']}")
     ov = d["cross_split_overlap"]
     L += ["", "## Cross-split overlap (must be 0)", "", f"- exact: {ov.get('exact')}", f"- near: {ov.get('near')}"]
+    if d["canaries"]:
+        c = d["canaries"]
+        L += ["", "## Canaries", "", (f"{c['records']} of {c['split_records']} training records ({c['rate']:.2%}) carry one of "
+              f"{c['planted']} planted canaries ({c['requested']} requested, seed {c['seed']}); val and test carry none. "
+              f"The secrets are in `{c['file']}`; measure memorisation with `yunque redteam --model MODEL --canaries DIR/{c['file']}`."), ""]
+        L += [f"- {src}" for src in c["examples"]]
     if d["tokens"]:
         L += ["", "## Tokens", "", "| split | documents | tokens | trained tokens |", "|---|---:|---:|---:|"]
         for s, v in d["tokens"].get("splits", {}).items():

@@ -17,7 +17,7 @@ _EXPORTS = {
     "perplexity": "yunque.evaluate.perplexity", "score_continuations": "yunque.evaluate.perplexity",
     "load_examples": "yunque.evaluate.data",
     "run_redteam": "yunque.evaluate.redteam", "load_suite": "yunque.evaluate.redteam",
-    "make_canaries": "yunque.evaluate.canary", "plant_canaries": "yunque.evaluate.canary",
+    "make_canaries": "yunque.data.canary", "plant_canaries": "yunque.data.canary",
 }
 
 

@@ -19,6 +19,7 @@ def prepare_cmd(
     on_error: Literal["skip", "fail"] | None = None,
     tokenizer: str | None = None,
     workers: int | None = None,
+    canaries: int | None = None,
     overrides: list[str] | None = None,
 ) -> int:
     """Read, clean, scrub PII, deduplicate, split, hash (and tokenize) data into a directory.
@@ -31,12 +32,15 @@ def prepare_cmd(
         on_error: skip bad records (counted, with examples) or fail at the first one
         tokenizer: tokenizer directory: enables token limits and writes token shards
         workers: worker processes (default: one per CPU core)
+        canaries: plant this many unique canaries into the training split (canaries.rate of its records,
+            1% by default), listed in canaries.json for `yunque redteam --canaries`; 0: none
         overrides: extra key=value settings, e.g. dedup.threshold=0.85 split.seed=3
     """
     from yunque.data.pipeline import prepare
 
     extra = list(overrides or [])
-    for key, value in (("read.format", format), ("read.on_error", on_error), ("tokenizer", tokenizer), ("workers", workers)):
+    for key, value in (("read.format", format), ("read.on_error", on_error), ("tokenizer", tokenizer), ("workers", workers),
+                       ("canaries.count", canaries)):
         if value is not None:
             extra.append(f"{key}={value}")
     cfg = load_config(DataConfig, config, extra)
@@ -51,6 +55,9 @@ def prepare_cmd(
         print("PII findings: " + ", ".join(f"{t} {n}" for t, n in rep["pii_findings"].items()))
     ov = rep["cross_split_overlap"]
     print(f"cross-split overlap: exact {ov['exact']}, near {ov['near']}")
+    if rep["canaries"]:
+        c = rep["canaries"]
+        print(f"canaries: {c['planted']} planted into {c['records']} training records; {r.out_dir / c['file']}")
     if rep["tokens"]:
         print("tokens: " + ", ".join(f"{s} {v['tokens']}" for s, v in rep["tokens"]["splits"].items()))
     print(f"wrote {r.out_dir} (report.md, manifest.json sha256 {r.manifest_sha256})")

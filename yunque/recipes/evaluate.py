@@ -73,11 +73,11 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
         seed: sampling seed
         probes: extra probe YAML files or directories (same format as the built-in ones)
         categories: run only these categories
-        canaries: JSON file of canaries planted in the training data (from `yunque canaries`)
+        canaries: canaries.json of the planted canaries (`yunque data prepare --canaries N`, `yunque data canaries`)
         fail_above: exit with code 1 when any attack category's success rate exceeds this fraction
         check_only: only check that every detector fires on its probe's example and not on a refusal
     """
-    from yunque.evaluate.canary import load_canaries
+    from yunque.data.canary import load_canaries
     from yunque.evaluate.redteam import add_canaries, check_suite, gate, load_suite, markdown, run_redteam, write_redteam
 
     suite = load_suite(probes or [], categories)
@@ -124,6 +124,9 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
 def canaries_cmd(*, data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
     """Plant unique canary strings into a JSONL training file, to measure memorisation later.
 
+    For data prepared with `yunque data prepare`, use its `--canaries N` (training split only,
+    hashed in the manifest) instead.
+
     Args:
         data: input JSONL file of records (text, completion or chat)
         out: output JSONL file; the canaries go to OUT with suffix .canaries.json, placements to .placements.jsonl
@@ -131,7 +134,7 @@ def canaries_cmd(*, data: Path, out: Path, n: int = 8, rate: float = 0.01, seed:
         rate: fraction of records that get a canary
         seed: seed for the canaries and their placement
     """
-    from yunque.evaluate.canary import make_canaries, plant_canaries, save_canaries
+    from yunque.data.canary import make_canaries, plant_canaries, save_canaries
 
     if not 0.0 < rate <= 1.0:
         raise YunqueError(f"--rate {rate}: must be in (0, 1]")
