@@ -29,9 +29,13 @@ needs_lm_eval = pytest.mark.skipif(not LM_EVAL.is_file(), reason="lm-eval is an 
 _PROBE = """
 import json, sys
 at_start = sorted(m for m in sys.modules if m.split(".")[0] in ("yunque", "torch", "lm_eval", "_yunque_lm_eval"))
+import lm_eval.models
 from lm_eval.api.registry import get_model, model_registry
+before_use = sorted(m for m in sys.modules if m.split(".")[0] == "yunque")
+placeholder = str(dict(model_registry.items()).get("yunque"))
 cls = get_model("yunque")
-print(json.dumps({"at_start": at_start, "cls": f"{cls.__module__}:{cls.__qualname__}", "hf": "hf" in model_registry,
+print(json.dumps({"at_start": at_start, "before_use": before_use, "placeholder": placeholder,
+                  "cls": f"{cls.__module__}:{cls.__qualname__}", "hf": "hf" in model_registry,
                   "finder_left": any(getattr(f, "__module__", "") == "_yunque_lm_eval" for f in sys.meta_path)}))
 """
 
@@ -77,6 +81,8 @@ def test_fresh_interpreter_resolves_yunque_without_importing_it_at_start(tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["at_start"] == ["_yunque_lm_eval"]  # no yunque, torch or lm_eval at interpreter start
+    assert got["before_use"] == []  # importing lm-eval registers a placeholder; yunque loads only when used
+    assert "yunque.evaluate.lm_eval_adapter:YunqueLM" in got["placeholder"]
     assert got["cls"] == "yunque.evaluate.lm_eval_adapter:YunqueLM"
     assert got["hf"]  # lm-eval's own models are still there
     assert not got["finder_left"]  # the hook removed itself once it had registered
