@@ -144,7 +144,7 @@ def write_report(result: DemoResult, log=print) -> Path:
                ("tokenizer", f["stages"].get("tokenizer"), f"byte-level BPE, {plan['vocab_size']} tokens, trained on the pretraining text"),
                ("pretrain", f["stages"].get("pretrain"), f"{pt['params'] / 1e6:.1f}M parameters from random init, {pt['steps']} steps, "
                 f"{pt['tokens']:,} tokens; val loss {pt['final'].get('val_loss', float('nan')):.3f}"),
-               ("finetune", f["stages"].get("finetune"), f"LoRA r={plan['lora_r']} on all projections, {ftn['steps']} steps; "
+               ("finetune", f["stages"].get("finetune"), f"LoRA r={plan['lora_r']} on all projections and lm_head, {ftn['steps']} steps; "
                 f"val loss {ftn['final'].get('val_loss', float('nan')):.3f}"),
                ("merge", f["stages"].get("merge"), f"{f['merge']['modules']} LoRA modules folded into `model/`"),
                ("evaluate", f["stages"].get("evaluate"), f"{ev['fine-tuned']['examples']} test examples, greedy decoding"),
