@@ -59,7 +59,7 @@ class DemoPlan:
 _MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 FULL = DemoPlan(records=domain.DEFAULT_RECORDS, vocab_size=4096, model=_MODEL,
-                pretrain_bytes=2_000_000, pretrain_steps=200, pretrain_batch=16, pretrain_seq=256, pretrain_lr=2e-3,
+                pretrain_bytes=600_000, pretrain_steps=200, pretrain_batch=16, pretrain_seq=256, pretrain_lr=2e-3,
                 finetune_steps=200, finetune_batch=8, finetune_lr=5e-3, lora_r=32, test_limit=None, accuracy_bar=80.0)
 # Quick checks that every stage works and that fine-tuning moves the model toward the answers
 # (lower answer perplexity); a few minutes of 2-core CPU is too little for the tasks themselves.
