@@ -26,13 +26,35 @@ HASH = r"(?<![0-9A-Za-z])(?:[0-9a-f]{64}|[0-9a-f]{32})(?![0-9A-Za-z])"
 EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
 
 
+FAIL = [rf"Failed password for (?:invalid user )?(\S+) from ({IP})$",
+        rf"POST /login 401 user=(\S+)(?: password=\S+)? ip=({IP})$"]
+PROBE = [rf"sshd: (?:Did not receive identification string from|Connection reset by|Unable to negotiate with"
+         rf"|banner exchange: Connection from) ({IP})\b", rf"GET /\S* 404 ip=({IP})$"]
+TACTIC_CUES = {  # an analyst's reading of the behaviour, independent of the generator's tables
+    "execution": r"EncodedCommand|mshta\.exe|wscript\.exe|cmd\.exe /c|bash -c",
+    "persistence": r"schtasks /create|\\Run\\|new service|crontab|authorized_keys",
+    "credential-access": r"lsass|sekurlsa|HKLM\\SAM|MiniDump|TGS requests",
+    "discovery": r"net group|nltest|AdFind|whoami|probed on ports",
+    "command-and-control": r"beacon to|DNS TXT|self-signed|JA3|reverse shell",
+    "exfiltration": r"rclone|uploaded to|7z archive|curl -T|USB mass-storage",
+}
+
+
 def solve(task: str, prompt: str) -> str:
     if task == "auth_triage":
-        fails = Counter(re.findall(rf"Failed password for .*? from ({IP})$", prompt, re.M))
-        fails.update(re.findall(rf"POST /login 401 .*?ip=({IP})$", prompt, re.M))
-        (ip, n), *rest = fails.most_common()
-        assert not rest or rest[0][1] < n, "the brute-forcer must be unique"
-        return f"{ip}, {n}"
+        fails, probes = Counter(), Counter()
+        for pattern in FAIL:
+            fails.update(ip for _user, ip in re.findall(pattern, prompt, re.M))
+        for pattern in PROBE:
+            probes.update(re.findall(pattern, prompt, re.M))
+        if fails and fails.most_common(1)[0][1] >= 4:
+            assert not probes
+            return "brute-force"
+        if probes:
+            assert probes.most_common(1)[0][1] >= 4 and not fails
+            return "scan"
+        assert fails.total() <= 2 and all(n == 1 for n in fails.values())
+        return "benign"
     if task == "phishing":
         # Legitimate iff the sender (unless scrubbed) and every link are on the official domain
         # of the organisation the message claims to come from.
@@ -41,13 +63,8 @@ def solve(task: str, prompt: str) -> str:
         hosts = re.findall(r"https?://([^/\s]+)", prompt)
         ok = sender in (None, official) and hosts and all(h == official or h.endswith("." + official) for h in hosts)
         return "legitimate" if ok else "phishing"
-    alert = prompt.split("Alert:\n", 1)[1].rsplit("\n\n", 1)[0]
-    alert = re.sub(EMAIL, " ", alert)  # people's addresses are not indicators
-    hits = sorted([(m.start(), "ips", m.group()) for m in re.finditer(IP, alert)]
-                  + [(m.start(), "domains", m.group()) for m in re.finditer(DOMAIN, alert)]
-                  + [(m.start(), "hashes", m.group()) for m in re.finditer(HASH, alert)])
-    return "; ".join(f"{k}: " + (", ".join(dict.fromkeys(v for _, kk, v in hits if kk == k)) or "none")
-                     for k in ("ips", "domains", "hashes"))
+    (tactic,) = [t for t, cue in TACTIC_CUES.items() if re.search(cue, prompt)]
+    return tactic
 
 
 def scrub_like(text: str) -> str:
@@ -106,24 +123,30 @@ def test_balance_and_difficulty(records):
     assert max(tasks.values()) - min(tasks.values()) <= 1
     labels = Counter(r["messages"][2]["content"] for r in base if r["task"] == "phishing")
     assert set(labels) == {"phishing", "legitimate"} and abs(labels["phishing"] - labels["legitimate"]) <= 1
-    # The brute-forcer must be found: it is not always the first address in the log, nor the last.
-    first = last = 0
-    counts = Counter()
-    triage = [r for r in base if r["task"] == "auth_triage"]
-    for r in triage:
-        ips = re.findall(IP, r["messages"][1]["content"])
-        ip, n = r["messages"][2]["content"].split(", ")
-        first += ips[0] == ip
-        last += ips[-1] == ip
-        counts[int(n)] += 1
-    assert first < 0.8 * len(triage) and last < 0.8 * len(triage)
-    assert len(counts) >= 4 and max(counts.values()) < 0.4 * len(triage)
+    for task, labels in (("auth_triage", domain.VERDICTS), ("alert_tactic", domain.TACTICS)):
+        got = Counter(r["messages"][2]["content"] for r in base if r["task"] == task)
+        assert set(got) == set(labels) and max(got.values()) - min(got.values()) <= 1
     # Wording alone does not give the label away: "verify" appears in both classes.
     verify = Counter(r["messages"][2]["content"] for r in base
                      if r["task"] == "phishing" and "verify" in r["messages"][1]["content"].lower())
     assert verify["phishing"] > 0 and verify["legitimate"] > 0
-    iocs = [r["messages"][2]["content"] for r in base if r["task"] == "ioc_extract"]
-    assert any("domains: none" in a for a in iocs) and any("hashes: none" not in a for a in iocs)
+    # Attacks and scans have the same range of lines from the attacker, and brute force both
+    # repeats one account and walks a list of them.
+    lines, lists = {}, Counter()
+    for r in base:
+        verdict, text = r["messages"][2]["content"], r["messages"][1]["content"]
+        if r["task"] == "auth_triage" and verdict != "benign":
+            hits = [m for p in (FAIL if verdict == "brute-force" else PROBE) for m in re.findall(p, text, re.M)]
+            lines.setdefault(verdict, set()).add(len(hits))
+            if verdict == "brute-force":
+                lists[len({user for user, _ip in hits}) > 1] += 1
+    assert lines["brute-force"] == lines["scan"] == {4, 5, 6, 7}
+    assert min(lists[True], lists[False]) > 0.3 * sum(lists.values())
+    # Indicators are in every tactic class, so none of them is the cue.
+    for tactic in domain.TACTICS:
+        texts = [r["messages"][1]["content"] for r in base if r["messages"][2]["content"] == tactic]
+        assert sum(bool(re.search(HASH, t)) for t in texts) > len(texts) / 5
+        assert sum(bool(re.search(DOMAIN, t) or re.search(IP + r"(?!\))", t)) for t in texts) > len(texts) / 5
 
 
 def test_prompts_are_short(records):
@@ -183,8 +206,8 @@ def test_bad_sizes_are_config_errors():
 
 def test_answers_match_is_exact_up_to_case_and_space():
     assert domain.answers_match(" Phishing\n", "phishing")
-    assert domain.answers_match("192.0.2.1,  4", "192.0.2.1, 4")
-    assert not domain.answers_match("192.0.2.1, 4", "192.0.2.1, 5")
+    assert domain.answers_match("Command-and-Control ", "command-and-control")
+    assert not domain.answers_match("command and control", "command-and-control")
 
 
 # --- corpus ------------------------------------------------------------------------------

