@@ -35,8 +35,8 @@ def test_pretraining_text_has_prompts_but_never_answers(tmp_path):
 
 def test_task_scores_are_exact_per_task():
     recs = [_chat("phishing", "m1", "phishing"), _chat("phishing", "m2", "legitimate"),
-            _chat("auth_triage", "log", "password-spray")]
-    s = scoring.task_scores(recs, ["Phishing", "phishing", "Password-Spray "])
+            _chat("auth_triage", "log", "scan")]
+    s = scoring.task_scores(recs, ["Phishing", "phishing", "Scan "])
     assert s["all"] == {"n": 3, "correct": 2, "accuracy": pytest.approx(200 / 3)}
     assert s["phishing"]["accuracy"] == 50.0 and s["auth_triage"]["accuracy"] == 100.0
     with pytest.raises(ValueError):
