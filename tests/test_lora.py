@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from lora_testing import perturb
 
 from yunque.config import from_dict
 from yunque.errors import CheckpointError, ConfigError
@@ -20,14 +21,6 @@ def tiny_model(seed=0, **kw) -> Transformer:
     m.init_weights()
     return m.eval()
 
-
-def perturb(model, seed=1, std=0.1):
-    """Training-like adapter values: B no longer zero, A moved off its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_A.weight.add_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
 
 
 @pytest.mark.parametrize("rslora", [False, True])

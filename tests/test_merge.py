@@ -7,22 +7,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models import tiny_hf_model
+from lora_testing import perturb
 from yunque.cli import call_with_argv
 from yunque.errors import CheckpointError
 from yunque.formats.hf import load_model, save_model
 from yunque.formats.peft import save_peft_adapter
-from yunque.lora import LoraConfig, apply_lora, lora_modules, merge_lora
+from yunque.lora import LoraConfig, apply_lora, merge_lora
 from yunque.recipes.merge import merge_cmd
 
 X = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
 
-
-def perturb(model, seed=1, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_A.weight.add_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
 
 
 @pytest.fixture

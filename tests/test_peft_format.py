@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models import tiny_hf_model
+from lora_testing import perturb
 from yunque.errors import CheckpointError
 from yunque.formats.hf import load_model
 from yunque.formats.peft import load_peft_adapter, save_peft_adapter
@@ -14,13 +15,6 @@ from yunque.lora import LoraConfig, apply_lora, lora_modules
 
 peft = pytest.importorskip("peft")
 
-
-def perturb(model, seed=1, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_A.weight.add_(torch.randn(m.lora_A.weight.shape, generator=g) * std)
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * std)
 
 
 @pytest.fixture

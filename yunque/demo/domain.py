@@ -373,14 +373,14 @@ def generate(n: int = DEFAULT_RECORDS, seed: int = 0, pii_fraction: float = 0.3,
     tasks = [TASKS[i % len(TASKS)] for i in range(base)]
     # Labels cycle within each task, so classes are balanced to within one record.
     cycle = {"auth_triage": VERDICTS, "phishing": ("phishing", "legitimate"), "alert_tactic": TACTICS}
+    makers = {"auth_triage": _auth_triage, "phishing": _phishing, "alert_tactic": _alert_tactic}
     seen = dict.fromkeys(TASKS, 0)
     records = []
     for task in tasks:
         pii = rng.random() < pii_fraction
         label = cycle[task][seen[task] % len(cycle[task])]
         seen[task] += 1
-        make = {"auth_triage": _auth_triage, "phishing": _phishing, "alert_tactic": _alert_tactic}[task]
-        user, answer, planted = make(rng, pii, label)
+        user, answer, planted = makers[task](rng, pii, label)
         records.append(_record(task, user, answer, {"pii": planted}))
     # Distinct sources: two near copies of one record with the same remark would be an exact pair.
     for src in rng.sample(range(base), n_dup):
