@@ -91,7 +91,11 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         if method == "lora":
             from yunque.lora import LoraConfig, apply_lora
 
+            from yunque.lora import store_frozen_linears_
+
             apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
+            if prec == "bf16":
+                store_frozen_linears_(model, torch.bfloat16)  # what `yunque train` does for LoRA in bf16
         module = CausalLMLoss(model).train()
         opt = make_optimizer(module, 1e-4, 0.0, (0.9, 0.999), 1e-8)
         params = [p for p in module.parameters() if p.requires_grad]

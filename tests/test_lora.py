@@ -319,3 +319,32 @@ def test_qlora_bf16_base_under_autocast():
     assert lora_modules(m)["model.layers.0.self_attn.q_proj"].lora_B.weight.grad.dtype == torch.float32
     merge_lora(m)
     assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_linears_in_bf16_give_identical_bf16_autocast_steps(tied):
+    """Storing frozen linears in bf16 is exact under bf16 autocast: same loss, same adapter gradients."""
+    from yunque.lora import store_frozen_linears_
+    from yunque.training import CausalLMLoss
+
+    runs = []
+    for store in (False, True):
+        m = tiny_model(tie_word_embeddings=tied).train()
+        apply_lora(m, LoraConfig(r=4, alpha=8), generator=torch.Generator().manual_seed(0))
+        perturb(m)  # non-zero B, so the adapters change the output
+        if store:
+            n = store_frozen_linears_(m, torch.bfloat16)
+            assert n == 7 * m.config.num_hidden_layers + (0 if tied else 1)
+            assert m.model.embed_tokens.weight.dtype == torch.float32
+            assert (m.lm_head.weight.dtype == torch.float32) == tied
+            assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+        ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            idx = torch.arange(48).view(2, 24)[:, :-1].reshape(-1)  # positions that predict ids[:, 1:]
+            loss = CausalLMLoss(m)(ids, None, None, idx, ids[:, 1:].reshape(-1))
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1].keys() == runs[1][1].keys()
+    for k, g in runs[0][1].items():
+        assert torch.equal(g, runs[1][1][k]), k

@@ -5,7 +5,7 @@ import torch
 from hf_models import FAMILIES, tiny_hf_model
 
 from yunque.formats.hf import load_model
-from yunque.model import ModelConfig, Transformer, causal_mask, document_mask
+from yunque.model import ModelConfig, Segments, Transformer, causal_mask, document_mask
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,42 @@ def test_document_mask_isolates_packed_documents(pairs):
         together = m(packed, pos, document_mask(doc))
         alone = torch.cat([m(a), m(b)], dim=1)
     assert (together - alone).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "mistral"])
+def test_segments_match_each_document_alone(pairs, family):
+    """Packed rows (padding is its own document) through Segments: outputs and input
+    gradients equal running each document on its own; Mistral's window (7) cuts inside one."""
+    _, m = pairs[family]
+    g = torch.Generator().manual_seed(1)
+    rows = [[9, 5, 2], [16]]  # document lengths per row of 16: row 0 ends with 2 padding tokens
+    ids = torch.randint(3, 320, (2, 16), generator=g)
+    doc = torch.tensor([[0] * 9 + [1] * 5 + [2] * 2, [0] * 16])
+    pos = torch.cat([torch.arange(n) for r in rows for n in r]).view(2, 16)
+    seg = Segments.from_doc_ids(doc)
+    assert seg.lengths == (9, 5, 2, 16)
+    x = m.model.embed_tokens(ids).detach().requires_grad_()
+    m.model.embed_tokens.forward = lambda _ids: x  # so the gradient reaches a leaf we can read
+    try:
+        out = m(ids, pos, seg)
+        out.square().sum().backward()
+    finally:
+        del m.model.embed_tokens.forward
+    flat_ids, flat_out, flat_grad = ids.view(-1), out.view(32, -1), x.grad.view(32, -1)
+    start = 0
+    for n in seg.lengths:
+        piece = flat_ids[start:start + n][None]
+        xa = m.model.embed_tokens(piece).detach().requires_grad_()
+        m.model.embed_tokens.forward = lambda _ids: xa
+        try:
+            alone = m(piece)
+            alone.square().sum().backward()
+        finally:
+            del m.model.embed_tokens.forward
+        torch.testing.assert_close(flat_out[start:start + n], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flat_grad[start:start + n], xa.grad[0], atol=1e-4, rtol=1e-4)
+        start += n
+    m.zero_grad()
 
 
 def test_bf16_close_to_hf(pairs):

@@ -149,6 +149,27 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, names: list[str] | None = None
     return list(names)
 
 
+@torch.no_grad()
+def store_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen `nn.Linear` (LoRA bases, a frozen head) in `dtype`; returns how many.
+
+    Under bf16 autocast a linear runs on a bf16 copy of its weight: for a frozen weight that
+    copy is made on every forward and kept for backward. Storing the bf16 values once gives
+    bit-identical results without the per-step cast and its memory, and halves the base.
+    A head tied to the embedding is left alone (the embedding itself runs in fp32).
+    """
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = embed.weight if embed is not None else None
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and not m.weight.requires_grad and m.weight is not tied and m.weight.dtype != dtype:
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+            n += 1
+    return n
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 

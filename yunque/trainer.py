@@ -89,6 +89,10 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
             from yunque.lora import apply_lora
 
             apply_lora(model, _lora_config(cfg), generator=torch.Generator().manual_seed(cfg.seed))
+            if cfg.precision == "bf16" and cfg.parallel != "fsdp":  # FSDP2 wants one dtype per group
+                from yunque.lora import store_frozen_linears_
+
+                store_frozen_linears_(model, torch.bfloat16)
     model.gradient_checkpointing = cfg.grad_checkpointing
     return model
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from yunque.model import Transformer, document_mask
+from yunque.model import Segments, Transformer
 from yunque.packing import IGNORE, Batch
 
 # ---------------------------------------------------------------- CPU allocator
@@ -116,14 +116,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         step = _chunk_rows(weight.shape[0])
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
-            logits = (hc @ w.t()).to(acc)  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            # log_softmax is one fused pass per row; logsumexp would allocate two (c, V) temporaries.
+            logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=acc)  # (c, V)
+            at_target = logp.gather(1, yc[:, None]).squeeze(1)  # log p(y)
+            loss -= at_target.sum()
             if gh is None and gw is None:
                 continue
-            p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            p[torch.arange(len(yc), device=p.device), yc] -= 1.0  # d CE / d logits
-            g = p.to(compute_dtype)
+            # d CE / d logits = softmax - onehot, rounded once to the compute dtype: exp writes
+            # straight into it, and the target entries are redone from fp32.
+            rows = torch.arange(len(yc), device=h.device)
+            g = logp.exp_() if compute_dtype == acc else torch.exp(logp, out=torch.empty_like(logp, dtype=compute_dtype))
+            g[rows, yc] = (at_target.exp() - 1.0).to(compute_dtype)
             if gh is not None:
                 gh[s:s + step] = (g @ w).to(h.dtype)
             if gw is not None:
@@ -167,7 +170,7 @@ class CausalLMLoss(nn.Module):
 class DeviceBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
-    mask: torch.Tensor | None
+    mask: Segments | None  # None: every row is one causal document
     target_idx: torch.Tensor
     targets: torch.Tensor
 
@@ -178,7 +181,7 @@ def to_device(b: Batch, device: torch.device) -> DeviceBatch:
     idx = (flat != IGNORE).nonzero().squeeze(1)
     nb = device.type == "cuda"
     ids = b.input_ids.to(device, non_blocking=nb)
-    mask = None if b.single_doc else document_mask(b.doc_ids.to(device, non_blocking=nb))
+    mask = None if b.single_doc else Segments.from_doc_ids(b.doc_ids)
     return DeviceBatch(ids, b.positions.to(device, non_blocking=nb), mask,
                        idx.to(device, non_blocking=nb), flat[idx].to(device, non_blocking=nb))
 
