@@ -28,7 +28,10 @@ def _cfg(corpus, out, **kw) -> TrainConfig:
     return from_dict(TrainConfig, pretrain_cfg(corpus, out, **kw))
 
 
-def test_linear_cross_entropy_matches_reference():
+def test_linear_cross_entropy_matches_reference(monkeypatch):
+    import yunque.training
+
+    monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab: 128)  # 300 rows: chunks of 128, 128, 44
     torch.manual_seed(0)
     h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1000, 32, dtype=torch.float64, requires_grad=True)
@@ -42,6 +45,23 @@ def test_linear_cross_entropy_matches_reference():
     torch.testing.assert_close(dw, gw, rtol=1e-9, atol=1e-11)
     with torch.no_grad():  # evaluation path computes no gradients but the same loss
         torch.testing.assert_close(linear_cross_entropy(h, w, y), ref)
+
+
+def test_linear_cross_entropy_bf16_matches_autocast_reference():
+    """Under bf16 autocast: logits in bf16, softmax in fp32, d logits rounded once to bf16 (as autograd does)."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = (torch.randn(3000, 64) * 0.3).requires_grad_()
+    y = torch.randint(0, 3000, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), y, reduction="sum")
+        got = linear_cross_entropy(h, w, y)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    dh, dw = torch.autograd.grad(got, (h, w))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(dh, gh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(dw, gw, rtol=2e-2, atol=2e-3)
 
 
 def test_optimizer_groups_and_schedule():

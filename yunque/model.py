@@ -73,15 +73,18 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin, (B, 1, T, hd) each, in HF's rotate-half layout.
+
+    HF rotates with cat(-x2, x1) * sin. With the sign folded into the first half of sin once
+    per forward, each layer's rotation is a roll: one op per q and k instead of a neg and a cat.
+    """
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2); fp32 so long positions stay exact
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd) in HF's rotate-half layout
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, hd)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(dtype)[:, None], torch.cat((-sin, sin), -1).to(dtype)[:, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 class RMSNorm(nn.Module):
