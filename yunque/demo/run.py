@@ -63,12 +63,15 @@ _MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_a
 FULL = DemoPlan(records=domain.DEFAULT_RECORDS, vocab_size=4096, model=_MODEL,
                 pretrain_bytes=600_000, pretrain_steps=160, pretrain_batch=16, pretrain_seq=256, pretrain_lr=2e-3,
                 finetune_steps=320, finetune_batch=8, finetune_lr=5e-3, lora_r=32, test_limit=None, accuracy_bar=80.0)
-# The same path in about a minute: a 1.3M-parameter model, 40 pretraining steps, 120 LoRA steps.
-# Measured 60% task accuracy (phishing 100%, auth triage 65%, alert tactics 28%) on 48 test
-# records; the bar leaves room for other CPUs' rounding.
+# The same path in about 90 s: a 1.3M-parameter model, 40 pretraining steps, 160 LoRA steps.
+# Measured with seed 0: 66.7% task accuracy (phishing 92%, auth triage 88%, alert tactics 28%)
+# on 48 test records. This regime is fragile: at lr 5e-3 / 120 steps a rounding-level change
+# in the kernels moved phishing from 100% to 69%, and other seeds land anywhere from 8% to 67%
+# (seed 1 learns the label tokens far more slowly). lr 3e-3 over 160 steps was the steadiest
+# of the settings tried; the full run is the one to judge the model by.
 QUICK = DemoPlan(records=domain.QUICK_RECORDS, vocab_size=2048, model=dict(max_position_embeddings=1024, tie_word_embeddings=False),
                  pretrain_bytes=400_000, pretrain_steps=40, pretrain_batch=8, pretrain_seq=256, pretrain_lr=1.5e-3,
-                 finetune_steps=120, finetune_batch=8, finetune_lr=5e-3, lora_r=32, test_limit=48, accuracy_bar=40.0)
+                 finetune_steps=160, finetune_batch=8, finetune_lr=3e-3, lora_r=32, test_limit=48, accuracy_bar=40.0)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
