@@ -20,6 +20,7 @@ import torch
 
 from yunque.formats.hf import save_model
 from yunque.generate import Sampling, generate
+from yunque.inference import arrange_for_decode_
 from yunque.model import Transformer
 from yunque.presets import get_preset
 
@@ -73,6 +74,7 @@ def main() -> None:
         for dname in args.dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
             ours.to(dtype), hf.to(dtype)
+            arrange_for_decode_(ours)  # what `yunque generate` / `serve` do after loading
             for B in args.batches:
                 prompts = torch.randint(0, ours.config.vocab_size, (B, args.prompt))
 

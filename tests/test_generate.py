@@ -99,3 +99,26 @@ def test_text_decoder_never_splits_characters_and_holds_stop_prefix():
     assert out == "año " and "\ufffd" not in out  # "ST" held back: may start "STOP"
     out += "".join(dec.add(b) for b in "OP tail".encode())
     assert dec.stopped and out == "año "
+
+
+def test_decode_layout_keeps_values_and_greedy_output(pair, tmp_path):
+    """inference.load stores fp32 linears column-major for faster CPU GEMV: same tensors, same tokens."""
+    from yunque.formats.hf import save_model
+    from yunque.inference import arrange_for_decode_
+
+    hf, ours = pair
+    prompts = [[5, 9, 11, 3], [7, 8]]
+    before = generate(ours, prompts, Sampling(max_new_tokens=12))
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    d = tmp_path / "m"
+    save_model(ours, d)
+    model = load_model(d)
+    assert arrange_for_decode_(model) > 0
+    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert lin and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in lin)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert generate(model, prompts, Sampling(max_new_tokens=12)) == before
+    save_model(model, tmp_path / "again")  # a re-arranged model still saves (contiguous copies)
+    assert all(torch.equal(v, sd[k]) for k, v in load_model(tmp_path / "again").state_dict().items())
+    model.to(torch.bfloat16)  # bf16 GEMV is faster row-major: arranging puts it back
+    assert arrange_for_decode_(model) == len(lin) and all(m.weight.is_contiguous() for m in lin)

@@ -33,6 +33,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@torch.no_grad()
+def arrange_for_decode_(model: torch.nn.Module) -> int:
+    """Lay out each linear weight for one-token decode; same values and shapes. Returns how many moved.
+
+    A decode step multiplies a row vector by every weight, streaming them all from memory once
+    per token. On CPU, MKL reads an fp32 (out, in) row-major weight at ~9-10 GB/s in that GEMV, but
+    at ~14-15 GB/s when it is stored column-major, because F.linear's x @ W.T then becomes a plain
+    row-major GEMM (measured on 167 MB of Llama-shaped weights: 1.63x at batch 1, 1.12x at batch 8,
+    equal for a 128-token prefill). bf16 weights go the other way (0.84x), so they stay row-major.
+    """
+    moved = 0
+    for m in model.modules():
+        if not isinstance(m, torch.nn.Linear) or m.weight.device.type != "cpu":
+            continue
+        w = m.weight.data
+        col_major = w.dim() == 2 and w.t().is_contiguous()
+        want_col = w.dtype == torch.float32
+        if want_col and not col_major:
+            m.weight.data = w.t().contiguous().t()
+            moved += 1
+        elif not want_col and not w.is_contiguous():
+            m.weight.data = w.contiguous()
+            moved += 1
+    return moved
+
+
 def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
     from yunque.tokenizer import Tokenizer
 
@@ -64,4 +90,5 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
             raise YunqueError(f"{adapter}: adapter directory not found")
         load_peft_adapter(model, adapter, quantize_base=quantize_base)
         merge_lora(model)
+    arrange_for_decode_(model)
     return model.eval(), load_tokenizer(model_dir, adapter)
