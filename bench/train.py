@@ -89,9 +89,7 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         keep_freed_memory()  # what `yunque train` does on CPU
         model = load_model(model_dir, dtype=torch.float32)
         if method == "lora":
-            from yunque.lora import LoraConfig, apply_lora
-
-            from yunque.lora import store_frozen_linears_
+            from yunque.lora import LoraConfig, apply_lora, store_frozen_linears_
 
             apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=TARGETS))
             if prec == "bf16":

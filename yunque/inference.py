@@ -48,12 +48,10 @@ def arrange_for_decode_(model: torch.nn.Module) -> int:
         if not isinstance(m, torch.nn.Linear) or m.weight.device.type != "cpu":
             continue
         w = m.weight.data
-        col_major = w.dim() == 2 and w.t().is_contiguous()
-        want_col = w.dtype == torch.float32
-        if want_col and not col_major:
+        if w.dtype == torch.float32 and not w.t().is_contiguous():
             m.weight.data = w.t().contiguous().t()
             moved += 1
-        elif not want_col and not w.is_contiguous():
+        elif w.dtype != torch.float32 and not w.is_contiguous():
             m.weight.data = w.contiguous()
             moved += 1
     return moved
