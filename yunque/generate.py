@@ -70,7 +70,7 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sam
     """Yields, per step, each row's new token (None once that row has stopped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     B = len(prompts)
     ids, valid_prompt = _left_pad(prompts, pad_id, device)
     P = ids.shape[1]

@@ -248,7 +248,7 @@ class Transformer(nn.Module):
                     p.normal_(0.0, s, generator=generator)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight  # a plain tensor even after inference.arrange_for_decode_
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, self.config.num_key_value_heads, max_len, self.config.hd, dtype or p.dtype, p.device)
 

@@ -37,7 +37,7 @@ def score_continuations(model: Transformer, pairs: Sequence[tuple[Sequence[int],
     only the continuation's positions go through the output head (a vocabulary-sized row per
     scored token, not per input token)."""
     max_length = max_length or model.config.max_position_embeddings
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     inputs = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:

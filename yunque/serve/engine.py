@@ -86,7 +86,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step  # metrics hook (queue depth, running), called from the engine thread
         cfg = model.config
-        p = model.lm_head.weight
+        p = model.model.embed_tokens.weight
         self.device = p.device
         shape = (max_batch, cfg.num_key_value_heads, max_len, cfg.hd)
         self.caches = [_PoolCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
