@@ -5,7 +5,7 @@ import torch
 from hf_models import FAMILIES, tiny_hf_model
 
 from yunque.formats.hf import load_model
-from yunque.model import ModelConfig, Segments, Transformer, causal_mask, document_mask
+from yunque.model import ModelConfig, Segments, Transformer, causal_mask, decode_attention, document_mask
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,20 @@ def test_bf16_close_to_hf(pairs):
         got = ours.to(torch.bfloat16)(ids).float()
     hf.float(), ours.float()
     assert (ref - got).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("n_kv", [8, 2])
+def test_decode_attention_equals_sdpa(n_kv):
+    """The single-query path (CPU bf16 decode) computes what SDPA does, GQA and padding included."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, n_kv, 10, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
+    mask[..., -1] = True  # the query's own slot
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv != 8)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(decode_attention(q, k, v, None),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != 8))
 
 
 def test_gradient_checkpointing_same_grads():

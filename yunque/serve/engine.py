@@ -216,9 +216,10 @@ class Engine:
         ids = ids.to(self.device)
         pos = torch.arange(T, device=self.device).expand(m, T)
         self._set_rows(n, n + m, T)
-        logits = self.model(ids, pos, self._mask(pos, T), pos)  # (m, T, V)
+        h = self.model.hidden(ids, pos, self._mask(pos, T), pos)  # (m, T, D)
         last = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
-        logits = logits[torch.arange(m, device=self.device), last]
+        # The head on each prompt's last position only: over all T it would cost m x T x V.
+        logits = self.model.lm_head(h[torch.arange(m, device=self.device), last])  # (m, V)
         for s in new:
             s.length = len(s.prompt)
         self.running.extend(new)
