@@ -50,9 +50,11 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Not a buffer: `.to()` cannot convert the opaque layout, and must not try.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), 1)
-        self.bias = linear.bias
+        self.bias = linear.bias.requires_grad_(False) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:  # the op has no backward: gradients would silently be missing
+            raise RuntimeError("PackedLinear is inference-only; train on a model from formats.hf.load_model")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -129,5 +131,6 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
             raise YunqueError(f"{adapter}: adapter directory not found")
         load_peft_adapter(model, adapter, quantize_base=quantize_base)
         merge_lora(model)
+    model.requires_grad_(False)  # inference only; a forward outside no_grad then builds no graph
     arrange_for_decode_(model)
     return model.eval(), load_tokenizer(model_dir, adapter)
