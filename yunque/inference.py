@@ -38,9 +38,9 @@ class PackedLinear(torch.nn.Module):
 
     Decode is a chain of GEMVs streaming every weight from memory once per token. On this
     project's 2-core CPU, oneDNN on a pre-packed weight streams it faster than MKL does on a
-    plain one, and uses both cores where MKL's fp32 GEMV uses one (`bench/generate.py`; 56M
-    model, greedy, same tokens: fp32 62 -> 82 tok/s at batch 1, 210 -> 304 at batch 8; bf16
-    89 -> 107 and 329 -> 413). Prefill and perplexity GEMMs are equal or faster too. The packed
+    plain one, and uses both cores where MKL's fp32 GEMV uses one (plain vs packed, interleaved,
+    56M model, greedy, same tokens: fp32 62 -> 82 tok/s at batch 1, 210 -> 304 at batch 8; bf16
+    89 -> 107 and 329 -> 413; `bench/generate.py` gives the comparison with transformers). Prefill and perplexity GEMMs are equal or faster too. The packed
     weight has no autograd and an opaque layout, so this is the last step before inference;
     `state_dict()` still gives the plain weight, so such a model saves like any other.
     """
