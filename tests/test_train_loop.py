@@ -126,7 +126,9 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, data):
     for a, b in zip(r_big.losses, r_acc.losses):
         assert abs(a - b) <= 1e-6
     for (n, p), q in zip(t_big.model.named_parameters(), t_acc.model.parameters()):
-        assert (p - q).abs().max() <= 1e-6, n
+        # Adam divides by sqrt(v): where a gradient is near eps, fp32 summation-order noise moves a
+        # weight by up to ~1e-6 (seen 2.6e-7..1.1e-6). Per-micro-batch means would move it by ~lr (3e-3).
+        assert (p - q).abs().max() <= 1e-5, n
 
 
 def test_gradient_checkpointing_and_bf16(tmp_path, data):

@@ -4,7 +4,7 @@ Covers what Hugging Face calls LlamaForCausalLM (Llama 2, 3, 3.1 with llama3 RoP
 3.2 with tied embeddings), MistralForCausalLM (sliding window) and Qwen2ForCausalLM
 (q/k/v bias). Module and parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj`)
 and RoPE uses HF's rotate-half layout, so an HF state dict loads as is and LoRA targets are
-the `nn.Linear` names users already know. This file imports only torch.
+the `nn.Linear` names users already know. This file imports only torch (and yunque.ops).
 
 Shapes: B batch, T query length, S key length (cache size), D hidden, H query heads,
 K key/value heads, hd head dim, V vocab.
@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from yunque.ops import rms_norm, swiglu
 
 
 @dataclass
@@ -94,10 +96,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as HF does, so bf16 results match.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        y = rms_norm(x, self.weight, self.eps)  # in fp32, cast back before the weight, as HF does
+        if torch.is_autocast_enabled(y.device.type):
+            # Every consumer (q/k/v, gate/up, the head) would cast this to the autocast dtype on its
+            # own: five copies per layer, each saved for backward. Casting once gives them one.
+            y = y.to(torch.get_autocast_dtype(y.device.type))
+        return y
 
 
 class KVCache(nn.Module):
@@ -217,7 +221,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,72 @@
+"""RMSNorm and SwiGLU as autograd functions that save only their inputs.
+
+Written as plain tensor ops, autograd keeps every intermediate a later backward formula
+reads: RMSNorm keeps its fp32 normalised activations next to its input, and SwiGLU keeps
+silu(gate) next to gate and up. Both are one cheap elementwise pass to recompute, and at
+seq 512 x 4 they were a quarter of the saved activations of a 125M model (measured with
+saved-tensor hooks: 342 of 1406 MB in full fp32 training).
+
+The forwards are the same ops in the same order as before (and as Hugging Face's), so
+outputs are bit-identical; SwiGLU's backward is autograd's own formula (silu_backward), and
+RMSNorm's is the closed form of the gradient, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as HF does, so bf16 results match.
+        h = x.float()
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (h * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r  # the normalised input, recomputed
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (g * n.to(x.dtype)).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gn = (g * weight).to(x.dtype).float()  # rounded where autograd would round it
+            # d/dh of h * rsqrt(mean(h^2) + eps): r * (gn - n * mean(gn * n))
+            gx = (r * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
+        h = x.float()  # inference: no Function call, no saved tensors
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        g_gate = g_up = None
+        if ctx.needs_input_grad[1]:
+            g_up = g * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            g_gate = torch.ops.aten.silu_backward(g * up, gate)
+        return g_gate, g_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    if not (gate.requires_grad or up.requires_grad) or not torch.is_grad_enabled():
+        return F.silu(gate) * up
+    return _SwiGLU.apply(gate, up)
