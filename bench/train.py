@@ -9,7 +9,8 @@
    order A B A B ...; tokens/s is the median over repeats of each run's median step time.
    MFU = achieved model FLOP/s over the measured matmul peak of the same dtype and threads.
 2. sft: one epoch over variable-length instruction data, yunque whole-document packing vs the
-   HF default (batches padded to their longest example), same model and examples.
+   HF default (batches padded to their longest example), same model and examples, full
+   fine-tuning in each --precisions; both loops must train the same number of target tokens.
 3. shakespeare: pretraining from scratch for a fixed wall time, validation bits per character
    on the last 10% (BPE tokens; bits are summed per token and divided by characters).
    With NANOGPT_DIR set, nanoGPT's CPU recipe runs side by side for the same time.
@@ -206,9 +207,9 @@ def bench_sft(args, work: Path) -> None:
 
     save_model(base, work / "sft_model")  # the same weights for the HF loop
     print(f"\n## 2. SFT epoch: {len(docs)} Alpaca-zh examples, tokens median {lens[len(lens) // 2]}, p90 {lens[int(.9 * len(lens))]}, "
-          f"max {lens[-1]}; model {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M, fp32")
+          f"max {lens[-1]}; model {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M, full fine-tuning")
 
-    def yunque_epoch() -> tuple[float, int, int]:
+    def yunque_epoch(prec: str) -> tuple[float, int, int]:
         keep_freed_memory()  # what `yunque train` does on CPU (it stays on for the HF runs after it)
         m = Transformer(cfg)
         m.load_state_dict(state)
@@ -226,12 +227,12 @@ def bench_sft(args, work: Path) -> None:
         while not pk.done:
             b = pk.next_batch(4)
             tokens += int((b.labels != -100).sum())
-            train_step(mod, opt, [to_device(b, torch.device("cpu"))], b.num_targets, world=1, precision="fp32",
+            train_step(mod, opt, [to_device(b, torch.device("cpu"))], b.num_targets, world=1, precision=prec,
                        grad_clip=1.0, no_sync=lambda s: contextlib.nullcontext(), params=params)
             steps += 1
         return time.perf_counter() - t, steps, tokens
 
-    def hf_epoch() -> tuple[float, int, int]:
+    def hf_epoch(prec: str) -> tuple[float, int, int]:
         import transformers
 
         m = transformers.AutoModelForCausalLM.from_pretrained(work / "sft_model", torch_dtype=torch.float32).train()
@@ -249,7 +250,8 @@ def bench_sft(args, work: Path) -> None:
                 lab[r, :len(x)] = torch.where(torch.tensor(mk), torch.tensor(x), -100)
                 att[r, :len(x)] = 1
             tokens += int((lab[:, 1:] != -100).sum())  # HF shifts labels inside the loss
-            loss = m(input_ids=ids, attention_mask=att, labels=lab).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                loss = m(input_ids=ids, attention_mask=att, labels=lab).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt.step()
@@ -257,16 +259,17 @@ def bench_sft(args, work: Path) -> None:
             steps += 1
         return time.perf_counter() - t, steps, tokens
 
-    res = {"hf": [], "yunque": []}
-    for _ in range(args.reps):
-        res["hf"].append(hf_epoch())
-        res["yunque"].append(yunque_epoch())
-    h, y = statistics.median(r[0] for r in res["hf"]), statistics.median(r[0] for r in res["yunque"])
-    if res["hf"][0][2] != res["yunque"][0][2]:  # both loops must train on every target token once
-        raise SystemExit(f"sft: trained tokens differ: HF {res['hf'][0][2]}, yunque {res['yunque'][0][2]}")
-    print("| loop | steps/epoch | s/epoch (median) | speed-up |\n|---|---|---|---|")
-    print(f"| HF, padded batches of 4 | {res['hf'][0][1]} | {h:.1f} | 1.00x |")
-    print(f"| yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {y:.1f} | {h / y:.2f}x |", flush=True)
+    print("| dtype | loop | steps/epoch | s/epoch (median) | speed-up |\n|---|---|---|---|---|")
+    for prec in args.precisions.split(","):
+        res = {"hf": [], "yunque": []}
+        for _ in range(args.reps):
+            res["hf"].append(hf_epoch(prec))
+            res["yunque"].append(yunque_epoch(prec))
+        h, y = statistics.median(r[0] for r in res["hf"]), statistics.median(r[0] for r in res["yunque"])
+        if res["hf"][0][2] != res["yunque"][0][2]:  # both loops must train on every target token once
+            raise SystemExit(f"sft: trained tokens differ: HF {res['hf'][0][2]}, yunque {res['yunque'][0][2]}")
+        print(f"| {prec} | HF, padded batches of 4 | {res['hf'][0][1]} | {h:.1f} | 1.00x |")
+        print(f"| {prec} | yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {y:.1f} | {h / y:.2f}x |", flush=True)
 
 
 # ---------------------------------------------------------------- 3. tinyshakespeare

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hf_models import FAMILIES, tiny_hf_model
 
 from yunque.formats.hf import load_model
@@ -135,3 +136,20 @@ def test_gradient_checkpointing_same_grads():
         m(ids).logsumexp(-1).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_segment_attention_runs_short_segments_in_fp32_under_autocast():
+    """bf16 on CPU: each segment is attended in fp32 (the CPU flash kernel is faster there) and the
+    output rounded once, even inside autocast (which would cast SDPA's inputs back to bf16)."""
+    from yunque.model import segment_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 12, 16, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = segment_attention(q, k, v, (5, 7), None, False)
+    assert got.dtype == torch.bfloat16
+    want = []
+    for a, b in ((0, 5), (5, 12)):
+        y = F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(), is_causal=True)
+        want.append(y[0].transpose(0, 1).reshape(b - a, -1))
+    assert torch.equal(got[0], torch.cat(want).bfloat16())
