@@ -262,7 +262,7 @@ def bench_sft(args, work: Path) -> None:
             steps += 1
         return time.perf_counter() - t, steps, tokens
 
-    print("| dtype | loop | steps/epoch | s/epoch (median) | speed-up |\n|---|---|---|---|---|")
+    print("| dtype | loop | steps/epoch | trained tokens | s/epoch (median) | speed-up |\n|---|---|---|---|---|---|")
     for prec in args.precisions.split(","):
         res = {"hf": [], "yunque": []}
         for _ in range(args.reps):
@@ -271,8 +271,9 @@ def bench_sft(args, work: Path) -> None:
         h, y = statistics.median(r[0] for r in res["hf"]), statistics.median(r[0] for r in res["yunque"])
         if res["hf"][0][2] != res["yunque"][0][2]:  # both loops must train on every target token once
             raise SystemExit(f"sft: trained tokens differ: HF {res['hf'][0][2]}, yunque {res['yunque'][0][2]}")
-        print(f"| {prec} | HF, padded batches of 4 | {res['hf'][0][1]} | {h:.1f} | 1.00x |")
-        print(f"| {prec} | yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {y:.1f} | {h / y:.2f}x |", flush=True)
+        print(f"| {prec} | HF, padded batches of 4 | {res['hf'][0][1]} | {res['hf'][0][2]} | {h:.1f} | 1.00x |")
+        print(f"| {prec} | yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {res['yunque'][0][2]} | {y:.1f} | "
+              f"{h / y:.2f}x |", flush=True)
 
 
 # ---------------------------------------------------------------- 3. tinyshakespeare
