@@ -12,6 +12,7 @@ K key/value heads, hd head dim, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,16 +143,17 @@ class Segments:
 def segment_attention(q, k, v, lengths: tuple[int, ...], window: int | None, gqa: bool) -> torch.Tensor:
     """Causal attention within each segment. q (B, H, T, hd), k/v (B, K, T, hd) -> (B, T, H*hd)."""
     B, H, T, hd = q.shape
-    dtype = q.dtype
     # On CPU the flash kernel is ~1.7x faster (fwd+bwd) in fp32 than in bf16 on segments of 32-128
-    # tokens (equal at 512), so short-segment attention runs in fp32 and rounds its output once.
-    wide = torch.float32 if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+    # tokens (equal at 512), so there segments are attended in fp32, with autocast off (it would cast
+    # them back to bf16), and the output is rounded once. GPUs keep low precision (flash kernels).
+    cpu = q.device.type == "cpu"
     # Token-major (B*T, n, hd): split along tokens (its backward is one cat, unlike slicing's
     # zero-filled copies), and the output comes out in the layout o_proj reads.
-    qs, ks, vs = (t.transpose(1, 2).to(wide, memory_format=torch.contiguous_format).reshape(B * T, t.shape[1], hd)
+    qs, ks, vs = (t.transpose(1, 2).to(torch.promote_types(t.dtype, torch.float32) if cpu else t.dtype,
+                                       memory_format=torch.contiguous_format).reshape(B * T, t.shape[1], hd)
                   .split(lengths) for t in (q, k, v))
     out = []
-    with torch.autocast(q.device.type, enabled=False):  # autocast would cast the fp32 inputs back down
+    with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
         for qi, ki, vi in zip(qs, ks, vs):
             L = qi.shape[0]
             # (1, n, L, hd): the CPU flash kernel takes only 4-D inputs (3-D falls back to the math path).
@@ -163,7 +165,8 @@ def segment_attention(q, k, v, lengths: tuple[int, ...], window: int | None, gqa
             else:
                 y = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
             out.append(y[0].transpose(0, 1))  # (L, H, hd)
-    return torch.cat(out).to(dtype).view(B, T, H * hd)
+    y = torch.cat(out)
+    return (y.to(q.dtype) if cpu else y).view(B, T, H * hd)
 
 
 def decode_attention(q, k, v, mask) -> torch.Tensor:
