@@ -8,7 +8,7 @@ def demo_cmd(out: str = "runs/demo", quick: bool = False, seed: int = 0) -> int:
 
     Args:
         out: the run folder (report.md, run.json, model/, data/, ...)
-        quick: smaller settings (about 2 minutes; a lower accuracy bar, stated in the output)
+        quick: smaller settings (about 90 seconds; a lower accuracy bar, stated in the output)
         seed: one seed for data generation, splits, initialisation and training
     """
     from yunque.demo.run import run_demo
