@@ -17,14 +17,19 @@ import torch
 import torch.nn.functional as F
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # Normalise in fp32 and cast back before the weight, as HF does, so bf16 results match.
+    h = x.float()
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    return weight * (h * r).to(x.dtype), r
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the weight, as HF does, so bf16 results match.
-        h = x.float()
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        y, r = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        return weight * (h * r).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -43,8 +48,7 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
-        h = x.float()  # inference: no Function call, no saved tensors
-        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return _rms_norm_forward(x, weight, eps)[0]  # inference: no Function call, no saved tensors
     return _RMSNorm.apply(x, weight, eps)
 
 
