@@ -1,10 +1,18 @@
-"""The memory-lean RMSNorm and SwiGLU: same outputs and gradients as the plain ops, fewer saved tensors."""
+"""The memory-lean RMSNorm, SwiGLU and saved-as-recipe activations: same outputs and gradients as the plain
+ops, fewer saved tensors."""
+
+import contextlib
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from yunque.ops import rms_norm, swiglu
+from yunque.lora import LoraConfig, apply_lora
+from yunque.model import Transformer
+from yunque.ops import rms_norm, saved_as_recipe, swiglu
+from yunque.presets import get_preset
 
 
 def _ref_rms_norm(x, w, eps):
@@ -83,3 +91,66 @@ def test_no_graph_without_grad():
     assert rms_norm(x, w, 1e-5).grad_fn is None
     with torch.no_grad():
         assert rms_norm(x.requires_grad_(), w, 1e-5).grad_fn is None
+
+
+@pytest.mark.parametrize("recipe", [False, True])
+def test_saved_as_recipe_frees_the_activation_and_rebuilds_views_of_it(recipe):
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 4, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+    h = x * 2
+    alive = weakref.ref(h)
+    with saved_as_recipe(h, lambda: x.detach() * 2) if recipe else contextlib.nullcontext():
+        y = h.t() @ w  # mm saves a transposed view of h: rebuilt with its own strides
+    del h
+    gc.collect()
+    assert (alive() is not None) is not recipe  # without the recipe the graph keeps h alive
+    y.square().sum().backward()
+    h = x.detach() * 2
+    torch.testing.assert_close(w.grad, 2 * h @ (h.t() @ w.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, 2 * 2 * w.detach() @ (h.t() @ w.detach()).t(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["full", "lora", "lora-dropout"])
+def test_layer_recipes_free_norm_outputs_and_swiglu_product_with_identical_grads(method, precision):
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", num_hidden_layers=1))
+    model.init_weights(torch.Generator().manual_seed(0))
+    if method != "full":
+        apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1 if method == "lora-dropout" else 0.0))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)  # B = 0 would zero every LoRA gradient but B's
+    layer = model.model.layers[0].train()
+    attn, mlp = layer.self_attn, layer.mlp
+    T = 32
+    cos, sin = (t.float() for t in model_rope(model, T))
+    x0 = torch.randn(2, T, 128)
+    results = []
+    for recipes in (False, True):
+        inputs = []
+        hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(weakref.ref(a[0])))
+                 for m in (attn.q_proj, mlp.gate_proj, mlp.down_proj)]
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(1)  # the same LoRA dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = layer(x, cos, sin, None, None, recipes=recipes)
+        for h in hooks:
+            h.remove()
+        gc.collect()
+        kept = [r() is not None for r in inputs]
+        # The normed inputs and the SwiGLU product are kept as data, or as recipes. With LoRA dropout
+        # nothing keeps them (frozen bases need no input for a weight gradient, LoRA saves the dropped-out copy).
+        assert kept == [not recipes and method != "lora-dropout"] * 3
+        y.float().square().sum().backward()
+        results.append([x.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+        layer.zero_grad(set_to_none=True)
+    assert len(results[0]) > 1
+    for a, b in zip(*results):
+        assert torch.equal(a, b)  # bit-identical: the recipes redo the forward's exact ops
+
+
+def model_rope(model, T):
+    from yunque.model import rope_cos_sin
+
+    return rope_cos_sin(model.inv_freq, torch.arange(T).expand(2, T), torch.float32)

@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU as autograd functions that save only their inputs.
+"""RMSNorm and SwiGLU as autograd functions that save only their inputs, and a way to save
+a cheap activation as the recipe that made it.
 
 Written as plain tensor ops, autograd keeps every intermediate a later backward formula
 reads: RMSNorm keeps its fp32 normalised activations next to its input, and SwiGLU keeps
@@ -12,6 +13,9 @@ RMSNorm's is the closed form of the gradient, in fp32.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,3 +78,36 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not (gate.requires_grad or up.requires_grad) or not torch.is_grad_enabled():
         return F.silu(gate) * up
     return _SwiGLU.apply(gate, up)
+
+
+@contextlib.contextmanager
+def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Inside this block, autograd keeps `t` (and views of it) as `make` instead of its data.
+
+    For activations that are one elementwise pass over tensors autograd saves anyway: the
+    normed input of q/k/v and gate/up (made from the residual stream RMSNorm keeps) and the
+    SwiGLU product down_proj reads (made from gate and up). `make` must rebuild `t` bit for
+    bit; it runs in backward when the first consumer needs it, and its result is shared by
+    the rest of the block's consumers, then freed with them.
+    """
+    if not (torch.is_grad_enabled() and t.requires_grad and t.numel() and t.is_contiguous() and t.storage_offset() == 0):
+        yield
+        return
+    ptr, dtype = t.untyped_storage().data_ptr(), t.dtype
+    made: list[torch.Tensor] = []
+
+    def pack(x: torch.Tensor):
+        if x.dtype == dtype and x.untyped_storage().data_ptr() == ptr:
+            return (x.shape, x.stride(), x.storage_offset())  # where in `t` it looked
+        return x
+
+    def unpack(x):
+        if isinstance(x, torch.Tensor):
+            return x
+        if not made:
+            with torch.no_grad():
+                made.append(make())
+        return made[0].as_strided(*x)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
