@@ -97,7 +97,8 @@ def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> Iterat
     made: list[torch.Tensor] = []
 
     def pack(x: torch.Tensor):
-        if x.dtype == dtype and x.untyped_storage().data_ptr() == ptr:
+        # Activations are plain tensors; subclasses (quantized weights, DTensors) may have no storage.
+        if type(x) is torch.Tensor and x.dtype == dtype and x.untyped_storage().data_ptr() == ptr:
             return (x.shape, x.stride(), x.storage_offset())  # where in `t` it looked
         return x
 
