@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from yunque.lora import LoraConfig, apply_lora
-from yunque.model import Transformer
+from yunque.model import Transformer, rope_cos_sin
 from yunque.ops import rms_norm, saved_as_recipe, swiglu
 from yunque.presets import get_preset
 
@@ -124,7 +124,7 @@ def test_layer_recipes_free_norm_outputs_and_swiglu_product_with_identical_grads
     layer = model.model.layers[0].train()
     attn, mlp = layer.self_attn, layer.mlp
     T = 32
-    cos, sin = (t.float() for t in model_rope(model, T))
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T).expand(2, T), torch.float32)
     x0 = torch.randn(2, T, 128)
     results = []
     for recipes in (False, True):
@@ -148,9 +148,3 @@ def test_layer_recipes_free_norm_outputs_and_swiglu_product_with_identical_grads
     assert len(results[0]) > 1
     for a, b in zip(*results):
         assert torch.equal(a, b)  # bit-identical: the recipes redo the forward's exact ops
-
-
-def model_rope(model, T):
-    from yunque.model import rope_cos_sin
-
-    return rope_cos_sin(model.inv_freq, torch.arange(T).expand(2, T), torch.float32)

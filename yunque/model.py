@@ -232,7 +232,7 @@ class MLP(nn.Module):
     def forward(self, x, recipes: bool = False):
         gate, up = self.gate_proj(x), self.up_proj(x)
         h = swiglu(gate, up)
-        with saved_as_recipe(h, lambda: swiglu(gate, up)) if recipes else contextlib.nullcontext():
+        with saved_as_recipe(h, lambda: swiglu(gate, up), recipes):
             return self.down_proj(h)
 
 
@@ -251,18 +251,15 @@ class DecoderLayer(nn.Module):
         gate and up), and together they were a third of a 125M model's saved activations.
         Off under activation checkpointing, whose own saved-tensor hooks must see everything.
         """
-        if not recipes:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, slots)
-            return x + self.mlp(self.post_attention_layernorm(x))
         # The recipes must not hold the tensors they stand for, and must cast as forward did
         # (autocast may be off by backward).
         h1 = self.input_layernorm(x)
         dt = h1.dtype
-        with saved_as_recipe(h1, lambda: self.input_layernorm(x).to(dt)):
+        with saved_as_recipe(h1, lambda: self.input_layernorm(x).to(dt), recipes):
             x2 = x + self.self_attn(h1, cos, sin, mask, slots)
         h2 = self.post_attention_layernorm(x2)
-        with saved_as_recipe(h2, lambda: self.post_attention_layernorm(x2).to(dt)):
-            return x2 + self.mlp(h2, recipes=True)
+        with saved_as_recipe(h2, lambda: self.post_attention_layernorm(x2).to(dt), recipes):
+            return x2 + self.mlp(h2, recipes)
 
 
 class Backbone(nn.Module):

@@ -15,7 +15,7 @@ RMSNorm's is the closed form of the gradient, in fp32.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
-@contextlib.contextmanager
-def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> Iterator[None]:
+def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor], enabled: bool = True) -> contextlib.AbstractContextManager:
     """Inside this block, autograd keeps `t` (and views of it) as `make` instead of its data.
 
     For activations that are one elementwise pass over tensors autograd saves anyway: the
@@ -90,9 +89,8 @@ def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> Iterat
     bit; it runs in backward when the first consumer needs it, and its result is shared by
     the rest of the block's consumers, then freed with them.
     """
-    if not (torch.is_grad_enabled() and t.requires_grad and t.numel() and t.is_contiguous() and t.storage_offset() == 0):
-        yield
-        return
+    if not (enabled and torch.is_grad_enabled() and t.requires_grad and t.numel() and t.is_contiguous() and t.storage_offset() == 0):
+        return contextlib.nullcontext()  # the disabled case costs next to nothing: decode runs through here
     ptr, dtype = t.untyped_storage().data_ptr(), t.dtype
     made: list[torch.Tensor] = []
 
@@ -110,5 +108,4 @@ def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor]) -> Iterat
                 made.append(make())
         return made[0].as_strided(*x)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
