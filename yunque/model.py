@@ -4,7 +4,7 @@ Covers what Hugging Face calls LlamaForCausalLM (Llama 2, 3, 3.1 with llama3 RoP
 3.2 with tied embeddings), MistralForCausalLM (sliding window) and Qwen2ForCausalLM
 (q/k/v bias). Module and parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj`)
 and RoPE uses HF's rotate-half layout, so an HF state dict loads as is and LoRA targets are
-the `nn.Linear` names users already know. This file imports only torch (and yunque.ops).
+the `nn.Linear` names users already know. This file imports only torch (and yunque.ops, yunque.attention_cpu).
 
 Shapes: B batch, T query length, S key length (cache size), D hidden, H query heads,
 K key/value heads, hd head dim, V vocab.
@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from yunque import attention_cpu
 from yunque.ops import rms_norm, saved_as_recipe, swiglu
 
 
@@ -131,6 +132,12 @@ class Segments:
 
     lengths: tuple[int, ...]
 
+    def row_starts(self, B: int, T: int) -> torch.Tensor:
+        """(B, T) int32: the position in its row where each token's segment begins."""
+        L = torch.tensor(self.lengths)
+        first = torch.repeat_interleave(torch.cumsum(L, 0) - L, L).view(B, T)  # flat index of the segment start
+        return (first - torch.arange(B)[:, None] * T).to(torch.int32)
+
     @classmethod
     def from_doc_ids(cls, doc_ids: torch.Tensor) -> Segments:
         d = doc_ids.cpu()
@@ -210,6 +217,14 @@ class Attention(nn.Module):
             k, v = self.cache.update(slots, k, v)  # (B, K, S, hd)
         # Grouped-query attention: each kv head serves H/K query heads, without copying the cache H/K times.
         gqa = self.n_kv != self.n_heads
+        if self.cache is None and (mask is None or isinstance(mask, Segments)) and q.device.type == "cpu":
+            if torch.is_autocast_enabled("cpu"):  # RoPE ran in fp32; autocast would cast SDPA's inputs the same way
+                dt = torch.get_autocast_dtype("cpu")
+                q, k, v = q.to(dt), k.to(dt), v.to(dt)
+            if attention_cpu.usable(q):
+                seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
+                y = attention_cpu.attention(q, k, v, seg, self.window)  # (B, T, H, hd)
+                return self.o_proj(y.view(B, T, self.n_heads * self.hd))
         if isinstance(mask, Segments):
             return self.o_proj(segment_attention(q, k, v, mask.lengths, self.window, gqa))
         if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
