@@ -1,0 +1,145 @@
+"""The AVX512-BF16 attention kernel against fp32 attention, and the model's use of it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yunque import attention_cpu
+from yunque.model import ModelConfig, Segments, Transformer
+
+pytestmark = pytest.mark.skipif(not attention_cpu.available(), reason="needs an AVX512-BF16 CPU and g++")
+
+
+def _visible(B, T, seg, window):  # (B, T, T): key j visible to query i
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    lo = torch.zeros(B, T, dtype=torch.long) if seg is None else seg.long()
+    if window:
+        lo = torch.maximum(lo, torch.arange(T) - window + 1)
+    return (j <= i)[None] & (j >= lo[:, :, None])
+
+
+def _segments(B, T, g):
+    seg = torch.zeros(B, T, dtype=torch.int32)
+    for b in range(B):
+        for cut in sorted(torch.randint(1, T, (4,), generator=g).tolist()):
+            seg[b, cut:] = cut
+    return seg
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+CASES = [  # B, H, K, T, hd, segments, window
+    (1, 1, 1, 64, 64, False, None),
+    (2, 8, 8, 512, 64, False, None),
+    (2, 6, 2, 200, 64, False, None),  # GQA, T not a multiple of the tile
+    (2, 4, 2, 130, 128, False, None),
+    (1, 2, 1, 77, 32, False, None),
+    (2, 4, 4, 300, 64, True, None),  # packed documents
+    (2, 4, 2, 300, 64, False, 50),  # sliding window
+    (2, 4, 2, 300, 64, True, 40),
+]
+
+
+@pytest.mark.parametrize("B,H,K,T,hd,segments,window", CASES)
+def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(B, H, K, T, hd, segments, window):
+    """Output and q/k/v gradients against fp32 attention on the same bf16 inputs: no further from it
+    than PyTorch's own bf16 attention with the same mask (both round probabilities to bf16)."""
+    g = torch.Generator().manual_seed(T + H)
+    # (B, T, n, hd) storage seen as (B, n, T, hd): the layout the model passes.
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2).bfloat16().requires_grad_()
+    k, v = (torch.randn(B, T, K, hd, generator=g).transpose(1, 2).bfloat16().requires_grad_() for _ in range(2))
+    seg = _segments(B, T, g) if segments else None
+    go = torch.randn(B, T, H, hd, generator=g)
+    mask = _visible(B, T, seg, window)[:, None]  # (B, 1, T, T)
+
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
+    ref.backward(go)
+
+    got = attention_cpu.attention(q, k, v, seg, window)
+    assert got.shape == (B, T, H, hd) and got.dtype == torch.bfloat16
+    got.float().backward(go)
+    ours = [_rel(got, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
+
+    for t in (q, k, v):
+        t.grad = None
+    pt = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
+    pt.float().backward(go)
+    theirs = [_rel(pt, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert a < 1.2 * b + 1e-4 and a < 1e-2, f"{name}: {a:.2e} against PyTorch's {b:.2e}"
+
+
+def test_row_starts_of_segments():
+    seg = Segments((9, 5, 2, 16))
+    want = torch.tensor([[0] * 9 + [9] * 5 + [14] * 2, [0] * 16], dtype=torch.int32)
+    assert torch.equal(seg.row_starts(2, 16), want)
+
+
+def _tiny():
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # head dim 16
+    torch.manual_seed(0)
+    m = Transformer(cfg)
+    m.init_weights(torch.Generator().manual_seed(0))
+    return m.train()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, packed):
+    """Under bf16 autocast the model routes attention through the kernel (checked), and its loss and
+    gradients match the same step on PyTorch's attention to bf16 precision."""
+    m = _tiny()
+    ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
+    mask, pos = None, None
+    if packed:
+        mask = Segments.from_doc_ids(torch.tensor([[0] * 20 + [1] * 28, [0] * 48]))
+        pos = torch.cat([torch.arange(20), torch.arange(28), torch.arange(48)]).view(2, 48)
+    calls = []
+    real = attention_cpu.attention
+    monkeypatch.setattr(attention_cpu, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def step():
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(ids, pos, mask).float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    loss, grads = step()
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(attention_cpu, "usable", lambda q: False)
+    loss_pt, grads_pt = step()
+    assert len(calls) == 2
+    assert abs(loss - loss_pt) < 1e-2 * abs(loss_pt)
+    assert F.cosine_similarity(grads, grads_pt, dim=0) > 0.999
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("YUNQUE_CACHE", str(tmp_path))
+    attention_cpu._lib.cache_clear()
+    yield tmp_path
+    attention_cpu._lib.cache_clear()  # later tests load the default build again
+
+
+def test_builds_into_the_cache_once(fresh_build):
+    assert attention_cpu.available()
+    built = list((fresh_build / "kernels").glob("attention_cpu-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    attention_cpu._lib.cache_clear()
+    assert attention_cpu.available() and built[0].stat().st_mtime_ns == mtime
+
+
+def test_falls_back_when_disabled_or_the_build_fails(fresh_build, monkeypatch):
+    monkeypatch.setenv("YUNQUE_CPU_ATTENTION", "0")
+    assert not attention_cpu.available()
+    attention_cpu._lib.cache_clear()
+    monkeypatch.delenv("YUNQUE_CPU_ATTENTION")
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.warns(UserWarning, match="CPU attention kernel unavailable"):
+        assert not attention_cpu.available()
+    assert not attention_cpu.usable(torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16))
