@@ -4,7 +4,7 @@ Covers what Hugging Face calls LlamaForCausalLM (Llama 2, 3, 3.1 with llama3 RoP
 3.2 with tied embeddings), MistralForCausalLM (sliding window) and Qwen2ForCausalLM
 (q/k/v bias). Module and parameter names are Hugging Face's (`model.layers.0.self_attn.q_proj`)
 and RoPE uses HF's rotate-half layout, so an HF state dict loads as is and LoRA targets are
-the `nn.Linear` names users already know. This file imports only torch (and yunque.ops, yunque.attention_cpu).
+the `nn.Linear` names users already know. This file imports only torch (and yunque.ops, yunque.cpu_kernels).
 
 Shapes: B batch, T query length, S key length (cache size), D hidden, H query heads,
 K key/value heads, hd head dim, V vocab.
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from yunque import attention_cpu
+from yunque import cpu_kernels
 from yunque.ops import rms_norm, saved_as_recipe, swiglu
 
 
@@ -221,9 +221,9 @@ class Attention(nn.Module):
             if torch.is_autocast_enabled("cpu"):  # RoPE ran in fp32; autocast would cast SDPA's inputs the same way
                 dt = torch.get_autocast_dtype("cpu")
                 q, k, v = q.to(dt), k.to(dt), v.to(dt)
-            if attention_cpu.usable(q):
+            if cpu_kernels.usable(q):
                 seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
-                y = attention_cpu.attention(q, k, v, seg, self.window)  # (B, T, H, hd)
+                y = cpu_kernels.attention(q, k, v, seg, self.window)  # (B, T, H, hd)
                 return self.o_proj(y.view(B, T, self.n_heads * self.hd))
         if isinstance(mask, Segments):
             return self.o_proj(segment_attention(q, k, v, mask.lengths, self.window, gqa))

@@ -1,13 +1,13 @@
-"""The AVX512-BF16 attention kernel against fp32 attention, and the model's use of it."""
+"""The AVX512-BF16 kernels against PyTorch (attention in fp32, cross-entropy), and their callers."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from yunque import attention_cpu
+from yunque import cpu_kernels
 from yunque.model import ModelConfig, Segments, Transformer
 
-pytestmark = pytest.mark.skipif(not attention_cpu.available(), reason="needs an AVX512-BF16 CPU and g++")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an AVX512-BF16 CPU and g++")
 
 
 def _visible(B, T, seg, window):  # (B, T, T): key j visible to query i
@@ -58,7 +58,7 @@ def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(B, H, K, T, h
     ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
     ref.backward(go)
 
-    got = attention_cpu.attention(q, k, v, seg, window)
+    got = cpu_kernels.attention(q, k, v, seg, window)
     assert got.shape == (B, T, H, hd) and got.dtype == torch.bfloat16
     got.float().backward(go)
     ours = [_rel(got, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
@@ -98,8 +98,8 @@ def test_bf16_training_step_with_the_kernel_matches_pytorchs_attention(monkeypat
         mask = Segments.from_doc_ids(torch.tensor([[0] * 20 + [1] * 28, [0] * 48]))
         pos = torch.cat([torch.arange(20), torch.arange(28), torch.arange(48)]).view(2, 48)
     calls = []
-    real = attention_cpu.attention
-    monkeypatch.setattr(attention_cpu, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     def step():
         m.zero_grad()
@@ -110,36 +110,78 @@ def test_bf16_training_step_with_the_kernel_matches_pytorchs_attention(monkeypat
 
     loss, grads = step()
     assert len(calls) == 2  # one per layer
-    monkeypatch.setattr(attention_cpu, "usable", lambda q: False)
+    monkeypatch.setattr(cpu_kernels, "usable", lambda q: False)
     loss_pt, grads_pt = step()
     assert len(calls) == 2
     assert abs(loss - loss_pt) < 1e-2 * abs(loss_pt)
     assert F.cosine_similarity(grads, grads_pt, dim=0) > 0.999
 
 
+@pytest.mark.parametrize("N,V", [(5, 1000), (37, 1003), (64, 32000)])  # vocab tails that are not 16-wide
+def test_xent_is_log_softmax_cross_entropy_and_its_gradient(N, V):
+    g = torch.Generator().manual_seed(V)
+    x = (3 * torch.randn(N, V, generator=g)).bfloat16()
+    y = torch.randint(0, V, (N,), generator=g)
+    want = F.cross_entropy(x.float(), y, reduction="none")
+    want_grad = torch.softmax(x.float(), -1) - F.one_hot(y, V)
+    grad = x.clone()
+    got = cpu_kernels.xent_(grad, y, grad=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    # One rounding to bf16 of the fp32 gradient: at most one bf16 step (2^-8 relative) away.
+    assert ((grad.float() - want_grad).abs() <= want_grad.abs() * 2**-8 + 1e-30).all()
+    same = x.clone()
+    torch.testing.assert_close(cpu_kernels.xent_(same, y, grad=False), want, rtol=1e-6, atol=1e-5)
+    assert torch.equal(same, x)  # without grad the logits are left alone
+
+
+def test_bf16_head_loss_and_gradients_match_the_unfused_path(monkeypatch):
+    from yunque.training import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 64, generator=g, requires_grad=True)
+    w = (0.1 * torch.randn(1000, 64, generator=g)).requires_grad_()
+    y = torch.randint(0, 1000, (300,), generator=g)
+    calls = []
+    real = cpu_kernels.xent_
+    monkeypatch.setattr(cpu_kernels, "xent_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(cpu_kernels, "available", lambda: fused)
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(h, w, y)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    assert calls  # the fused run used the kernel
+    (loss, gh, gw), (loss_pt, gh_pt, gw_pt) = results
+    torch.testing.assert_close(loss, loss_pt, rtol=1e-6, atol=0)
+    # The bf16 gradients of the logits may differ by one rounding (exp's last bits): far below bf16 noise.
+    assert _rel(gh, gh_pt) < 1e-3 and _rel(gw, gw_pt) < 1e-3
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     monkeypatch.setenv("YUNQUE_CACHE", str(tmp_path))
-    attention_cpu._lib.cache_clear()
+    cpu_kernels._lib.cache_clear()
     yield tmp_path
-    attention_cpu._lib.cache_clear()  # later tests load the default build again
+    cpu_kernels._lib.cache_clear()  # later tests load the default build again
 
 
 def test_builds_into_the_cache_once(fresh_build):
-    assert attention_cpu.available()
-    built = list((fresh_build / "kernels").glob("attention_cpu-*.so"))
+    assert cpu_kernels.available()
+    built = list((fresh_build / "kernels").glob("cpu_kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    attention_cpu._lib.cache_clear()
-    assert attention_cpu.available() and built[0].stat().st_mtime_ns == mtime
+    cpu_kernels._lib.cache_clear()
+    assert cpu_kernels.available() and built[0].stat().st_mtime_ns == mtime
 
 
 def test_falls_back_when_disabled_or_the_build_fails(fresh_build, monkeypatch):
-    monkeypatch.setenv("YUNQUE_CPU_ATTENTION", "0")
-    assert not attention_cpu.available()
-    attention_cpu._lib.cache_clear()
-    monkeypatch.delenv("YUNQUE_CPU_ATTENTION")
+    monkeypatch.setenv("YUNQUE_CPU_KERNELS", "0")
+    assert not cpu_kernels.available()
+    cpu_kernels._lib.cache_clear()
+    monkeypatch.delenv("YUNQUE_CPU_KERNELS")
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
-    with pytest.warns(UserWarning, match="CPU attention kernel unavailable"):
-        assert not attention_cpu.available()
-    assert not attention_cpu.usable(torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16))
+    with pytest.warns(UserWarning, match="CPU kernels unavailable"):
+        assert not cpu_kernels.available()
+    assert not cpu_kernels.usable(torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16))

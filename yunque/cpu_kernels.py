@@ -1,11 +1,15 @@
-"""Causal bf16 attention on AVX512-BF16 CPUs: builds csrc/attention_cpu.cpp on first use.
+"""bf16 kernels for AVX512-BF16 CPUs (csrc/*.cpp), built with g++ on first use.
 
-PyTorch's CPU flash kernel ran the training shapes (hd 64, T 512) at 11-18% of the bf16
-matmul peak on such machines without AMX, a quarter of a bf16 LoRA step; the kernel here
-fuses the softmax between register-blocked VNNI products. It is compiled once per source and
-compiler into ~/.cache/yunque/kernels (or $YUNQUE_CACHE) and loaded with ctypes: a plain C
-ABI, so no torch headers and a build of a few seconds. Without g++, without AVX512-BF16, or
-with YUNQUE_CPU_ATTENTION=0, `usable` is False and the model keeps PyTorch's kernel.
+- `attention`: causal flash attention, forward and backward. PyTorch's CPU flash kernel ran
+  the training shapes (hd 64, T 512) at 11-18% of the bf16 matmul peak on such machines
+  without AMX, a quarter of a bf16 LoRA step; this one fuses the softmax between
+  register-blocked VNNI products (3x faster per layer).
+- `xent_`: the output head's cross-entropy and its gradient in place over a bf16 logits chunk.
+
+The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or
+$YUNQUE_CACHE) and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few
+seconds. Without g++, without AVX512-BF16, or with YUNQUE_CPU_KERNELS=0, `available` is False
+and callers keep PyTorch's ops.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).parent / "csrc" / "attention_cpu.cpp"
+_SRCS = [Path(__file__).parent / "csrc" / n for n in ("attention_cpu.cpp", "xent_cpu.cpp")]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-mfma",
           "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -40,33 +44,34 @@ def _build(cxx: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # same folder: the rename is atomic
         so = Path(tmp) / out.name
-        subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", str(so)], check=True, capture_output=True, text=True)
+        subprocess.run([cxx, *_FLAGS, *map(str, _SRCS), "-o", str(so)], check=True, capture_output=True, text=True)
         os.replace(so, out)
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("YUNQUE_CPU_ATTENTION", "1") == "0" or not _cpu_has_avx512_bf16():
+    if os.environ.get("YUNQUE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx512_bf16():
         return None
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + " ".join([cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("YUNQUE_CACHE") or Path.home() / ".cache" / "yunque") / "kernels"
-        so = cache / f"attention_cpu-{key}.so"
+        so = cache / f"cpu_kernels-{key}.so"
         if not so.exists():
             _build(cxx, so)
         lib = ctypes.CDLL(str(so))  # links libgomp.so.1 by soname: torch's, already loaded, so one thread pool
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
-        warnings.warn(f"yunque: CPU attention kernel unavailable, using PyTorch's ({detail.strip()[:300]})", stacklevel=2)
+        warnings.warn(f"yunque: CPU kernels unavailable, using PyTorch's ops ({detail.strip()[:300]})", stacklevel=2)
         return None
     qkv = [_P, _L, _L, _L] * 3
     lib.yq_attn_fwd.argtypes = [*qkv, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
     lib.yq_attn_bwd.argtypes = [*qkv, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
-    lib.yq_attn_fwd.restype = lib.yq_attn_bwd.restype = None
+    lib.yq_xent_bf16.argtypes = [_P, _L, _P, _P, _I, _I, _I, _I]
+    lib.yq_attn_fwd.restype = lib.yq_attn_bwd.restype = lib.yq_xent_bf16.restype = None
     return lib
 
 
@@ -128,3 +133,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torc
     if seg_start is not None:
         seg_start = seg_start.to(torch.int32).contiguous()
     return _Attention.apply(q, k, v, seg_start, window or 0, q.shape[-1] ** -0.5)
+
+
+def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Per-row cross-entropy (N,) fp32 of bf16 `logits` (N, V) against `targets` (N,).
+
+    With `grad`, `logits` is overwritten by d CE / d logits = softmax - onehot, in bf16.
+    """
+    assert logits.dtype == torch.bfloat16 and logits.stride(1) == 1 and logits.device.type == "cpu"
+    targets = targets.to(torch.int64).contiguous()
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    _lib().yq_xent_bf16(logits.data_ptr(), logits.stride(0), targets.data_ptr(), loss.data_ptr(), logits.shape[0],
+                        logits.shape[1], int(grad), torch.get_num_threads())
+    return loss
