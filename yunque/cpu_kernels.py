@@ -32,12 +32,13 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
-def _cpu_has_avx512_bf16() -> bool:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
-        return False
-    return "avx512_bf16" in flags.split()
+        return frozenset()
+    return frozenset(flags.split(":", 1)[-1].split())
 
 
 def _build(cxx: str, out: Path) -> None:
@@ -50,7 +51,7 @@ def _build(cxx: str, out: Path) -> None:
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("YUNQUE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx512_bf16():
+    if os.environ.get("YUNQUE_CPU_KERNELS", "1") == "0" or "avx512_bf16" not in _cpu_flags():
         return None
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
@@ -80,8 +81,13 @@ def available() -> bool:
 
 
 def usable(q: torch.Tensor) -> bool:
-    """Whether `attention` takes these queries: bf16 on CPU, head dim a multiple of 16."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and available()
+    """Whether `attention` takes these queries: bf16 on CPU, head dim a multiple of 16.
+
+    Not on CPUs with AMX tiles: there PyTorch's flash kernel runs its products on AMX, 8x the
+    vector units this kernel uses (it was measured on AVX512-BF16 without AMX, AMD Zen 4).
+    """
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and available()
+            and "amx_bf16" not in _cpu_flags())
 
 
 def _operand(t: torch.Tensor) -> tuple[torch.Tensor, list]:
