@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-_SRCS = [Path(__file__).parent / "csrc" / n for n in ("attention_cpu.cpp", "xent_cpu.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+_SRCS = [_CSRC / "attention_cpu.cpp", _CSRC / "xent_cpu.cpp"]
+_HEADERS = [_CSRC / "simd.h"]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-mfma",
           "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -58,7 +60,7 @@ def _lib() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS) + " ".join([cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + " ".join([cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("YUNQUE_CACHE") or Path.home() / ".cache" / "yunque") / "kernels"
         so = cache / f"cpu_kernels-{key}.so"
         if not so.exists():

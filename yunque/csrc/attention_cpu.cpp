@@ -22,7 +22,12 @@
 #include <cstring>
 #include <vector>
 
-typedef uint16_t bf16;
+#include "simd.h"
+
+using yq::bf16;
+using yq::exp_ps;
+using yq::load_bf16;
+using yq::to_bf16;
 typedef uint32_t u32;
 
 namespace {
@@ -84,26 +89,6 @@ void gemm(int M, int N, int K2, const u32* A, long ars, long aks, const u32* B, 
   }
 }
 
-inline __m512 exp_ps(__m512 x) {  // Cephes expf: range reduction by ln 2, degree-5 polynomial, ~1 ulp
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-inline __m512 from_bf16(const bf16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 // 16 words (lo[n], hi[n]) from two rows of 16 bf16.
 inline __m512i pair_words(__m256i lo, __m256i hi) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
@@ -260,7 +245,7 @@ void yq_attn_bwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
         for (int i = 0; i < T; ++i) {  // D_i = dO_i . O_i
           __m512 s = _mm512_setzero_ps();
           for (int d = 0; d < hd; d += 16)
-            s = _mm512_fmadd_ps(from_bf16(gb + (long)i * H * hd + d), from_bf16(ob + (long)i * H * hd + d), s);
+            s = _mm512_fmadd_ps(load_bf16(gb + (long)i * H * hd + d), load_bf16(ob + (long)i * H * hd + d), s);
           D[i] = _mm512_reduce_add_ps(s);
         }
         std::fill(dQ.begin(), dQ.end(), 0.f);

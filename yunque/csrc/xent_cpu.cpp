@@ -12,29 +12,11 @@
 #include <cmath>
 #include <cstdint>
 
-typedef uint16_t bf16;
+#include "simd.h"
+
+using yq::bf16;
 
 namespace {
-
-inline __m512 exp_ps(__m512 x) {  // as in attention_cpu.cpp (Cephes expf)
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 load(const bf16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 inline float to_float(bf16 x) {
   uint32_t u = (uint32_t)x << 16;
@@ -56,13 +38,13 @@ void yq_xent_bf16(bf16* logits, long ld, const int64_t* targets, float* loss, in
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int j = 0; j < V; j += 16) {
       const __mmask16 m = V - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - j)) - 1);
-      mx = _mm512_mask_max_ps(mx, m, mx, load(x + j, m));
+      mx = _mm512_mask_max_ps(mx, m, mx, yq::load_bf16(x + j, m));
     }
     const float rowmax = _mm512_reduce_max_ps(mx);
     __m512 s = _mm512_setzero_ps();
     for (int j = 0; j < V; j += 16) {
       const __mmask16 m = V - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - j)) - 1);
-      s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(load(x + j, m), _mm512_set1_ps(rowmax)))));
+      s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, yq::exp_ps(_mm512_sub_ps(yq::load_bf16(x + j, m), _mm512_set1_ps(rowmax)))));
     }
     const float lse = rowmax + std::log(_mm512_reduce_add_ps(s));
     const float at_target = to_float(x[targets[i]]) - lse;  // log p(y)
@@ -70,12 +52,12 @@ void yq_xent_bf16(bf16* logits, long ld, const int64_t* targets, float* loss, in
     if (!grad) continue;
     for (int j = 0; j < V; j += 16) {
       const __mmask16 m = V - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - j)) - 1);
-      const __m512 p = exp_ps(_mm512_sub_ps(load(x + j, m), _mm512_set1_ps(lse)));
-      _mm256_mask_storeu_epi16(x + j, m, (__m256i)_mm512_cvtneps_pbh(p));
+      const __m512 p = yq::exp_ps(_mm512_sub_ps(yq::load_bf16(x + j, m), _mm512_set1_ps(lse)));
+      _mm256_mask_storeu_epi16(x + j, m, yq::to_bf16(p));
     }
     const __m512 g = _mm512_set1_ps(std::exp(at_target) - 1.0f);  // redone from fp32, as the target entry
     bf16 gy[16];
-    _mm256_storeu_si256((__m256i*)gy, (__m256i)_mm512_cvtneps_pbh(g));
+    _mm256_storeu_si256((__m256i*)gy, yq::to_bf16(g));
     x[targets[i]] = gy[0];
   }
 }
