@@ -82,13 +82,14 @@ def available() -> bool:
     return _lib() is not None
 
 
-def usable(q: torch.Tensor) -> bool:
-    """Whether `attention` takes these queries: bf16 on CPU, head dim a multiple of 16.
+def usable(q: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether `attention` takes these queries (cast to `dtype`): bf16 on CPU, head dim a multiple of 16.
 
-    Not on CPUs with AMX tiles: there PyTorch's flash kernel runs its products on AMX, 8x the
-    vector units this kernel uses (it was measured on AVX512-BF16 without AMX, AMD Zen 4).
+    Not on CPUs with AMX tiles: there PyTorch's flash kernel runs its products on AMX, several
+    times the bf16 rate of the vector units this kernel uses (it was measured on AVX512-BF16
+    without AMX, AMD Zen 4).
     """
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and available()
+    return (q.device.type == "cpu" and (dtype or q.dtype) == torch.bfloat16 and q.shape[-1] % 16 == 0 and available()
             and "amx_bf16" not in _cpu_flags())
 
 

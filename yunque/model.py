@@ -218,10 +218,9 @@ class Attention(nn.Module):
         # Grouped-query attention: each kv head serves H/K query heads, without copying the cache H/K times.
         gqa = self.n_kv != self.n_heads
         if self.cache is None and (mask is None or isinstance(mask, Segments)) and q.device.type == "cpu":
-            if torch.is_autocast_enabled("cpu"):  # RoPE ran in fp32; autocast would cast SDPA's inputs the same way
-                dt = torch.get_autocast_dtype("cpu")
-                q, k, v = q.to(dt), k.to(dt), v.to(dt)
-            if cpu_kernels.usable(q):
+            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+            if cpu_kernels.usable(q, dt):
+                q, k, v = q.to(dt), k.to(dt), v.to(dt)  # RoPE ran in fp32; autocast casts SDPA's inputs the same way
                 seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
                 y = cpu_kernels.attention(q, k, v, seg, self.window)  # (B, T, H, hd)
                 return self.o_proj(y.view(B, T, self.n_heads * self.hd))
