@@ -9,6 +9,8 @@
    order A B A B ...; tokens/s is the median over repeats of each run's median step time.
    MFU = achieved model FLOP/s over the measured matmul peak of the same dtype and threads;
    1 / (HF MFU) is the most any loop could gain over HF here (all matmuls at peak, attention free).
+   yunque's bf16 runs use its CPU kernels (attention, cross-entropy) where the CPU has AVX512-BF16;
+   they are built or loaded in the untimed first step. YUNQUE_CPU_KERNELS=0 measures without them.
 2. sft: one epoch over variable-length instruction data, yunque whole-document packing vs the
    HF default (batches padded to their longest example), same model and examples, full
    fine-tuning in each --precisions; both loops must train the same number of target tokens.
