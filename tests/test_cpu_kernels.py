@@ -72,6 +72,27 @@ def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(B, H, K, T, h
         assert a < 1.2 * b + 1e-4 and a < 1e-2, f"{name}: {a:.2e} against PyTorch's {b:.2e}"
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """Work is split by (batch, head, query tile) and every sum has a fixed order: bit-identical
+    outputs and gradients with 1 or 2 threads (exact resume relies on it)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 200, 64, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2, 200, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    go = torch.randn(2, 200, 4, 64, generator=g).bfloat16()
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for t in (q, k, v):
+                t.grad = None
+            out = cpu_kernels.attention(q, k, v)
+            out.backward(go)
+            runs.append([out.detach(), q.grad, k.grad, v.grad])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_row_starts_of_segments():
     seg = Segments((9, 5, 2, 16))
     want = torch.tensor([[0] * 9 + [9] * 5 + [14] * 2, [0] * 16], dtype=torch.int32)
