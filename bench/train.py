@@ -11,6 +11,7 @@
    1 / (HF MFU) is the most any loop could gain over HF here (all matmuls at peak, attention free).
    yunque's bf16 runs use its CPU kernels (attention, cross-entropy) where the CPU has AVX512-BF16;
    they are built or loaded in the untimed first step. YUNQUE_CPU_KERNELS=0 measures without them.
+   yunque's children get the glibc setting `yunque train` restarts with (yunque/malloc_env.py).
 2. sft: one epoch over variable-length instruction data, yunque whole-document packing vs the
    HF default (batches padded to their longest example), same model and examples, full
    fine-tuning in each --precisions; both loops must train the same number of target tokens.
@@ -145,6 +146,8 @@ def make_model_dir(name: str, out: Path) -> Path:
 
 
 def bench_step(args, work: Path) -> None:
+    from yunque.malloc_env import tuned_env
+
     print(f"\n## 1. Training step: seq {args.seq}, micro-batch {args.batch}, {args.steps} timed steps x {args.reps} "
           f"interleaved repeats, {os.environ.get('OMP_NUM_THREADS', 'all')} threads, "
           f"{os.environ.get('BENCH_CLOCK', 'cpu')} clock (tokens per {'CPU ' if os.environ.get('BENCH_CLOCK', 'cpu') == 'cpu' else ''}second)")
@@ -160,7 +163,10 @@ def bench_step(args, work: Path) -> None:
                 for _ in range(args.reps):
                     for impl in ("hf", "yunque"):
                         cmd = [sys.executable, __file__, "--child", impl, method, prec, str(d), str(args.steps), str(args.batch), str(args.seq)]
-                        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                        env = dict(os.environ, PYTHONPATH=str(ROOT))
+                        if impl == "yunque":  # the allocator setting `yunque train` restarts itself with
+                            env = tuned_env(env) or env
+                        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
                         if p.returncode != 0:
                             print(f"{impl} {name} {method} {prec} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
                             continue

@@ -43,6 +43,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None  # only then may `train` restart the process
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if name is None:
         print(f"yunque: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "train" and from_command_line:
+        from yunque.malloc_env import restart_tuned
+
+        restart_tuned(["-m", "yunque", *argv])  # returns only when already tuned (or not glibc)
     module, func, _ = COMMANDS[name]
     from yunque.cli import call_with_argv
     from yunque.errors import YunqueError
