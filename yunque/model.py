@@ -131,12 +131,15 @@ class Segments:
     """
 
     lengths: tuple[int, ...]
+    _starts: dict = field(default_factory=dict, compare=False, repr=False)  # row_starts, made once per batch
 
     def row_starts(self, B: int, T: int) -> torch.Tensor:
         """(B, T) int32: the position in its row where each token's segment begins."""
-        L = torch.tensor(self.lengths)
-        first = torch.repeat_interleave(torch.cumsum(L, 0) - L, L).view(B, T)  # flat index of the segment start
-        return (first - torch.arange(B)[:, None] * T).to(torch.int32)
+        if (B, T) not in self._starts:  # every layer asks for the same one
+            L = torch.tensor(self.lengths)
+            first = torch.repeat_interleave(torch.cumsum(L, 0) - L, L).view(B, T)  # flat index of the segment start
+            self._starts[B, T] = (first - torch.arange(B)[:, None] * T).to(torch.int32)
+        return self._starts[B, T]
 
     @classmethod
     def from_doc_ids(cls, doc_ids: torch.Tensor) -> Segments:

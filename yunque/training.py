@@ -126,22 +126,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         fused = compute_dtype == torch.bfloat16 and h.device.type == "cpu" and cpu_kernels.available()
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
+            grad = gh is not None or gw is not None
             if fused:  # the same math in one read of the logits and two of L2, gradient written over them
                 g = hc @ w.t()  # (c, V)
-                loss += cpu_kernels.xent_(g, yc, grad=gh is not None or gw is not None).sum()
+                loss += cpu_kernels.xent_(g, yc, grad=grad).sum()
             else:
                 # log_softmax is one fused pass per row; logsumexp would allocate two (c, V) temporaries.
                 logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=acc)  # (c, V)
                 at_target = logp.gather(1, yc[:, None]).squeeze(1)  # log p(y)
                 loss -= at_target.sum()
-            if gh is None and gw is None:
+                if grad:
+                    # d CE / d logits = softmax - onehot, rounded once to the compute dtype: exp writes
+                    # straight into it, and the target entries are redone from fp32.
+                    rows = torch.arange(len(yc), device=h.device)
+                    g = logp.exp_() if compute_dtype == acc else torch.exp(logp, out=torch.empty_like(logp, dtype=compute_dtype))
+                    g[rows, yc] = (at_target.exp() - 1.0).to(compute_dtype)
+            if not grad:
                 continue
-            if not fused:
-                # d CE / d logits = softmax - onehot, rounded once to the compute dtype: exp writes
-                # straight into it, and the target entries are redone from fp32.
-                rows = torch.arange(len(yc), device=h.device)
-                g = logp.exp_() if compute_dtype == acc else torch.exp(logp, out=torch.empty_like(logp, dtype=compute_dtype))
-                g[rows, yc] = (at_target.exp() - 1.0).to(compute_dtype)
             if gh is not None:
                 gh[s:s + step] = (g @ w).to(h.dtype)
             if gw is not None:
