@@ -1,4 +1,4 @@
-"""The AVX512-BF16 kernels against PyTorch (attention in fp32, cross-entropy), and their callers."""
+"""The AVX512 kernels against PyTorch (attention in fp32/fp64, cross-entropy), and their callers."""
 
 import pytest
 import torch
@@ -72,13 +72,42 @@ def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(B, H, K, T, h
         assert a < 1.2 * b + 1e-4 and a < 1e-2, f"{name}: {a:.2e} against PyTorch's {b:.2e}"
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("B,H,K,T,hd,segments,window", CASES)
+def test_fp32_kernel_matches_fp64_attention_as_closely_as_pytorchs(B, H, K, T, hd, segments, window):
+    """The fp32 kernel (no rounding of probabilities) against fp64 attention: output and gradients
+    within a small factor of PyTorch's fp32 attention's own error, and at fp32 precision."""
+    g = torch.Generator().manual_seed(T + H)
+    q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(B, T, K, hd, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+    seg = _segments(B, T, g) if segments else None
+    go = torch.randn(B, T, H, hd, generator=g)
+    mask = _visible(B, T, seg, window)[:, None]
+
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
+    ref.backward(go.double())
+
+    got = cpu_kernels.attention(q, k, v, seg, window)
+    assert got.shape == (B, T, H, hd) and got.dtype == torch.float32
+    got.backward(go)
+    ours = [_rel(got, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
+    for t in (q, k, v):
+        t.grad = None
+    pt = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
+    pt.backward(go)
+    theirs = [_rel(pt, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert a < 3 * b + 1e-7 and a < 2e-6, f"{name}: {a:.2e} against PyTorch's {b:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_results_do_not_depend_on_the_thread_count(dtype):
     """Work is split by (batch, head, query tile) and every sum has a fixed order: bit-identical
     outputs and gradients with 1 or 2 threads (exact resume relies on it)."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 200, 64, generator=g).bfloat16().requires_grad_()
-    k, v = (torch.randn(2, 2, 200, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
-    go = torch.randn(2, 200, 4, 64, generator=g).bfloat16()
+    q = torch.randn(2, 4, 200, 64, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, 200, 64, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    go = torch.randn(2, 200, 4, 64, generator=g).to(dtype)
     threads, runs = torch.get_num_threads(), []
     try:
         for n in (1, 2):
@@ -109,9 +138,10 @@ def _tiny():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_bf16_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, packed):
-    """Under bf16 autocast the model routes attention through the kernel (checked), and its loss and
-    gradients match the same step on PyTorch's attention to bf16 precision."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, packed, bf16):
+    """Under bf16 autocast, and in fp32, the model routes attention through the kernel (checked), and
+    its loss and gradients match the same step on PyTorch's attention to that precision."""
     m = _tiny()
     ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
     mask, pos = None, None
@@ -124,7 +154,7 @@ def test_bf16_training_step_with_the_kernel_matches_pytorchs_attention(monkeypat
 
     def step():
         m.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = m(ids, pos, mask).float().logsumexp(-1).mean()
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
@@ -134,28 +164,35 @@ def test_bf16_training_step_with_the_kernel_matches_pytorchs_attention(monkeypat
     monkeypatch.setattr(cpu_kernels, "usable", lambda *a: False)
     loss_pt, grads_pt = step()
     assert len(calls) == 2
-    assert abs(loss - loss_pt) < 1e-2 * abs(loss_pt)
-    assert F.cosine_similarity(grads, grads_pt, dim=0) > 0.999
+    if bf16:
+        assert abs(loss - loss_pt) < 1e-2 * abs(loss_pt)
+        assert F.cosine_similarity(grads, grads_pt, dim=0) > 0.999
+    else:
+        assert abs(loss - loss_pt) < 1e-6 * abs(loss_pt)
+        torch.testing.assert_close(grads, grads_pt, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N,V", [(5, 1000), (37, 1003), (64, 32000)])  # vocab tails that are not 16-wide
-def test_xent_is_log_softmax_cross_entropy_and_its_gradient(N, V):
+def test_xent_is_log_softmax_cross_entropy_and_its_gradient(N, V, dtype):
     g = torch.Generator().manual_seed(V)
-    x = (3 * torch.randn(N, V, generator=g)).bfloat16()
+    x = (3 * torch.randn(N, V, generator=g)).to(dtype)
     y = torch.randint(0, V, (N,), generator=g)
     want = F.cross_entropy(x.float(), y, reduction="none")
     want_grad = torch.softmax(x.float(), -1) - F.one_hot(y, V)
     grad = x.clone()
     got = cpu_kernels.xent_(grad, y, grad=True)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
-    # One rounding to bf16 of the fp32 gradient: at most one bf16 step (2^-8 relative) away.
-    assert ((grad.float() - want_grad).abs() <= want_grad.abs() * 2**-8 + 1e-30).all()
+    # One rounding of the fp32 gradient to bf16 (at most 2^-8 relative away); in fp32 a few ulps of exp.
+    tol = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    assert ((grad.float() - want_grad).abs() <= want_grad.abs() * tol + 1e-30 + (dtype == torch.float32) * 1e-9).all()
     same = x.clone()
     torch.testing.assert_close(cpu_kernels.xent_(same, y, grad=False), want, rtol=1e-6, atol=1e-5)
     assert torch.equal(same, x)  # without grad the logits are left alone
 
 
-def test_bf16_head_loss_and_gradients_match_the_unfused_path(monkeypatch):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
     from yunque.training import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
@@ -169,7 +206,7 @@ def test_bf16_head_loss_and_gradients_match_the_unfused_path(monkeypatch):
     for fused in (True, False):
         monkeypatch.setattr(cpu_kernels, "available", lambda: fused)
         h.grad = w.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = linear_cross_entropy(h, w, y)
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad))
@@ -177,7 +214,8 @@ def test_bf16_head_loss_and_gradients_match_the_unfused_path(monkeypatch):
     (loss, gh, gw), (loss_pt, gh_pt, gw_pt) = results
     torch.testing.assert_close(loss, loss_pt, rtol=1e-6, atol=0)
     # The bf16 gradients of the logits may differ by one rounding (exp's last bits): far below bf16 noise.
-    assert _rel(gh, gh_pt) < 1e-3 and _rel(gw, gw_pt) < 1e-3
+    tol = 1e-3 if bf16 else 1e-6
+    assert _rel(gh, gh_pt) < tol and _rel(gw, gw_pt) < tol
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""bf16 kernels for AVX512-BF16 CPUs (csrc/*.cpp), built with g++ on first use.
+"""Training kernels for AVX512-BF16 CPUs (csrc/*.cpp), built with g++ on first use.
 
-- `attention`: causal flash attention, forward and backward. PyTorch's CPU flash kernel ran
-  the training shapes (hd 64, T 512) at 11-18% of the bf16 matmul peak on such machines
-  without AMX, a quarter of a bf16 LoRA step; this one fuses the softmax between
-  register-blocked VNNI products (3x faster per layer).
-- `xent_`: the output head's cross-entropy and its gradient in place over a bf16 logits chunk.
+- `attention`: causal flash attention, bf16 or fp32, forward and backward. PyTorch's CPU flash
+  kernel ran the training shapes (hd 64, T 512) at 11-18% of the bf16 matmul peak on such
+  machines without AMX, a quarter of a bf16 LoRA step; this one fuses the softmax between
+  register-blocked products (3x faster per layer in bf16).
+- `xent_`: the output head's cross-entropy and its gradient in place over a logits chunk.
 
 The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or
 $YUNQUE_CACHE) and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few
@@ -71,10 +71,13 @@ def _lib() -> ctypes.CDLL | None:
         warnings.warn(f"yunque: CPU kernels unavailable, using PyTorch's ops ({detail.strip()[:300]})", stacklevel=2)
         return None
     qkv = [_P, _L, _L, _L] * 3
-    lib.yq_attn_fwd.argtypes = [*qkv, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
-    lib.yq_attn_bwd.argtypes = [*qkv, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
-    lib.yq_xent_bf16.argtypes = [_P, _L, _P, _P, _I, _I, _I, _I]
-    lib.yq_attn_fwd.restype = lib.yq_attn_bwd.restype = lib.yq_xent_bf16.restype = None
+    for dt in ("bf16", "f32"):
+        fwd, bwd = getattr(lib, f"yq_attn_fwd_{dt}"), getattr(lib, f"yq_attn_bwd_{dt}")
+        fwd.argtypes = [*qkv, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
+        bwd.argtypes = [*qkv, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
+        fwd.restype = bwd.restype = None
+        xent = getattr(lib, f"yq_xent_{dt}")
+        xent.argtypes, xent.restype = [_P, _L, _P, _P, _I, _I, _I, _I], None
     return lib
 
 
@@ -82,21 +85,25 @@ def available() -> bool:
     return _lib() is not None
 
 
-def usable(q: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
-    """Whether `attention` takes these queries (cast to `dtype`): bf16 on CPU, head dim a multiple of 16.
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
-    Not on CPUs with AMX tiles: there PyTorch's flash kernel runs its products on AMX, several
-    times the bf16 rate of the vector units this kernel uses (it was measured on AVX512-BF16
-    without AMX, AMD Zen 4).
+
+def usable(q: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether `attention` takes these queries (cast to `dtype`): bf16 or fp32 on CPU, head dim a multiple of 16.
+
+    bf16 not on CPUs with AMX tiles: there PyTorch's flash kernel runs its products on AMX,
+    several times the bf16 rate of the vector units this kernel uses (it was measured on
+    AVX512-BF16 without AMX, AMD Zen 4). AMX has no fp32 products, so fp32 stays here.
     """
-    return (q.device.type == "cpu" and (dtype or q.dtype) == torch.bfloat16 and q.shape[-1] % 16 == 0 and available()
-            and "amx_bf16" not in _cpu_flags())
+    dtype = dtype or q.dtype
+    return (q.device.type == "cpu" and dtype in _SUFFIX and q.shape[-1] % 16 == 0 and available()
+            and (dtype == torch.float32 or "amx_bf16" not in _cpu_flags()))
 
 
 def _operand(t: torch.Tensor) -> tuple[torch.Tensor, list]:
     """(B, n, T, hd) -> the tensor and its [ptr, stride_b, stride_t, stride_n] in elements."""
     # The kernel reads pairs of bf16 as 32-bit words: rows must start on even elements.
-    if t.stride(-1) != 1 or any(s % 2 for s in t.stride()[:3]) or t.data_ptr() % 4:
+    if t.stride(-1) != 1 or any(s * t.element_size() % 4 for s in t.stride()[:3]) or t.data_ptr() % 4:
         t = t.transpose(1, 2).contiguous().transpose(1, 2)
     return t, [t.data_ptr(), t.stride(0), t.stride(2), t.stride(1)]
 
@@ -110,8 +117,8 @@ class _Attention(torch.autograd.Function):
         out = torch.empty(B, T, H, hd, dtype=q.dtype)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         segp = seg.data_ptr() if seg is not None else None
-        _lib().yq_attn_fwd(*qa, *ka, *va, segp, out.data_ptr(), lse.data_ptr(), B, T, H, K, hd, window, scale,
-                           torch.get_num_threads())
+        fwd = getattr(_lib(), f"yq_attn_fwd_{_SUFFIX[q.dtype]}")
+        fwd(*qa, *ka, *va, segp, out.data_ptr(), lse.data_ptr(), B, T, H, K, hd, window, scale, torch.get_num_threads())
         ctx.save_for_backward(q, k, v, out, lse, seg)
         ctx.window, ctx.scale = window, scale
         return out
@@ -126,15 +133,15 @@ class _Attention(torch.autograd.Function):
         dk = torch.empty(B, T, K, hd, dtype=q.dtype)
         dv = torch.empty(B, T, K, hd, dtype=q.dtype)
         (_, qa), (_, ka), (_, va) = _operand(q), _operand(k), _operand(v)
-        _lib().yq_attn_bwd(*qa, *ka, *va, seg.data_ptr() if seg is not None else None, out.data_ptr(), g.data_ptr(),
-                           lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, H, K, hd, ctx.window,
-                           ctx.scale, torch.get_num_threads())
+        bwd = getattr(_lib(), f"yq_attn_bwd_{_SUFFIX[q.dtype]}")
+        bwd(*qa, *ka, *va, seg.data_ptr() if seg is not None else None, out.data_ptr(), g.data_ptr(), lse.data_ptr(),
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, H, K, hd, ctx.window, ctx.scale, torch.get_num_threads())
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None = None,
               window: int | None = None) -> torch.Tensor:
-    """Causal attention: q (B, H, T, hd), k/v (B, K, T, hd) bf16 -> (B, T, H, hd).
+    """Causal attention: q (B, H, T, hd), k/v (B, K, T, hd), bf16 or fp32 -> (B, T, H, hd).
 
     Query i sees keys max(seg_start[b, i], i - window + 1) .. i; seg_start (B, T) int32 holds
     where each token's packed document begins in its row (None: row start).
@@ -145,13 +152,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torc
 
 
 def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
-    """Per-row cross-entropy (N,) fp32 of bf16 `logits` (N, V) against `targets` (N,).
+    """Per-row cross-entropy (N,) fp32 of bf16 or fp32 `logits` (N, V) against `targets` (N,).
 
-    With `grad`, `logits` is overwritten by d CE / d logits = softmax - onehot, in bf16.
+    With `grad`, `logits` is overwritten by d CE / d logits = softmax - onehot, in its dtype.
     """
-    assert logits.dtype == torch.bfloat16 and logits.stride(1) == 1 and logits.device.type == "cpu"
+    assert logits.dtype in _SUFFIX and logits.stride(1) == 1 and logits.device.type == "cpu"
     targets = targets.to(torch.int64).contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
-    _lib().yq_xent_bf16(logits.data_ptr(), logits.stride(0), targets.data_ptr(), loss.data_ptr(), logits.shape[0],
-                        logits.shape[1], int(grad), torch.get_num_threads())
+    xent = getattr(_lib(), f"yq_xent_{_SUFFIX[logits.dtype]}")
+    xent(logits.data_ptr(), logits.stride(0), targets.data_ptr(), loss.data_ptr(), logits.shape[0], logits.shape[1],
+         int(grad), torch.get_num_threads())
     return loss

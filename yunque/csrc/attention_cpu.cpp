@@ -1,17 +1,20 @@
-// Causal flash attention for bf16 on x86 CPUs with AVX512-BF16, forward and backward.
+// Causal flash attention on x86 CPUs with AVX-512, bf16 and fp32, forward and backward.
 //
 // Why: PyTorch's CPU flash kernel runs these shapes (hd 64, T 512) at 11-18% of the bf16
-// matmul peak on AVX512-BF16 machines without AMX, and it was a quarter of a bf16 LoRA training
-// step. Here every product is one register-blocked microkernel on VNNI pairs (vdpbf16ps), the
-// softmax is fused between the products, and tiles stay in L1.
+// matmul peak on AVX512-BF16 machines without AMX (a quarter of a bf16 LoRA training step), and
+// at under half the fp32 peak in fp32. Here every product is one register-blocked microkernel
+// (vdpbf16ps on VNNI pairs for bf16, vfmadd for fp32), the softmax is fused between the
+// products, and tiles stay in L1. The two precisions are one template: a 32-bit "word" of the
+// reduction holds a pair of bf16 or one float.
 //
 // Layouts: q (B, T, H, hd), k/v (B, T, K, hd), any strides in elements (even, last dim dense);
 // out and grads are dense (B, T, n, hd); lse is (B, H, T) fp32. Masks: key j is visible to
 // query i when lo(i) <= j <= i, lo(i) = max(segment start of i, i - window + 1), so packed
 // documents and sliding windows are one call. Numerics follow flash attention: scores and
-// softmax in fp32, probabilities rounded to bf16 before the products that read them.
+// softmax in fp32, probabilities rounded to bf16 (in the bf16 kernel) before the products that
+// read them.
 //
-// Built by yunque/attention_cpu.py with g++ on first use; plain C ABI, no torch headers.
+// Built by yunque/cpu_kernels.py with g++ on first use; plain C ABI, no torch headers.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -34,9 +37,33 @@ namespace {
 
 constexpr int BM = 64, BN = 64;  // query rows x key columns per tile
 
-// C[R x 16*NV] (+)= A . B. A word (r, kk) = A[r*ars + kk*aks] holds a pair of bf16 along the
-// reduction; B word (kk, n) = B[kk*ldb + n] holds (B[2kk][n], B[2kk+1][n]) (VNNI order).
-template <int R, int NV>
+// Element traits. W elements make one 32-bit word of the reduction dimension.
+template <class E>
+struct El;
+template <>
+struct El<bf16> {
+  static constexpr int W = 2;
+  static __m512 fma(__m512 c, u32 a, __m512i b) {
+    return _mm512_dpbf16_ps(c, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)b);
+  }
+  static __m512 load(const bf16* p) { return load_bf16(p); }
+  static void store(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, to_bf16(x)); }
+};
+template <>
+struct El<float> {
+  static constexpr int W = 1;
+  static __m512 fma(__m512 c, u32 a, __m512i b) {
+    float f;
+    __builtin_memcpy(&f, &a, 4);
+    return _mm512_fmadd_ps(_mm512_set1_ps(f), _mm512_castsi512_ps(b), c);
+  }
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+};
+
+// C[R x 16*NV] (+)= A . B over K2 words. A word (r, kk) = A[r*ars + kk*aks]; B word (kk, n) =
+// B[kk*ldb + n] holds the n-th column's elements of that word (VNNI order for bf16).
+template <class E, int R, int NV>
 inline void micro(int K2, const u32* A, long ars, long aks, const u32* B, long ldb, float* C, long ldc, bool acc) {
   __m512 c[R][NV];
 #pragma GCC unroll 8
@@ -44,14 +71,14 @@ inline void micro(int K2, const u32* A, long ars, long aks, const u32* B, long l
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
   for (int kk = 0; kk < K2; ++kk) {
-    __m512bh b[NV];
+    __m512i b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + kk * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + kk * ldb + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[r * ars + kk * aks]);
+      const u32 a = A[r * ars + kk * aks];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
+      for (int v = 0; v < NV; ++v) c[r][v] = El<E>::fma(c[r][v], a, b[v]);
     }
   }
 #pragma GCC unroll 8
@@ -60,30 +87,31 @@ inline void micro(int K2, const u32* A, long ars, long aks, const u32* B, long l
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
 }
 
-template <int R>
+template <class E, int R>
 inline void micro_n(int nv, int K2, const u32* A, long ars, long aks, const u32* B, long ldb, float* C, long ldc, bool acc) {
   switch (nv) {
-    case 4: micro<R, 4>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
-    case 3: micro<R, 3>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
-    case 2: micro<R, 2>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
-    default: micro<R, 1>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
+    case 4: micro<E, R, 4>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
+    case 3: micro<E, R, 3>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
+    case 2: micro<E, R, 2>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
+    default: micro<E, R, 1>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
   }
 }
 
-// C[M x N] (+)= A[M x 2*K2] . B[2*K2 x N]; N a multiple of 16.
+// C[M x N] (+)= A[M x K2 words] . B[K2 words x N]; N a multiple of 16.
+template <class E>
 void gemm(int M, int N, int K2, const u32* A, long ars, long aks, const u32* B, long ldb, float* C, long ldc, bool acc) {
   for (int n0 = 0; n0 < N; n0 += 64) {
     const int nv = std::min(4, (N - n0) / 16);
     int m = 0;
-    for (; m + 6 <= M; m += 6) micro_n<6>(nv, K2, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, acc);
+    for (; m + 6 <= M; m += 6) micro_n<E, 6>(nv, K2, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, acc);
     const u32* a = A + m * ars;
     float* c = C + m * ldc + n0;
     switch (M - m) {
-      case 5: micro_n<5>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
-      case 4: micro_n<4>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
-      case 3: micro_n<3>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
-      case 2: micro_n<2>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
-      case 1: micro_n<1>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
+      case 5: micro_n<E, 5>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
+      case 4: micro_n<E, 4>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
+      case 3: micro_n<E, 3>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
+      case 2: micro_n<E, 2>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
+      case 1: micro_n<E, 1>(nv, K2, a, ars, aks, B + n0, ldb, c, ldc, acc); break;
       default: break;
     }
   }
@@ -94,16 +122,18 @@ inline __m512i pair_words(__m256i lo, __m256i hi) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
 }
 
-// dst[p*ldd + j] = word p of row j (rows j >= T are zero): the B operand of X . rows^T.
-void pack_transposed(const bf16* src, long st, int T, int hd, int Tp, u32* dst) {
+// dst[p*Tp + j] = word p of row j (rows j >= T are zero): the B operand of X . rows^T.
+template <class E>
+void pack_transposed(const E* src, long st, int T, int hd, int Tp, u32* dst) {
+  const int words = hd / El<E>::W;
   for (int j = 0; j < Tp; ++j) {
     const u32* row = (const u32*)(src + (long)j * st);
-    for (int p = 0; p < hd / 2; ++p) dst[(long)p * Tp + j] = j < T ? row[p] : 0u;
+    for (int p = 0; p < words; ++p) dst[(long)p * Tp + j] = j < T ? row[p] : 0u;
   }
 }
 
-// dst[jp*hd + d] = (row 2jp [d], row 2jp+1 [d]) (rows >= T are zero): the B operand of X . rows.
-void pack_pairs(const bf16* src, long st, int T, int hd, int Tp, u32* dst) {
+// The B operand of X . rows (rows >= T are zero): word row jw holds rows W*jw .. W*jw+W-1.
+void pack_rows(const bf16* src, long st, int T, int hd, int Tp, u32* dst) {
   const __m256i zero = _mm256_setzero_si256();
   for (int jp = 0; jp < Tp / 2; ++jp) {
     const int j = 2 * jp;
@@ -113,6 +143,27 @@ void pack_pairs(const bf16* src, long st, int T, int hd, int Tp, u32* dst) {
       _mm512_storeu_si512(dst + (long)jp * hd + d, pair_words(lo, hi));
     }
   }
+}
+void pack_rows(const float* src, long st, int T, int hd, int Tp, u32* dst) {
+  for (int j = 0; j < Tp; ++j)
+    for (int d = 0; d < hd; d += 16)
+      _mm512_storeu_ps((float*)dst + (long)j * hd + d, j < T ? _mm512_loadu_ps(src + (long)j * st + d) : _mm512_setzero_ps());
+}
+
+// Rows r .. r+W-1 of P and dS (16 columns each) into the backward's operands: PV and DSV are
+// word rows (the A of P^T dO and dS^T Q, read down their columns); DSB is dS row-major (the A
+// of dS K). For fp32 the word rows are the rows, and DSB is DSV.
+inline void put_rows(const __m512 (&p)[2], const __m512 (&ds)[2], int r, int col, bool second, u32* PV, u32* DSV,
+                     bf16* DSB) {
+  const __m256i p0 = to_bf16(p[0]), p1 = to_bf16(p[1]), s0 = to_bf16(ds[0]), s1 = to_bf16(ds[1]);
+  _mm512_storeu_si512(PV + (r / 2) * BN + col, pair_words(p0, p1));
+  _mm512_storeu_si512(DSV + (r / 2) * BN + col, pair_words(s0, s1));
+  _mm256_storeu_si256((__m256i*)(DSB + r * BN + col), s0);
+  if (second) _mm256_storeu_si256((__m256i*)(DSB + (r + 1) * BN + col), s1);
+}
+inline void put_rows(const __m512 (&p)[1], const __m512 (&ds)[1], int r, int col, bool, u32* PV, u32* DSV, float*) {
+  _mm512_storeu_ps((float*)PV + r * BN + col, p[0]);
+  _mm512_storeu_ps((float*)DSV + r * BN + col, ds[0]);
 }
 
 inline int lowest_key(const int32_t* seg, int i, int window) {  // lo(i)
@@ -131,27 +182,23 @@ inline void visible(int j0, int lo, int hi, __mmask16 m[4]) {
   }
 }
 
-}  // namespace
-
-extern "C" {
-
-int yq_attn_version() { return 1; }
-
-void yq_attn_fwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, long ksb, long kst, long ksh,
-                 const bf16* v, long vsb, long vst, long vsh, const int32_t* seg, bf16* out, float* lse,
-                 int B, int T, int H, int K, int hd, int window, float scale, int nthreads) {
-  const int Tp = (T + BN - 1) / BN * BN, G = H / K, nqb = (T + BM - 1) / BM, hw = hd / 2;
-  std::vector<u32> KT((size_t)B * K * hw * Tp), VP((size_t)B * K * (Tp / 2) * hd);
+template <class E>
+void fwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh, const E* v, long vsb,
+         long vst, long vsh, const int32_t* seg, E* out, float* lse, int B, int T, int H, int K, int hd, int window,
+         float scale, int nthreads) {
+  constexpr int W = El<E>::W;
+  const int Tp = (T + BN - 1) / BN * BN, G = H / K, nqb = (T + BM - 1) / BM, hw = hd / W;
+  std::vector<u32> KT((size_t)B * K * hw * Tp), VP((size_t)B * K * (Tp / W) * hd);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int bk = 0; bk < B * K; ++bk) {
     const int b = bk / K, kh = bk % K;
     pack_transposed(k + b * ksb + kh * ksh, kst, T, hd, Tp, KT.data() + (size_t)bk * hw * Tp);
-    pack_pairs(v + b * vsb + kh * vsh, vst, T, hd, Tp, VP.data() + (size_t)bk * (Tp / 2) * hd);
+    pack_rows(v + b * vsb + kh * vsh, vst, T, hd, Tp, VP.data() + (size_t)bk * (Tp / W) * hd);
   }
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> S(BM * BN), O(BM * hd), m(BM), l(BM);
-    std::vector<bf16> P(BM * BN);
+    std::vector<E> P(BM * BN);
     std::vector<int> lo(BM);
 #pragma omp for schedule(dynamic)
     for (long item = 0; item < (long)B * H * nqb; ++item) {
@@ -168,7 +215,7 @@ void yq_attn_fwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
       }
       std::fill(O.begin(), O.end(), 0.f);
       for (int j0 = first / BN * BN; j0 < i0 + M; j0 += BN) {
-        gemm(M, BN, hw, A, qst / 2, 1, KT.data() + bk * hw * Tp + j0, Tp, S.data(), BN, false);
+        gemm<E>(M, BN, hw, A, qst / W, 1, KT.data() + bk * hw * Tp + j0, Tp, S.data(), BN, false);
         for (int r = 0; r < M; ++r) {
           __mmask16 vis[4];
           visible(j0, lo[r], i0 + r, vis);
@@ -179,9 +226,9 @@ void yq_attn_fwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
             mx = _mm512_mask_max_ps(mx, vis[c], mx, x[c]);
           }
           const float rowmax = _mm512_reduce_max_ps(mx);
-          bf16* pr = P.data() + r * BN;
+          E* pr = P.data() + r * BN;
           if (rowmax == -INFINITY) {  // no visible key in this tile
-            std::memset(pr, 0, BN * sizeof(bf16));
+            std::memset(pr, 0, BN * sizeof(E));
             continue;
           }
           const float mnew = std::max(m[r], rowmax), alpha = std::exp(m[r] - mnew);
@@ -189,7 +236,7 @@ void yq_attn_fwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
           for (int c = 0; c < 4; ++c) {
             __m512 p = _mm512_maskz_mov_ps(vis[c], exp_ps(_mm512_sub_ps(x[c], _mm512_set1_ps(mnew))));
             sum = _mm512_add_ps(sum, p);
-            _mm256_storeu_si256((__m256i*)(pr + 16 * c), to_bf16(p));
+            El<E>::store(pr + 16 * c, p);
           }
           l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
           m[r] = mnew;
@@ -197,14 +244,13 @@ void yq_attn_fwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
             for (int d = 0; d < hd; d += 16)
               _mm512_storeu_ps(O.data() + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), _mm512_set1_ps(alpha)));
         }
-        gemm(M, hd, BN / 2, (const u32*)P.data(), BN / 2, 1, VP.data() + bk * (Tp / 2) * hd + (j0 / 2) * hd, hd,
-             O.data(), hd, true);
+        gemm<E>(M, hd, BN / W, (const u32*)P.data(), BN / W, 1, VP.data() + bk * (Tp / W) * hd + (j0 / W) * hd, hd,
+                O.data(), hd, true);
       }
       for (int r = 0; r < M; ++r) {
         const __m512 inv = _mm512_set1_ps(1.f / l[r]);
-        bf16* o = out + (((long)b * T + i0 + r) * H + h) * hd;
-        for (int d = 0; d < hd; d += 16)
-          _mm256_storeu_si256((__m256i*)(o + d), to_bf16(_mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), inv)));
+        E* o = out + (((long)b * T + i0 + r) * H + h) * hd;
+        for (int d = 0; d < hd; d += 16) El<E>::store(o + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), inv));
         lse[((long)b * H + h) * T + i0 + r] = m[r] + std::log(l[r]);
       }
     }
@@ -212,40 +258,43 @@ void yq_attn_fwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
 }
 
 // out, dout dense (B, T, H, hd); dq dense (B, T, H, hd); dk, dv dense (B, T, K, hd).
-void yq_attn_bwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, long ksb, long kst, long ksh,
-                 const bf16* v, long vsb, long vst, long vsh, const int32_t* seg, const bf16* out,
-                 const bf16* dout, const float* lse, bf16* dq, bf16* dk, bf16* dv, int B, int T, int H, int K,
-                 int hd, int window, float scale, int nthreads) {
-  const int Tp = (T + BN - 1) / BN * BN, G = H / K, hw = hd / 2;
+template <class E>
+void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh, const E* v, long vsb,
+         long vst, long vsh, const int32_t* seg, const E* out, const E* dout, const float* lse, E* dq, E* dk, E* dv,
+         int B, int T, int H, int K, int hd, int window, float scale, int nthreads) {
+  constexpr int W = El<E>::W;
+  const int Tp = (T + BN - 1) / BN * BN, G = H / K, hw = hd / W;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<u32> KT(hw * Tp), VT(hw * Tp), KR(Tp / 2 * hd), QR(Tp / 2 * hd), DOR(Tp / 2 * hd);
-    std::vector<u32> PV(BM / 2 * BN), DSV(BM / 2 * BN), DSB(BM * BN / 2);
+    std::vector<u32> KT(hw * Tp), VT(hw * Tp), KR(Tp / W * hd), QR(Tp / W * hd), DOR(Tp / W * hd);
+    std::vector<u32> PV(BM / W * BN), DSV(BM / W * BN);
+    std::vector<E> DSBbuf(W == 2 ? BM * BN : 0);
+    E* DSB = W == 2 ? DSBbuf.data() : (E*)DSV.data();
     std::vector<float> D(Tp), dQ(Tp * hd), dK(Tp * hd), dV(Tp * hd), S(BM * BN), dP(BM * BN);
     std::vector<int> lo(Tp);
 #pragma omp for schedule(dynamic)
     for (int bk = 0; bk < B * K; ++bk) {
       const int b = bk / K, kh = bk % K;
       const int32_t* sg = seg ? seg + (long)b * T : nullptr;
-      const bf16* kb = k + b * ksb + kh * ksh;
+      const E* kb = k + b * ksb + kh * ksh;
       pack_transposed(kb, kst, T, hd, Tp, KT.data());
       pack_transposed(v + b * vsb + kh * vsh, vst, T, hd, Tp, VT.data());
-      pack_pairs(kb, kst, T, hd, Tp, KR.data());
+      pack_rows(kb, kst, T, hd, Tp, KR.data());
       std::fill(dK.begin(), dK.end(), 0.f);
       std::fill(dV.begin(), dV.end(), 0.f);
       for (int i = 0; i < T; ++i) lo[i] = lowest_key(sg, i, window);
       for (int g = 0; g < G; ++g) {
         const int h = kh * G + g;
-        const bf16* qb = q + b * qsb + h * qsh;
-        const bf16* ob = out + ((long)b * T * H + h) * hd;
-        const bf16* gb = dout + ((long)b * T * H + h) * hd;
+        const E* qb = q + b * qsb + h * qsh;
+        const E* ob = out + ((long)b * T * H + h) * hd;
+        const E* gb = dout + ((long)b * T * H + h) * hd;
         const float* L = lse + ((long)b * H + h) * T;
-        pack_pairs(qb, qst, T, hd, Tp, QR.data());
-        pack_pairs(gb, (long)H * hd, T, hd, Tp, DOR.data());
+        pack_rows(qb, qst, T, hd, Tp, QR.data());
+        pack_rows(gb, (long)H * hd, T, hd, Tp, DOR.data());
         for (int i = 0; i < T; ++i) {  // D_i = dO_i . O_i
           __m512 s = _mm512_setzero_ps();
           for (int d = 0; d < hd; d += 16)
-            s = _mm512_fmadd_ps(load_bf16(gb + (long)i * H * hd + d), load_bf16(ob + (long)i * H * hd + d), s);
+            s = _mm512_fmadd_ps(El<E>::load(gb + (long)i * H * hd + d), El<E>::load(ob + (long)i * H * hd + d), s);
           D[i] = _mm512_reduce_add_ps(s);
         }
         std::fill(dQ.begin(), dQ.end(), 0.f);
@@ -254,49 +303,74 @@ void yq_attn_bwd(const bf16* q, long qsb, long qst, long qsh, const bf16* k, lon
           int iend = j0;  // lo(i) is non-decreasing, so the rows that see this tile are a run from j0
           while (iend < T && lo[iend] <= jl) ++iend;
           for (int i0 = j0 / BM * BM; i0 < iend; i0 += BM) {
-            const int M = std::min(BM, T - i0), Mp = (M + 1) / 2 * 2;
-            gemm(M, BN, hw, (const u32*)(qb + (long)i0 * qst), qst / 2, 1, KT.data() + j0, Tp, S.data(), BN, false);
-            gemm(M, BN, hw, (const u32*)(gb + (long)i0 * H * hd), (long)H * hd / 2, 1, VT.data() + j0, Tp, dP.data(), BN, false);
-            for (int r = 0; r < Mp; r += 2) {  // two rows at a time: VNNI pairs interleave rows
-              __m256i p16[2][4], s16[2][4];
-              for (int t = 0; t < 2; ++t) {
+            const int M = std::min(BM, T - i0), Mp = (M + W - 1) / W * W;
+            gemm<E>(M, BN, hw, (const u32*)(qb + (long)i0 * qst), qst / W, 1, KT.data() + j0, Tp, S.data(), BN, false);
+            gemm<E>(M, BN, hw, (const u32*)(gb + (long)i0 * H * hd), (long)H * hd / W, 1, VT.data() + j0, Tp, dP.data(),
+                    BN, false);
+            for (int r = 0; r < Mp; r += W) {  // W rows at a time: a bf16 word interleaves two rows
+              __mmask16 vis[W][4];
+              __m512 li[W], di[W];
+              for (int t = 0; t < W; ++t) {
                 const int rr = r + t, i = i0 + rr;
-                __mmask16 vis[4] = {0, 0, 0, 0};
-                if (rr < M) visible(j0, lo[i], i, vis);
-                const __m512 li = _mm512_set1_ps(rr < M ? L[i] : 0.f), di = _mm512_set1_ps(rr < M ? D[i] : 0.f);
-                for (int c = 0; c < 4; ++c) {
-                  const __m512 sc = _mm512_loadu_ps(S.data() + rr * BN + 16 * c);
-                  const __m512 p = _mm512_maskz_mov_ps(vis[c], exp_ps(_mm512_fmsub_ps(sc, _mm512_set1_ps(scale), li)));
-                  const __m512 dpv = _mm512_loadu_ps(dP.data() + rr * BN + 16 * c);
-                  const __m512 ds = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dpv, di)), _mm512_set1_ps(scale));
-                  p16[t][c] = to_bf16(p);
-                  s16[t][c] = to_bf16(ds);
-                  if (rr < M) _mm256_storeu_si256((__m256i*)((bf16*)DSB.data() + rr * BN + 16 * c), s16[t][c]);
-                }
+                for (int c = 0; c < 4; ++c) vis[t][c] = 0;
+                if (rr < M) visible(j0, lo[i], i, vis[t]);
+                li[t] = _mm512_set1_ps(rr < M ? L[i] : 0.f);
+                di[t] = _mm512_set1_ps(rr < M ? D[i] : 0.f);
               }
               for (int c = 0; c < 4; ++c) {
-                _mm512_storeu_si512(PV.data() + (r / 2) * BN + 16 * c, pair_words(p16[0][c], p16[1][c]));
-                _mm512_storeu_si512(DSV.data() + (r / 2) * BN + 16 * c, pair_words(s16[0][c], s16[1][c]));
+                __m512 p[W], ds[W];
+                for (int t = 0; t < W; ++t) {
+                  const __m512 sc = _mm512_loadu_ps(S.data() + (r + t) * BN + 16 * c);
+                  p[t] = _mm512_maskz_mov_ps(vis[t][c], exp_ps(_mm512_fmsub_ps(sc, _mm512_set1_ps(scale), li[t])));
+                  const __m512 dpv = _mm512_loadu_ps(dP.data() + (r + t) * BN + 16 * c);
+                  ds[t] = _mm512_mul_ps(_mm512_mul_ps(p[t], _mm512_sub_ps(dpv, di[t])), _mm512_set1_ps(scale));
+                }
+                put_rows(p, ds, r, 16 * c, r + 1 < M, PV.data(), DSV.data(), DSB);
               }
             }
-            // dV_j += P^T dO_i, dK_j += dS^T Q_i: A is the row-pair buffer read down its columns.
-            gemm(BN, hd, Mp / 2, PV.data(), 1, BN, DOR.data() + (i0 / 2) * hd, hd, dV.data() + (long)j0 * hd, hd, true);
-            gemm(BN, hd, Mp / 2, DSV.data(), 1, BN, QR.data() + (i0 / 2) * hd, hd, dK.data() + (long)j0 * hd, hd, true);
-            gemm(M, hd, BN / 2, DSB.data(), BN / 2, 1, KR.data() + (j0 / 2) * hd, hd, dQ.data() + (long)i0 * hd, hd, true);
+            // dV_j += P^T dO_i, dK_j += dS^T Q_i: A is the word-row buffer read down its columns.
+            gemm<E>(BN, hd, Mp / W, PV.data(), 1, BN, DOR.data() + (i0 / W) * hd, hd, dV.data() + (long)j0 * hd, hd, true);
+            gemm<E>(BN, hd, Mp / W, DSV.data(), 1, BN, QR.data() + (i0 / W) * hd, hd, dK.data() + (long)j0 * hd, hd, true);
+            gemm<E>(M, hd, BN / W, (const u32*)DSB, BN / W, 1, KR.data() + (j0 / W) * hd, hd, dQ.data() + (long)i0 * hd,
+                    hd, true);
           }
         }
         for (int i = 0; i < T; ++i)
           for (int d = 0; d < hd; d += 16)
-            _mm256_storeu_si256((__m256i*)(dq + (((long)b * T + i) * H + h) * hd + d), to_bf16(_mm512_loadu_ps(dQ.data() + (long)i * hd + d)));
+            El<E>::store(dq + (((long)b * T + i) * H + h) * hd + d, _mm512_loadu_ps(dQ.data() + (long)i * hd + d));
       }
       for (int j = 0; j < T; ++j)
         for (int d = 0; d < hd; d += 16) {
           const long o = (((long)b * T + j) * K + kh) * hd + d;
-          _mm256_storeu_si256((__m256i*)(dk + o), to_bf16(_mm512_loadu_ps(dK.data() + (long)j * hd + d)));
-          _mm256_storeu_si256((__m256i*)(dv + o), to_bf16(_mm512_loadu_ps(dV.data() + (long)j * hd + d)));
+          El<E>::store(dk + o, _mm512_loadu_ps(dK.data() + (long)j * hd + d));
+          El<E>::store(dv + o, _mm512_loadu_ps(dV.data() + (long)j * hd + d));
         }
     }
   }
 }
+
+}  // namespace
+
+extern "C" {
+
+int yq_attn_version() { return 2; }
+
+#define YQ_ATTN(SUFFIX, E)                                                                                          \
+  void yq_attn_fwd_##SUFFIX(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh,     \
+                            const E* v, long vsb, long vst, long vsh, const int32_t* seg, E* out, float* lse, int B, \
+                            int T, int H, int K, int hd, int window, float scale, int nthreads) {                    \
+    fwd<E>(q, qsb, qst, qsh, k, ksb, kst, ksh, v, vsb, vst, vsh, seg, out, lse, B, T, H, K, hd, window, scale,       \
+           nthreads);                                                                                               \
+  }                                                                                                                 \
+  void yq_attn_bwd_##SUFFIX(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh,     \
+                            const E* v, long vsb, long vst, long vsh, const int32_t* seg, const E* out,             \
+                            const E* dout, const float* lse, E* dq, E* dk, E* dv, int B, int T, int H, int K,       \
+                            int hd, int window, float scale, int nthreads) {                                         \
+    bwd<E>(q, qsb, qst, qsh, k, ksb, kst, ksh, v, vsb, vst, vsh, seg, out, dout, lse, dq, dk, dv, B, T, H, K, hd,    \
+           window, scale, nthreads);                                                                                \
+  }
+
+YQ_ATTN(bf16, bf16)
+YQ_ATTN(f32, float)
 
 }  // extern "C"
