@@ -244,3 +244,20 @@ def test_falls_back_when_disabled_or_the_build_fails(fresh_build, monkeypatch):
     with pytest.warns(UserWarning, match="CPU kernels unavailable"):
         assert not cpu_kernels.available()
     assert not cpu_kernels.usable(torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16))
+
+
+def test_fused_elementwise_kernels_do_not_depend_on_the_thread_count():
+    """RMSNorm's weight gradient sums fixed 64-row blocks in order; the rest is elementwise."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(300, 80, generator=g), 1 + 0.1 * torch.randn(80, generator=g)
+    gate, up, go = (torch.randn(300, 333, generator=g).bfloat16() for _ in range(3))
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, r = cpu_kernels.rms_norm(x, w, 1e-6, torch.bfloat16)
+            runs.append([y, *cpu_kernels.rms_norm_backward(y, x, w, r, True), cpu_kernels.swiglu(gate, up),
+                         *cpu_kernels.swiglu_backward(go, gate, up)])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -9,15 +9,39 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from yunque import cpu_kernels
 from yunque.lora import LoraConfig, apply_lora
 from yunque.model import Transformer, rope_cos_sin
 from yunque.ops import rms_norm, saved_as_recipe, swiglu
 from yunque.presets import get_preset
 
 
-def _ref_rms_norm(x, w, eps):
+def _ref_rms_norm(x, w, eps, out_dtype=None):
     h = x.float()
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)).to(out_dtype or x.dtype)
+
+
+@pytest.fixture(params=[False, True], ids=["torch-ops", "cpu-kernels"])
+def kernels(request, monkeypatch):
+    """Both implementations: PyTorch's ops (bit-identical to the plain formulas) and the fused CPU kernels."""
+    if request.param and not cpu_kernels.available():
+        pytest.skip("needs an AVX512-BF16 CPU and g++")
+    if not request.param:
+        monkeypatch.setattr(cpu_kernels, "elementwise_ok", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "rms_norm_ok", lambda *a: False)
+    return request.param
+
+
+def _close(a, b, dtype):
+    """Equal up to the kernels' exp and summation order: fp32 at 1e-6 of the norm; in bf16 at most one
+    element in 10^3 off, by one rounding."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if dtype == torch.float32 or a.dtype == torch.float32:
+        assert ((a - b).norm() / b.norm()).item() < 1e-6
+    else:
+        off = a != b
+        assert off.float().mean().item() < 1e-3
+        assert ((a.float() - b.float()).abs()[off] <= b.float().abs()[off] * 2**-7).all()
 
 
 def test_swiglu_gradcheck_float64():
@@ -26,21 +50,25 @@ def test_swiglu_gradcheck_float64():
     assert torch.autograd.gradcheck(swiglu, (a, b))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                             (torch.float32, torch.bfloat16)])  # the last: under autocast
 @pytest.mark.parametrize("train_weight", [True, False])
-def test_rms_norm_matches_plain_ops(dtype, train_weight):
+def test_rms_norm_matches_plain_ops(dtype, out_dtype, train_weight, kernels):
     torch.manual_seed(0)
-    x0 = (torch.randn(2, 7, 64) * 3).to(dtype)
-    w0 = (1 + 0.1 * torch.randn(64)).to(dtype)
+    x0 = (torch.randn(2, 77, 80) * 3).to(dtype)  # 154 rows: three blocks of the kernel's weight-gradient sum
+    w0 = (1 + 0.1 * torch.randn(80)).to(dtype)
     outs = []
     for fn in (rms_norm, _ref_rms_norm):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_(train_weight)
-        y = fn(x, w, 1e-6)
+        y = fn(x, w, 1e-6, out_dtype)
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
         grads = torch.autograd.grad(y, (x, w) if train_weight else (x,), g)
         outs.append((y, *grads))
     (y, *gs), (yr, *gsr) = outs
-    assert torch.equal(y, yr)  # the forward is the same ops in the same order
+    if kernels and dtype == torch.float32:
+        _close(y, yr, out_dtype or dtype)
+    else:
+        assert torch.equal(y, yr)  # the forward is the same ops in the same order
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for a, b in zip(gs, gsr):
         assert a.dtype == b.dtype
@@ -48,18 +76,21 @@ def test_rms_norm_matches_plain_ops(dtype, train_weight):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_matches_plain_ops_exactly(dtype):
+def test_swiglu_matches_plain_ops(dtype, kernels):
     torch.manual_seed(0)
-    a0, b0 = torch.randn(3, 9, 32).to(dtype), torch.randn(3, 9, 32).to(dtype)
-    g = torch.randn(3, 9, 32).to(dtype)
+    a0, b0 = (3 * torch.randn(30, 9, 333)).to(dtype), torch.randn(30, 9, 333).to(dtype)  # 16-wide tails
+    g = torch.randn(30, 9, 333).to(dtype)
     a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
     y = swiglu(a, b)
     ga, gb = torch.autograd.grad(y, (a, b), g)
     ar, br = a0.clone().requires_grad_(), b0.clone().requires_grad_()
     yr = F.silu(ar) * br
     gar, gbr = torch.autograd.grad(yr, (ar, br), g)
-    # autograd's own formulas, recomputing silu: bit-identical, bf16 included
-    assert torch.equal(y, yr) and torch.equal(ga, gar) and torch.equal(gb, gbr)
+    if kernels:
+        for a, b in ((y, yr), (ga, gar), (gb, gbr)):
+            _close(a, b, dtype)
+    else:  # autograd's own formulas, recomputing silu: bit-identical, bf16 included
+        assert torch.equal(y, yr) and torch.equal(ga, gar) and torch.equal(gb, gbr)
 
 
 def _saved_bytes(fn, *args) -> int:

@@ -5,6 +5,8 @@
   machines without AMX, a quarter of a bf16 LoRA step; this one fuses the softmax between
   register-blocked products (3x faster per layer in bf16).
 - `xent_`: the output head's cross-entropy and its gradient in place over a logits chunk.
+- `swiglu`, `swiglu_backward`: the MLP's silu(gate) * up and its gradients, one pass each.
+- `rms_norm`, `rms_norm_backward`: RMSNorm of fp32 rows, output in fp32 or bf16, one pass each.
 
 The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or
 $YUNQUE_CACHE) and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).parent / "csrc"
-_SRCS = [_CSRC / "attention_cpu.cpp", _CSRC / "xent_cpu.cpp"]
+_SRCS = [_CSRC / "attention_cpu.cpp", _CSRC / "xent_cpu.cpp", _CSRC / "fused_cpu.cpp"]
 _HEADERS = [_CSRC / "simd.h"]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-mfma",
           "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"]
@@ -78,6 +80,12 @@ def _lib() -> ctypes.CDLL | None:
         fwd.restype = bwd.restype = None
         xent = getattr(lib, f"yq_xent_{dt}")
         xent.argtypes, xent.restype = [_P, _L, _P, _P, _I, _I, _I, _I], None
+        sw_f, sw_b = getattr(lib, f"yq_swiglu_fwd_{dt}"), getattr(lib, f"yq_swiglu_bwd_{dt}")
+        sw_f.argtypes, sw_f.restype = [_P, _P, _P, _L, _I], None
+        sw_b.argtypes, sw_b.restype = [_P, _P, _P, _P, _P, _L, _I], None
+        rms_f, rms_b = getattr(lib, f"yq_rms_fwd_{dt}"), getattr(lib, f"yq_rms_bwd_{dt}")
+        rms_f.argtypes, rms_f.restype = [_P, _P, _P, _P, _L, _I, _F, _I], None
+        rms_b.argtypes, rms_b.restype = [_P, _P, _P, _P, _P, _P, _L, _I, _I], None
     return lib
 
 
@@ -163,3 +171,61 @@ def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tens
     xent(logits.data_ptr(), logits.stride(0), targets.data_ptr(), loss.data_ptr(), logits.shape[0], logits.shape[1],
          int(grad), torch.get_num_threads())
     return loss
+
+
+def elementwise_ok(*ts: torch.Tensor) -> bool:
+    """Whether the elementwise kernels take these: CPU, one dtype (bf16 or fp32), all the same shape."""
+    t0 = ts[0]
+    return (t0.device.type == "cpu" and t0.dtype in _SUFFIX and available()
+            and all(t.device == t0.device and t.dtype == t0.dtype and t.shape == t0.shape for t in ts))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, silu rounded to the dtype first, as `F.silu(gate) * up`."""
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    getattr(_lib(), f"yq_swiglu_fwd_{_SUFFIX[gate.dtype]}")(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                                             torch.get_num_threads())
+    return out
+
+
+def swiglu_backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, need_gate: bool = True,
+                    need_up: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d gate, d up) of `swiglu` for the output gradient `g`, as autograd's formulas round them."""
+    g, gate, up = g.contiguous(), gate.contiguous(), up.contiguous()
+    dgate = torch.empty_like(gate) if need_gate else None
+    dup = torch.empty_like(up) if need_up else None
+    getattr(_lib(), f"yq_swiglu_bwd_{_SUFFIX[gate.dtype]}")(
+        g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr() if need_gate else None,
+        dup.data_ptr() if need_up else None, gate.numel(), torch.get_num_threads())
+    return dgate, dup
+
+
+def rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` takes these: fp32 rows and weight on CPU."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and weight.device.type == "cpu" and weight.shape == x.shape[-1:] and available())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * x * rsqrt(mean(x^2) + eps) in `out_dtype`, the rsqrt per row (..., 1) fp32)."""
+    x = x.contiguous()
+    D = x.shape[-1]
+    y = torch.empty(x.shape, dtype=out_dtype)
+    r = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+    getattr(_lib(), f"yq_rms_fwd_{_SUFFIX[out_dtype]}")(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
+                                                       r.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
+    return y, r
+
+
+def rms_norm_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor,
+                      need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d x fp32, d weight fp32 or None) of `rms_norm` for the output gradient `g` (fp32 or bf16)."""
+    g, x = g.contiguous(), x.contiguous()
+    D = x.shape[-1]
+    gx = torch.empty_like(x)
+    gw = torch.empty(D, dtype=torch.float32) if need_weight else None
+    getattr(_lib(), f"yq_rms_bwd_{_SUFFIX[g.dtype]}")(
+        g.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), r.data_ptr(), gx.data_ptr(),
+        gw.data_ptr() if need_weight else None, x.numel() // D, D, torch.get_num_threads())
+    return gx, gw

@@ -98,12 +98,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rms_norm(x, self.weight, self.eps)  # in fp32, cast back before the weight, as HF does
-        if torch.is_autocast_enabled(y.device.type):
-            # Every consumer (q/k/v, gate/up, the head) would cast this to the autocast dtype on its
-            # own: five copies per layer, each saved for backward. Casting once gives them one.
-            y = y.to(torch.get_autocast_dtype(y.device.type))
-        return y
+        # Every consumer (q/k/v, gate/up, the head) would cast the output to the autocast dtype on
+        # its own: five copies per layer, each saved for backward. Casting once gives them one.
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return rms_norm(x, self.weight, self.eps, dt)  # in fp32, cast back before the weight, as HF does
 
 
 class KVCache(nn.Module):

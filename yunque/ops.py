@@ -20,24 +20,34 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from yunque import cpu_kernels
 
-def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if out_dtype is not None and cpu_kernels.rms_norm_ok(x, weight):  # one pass; the cast made in it
+        return cpu_kernels.rms_norm(x, weight, eps, out_dtype)
     # Normalise in fp32 and cast back before the weight, as HF does, so bf16 results match.
     h = x.float()
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    return weight * (h * r).to(x.dtype), r
+    y = weight * (h * r).to(x.dtype)
+    return (y if out_dtype is None else y.to(out_dtype)), r
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, r = _rms_norm_forward(x, weight, eps)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+        y, r = _rms_norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, r)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
+        if cpu_kernels.rms_norm_ok(x, weight) and g.dtype in (torch.float32, torch.bfloat16):
+            gx, gw = cpu_kernels.rms_norm_backward(g, x, weight, r, ctx.needs_input_grad[1])
+            return gx, gw, None, None
+        g = g.to(torch.promote_types(g.dtype, x.dtype))  # the output's cast, undone as autograd would
         n = x.float() * r  # the normalised input, recomputed
         gw = None
         if ctx.needs_input_grad[1]:
@@ -47,24 +57,33 @@ class _RMSNorm(torch.autograd.Function):
             gn = (g * weight).to(x.dtype).float()  # rounded where autograd would round it
             # d/dh of h * rsqrt(mean(h^2) + eps): r * (gn - n * mean(gn * n))
             gx = (r * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
-        return gx, gw, None
+        return gx, gw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """weight * x / rms(x), normalised in fp32; `out_dtype` casts the result (autocast's dtype)."""
     if not (x.requires_grad or weight.requires_grad) or not torch.is_grad_enabled():
-        return _rms_norm_forward(x, weight, eps)[0]  # inference: no Function call, no saved tensors
-    return _RMSNorm.apply(x, weight, eps)
+        return _rms_norm_forward(x, weight, eps, out_dtype)[0]  # inference: no Function call, no saved tensors
+    return _RMSNorm.apply(x, weight, eps, out_dtype)
+
+
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if cpu_kernels.elementwise_ok(gate, up):  # one pass, no silu temporary
+        return cpu_kernels.swiglu(gate, up)
+    return F.silu(gate) * up
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if cpu_kernels.elementwise_ok(g, gate, up):
+            return cpu_kernels.swiglu_backward(g, gate, up, *ctx.needs_input_grad)
         g_gate = g_up = None
         if ctx.needs_input_grad[1]:
             g_up = g * F.silu(gate)
@@ -76,7 +95,7 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up."""
     if not (gate.requires_grad or up.requires_grad) or not torch.is_grad_enabled():
-        return F.silu(gate) * up
+        return _swiglu_forward(gate, up)
     return _SwiGLU.apply(gate, up)
 
 

@@ -16,36 +16,10 @@
 #include "simd.h"
 
 using yq::bf16;
+using yq::Io;
+using yq::tail;
 
 namespace {
-
-template <class E>
-struct Io;
-template <>
-struct Io<bf16> {
-  static __m512 load(const bf16* p, __mmask16 m) { return yq::load_bf16(p, m); }
-  static void store(bf16* p, __mmask16 m, __m512 x) { _mm256_mask_storeu_epi16(p, m, yq::to_bf16(x)); }
-  static float get(const bf16* p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    __builtin_memcpy(&f, &u, 4);
-    return f;
-  }
-  static void put(bf16* p, float x) {
-    bf16 b[16];
-    _mm256_storeu_si256((__m256i*)b, yq::to_bf16(_mm512_set1_ps(x)));
-    *p = b[0];
-  }
-};
-template <>
-struct Io<float> {
-  static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(float* p, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(p, m, x); }
-  static float get(const float* p) { return *p; }
-  static void put(float* p, float x) { *p = x; }
-};
-
-inline __mmask16 tail(int V, int j) { return V - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - j)) - 1); }
 
 // logits (N, V) row stride ld; loss[i] = logsumexp(row i) - row i [target i]. With grad, row i
 // becomes softmax(row i) with 1 subtracted at the target, rounded to E.
@@ -71,7 +45,7 @@ void xent(E* logits, long ld, const int64_t* targets, float* loss, int N, int V,
     if (!grad) continue;
     for (int j = 0; j < V; j += 16) {
       const __mmask16 m = tail(V, j);
-      Io<E>::store(x + j, m, yq::exp_ps(_mm512_sub_ps(Io<E>::load(x + j, m), _mm512_set1_ps(lse))));
+      Io<E>::store(x + j, yq::exp_ps(_mm512_sub_ps(Io<E>::load(x + j, m), _mm512_set1_ps(lse))), m);
     }
     Io<E>::put(x + targets[i], std::exp(at_target) - 1.0f);  // redone from fp32, as the target entry
   }
