@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from yunque import cpu_kernels
-from yunque.model import ModelConfig, Segments, Transformer
+from yunque.model import ModelConfig, Segments, Transformer, apply_rope, rope_cos_sin
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an AVX512-BF16 CPU and g++")
 
@@ -128,9 +128,36 @@ def test_row_starts_of_segments():
     assert torch.equal(seg.row_starts(2, 16), want)
 
 
-def _tiny():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_inside_the_kernel_matches_rope_before_it(dtype):
+    """q and k rotated by the kernel: the same forward bits as RoPE's ops then the kernel; the gradients
+    taken back through the rotation in fp32 and rounded once (autograd rounds twice in bf16)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, K, T, hd = 2, 4, 2, 150, 64
+    q0 = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2)
+    k0, v0 = (torch.randn(B, T, K, hd, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    pos = torch.stack([torch.arange(T), torch.cat([torch.arange(60), torch.arange(90)])])  # packed row: restarts
+    cos, sin = rope_cos_sin(1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)), pos, torch.float32)
+    go = torch.randn(B, T, H, hd, generator=g).to(dtype)
+    runs = []
+    for fused in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        if fused:
+            assert cpu_kernels.rope_fusable(q, cos[:, 0], sin[:, 0])
+            y = cpu_kernels.attention(q, k, v, None, None, cos[:, 0], sin[:, 0])
+        else:
+            y = cpu_kernels.attention(apply_rope(q, cos, sin).to(dtype), apply_rope(k, cos, sin).to(dtype), v)
+        y.backward(go)
+        runs.append((y.detach(), q.grad, k.grad, v.grad))
+    (y, dq, dk, dv), (yr, dqr, dkr, dvr) = runs
+    assert torch.equal(y, yr) and torch.equal(dv, dvr)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel(dq, dqr) < tol and _rel(dk, dkr) < tol
+
+
+def _tiny(hd=16):
     cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # head dim 16
+                      num_attention_heads=64 // hd, num_key_value_heads=32 // hd)
     torch.manual_seed(0)
     m = Transformer(cfg)
     m.init_weights(torch.Generator().manual_seed(0))
@@ -139,10 +166,11 @@ def _tiny():
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bf16", [True, False])
-def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, packed, bf16):
+@pytest.mark.parametrize("hd", [16, 32])  # 32: RoPE inside the kernel
+def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, packed, bf16, hd):
     """Under bf16 autocast, and in fp32, the model routes attention through the kernel (checked), and
     its loss and gradients match the same step on PyTorch's attention to that precision."""
-    m = _tiny()
+    m = _tiny(hd)
     ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
     mask, pos = None, None
     if packed:
@@ -150,7 +178,7 @@ def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, p
         pos = torch.cat([torch.arange(20), torch.arange(28), torch.arange(48)]).view(2, 48)
     calls = []
     real = cpu_kernels.attention
-    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **kw: calls.append(len(a) == 7) or real(*a, **kw))
 
     def step():
         m.zero_grad()
@@ -160,7 +188,7 @@ def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, p
         return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
 
     loss, grads = step()
-    assert len(calls) == 2  # one per layer
+    assert calls == [hd == 32] * 2  # one per layer, with cos and sin when the head dim allows
     monkeypatch.setattr(cpu_kernels, "usable", lambda *a: False)
     loss_pt, grads_pt = step()
     assert len(calls) == 2

@@ -76,7 +76,9 @@ def _lib() -> ctypes.CDLL | None:
     for dt in ("bf16", "f32"):
         fwd, bwd = getattr(lib, f"yq_attn_fwd_{dt}"), getattr(lib, f"yq_attn_bwd_{dt}")
         fwd.argtypes = [*qkv, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
-        bwd.argtypes = [*qkv, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
+        bwd.argtypes = [*qkv, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _I, _I, _I, _I, _I, _I, _F, _I]
+        rope = getattr(lib, f"yq_rope_{dt}")
+        rope.argtypes, rope.restype = [_P, _L, _L, _L, _P, _P, _L, _L, _P, _I, _I, _I, _I, _I], None
         fwd.restype = bwd.restype = None
         xent = getattr(lib, f"yq_xent_{dt}")
         xent.argtypes, xent.restype = [_P, _L, _P, _P, _I, _I, _I, _I], None
@@ -116,24 +118,44 @@ def _operand(t: torch.Tensor) -> tuple[torch.Tensor, list]:
     return t, [t.data_ptr(), t.stride(0), t.stride(2), t.stride(1)]
 
 
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """fp32 (B or 1, T, hd) tables with one layout -> them and their [ptr, ptr, stride_b, stride_t]."""
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, [cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1)]
+
+
+def _rotated(x: torch.Tensor, tables: list) -> torch.Tensor:
+    """RoPE of x (B, n, T, hd) into a dense (B, T, n, hd) tensor, seen as (B, n, T, hd)."""
+    B, n, T, hd = x.shape
+    out = torch.empty(B, T, n, hd, dtype=x.dtype)
+    getattr(_lib(), f"yq_rope_{_SUFFIX[x.dtype]}")(x.data_ptr(), x.stride(0), x.stride(2), x.stride(1), *tables,
+                                                   out.data_ptr(), B, T, n, hd, torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seg, window: int, scale: float):
+    def forward(ctx, q, k, v, seg, window: int, scale: float, cos, sin):
         B, H, T, hd = q.shape
         K = k.shape[1]
+        tables = None
+        if cos is not None:  # q and k arrive before RoPE: rotate them here, one pass each
+            cos, sin, tables = _rope_tables(cos, sin, B)
+            q, k = _rotated(q, tables), _rotated(k, tables)
         (q, qa), (k, ka), (v, va) = _operand(q), _operand(k), _operand(v)
         out = torch.empty(B, T, H, hd, dtype=q.dtype)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         segp = seg.data_ptr() if seg is not None else None
         fwd = getattr(_lib(), f"yq_attn_fwd_{_SUFFIX[q.dtype]}")
         fwd(*qa, *ka, *va, segp, out.data_ptr(), lse.data_ptr(), B, T, H, K, hd, window, scale, torch.get_num_threads())
-        ctx.save_for_backward(q, k, v, out, lse, seg)
+        ctx.save_for_backward(q, k, v, out, lse, seg, cos, sin)
         ctx.window, ctx.scale = window, scale
         return out
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v, out, lse, seg = ctx.saved_tensors
+        q, k, v, out, lse, seg, cos, sin = ctx.saved_tensors
         B, H, T, hd = q.shape
         K = k.shape[1]
         g = g.contiguous()
@@ -141,22 +163,33 @@ class _Attention(torch.autograd.Function):
         dk = torch.empty(B, T, K, hd, dtype=q.dtype)
         dv = torch.empty(B, T, K, hd, dtype=q.dtype)
         (_, qa), (_, ka), (_, va) = _operand(q), _operand(k), _operand(v)
+        tables = _rope_tables(cos, sin, B)[2] if cos is not None else [None, None, 0, 0]
         bwd = getattr(_lib(), f"yq_attn_bwd_{_SUFFIX[q.dtype]}")
         bwd(*qa, *ka, *va, seg.data_ptr() if seg is not None else None, out.data_ptr(), g.data_ptr(), lse.data_ptr(),
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, H, K, hd, ctx.window, ctx.scale, torch.get_num_threads())
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *tables, B, T, H, K, hd, ctx.window, ctx.scale,
+            torch.get_num_threads())
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
+
+
+def rope_fusable(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether `attention` can apply RoPE itself: fp32 (B, T, hd) tables, whole 16-lane halves, no table gradient."""
+    return (cos.dtype == sin.dtype == torch.float32 and q.shape[-1] % 32 == 0 and cos.shape == sin.shape
+            and cos.dim() == 3 and cos.shape[1:] == (q.shape[2], q.shape[3]) and cos.shape[0] in (1, q.shape[0])
+            and not (cos.requires_grad or sin.requires_grad))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None = None,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention: q (B, H, T, hd), k/v (B, K, T, hd), bf16 or fp32 -> (B, T, H, hd).
 
     Query i sees keys max(seg_start[b, i], i - window + 1) .. i; seg_start (B, T) int32 holds
-    where each token's packed document begins in its row (None: row start).
+    where each token's packed document begins in its row (None: row start). With `cos` and the
+    signed `sin` ((B or 1, T, hd) fp32, see `rope_fusable`), q and k are taken before RoPE: they
+    are rotated in fp32 and rounded once, and their gradients are taken back through it.
     """
     if seg_start is not None:
         seg_start = seg_start.to(torch.int32).contiguous()
-    return _Attention.apply(q, k, v, seg_start, window or 0, q.shape[-1] ** -0.5)
+    return _Attention.apply(q, k, v, seg_start, window or 0, q.shape[-1] ** -0.5, cos, sin)
 
 
 def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:

@@ -213,18 +213,22 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
+        if self.cache is None and (mask is None or isinstance(mask, Segments)) and q.device.type == "cpu":
+            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+            if cpu_kernels.usable(q, dt):
+                seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
+                if q.dtype == k.dtype == v.dtype == dt and cpu_kernels.rope_fusable(q, cos[:, 0], sin[:, 0]):
+                    y = cpu_kernels.attention(q, k, v, seg, self.window, cos[:, 0], sin[:, 0])  # RoPE inside
+                else:
+                    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                    # RoPE ran in fp32; autocast casts SDPA's inputs the same way
+                    y = cpu_kernels.attention(q.to(dt), k.to(dt), v.to(dt), seg, self.window)  # (B, T, H, hd)
+                return self.o_proj(y.view(B, T, self.n_heads * self.hd))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(slots, k, v)  # (B, K, S, hd)
         # Grouped-query attention: each kv head serves H/K query heads, without copying the cache H/K times.
         gqa = self.n_kv != self.n_heads
-        if self.cache is None and (mask is None or isinstance(mask, Segments)) and q.device.type == "cpu":
-            dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-            if cpu_kernels.usable(q, dt):
-                q, k, v = q.to(dt), k.to(dt), v.to(dt)  # RoPE ran in fp32; autocast casts SDPA's inputs the same way
-                seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
-                y = cpu_kernels.attention(q, k, v, seg, self.window)  # (B, T, H, hd)
-                return self.o_proj(y.view(B, T, self.n_heads * self.hd))
         if isinstance(mask, Segments):
             return self.o_proj(segment_attention(q, k, v, mask.lengths, self.window, gqa))
         if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:

@@ -182,6 +182,48 @@ inline void visible(int j0, int lo, int hi, __mmask16 m[4]) {
   }
 }
 
+// RoPE in Hugging Face's rotate-half layout, with the sign folded into sin's first half:
+// y = x * cos + roll(x, hd/2) * sin. Tables are fp32 rows (B, T, hd) with strides (rb, rt).
+struct Rope {
+  const float* cos;
+  const float* sin;
+  long rb, rt;
+  const float* c(int b, int t) const { return cos + b * rb + (long)t * rt; }
+  const float* s(int b, int t) const { return sin + b * rb + (long)t * rt; }
+};
+
+// Rotates one row of hd values in fp32 (lo, hi halves) into dst.
+template <class E>
+inline void rotate_row(const E* x, const float* c, const float* s, int hd, E* dst) {
+  const int h2 = hd / 2;
+  for (int d = 0; d < h2; d += 16) {
+    const __m512 lo = El<E>::load(x + d), hi = El<E>::load(x + d + h2);
+    El<E>::store(dst + d, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + d)), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d))));
+    El<E>::store(dst + d + h2, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + d + h2)), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d + h2))));
+  }
+}
+
+// The gradient through the rotation, dx = dy * cos + roll(dy * sin, hd/2), of an fp32 row, rounded once.
+template <class E>
+inline void unrotate_row(const float* dy, const float* c, const float* s, int hd, E* dst) {
+  const int h2 = hd / 2;
+  for (int d = 0; d < h2; d += 16) {
+    const __m512 lo = _mm512_loadu_ps(dy + d), hi = _mm512_loadu_ps(dy + d + h2);
+    El<E>::store(dst + d, _mm512_fmadd_ps(lo, _mm512_loadu_ps(c + d), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d + h2))));
+    El<E>::store(dst + d + h2, _mm512_fmadd_ps(hi, _mm512_loadu_ps(c + d + h2), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d))));
+  }
+}
+
+// out (B, T, n, hd) dense = RoPE(x), x (B, T, n, hd) with strides (sb, st, sh).
+template <class E>
+void rope_fwd(const E* x, long sb, long st, long sh, Rope r, E* out, int B, int T, int n, int hd, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (long bt = 0; bt < (long)B * T; ++bt) {
+    const int b = bt / T, t = bt % T;
+    for (int h = 0; h < n; ++h) rotate_row(x + b * sb + t * st + h * sh, r.c(b, t), r.s(b, t), hd, out + (bt * n + h) * hd);
+  }
+}
+
 template <class E>
 void fwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh, const E* v, long vsb,
          long vst, long vsh, const int32_t* seg, E* out, float* lse, int B, int T, int H, int K, int hd, int window,
@@ -261,7 +303,7 @@ void fwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
 template <class E>
 void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh, const E* v, long vsb,
          long vst, long vsh, const int32_t* seg, const E* out, const E* dout, const float* lse, E* dq, E* dk, E* dv,
-         int B, int T, int H, int K, int hd, int window, float scale, int nthreads) {
+         const Rope* rope, int B, int T, int H, int K, int hd, int window, float scale, int nthreads) {
   constexpr int W = El<E>::W;
   const int Tp = (T + BN - 1) / BN * BN, G = H / K, hw = hd / W;
 #pragma omp parallel num_threads(nthreads)
@@ -335,16 +377,22 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
                     hd, true);
           }
         }
-        for (int i = 0; i < T; ++i)
-          for (int d = 0; d < hd; d += 16)
-            El<E>::store(dq + (((long)b * T + i) * H + h) * hd + d, _mm512_loadu_ps(dQ.data() + (long)i * hd + d));
-      }
-      for (int j = 0; j < T; ++j)
-        for (int d = 0; d < hd; d += 16) {
-          const long o = (((long)b * T + j) * K + kh) * hd + d;
-          El<E>::store(dk + o, _mm512_loadu_ps(dK.data() + (long)j * hd + d));
-          El<E>::store(dv + o, _mm512_loadu_ps(dV.data() + (long)j * hd + d));
+        for (int i = 0; i < T; ++i) {
+          E* dqi = dq + (((long)b * T + i) * H + h) * hd;
+          if (rope)
+            unrotate_row(dQ.data() + (long)i * hd, rope->c(b, i), rope->s(b, i), hd, dqi);
+          else
+            for (int d = 0; d < hd; d += 16) El<E>::store(dqi + d, _mm512_loadu_ps(dQ.data() + (long)i * hd + d));
         }
+      }
+      for (int j = 0; j < T; ++j) {
+        const long o = (((long)b * T + j) * K + kh) * hd;
+        if (rope) unrotate_row(dK.data() + (long)j * hd, rope->c(b, j), rope->s(b, j), hd, dk + o);
+        for (int d = 0; d < hd; d += 16) {
+          if (!rope) El<E>::store(dk + o + d, _mm512_loadu_ps(dK.data() + (long)j * hd + d));
+          El<E>::store(dv + o + d, _mm512_loadu_ps(dV.data() + (long)j * hd + d));
+        }
+      }
     }
   }
 }
@@ -353,7 +401,7 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
 
 extern "C" {
 
-int yq_attn_version() { return 2; }
+int yq_attn_version() { return 3; }
 
 #define YQ_ATTN(SUFFIX, E)                                                                                          \
   void yq_attn_fwd_##SUFFIX(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh,     \
@@ -362,12 +410,19 @@ int yq_attn_version() { return 2; }
     fwd<E>(q, qsb, qst, qsh, k, ksb, kst, ksh, v, vsb, vst, vsh, seg, out, lse, B, T, H, K, hd, window, scale,       \
            nthreads);                                                                                               \
   }                                                                                                                 \
+  /* cos == null: no RoPE in backward; else dq/dk are taken back through it (q/k were rotated by yq_rope). */      \
   void yq_attn_bwd_##SUFFIX(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long kst, long ksh,     \
                             const E* v, long vsb, long vst, long vsh, const int32_t* seg, const E* out,             \
-                            const E* dout, const float* lse, E* dq, E* dk, E* dv, int B, int T, int H, int K,       \
-                            int hd, int window, float scale, int nthreads) {                                         \
-    bwd<E>(q, qsb, qst, qsh, k, ksb, kst, ksh, v, vsb, vst, vsh, seg, out, dout, lse, dq, dk, dv, B, T, H, K, hd,    \
-           window, scale, nthreads);                                                                                \
+                            const E* dout, const float* lse, E* dq, E* dk, E* dv, const float* cos,                 \
+                            const float* sin, long rb, long rt, int B, int T, int H, int K, int hd, int window,     \
+                            float scale, int nthreads) {                                                            \
+    const Rope rope{cos, sin, rb, rt};                                                                              \
+    bwd<E>(q, qsb, qst, qsh, k, ksb, kst, ksh, v, vsb, vst, vsh, seg, out, dout, lse, dq, dk, dv,                   \
+           cos ? &rope : nullptr, B, T, H, K, hd, window, scale, nthreads);                                         \
+  }                                                                                                                 \
+  void yq_rope_##SUFFIX(const E* x, long sb, long st, long sh, const float* cos, const float* sin, long rb,        \
+                        long rt, E* out, int B, int T, int n, int hd, int nthreads) {                               \
+    rope_fwd<E>(x, sb, st, sh, Rope{cos, sin, rb, rt}, out, B, T, n, hd, nthreads);                                 \
   }
 
 YQ_ATTN(bf16, bf16)
