@@ -7,8 +7,10 @@ silu(gate) next to gate and up. Both are one cheap elementwise pass to recompute
 seq 512 x 4 they were a quarter of the saved activations of a 125M model (measured with
 saved-tensor hooks: 342 of 1406 MB in full fp32 training).
 
-The forwards are the same ops in the same order as before (and as Hugging Face's), so
-outputs are bit-identical; SwiGLU's backward is autograd's own formula (silu_backward), and
+On CPUs where yunque's kernels build (cpu_kernels), both run as one fused pass forward and
+one backward, with the same roundings (RMSNorm's sum of squares in another order, silu's exp
+within ~1 ulp). Elsewhere the forwards are the same ops in the same order as Hugging Face's,
+so outputs are bit-identical; SwiGLU's backward is autograd's own formula (silu_backward), and
 RMSNorm's is the closed form of the gradient, in fp32.
 """
 
