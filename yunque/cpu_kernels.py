@@ -96,6 +96,11 @@ def available() -> bool:
 
 
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+dtypes = frozenset(_SUFFIX)  # what every kernel takes
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_lib(), f"yq_{name}_{_SUFFIX[dtype]}")
 
 
 def usable(q: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
@@ -106,7 +111,7 @@ def usable(q: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     AVX512-BF16 without AMX, AMD Zen 4). AMX has no fp32 products, so fp32 stays here.
     """
     dtype = dtype or q.dtype
-    return (q.device.type == "cpu" and dtype in _SUFFIX and q.shape[-1] % 16 == 0 and available()
+    return (q.device.type == "cpu" and dtype in dtypes and q.shape[-1] % 16 == 0 and available()
             and (dtype == torch.float32 or "amx_bf16" not in _cpu_flags()))
 
 
@@ -118,7 +123,7 @@ def _operand(t: torch.Tensor) -> tuple[torch.Tensor, list]:
     return t, [t.data_ptr(), t.stride(0), t.stride(2), t.stride(1)]
 
 
-def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
     """fp32 (B or 1, T, hd) tables with one layout -> them and their [ptr, ptr, stride_b, stride_t]."""
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -129,8 +134,8 @@ def _rotated(x: torch.Tensor, tables: list) -> torch.Tensor:
     """RoPE of x (B, n, T, hd) into a dense (B, T, n, hd) tensor, seen as (B, n, T, hd)."""
     B, n, T, hd = x.shape
     out = torch.empty(B, T, n, hd, dtype=x.dtype)
-    getattr(_lib(), f"yq_rope_{_SUFFIX[x.dtype]}")(x.data_ptr(), x.stride(0), x.stride(2), x.stride(1), *tables,
-                                                   out.data_ptr(), B, T, n, hd, torch.get_num_threads())
+    _fn("rope", x.dtype)(x.data_ptr(), x.stride(0), x.stride(2), x.stride(1), *tables, out.data_ptr(), B, T, n, hd,
+                         torch.get_num_threads())
     return out.transpose(1, 2)
 
 
@@ -141,13 +146,13 @@ class _Attention(torch.autograd.Function):
         K = k.shape[1]
         tables = None
         if cos is not None:  # q and k arrive before RoPE: rotate them here, one pass each
-            cos, sin, tables = _rope_tables(cos, sin, B)
+            cos, sin, tables = _rope_tables(cos, sin)
             q, k = _rotated(q, tables), _rotated(k, tables)
         (q, qa), (k, ka), (v, va) = _operand(q), _operand(k), _operand(v)
         out = torch.empty(B, T, H, hd, dtype=q.dtype)
         lse = torch.empty(B, H, T, dtype=torch.float32)
         segp = seg.data_ptr() if seg is not None else None
-        fwd = getattr(_lib(), f"yq_attn_fwd_{_SUFFIX[q.dtype]}")
+        fwd = _fn("attn_fwd", q.dtype)
         fwd(*qa, *ka, *va, segp, out.data_ptr(), lse.data_ptr(), B, T, H, K, hd, window, scale, torch.get_num_threads())
         ctx.save_for_backward(q, k, v, out, lse, seg, cos, sin)
         ctx.window, ctx.scale = window, scale
@@ -163,8 +168,8 @@ class _Attention(torch.autograd.Function):
         dk = torch.empty(B, T, K, hd, dtype=q.dtype)
         dv = torch.empty(B, T, K, hd, dtype=q.dtype)
         (_, qa), (_, ka), (_, va) = _operand(q), _operand(k), _operand(v)
-        tables = _rope_tables(cos, sin, B)[2] if cos is not None else [None, None, 0, 0]
-        bwd = getattr(_lib(), f"yq_attn_bwd_{_SUFFIX[q.dtype]}")
+        tables = _rope_tables(cos, sin)[2] if cos is not None else [None, None, 0, 0]
+        bwd = _fn("attn_bwd", q.dtype)
         bwd(*qa, *ka, *va, seg.data_ptr() if seg is not None else None, out.data_ptr(), g.data_ptr(), lse.data_ptr(),
             dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *tables, B, T, H, K, hd, ctx.window, ctx.scale,
             torch.get_num_threads())
@@ -197,10 +202,10 @@ def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tens
 
     With `grad`, `logits` is overwritten by d CE / d logits = softmax - onehot, in its dtype.
     """
-    assert logits.dtype in _SUFFIX and logits.stride(1) == 1 and logits.device.type == "cpu"
+    assert logits.dtype in dtypes and logits.stride(1) == 1 and logits.device.type == "cpu"
     targets = targets.to(torch.int64).contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
-    xent = getattr(_lib(), f"yq_xent_{_SUFFIX[logits.dtype]}")
+    xent = _fn("xent", logits.dtype)
     xent(logits.data_ptr(), logits.stride(0), targets.data_ptr(), loss.data_ptr(), logits.shape[0], logits.shape[1],
          int(grad), torch.get_num_threads())
     return loss
@@ -209,7 +214,7 @@ def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tens
 def elementwise_ok(*ts: torch.Tensor) -> bool:
     """Whether the elementwise kernels take these: CPU, one dtype (bf16 or fp32), all the same shape."""
     t0 = ts[0]
-    return (t0.device.type == "cpu" and t0.dtype in _SUFFIX and available()
+    return (t0.device.type == "cpu" and t0.dtype in dtypes and available()
             and all(t.device == t0.device and t.dtype == t0.dtype and t.shape == t0.shape for t in ts))
 
 
@@ -217,8 +222,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, silu rounded to the dtype first, as `F.silu(gate) * up`."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    getattr(_lib(), f"yq_swiglu_fwd_{_SUFFIX[gate.dtype]}")(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                                             torch.get_num_threads())
+    _fn("swiglu_fwd", gate.dtype)(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
     return out
 
 
@@ -228,7 +232,7 @@ def swiglu_backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, need_
     g, gate, up = g.contiguous(), gate.contiguous(), up.contiguous()
     dgate = torch.empty_like(gate) if need_gate else None
     dup = torch.empty_like(up) if need_up else None
-    getattr(_lib(), f"yq_swiglu_bwd_{_SUFFIX[gate.dtype]}")(
+    _fn("swiglu_bwd", gate.dtype)(
         g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr() if need_gate else None,
         dup.data_ptr() if need_up else None, gate.numel(), torch.get_num_threads())
     return dgate, dup
@@ -246,8 +250,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     D = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype)
     r = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    getattr(_lib(), f"yq_rms_fwd_{_SUFFIX[out_dtype]}")(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(),
-                                                       r.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
+    _fn("rms_fwd", out_dtype)(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), r.data_ptr(), x.numel() // D,
+                              D, eps, torch.get_num_threads())
     return y, r
 
 
@@ -258,7 +262,7 @@ def rms_norm_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r:
     D = x.shape[-1]
     gx = torch.empty_like(x)
     gw = torch.empty(D, dtype=torch.float32) if need_weight else None
-    getattr(_lib(), f"yq_rms_bwd_{_SUFFIX[g.dtype]}")(
+    _fn("rms_bwd", g.dtype)(
         g.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), r.data_ptr(), gx.data_ptr(),
         gw.data_ptr() if need_weight else None, x.numel() // D, D, torch.get_num_threads())
     return gx, gw

@@ -217,8 +217,9 @@ class Attention(nn.Module):
             dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
             if cpu_kernels.usable(q, dt):
                 seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
-                if q.dtype == k.dtype == v.dtype == dt and cpu_kernels.rope_fusable(q, cos[:, 0], sin[:, 0]):
-                    y = cpu_kernels.attention(q, k, v, seg, self.window, cos[:, 0], sin[:, 0])  # RoPE inside
+                cos0, sin0 = cos[:, 0], sin[:, 0]  # (B, T, hd)
+                if q.dtype == k.dtype == v.dtype == dt and cpu_kernels.rope_fusable(q, cos0, sin0):
+                    y = cpu_kernels.attention(q, k, v, seg, self.window, cos0, sin0)  # RoPE inside
                 else:
                     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
                     # RoPE ran in fp32; autocast casts SDPA's inputs the same way

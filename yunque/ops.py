@@ -46,7 +46,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        if cpu_kernels.rms_norm_ok(x, weight) and g.dtype in (torch.float32, torch.bfloat16):
+        if cpu_kernels.rms_norm_ok(x, weight) and g.dtype in cpu_kernels.dtypes:
             gx, gw = cpu_kernels.rms_norm_backward(g, x, weight, r, ctx.needs_input_grad[1])
             return gx, gw, None, None
         g = g.to(torch.promote_types(g.dtype, x.dtype))  # the output's cast, undone as autograd would

@@ -124,7 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
         w = weight.to(compute_dtype)
         step = _chunk_rows(weight.shape[0])
-        fused = compute_dtype in (torch.bfloat16, torch.float32) and h.device.type == "cpu" and cpu_kernels.available()
+        fused = compute_dtype in cpu_kernels.dtypes and h.device.type == "cpu" and cpu_kernels.available()
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
             grad = gh is not None or gw is not None

@@ -29,6 +29,7 @@
 
 using yq::bf16;
 using yq::exp_ps;
+using yq::Io;
 using yq::load_bf16;
 using yq::to_bf16;
 typedef uint32_t u32;
@@ -37,7 +38,8 @@ namespace {
 
 constexpr int BM = 64, BN = 64;  // query rows x key columns per tile
 
-// Element traits. W elements make one 32-bit word of the reduction dimension.
+// Product traits. W elements make one 32-bit word of the reduction dimension (loads and
+// stores are simd.h's Io).
 template <class E>
 struct El;
 template <>
@@ -46,8 +48,6 @@ struct El<bf16> {
   static __m512 fma(__m512 c, u32 a, __m512i b) {
     return _mm512_dpbf16_ps(c, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)b);
   }
-  static __m512 load(const bf16* p) { return load_bf16(p); }
-  static void store(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, to_bf16(x)); }
 };
 template <>
 struct El<float> {
@@ -57,8 +57,6 @@ struct El<float> {
     __builtin_memcpy(&f, &a, 4);
     return _mm512_fmadd_ps(_mm512_set1_ps(f), _mm512_castsi512_ps(b), c);
   }
-  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 };
 
 // C[R x 16*NV] (+)= A . B over K2 words. A word (r, kk) = A[r*ars + kk*aks]; B word (kk, n) =
@@ -197,9 +195,9 @@ template <class E>
 inline void rotate_row(const E* x, const float* c, const float* s, int hd, E* dst) {
   const int h2 = hd / 2;
   for (int d = 0; d < h2; d += 16) {
-    const __m512 lo = El<E>::load(x + d), hi = El<E>::load(x + d + h2);
-    El<E>::store(dst + d, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + d)), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d))));
-    El<E>::store(dst + d + h2, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + d + h2)), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d + h2))));
+    const __m512 lo = Io<E>::load(x + d), hi = Io<E>::load(x + d + h2);
+    Io<E>::store(dst + d, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + d)), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d))));
+    Io<E>::store(dst + d + h2, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + d + h2)), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d + h2))));
   }
 }
 
@@ -209,8 +207,8 @@ inline void unrotate_row(const float* dy, const float* c, const float* s, int hd
   const int h2 = hd / 2;
   for (int d = 0; d < h2; d += 16) {
     const __m512 lo = _mm512_loadu_ps(dy + d), hi = _mm512_loadu_ps(dy + d + h2);
-    El<E>::store(dst + d, _mm512_fmadd_ps(lo, _mm512_loadu_ps(c + d), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d + h2))));
-    El<E>::store(dst + d + h2, _mm512_fmadd_ps(hi, _mm512_loadu_ps(c + d + h2), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d))));
+    Io<E>::store(dst + d, _mm512_fmadd_ps(lo, _mm512_loadu_ps(c + d), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d + h2))));
+    Io<E>::store(dst + d + h2, _mm512_fmadd_ps(hi, _mm512_loadu_ps(c + d + h2), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d))));
   }
 }
 
@@ -278,7 +276,7 @@ void fwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
           for (int c = 0; c < 4; ++c) {
             __m512 p = _mm512_maskz_mov_ps(vis[c], exp_ps(_mm512_sub_ps(x[c], _mm512_set1_ps(mnew))));
             sum = _mm512_add_ps(sum, p);
-            El<E>::store(pr + 16 * c, p);
+            Io<E>::store(pr + 16 * c, p);
           }
           l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
           m[r] = mnew;
@@ -292,7 +290,7 @@ void fwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
       for (int r = 0; r < M; ++r) {
         const __m512 inv = _mm512_set1_ps(1.f / l[r]);
         E* o = out + (((long)b * T + i0 + r) * H + h) * hd;
-        for (int d = 0; d < hd; d += 16) El<E>::store(o + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), inv));
+        for (int d = 0; d < hd; d += 16) Io<E>::store(o + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), inv));
         lse[((long)b * H + h) * T + i0 + r] = m[r] + std::log(l[r]);
       }
     }
@@ -336,7 +334,7 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
         for (int i = 0; i < T; ++i) {  // D_i = dO_i . O_i
           __m512 s = _mm512_setzero_ps();
           for (int d = 0; d < hd; d += 16)
-            s = _mm512_fmadd_ps(El<E>::load(gb + (long)i * H * hd + d), El<E>::load(ob + (long)i * H * hd + d), s);
+            s = _mm512_fmadd_ps(Io<E>::load(gb + (long)i * H * hd + d), Io<E>::load(ob + (long)i * H * hd + d), s);
           D[i] = _mm512_reduce_add_ps(s);
         }
         std::fill(dQ.begin(), dQ.end(), 0.f);
@@ -382,15 +380,15 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
           if (rope)
             unrotate_row(dQ.data() + (long)i * hd, rope->c(b, i), rope->s(b, i), hd, dqi);
           else
-            for (int d = 0; d < hd; d += 16) El<E>::store(dqi + d, _mm512_loadu_ps(dQ.data() + (long)i * hd + d));
+            for (int d = 0; d < hd; d += 16) Io<E>::store(dqi + d, _mm512_loadu_ps(dQ.data() + (long)i * hd + d));
         }
       }
       for (int j = 0; j < T; ++j) {
         const long o = (((long)b * T + j) * K + kh) * hd;
         if (rope) unrotate_row(dK.data() + (long)j * hd, rope->c(b, j), rope->s(b, j), hd, dk + o);
         for (int d = 0; d < hd; d += 16) {
-          if (!rope) El<E>::store(dk + o + d, _mm512_loadu_ps(dK.data() + (long)j * hd + d));
-          El<E>::store(dv + o + d, _mm512_loadu_ps(dV.data() + (long)j * hd + d));
+          if (!rope) Io<E>::store(dk + o + d, _mm512_loadu_ps(dK.data() + (long)j * hd + d));
+          Io<E>::store(dv + o + d, _mm512_loadu_ps(dV.data() + (long)j * hd + d));
         }
       }
     }

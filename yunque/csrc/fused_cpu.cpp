@@ -28,6 +28,9 @@ namespace {
 
 constexpr long CHUNK = 4096;  // elements per work item: elementwise, so results do not depend on the split
 
+// 1 + e^-x: silu(x) = x / it and sigmoid(x) = 1 / it, divided as PyTorch divides.
+inline __m512 silu_den(__m512 x) { return _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))); }
+
 // out = silu(gate) * up, silu(gate) rounded to E first (F.silu(gate) * up).
 template <class E>
 void swiglu_fwd(const E* gate, const E* up, E* out, long n, int nthreads) {
@@ -37,7 +40,7 @@ void swiglu_fwd(const E* gate, const E* up, E* out, long n, int nthreads) {
     for (long j = c; j < end; j += 16) {
       const __mmask16 m = tail(end, j);
       const __m512 x = Io<E>::load(gate + j, m);
-      const __m512 s = Io<E>::round(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+      const __m512 s = Io<E>::round(_mm512_div_ps(x, silu_den(x)));
       Io<E>::store(out + j, _mm512_mul_ps(s, Io<E>::load(up + j, m)), m);
     }
   }
@@ -53,7 +56,7 @@ void swiglu_bwd(const E* g, const E* gate, const E* up, E* dgate, E* dup, long n
     for (long j = c; j < end; j += 16) {
       const __mmask16 m = tail(end, j);
       const __m512 x = Io<E>::load(gate + j, m), gv = Io<E>::load(g + j, m), one = _mm512_set1_ps(1.f);
-      const __m512 den = _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)));  // 1 + e^-x, shared
+      const __m512 den = silu_den(x);  // shared by both gradients
       if (dup) Io<E>::store(dup + j, _mm512_mul_ps(gv, Io<E>::round(_mm512_div_ps(x, den))), m);
       if (dgate) {
         const __m512 gu = Io<E>::round(_mm512_mul_ps(gv, Io<E>::load(up + j, m)));
