@@ -89,9 +89,9 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         import contextlib
 
         from yunque.formats.hf import load_model
-        from yunque.training import CausalLMLoss, DeviceBatch, keep_freed_memory, make_optimizer, train_step
+        from yunque.training import CausalLMLoss, DeviceBatch, make_optimizer, train_step, tune_cpu_memory
 
-        keep_freed_memory()  # what `yunque train` does on CPU
+        tune_cpu_memory()  # what `yunque train` does on CPU
         model = load_model(model_dir, dtype=torch.float32)
         if method == "lora":
             from yunque.lora import LoraConfig, apply_lora, store_frozen_linears_
@@ -199,7 +199,7 @@ def bench_sft(args, work: Path) -> None:
     from yunque.packing import ArraySource, Packer
     from yunque.presets import get_preset
     from yunque.tokenizer import train_bpe
-    from yunque.training import CausalLMLoss, keep_freed_memory, make_optimizer, to_device, train_step
+    from yunque.training import CausalLMLoss, make_optimizer, to_device, train_step, tune_cpu_memory
 
     pairs = _alpaca(args.sft_examples)
     (work / "sft.txt").write_text("\n".join(p + c for p, c in pairs), encoding="utf-8")
@@ -221,7 +221,7 @@ def bench_sft(args, work: Path) -> None:
           f"max {lens[-1]}; model {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M, full fine-tuning")
 
     def yunque_epoch(prec: str) -> tuple[float, int, int]:
-        keep_freed_memory()  # what `yunque train` does on CPU (it stays on for the HF runs after it)
+        tune_cpu_memory()  # what `yunque train` does on CPU (it stays on for the HF runs after it)
         m = Transformer(cfg)
         m.load_state_dict(state)
         mod = CausalLMLoss(m).train()

@@ -45,32 +45,40 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(flags.split(":", 1)[-1].split())
 
 
-def _build(cxx: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # same folder: the rename is atomic
-        so = Path(tmp) / out.name
-        subprocess.run([cxx, *_FLAGS, *map(str, _SRCS), "-o", str(so)], check=True, capture_output=True, text=True)
-        os.replace(so, out)
+def compile_and_load(stem: str, srcs: list[Path], flags: list[str], label: str, fallback: str) -> ctypes.CDLL | None:
+    """Build `srcs` with g++ ($CXX) into the cache once per source, compiler and flags, and load it.
+
+    None when there is no compiler; None and a warning ("{label} unavailable, {fallback}") when the build fails.
+    """
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in srcs) + " ".join([cxx, version, *flags]).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("YUNQUE_CACHE") or Path.home() / ".cache" / "yunque") / "kernels"
+        so = cache / f"{stem}-{key}.so"
+        if not so.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # same folder: the rename is atomic
+                out = Path(tmp) / so.name
+                cmd = [cxx, *[str(p) for p in srcs if p.suffix == ".cpp"], *flags, "-o", str(out)]
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                os.replace(out, so)
+        return ctypes.CDLL(str(so))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        warnings.warn(f"yunque: {label} unavailable, {fallback} ({detail.strip()[:300]})", stacklevel=3)
+        return None
 
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
     if os.environ.get("YUNQUE_CPU_KERNELS", "1") == "0" or "avx512_bf16" not in _cpu_flags():
         return None
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if cxx is None:
-        return None
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SRCS + _HEADERS) + " ".join([cxx, version, *_FLAGS]).encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("YUNQUE_CACHE") or Path.home() / ".cache" / "yunque") / "kernels"
-        so = cache / f"cpu_kernels-{key}.so"
-        if not so.exists():
-            _build(cxx, so)
-        lib = ctypes.CDLL(str(so))  # links libgomp.so.1 by soname: torch's, already loaded, so one thread pool
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", None) or str(e)
-        warnings.warn(f"yunque: CPU kernels unavailable, using PyTorch's ops ({detail.strip()[:300]})", stacklevel=2)
+    # links libgomp.so.1 by soname: torch's, already loaded, so one thread pool
+    lib = compile_and_load("cpu_kernels", _SRCS + _HEADERS, _FLAGS, "CPU kernels", "using PyTorch's ops")
+    if lib is None:
         return None
     qkv = [_P, _L, _L, _L] * 3
     for dt in ("bf16", "f32"):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from yunque import cpu_arena
 from yunque import distributed as D
 from yunque.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                set_rng_state, unflatten_optimizer)
@@ -30,8 +31,8 @@ from yunque.tokenizer import Tokenizer
 from yunque.tracking import Progress, Tracker
 from yunque.train_config import TrainConfig
 from yunque.train_data import load_data, resolve_tokenizer, token_bytes
-from yunque.training import (CausalLMLoss, eval_metrics, evaluate, keep_freed_memory, lr_at, make_optimizer, set_lr,
-                             to_device, train_step)
+from yunque.training import (CausalLMLoss, eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device, train_step,
+                             tune_cpu_memory)
 
 PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
 
@@ -105,7 +106,7 @@ class Trainer:
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
         if self.device.type == "cpu":
-            keep_freed_memory()
+            tune_cpu_memory()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         if cfg.eval.patience and self.data.val is None:
@@ -269,6 +270,7 @@ class Trainer:
 
         write_outputs(self, result)
         D.barrier(d)
+        cpu_arena.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
         return result
 
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:

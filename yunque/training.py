@@ -30,32 +30,34 @@ from yunque.packing import IGNORE, Batch
 # ---------------------------------------------------------------- CPU allocator
 
 
-def keep_freed_memory() -> bool:
-    """Stop glibc from returning freed tensor memory to the OS between steps (Linux, glibc only).
+def tune_cpu_memory() -> bool:
+    """Keep a CPU training step's memory from fragmenting or being handed back each step.
 
-    Every training step frees and re-allocates the same large activation and gradient buffers.
-    By default glibc serves blocks >= 128 KiB-32 MiB with fresh mmap()s and trims the heap on
-    free, so each step page-faults its whole working set back in (hundreds of MB, measured
-    130k faults per base-preset step; 0 after this). Disabling mmap allocation and trimming
-    keeps the pages: RSS stays at the step's peak, which it reaches every step anyway.
-
-    That peak RSS is ~2x the peak of live tensor memory (56M LoRA fp32: 1.89 GB against 0.89 GB
-    by mallinfo2): torch asks for 64-byte-aligned blocks, and glibc's memalign cannot reuse a
-    freed block of the same size once small allocations take its alignment slack (glibc bug
-    14581). Serving blocks >= 4 MiB by mmap instead brings the peak to 1.29 GB at 1.4x the step time.
+    Every step frees and re-allocates the same large activation and gradient buffers. Tensors
+    >= 256 KiB go to yunque's arena (cpu_arena: best fit in a range of their own, pages kept),
+    which holds peak RSS to within ~10% of peak live tensor memory; on glibc's heap it was
+    1.3-1.4x (torch's 64-byte-aligned blocks fragment it, glibc bug 14581). For what stays on
+    glibc (small blocks, or all of it without the arena) mmap allocation and trimming are off:
+    by default glibc serves blocks >= 128 KiB-32 MiB with fresh mmap()s and trims the heap on
+    free, so each step page-faulted its working set back in (130k faults per base-preset step).
+    Returns whether the arena is installed.
     """
     import ctypes
     import ctypes.util
     import platform
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_MAX, 0))
-    except (OSError, AttributeError):
-        return False
+    from yunque import cpu_arena
+
+    arena = cpu_arena.install()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+            libc.mallopt(M_MMAP_MAX, 0)
+        except (OSError, AttributeError):
+            pass
+    return arena
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -112,6 +114,9 @@ def _chunk_rows(vocab: int) -> int:
     return max(256, min(2048, (1 << 24) // vocab) // 256 * 256)
 
 
+_ADD_SLICE = 1 << 20  # elements of wg added to gw at a time: a 4 MB fp32 temporary
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) with the gradients computed chunk by chunk in forward."""
 
@@ -125,15 +130,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         step = _chunk_rows(weight.shape[0])
         fused = compute_dtype in cpu_kernels.dtypes and h.device.type == "cpu" and cpu_kernels.available()
+        # The chunk's logits and the bf16 weight-gradient product get one buffer each for the whole
+        # loop. Allocated per chunk, each freed (V, D) product left a hole the next chunk's logits
+        # split, so the heap grew by one more buffer: the step's peak memory is here.
+        logits = torch.empty(min(step, n), weight.shape[0], dtype=compute_dtype, device=h.device)
+        wg = torch.empty(weight.shape, dtype=compute_dtype, device=h.device) if gw is not None and gw.dtype != compute_dtype else None
+        wg_rows = max(1, _ADD_SLICE // weight.shape[1])
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
             grad = gh is not None or gw is not None
+            z = torch.mm(hc, w.t(), out=logits[:len(hc)])  # (c, V)
             if fused:  # the same math in one read of the logits and two of L2, gradient written over them
-                g = hc @ w.t()  # (c, V)
+                g = z
                 loss += cpu_kernels.xent_(g, yc, grad=grad).sum()
             else:
                 # log_softmax is one fused pass per row; logsumexp would allocate two (c, V) temporaries.
-                logp = torch.log_softmax(hc @ w.t(), dim=-1, dtype=acc)  # (c, V)
+                logp = torch.log_softmax(z, dim=-1, dtype=acc)  # (c, V)
                 at_target = logp.gather(1, yc[:, None]).squeeze(1)  # log p(y)
                 loss -= at_target.sum()
                 if grad:
@@ -145,18 +157,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not grad:
                 continue
             if gh is not None:
-                gh[s:s + step] = (g @ w).to(h.dtype)
+                if gh.dtype == g.dtype:
+                    torch.mm(g, w, out=gh[s:s + step])
+                else:
+                    gh[s:s + step] = g @ w
             if gw is not None:
-                gw.add_(g.t() @ hc)
+                if wg is None:  # accumulated inside the GEMM
+                    gw.addmm_(g.t(), hc)
+                else:  # a bf16 product into fp32: add_ would cast all of it to a (V, D) fp32 temporary first
+                    torch.mm(g.t(), hc, out=wg)
+                    for r in range(0, len(wg), wg_rows):
+                        gw[r:r + wg_rows].add_(wg[r:r + wg_rows])
         ctx.save_for_backward(gh, gw)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Scaled in place: a second (V, D) buffer at the start of backward, when every activation
+        # is still alive, would raise the step's peak. So the graph can be walked only once.
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("linear_cross_entropy: backward ran twice on one graph (retain_graph is not supported)")
+        ctx.spent = True
         gh, gw = ctx.saved_tensors
-        dh = gh * grad_out.to(gh.dtype) if gh is not None else None
-        dw = (gw * grad_out).to(ctx.weight_dtype) if gw is not None else None
+        dh = gh.mul_(grad_out.to(gh.dtype)) if gh is not None else None
+        dw = gw.mul_(grad_out).to(ctx.weight_dtype) if gw is not None else None
         return dh, dw, None, None, None
 
 
