@@ -179,3 +179,34 @@ def test_layer_recipes_free_norm_outputs_and_swiglu_product_with_identical_grads
     assert len(results[0]) > 1
     for a, b in zip(*results):
         assert torch.equal(a, b)  # bit-identical: the recipes redo the forward's exact ops
+
+
+@pytest.mark.parametrize("recipes", [False, True])
+def test_params_recast_in_backward_keeps_weight_copies_as_casts_with_identical_grads(monkeypatch, recipes):
+    """Under bf16 autocast every linear's bf16 weight copy is saved as its cast, also inside the
+    layer's own recipe blocks (the innermost hooks are the only ones autograd calls)."""
+    from yunque import ops
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", num_hidden_layers=1))
+    model.init_weights(torch.Generator().manual_seed(0))
+    layer = model.model.layers[0].train()
+    T = 32
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(T).expand(2, T), torch.float32)
+    x0 = torch.randn(2, T, 128)
+    pack = ops._pack_cast
+    casts = []
+    monkeypatch.setattr(ops, "_pack_cast", lambda x: casts.append(pack(x)) or casts[-1])
+    results, counts = [], []
+    for recast in (False, True):
+        casts.clear()
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), ops.params_recast_in_backward(recast):
+            y = layer(x, cos, sin, None, None, recipes=recipes)
+        y.float().square().sum().backward()  # after autocast: its cache of weight copies is gone
+        counts.append(sum(isinstance(c, ops._ParamCast) for c in casts))
+        results.append([x.grad] + [p.grad for p in layer.parameters()])
+        layer.zero_grad(set_to_none=True)
+    assert counts == [0, 7]  # q, k, v, o, gate, up, down
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -57,9 +57,9 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (hd/2,), including llama3 / linear context scaling."""
+    """Inverse frequencies (hd/2,) on the CPU, including llama3 / linear context scaling."""
     hd = cfg.hd
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     rs = cfg.rope_scaling or {}
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "linear":
@@ -287,7 +287,12 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # nn.Embedding's own init is normal_(), which on the meta device (how checkpoints are loaded)
+        # runs a Python decomposition that imports torch._dynamo and sympy: 70 MB of RSS and ~1 s.
+        w = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if w.device.type != "meta":
+            nn.init.normal_(w)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=w)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -300,7 +305,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # Made on the CPU even under `torch.device("meta")`: meta arange is a Python decomposition (see Backbone).
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
         self.gradient_checkpointing = False
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -230,7 +230,8 @@ class Trainer:
                 micro.append(to_device(b.rows(r * mb, (r + 1) * mb), self.device))
             loss_sum, norm = train_step(self.module, self.optimizer, micro, n_targets, world=d.world,
                                         precision=cfg.precision, grad_clip=cfg.optim.grad_clip,
-                                        no_sync=D.no_sync(d, self.module), params=self.params)
+                                        no_sync=D.no_sync(d, self.module), params=self.params,
+                                        recast_weights=d.kind != "fsdp")
             self.step += 1
             self.tokens += self.rows_per_step * cfg.data.seq_len
             pending.append((self.step, loss_sum, n_targets, lr, norm))

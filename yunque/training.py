@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from yunque import cpu_kernels
 from yunque.model import Segments, Transformer
+from yunque.ops import params_recast_in_backward
 from yunque.packing import IGNORE, Batch
 
 # ---------------------------------------------------------------- CPU allocator
@@ -228,27 +229,34 @@ def to_device(b: Batch, device: torch.device) -> DeviceBatch:
                        idx.to(device, non_blocking=nb), flat[idx].to(device, non_blocking=nb))
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast; `cache=False`: no cache of weight copies (each linear casts its own, once)."""
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro: list[DeviceBatch], n_targets: int,
                *, world: int, precision: str, grad_clip: float, no_sync: Callable[[bool], contextlib.AbstractContextManager],
-               params: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+               params: Iterable[torch.Tensor], recast_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over the micro-batches of this rank.
 
     `n_targets` is the trained-token count of the whole step on all ranks; each rank's sum is
     scaled by world / n_targets because DDP/FSDP average gradients over ranks. Returns this
     rank's summed loss (a device tensor: no host sync) and the pre-clip gradient norm.
+    `recast_weights`: under bf16, keep no bf16 weight copies for backward (ops.params_recast_in_backward);
+    off under FSDP, whose gathered weights are freed after forward.
     """
     device = micro[0].input_ids.device
     scale = world / max(1, n_targets)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for i, mb in enumerate(micro):
-        with no_sync(i < len(micro) - 1), autocast(device, precision):
-            loss = module(mb.input_ids, mb.positions, mb.mask, mb.target_idx, mb.targets)
+        with no_sync(i < len(micro) - 1):
+            # Without autocast's cache, and with the copies saved as their casts, no bf16 copy of
+            # the weights outlives the linear that used it.
+            recast = precision == "bf16" and recast_weights
+            with autocast(device, precision, cache=not recast), params_recast_in_backward(recast):
+                loss = module(mb.input_ids, mb.positions, mb.mask, mb.target_idx, mb.targets)
             (loss * scale).backward()
         total += loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip) if grad_clip > 0 else None
