@@ -31,7 +31,7 @@ def _cfg(corpus, out, **kw) -> TrainConfig:
 def test_linear_cross_entropy_matches_reference(monkeypatch):
     import yunque.training
 
-    monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab: 128)  # 300 rows: chunks of 128, 128, 44
+    monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab, itemsize: 128)  # 300 rows: chunks of 128, 128, 44
     torch.manual_seed(0)
     h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1000, 32, dtype=torch.float64, requires_grad=True)
@@ -55,7 +55,7 @@ def test_linear_cross_entropy_bf16_matches_autocast_reference(monkeypatch, chunk
     import yunque.training
 
     if chunked:
-        monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab: 128)
+        monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab, itemsize: 128)
         monkeypatch.setattr(yunque.training, "_ADD_SLICE", 64 * 100)
     torch.manual_seed(0)
     h = torch.randn(300, 64, requires_grad=True)

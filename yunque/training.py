@@ -107,12 +107,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ---------------------------------------------------------------- loss
 
 
-def _chunk_rows(vocab: int) -> int:
-    # ~16M logits (64 MiB in fp32) per chunk, and never under 256 rows: with fewer, the head's
-    # GEMMs run far below peak and the weight gradient is re-read once per chunk (measured at a
-    # 128k vocabulary: 65-row chunks took 1.5x as long as 256-row ones). A multiple of 256: at a
-    # 32k vocabulary, 524-row chunks ran the bf16 head GEMMs 7-10% slower than 512-row ones.
-    return max(256, min(2048, (1 << 24) // vocab) // 256 * 256)
+def _chunk_rows(vocab: int, itemsize: int) -> int:
+    # ~32 MiB of logits per chunk, and never under 256 rows: with fewer, the head's GEMMs run far
+    # below peak and the weight gradient is re-read once per chunk (measured at a 128k vocabulary:
+    # 65-row chunks took 1.5x as long as 256-row ones). A multiple of 256: at a 32k vocabulary,
+    # 524-row chunks ran the bf16 head GEMMs 7-10% slower than 512-row ones. The chunk is live at
+    # the step's peak of memory (all activations alive), so in fp32 it is half as many rows.
+    return max(256, min(2048, (32 << 20) // (vocab * itemsize)) // 256 * 256)
 
 
 _ADD_SLICE = 1 << 20  # elements of wg added to gw at a time: a 4 MB fp32 temporary
@@ -129,7 +130,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
         w = weight.to(compute_dtype)
-        step = _chunk_rows(weight.shape[0])
+        step = _chunk_rows(weight.shape[0], compute_dtype.itemsize)
         fused = compute_dtype in cpu_kernels.dtypes and h.device.type == "cpu" and cpu_kernels.available()
         # The chunk's logits and the bf16 weight-gradient product get one buffer each for the whole
         # loop. Allocated per chunk, each freed (V, D) product left a hole the next chunk's logits
