@@ -9,6 +9,8 @@
    order A B A B ...; tokens/s is the median over repeats of each run's median step time.
    MFU = achieved model FLOP/s over the measured matmul peak of the same dtype and threads;
    1 / (HF MFU) is the most any loop could gain over HF here (all matmuls at peak, attention free).
+   One more (profiled, untimed) step per run measures yunque's matmul share of its step; speed-up /
+   share is the most that work outside the matmuls could still gain at today's GEMM speed.
    yunque's bf16 runs use its CPU kernels (attention, cross-entropy) where the CPU has AVX512-BF16;
    they are built or loaded in the untimed first step. YUNQUE_CPU_KERNELS=0 measures without them.
    yunque's children get the glibc setting `yunque train` restarts with (yunque/malloc_env.py).
@@ -116,6 +118,7 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         if i:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
+    share = _matmul_share(step)
     n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n)
     if method == "lora":
         n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lora" not in n)
@@ -126,7 +129,24 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
     # page faults included) measure the work. Both are reported.
     step_s = statistics.median(cpu) if os.environ.get("BENCH_CLOCK", "cpu") == "cpu" else statistics.median(times)
     return {"step_s": step_s, "wall_s": statistics.median(times), "tok_s": B * T / step_s, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "mfu": B * T / step_s * flops_tok / peak, "peak_gflops": peak / 1e9}
+            "mfu": B * T / step_s * flops_tok / peak, "peak_gflops": peak / 1e9, "mm_share": share}
+
+
+_MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+
+
+def _matmul_share(step) -> float:
+    """Fraction of one (profiled, untimed) step spent in matmuls. A loop whose step is matmuls
+    only, at the same GEMM speed, is at most speed-up / share faster than HF: the bound on what
+    work elsewhere in the step can still gain."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        float(step())
+        wall = time.perf_counter() - t
+    mm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in _MATMUL_OPS) / 1e6
+    return min(1.0, mm / wall)
 
 
 def make_model_dir(name: str, out: Path) -> Path:
@@ -153,8 +173,11 @@ def bench_step(args, work: Path) -> None:
           f"{os.environ.get('BENCH_CLOCK', 'cpu')} clock (tokens per {'CPU ' if os.environ.get('BENCH_CLOCK', 'cpu') == 'cpu' else ''}second)")
     # No loop can run the model's matmul FLOPs faster than the matmul peak, so 1 / (HF MFU) bounds any
     # speed-up over HF on this machine (before counting attention, which MFU leaves out).
-    print("| model | method | dtype | HF tok/s | yunque tok/s | speed-up | bound 1/HF MFU | HF RSS MB | yunque RSS MB | RSS ratio | HF MFU | yunque MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    # The second bound is yunque's own: with every non-matmul op of its step at zero cost and its
+    # GEMMs as fast as now (oneDNN/MKL, near peak), the speed-up would be speed-up / matmul share.
+    print("| model | method | dtype | HF tok/s | yunque tok/s | speed-up | bound 1/HF MFU | yunque matmul share | bound, yunque matmuls only "
+          "| HF RSS MB | yunque RSS MB | RSS ratio | HF MFU | yunque MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         d = make_model_dir(name, work)
         for method in args.methods.split(","):
@@ -173,9 +196,11 @@ def bench_step(args, work: Path) -> None:
                         res[impl].append(json.loads(p.stdout.strip().splitlines()[-1]))
                 if not res["hf"] or not res["yunque"]:
                     continue
-                med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "rss_mb", "mfu")} for k, v in res.items()}
+                med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "rss_mb", "mfu", "mm_share")} for k, v in res.items()}
                 h, y = med["hf"], med["yunque"]
-                print(f"| {name} | {method} | {prec} | {h['tok_s']:.0f} | {y['tok_s']:.0f} | {y['tok_s'] / h['tok_s']:.2f}x | {1 / h['mfu']:.2f}x | "
+                speedup = y['tok_s'] / h['tok_s']
+                print(f"| {name} | {method} | {prec} | {h['tok_s']:.0f} | {y['tok_s']:.0f} | {speedup:.2f}x | {1 / h['mfu']:.2f}x | "
+                      f"{100 * y['mm_share']:.0f}% | {speedup / y['mm_share']:.2f}x | "
                       f"{h['rss_mb']:.0f} | {y['rss_mb']:.0f} | {y['rss_mb'] / h['rss_mb']:.2f} | {100 * h['mfu']:.0f}% | {100 * y['mfu']:.0f}% |",
                       flush=True)
 
