@@ -114,6 +114,7 @@ def _chunk_rows(vocab: int, itemsize: int) -> int:
     # 256 rows against 166-175 at 512; and the whole head at V 4k-8k, D 256, fp32: 10% faster
     # with 2048 rows than with 512. At 32k, more than 512 gains nothing; 524 rather than 512 rows
     # ran the bf16 GEMMs 7-10% slower. At 128k, 65-row chunks took 1.5x as long as 256-row ones.
+    # The cap is for memory: the chunk is live at the step's peak, with every activation.
     if 512 * vocab * itemsize > 64 << 20:
         return 256
     return max(512, min(2048, (32 << 20) // (vocab * itemsize) // 256 * 256))
