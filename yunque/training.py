@@ -142,9 +142,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         logits = torch.empty(min(step, n), weight.shape[0], dtype=compute_dtype, device=h.device)
         wg = torch.empty(weight.shape, dtype=compute_dtype, device=h.device) if gw is not None and gw.dtype != compute_dtype else None
         wg_rows = max(1, _ADD_SLICE // weight.shape[1])
+        grad = gh is not None or gw is not None
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
-            grad = gh is not None or gw is not None
             z = torch.mm(hc, w.t(), out=logits[:len(hc)])  # (c, V)
             if fused:  # the same math in one read of the logits and two of L2, gradient written over them
                 g = z
@@ -255,11 +255,11 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro: list[
     device = micro[0].input_ids.device
     scale = world / max(1, n_targets)
     total = torch.zeros((), dtype=torch.float32, device=device)
+    # Without autocast's cache, and with the copies saved as their casts, no bf16 copy of the
+    # weights outlives the linear that used it.
+    recast = precision == "bf16" and recast_weights
     for i, mb in enumerate(micro):
         with no_sync(i < len(micro) - 1):
-            # Without autocast's cache, and with the copies saved as their casts, no bf16 copy of
-            # the weights outlives the linear that used it.
-            recast = precision == "bf16" and recast_weights
             with autocast(device, precision, cache=not recast), params_recast_in_backward(recast):
                 loss = module(mb.input_ids, mb.positions, mb.mask, mb.target_idx, mb.targets)
             (loss * scale).backward()
