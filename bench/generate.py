@@ -20,7 +20,7 @@ import torch
 
 from yunque.formats.hf import save_model
 from yunque.generate import Sampling, generate
-from yunque.inference import arrange_for_decode_
+from yunque.cpu.decode import arrange_for_decode_
 from yunque.model import Transformer
 from yunque.presets import get_preset
 

@@ -91,7 +91,9 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         import contextlib
 
         from yunque.formats.hf import load_model
-        from yunque.training import CausalLMLoss, DeviceBatch, make_optimizer, train_step, tune_cpu_memory
+        from yunque.cpu.memory import tune as tune_cpu_memory
+        from yunque.train.loss import CausalLMLoss
+        from yunque.train.step import DeviceBatch, make_optimizer, train_step
 
         tune_cpu_memory()  # what `yunque train` does on CPU
         model = load_model(model_dir, dtype=torch.float32)
@@ -223,10 +225,12 @@ def bench_sft(args, work: Path) -> None:
     import torch
 
     from yunque.model import Transformer
-    from yunque.packing import ArraySource, Packer
+    from yunque.train.packing import ArraySource, Packer
     from yunque.presets import get_preset
     from yunque.tokenizer import train_bpe
-    from yunque.training import CausalLMLoss, make_optimizer, to_device, train_step, tune_cpu_memory
+    from yunque.cpu.memory import tune as tune_cpu_memory
+    from yunque.train.loss import CausalLMLoss
+    from yunque.train.step import make_optimizer, to_device, train_step
 
     pairs = _alpaca(args.sft_examples)
     (work / "sft.txt").write_text("\n".join(p + c for p, c in pairs), encoding="utf-8")
@@ -347,7 +351,7 @@ def bench_shakespeare(args, work: Path) -> None:
     from yunque.config import from_dict
     from yunque.recipes.train import train
     from yunque.tokenizer import train_bpe
-    from yunque.train_config import TrainConfig
+    from yunque.train.config import TrainConfig
 
     src = SHARED / "tinyshakespeare.txt"
     if not src.is_file():

@@ -107,7 +107,7 @@ def test_decode_layout_keeps_values_and_greedy_output(pair, tmp_path, pack):
     """inference.load re-lays linear weights for CPU decode (oneDNN-packed, or column-major):
     same state dict, same greedy tokens, and the model still saves and reloads."""
     from yunque.formats.hf import save_model
-    from yunque.inference import PackedLinear, arrange_for_decode_
+    from yunque.cpu.decode import PackedLinear, arrange_for_decode_
 
     hf, ours = pair
     prompts = [[5, 9, 11, 3], [7, 8]]
@@ -140,7 +140,7 @@ def test_decode_layout_keeps_values_and_greedy_output(pair, tmp_path, pack):
 
 
 def test_decode_layout_bf16_and_tied_head(tmp_path):
-    from yunque.inference import PackedLinear, arrange_for_decode_
+    from yunque.cpu.decode import PackedLinear, arrange_for_decode_
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -325,7 +325,7 @@ def test_qlora_bf16_base_under_autocast():
 def test_frozen_linears_in_bf16_give_identical_bf16_autocast_steps(tied):
     """Storing frozen linears in bf16 is exact under bf16 autocast: same loss, same adapter gradients."""
     from yunque.lora import store_frozen_linears_
-    from yunque.training import CausalLMLoss
+    from yunque.train.loss import CausalLMLoss
 
     runs = []
     for store in (False, True):

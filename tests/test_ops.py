@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from yunque import cpu_kernels
+from yunque.cpu import kernels as cpu_kernels
 from yunque.lora import LoraConfig, apply_lora
 from yunque.model import Transformer, rope_cos_sin
 from yunque.ops import rms_norm, saved_as_recipe, swiglu

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from yunque import cpu_kernels
+from yunque.cpu import kernels as cpu_kernels
 from yunque.ops import rms_norm, saved_as_recipe, swiglu
 
 

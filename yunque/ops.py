@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from yunque import cpu_kernels
+from yunque.cpu import kernels as cpu_kernels
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,

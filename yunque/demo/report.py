@@ -77,7 +77,7 @@ def _sha256(p: Path) -> str:
 
 def _run_json(result: DemoResult) -> Path:
     from yunque import __version__
-    from yunque.outputs import environment, git_commit
+    from yunque.train.outputs import environment, git_commit
 
     out = result.out_dir
     files = {rel: _sha256(out / rel) for rel in _HASHED if (out / rel).is_file()}

@@ -149,7 +149,7 @@ def count_params(cfg) -> int:
 
 def _train_config(**kw):
     from yunque.config import from_dict
-    from yunque.train_config import TrainConfig
+    from yunque.train.config import TrainConfig
 
     return from_dict(TrainConfig, kw)
 

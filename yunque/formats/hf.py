@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from yunque.errors import CheckpointError
-from yunque.formats.st import SafetensorsFile
+from yunque.formats.safetensors_io import SafetensorsFile
 from yunque.model import ModelConfig, Transformer, rope_inv_freq
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from yunque.errors import CheckpointError, ConfigError
-from yunque.formats.st import SafetensorsFile
+from yunque.formats.safetensors_io import SafetensorsFile
 from yunque.lora import LoraConfig, LoRALinear, _matches, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from yunque.quant import NF4Linear
 

@@ -11,7 +11,7 @@ import torch
 from yunque.data.manifest import sha256_file
 from yunque.errors import YunqueError
 from yunque.formats.hf import read_config, save_model, weight_files
-from yunque.formats.st import SafetensorsFile
+from yunque.formats.safetensors_io import SafetensorsFile
 from yunque.model import Transformer
 from yunque.presets import PRESETS, get_preset
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import yaml
 
 from yunque.config import load_config, to_dict
-from yunque.train_config import TrainConfig
-from yunque.trainer import Trainer, TrainResult
+from yunque.train.config import TrainConfig
+from yunque.train.loop import Trainer, TrainResult
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_cmd", "dry_run"]
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as `cfg` says; returns losses, metrics, best checkpoint and output paths."""
-    from yunque import distributed as D
+    from yunque.train import distributed as D
 
     try:
         return Trainer(cfg).run()

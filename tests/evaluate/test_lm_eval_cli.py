@@ -21,7 +21,7 @@ import pytest
 from eval_helpers import cached_model_dir
 from lm_eval_tasks import TASKS, task_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LM_EVAL = Path(sys.executable).with_name("lm_eval")
 needs_lm_eval = pytest.mark.skipif(not LM_EVAL.is_file(), reason="lm-eval is an optional extra (pip install lm-eval)")
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.train_util import one_thread, make_corpus, pretrain_cfg
+from train_util import one_thread, make_corpus, pretrain_cfg
 from yunque.config import from_dict
 from yunque.recipes.train import train
-from yunque.train_config import TrainConfig
-from yunque.training import linear_cross_entropy, lr_at, param_groups
+from yunque.train.config import TrainConfig
+from yunque.train.loss import linear_cross_entropy
+from yunque.train.step import lr_at, param_groups
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -29,9 +30,9 @@ def _cfg(corpus, out, **kw) -> TrainConfig:
 
 
 def test_linear_cross_entropy_matches_reference(monkeypatch):
-    import yunque.training
+    import yunque.train.loss
 
-    monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab, itemsize: 128)  # 300 rows: chunks of 128, 128, 44
+    monkeypatch.setattr(yunque.train.loss, "_chunk_rows", lambda vocab, itemsize: 128)  # 300 rows: chunks of 128, 128, 44
     torch.manual_seed(0)
     h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1000, 32, dtype=torch.float64, requires_grad=True)
@@ -52,11 +53,11 @@ def test_linear_cross_entropy_bf16_matches_autocast_reference(monkeypatch, chunk
     """Under bf16 autocast: logits in bf16, softmax in fp32, d logits rounded once to bf16 (as autograd does).
 
     chunked: 3 chunks, and each chunk's bf16 weight gradient added to the fp32 one 100 rows at a time."""
-    import yunque.training
+    import yunque.train.loss
 
     if chunked:
-        monkeypatch.setattr(yunque.training, "_chunk_rows", lambda vocab, itemsize: 128)
-        monkeypatch.setattr(yunque.training, "_ADD_SLICE", 64 * 100)
+        monkeypatch.setattr(yunque.train.loss, "_chunk_rows", lambda vocab, itemsize: 128)
+        monkeypatch.setattr(yunque.train.loss, "_ADD_SLICE", 64 * 100)
     torch.manual_seed(0)
     h = torch.randn(300, 64, requires_grad=True)
     w = (torch.randn(3000, 64) * 0.3).requires_grad_()
@@ -139,7 +140,7 @@ def test_gradient_accumulation_equals_big_batch(tmp_path, data):
                   eval={"every": 0}, checkpoint={"every": 0}, optim={"grad_clip": 0.0})
     big = _cfg(data, tmp_path / "big", micro_batch=8, grad_accum=1, **common)
     acc = _cfg(data, tmp_path / "acc", micro_batch=2, grad_accum=4, **common)
-    from yunque.trainer import Trainer
+    from yunque.train.loop import Trainer
 
     t_big, t_acc = Trainer(big, quiet=True), Trainer(acc, quiet=True)
     counts = [t_acc.packer.next_batch(2).num_targets for _ in range(4)]

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from yunque.errors import ConfigError
-from yunque.tracking import Tracker, plot_metrics, read_metrics
+from yunque.train.tracking import Tracker, plot_metrics, read_metrics
 
 
 def test_resume_drops_lines_past_the_checkpoint_and_torn_lines(tmp_path):

@@ -1,4 +1,4 @@
-"""The CPU tensor arena (yunque/cpu_arena.py): placement, reuse, overflow, fork, threads, numerics.
+"""The CPU tensor arena (yunque/cpu/memory.py): placement, reuse, overflow, fork, threads, numerics.
 
 Installing it is one-way for a process, so each check runs in a fresh interpreter.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from yunque import cpu_arena
+from yunque.cpu import memory as cpu_arena
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(cpu_arena._lib() is None, reason="no g++ or not Linux: the arena is not built")
 MiB = 1 << 20
 
@@ -31,7 +31,7 @@ def run(code: str, env: dict | None = None) -> dict:
 def test_best_fit_split_merge_and_overflow():
     out = run("""
         import json, torch
-        from yunque import cpu_arena
+        from yunque.cpu import memory as cpu_arena
         assert cpu_arena.install(reserve=32 << 20)
         MiB = 1 << 20
         r = {}
@@ -71,7 +71,7 @@ def test_raw_allocations_fork_and_threads():
     them by the raw deleter; a fork()ed child and concurrent threads allocate safely."""
     out = run("""
         import json, os, threading, torch
-        from yunque import cpu_arena
+        from yunque.cpu import memory as cpu_arena
         assert cpu_arena.install()
         r = {}
         x = torch.randn(1024, 768)
@@ -113,8 +113,10 @@ def test_training_steps_are_bit_identical_with_and_without_the_arena():
         import json, contextlib, torch
         from yunque.model import Transformer
         from yunque.presets import get_preset
-        from yunque.training import CausalLMLoss, DeviceBatch, make_optimizer, train_step, tune_cpu_memory
-        arena = tune_cpu_memory()
+        from yunque.cpu.memory import tune
+        from yunque.train.loss import CausalLMLoss
+        from yunque.train.step import DeviceBatch, make_optimizer, train_step
+        arena = tune()
         torch.manual_seed(0)
         m = Transformer(get_preset("tiny", vocab_size=512)); m.init_weights(torch.Generator().manual_seed(0))
         mod = CausalLMLoss(m).train()
@@ -126,7 +128,7 @@ def test_training_steps_are_bit_identical_with_and_without_the_arena():
         params = [p for p in mod.parameters() if p.requires_grad]
         losses = [float(train_step(mod, opt, [mb], len(flat), world=1, precision="fp32", grad_clip=1.0,
                                    no_sync=lambda s: contextlib.nullcontext(), params=params)[0]) for _ in range(4)]
-        print(json.dumps({"arena": arena, "live": __import__("yunque.cpu_arena").cpu_arena.stats()["live"], "losses": losses}))
+        print(json.dumps({"arena": arena, "live": __import__("yunque.cpu.memory").cpu.memory.stats()["live"], "losses": losses}))
     """
     on, off = run(code), run(code, {"YUNQUE_CPU_ARENA": "0"})
     assert on["arena"] and on["live"] > 0 and not off["arena"]

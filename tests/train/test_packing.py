@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.train_util import one_thread
+from train_util import one_thread
 from yunque.model import Transformer, document_mask
-from yunque.packing import IGNORE, ArraySource, Packer, fixed_batches
+from yunque.train.packing import IGNORE, ArraySource, Packer, fixed_batches
 from yunque.presets import get_preset
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)

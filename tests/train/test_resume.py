@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.train_util import ROOT, losses, make_corpus, one_thread, pretrain_cfg, run_cli, write_cfg
-from yunque.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
+from train_util import ROOT, losses, make_corpus, one_thread, pretrain_cfg, run_cli, write_cfg
+from yunque.train.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 pytestmark = pytest.mark.slow  # subprocesses: ~30 s each on the shared 2-core box
@@ -82,7 +82,7 @@ def test_resume_without_checkpoint_starts_fresh_and_corrupt_checkpoint_is_an_err
     from yunque.config import from_dict
     from yunque.errors import CheckpointError
     from yunque.recipes.train import train
-    from yunque.train_config import TrainConfig
+    from yunque.train.config import TrainConfig
 
     d, cfg, ref = setup
     c = from_dict(TrainConfig, dict(cfg, out_dir=str(tmp_path / "run"), max_steps=3, resume="auto",

@@ -19,20 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yunque import cpu_arena
-from yunque import distributed as D
-from yunque.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+from yunque.cpu import memory as cpu_memory
+from yunque.train import distributed as D
+from yunque.train.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                set_rng_state, unflatten_optimizer)
 from yunque.config import to_dict
 from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
-from yunque.packing import Packer, fixed_batches
+from yunque.train.packing import Packer, fixed_batches
 from yunque.tokenizer import Tokenizer
-from yunque.tracking import Progress, Tracker
-from yunque.train_config import TrainConfig
-from yunque.train_data import load_data, resolve_tokenizer, token_bytes
-from yunque.training import (CausalLMLoss, eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device, train_step,
-                             tune_cpu_memory)
+from yunque.train.tracking import Progress, Tracker
+from yunque.train.config import TrainConfig
+from yunque.train.documents import load_data, resolve_tokenizer, token_bytes
+from yunque.train.loss import CausalLMLoss
+from yunque.train.step import eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device, train_step
 
 PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
 
@@ -106,7 +106,7 @@ class Trainer:
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
         if self.device.type == "cpu":
-            tune_cpu_memory()
+            cpu_memory.tune()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         if cfg.eval.patience and self.data.val is None:
@@ -267,11 +267,11 @@ class Trainer:
         tracker.close()
         result = TrainResult(cfg.out_dir, self.step, self.tokens, list(self.losses), final, self.best, self.best_step,
                              stopped_early=stopped_early)
-        from yunque.outputs import write_outputs
+        from yunque.train.outputs import write_outputs
 
         write_outputs(self, result)
         D.barrier(d)
-        cpu_arena.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
+        cpu_memory.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
         return result
 
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:

@@ -169,7 +169,7 @@ SERVER_SCRIPT = textwrap.dedent("""
 def test_sigterm_drains_in_flight(model_dir, tmp_path):
     key = create_key(tmp_path / "keys.json", "drain")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(model_dir), str(tmp_path / "keys.json"), str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -25,7 +25,7 @@ from yunque.data.pii import (
 )
 from yunque.errors import ConfigError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "fixtures"
 CASES = [json.loads(line) for line in (DATA / "pii_cases.jsonl").read_text(encoding="utf-8").splitlines()]
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from tests.train_util import make_corpus, one_thread, run_cli, write_cfg
+from train_util import make_corpus, one_thread, run_cli, write_cfg
 from yunque.config import from_dict
 from yunque.errors import DataError
 from yunque.recipes.train import train
-from yunque.train_config import TrainConfig
+from yunque.train.config import TrainConfig
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 pipeline = pytest.importorskip("yunque.data.pipeline")

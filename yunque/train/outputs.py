@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from yunque import distributed as D
+from yunque.train import distributed as D
 from yunque.config import to_dict
 from yunque.data.manifest import sha256_file as sha256
-from yunque.tracking import plot_metrics
+from yunque.train.tracking import plot_metrics
 
 if TYPE_CHECKING:
-    from yunque.trainer import Trainer, TrainResult
+    from yunque.train.loop import Trainer, TrainResult
 
 PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "peft", "torchao", "bitsandbytes")
 
@@ -74,7 +74,7 @@ def export_model(tr: Trainer, out: Path) -> Path:
 
 def export_adapter(tr: Trainer, out: Path) -> Path:
     from yunque.formats.peft import save_peft_adapter
-    from yunque.trainer import _lora_config
+    from yunque.train.loop import _lora_config
 
     if tr.d.main:
         base = tr.cfg.base_model_name or str(tr.cfg.model.path)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train_util import losses, make_corpus, pretrain_cfg, run_cli, write_cfg
-from yunque.checkpoint import CRASH_ENV
+from train_util import losses, make_corpus, pretrain_cfg, run_cli, write_cfg
+from yunque.train.checkpoint import CRASH_ENV
 
 pytestmark = pytest.mark.slow  # each torchrun launch starts 3 Python processes (~20 s on the shared box)
 STEPS = 8

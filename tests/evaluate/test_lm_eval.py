@@ -1,6 +1,6 @@
 """lm-eval parity: the `yunque` model gives the numbers of lm-eval's own `hf` model on one checkpoint.
 
-The tasks (tests/lm_eval_tasks.py) cover the three request types: multiple choice
+The tasks (tests/helpers/lm_eval_tasks.py) cover the three request types: multiple choice
 (loglikelihood), perplexity (loglikelihood_rolling) and generate_until.
 """
 

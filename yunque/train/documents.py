@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from yunque.errors import ConfigError, DataError
-from yunque.packing import ArraySource
+from yunque.train.packing import ArraySource
 from yunque.tokenizer import Tokenizer
-from yunque.train_config import TrainConfig
+from yunque.train.config import TrainConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from yunque import cpu_kernels
+from yunque.cpu import kernels as cpu_kernels
 from yunque.model import ModelConfig, Segments, Transformer, apply_rope, rope_cos_sin
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an AVX512-BF16 CPU and g++")
@@ -221,7 +221,7 @@ def test_xent_is_log_softmax_cross_entropy_and_its_gradient(N, V, dtype):
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
-    from yunque.training import linear_cross_entropy
+    from yunque.train.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 64, generator=g, requires_grad=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train_util import one_thread, make_corpus, pretrain_cfg, run_cli, write_cfg
+from train_util import one_thread, make_corpus, pretrain_cfg, run_cli, write_cfg
 from yunque.config import load_config
 from yunque.errors import ConfigError
-from yunque.train_config import TrainConfig
+from yunque.train.config import TrainConfig
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -84,7 +84,7 @@ def test_dry_run_prints_and_does_not_train(tmp_path, data, capsys):
 
 @pytest.mark.parametrize("name", ["pretrain-small", "lora-llama3", "qlora-llama3", "full-finetune"])
 def test_shipped_configs_load(name):
-    from tests.train_util import ROOT
+    from train_util import ROOT
 
     cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml")
     if name.startswith(("lora", "qlora")):

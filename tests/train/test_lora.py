@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from tests.train_util import make_corpus, one_thread
+from train_util import make_corpus, one_thread
 from yunque.config import from_dict
 from yunque.recipes.train import train
-from yunque.train_config import TrainConfig
+from yunque.train.config import TrainConfig
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 transformers = pytest.importorskip("transformers")
@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from tests.hf_models import tiny_hf_model
+    from hf_models import tiny_hf_model
     from yunque.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("ft")
