@@ -86,7 +86,8 @@ def test_apply_chat_template_matches_hf(tmp_path, monkeypatch):
 
 
 NO_SYSTEM = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-             "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+             "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def test_chat_template_selection_and_system_fallback(tmp_path):
