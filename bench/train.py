@@ -13,7 +13,9 @@
    share is the most that work outside the matmuls could still gain at today's GEMM speed.
    yunque's bf16 runs use its CPU kernels (attention, cross-entropy) where the CPU has AVX512-BF16;
    they are built or loaded in the untimed first step. YUNQUE_CPU_KERNELS=0 measures without them.
-   yunque's children get the glibc setting `yunque train` restarts with (yunque/malloc_env.py).
+   Both loops' children run in the environment the bench was started with, neither with an
+   allocator setting of its own (fairness): to measure both with glibc's tcache off, start the
+   bench with GLIBC_TUNABLES=glibc.malloc.tcache_count=0.
 2. sft: one epoch over variable-length instruction data, yunque whole-document packing vs the
    HF default (batches padded to their longest example), same model and examples, full
    fine-tuning in each --precisions; both loops must train the same number of target tokens.
@@ -169,8 +171,6 @@ def make_model_dir(name: str, out: Path) -> Path:
 
 
 def bench_step(args, work: Path) -> None:
-    from yunque.malloc_env import tuned_env
-
     print(f"\n## 1. Training step: seq {args.seq}, micro-batch {args.batch}, {args.steps} timed steps x {args.reps} "
           f"interleaved repeats, {os.environ.get('OMP_NUM_THREADS', 'all')} threads, "
           f"{os.environ.get('BENCH_CLOCK', 'cpu')} clock (tokens per {'CPU ' if os.environ.get('BENCH_CLOCK', 'cpu') == 'cpu' else ''}second)")
@@ -189,9 +189,7 @@ def bench_step(args, work: Path) -> None:
                 for _ in range(args.reps):
                     for impl in ("hf", "yunque"):
                         cmd = [sys.executable, __file__, "--child", impl, method, prec, str(d), str(args.steps), str(args.batch), str(args.seq)]
-                        env = dict(os.environ, PYTHONPATH=str(ROOT))
-                        if impl == "yunque":  # the allocator setting `yunque train` restarts itself with
-                            env = tuned_env(env) or env
+                        env = dict(os.environ, PYTHONPATH=str(ROOT))  # the same for both loops
                         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
                         if p.returncode != 0:
                             print(f"{impl} {name} {method} {prec} failed:\n{p.stderr[-2000:]}", file=sys.stderr)

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "keys create": ("yunque.recipes.serve", "keys_create_cmd", "create an API key for `yunque serve` (shown once)"),
     "keys list": ("yunque.recipes.serve", "keys_list_cmd", "list API keys (names and limits, never the keys)"),
     "keys revoke": ("yunque.recipes.serve", "keys_revoke_cmd", "revoke an API key"),
-    "lm-eval": ("yunque.evaluate.lm_eval_adapter", "main", "lm-evaluation-harness with the `yunque` model registered"),
+    "lm-eval": ("yunque.recipes.lmeval", "lm_eval_cmd", "lm-evaluation-harness with the `yunque` model registered"),
     "demo": ("yunque.recipes.demo", "demo_cmd", "build a small security-domain LLM end to end, offline, and report"),
 }
 
@@ -43,7 +43,6 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from_command_line = argv is None  # only then may `train` restart the process
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -57,10 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     if name is None:
         print(f"yunque: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if name == "train" and from_command_line:
-        from yunque.malloc_env import restart_tuned
-
-        restart_tuned(["-m", "yunque", *argv])  # returns only when already tuned (or not glibc)
     module, func, _ = COMMANDS[name]
     from yunque.cli import call_with_argv
     from yunque.errors import YunqueError

@@ -1,26 +1,8 @@
 """4-bit NF4 storage for a frozen base (QLoRA), on CPU and CUDA.
 
-The NF4 kernels come from bitsandbytes (`quantize_4bit` / `dequantize_4bit`), chosen after
-measuring both maintained implementations on this project's CPU machine (`bench/nf4.py`:
-torch 2.13 CPU, 1 thread, a 1376x512 fp32 weight, medians of 5, interleaved; bitsandbytes
-0.50.2 ships native CPU kernels and did not change torch when installed):
-
-                                  torchao 0.18 NF4Tensor   bitsandbytes 0.50.2
-    quantise                      448 ms                   130 ms (115 ms double-quantised)
-    dequantise to fp32 / bf16     28.3 ms / 37.2 ms        0.36 ms / 0.34 ms
-    double quantisation           always on                on or off (`compress_statistics`)
-    bits / weight                 4.127                    4.500, or 4.127 double-quantised
-    relative error ||W'-W||/||W|| 0.0920                   0.0920
-    CUDA                          yes (pure torch)         yes (its own CUDA kernels)
-
-Both run on CPU. bitsandbytes wins where it matters: a QLoRA step dequantises every base
-weight twice (forward, and again in backward instead of keeping it), and torchao's
-dequantisation is ~80x slower on CPU: scaled to the 25M linear weights of the "base" preset,
-~2 s of every step against ~25 ms with bitsandbytes; `double_quant=False` cannot be expressed with torchao; and bitsandbytes is what
-peft/transformers QLoRA use, so our NF4 codes and absmax layout are theirs. Its cost: an
-optional dependency (`yunque[qlora]`) of ~125 MB. torchao's one advantage, FSDP2 sharding of
-NF4 weights, is not used by yunque. Measured in use (bench/lora.py, "base" preset, fp32,
-1 thread): a QLoRA step runs at 0.79x the tokens/s of LoRA on the full-precision base.
+The NF4 kernels come from bitsandbytes (`quantize_4bit` / `dequantize_4bit`): a QLoRA step
+dequantises every base weight twice, bitsandbytes does it far faster on CPU than torchao, and its
+codes and absmax layout are the ones peft/transformers QLoRA use (bench/NOTES.md).
 
 Layout (bitsandbytes'): weights are flattened, cut into blocks of `block_size`, each block
 scaled by its absmax into [-1, 1] and rounded to the nearest of the 16 NF4 levels, two codes

@@ -103,10 +103,9 @@ class NearDupIndex:
     and rows r (minimising the weighted false positive and false negative areas), and band i
     covers signature values [i*r, (i+1)*r) as in MinHashLSH. The index itself is a single dict
     from a 64-bit band key to the records in that bucket, instead of MinHashLSH's per-band
-    storage: measured with 30,000 signatures (128 permutations), MinHashLSH used about 6.6 KB
-    and 350 us per record (query + insert), this index about 3.8 KB and 60 us, and the dedup
-    index is the one thing whose memory grows with the input. `tests/data_pipeline/test_dedup_split.py` checks that both
-    return the same candidates. Keys are dense ints in insertion order.
+    storage: a fraction of its memory and time per record, and the dedup index is the one thing
+    whose memory grows with the input (bench/NOTES.md). `tests/data/test_dedup_split.py` checks
+    that both return the same candidates. Keys are dense ints in insertion order.
     """
 
     def __init__(self, num_perm: int, threshold: float, seed: int = 1):

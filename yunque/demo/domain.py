@@ -21,14 +21,11 @@ determines, so that accuracy (exact match) means something and chance is known:
 
 Why labels and not extracted values ("which address, how many failures", "list the IOCs"): a
 model of a few million parameters pretrained for minutes has not formed the attention circuits
-that copy an arbitrary string out of its input. Measured on the earlier extraction version of
-this set: the fixed prefix of an address was predicted at 0.01 nats, its random last octet at
-5.5 nats (uniform over ~250 values) and the count at ln 4, i.e. not read at all, and full
-fine-tuning did no better. For the same reason auth triage does not ask "brute force against
-one account or password spray across many": telling a repeated account from distinct ones
-needs the same token-matching circuit, and a measured run predicted "password-spray" for none
-of 36 sprays. Deciding *what* a log or alert shows is the analyst's first step and is within
-reach; every label still has to be read from the input.
+that copy an arbitrary string out of its input (bench/NOTES.md). For the same reason auth triage
+does not ask "brute force against one account or password spray across many": telling a
+repeated account from distinct ones needs the same token-matching circuit. Deciding *what* a
+log or alert shows is the analyst's first step and is within reach; every label still has to
+be read from the input.
 
 Records are chat messages (system, user, assistant) as JSON Lines with a `task` field and a
 `meta` field (planted PII types, planted duplicates) that `yunque data prepare` ignores.

@@ -50,28 +50,17 @@ class DemoPlan:
     accuracy_bar: float  # the fine-tuned task accuracy (%) this plan is expected to reach
 
 
-# The head is untied and LoRA also adapts lm_head. After a few minutes of pretraining the output
-# embeddings are still small (row norm ~0.6), and with them and the final RMSNorm frozen, no
-# change to the hidden state can make the logits confident: LoRA on the seven projections alone
-# plateaued at ~2 nats per answer token even on the two-label phishing task (top-1 right at ~15%
-# probability), while LoRA with lm_head reached 0.46 in 60 steps on the same data.
-# Fine-tuning gets more of the budget than pretraining: with 200 + 200 steps the LoRA validation
-# loss was still halving every 66 steps at the end (68% task accuracy); 160 + 320 reached 91%.
-# The LoRA lr is 2e-3: at 5e-3 the pre-clip gradient norm spiked to 13-15 and the outcome hung on
-# rounding (a change in pretraining's fp32 head summation moved alert tactics from 74% to 37%).
-# From the same two pretrained bases, LoRA at 3e-3 gave 96.9% / 95.5% and at 2e-3 98.3% / 97.2%.
+# LoRA also adapts the untied lm_head: after minutes of pretraining the output embeddings are too
+# small for adapters on the projections alone to make an answer confident. Fine-tuning gets more
+# of the steps than pretraining, at the steadiest LoRA lr tried (bench/NOTES.md).
 # Steps are fixed, never a time limit (determinism).
 _MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
 FULL = DemoPlan(records=domain.DEFAULT_RECORDS, vocab_size=4096, model=_MODEL,
                 pretrain_bytes=600_000, pretrain_steps=160, pretrain_batch=16, pretrain_seq=256, pretrain_lr=2e-3,
                 finetune_steps=320, finetune_batch=8, finetune_lr=2e-3, lora_r=32, test_limit=None, accuracy_bar=80.0)
-# The same path in about 90 s: a 1.3M-parameter model, 40 pretraining steps, 160 LoRA steps.
-# Measured with seed 0: 66.7% task accuracy (phishing 92%, auth triage 88%, alert tactics 28%)
-# on 48 test records. This regime is fragile: at lr 5e-3 / 120 steps a rounding-level change
-# in the kernels moved phishing from 100% to 69%, and other seeds land anywhere from 8% to 67%
-# (seed 1 learns the label tokens far more slowly). lr 3e-3 over 160 steps was the steadiest
-# of the settings tried; the full run is the one to judge the model by.
+# The same path, short, with a 1.3M-parameter model: its accuracy is sensitive to the seed and
+# to rounding, so the full run is the one to judge the model by (bench/NOTES.md).
 QUICK = DemoPlan(records=domain.QUICK_RECORDS, vocab_size=2048, model=dict(max_position_embeddings=1024, tie_word_embeddings=False),
                  pretrain_bytes=400_000, pretrain_steps=40, pretrain_batch=8, pretrain_seq=256, pretrain_lr=1.5e-3,
                  finetune_steps=160, finetune_batch=8, finetune_lr=3e-3, lora_r=32, test_limit=48, accuracy_bar=40.0)

@@ -1,17 +1,17 @@
 """lm-evaluation-harness model `yunque`: any yunque model directory under lm-eval's tasks.
 
-    lm_eval --model yunque --model_args pretrained=runs/sft/model,batch_size=8 --tasks hellaswag
-    python -c "import lm_eval; lm_eval.simple_evaluate(model='yunque', ...)"
+    yunque lm-eval --model yunque --model_args pretrained=runs/sft/model,batch_size=8 --tasks hellaswag
+    python -c "import yunque.evaluate.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='yunque', ...)"
 
-Importing this module registers the model with lm-eval. An installed yunque also registers it
-lazily in every process that imports lm-eval (the `_yunque_lm_eval.pth` hook: lm-eval <= 0.4.13
-reads no plugin entry points), so the plain `lm_eval` command sees it; `yunque lm-eval ARGS` is
-`lm_eval ARGS` with this module imported first, for environments where the hook is absent.
+Importing this module registers the model with lm-eval; `yunque lm-eval ARGS` is `lm_eval ARGS`
+with this module imported first (lm-eval <= 0.4.13 reads no plugin entry points, so the plain
+`lm_eval` command does not see the model).
 
 The request handling mirrors lm-eval's own `hf` model so that the numbers are the same on the
 same checkpoint: tokenisation (BOS via the tokenizer's post-processor unless `add_bos_token`
 says otherwise), left truncation to `max_length`, disjoint rolling windows for
-`loglikelihood_rolling`, and greedy `generate_until` cut at the first stop string. Scoring goes
+`loglikelihood_rolling`, greedy `generate_until` cut at the first stop string, and
+`--apply_chat_template` through the checkpoint's own template (`yunque.chat`). Scoring goes
 through `yunque.evaluate.perplexity.score_continuations`, generation through `yunque.generate`
 (batched, KV cache).
 """
@@ -19,13 +19,17 @@ through `yunque.evaluate.perplexity.score_continuations`, generation through `yu
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm-eval's own models stay registered next to ours)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+
+from yunque.errors import YunqueError
+
+log = logging.getLogger(__name__)
 
 
 def _gen_eos(model_dir: Path) -> list[int]:
@@ -40,7 +44,8 @@ def _gen_eos(model_dir: Path) -> list[int]:
 class YunqueLM(TemplateLM):
     def __init__(self, pretrained: str, adapter: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 prefix_token_id: int | None = None, dtype: str | None = None, **_ignored):
+                 prefix_token_id: int | None = None, dtype: str | None = None, enable_thinking: bool | None = None,
+                 **_ignored):
         super().__init__()
         import torch
 
@@ -55,6 +60,8 @@ class YunqueLM(TemplateLM):
         self._prefix = prefix_token_id
         self._stop_ids = [i for i in dict.fromkeys([self.eot_token_id, *_gen_eos(Path(pretrained))]) if i is not None]
         self.pretrained = pretrained
+        # Template variables for --apply_chat_template, as lm-eval's `hf` model passes them.
+        self.chat_template_args = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
 
     # -- what lm-eval asks of a model ------------------------------------------------------
     @property
@@ -74,6 +81,37 @@ class YunqueLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return str(self.pretrained).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template source `--apply_chat_template [NAME]` selects (lm-eval records it with the results)."""
+        if chat_template is False or chat_template is None:
+            return None
+        named = self.tok.chat_templates
+        if isinstance(chat_template, str) and len(named) > 1:
+            if chat_template not in named:
+                raise ValueError(f"The specified chat template '{chat_template}' is not available. "
+                                 f"Available template names are {sorted(named)}.")
+            return named[chat_template]
+        return self.tok.chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat as the checkpoint's template writes it; the last message left open to continue it
+        when no generation prompt is asked for (as lm-eval's `hf` model does)."""
+        from yunque.chat import apply_chat_template
+
+        def render(history):
+            return apply_chat_template(self.tok, history, add_generation_prompt,
+                                       continue_final_message=not add_generation_prompt, **self.chat_template_args)
+
+        try:
+            return render(chat_history)
+        except YunqueError:
+            # Some templates reject a system turn; lm-eval's `hf` model then drops it and retries.
+            without = [m for m in chat_history if m["role"] != "system"]
+            if len(without) == len(chat_history):
+                raise
+            log.warning("Failed to apply chat template. removing the system role in chat history.")
+            return render(without)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
@@ -153,15 +191,3 @@ class YunqueLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`lm_eval` with the `yunque` model registered (the arguments are lm_eval's)."""
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import TextIO
 
-from yunque.errors import YunqueError
+from yunque.errors import YunqueError, require
 
 
 def chat_remote(url: str, api_key: str | None = None, system: str | None = None, max_tokens: int = 256,
@@ -18,8 +18,7 @@ def chat_remote(url: str, api_key: str | None = None, system: str | None = None,
     `url` is the server's base, e.g. http://127.0.0.1:8000 (with or without /v1). The key comes
     from `api_key` or $YUNQUE_API_KEY. Commands: /reset clears the conversation, /exit quits.
     """
-    import openai
-
+    openai = require("openai", "serve", "yunque chat --url")
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     key = api_key or os.environ.get("YUNQUE_API_KEY")
     if not key:
