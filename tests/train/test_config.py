@@ -54,11 +54,6 @@ def test_yaml_error_gives_file_and_line(tmp_path, data):
     assert str(cfg) in str(e.value) and "optim.lr: must be > 0" in str(e.value)
 
 
-def test_qlora_fsdp_rejected(tmp_path):
-    with pytest.raises(ConfigError, match="parallel: fsdp is not supported with method qlora"):
-        load_config(TrainConfig, None, ["method=qlora", f"model.path={tmp_path}", f"data.train=[{tmp_path}/x]", "parallel=fsdp"])
-
-
 def test_cli_error_is_one_line_no_traceback(tmp_path, data):
     cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run"))
     p = run_cli([str(cfg), "optim.lr=0"])

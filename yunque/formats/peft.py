@@ -58,15 +58,23 @@ def peft_config(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str 
     }
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoraConfig, base_model_name_or_path: str = "") -> Path:
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoraConfig, base_model_name_or_path: str = "",
+                      tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's adapter as a PEFT directory; other files in `out_dir` are kept.
 
+    `tensors`: the adapter weights when the model's own are not whole (FSDP shards, gathered by
+    the caller), keyed as `lora_state_dict` keys them; the model still gives the module layout.
     Both files are written to a temporary sibling directory first and moved into place, so an
     interrupted save never leaves a config next to half-written weights.
     """
     from safetensors.torch import save_file
 
     sd = lora_state_dict(model)
+    if tensors is not None:
+        if set(tensors) != set(sd):
+            raise ConfigError(f"save_peft_adapter: tensors do not match the model's LoRA modules "
+                              f"(e.g. {sorted(set(tensors) ^ set(sd))[:2]})")
+        sd = tensors
     if not sd:
         raise ConfigError("save_peft_adapter: the model has no LoRA modules (call apply_lora first)")
     for name, mod in lora_modules(model).items():

@@ -7,6 +7,8 @@ A checkpoint is a directory `step-00000123/` under the run's `checkpoints/` fold
     rng.safetensors        torch (CPU and CUDA) and numpy generator states
     state.json             step, counters, data position, schedule, python RNG, optimizer groups,
                            early-stopping state, resolved config
+    adapter_config.json,   LoRA / QLoRA runs: the adapter again as a PEFT directory, so a
+    adapter_model.safetensors  checkpoint is what `merge`, `generate --adapter` and `serve` take
 
 It is written into `.tmp-...` in the same folder, every file and the directory are fsynced,
 then one `rename` makes it appear. A process killed at any point leaves either the complete
@@ -24,7 +26,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,8 +84,11 @@ def _remove(path: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict,
-                    *, keep_last: int, best_step: int | None = None) -> Path:
-    """Write `files` ({"model": tensors, ...} -> model.safetensors ...) and state.json atomically."""
+                    *, keep_last: int, best_step: int | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write `files` ({"model": tensors, ...} -> model.safetensors ...) and state.json atomically.
+
+    `extra(dir)` writes more files into the checkpoint before it appears (a PEFT adapter).
+    """
     root.mkdir(parents=True, exist_ok=True)
     for p in root.iterdir():
         if p.name.startswith(".tmp-"):
@@ -96,6 +101,11 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
         _write_tensors(tmp / f"{name}.safetensors", tensors)
         if crash and i == 0:
             os.kill(os.getpid(), signal.SIGKILL)
+    if extra is not None:
+        extra(tmp)
+        for p in tmp.iterdir():  # the files above are synced already: this costs nothing for them
+            if p.is_file():
+                _fsync_path(p)
     _write_json(tmp / "state.json", state)
     _fsync_path(tmp)
     if final.exists():

@@ -109,7 +109,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 master weights
     grad_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    # auto: DDP when torchrun started several processes, else none. none under torchrun is refused:
+    # it would train unsynchronised copies. FSDP shards parameters, not buffers: a QLoRA base
+    # (NF4 buffers) stays whole on every rank while its adapter, embeddings and head are sharded.
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint
     verify_data: bool = True
     base_model_name: str | None = None  # written into the PEFT adapter config (default: model.path)
@@ -131,8 +134,6 @@ class TrainConfig:
             raise ConfigError("data.dir: give a prepared data directory or data.train files")
         if self.data.dir is not None and (self.data.train or self.data.val):
             raise ConfigError("data.train: give either data.dir or data.train/data.val files, not both")
-        if self.method == "qlora" and self.parallel == "fsdp":
-            raise ConfigError("parallel: fsdp is not supported with method qlora (NF4 weights cannot be sharded); use ddp")
         if self.method in ("lora", "qlora") and self.model.dtype == "bfloat16" and self.precision == "fp32":
             raise ConfigError("precision: bf16 base weights need precision bf16")
         if self.eval.patience and self.eval.every == 0:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from yunque.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -39,10 +41,20 @@ class Dist:
 
 
 def init(kind: str, device_type: str) -> Dist:
-    """Join the process group torchrun describes (one process: nothing to join)."""
+    """Join the process group torchrun describes (one process: nothing to join).
+
+    kind `auto` is DDP under torchrun and none otherwise. `none` with several processes is
+    refused: each rank would train its own slice of the data into its own, diverging weights.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist(kind=kind if kind != "none" else "none")
+        return Dist(kind="none" if kind == "auto" else kind)
+    if kind == "none":
+        raise ConfigError(f"parallel: none, but torchrun started {world} processes (WORLD_SIZE={world}): they would "
+                          "train unsynchronised copies with no gradient all-reduce; use parallel: auto or ddp "
+                          "(data parallel) or fsdp (sharded), or run one process")
+    if kind == "auto":
+        kind = "ddp"
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" and dist.is_nccl_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))

@@ -48,6 +48,7 @@ class TrainResult:
     best_step: int | None = None
     best_checkpoint: Path | None = None
     stopped_early: bool = False
+    exported_step: int | None = None  # the step whose weights `output` holds (the best one under early stopping)
     output: Path | None = None  # the HF model directory or the PEFT adapter directory
     run_json: Path | None = None
 
@@ -152,9 +153,39 @@ class Trainer:
                      "bad_evals": self.bad_evals, "losses": self.losses, "world": self.d.world,
                      "config": to_dict(self.cfg)}
             path = save_checkpoint(self.ckpt_root, self.step, {"model": tensors, "optimizer": opt_t, "rng": rng_t},
-                                   state, keep_last=self.cfg.checkpoint.keep_last, best_step=self.best_step)
+                                   state, keep_last=self.cfg.checkpoint.keep_last, best_step=self.best_step,
+                                   extra=self._adapter_writer(tensors))
         D.barrier(self.d)
         return path
+
+    def _adapter_writer(self, tensors: dict[str, torch.Tensor]):
+        """LoRA / QLoRA: a checkpoint is also a PEFT adapter directory (merge / generate / serve take it)."""
+        if self.cfg.method not in ("lora", "qlora"):
+            return None
+        from yunque.formats.peft import save_peft_adapter
+
+        base = self.cfg.base_model_name or str(self.cfg.model.path)
+        return lambda d: save_peft_adapter(self.model, d, _lora_config(self.cfg), base, tensors=tensors)
+
+    def _load_model(self, path: Path, msd: dict[str, torch.Tensor]) -> None:
+        if self.d.kind == "fsdp":
+            D.set_model_state(self.module, PREFIX, msd)
+        else:
+            bad = self.model.load_state_dict(msd, strict=False).unexpected_keys
+            if bad:
+                raise CheckpointError(f"{path}: model.safetensors has keys the model lacks: {bad[:3]}")
+
+    def restore_best(self, progress: Progress) -> int:
+        """Early stopping: put the best evaluation's weights back for export; returns the step they are from."""
+        path = self.ckpt_root / f"step-{self.best_step:08d}"
+        if not (path / "state.json").is_file():
+            progress.message(f"warning: the best step's checkpoint {path} is gone; exporting the last weights (step {self.step})")
+            return self.step
+        files, _ = load_checkpoint(path)
+        self._load_model(path, files["model"])
+        progress.message(f"exporting the best weights: step {self.best_step} (val_loss {self.best['val_loss']:.4f}), "
+                         f"not the last step {self.step}")
+        return self.best_step
 
     def resume(self) -> Path | None:
         path = latest_checkpoint(self.ckpt_root)
@@ -166,12 +197,7 @@ class Trainer:
         missing = (set(self.trainable) if self.cfg.method in ("lora", "qlora") else set()) - set(files["model"])
         if missing:
             raise CheckpointError(f"{path}: model.safetensors lacks {sorted(missing)[:3]}")
-        if self.d.kind == "fsdp":
-            D.set_model_state(self.module, PREFIX, files["model"])
-        else:
-            bad = self.model.load_state_dict(files["model"], strict=False).unexpected_keys
-            if bad:
-                raise CheckpointError(f"{path}: model.safetensors has keys the model lacks: {bad[:3]}")
+        self._load_model(path, files["model"])
         D.set_optim_state(self.module, self.optimizer, PREFIX, unflatten_optimizer(files["optimizer"], state["optimizer_groups"]))
         set_rng_state(files["rng"], state["rng"])
         self.packer.load_state_dict(state["data"])
@@ -263,10 +289,14 @@ class Trainer:
         last_eval = self.evaluate() if self._val is not None and self.best_step != self.step and not stopped_early else None
         if last_eval:
             tracker.log(self.step, "eval", last_eval)
+            if self.best is None or last_eval["val_loss"] < self.best["val_loss"] - cfg.eval.min_delta:
+                self.best, self.best_step = last_eval, self.step
         final.update(last_eval or (self.best if self.best_step == self.step else {}))
         tracker.close()
+        # Early stopping watches val_loss to keep the best weights: export those, not the last.
+        exported = self.restore_best(progress) if cfg.eval.patience and self.best_step not in (None, self.step) else self.step
         result = TrainResult(cfg.out_dir, self.step, self.tokens, list(self.losses), final, self.best, self.best_step,
-                             stopped_early=stopped_early)
+                             stopped_early=stopped_early, exported_step=exported)
         from yunque.train.outputs import write_outputs
 
         write_outputs(self, result)

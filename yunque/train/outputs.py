@@ -76,9 +76,11 @@ def export_adapter(tr: Trainer, out: Path) -> Path:
     from yunque.formats.peft import save_peft_adapter
     from yunque.train.loop import _lora_config
 
+    # FSDP: the adapter is sharded DTensors; gather them (a collective, every rank) and save those.
+    tensors = tr._model_tensors() if tr.d.kind == "fsdp" else None
     if tr.d.main:
         base = tr.cfg.base_model_name or str(tr.cfg.model.path)
-        save_peft_adapter(tr.model, out, _lora_config(tr.cfg), base)
+        save_peft_adapter(tr.model, out, _lora_config(tr.cfg), base, tensors=tensors)
     return out
 
 
@@ -106,7 +108,8 @@ def write_outputs(tr: Trainer, result: TrainResult) -> None:
     run = {"config": to_dict(cfg), "seed": cfg.seed, "method": cfg.method, "yunque_version": __version__,
            "git_commit": git_commit(), **environment(), "world_size": tr.d.world,
            "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "manifest_roots": tr.data.manifest},
-           "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
+           "parallel": tr.d.kind, "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
+           "exported_step": result.exported_step,
            "final_metrics": result.final, "best_metrics": result.best, "best_step": result.best_step,
            "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
            "output": str(result.output), "files_sha256": files}
