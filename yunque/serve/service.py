@@ -89,6 +89,10 @@ class Job:
 
 
 class Service:
+    """One server's state (engine, limiter, guards, metrics, audit log) and the work of its routes:
+    `chat`, `completion`, `models`, `healthy`, and `rejected` for every refusal; `lifespan` starts
+    and drains the engine."""
+
     def __init__(self, model, tokenizer, cfg: ServeConfig, model_name: str):
         L = self.limits = cfg.limits
         if L.max_len > model.config.max_position_embeddings:
