@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded into one batch; padded key slots are masked
 and RoPE positions count only real tokens, so a padded row computes what it would alone.
-Sampling follows Hugging Face's order: repetition penalty, temperature, top-k, top-p.
+Sampling (Hugging Face's order: repetition penalty, temperature, top-k, top-p) is yunque.sampling's,
+shared with the serving engine.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from yunque.model import Transformer, causal_mask
+from yunque.sampling import penalize_repeats, sample
 
 
 @dataclass
@@ -31,21 +33,8 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, s: Sampling, ge
     """logits (B, V) -> next ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty."""
     logits = logits.float()
     if s.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if s.temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / s.temperature
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+        logits = penalize_repeats(logits, seen, s.repetition_penalty)
+    return sample(logits, s.temperature, s.top_p, s.top_k, generator=gen)
 
 
 def decode_one_token(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from yunque.chat_input import HELP, MessageReader
 from yunque.errors import YunqueError
 from yunque.generate import Sampling, stream_text
 from yunque.inference import load
@@ -78,6 +79,8 @@ def chat_cmd(model: str | None = None, url: str | None = None, api_key: str | No
              dtype: str = "auto", device: str = "auto") -> int:
     """Interactive chat with streaming output (a local model, or a running `yunque serve` via --url).
 
+    A message may span lines: paste it, end a line with \\ to go on, or put \"\"\" on its own line before and after.
+
     Args:
         model: a Hugging Face model directory
         url: base URL of an OpenAI-compatible server instead of a local model
@@ -101,19 +104,18 @@ def chat_cmd(model: str | None = None, url: str | None = None, api_key: str | No
     m, tok = load(model, adapter, dtype, device)
     s = _sampling(tok, max_new_tokens, temperature, 0, top_p, 1.0, seed, ())
     messages = [{"role": "system", "content": system}] if system else []
-    print("yunque chat: empty line or Ctrl-D to quit, /reset to forget the conversation.", file=sys.stderr)
+    print(f"yunque chat: empty line or Ctrl-D to quit, /reset to forget the conversation.\n{HELP}", file=sys.stderr)
+    reader = MessageReader(prompt="you> ")
     while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
+        text = reader.read()
+        if not text:
+            if text is None:
+                print()
             return 0
-        if not line:
-            return 0
-        if line == "/reset":
+        if text == "/reset":
             messages = messages[:1] if system else []
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": text})
         sys.stdout.write("assistant> ")
         reply = []
         for delta in stream_text(m, tok, _chat_ids(tok, messages), s):

@@ -11,7 +11,8 @@ from yunque.serve.config import ServeConfig
 
 
 def build_app(model, tokenizer, cfg: ServeConfig, model_name: str):
-    """The ASGI app (gate + FastAPI routes + engine); `.app` is the FastAPI app, `.app.state.engine` the engine."""
+    """The ASGI app (gate + FastAPI routes + Service); `.app` is the FastAPI app, `.app.state.service` the Service
+    and `.app.state.engine` its engine."""
     from yunque.serve.app import create_app
     from yunque.serve.auth import build_authenticator
 

@@ -1,128 +1,73 @@
-"""The FastAPI app: OpenAI-compatible routes over the engine, behind the gate.
+"""The ASGI app: the Gatekeeper in front of thin FastAPI routes over a `Service`.
 
-Order of work for a generation request, cheapest and safest first: the Gatekeeper (request
-id, header cap, auth, body cap) -> schema validation (400) -> model id, limits from the config
-(400) -> input guard (400 when blocking) -> chat template + tokenize, prompt caps (400) ->
-rate limit (429) -> admission (429 "overloaded") -> generation, streamed or not, through the
-output guard -> usage, metrics, audit line. Every error has OpenAI's shape; a 5xx means a bug.
+The routes only parse (FastAPI validates bodies against yunque.serve.schemas) and hand over;
+admission, generation and accounting are the Service's. Every error has OpenAI's shape.
 """
 
 from __future__ import annotations
-
-import asyncio
-import math
-import time
-import uuid
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from yunque.chat import apply_chat_template
-from yunque.errors import ConfigError, YunqueError
-from yunque.serve.auth import Authenticator, Principal
+from yunque.serve.auth import Authenticator
 from yunque.serve.config import ServeConfig
-from yunque.serve.engine import Engine, Overloaded, SeqParams
-from yunque.serve.guards import AuditLog, InputGuard, OutputGuard, Verdict
-from yunque.serve.limits import Gatekeeper, RateLimiter, error_body
-from yunque.serve.metrics import Metrics
-from yunque.serve.schemas import (
-    SEED_MAX,
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-)
-from yunque.serve.server import Mailbox, SSEResponse, dumps
+from yunque.serve.limits import Gatekeeper, error_body
+from yunque.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from yunque.serve.service import APIError, Service
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431)}
-_POLL_S = 0.25
-_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/models": "models", "/metrics": "metrics",
-           "/health": "health", "/openapi.json": "openapi"}  # how often a waiting handler checks that its client is still there (cancel within 1 s)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None, reason: str = "invalid_request"):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-        self.headers, self.reason = headers or {}, reason
+def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> Gatekeeper:
+    service = Service(model, tokenizer, cfg, model_name)
+    app = FastAPI(title="yunque", version="1", lifespan=service.lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="OpenAI-compatible inference. Every route except /health needs "
+                  "`Authorization: Bearer <key>`.")
+    app.state.service = service
+    app.state.engine, app.state.metrics, app.state.limiter = service.engine, service.metrics, service.limiter
+    _error_handlers(app, service)
+
+    @app.get("/health", include_in_schema=True)
+    async def health():
+        ok = service.healthy
+        return JSONResponse({"status": "ok" if ok else "engine_failed"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", responses=_ERRORS)
+    async def prom_metrics():
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models():
+        return service.models()
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @app.post("/v1/chat/completions", responses=_ERRORS)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await service.chat(req, request)
+
+    @app.post("/v1/completions", responses=_ERRORS)
+    async def completions(req: CompletionRequest, request: Request):
+        return await service.completion(req, request)
+
+    return Gatekeeper(app, cfg.limits.max_header_bytes, cfg.limits.max_body_bytes, auth.authenticate,
+                      on_reject=service.rejected)
 
 
-@dataclass
-class _Job:
-    """One generation request in flight: its choices, their event queue and its accounting."""
-
-    kind: str  # "chat" | "completion"
-    who: Principal
-    rid: str
-    t0: float
-    prompts: list[list[int]]  # one per choice
-    n_unique_prompt_tokens: int
-    charged: int
-    verdict: Verdict
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    seqs: list = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    finish: list[str | None] = field(default_factory=list)
-    completion_tokens: int = 0
-    redactions: dict[str, int] = field(default_factory=dict)
-    first_token_at: float | None = None
-    status: str = "incomplete"
-    accounted: bool = False
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+           param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
 
 
-def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> FastAPI:
-    L = cfg.limits
-    if L.max_len > model.config.max_position_embeddings:
-        raise ConfigError(f"limits.max_len: {L.max_len} is past the model's context of {model.config.max_position_embeddings} tokens")
-    metrics = Metrics()
-
-    def on_step(e: Engine) -> None:
-        metrics.queue_depth.set(e.queue_depth)
-        metrics.running.set(e.n_running)
-
-    engine = Engine(model, tokenizer, L.max_batch, L.max_len, L.max_queue, L.max_prefill_tokens, on_step=on_step)
-    limiter = RateLimiter(L.rpm, L.tpm)
-    in_guard = InputGuard(cfg.guards.input, _special_tokens(tokenizer), cfg.guards.extra_patterns)
-    out_guard = OutputGuard(cfg.guards.output, cfg.guards.holdback)
-    audit = AuditLog(cfg.audit.path, cfg.audit.log_prompts)
-    mailbox = Mailbox()
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        mailbox.loop = asyncio.get_running_loop()
-        engine.start()
-        yield
-        # uvicorn has already waited for in-flight requests (graceful shutdown); nothing is left to run
-        await asyncio.to_thread(engine.stop, cfg.drain_timeout_s)
-        audit.close()
-
-    app = FastAPI(title="yunque", version="1", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
-                  description="OpenAI-compatible inference. Every route except /health needs `Authorization: Bearer <key>`.")
-    app.state.engine, app.state.metrics, app.state.limiter = engine, metrics, limiter
-
-    def err(status: int, message: str, **kw) -> JSONResponse:
-        body = error_body(message, kw.get("type_", "invalid_request_error"), kw.get("code"), kw.get("param"))
-        return JSONResponse(body, status_code=status, headers=kw.get("headers"))
-
-    def rejected(reason: str, status: int, scope: dict) -> None:
-        """Every refusal is counted and audited (who, where, why; never the body)."""
-        state = scope.get("state", {})
-        who = state.get("principal")
-        route = _ROUTES.get(scope.get("path", ""), "other")  # bounded label set
-        metrics.rejections.labels(reason).inc()
-        metrics.requests.labels(route, str(status)).inc()
-        audit.write({"request_id": state.get("request_id"), "key": who.name if who else None, "route": route,
-                     "status": status, "outcome": "rejected", "reason": reason})
-
+def _error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        rejected(e.reason, e.status, request.scope)
-        return err(e.status, e.message, type_=e.type, code=e.code, param=e.param, headers=e.headers)
+        service.rejected(e.reason, e.status, request.scope)
+        return _error(e.status, e.message, e.type, e.code, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -130,275 +75,16 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         # Drop "body" and pydantic's union-branch tags ("function-after[...]", "list[TextPart]"): keep field paths.
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")
                and str(p) not in ("str", "int", "float", "bool")]
-        rejected("invalid_request", 400, request.scope)
+        service.rejected("invalid_request", 400, request.scope)
         where = ".".join(loc)
-        return err(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", param=where or None, code="invalid_value")
+        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", param=where or None,
+                      code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return err(e.status_code, str(e.detail), code=code, headers=getattr(e, "headers", None))
+        return _error(e.status_code, str(e.detail), code=code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, e: Exception):
-        return err(500, "internal server error", type_="server_error", code="internal_error")
-
-    # -- plain routes ---------------------------------------------------------------------
-    @app.get("/health", include_in_schema=True)
-    async def health():
-        ok = engine.error is None
-        return JSONResponse({"status": "ok" if ok else "engine_failed"}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", responses=_ERRORS)
-    async def prom_metrics():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models", responses=_ERRORS)
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "yunque"}]}
-
-    @app.get("/openapi.json", include_in_schema=False)
-    async def openapi():
-        return JSONResponse(app.openapi())
-
-    # -- generation -----------------------------------------------------------------------
-    def check_common(req) -> None:
-        if req.model != model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{model_name}`",
-                           code="model_not_found", param="model", reason="invalid_request")
-        n = req.n or 1
-        if n > L.max_n:
-            raise APIError(400, f"n: at most {L.max_n} choices per request, got {n}", param="n", code="invalid_value")
-
-    def make_job(kind: str, request: Request, req, prompt_ids: list[list[int]], max_tokens: int | None, verdict: Verdict) -> tuple[_Job, int]:
-        n = req.n or 1
-        if len(prompt_ids) * n > L.max_n:
-            raise APIError(400, f"{len(prompt_ids)} prompts x n={n} exceeds the limit of {L.max_n} choices", param="n", code="invalid_value")
-        longest = max(len(p) for p in prompt_ids)
-        if longest > L.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {longest} tokens, over this server's limit of {L.max_prompt_tokens}",
-                           param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > L.max_tokens:
-            raise APIError(400, f"max_tokens: at most {L.max_tokens}, got {max_tokens}", param="max_tokens", code="invalid_value")
-        room = L.max_len - longest
-        if max_tokens is None:
-            max_tokens = min(L.default_max_tokens, room)
-        elif max_tokens > room:
-            raise APIError(400, f"this model's context is {L.max_len} tokens; the prompt ({longest}) + max_tokens ({max_tokens}) exceed it",
-                           param="max_tokens", code="context_length_exceeded")
-        choices = [p for p in prompt_ids for _ in range(n)]
-        unique = sum(len(p) for p in prompt_ids)
-        charge = unique + max_tokens * len(choices)
-        who: Principal = request.scope["state"]["principal"]
-        d = limiter.acquire(who, charge)
-        if not d.ok:
-            if d.reason == "too_large":
-                raise APIError(400, f"this request may use {charge} tokens, more than your limit of {d.limit} per minute",
-                               code="tokens_exceed_limit", headers=d.headers, reason="rate_limit_tokens")
-            retry = max(1, math.ceil(d.retry_after))
-            raise APIError(429, f"Rate limit reached for {d.reason} per minute (limit {d.limit}); retry in {retry}s",
-                           type_="requests" if d.reason == "requests" else "tokens", code="rate_limit_exceeded",
-                           headers={**d.headers, "retry-after": str(retry)}, reason=f"rate_limit_{d.reason}")
-        job = _Job(kind, who, request.scope["state"]["request_id"], time.monotonic(), choices, unique, charge, verdict)
-        job.texts, job.finish = [""] * len(choices), [None] * len(choices)
-        request.state.rate_headers = d.headers
-        return job, max_tokens
-
-    def submit(job: _Job, req, max_tokens: int) -> None:
-        def callback(i: int):
-            return lambda ev: mailbox.post(job.queue, (i, ev))
-
-        temp = 1.0 if req.temperature is None else req.temperature
-        params = [SeqParams(max_tokens, temp, 1.0 if req.top_p is None else req.top_p,
-                            None if req.seed is None else (req.seed + i) & SEED_MAX, req.stops())
-                  for i in range(len(job.prompts))]
-        try:
-            job.seqs = engine.submit(job.prompts, params, [callback(i) for i in range(len(job.prompts))])
-        except Overloaded as e:
-            limiter.refund(job.who, job.charged)
-            raise APIError(429, f"The server is overloaded ({e}); retry shortly", type_="server_overloaded",
-                           code="overloaded", headers={"retry-after": "1"}, reason="overloaded") from None
-
-    async def events(job: _Job, request: Request):
-        """Batches of (choice, event) until every choice is done: all that arrived since the last
-        batch, so a client that fell behind gets one write, not one per token. Returns early
-        (leaving the job unfinished, which cancels it) if the client went away."""
-        pending = len(job.seqs)
-        checked = time.monotonic()
-        while pending:
-            try:
-                batch = [await asyncio.wait_for(job.queue.get(), _POLL_S)]
-            except asyncio.TimeoutError:
-                batch = []
-            while not job.queue.empty():
-                batch.append(job.queue.get_nowait())
-            if time.monotonic() - checked >= _POLL_S:  # also while tokens flow: a busy stream must notice too
-                checked = time.monotonic()
-                if await request.is_disconnected():
-                    return
-            for i, ev in batch:
-                if ev[0] == "error":
-                    raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error")
-                if ev[0] == "done":
-                    pending -= 1
-                    job.finish[i] = ev[1]
-                    job.completion_tokens += ev[3]
-                elif job.first_token_at is None:
-                    job.first_token_at = time.monotonic()
-            if batch:
-                yield batch
-
-    def finish(job: _Job, route: str, status: int, prompt_text: str | None) -> None:
-        """Refund, metrics and the audit line, exactly once per admitted job (later calls do nothing)."""
-        if job.accounted:
-            return
-        job.accounted = True
-        if any(f is None for f in job.finish):
-            engine.cancel(job.seqs)
-            metrics.cancelled.inc(sum(f is None for f in job.finish))
-            job.status = "cancelled"
-        limiter.refund(job.who, job.charged - job.n_unique_prompt_tokens - job.completion_tokens)
-        dt = time.monotonic() - job.t0
-        metrics.requests.labels(route, str(status)).inc()
-        metrics.latency.labels(route).observe(dt)
-        if job.first_token_at is not None:
-            metrics.ttft.observe(job.first_token_at - job.t0)
-        metrics.prompt_tokens.inc(job.n_unique_prompt_tokens)
-        metrics.completion_tokens.inc(job.completion_tokens)
-        out_verdict = "redacted" if job.redactions else "clean"
-        if out_guard.on:
-            metrics.guard.labels("output", out_verdict).inc()
-        audit.write({"request_id": job.rid, "key": job.who.name, "route": route, "status": status, "outcome": job.status,
-                     "prompt_tokens": job.n_unique_prompt_tokens, "completion_tokens": job.completion_tokens,
-                     "latency_ms": round(dt * 1000, 1), "finish_reasons": job.finish, "input_guard": job.verdict.to_dict(),
-                     "output_guard": {"verdict": out_verdict if out_guard.on else "off", "redactions": job.redactions}},
-                    prompt=prompt_text, completion=job.texts if cfg.audit.log_prompts else None)
-
-    async def run(job: _Job, req, request: Request, route: str, prompt_text: str):
-        obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        cid = ("chatcmpl-" if job.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        headers = {**request.state.rate_headers, "x-guard-input": job.verdict.verdict}
-        usage = lambda: {"prompt_tokens": job.n_unique_prompt_tokens, "completion_tokens": job.completion_tokens,
-                         "total_tokens": job.n_unique_prompt_tokens + job.completion_tokens}
-        redactors = [out_guard.stream() for _ in job.prompts]
-
-        def guarded(i: int, text: str, final: bool) -> str:
-            r = redactors[i]
-            if r is None:
-                return text
-            out = r.feed(text) + (r.flush() if final else "")
-            for k, v in r.findings.items():
-                job.redactions[k] = job.redactions.get(k, 0) + v
-            r.findings.clear()
-            return out
-
-        if not req.stream:
-            try:
-                async for batch in events(job, request):
-                    for i, ev in batch:
-                        job.texts[i] += guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
-                if any(f is None for f in job.finish):
-                    return Response(status_code=499)  # the client left; nobody reads this
-                job.status = "ok"
-            finally:
-                finish(job, route, 200, prompt_text)
-            choices = [({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-                        if job.kind == "chat" else {"index": i, "text": t, "logprobs": None, "finish_reason": f})
-                       for i, (t, f) in enumerate(zip(job.texts, job.finish))]
-            return JSONResponse({"id": cid, "object": obj, "created": int(time.time()), "model": model_name,
-                                 "choices": choices, "usage": usage()}, headers=headers)
-
-        chunk_obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> str:
-            if job.kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-            else:
-                c = {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
-            body = {"id": cid, "object": chunk_obj, "created": int(time.time()), "model": model_name, "choices": [c]}
-            if include_usage:
-                body["usage"] = None
-            return "data: " + dumps(body) + "\n\n"
-
-        async def sse():
-            try:
-                if job.kind == "chat":
-                    for i in range(len(job.prompts)):
-                        yield chunk(i, None, None, role=True)
-                async for batch in events(job, request):
-                    out: list[str] = []
-                    texts: dict[int, str] = {}  # consecutive deltas of a choice become one chunk
-                    for i, ev in batch:
-                        text = guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
-                        job.texts[i] += text
-                        texts[i] = texts.get(i, "") + text
-                        if ev[0] == "done":
-                            tail = texts.pop(i)
-                            if tail:
-                                out.append(chunk(i, tail, None))
-                            out.append(chunk(i, None, ev[1]))
-                    out += [chunk(i, t, None) for i, t in texts.items() if t]
-                    if out:
-                        yield "".join(out)
-                if any(f is None for f in job.finish):
-                    return
-                if include_usage:
-                    yield "data: " + dumps({"id": cid, "object": chunk_obj, "created": int(time.time()), "model": model_name,
-                                            "choices": [], "usage": usage()}) + "\n\n"
-                job.status = "ok"
-                finish(job, route, 200, prompt_text)  # accounted before the client can see the end
-                yield "data: [DONE]\n\n"
-            except APIError as e:  # headers are gone: report in-band, as OpenAI does
-                yield "data: " + dumps(error_body(e.message, e.type, e.code)) + "\n\n"
-            finally:
-                finish(job, route, 200, prompt_text)
-
-        return SSEResponse(sse(), headers=headers)
-
-    @app.post("/v1/chat/completions", responses=_ERRORS)
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        check_common(req)
-        verdict = guard_input(req.messages and [m.text() for m in req.messages if m.role != "system"])
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        try:
-            text = apply_chat_template(tokenizer, messages, add_generation_prompt=True)
-        except YunqueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        ids = tokenizer.encode(text)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job, max_tokens = make_job("chat", request, req, [ids], max_tokens, verdict)
-        submit(job, req, max_tokens)
-        return await run(job, req, request, "chat", text)
-
-    @app.post("/v1/completions", responses=_ERRORS)
-    async def completions(req: CompletionRequest, request: Request):
-        check_common(req)
-        prompts = req.prompts()
-        verdict = guard_input(prompts)
-        ids = [tokenizer.encode(p, add_special_tokens=True) or [tokenizer.bos_id or 0] for p in prompts]
-        job, max_tokens = make_job("completion", request, req, ids, req.max_tokens, verdict)
-        submit(job, req, max_tokens)
-        return await run(job, req, request, "completion", "\n".join(prompts))
-
-    def guard_input(texts: list[str]) -> Verdict:
-        v = in_guard.check(texts)
-        if in_guard.mode != "off":
-            metrics.guard.labels("input", v.verdict).inc()
-        if v.verdict == "block":
-            raise APIError(400, f"the input was refused by the prompt-injection guard (rules: {', '.join(v.rules)})",
-                           code="content_policy_violation", param="messages", reason="guard_block")
-        return v
-
-    return Gatekeeper(app, L.max_header_bytes, L.max_body_bytes, auth.authenticate,
-                      on_reject=lambda reason, status, scope: rejected(reason, status, scope))
-
-
-def _special_tokens(tokenizer) -> set[str]:
-    """Special tokens (chat-template markers) a user must not be able to write into a prompt.
-    yunque's Tokenizer has no public accessor for them yet, hence the private attribute."""
-    rust = getattr(tokenizer, "_rust", None)
-    if rust is None:
-        return set(tokenizer.special_tokens.values())
-    return {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
+        return _error(500, "internal server error", type_="server_error", code="internal_error")

@@ -1,13 +1,22 @@
 """`chat_remote`: an interactive, streaming chat against a running `yunque serve` (or any
-OpenAI-compatible server) through the official `openai` client; `yunque chat --url` calls it."""
+OpenAI-compatible server); `yunque chat --url` calls it. Standard library only (urllib and a
+server-sent-events reader), so it works on the default install."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from typing import TextIO
 
-from yunque.errors import YunqueError, require
+from yunque.chat_input import HELP, MessageReader
+from yunque.errors import YunqueError
+
+_TIMEOUT_S = 600
 
 
 def chat_remote(url: str, api_key: str | None = None, system: str | None = None, max_tokens: int = 256,
@@ -18,59 +27,122 @@ def chat_remote(url: str, api_key: str | None = None, system: str | None = None,
     `url` is the server's base, e.g. http://127.0.0.1:8000 (with or without /v1). The key comes
     from `api_key` or $YUNQUE_API_KEY. Commands: /reset clears the conversation, /exit quits.
     """
-    openai = require("openai", "serve", "yunque chat --url")
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     key = api_key or os.environ.get("YUNQUE_API_KEY")
     if not key:
         raise YunqueError("--api-key (or $YUNQUE_API_KEY) is required to talk to a server")
     base = url.rstrip("/")
     base = base if base.endswith("/v1") else base + "/v1"
-    client = openai.OpenAI(base_url=base, api_key=key, max_retries=0, timeout=600)
+    api = _Client(base, key)
     try:
-        model = client.models.list().data[0].id
-    except openai.APIConnectionError:
-        raise YunqueError(f"cannot reach {base}: is `yunque serve` running?") from None
-    except openai.APIStatusError as e:
-        raise YunqueError(f"{base}: {e.status_code} {_message(e)}") from None
+        model = api.get("/models")["data"][0]["id"]
+    except _StatusError as e:
+        raise YunqueError(f"{base}: {e.status} {e.message}") from None
+    except (KeyError, IndexError, TypeError):
+        raise YunqueError(f"{base}/models: no model listed") from None
     history = [{"role": "system", "content": system}] if system else []
-    interactive = stdin.isatty()
+    print(f"yunque chat with {model} at {base}: /exit or Ctrl-D to quit, /reset to forget the conversation.\n{HELP}",
+          file=sys.stderr)
+    reader = MessageReader(stdin, stdout, "> " if stdin.isatty() else "")
     while True:
-        if interactive:
-            stdout.write("> ")
-            stdout.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
+        text = reader.read()
+        if text is None or text == "/exit":
             return 0
-        text = line.rstrip("\n")
-        if text.strip() == "/reset":
+        if text == "/reset":
             history = history[:1] if system else []
             continue
-        if not text.strip():
+        if not text:
             continue
         history.append({"role": "user", "content": text})
+        body = {"model": model, "messages": history, "stream": True, "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": top_p, **({"seed": seed} if seed is not None else {})}
         reply = []
         try:
-            stream = client.chat.completions.create(model=model, messages=history, stream=True,
-                                                    max_tokens=max_tokens, temperature=temperature,
-                                                    top_p=top_p, seed=seed)
-            for chunk in stream:
-                for c in chunk.choices:
-                    if c.delta.content:
-                        reply.append(c.delta.content)
-                        stdout.write(c.delta.content)
-                        stdout.flush()
-        except openai.APIStatusError as e:
+            for delta in api.stream_chat(body):
+                reply.append(delta)
+                stdout.write(delta)
+                stdout.flush()
+        except _StatusError as e:
             history.pop()
-            stdout.write(f"[error {e.status_code}: {_message(e)}]\n")
+            stdout.write(("\n" if reply else "") + f"[error {e.status}: {e.message}]\n")
             continue
         stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
-def _message(e) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    return str(e)
+class _StatusError(Exception):
+    def __init__(self, status: int | str, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _Client:
+    """The two calls the chat needs, over urllib."""
+
+    def __init__(self, base: str, key: str):
+        self.base, self.key = base, key
+
+    def _open(self, path: str, body: dict | None = None):
+        headers = {"Authorization": f"Bearer {self.key}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers.update({"Content-Type": "application/json", "Accept": "text/event-stream"})
+        req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            return urllib.request.urlopen(req, timeout=_TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            raise _StatusError(e.code, _message(e.read(), e.reason)) from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            why = getattr(e, "reason", e)
+            raise YunqueError(f"cannot reach {self.base}: is `yunque serve` running? ({why})") from None
+
+    def get(self, path: str) -> dict:
+        with self._open(path) as r:
+            try:
+                return json.loads(r.read())
+            except ValueError:
+                raise YunqueError(f"{self.base}{path}: the answer is not JSON") from None
+
+    def stream_chat(self, body: dict) -> Iterator[str]:
+        """The text deltas of the first choice of a streamed chat completion."""
+        with self._open("/chat/completions", body) as r:
+            try:
+                for data in _sse_data(r):
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:  # an error after the headers went out comes in-band
+                        raise _StatusError("in stream", _message(data.encode(), "error"))
+                    for c in chunk.get("choices", []):
+                        if c.get("index", 0) == 0 and (c.get("delta") or {}).get("content"):
+                            yield c["delta"]["content"]
+            except (OSError, http.client.HTTPException, ValueError) as e:  # a dropped connection, or not SSE of JSON
+                raise YunqueError(f"{self.base}/chat/completions: the stream broke off ({e})") from None
+
+
+def _sse_data(lines) -> Iterator[str]:
+    """The data of each server-sent event (the `data:` lines of one event, joined by newlines)."""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+            data = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value.removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def _message(body: bytes, fallback: str) -> str:
+    try:
+        err = json.loads(body)
+    except ValueError:
+        return str(fallback)
+    err = err.get("error", err) if isinstance(err, dict) else err
+    if isinstance(err, dict) and err.get("message"):
+        return str(err["message"])
+    return str(fallback)

@@ -27,6 +27,7 @@ import torch.nn
 
 from yunque.generate import TextDecoder
 from yunque.model import Transformer
+from yunque.sampling import sample
 
 Event = tuple
 OnEvent = Callable[[Event], None]
@@ -281,29 +282,8 @@ class Engine:
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SeqParams], gens: Sequence[torch.Generator | None],
                 rng: torch.Generator) -> torch.Tensor:
-    """Per-row temperature / top-p sampling (B, V) -> (B,); temperature 0 is greedy.
-
-    A row with its own generator (a request `seed`) draws from it alone, so its output does
-    not depend on what else is in the batch.
-    """
-    logits = logits.float()
-    greedy = logits.argmax(-1)
+    """Each row with its own request's temperature / top-p; a row with a generator (a request
+    `seed`) draws from it alone, the others from the engine's `rng`."""
     temps = torch.tensor([p.temperature for p in params], device=logits.device)
-    if bool((temps <= 0).all()):
-        return greedy
-    x = logits / temps.clamp(min=1e-5)[:, None]
     top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-    if bool((top_p < 1).any()):
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = sorted_x.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p[:, None]  # keep the smallest set reaching top_p
-        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = x.softmax(-1)
-    out = greedy.clone()
-    shared = [i for i, (p, g) in enumerate(zip(params, gens)) if p.temperature > 0 and g is None]
-    if shared:
-        out[shared] = torch.multinomial(probs[shared], 1, generator=rng).squeeze(-1)
-    for i, (p, g) in enumerate(zip(params, gens)):
-        if p.temperature > 0 and g is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
-    return out
+    return sample(logits, temps, top_p, generator=rng, row_generators=gens)
