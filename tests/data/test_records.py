@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from datahelp import cfg, read_jsonl, write_jsonl
-from tok_helpers import trained_dir
+from tok_chat_templates import QWEN25
+from tok_helpers import family_dir, trained_dir
 
 from yunque.config import from_dict
 from yunque.data.pipeline import prepare
@@ -63,10 +64,18 @@ RECORDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+IM = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module", params=["llama3", "chatml"])
+def env(request, tmp_path_factory):
+    """Llama 3's template trims message content; ChatML (Qwen 2.5) keeps it as it is, so whitespace
+    that one parser keeps and another drops shows in the prompt."""
     d = tmp_path_factory.mktemp("records")
     tok_dir = trained_dir(d)
+    if request.param == "chatml":
+        tok_dir = family_dir(tok_dir, d / "chatml", specials=IM, template=QWEN25,
+                             config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     raw = {name: write_jsonl(d / f"{name}.jsonl", [rec]) for name, (rec, _) in RECORDS.items()}
     # The data step: every record kept as it is (no cleaning, scrubbing or dedup), all in train, tokenized.
     c = cfg(pii={"enabled": False}, clean={"normalize": False}, dedup={"exact": False, "near": "off"},
