@@ -97,3 +97,14 @@ def test_percent_in_a_docstring_is_printed_as_is(capsys):
 
     text = build_parser(cmd, "yunque x").format_help()
     assert "1% by default (100% keeps all) (default: 0.5)" in text and "%(prog)s is not expanded" in text
+
+
+def test_positionals_may_follow_flags():
+    """`yunque train c.yaml --dry-run optim.lr=1e-4`, `yunque data prepare in.jsonl --out d pii.modes.email=keep`."""
+    from yunque.cli import call_with_argv
+
+    def cmd(config: str, *overrides: str, dry_run: bool = False, out: str | None = None) -> tuple:
+        return config, overrides, dry_run, out
+
+    got = call_with_argv(cmd, ["c.yaml", "--dry-run", "a.b=1", "--out", "d", "c=2"], "yunque x")
+    assert got == ("c.yaml", ("a.b=1", "c=2"), True, "d")

@@ -83,7 +83,8 @@ def build_parser(fn: Callable, prog: str) -> argparse.ArgumentParser:
 
 
 def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
-    ns = vars(build_parser(fn, prog).parse_args(argv))
+    # Intermixed: positionals may come after flags (`data prepare in.jsonl --out d pii.modes.email=keep`).
+    ns = vars(build_parser(fn, prog).parse_intermixed_args(argv))
     sig = inspect.signature(fn)
     args, kwargs = [], {}
     for name, p in sig.parameters.items():

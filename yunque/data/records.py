@@ -331,9 +331,6 @@ def prompt_and_answer(rec: dict) -> tuple[str, str]:
     raise ValueError(f"a {rec['kind']} record has no raw-text prompt")
 
 
-LABEL_SOURCES = ("label", "answer")
-
-
 def label_of(rec: dict, source: str = "label") -> str | int | None:
     """The label a record is stratified and oversampled by: its `label` field (a classification
     label, or the `label` a chat/alpaca/completion record carried), or with `source="answer"` the
