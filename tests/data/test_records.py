@@ -175,3 +175,12 @@ def test_records_from_data_prepare_keep_their_order_and_fields(env):
     refs = next(rec for rec in lines if rec["source"].startswith(str(env["raw"]["several_references"])))
     assert refs["completion"] == "sha256" and refs["references"] == ["sha256", "blake2b"]
     assert json.loads((env["prepared"] / "report.json").read_text())["records_dropped"] == 0
+
+
+def test_a_label_beside_messages_is_kept_when_it_is_a_class():
+    chat = {"messages": [USER, REPLY]}
+    assert parse({**chat, "label": "brute_force"})["label"] == "brute_force"
+    assert "label" not in parse({**chat, "label": ["auth", "ssh"]})  # tags, not a class: left out, record kept
+    assert parse({**chat, "meta": {"verdict": 3}}, fields={"label": "meta.verdict"})["label"] == 3
+    with pytest.raises(RecordError, match="'meta.verdict' must be a string or an integer"):
+        parse({**chat, "meta": {"verdict": [3]}}, fields={"label": "meta.verdict"})

@@ -56,15 +56,21 @@ class DedupConfig:
 
 
 # What `data prepare` does with each type unless `pii.modes` says otherwise, and why.
-#   Secrets and credentials: redacted. A model that memorises a live key or token gives it to anyone
-#     who asks, and a sample is never about the key's value (the placeholder keeps its place).
-#   Identifiers of a person or an account (e-mail, phone, card, IBAN, national IDs, crypto wallets):
-#     redacted. They name someone; a model should learn what to do with them, not the values.
-#     Phishing and fraud data whose sender or wallet is the evidence: `pii.modes.email=keep`.
-#   IP addresses: kept and counted ("report"). In logs, alerts and threat reports they are what a
-#     security model reasons about (attacker, scanner, victim host), mostly servers rather than
-#     people; `pii.modes.ipv4=redact` (and ipv6) for data where they identify users.
-PII_DEFAULTS: dict[str, str] = {t: "redact" for t in PII_TYPES} | {"IPV4": "report", "IPV6": "report"}
+# Secrets and credentials: redacted. A model that memorises a live key or token gives it to anyone who
+# asks, and a sample is never about the key's value (the placeholder keeps its place and type).
+SECRET_TYPES = ("PRIVATE_KEY", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN",
+                "JWT", "SECRET_ASSIGNMENT", "URL_CREDENTIALS")
+# Identifiers of a person or an account: redacted. They name someone; a model should learn what to do
+# with them, not the values. Where the identifier is the evidence (a phishing sender, a scam wallet):
+# pii.modes.email=keep (or bitcoin_address, ethereum_address).
+PERSONAL_TYPES = ("EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE", "MX_CURP", "MX_RFC", "BR_CPF",
+                  "AR_CUIT", "CL_RUT", "BITCOIN_ADDRESS", "ETHEREUM_ADDRESS")
+# IP addresses: kept and counted in the report. In logs, alerts and threat reports they are what a
+# security model reasons about (attacker, scanner, victim host), and mostly servers rather than people;
+# pii.modes.ipv4=redact (and ipv6) for data where they identify users, e.g. web access logs.
+NETWORK_TYPES = ("IPV4", "IPV6")
+PII_DEFAULTS: dict[str, str] = (dict.fromkeys(SECRET_TYPES, "redact") | dict.fromkeys(PERSONAL_TYPES, "redact")
+                                | dict.fromkeys(NETWORK_TYPES, "report"))
 
 
 @dataclass

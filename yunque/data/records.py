@@ -128,15 +128,19 @@ def _has_keys(obj: dict) -> str:
     return ", ".join(sorted(map(str, obj))) or "none"
 
 
+def _missing(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...], what: str) -> RecordError:
+    if name in fields or not aliases:
+        return RecordError("missing_field", f"missing {what} {fields.get(name, name)!r} (has: {_has_keys(obj)})")
+    return RecordError("missing_field", f"missing {what} (expected one of: {', '.join(aliases)}; has: {_has_keys(obj)})")
+
+
 def _field(obj: dict, name: str, fields: dict[str, str], *, required: bool = True, allow_int: bool = False,
            aliases: tuple[str, ...] = (), what: str = "field") -> Any:
     path = _path_of(obj, name, fields, aliases)
     if path is None:
         if not required:
             return None
-        if name in fields or not aliases:
-            raise RecordError("missing_field", f"missing {what} {fields.get(name, name)!r} (has: {_has_keys(obj)})")
-        raise RecordError("missing_field", f"missing {what} (expected one of: {', '.join(aliases)}; has: {_has_keys(obj)})")
+        raise _missing(obj, name, fields, aliases, what)
     value = get_path(obj, path)
     if value is None and not required:
         return None
@@ -150,7 +154,7 @@ def _answers(obj: dict, fields: dict[str, str]) -> list[str]:
     """The reference answers of a completion record: one string, or a non-empty list of them."""
     path = _path_of(obj, "completion", fields, ANSWER_FIELDS)
     if path is None:
-        _field(obj, "completion", fields, aliases=ANSWER_FIELDS, what="reference field")  # raises, naming the fields
+        raise _missing(obj, "completion", fields, ANSWER_FIELDS, "reference field")
     value = get_path(obj, path)
     if isinstance(value, str):
         return [value]
@@ -160,7 +164,15 @@ def _answers(obj: dict, fields: dict[str, str]) -> list[str]:
 
 
 def _with_label(rec: dict, obj: dict, fields: dict[str, str]) -> dict:
-    label = _field(obj, "label", fields, required=False, allow_int=True)
+    """`rec` with the object's label, if it has one. Beside messages or a completion a `label` field is
+    metadata: one that is not a string or an integer (a list of tags) is left out, unless a field
+    mapping asked for it."""
+    if "label" in fields:
+        label = _field(obj, "label", fields, required=False, allow_int=True)
+    else:
+        label = obj.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            label = None
     return rec if label is None else {**rec, "label": label}
 
 
