@@ -6,7 +6,7 @@ import pytest
 import torch
 from tok_helpers import write_corpus
 
-from yunque.__main__ import main
+from yunque.__main__ import COMMANDS, PASSTHROUGH, main
 from yunque.generate import Sampling, generate
 from yunque.inference import load
 
@@ -71,3 +71,40 @@ def test_chat_streams_and_keeps_history(model_dir):
                         "--temperature", "0"], input="hello\nand again\n\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2 and r.stdout.count("you> ") == 3
+
+
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - PASSTHROUGH))  # passthrough help is the other tool's
+def test_every_command_has_working_help(command, capsys):
+    """`--help` of every registered command (help texts come from docstrings, which may hold a '%')."""
+    with pytest.raises(SystemExit) as e:
+        main([*command.split(), "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: yunque {command}") and "--help" in out
+
+
+def test_percent_in_a_docstring_is_printed_as_is(capsys):
+    from yunque.cli import build_parser
+
+    def cmd(rate: float = 0.5, *, out: str) -> int:
+        """Do it.
+
+        Args:
+            rate: share of records, 1% by default (100% keeps all)
+            out: where; %(prog)s is not expanded here
+        """
+        return 0
+
+    text = build_parser(cmd, "yunque x").format_help()
+    assert "1% by default (100% keeps all) (default: 0.5)" in text and "%(prog)s is not expanded" in text
+
+
+def test_positionals_may_follow_flags():
+    """`yunque train c.yaml --dry-run optim.lr=1e-4`, `yunque data prepare in.jsonl --out d pii.modes.email=keep`."""
+    from yunque.cli import call_with_argv
+
+    def cmd(config: str, *overrides: str, dry_run: bool = False, out: str | None = None) -> tuple:
+        return config, overrides, dry_run, out
+
+    got = call_with_argv(cmd, ["c.yaml", "--dry-run", "a.b=1", "--out", "d", "c=2"], "yunque x")
+    assert got == ("c.yaml", ("a.b=1", "c=2"), True, "d")

@@ -229,3 +229,22 @@ def test_from_dir_errors(tok_dir, tmp_path, setup, message):
     setup(d)
     with pytest.raises(YunqueError, match=message):
         Tokenizer.from_dir(d)
+
+
+def test_tokenizer_does_not_import_chat():
+    """One direction only: chat renders with a tokenizer; the tokenizer finds its own end-of-turn
+    token (by rendering its template in the sandbox) without importing chat."""
+    import ast
+
+    def imports(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return found | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    import yunque.chat as chat
+
+    assert "yunque.chat" not in imports(ytok)
+    top_level = {n.module for n in ast.parse(Path(chat.__file__).read_text(encoding="utf-8")).body
+                 if isinstance(n, ast.ImportFrom)}
+    assert "yunque.tokenizer" in top_level  # a real import, not one hidden under TYPE_CHECKING
+    assert ytok.find_end_of_turn(ytok.LLAMA3_CHAT_TEMPLATE, {"bos_token": BOS}, SPECIAL_TOKENS) == EOT

@@ -20,13 +20,11 @@ import bisect
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from yunque.errors import YunqueError
 from yunque.jinja_sandbox import render_template
-
-if TYPE_CHECKING:
-    from yunque.tokenizer import Tokenizer
+from yunque.tokenizer import Tokenizer
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 
@@ -328,19 +326,3 @@ def spans_to_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) 
         if first <= last:
             mask[first : last + 1] = [True] * (last + 1 - first)
     return mask
-
-
-def find_end_of_turn(source: str, special_tokens: dict[str, str], added_tokens: Iterable[str]) -> str | None:
-    """The added token a template writes right after an assistant message (e.g. <|eot_id|>,
-    <|im_end|>, </s>): generation must stop there, so it belongs in the stop ids."""
-    probe = "yunque probe reply"
-    messages = [{"role": "user", "content": "yunque probe question"}, {"role": "assistant", "content": probe}]
-    try:
-        text = render_template(source, {"messages": messages, "add_generation_prompt": False, "tools": None, "documents": None, **special_tokens})
-    except YunqueError:
-        return None
-    at = text.find(probe)
-    if at < 0:
-        return None
-    rest = text[at + len(probe) :].lstrip()
-    return next((t for t in sorted(added_tokens, key=len, reverse=True) if t and rest.startswith(t)), None)

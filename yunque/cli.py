@@ -43,6 +43,11 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _literal(help_: str) -> str:
+    # argparse %-formats help strings (for %(default)s): a "1%" in a docstring would crash --help.
+    return help_.replace("%", "%%")
+
+
 def build_parser(fn: Callable, prog: str) -> argparse.ArgumentParser:
     summary, helps = _doc_args(fn)
     parser = argparse.ArgumentParser(prog=prog, description=summary)
@@ -51,9 +56,9 @@ def build_parser(fn: Callable, prog: str) -> argparse.ArgumentParser:
         tp = _unwrap_optional(hints.get(name, str))
         help_ = helps.get(name, "")
         if p.kind is p.VAR_POSITIONAL:
-            parser.add_argument(name, nargs="*", help=help_)
+            parser.add_argument(name, nargs="*", help=_literal(help_))
             continue
-        kw: dict[str, Any] = {"help": help_}
+        kw: dict[str, Any] = {"help": _literal(help_)}
         origin = get_origin(tp)
         if origin is Literal:
             kw["choices"] = list(get_args(tp))
@@ -72,13 +77,14 @@ def build_parser(fn: Callable, prog: str) -> argparse.ArgumentParser:
             parser.add_argument(name, **kw)
         else:
             if p.default is not None and tp is not bool:
-                kw["help"] = f"{help_} (default: {p.default})".strip()
+                kw["help"] = _literal(f"{help_} (default: {p.default})".strip())
             parser.add_argument("--" + name.replace("_", "-"), dest=name, default=p.default, **kw)
     return parser
 
 
 def call_with_argv(fn: Callable, argv: list[str], prog: str) -> Any:
-    ns = vars(build_parser(fn, prog).parse_args(argv))
+    # Intermixed: positionals may come after flags (`data prepare in.jsonl --out d pii.modes.email=keep`).
+    ns = vars(build_parser(fn, prog).parse_intermixed_args(argv))
     sig = inspect.signature(fn)
     args, kwargs = [], {}
     for name, p in sig.parameters.items():

@@ -22,8 +22,8 @@ from typing import Any
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
-from yunque.chat import find_end_of_turn
 from yunque.errors import YunqueError
+from yunque.jinja_sandbox import render_template
 from yunque.textstream import corpus_files, iter_corpus
 
 # Llama 3's pre-tokenizer split (tiktoken's cl100k pattern): contractions, letter runs with one
@@ -56,6 +56,22 @@ def _token_text(value: Any, where: str) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     raise YunqueError(f"{where}: expected a token string, got {value!r}")
+
+
+def find_end_of_turn(source: str, special_tokens: dict[str, str], added_tokens: Iterable[str]) -> str | None:
+    """The added token a template writes right after an assistant message (e.g. <|eot_id|>,
+    <|im_end|>, </s>): generation must stop there, so it belongs in the stop ids."""
+    probe = "yunque probe reply"
+    messages = [{"role": "user", "content": "yunque probe question"}, {"role": "assistant", "content": probe}]
+    try:
+        text = render_template(source, {"messages": messages, "add_generation_prompt": False, "tools": None, "documents": None, **special_tokens})
+    except YunqueError:
+        return None
+    at = text.find(probe)
+    if at < 0:
+        return None
+    rest = text[at + len(probe) :].lstrip()
+    return next((t for t in sorted(added_tokens, key=len, reverse=True) if t and rest.startswith(t)), None)
 
 
 class Tokenizer:

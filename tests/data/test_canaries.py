@@ -82,7 +82,7 @@ def test_cli_prepare_then_redteam_measures_them(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", _rows())
     out = tmp_path / "data"
     assert call_with_argv(prepare_cmd, [str(src), "--out", str(out), "--canaries", "2", "--workers", "1",
-                                        "--overrides", "canaries.rate=0.05", "canaries.seed=3"], "yunque data prepare") == 0
+                                        "canaries.rate=0.05", "canaries.seed=3"], "yunque data prepare") == 0
     assert len(load_canaries(out / "canaries.json")) == 2
     assert json.loads((out / "report.json").read_text())["canaries"]["records"] == round(0.05 * sum(
         1 for _ in open(out / "train.jsonl")))

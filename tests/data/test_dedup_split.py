@@ -6,11 +6,13 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 from datahelp import all_records, cfg, read_jsonl, sentence, write_jsonl
 
 from yunque.data.dedup import MinHasher, NearDupIndex, shingles
 from yunque.data.pipeline import prepare
 from yunque.data.split import copies_for, oversample_plan, split_of
+from yunque.errors import ConfigError
 
 NO_PII = {"enabled": False}
 QUIET = {"log": lambda *_: None}
@@ -222,3 +224,33 @@ def test_counts_reconcile_and_report_files(tmp_path):
     assert (tmp_path / "out" / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Records in: **52**" in (tmp_path / "out" / "report.md").read_text()
     assert r.records_in == 52
+
+
+def _triage(i: int, verdict: str, **extra) -> dict:
+    return {"messages": [{"role": "system", "content": "Answer with one word."},
+                         {"role": "user", "content": f"Alert {i}: {sentence(i, 12)}"},
+                         {"role": "assistant", "content": verdict}], **extra}
+
+
+@pytest.mark.parametrize("label_from, row", [
+    ("answer", lambda i, v: _triage(i, v)),  # the answer is the class
+    ("label", lambda i, v: _triage(i, f"The verdict is {v}.", label=v)),  # a label field beside the messages
+])
+def test_oversampling_chat_records(tmp_path, label_from, row):
+    rows = [row(i, "malicious" if i % 10 == 0 else "benign") for i in range(600)]
+    src = write_jsonl(tmp_path / "chat.jsonl", rows)
+    split = {"oversample_ratio": 0.5} | ({"label_from": label_from} if label_from != "label" else {})  # "label": the default
+    r = prepare([src], tmp_path / "out", cfg(pii=NO_PII, dedup={"near": "off"}, split=split), **QUIET)
+    before, after = r.report["splits"]["train"]["labels"], r.report["splits"]["train"]["labels_after_oversampling"]
+    assert after["malicious"] == -(-before["benign"] // 2) > before["malicious"] and after["benign"] == before["benign"]
+    copies = [x for x in read_jsonl(tmp_path / "out" / "train.jsonl") if x.get("oversampled")]
+    assert len(copies) == after["malicious"] - before["malicious"] == r.report["oversampled_copies"] > 0
+    assert all("malicious" in x["messages"][-1]["content"] for x in copies)
+
+
+def test_oversampling_without_labels_says_why(tmp_path):
+    src = write_jsonl(tmp_path / "chat.jsonl", [_triage(i, "benign" if i % 3 else "malicious") for i in range(60)])
+    with pytest.raises(ConfigError, match=r"split.oversample_ratio: no record has a label to balance \(input shapes: chat\)"
+                                          r".*split.label_from: answer"):
+        prepare([src], tmp_path / "out", cfg(pii=NO_PII, split={"oversample_ratio": 0.5}), **QUIET)
+    assert not (tmp_path / "out").exists()

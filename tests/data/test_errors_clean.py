@@ -49,7 +49,7 @@ def test_every_error_counted_with_reason_and_position(tmp_path):
     assert r.records_in == r.records_kept + sum(r.dropped.values()) == 2 + 10
     ex = r.report["examples"]
     assert ex["invalid_json"][0].startswith(f"{src}:2: malformed JSON")
-    assert ex["missing_field"][0].startswith(f"{src}:3: missing field 'output'")
+    assert ex["missing_field"][0].startswith(f"{src}:3: missing reference field 'output'")
     assert ex["not_an_object"][0].startswith(f"{src}:5: ")
     assert ex["invalid_utf8"][0].startswith(f"{src}:7: invalid UTF-8")
     assert ex["bad_role"][0].startswith(f"{chat}:1: message 0: unknown role 'wizard'")
@@ -59,7 +59,7 @@ def test_every_error_counted_with_reason_and_position(tmp_path):
     # a CSV without the needed columns: each row counted, naming the columns it does have
     r2 = prepare([csv_path], tmp_path / "out2", cfg(pii=NO_PII, read={"format": "classification"}), **QUIET)
     assert r2.dropped == {"missing_field": 1}
-    assert "missing field 'text' (has: body, tag)" in r2.report["examples"]["missing_field"][0]
+    assert "missing field (expected one of: text, prompt; has: body, tag)" in r2.report["examples"]["missing_field"][0]
 
 
 @pytest.mark.parametrize("which,expect", [(0, ":2: malformed JSON"), (1, ":1: message 0: unknown role"), (2, ":0: empty file")])

@@ -136,7 +136,7 @@ def test_cli_prepare_verify_inspect_and_errors(tmp_path, capsys):
     (tmp_path / "data.yaml").write_text("pii:\n  enabled: false\ndedup:\n  near: 'off'\nworkers: 1\n", encoding="utf-8")
     out = tmp_path / "out"
     code, so, se = _main(["data", "prepare", str(src), "--out", str(out), "--config", str(tmp_path / "data.yaml"),
-                          "--format", "alpaca", "--overrides", "split.seed=3"], capsys)
+                          "--format", "alpaca", "split.seed=3"], capsys)
     assert code == 0, se
     assert "records in 41 = kept 40 + dropped 1" in so and f"{src}:41: missing field" in so
     assert json.loads((out / "manifest.json").read_text())["config"]["split"]["seed"] == 3

@@ -6,9 +6,12 @@ Example data.yaml for Alpaca's seed tasks (one instruction, several `instances`)
       format: alpaca
       explode: instances
     pii:
-      modes: {private_key: drop}
+      modes: {private_key: drop, email: keep}   # any case; keep = off = false
     split: {seed: 7}
     canaries: {count: 8, rate: 0.01}   # plant 8 canaries into 1% of the training records
+
+Every option can also be set on the command line after the inputs, as `train` takes them:
+`yunque data prepare in.jsonl --out data pii.modes.email=keep split.seed=7`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from yunque.data.pii import PII_TYPES, Modes, checked_modes, mode_name, type_name
 from yunque.errors import ConfigError
 
 Format = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
-PIIMode = Literal["redact", "drop", "report", "off"]
 
 
 @dataclass
@@ -52,11 +55,47 @@ class DedupConfig:
     seed: int = 1
 
 
+# What `data prepare` does with each type unless `pii.modes` says otherwise, and why.
+# Secrets and credentials: redacted. A model that memorises a live key or token gives it to anyone who
+# asks, and a sample is never about the key's value (the placeholder keeps its place and type).
+SECRET_TYPES = ("PRIVATE_KEY", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN",
+                "JWT", "SECRET_ASSIGNMENT", "URL_CREDENTIALS")
+# Identifiers of a person or an account: redacted. They name someone; a model should learn what to do
+# with them, not the values. Where the identifier is the evidence (a phishing sender, a scam wallet):
+# pii.modes.email=keep (or bitcoin_address, ethereum_address).
+PERSONAL_TYPES = ("EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE", "MX_CURP", "MX_RFC", "BR_CPF",
+                  "AR_CUIT", "CL_RUT", "BITCOIN_ADDRESS", "ETHEREUM_ADDRESS")
+# IP addresses: kept and counted in the report. In logs, alerts and threat reports they are what a
+# security model reasons about (attacker, scanner, victim host), and mostly servers rather than people;
+# pii.modes.ipv4=redact (and ipv6) for data where they identify users, e.g. web access logs.
+NETWORK_TYPES = ("IPV4", "IPV6")
+PII_DEFAULTS: dict[str, str] = (dict.fromkeys(SECRET_TYPES, "redact") | dict.fromkeys(PERSONAL_TYPES, "redact")
+                                | dict.fromkeys(NETWORK_TYPES, "report"))
+
+
 @dataclass
 class PIIConfig:
-    enabled: bool = True
-    default_mode: PIIMode = "redact"
-    modes: dict[str, PIIMode] = field(default_factory=dict)  # per type, e.g. {private_key: drop}
+    """Modes: redact (typed placeholder such as [EMAIL]), drop (discard the record), report (count
+    only, leave in place), keep (not scanned; also written off, false or no). Types and modes in any
+    case; see PII_DEFAULTS for each type's default and why."""
+
+    enabled: bool = True  # false: no scanning at all
+    default_mode: str | bool | None = None  # a mode for every type `modes` does not name (None: PII_DEFAULTS)
+    modes: dict[str, str | bool] = field(default_factory=dict)  # per type, e.g. {email: keep, private_key: drop}
+
+    def __post_init__(self) -> None:
+        # Canonical spellings, so that the manifest records one form and errors name the key.
+        if self.default_mode is not None:
+            self.default_mode = mode_name(self.default_mode, "pii.default_mode")
+        modes = {}
+        for t, m in self.modes.items():
+            modes[type_name(t, f"pii.modes.{t}")] = mode_name(m, f"pii.modes.{t}")
+        self.modes = modes
+
+    def effective(self) -> Modes:
+        """The mode of every type."""
+        base = PII_DEFAULTS if self.default_mode is None else dict.fromkeys(PII_TYPES, self.default_mode)
+        return checked_modes({**base, **self.modes})
 
 
 @dataclass
@@ -69,6 +108,10 @@ class SplitConfig:
     # False: the pure content-hash split, stable under any insertion, per-label shares in expectation.
     stratify: bool = False
     oversample_ratio: float | None = field(default=None, metadata={"gt": 0, "le": 1})  # train only
+    # What stratify and oversampling group records by: "label", a classification label or the `label`
+    # field of a chat/alpaca/completion record (read.fields.label maps another field); "answer", the
+    # final assistant message or completion (chat data whose answers are classes, e.g. triage verdicts).
+    label_from: Literal["label", "answer"] = "label"
 
     def validate(self) -> None:
         if self.train + self.val + self.test <= 0:

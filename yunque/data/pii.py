@@ -61,7 +61,10 @@ PLACEHOLDERS: dict[str, str] = {t: f"[{t}]" for t in PII_TYPES} | {
     "ETHEREUM_ADDRESS": "[ETH_ADDRESS]",
 }  # fmt: skip
 
-MODES: tuple[str, ...] = ("redact", "drop", "report", "off")
+# redact: replace with the placeholder; drop: discard the document (the data pipeline) and redact;
+# report: count, leave in place; keep: not even scanned for.
+MODES: tuple[str, ...] = ("redact", "drop", "report", "keep")
+_MODE_WORDS = {"off": "keep", "false": "keep", "no": "keep", "true": "redact", "yes": "redact"}
 
 # When two detectors claim overlapping text the more specific one wins: a PEM block beats
 # everything inside it, a validated checksum beats a phone-shaped digit run.
@@ -148,26 +151,58 @@ def scan(text: str, types: Iterable[str] | None = None) -> list[Finding]:
     return kept
 
 
+def mode_name(value: object, where: str) -> str:
+    """A mode as people write it: any case; `off`, `false`, `no` and YAML's false mean keep
+    (a bare `off` in YAML is the boolean false), `true` means redact."""
+    if isinstance(value, bool):
+        return "redact" if value else "keep"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        word = _MODE_WORDS.get(word, word)
+        if word in MODES:
+            return word
+    raise ConfigError(f"{where}: expected one of {', '.join(MODES)} (or off/false for keep), got {value!r}")
+
+
+def type_name(name: object, where: str) -> str:
+    """A PII type in any case (`email`, `private-key`) -> its name in PII_TYPES."""
+    t = str(name).strip().upper().replace("-", "_")
+    if t not in _ALL:
+        raise ConfigError(f"{where}: unknown type {name!r}; known: {', '.join(PII_TYPES)}")
+    return t
+
+
+class Modes(dict):
+    """A complete, checked type -> mode mapping (`checked_modes`): `scrub` takes it as it is, which
+    matters when it is called once per document."""
+
+    def __init__(self, modes: dict[str, str]):
+        super().__init__(modes)
+        self.active = _active(modes)
+
+
+def checked_modes(modes: dict[str, str] | None = None, default_mode: str = "redact") -> Modes:
+    """Every type's mode: `modes` (types and modes in any spelling `type_name`/`mode_name` accept)
+    over `default_mode`; ConfigError names a bad type or mode."""
+    return Modes(_check_modes(modes, default_mode))
+
+
 def _check_modes(modes: dict[str, str] | None, default_mode: str) -> dict[str, str]:
-    return _checked_modes(tuple(sorted((modes or {}).items())), default_mode)
+    if isinstance(modes, Modes):
+        return modes
+    return _checked_modes(tuple(sorted((str(k), v) for k, v in (modes or {}).items())), default_mode)
 
 
 @functools.lru_cache(maxsize=64)  # the pipeline calls scrub() per document with the same modes
 def _checked_modes(modes: tuple[tuple[str, str], ...], default_mode: str) -> dict[str, str]:
-    if default_mode not in MODES:
-        raise ConfigError(f"pii default_mode: expected one of {MODES}, got {default_mode!r}")
-    out = dict.fromkeys(PII_TYPES, default_mode)
+    out = dict.fromkeys(PII_TYPES, mode_name(default_mode, "pii default_mode"))
     for t, m in modes:
-        if t not in out:
-            raise ConfigError(f"pii modes: unknown type {t!r}; known: {', '.join(PII_TYPES)}")
-        if m not in MODES:
-            raise ConfigError(f"pii modes.{t}: expected one of {MODES}, got {m!r}")
-        out[t] = m
+        out[type_name(t, f"pii modes.{t}")] = mode_name(m, f"pii modes.{t}")
     return out
 
 
 def _active(modes: dict[str, str]) -> frozenset[str]:
-    return frozenset(t for t, m in modes.items() if m != "off")
+    return frozenset(t for t, m in modes.items() if m != "keep")
 
 
 def _apply(text: str, findings: list[Finding], modes: dict[str, str], counts: dict[str, int]) -> tuple[str, bool]:
@@ -188,9 +223,10 @@ def _apply(text: str, findings: list[Finding], modes: dict[str, str], counts: di
 
 def scrub(text: str, modes: dict[str, str] | None = None, default_mode: str = "redact") -> ScrubResult:
     """Redact / count / flag PII in `text`. `modes` maps a type to "redact", "drop", "report"
-    or "off"; types not named use `default_mode`. "off" types are not even scanned for."""
+    or "keep" (see `mode_name` for the spellings accepted); types not named use `default_mode`.
+    "keep" types are not even scanned for."""
     m = _check_modes(modes, default_mode)
-    findings = scan(text, _active(m))
+    findings = scan(text, m.active if isinstance(m, Modes) else _active(m))
     counts: dict[str, int] = {}
     out, drop = _apply(text, findings, m, counts)
     return ScrubResult(out, counts, drop)

@@ -40,7 +40,7 @@ from yunque.data.config import DataConfig
 from yunque.data.dedup import NearDupIndex
 from yunque.data.manifest import SplitWriter, verify_dir, write_manifest
 from yunque.data.read import expand_inputs, file_kind, iter_file, peek_objects
-from yunque.data.records import canonical_json, detect_shape, get_path
+from yunque.data.records import canonical_json, detect_shape, get_path, label_of
 from yunque.data.report import ERROR_REASONS, Stats, write_report
 from yunque.data.split import SPLITS, Stratifier, copies_for, oversample_plan, split_of
 from yunque.errors import ConfigError, DataError
@@ -66,10 +66,7 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
     files = expand_inputs(inputs)
     # Check everything a worker will need here: an exception in a pool initializer respawns forever.
     if cfg.pii.enabled:
-        scrub = work.load_scrubber()
-        if scrub is None:
-            raise ConfigError("pii.enabled: PII scrubbing needs yunque.data.pii, which is not installed")
-        scrub("", cfg.pii.modes or None, cfg.pii.default_mode)  # unknown types/modes -> ConfigError
+        cfg.pii.effective()  # ConfigError for a type or mode set after loading
     if cfg.tokenizer is not None:
         if not Path(cfg.tokenizer).is_dir():
             raise ConfigError(f"tokenizer: {cfg.tokenizer} is not a tokenizer directory")
@@ -96,11 +93,12 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
 
 
 def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> PrepareResult:
-    stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars")
+    stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars",
+                  pii_modes=dict(cfg.pii.effective()) if cfg.pii.enabled else {})
     writers = [SplitWriter(out, s) for s in SPLITS]
     try:
         _stream(files, out, cfg, stats, writers, log)
-        if cfg.split.oversample_ratio is not None and any(stats.labels["train"].values()):
+        if cfg.split.oversample_ratio is not None:
             _oversample(out, cfg, stats, writers[0])
     finally:
         split_info = {s: w.close() for s, w in zip(SPLITS, writers)}
@@ -298,6 +296,11 @@ def _dup_example(stats: Stats, kind: str, removed: str, kept: str, sim: float | 
 
 def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) -> None:
     """Append copies of minority-label training records (marked "oversampled": true) to train.jsonl."""
+    if not any(stats.labels[s] for s in SPLITS):
+        kinds = ", ".join(sorted(set(stats.shapes.values())))
+        raise ConfigError(f"split.oversample_ratio: no record has a label to balance (input shapes: {kinds}); chat, "
+                          "alpaca and completion records take theirs from a `label` field (read.fields.label maps "
+                          "another), or set split.label_from: answer to group by the final answer")
     counts = dict(stats.labels["train"])
     plan = oversample_plan(counts, cfg.split.oversample_ratio)
     stats.labels_after = {s: stats.labels[s].copy() for s in SPLITS}
@@ -309,7 +312,7 @@ def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) ->
     with open(out / train.file, "rb") as fh:
         for line in itertools.islice(fh, n):
             rec = json.loads(line)
-            lab = str(rec.get("label"))
+            lab = str(label_of(rec, cfg.split.label_from))
             if lab not in plan:
                 continue
             j = seen[lab] = seen.get(lab, -1) + 1

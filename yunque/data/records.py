@@ -1,22 +1,30 @@
-"""Shapes and the normalised record every later stage reads.
+"""Record shapes: the one place a raw object becomes a normalised record, and what a record is
+prompted with and must produce. Data preparation, training and evaluation all read records
+through `parse`, so one record gives one prompt everywhere.
 
 Input shapes and what they become (one JSON object per line in train/val/test.jsonl):
 
     chat            {"kind": "chat", "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    alpaca          {"kind": "chat", ...}  instruction (+ "\\n\\n" + input) -> user, output -> assistant,
-                    an optional `system` field -> a leading system message
-    completion      {"kind": "completion", "prompt": str, "completion": str}
+    alpaca          {"kind": "chat", ...}  instruction (+ "\\n\\n" + input, unless input is blank) -> user,
+                    output -> assistant, an optional non-blank `system` field -> a leading system message
+    completion      {"kind": "completion", "prompt": str, "completion": str}; the prompt may come from
+                    `prompt`, `question` or `input`, the answer from `references` (a list: several
+                    acceptable answers, kept as "references", the first is the completion), `reference`,
+                    `completion`, `answer`, `output` or `target`
     text            {"kind": "text", "text": str}
-    classification  {"kind": "classification", "text": str, "label": str | int}
+    classification  {"kind": "classification", "text": str, "label": str | int} (text from `text` or `prompt`)
 
-Every record also carries `"source": "path:line"` (`path:line#k` for the k-th element of an
-exploded list) and, for oversampled copies in the training split, `"oversampled": true`.
+A chat, alpaca or completion record with a `label` field keeps it as "label" (for stratified splits
+and oversampling; training and evaluation ignore it). Every record from `data prepare` also carries
+`"source": "path:line"` (`path:line#k` for the k-th element of an exploded list) and, for
+oversampled copies in the training split, `"oversampled": true`.
 
 Chat input may be OpenAI style (`messages` with `role`/`content`, content a string or a list of
 text parts) or ShareGPT (`conversations` with `from`/`value`, roles human/gpt/system).
 A field mapping renames fields (`{"instruction": "question.title"}`, dotted paths reach into
 nested objects) and `explode` turns one record holding a list (Alpaca's seed tasks with their
 `instances`) into one record per element, each element's keys laid over its parent's.
+Normalised records are themselves valid input: parsing one gives it back.
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from typing import Any
 from yunque.data.read import RawItem
 
 SHAPES = ("alpaca", "chat", "completion", "text", "classification")
+PROMPT_FIELDS = ("prompt", "question", "input")  # where a completion's prompt may be, in this order
+ANSWER_FIELDS = ("references", "reference", "completion", "answer", "output", "target")
+TEXT_FIELDS = ("text", "prompt")  # a classification record's text
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
           "model": "assistant", "system": "system"}
 
@@ -56,52 +67,113 @@ def detect_shape(samples: list[Any], fields: dict[str, str]) -> str | None:
     """The shape most of `samples` fit, looking at the (mapped) field names; None when unclear."""
     votes: dict[str, int] = {}
     for s in samples:
-        shape = _shape_of(s, fields)
+        shape = shape_of(s, fields)
         if shape:
             votes[shape] = votes.get(shape, 0) + 1
     return max(sorted(votes), key=lambda k: votes[k]) if votes else None
 
 
-def _shape_of(obj: Any, fields: dict[str, str]) -> str | None:
+def shape_of(obj: Any, fields: dict[str, str] | None = None) -> str | None:
+    """The shape of one raw object by its (mapped) field names; None when it fits none."""
+    fields = fields or {}
     if isinstance(obj, str):
         return "text"
     if not isinstance(obj, dict):
         return None
 
-    def has(name: str) -> bool:
-        try:
-            get_path(obj, fields.get(name, name))
-            return True
-        except KeyError:
-            return False
+    def has(name: str, aliases: tuple[str, ...] = ()) -> bool:
+        return _path_of(obj, name, fields, aliases) is not None
 
     if has("messages") or has("conversations"):
         return "chat"
-    if has("instruction") and (has("output") or "instances" in obj):
+    if has("instruction"):
         return "alpaca"
-    if has("prompt") and has("completion"):
+    if has("prompt", PROMPT_FIELDS) and has("completion", ANSWER_FIELDS):
         return "completion"
-    if has("text") and has("label"):
+    if has("label") and has("text", TEXT_FIELDS):
         return "classification"
     if has("text"):
         return "text"
+    if has("prompt", PROMPT_FIELDS):
+        return "completion"  # without an answer: parsing says which field is missing
     return None
 
 
-def _field(obj: dict, name: str, fields: dict[str, str], *, required: bool = True, allow_int: bool = False) -> Any:
-    path = fields.get(name, name)
-    try:
-        value = get_path(obj, path)
-    except KeyError:
+def parse(obj: Any, shape: str | None = None, fields: dict[str, str] | None = None) -> dict:
+    """One raw object -> its normalised record (`shape` None: detected from the object's fields).
+    Raises RecordError with the counted reason and a message naming the field."""
+    fields = fields or {}
+    if shape is None:
+        shape = shape_of(obj, fields)
+        if shape is None:
+            keys = ", ".join(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
+            raise RecordError("unknown_shape", f"no known shape (fields: {keys or 'none'}); expected text, "
+                              "prompt+reference, messages, instruction+output or text+label")
+    return _build(obj, shape, fields)
+
+
+def _path_of(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...] = ()) -> str | None:
+    """The path of canonical field `name` in `obj`: its mapping if given, else the first of
+    `aliases` (or `name`) present; None when absent."""
+    for path in ([fields[name]] if name in fields else (aliases or (name,))):
+        try:
+            get_path(obj, path)
+            return path
+        except KeyError:
+            continue
+    return None
+
+
+def _has_keys(obj: dict) -> str:
+    return ", ".join(sorted(map(str, obj))) or "none"
+
+
+def _missing(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...], what: str) -> RecordError:
+    if name in fields or not aliases:
+        return RecordError("missing_field", f"missing {what} {fields.get(name, name)!r} (has: {_has_keys(obj)})")
+    return RecordError("missing_field", f"missing {what} (expected one of: {', '.join(aliases)}; has: {_has_keys(obj)})")
+
+
+def _field(obj: dict, name: str, fields: dict[str, str], *, required: bool = True, allow_int: bool = False,
+           aliases: tuple[str, ...] = (), what: str = "field") -> Any:
+    path = _path_of(obj, name, fields, aliases)
+    if path is None:
         if not required:
             return None
-        keys = ", ".join(sorted(map(str, obj))) or "none"
-        raise RecordError("missing_field", f"missing field {path!r} (has: {keys})") from None
+        raise _missing(obj, name, fields, aliases, what)
+    value = get_path(obj, path)
     if value is None and not required:
         return None
     if isinstance(value, str) or (allow_int and isinstance(value, int) and not isinstance(value, bool)):
         return value
-    raise RecordError("wrong_type", f"field {path!r} must be a string, got {type(value).__name__}")
+    kind = "a string or an integer" if allow_int else "a string"
+    raise RecordError("wrong_type", f"field {path!r} must be {kind}, got {type(value).__name__}")
+
+
+def _answers(obj: dict, fields: dict[str, str]) -> list[str]:
+    """The reference answers of a completion record: one string, or a non-empty list of them."""
+    path = _path_of(obj, "completion", fields, ANSWER_FIELDS)
+    if path is None:
+        raise _missing(obj, "completion", fields, ANSWER_FIELDS, "reference field")
+    value = get_path(obj, path)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise RecordError("wrong_type", f"field {path!r} must be a string or a non-empty list of strings")
+
+
+def _with_label(rec: dict, obj: dict, fields: dict[str, str]) -> dict:
+    """`rec` with the object's label, if it has one. Beside messages or a completion a `label` field is
+    metadata: one that is not a string or an integer (a list of tags) is left out, unless a field
+    mapping asked for it."""
+    if "label" in fields:
+        label = _field(obj, "label", fields, required=False, allow_int=True)
+    else:
+        label = obj.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            label = None
+    return rec if label is None else {**rec, "label": label}
 
 
 def _content(msg: dict, i: int) -> str:
@@ -129,7 +201,7 @@ def _chat(obj: dict, fields: dict[str, str]) -> dict:
         except KeyError:
             continue
     if msgs is None:
-        raise RecordError("missing_field", f"missing field 'messages' or 'conversations' (has: {', '.join(sorted(map(str, obj)))})")
+        raise RecordError("missing_field", f"missing field 'messages' or 'conversations' (has: {_has_keys(obj)})")
     if not isinstance(msgs, list) or not msgs:
         raise RecordError("wrong_type", "messages must be a non-empty list")
     out = []
@@ -144,18 +216,20 @@ def _chat(obj: dict, fields: dict[str, str]) -> dict:
             raise RecordError("bad_role", f"message {i}: a system message may only come first")
         out.append({"role": role, "content": _content(m, i)})
     if not any(m["role"] == "assistant" for m in out):
-        raise RecordError("no_assistant_turn", "conversation has no assistant turn to learn from")
-    return {"kind": "chat", "messages": out}
+        raise RecordError("no_assistant_turn", "missing reference: no assistant message to learn from or compare against")
+    return _with_label({"kind": "chat", "messages": out}, obj, fields)
 
 
 def _alpaca(obj: dict, fields: dict[str, str]) -> dict:
     instruction = _field(obj, "instruction", fields)
     inp = _field(obj, "input", fields, required=False) or ""
-    output = _field(obj, "output", fields)
+    output = _field(obj, "output", fields, what="reference field")
     system = _field(obj, "system", fields, required=False)
+    # A blank input or system field is an empty slot in the table, not part of the prompt.
     user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
     msgs = ([{"role": "system", "content": system}] if system and system.strip() else [])
-    return {"kind": "chat", "messages": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    rec = {"kind": "chat", "messages": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    return _with_label(rec, obj, fields)
 
 
 def _build(obj: Any, shape: str, fields: dict[str, str]) -> dict:
@@ -168,9 +242,13 @@ def _build(obj: Any, shape: str, fields: dict[str, str]) -> dict:
     if shape == "alpaca":
         return _alpaca(obj, fields)
     if shape == "completion":
-        return {"kind": "completion", "prompt": _field(obj, "prompt", fields), "completion": _field(obj, "completion", fields)}
+        prompt = _field(obj, "prompt", fields, aliases=PROMPT_FIELDS)
+        answers = _answers(obj, fields)
+        rec = {"kind": "completion", "prompt": prompt, "completion": answers[0]}
+        return _with_label({**rec, "references": answers} if len(answers) > 1 else rec, obj, fields)
     if shape == "classification":
-        return {"kind": "classification", "text": _field(obj, "text", fields), "label": _field(obj, "label", fields, allow_int=True)}
+        return {"kind": "classification", "text": _field(obj, "text", fields, aliases=TEXT_FIELDS),
+                "label": _field(obj, "label", fields, allow_int=True)}
     return {"kind": "text", "text": _field(obj, "text", fields)}
 
 
@@ -225,7 +303,7 @@ def text_fields(rec: dict) -> list[str]:
     if kind == "chat":
         return [m["content"] for m in rec["messages"]]
     if kind == "completion":
-        return [rec["prompt"], rec["completion"]]
+        return [rec["prompt"], rec["completion"], *rec.get("references", [])[1:]]
     return [rec["text"]]
 
 
@@ -234,7 +312,8 @@ def set_text_fields(rec: dict, values: list[str]) -> dict:
     if kind == "chat":
         return {**rec, "messages": [{**m, "content": v} for m, v in zip(rec["messages"], values)]}
     if kind == "completion":
-        return {**rec, "prompt": values[0], "completion": values[1]}
+        more = {"references": [values[1], *values[2:]]} if "references" in rec else {}
+        return {**rec, "prompt": values[0], "completion": values[1], **more}
     return {**rec, "text": values[0]}
 
 
@@ -245,8 +324,35 @@ def content_text(rec: dict) -> str:
     if rec["kind"] == "chat":
         return "\n".join(f"<{m['role']}>\n{m['content']}" for m in rec["messages"])
     if rec["kind"] == "completion":
-        return f"{rec['prompt']}\n{rec['completion']}"
+        return "\n".join([rec["prompt"], rec["completion"], *rec.get("references", [])[1:]])
     return rec["text"]
+
+
+def prompt_and_answer(rec: dict) -> tuple[str, str]:
+    """The raw-text prompt of a completion or classification record and what must follow it.
+
+    Training learns the answer after the prompt; evaluation prompts with the same text and compares
+    against (or scores) the same answer. A label follows its text after one space unless the text
+    ends in whitespace, the convention of lm-evaluation-harness and of `yunque eval`'s likelihood
+    scoring (`label_continuation`)."""
+    if rec["kind"] == "completion":
+        return rec["prompt"], rec["completion"]
+    if rec["kind"] == "classification":
+        text = rec["text"]
+        return text, ("" if not text or text[-1].isspace() else " ") + str(rec["label"])
+    raise ValueError(f"a {rec['kind']} record has no raw-text prompt")
+
+
+def label_of(rec: dict, source: str = "label") -> str | int | None:
+    """The label a record is stratified and oversampled by: its `label` field (a classification
+    label, or the `label` a chat/alpaca/completion record carried), or with `source="answer"` the
+    answer itself (the final assistant message or the completion; for one-word answers such as
+    triage verdicts that is the class). None: the record has none."""
+    if source == "answer" and rec["kind"] == "chat":
+        return next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "assistant").strip()
+    if source == "answer" and rec["kind"] == "completion":
+        return rec["completion"].strip()
+    return rec.get("label")
 
 
 def canonical_json(rec: dict) -> str:

@@ -22,6 +22,7 @@ from yunque.data.split import SPLITS
 ERROR_REASONS = {"invalid_json", "invalid_utf8", "not_an_object", "missing_field", "wrong_type", "wrong_columns",
                  "bad_role", "no_assistant_turn", "empty_file", "unreadable_file", "unsupported_file", "unknown_shape"}
 _BINS = 32  # log2 length bins: bin b holds lengths in [2^(b-1), 2^b)
+PII_DONE = {"redact": "redacted", "drop": "record dropped", "report": "kept, counted", "keep": "kept"}
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Stats:
     shapes: dict[str, str] = field(default_factory=dict)
     pii: Counter = field(default_factory=Counter)
     pii_records: int = 0
+    pii_modes: dict[str, str] = field(default_factory=dict)  # type -> mode, every type (empty: scrubbing off)
     dup_examples: list[dict] = field(default_factory=list)
     split_counts: Counter = field(default_factory=Counter)
     labels: dict[str, Counter] = field(default_factory=lambda: {s: Counter() for s in SPLITS})
@@ -89,6 +91,7 @@ class Stats:
             "shapes": self.shapes,
             "pii_findings": dict(sorted(self.pii.items())),
             "pii_records_with_findings": self.pii_records,
+            "pii_modes": dict(sorted(self.pii_modes.items())),
             "dedup": {"exact_removed": self.dropped["exact_duplicate"], "near_removed": self.dropped["near_duplicate"],
                       "near_bridge_removed": self.dropped["near_duplicate_bridge"], "examples": self.dup_examples},
             "splits": splits,
@@ -120,12 +123,21 @@ def _markdown(d: dict[str, Any], unit: str) -> str:
             L.append(f"| {r} | {n} | {ex} |")
         L.append("")
     L += ["## PII and secrets (counts only; values are never shown)", ""]
-    if d["pii_findings"]:
-        L += ["| type | findings |", "|---|---:|"] + [f"| {t} | {n} |" for t, n in d["pii_findings"].items()]
+    modes = d["pii_modes"]
+    if not modes:
+        L.append("Not scanned (pii.enabled: false).")
+    elif d["pii_findings"]:
+        L += ["| type | findings | done |", "|---|---:|---|"]
+        L += [f"| {t} | {n} | {PII_DONE[modes[t]]} |" for t, n in d["pii_findings"].items()]
         L += ["", (f"Records with at least one finding: {d['pii_records_with_findings']} "
                    "(counted over every record scanned, duplicates removed later included)")]
     else:
         L.append("No findings.")
+    if modes:
+        kept = [t for t, m in modes.items() if m in ("report", "keep")]
+        L += ["", ("Kept in the data: " + (", ".join(kept) if kept else "none") + ". Set a type with "
+                   "`pii.modes.TYPE=redact|drop|report|keep` (e.g. `pii.modes.email=keep`); defaults and reasons: "
+                   "`yunque.data.config.PII_DEFAULTS`.")]
     dd = d["dedup"]
     L += ["", "## Deduplication", "", (f"Exact duplicates removed: {dd['exact_removed']}; near duplicates removed: "
           f"{dd['near_removed']}; removed as bridges between clusters in different splits: {dd['near_bridge_removed']}"), ""]

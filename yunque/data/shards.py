@@ -16,12 +16,10 @@ must use the same one). Documents are stored back to back in record order, each 
 a trainer packs sequences across documents and uses the offsets to stop attention crossing
 a boundary (block-diagonal mask or per-document position ids).
 
-Rendering per record kind (records.py):
-  chat / classification   the tokenizer's chat template (`yunque.chat.render_chat`); only assistant
-                          turns and their end-of-turn token are targets (a classification record is
-                          rendered as user: text, assistant: label)
-  completion              BOS + prompt + completion + EOS; targets: completion and EOS
-  text                    BOS + text + EOS; targets: everything after BOS
+Each record is rendered by `yunque.data.encode` (the rendering training uses for records too):
+chat through the tokenizer's chat template with only assistant turns (and their end-of-turn token)
+as targets; completion and classification as BOS + prompt + answer + EOS with the answer and EOS as
+targets; text as BOS + text + EOS with everything after BOS as targets.
 """
 
 from __future__ import annotations
@@ -49,30 +47,13 @@ def _init(tok_dir: str) -> None:
     _STATE["tok"] = Tokenizer.from_dir(tok_dir)
 
 
-def render_record(tok, rec: dict) -> tuple[list[int], list[bool]]:
-    """Token ids and target mask of one normalised record (see the module docstring)."""
-    kind = rec["kind"]
-    if kind in ("chat", "classification"):
-        from yunque.chat import render_chat
-
-        msgs = rec["messages"] if kind == "chat" else [
-            {"role": "user", "content": rec["text"]}, {"role": "assistant", "content": str(rec["label"])}]
-        r = render_chat(tok, msgs)
-        return list(r.ids), list(r.assistant_mask)
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    eos = [tok.eos_id] if tok.eos_id is not None else []
-    if kind == "completion":
-        p, c = tok.encode(rec["prompt"]), tok.encode(rec["completion"]) + eos
-        return bos + p + c, [False] * (len(bos) + len(p)) + [True] * len(c)
-    body = tok.encode(rec["text"]) + eos
-    return bos + body, [False] * len(bos) + [True] * len(body)
-
-
 def _render_chunk(lines: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+    from yunque.data.encode import encode
+
     tok = _STATE["tok"]
     out = []
     for line in lines:
-        ids, mask = render_record(tok, json.loads(line))
+        ids, mask = encode(tok, json.loads(line))
         out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
     return out
 

@@ -19,23 +19,16 @@ from typing import Any
 from yunque.data.clean import clean_text
 from yunque.data.config import DataConfig
 from yunque.data.dedup import MinHasher, exact_key
-from yunque.data.records import RecordError, canonical_json, content_text, set_text_fields, text_fields, to_records
+from yunque.data.pii import scrub
+from yunque.data.records import RecordError, canonical_json, content_text, label_of, set_text_fields, text_fields, to_records
 
 _STATE: dict[str, Any] = {}
-
-
-def load_scrubber():
-    try:
-        from yunque.data import pii
-    except ImportError:
-        return None
-    return pii.scrub
 
 
 def init_worker(cfg: DataConfig) -> None:
     _STATE["cfg"] = cfg
     _STATE["minhash"] = MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_size, cfg.dedup.seed) if cfg.dedup.near != "off" else None
-    _STATE["scrub"] = load_scrubber() if cfg.pii.enabled else None
+    _STATE["pii_modes"] = cfg.pii.effective() if cfg.pii.enabled else None
     tok = None
     if cfg.tokenizer is not None:
         from yunque.tokenizer import Tokenizer
@@ -80,17 +73,17 @@ def _finish(source: str, rec: dict, cfg: DataConfig) -> tuple:
     if not all(t.strip() for t in _required(rec, texts)):
         return ("drop", source, "empty_text", "a required text field is empty after cleaning", None)
     findings: dict[str, int] = {}
-    scrub = _STATE["scrub"]
-    if scrub is not None:
+    modes = _STATE["pii_modes"]
+    if modes is not None:
         scrubbed = []
         drop_types: list[str] = []
         for t in texts:
-            r = scrub(t, cfg.pii.modes or None, cfg.pii.default_mode)
+            r = scrub(t, modes)
             scrubbed.append(r.text)
             for typ, n in r.findings.items():
                 findings[typ] = findings.get(typ, 0) + n
             if r.drop:
-                drop_types.extend(typ for typ in r.findings if cfg.pii.modes.get(typ, cfg.pii.default_mode) == "drop")
+                drop_types.extend(typ for typ in r.findings if modes[typ] == "drop")
         if drop_types:
             # Only the type is reported, never the value that was found.
             return ("drop", source, "pii_drop", f"contains {', '.join(sorted(set(drop_types)))}", findings)
@@ -113,7 +106,7 @@ def _finish(source: str, rec: dict, cfg: DataConfig) -> tuple:
     mh = _STATE["minhash"]
     sig = mh(content) if mh is not None else None
     rec["source"] = source
-    label = rec.get("label") if rec["kind"] == "classification" else None
+    label = label_of(rec, cfg.split.label_from)
     line = canonical_json(rec).encode("utf-8")
     return ("ok", source, line, hashlib.sha256(line).digest(), exact_key(content), sig, length, label, findings)
 

@@ -1,13 +1,16 @@
 """Evaluation examples from the files the data pipeline writes (and the raw shapes it reads).
 
-Each JSON object becomes one `Example` by its fields:
+Each JSON object is parsed by `yunque.data.records.parse`, the parser data preparation and
+training use, so an example is prompted exactly as its record was trained, and becomes one
+`Example` by its kind:
 
     text            {"text"}                                   -> perplexity only
     classification  {"text" | "prompt", "label"}               -> classification (+ perplexity of the label)
-    completion      {"prompt", "completion" | "reference" | "references" | "answer" | "output" | "target"}
+    completion      {"prompt" | "question" | "input", "references" | "reference" | "completion" | "answer"
+                     | "output" | "target"}
     chat            {"messages": [..., {"role": "assistant", "content": reference}]}
                     the conversation up to the last assistant turn is the prompt (chat template)
-    alpaca          {"instruction", "input"?, "output"}        -> a one-turn chat
+    alpaca          {"instruction", "input"?, "output", "system"?} -> a one-turn chat
 
 `references` may be a list (several acceptable answers). Files are read by the data pipeline's
 reader (`yunque.data.read`): JSONL, JSON arrays, CSV/TSV, Parquet, plain text, optionally
@@ -22,10 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yunque.data.records import RecordError, parse, prompt_and_answer
 from yunque.errors import DataError
-
-REFERENCE_KEYS = ("references", "reference", "completion", "answer", "output", "target")
-PROMPT_KEYS = ("prompt", "question", "input")
 
 
 @dataclass
@@ -64,57 +65,24 @@ def _records(path: Path) -> list[tuple[str, Any]]:
     return out
 
 
-def _str(obj: dict, key: str, where: str) -> str:
-    v = obj[key]
-    if not isinstance(v, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
-    return v
-
-
 def to_example(obj: Any, where: str) -> Example:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            raise DataError(f"{where}: missing reference: no assistant message to compare against")
+    try:
+        rec = parse(obj)
+    except RecordError as e:
+        raise DataError(f"{where}: {e}") from None
+    kind = rec["kind"]
+    if kind == "chat":
+        msgs = rec["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         if last == 0:
             raise DataError(f"{where}: the assistant message has no prompt before it")
         return Example(where, "generation", messages=msgs[:last], references=[msgs[last]["content"]])
-    if "instruction" in obj:
-        if "output" not in obj:
-            raise DataError(f"{where}: missing reference field 'output' (alpaca record)")
-        user = _str(obj, "instruction", where)
-        if obj.get("input"):
-            user += "\n\n" + _str(obj, "input", where)
-        msgs = ([{"role": "system", "content": _str(obj, "system", where)}] if obj.get("system") else [])
-        return Example(where, "generation", messages=msgs + [{"role": "user", "content": user}],
-                       references=[_str(obj, "output", where)])
-    if "label" in obj:
-        label = obj["label"]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise DataError(f"{where}: field 'label' must be a string or an integer")
-        key = "prompt" if "prompt" in obj else "text" if "text" in obj else None
-        if key is None:
-            raise DataError(f"{where}: classification record needs a 'text' or 'prompt' field")
-        return Example(where, "classification", prompt=_str(obj, key, where), label=str(label))
-    prompt_key = next((k for k in PROMPT_KEYS if k in obj), None)
-    if prompt_key is not None:
-        ref_key = next((k for k in REFERENCE_KEYS if k in obj), None)
-        if ref_key is None:
-            raise DataError(f"{where}: missing reference field (expected one of: {', '.join(REFERENCE_KEYS)})")
-        refs = obj[ref_key]
-        refs = [refs] if isinstance(refs, str) else refs
-        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            raise DataError(f"{where}: field {ref_key!r} must be a string or a non-empty list of strings")
-        return Example(where, "generation", prompt=_str(obj, prompt_key, where), references=refs)
-    if "text" in obj:
-        return Example(where, "text", text=_str(obj, "text", where))
-    raise DataError(f"{where}: no known shape (fields: {', '.join(sorted(obj)) or 'none'}); expected "
-                    "text, prompt+reference, messages, instruction+output or text+label")
+    if kind == "text":
+        return Example(where, "text", text=rec["text"])
+    prompt, answer = prompt_and_answer(rec)
+    if kind == "classification":  # the runner puts the label after the prompt as `prompt_and_answer` does
+        return Example(where, "classification", prompt=prompt, label=str(rec["label"]))
+    return Example(where, "generation", prompt=prompt, references=rec.get("references", [answer]))
 
 
 def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
 from yunque.config import load_config
 from yunque.data.config import DataConfig
+from yunque.data.report import PII_DONE
+from yunque.errors import ConfigError
 
 FormatArg = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
+_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*=")  # key=value, not a path (unless such a file exists)
 
 
 def prepare_cmd(
-    inputs: list[str],
-    *,
+    *inputs: str,
     out: str,
     config: str | None = None,
     format: FormatArg | None = None,
@@ -20,31 +24,36 @@ def prepare_cmd(
     tokenizer: str | None = None,
     workers: int | None = None,
     canaries: int | None = None,
-    overrides: list[str] | None = None,
 ) -> int:
-    """Read, clean, scrub PII, deduplicate, split, hash (and tokenize) data into a directory.
+    """Read, clean, scrub PII and secrets, deduplicate, split, hash (and tokenize) data into a directory.
+    By default secrets and personal identifiers are redacted and IP addresses kept (and counted);
+    pii.modes.TYPE=redact|drop|report|keep sets one type (e.g. pii.modes.email=keep).
 
     Args:
-        inputs: data files, directories or globs (JSONL, JSON, CSV, TSV, Parquet, text; .gz too)
+        inputs: data files, directories or globs (JSONL, JSON, CSV, TSV, Parquet, text; .gz too), and
+            key=value settings over the config, as `yunque train` takes them (e.g. pii.modes.email=keep
+            pii.modes.ipv4=redact split.seed=3)
         out: output directory; a previous prepared directory there is replaced
-        config: data.yaml with any DataConfig option; the flags below override it
+        config: data.yaml with any DataConfig option; the flags and key=value settings override it
         format: record shape; auto detects it per file and says what it chose
         on_error: skip bad records (counted, with examples) or fail at the first one
         tokenizer: tokenizer directory: enables token limits and writes token shards
         workers: worker processes (default: one per CPU core)
         canaries: plant this many unique canaries into the training split (canaries.rate of its records,
             1% by default), listed in canaries.json for `yunque redteam --canaries`; 0: none
-        overrides: extra key=value settings, e.g. dedup.threshold=0.85 split.seed=3
     """
     from yunque.data.pipeline import prepare
 
-    extra = list(overrides or [])
+    files = [a for a in inputs if not _OVERRIDE.match(a) or Path(a).exists()]
+    extra = [a for a in inputs if a not in files]
+    if not files:
+        raise ConfigError("no input given: name the data files, directories or globs to read")
     for key, value in (("read.format", format), ("read.on_error", on_error), ("tokenizer", tokenizer), ("workers", workers),
                        ("canaries.count", canaries)):
         if value is not None:
             extra.append(f"{key}={value}")
     cfg = load_config(DataConfig, config, extra)
-    r = prepare(inputs, out, cfg)
+    r = prepare(files, out, cfg)
     rep = r.report
     print(f"records in {r.records_in} = kept {r.records_kept} + dropped {sum(r.dropped.values())}")
     for reason, n in sorted(r.dropped.items()):
@@ -52,7 +61,9 @@ def prepare_cmd(
         print(f"  dropped {reason}: {n}" + (f"  (first: {first})" if first else ""))
     print("splits: " + ", ".join(f"{s} {n}" for s, n in r.splits.items()))
     if rep["pii_findings"]:
-        print("PII findings: " + ", ".join(f"{t} {n}" for t, n in rep["pii_findings"].items()))
+        done = rep["pii_modes"]
+        print("PII and secrets found: " + ", ".join(f"{t} {n} ({PII_DONE[done[t]]})" for t, n in rep["pii_findings"].items()))
+        print("  per type: pii.modes.TYPE=redact|drop|report|keep, e.g. pii.modes.email=keep (see report.md)")
     ov = rep["cross_split_overlap"]
     print(f"cross-split overlap: exact {ov['exact']}, near {ov['near']}")
     if rep["canaries"]:

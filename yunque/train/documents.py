@@ -1,10 +1,13 @@
 """Training documents from the data step's output or raw files: token ids + loss mask per document.
 
-Record kinds (the data pipeline's normalised records, or raw JSONL of the same shape):
+JSONL records (the data pipeline's normalised records, or any raw shape it reads: chat, alpaca,
+completion, text, classification) are parsed by `yunque.data.records` and encoded by
+`yunque.data.encode`, the same parser and rendering as the data step's token shards, and the
+prompts evaluation uses:
     text            every token is trained
     completion      prompt masked, completion trained (+ EOS)
     chat            the chat template's assistant mask: assistant turns and their end-of-turn trained
-    classification  text as the prompt, the label as the completion
+    classification  text as the prompt, the label (after a space) as the completion
 `data.train_on_prompt` trains on prompts / user turns too. Raw .txt files are one `text`
 document each; `data.val_fraction` holds out the tail of raw text (e.g. the last 10%).
 """
@@ -19,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from yunque.data.encode import encode
+from yunque.data.records import RecordError, parse
 from yunque.errors import ConfigError, DataError
 from yunque.train.packing import ArraySource
 from yunque.tokenizer import Tokenizer
@@ -98,26 +103,12 @@ class Encoder:
     def text(self, text: str) -> tuple[list[int], None]:
         return self.bos + self.tok.encode(text) + self.eos, None
 
-    def pair(self, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
-        p, c = self.bos + self.tok.encode(prompt), self.tok.encode(completion) + self.eos
-        train_p = self.cfg.data.train_on_prompt
-        return p + c, [train_p] * len(p) + [True] * len(c)
-
-    def record(self, rec: dict, where: str) -> tuple[list[int], list[bool] | None]:
-        kind = rec.get("kind", "text" if "text" in rec else None)
-        if kind == "text":
+    def record(self, rec: dict) -> tuple[list[int], list[bool] | None]:
+        """One normalised record (`records.parse`); plain text keeps the all-trained fast path."""
+        if rec["kind"] == "text":
             return self.text(rec["text"])
-        if kind == "completion":
-            return self.pair(rec["prompt"], rec["completion"])
-        if kind == "classification":
-            return self.pair(rec["text"] + "\n", str(rec["label"]))
-        if kind == "chat":
-            from yunque.chat import render_chat
-
-            r = render_chat(self.tok, rec["messages"])
-            mask = [True] * len(r.ids) if self.cfg.data.train_on_prompt else list(r.assistant_mask)
-            return list(r.ids), mask
-        raise DataError(f"{where}: unknown record kind {kind!r} (expected text, completion, chat or classification)")
+        d = self.cfg.data
+        return encode(self.tok, rec, bos=d.add_bos, eos=d.add_eos, train_on_prompt=d.train_on_prompt)
 
 
 def _jsonl_docs(path: Path, enc: Encoder) -> list:
@@ -130,12 +121,10 @@ def _jsonl_docs(path: Path, enc: Encoder) -> list:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object")
             try:
-                docs.append(enc.record(rec, f"{path}:{i}"))
-            except KeyError as e:
-                raise DataError(f"{path}:{i}: record lacks field {e}") from None
+                docs.append(enc.record(parse(rec)))
+            except RecordError as e:
+                raise DataError(f"{path}:{i}: {e}") from None
     return docs
 
 
