@@ -84,8 +84,16 @@ def redteam_cmd(*, out: Path | None = None, model: str | None = None, url: str |
         check_only: only check that every detector fires on its probe's example and not on a refusal
     """
     from yunque.data.canary import load_canaries
-    from yunque.evaluate.redteam import (add_canaries, check_suite, gate, incomplete, load_suite, markdown, run_redteam,
-                                         write_redteam)
+    from yunque.evaluate.redteam import (
+        add_canaries,
+        check_suite,
+        gate,
+        incomplete,
+        load_suite,
+        markdown,
+        run_redteam,
+        write_redteam,
+    )
 
     suite = load_suite(probes or [], categories)
     problems = check_suite(suite)
