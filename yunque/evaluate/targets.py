@@ -120,15 +120,17 @@ class OpenAITarget:
     """Any server speaking OpenAI's chat completions API (yunque serve, vLLM, llama.cpp, OpenAI).
 
     The model asked for is `model`, else the one the server lists at /v1/models. A 429 is waited
-    out: its Retry-After, else exponential backoff from 1 s, at most `rate_limit_retries` times
-    and `max_wait` seconds in all per request. Connection errors and 5xx are retried `retries`
+    out: its Retry-After, else exponential backoff from 1 s, for at most `max_wait` seconds in all
+    per request. The threads share one rate limit and race for each freed slot, so a request may
+    lose several races in a row: the retry count only stops a server that says "Retry-After: 0"
+    forever, the wait budget is the real bound. Connection errors and 5xx are retried `retries`
     times. A request that still fails comes back as a Reply with `error` set, which the runner
     counts as failed, never as an answer.
     """
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, max_tokens: int = 256,
                  temperature: float = 0.7, concurrency: int = 4, timeout: float = 120.0, retries: int = 2,
-                 max_wait: float = 300.0, rate_limit_retries: int = 10, transport=None):
+                 max_wait: float = 300.0, rate_limit_retries: int = 50, transport=None):
         import httpx
 
         if not url.startswith(("http://", "https://")):
