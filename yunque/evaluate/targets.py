@@ -7,9 +7,12 @@ per batch); the HTTP target sends `/v1/chat/completions` requests from a small t
 
 from __future__ import annotations
 
+import email.utils
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from yunque.errors import YunqueError
@@ -79,58 +82,157 @@ def _chat_url(url: str) -> str:
     return u + ("/chat/completions" if u.endswith("/v1") else "/v1/chat/completions")
 
 
+def retry_after(resp) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms` (OpenAI), else `Retry-After` as
+    seconds or an HTTP date (RFC 9110); None without a usable header."""
+    h = resp.headers
+    try:
+        if "retry-after-ms" in h:
+            s = float(h["retry-after-ms"]) / 1000
+        elif "retry-after" in h:
+            v = h["retry-after"].strip()
+            try:
+                s = float(v)
+            except ValueError:
+                when = email.utils.parsedate_to_datetime(v)
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=timezone.utc)
+                s = (when - datetime.now(timezone.utc)).total_seconds()
+        else:
+            return None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, s) if math.isfinite(s) else None
+
+
+def _detail(resp) -> str:
+    """The message of an OpenAI-style error body, else the start of the body."""
+    try:
+        msg = resp.json()["error"]["message"]
+        if isinstance(msg, str):
+            return msg[:200]
+    except (ValueError, KeyError, TypeError):
+        pass
+    return resp.text[:200]
+
+
 class OpenAITarget:
-    """Any server speaking OpenAI's chat completions API (yunque serve, vLLM, llama.cpp, OpenAI)."""
+    """Any server speaking OpenAI's chat completions API (yunque serve, vLLM, llama.cpp, OpenAI).
+
+    The model asked for is `model`, else the one the server lists at /v1/models. A 429 is waited
+    out: its Retry-After, else exponential backoff from 1 s, for at most `max_wait` seconds in all
+    per request. The threads share one rate limit and race for each freed slot, so a request may
+    lose several races in a row: the retry count only stops a server that says "Retry-After: 0"
+    forever, the wait budget is the real bound. Connection errors and 5xx are retried `retries`
+    times. A request that still fails comes back as a Reply with `error` set, which the runner
+    counts as failed, never as an answer.
+    """
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, max_tokens: int = 256,
-                 temperature: float = 0.7, concurrency: int = 4, timeout: float = 120.0, retries: int = 2):
+                 temperature: float = 0.7, concurrency: int = 4, timeout: float = 120.0, retries: int = 2,
+                 max_wait: float = 300.0, rate_limit_retries: int = 50, transport=None):
         import httpx
 
         if not url.startswith(("http://", "https://")):
             raise YunqueError(f"--url {url!r}: expected an http:// or https:// URL")
         self.url = _chat_url(url)
-        self.name = url
+        self.models_url = self.url.rsplit("/chat/completions", 1)[0] + "/models"
+        self.base_url = self.name = url
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(headers=headers, timeout=timeout)
-        self.model = model or "default"
+        self.client = httpx.Client(headers=headers, timeout=timeout, transport=transport)
+        self.model = model
         self.max_tokens, self.temperature = max_tokens, temperature
         self.concurrency, self.retries = concurrency, retries
+        self.max_wait, self.rate_limit_retries = max_wait, rate_limit_retries
         self.supports_raw = False
+        self.sleep = time.sleep  # tests count the waits instead of sleeping them
+
+    def _request(self, method: str, url: str, body: dict | None = None):
+        """(last response, why it was given up on or ""); raises httpx.HTTPError when every try failed in transport."""
+        import httpx
+
+        waited, failures, limited = 0.0, 0, 0
+        while True:
+            try:
+                resp = self.client.request(method, url, json=body)
+            except httpx.HTTPError:
+                if failures >= self.retries:
+                    raise
+                delay, failures = 0.5 * 2 ** failures, failures + 1
+            else:
+                if resp.status_code == 429:
+                    asked = retry_after(resp)
+                    delay = asked if asked is not None else min(60.0, 2.0 ** limited)
+                    if limited >= self.rate_limit_retries:
+                        return resp, f" (still rate limited after {limited} retries, {waited:.0f} s of waiting)"
+                    if waited + delay > self.max_wait:
+                        return resp, (f" (rate limited; waiting {delay:.0f} s more would pass the wait budget of "
+                                      f"{self.max_wait:.0f} s per request, --max-wait)")
+                    limited += 1
+                elif resp.status_code >= 500 and failures < self.retries:
+                    asked = retry_after(resp)
+                    delay = min(asked, 60.0) if asked is not None else 0.5 * 2 ** failures
+                    failures += 1
+                else:
+                    return resp, ""
+            self.sleep(delay)
+            waited += delay
+
+    def resolve_model(self) -> str:
+        """The model to ask for: the one given, checked against /v1/models where the server lists
+        models, else the only one the server lists."""
+        import httpx
+
+        try:
+            resp, _ = self._request("GET", self.models_url)
+        except httpx.ConnectError as e:
+            raise YunqueError(f"{self.url}: cannot connect ({e})") from None
+        except httpx.HTTPError as e:
+            resp, why = None, f"{type(e).__name__}: {e}"
+        else:
+            why = f"HTTP {resp.status_code}: {_detail(resp)}"
+        if resp is not None and resp.status_code in (401, 403):
+            raise YunqueError(f"{self.models_url}: HTTP {resp.status_code} (check --api-key)")
+        served = None
+        if resp is not None and resp.status_code == 200:
+            try:
+                served = [str(m["id"]) for m in resp.json()["data"]]
+            except (ValueError, KeyError, TypeError):
+                why = f"not a model list: {resp.text[:200]}"
+        if self.model is not None:
+            if served and self.model not in served:
+                raise YunqueError(f"--model {self.model!r}: {self.models_url} does not serve it "
+                                  f"(it serves: {', '.join(served[:10])})")
+            return self.model
+        if not served:
+            raise YunqueError(f"{self.models_url}: cannot list the served models ({why}); "
+                              "name the model with --model NAME")
+        if len(served) > 1:
+            raise YunqueError(f"{self.models_url} serves {len(served)} models ({', '.join(served[:10])}): "
+                              "choose one with --model NAME")
+        return served[0]
 
     def _one(self, r: Request) -> Reply:
         import httpx
 
         body = {"model": self.model, "messages": r.messages, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "seed": r.seed}
-        last = ""
-        for attempt in range(self.retries + 1):
-            try:
-                resp = self.client.post(self.url, json=body)
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if resp.status_code in (401, 403):
-                    raise YunqueError(f"{self.url}: HTTP {resp.status_code} (check --api-key)")
-                if resp.status_code == 200:
-                    try:
-                        choice = resp.json()["choices"][0]
-                        return Reply(choice["message"].get("content") or "", choice.get("finish_reason") or "stop")
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        return Reply("", "error", f"malformed response: {resp.text[:200]}")
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                if resp.status_code < 500 and resp.status_code != 429:
-                    break  # a 4xx will not get better by retrying
-            time.sleep(0.5 * 2 ** attempt)
-        return Reply("", "error", last)
+        try:
+            resp, why = self._request("POST", self.url, body)
+        except httpx.HTTPError as e:
+            return Reply("", "error", f"{type(e).__name__}: {e}")
+        if resp.status_code in (401, 403):
+            raise YunqueError(f"{self.url}: HTTP {resp.status_code} (check --api-key)")
+        if resp.status_code != 200:
+            return Reply("", "error", f"HTTP {resp.status_code}: {_detail(resp)}{why}")
+        try:
+            choice = resp.json()["choices"][0]
+            return Reply(choice["message"].get("content") or "", choice.get("finish_reason") or "stop")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return Reply("", "error", f"malformed response: {resp.text[:200]}")
 
     def complete(self, requests: list[Request]) -> list[Reply]:
-        import httpx
-
-        try:  # fail fast, with one clear message, when nothing listens at the URL
-            self.client.get(self.url.rsplit("/chat/completions", 1)[0] + "/models")
-        except httpx.ConnectError as e:
-            raise YunqueError(f"{self.url}: cannot connect ({e})") from None
-        except httpx.HTTPError:
-            pass  # servers without /v1/models are fine
+        self.model = self.resolve_model()
+        self.name = f"{self.base_url} (model {self.model})"
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(self._one, requests))

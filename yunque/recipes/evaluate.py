@@ -53,20 +53,24 @@ def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
     return 0
 
 
-def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str | None = None,
+def redteam_cmd(*, out: Path | None = None, model: str | None = None, url: str | None = None,
                 api_key: str | None = None, adapter: Path | None = None, served_model: str | None = None,
                 attempts: int = 3, temperature: float = 0.7, max_tokens: int = 256, seed: int = 0,
                 probes: list[Path] | None = None, categories: list[str] | None = None,
-                canaries: Path | None = None, fail_above: float | None = None, check_only: bool = False) -> int:
+                canaries: Path | None = None, fail_above: float | None = None, concurrency: int = 4,
+                max_wait: float = 300.0, check_only: bool = False) -> int:
     """Run the red-team probe suite (OWASP LLM Top 10 2025 categories) against a model or an endpoint.
+
+    Exits 1 when a category's success rate is over --fail-above, and also when any probe request
+    failed (HTTP error, rate limit not cleared within --max-wait): an incomplete run is no pass.
 
     Args:
         out: output directory for redteam.json, redteam.md and attempts.jsonl
-        model: local model directory
+        model: local model directory; with --url, the served model's name (default: the one the server lists at /v1/models)
         url: OpenAI-compatible endpoint (http://host:port, .../v1 or .../v1/chat/completions)
         api_key: bearer token for --url (default: $YUNQUE_API_KEY, then $OPENAI_API_KEY)
         adapter: LoRA adapter merged into --model
-        served_model: the "model" field sent to --url
+        served_model: same as --model NAME with --url
         attempts: samples per prompt variant
         temperature: sampling temperature (0: greedy, then use --attempts 1)
         max_tokens: reply limit; reaching it counts as unbounded output
@@ -75,10 +79,21 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
         categories: run only these categories
         canaries: canaries.json of the planted canaries (`yunque data prepare --canaries N`, `yunque data canaries`)
         fail_above: exit with code 1 when any attack category's success rate exceeds this fraction
+        concurrency: requests in flight at once to --url
+        max_wait: seconds one request to --url may spend waiting out rate limits (429) before it counts as failed
         check_only: only check that every detector fires on its probe's example and not on a refusal
     """
     from yunque.data.canary import load_canaries
-    from yunque.evaluate.redteam import add_canaries, check_suite, gate, load_suite, markdown, run_redteam, write_redteam
+    from yunque.evaluate.redteam import (
+        add_canaries,
+        check_suite,
+        gate,
+        incomplete,
+        load_suite,
+        markdown,
+        run_redteam,
+        write_redteam,
+    )
 
     suite = load_suite(probes or [], categories)
     problems = check_suite(suite)
@@ -87,18 +102,27 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
     if check_only:
         print(f"{sum(len(c.probes) for c in suite.categories)} probes in {len(suite.categories)} categories: all detectors check out")
         return 0
-    if (model is None) == (url is None):
-        raise YunqueError("give exactly one of --model DIR or --url URL")
+    if model is None and url is None:
+        raise YunqueError("give --model DIR (a local model) or --url URL (an endpoint)")
+    if url is not None and adapter is not None:
+        raise YunqueError("--adapter applies to a local --model DIR, not to --url")
+    if url is not None and model is not None and served_model is not None and model != served_model:
+        raise YunqueError(f"--model {model!r} and --served-model {served_model!r} disagree: give one")
     if out is None:
         raise YunqueError("--out is required")
     if fail_above is not None and not 0.0 <= fail_above <= 1.0:
         raise YunqueError(f"--fail-above {fail_above}: must be a fraction in [0, 1]")
     if attempts < 1:
         raise YunqueError("--attempts must be >= 1")
+    if concurrency < 1:
+        raise YunqueError("--concurrency must be >= 1")
+    if not max_wait >= 0:
+        raise YunqueError(f"--max-wait {max_wait}: must be >= 0 seconds")
+    local = url is None
     planted = load_canaries(canaries) if canaries is not None else []
     if planted:
-        add_canaries(suite, planted, raw=model is not None)
-    if model is not None:
+        add_canaries(suite, planted, raw=local)
+    if local:
         from yunque.evaluate.targets import LocalTarget
 
         target = LocalTarget(model, adapter, max_tokens=max_tokens, temperature=temperature)
@@ -106,19 +130,23 @@ def redteam_cmd(*, out: Path | None = None, model: Path | None = None, url: str 
         from yunque.evaluate.targets import OpenAITarget
 
         key = api_key or os.environ.get("YUNQUE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        target = OpenAITarget(url, key, served_model, max_tokens=max_tokens, temperature=temperature)
+        target = OpenAITarget(url, key, model or served_model, max_tokens=max_tokens, temperature=temperature,
+                              concurrency=concurrency, max_wait=max_wait)
     summary, records = run_redteam(target, suite, attempts=attempts, seed=seed)
-    if planted and model is not None:  # memorisation below the level of verbatim leaks
+    if planted and local:  # memorisation below the level of verbatim leaks
         from yunque.evaluate.canary import canary_exposure
 
         bits = canary_exposure(target.model, target.tok, planted, candidates=100, seed=seed)
         summary["canary_exposure"] = {"candidates": 100, "max_bits": math.log2(100), "bits": bits}
     failed = gate(summary, fail_above)
     if fail_above is not None:
-        summary["gate"] = {"fail_above": fail_above, "failed": failed}
+        summary["gate"] = {"fail_above": fail_above, "failed": failed, "complete": not summary["overall"]["errors"]}
     write_redteam(summary, records, out, target.name)
     print(markdown(summary, target.name))
-    return 1 if failed else 0
+    missing = incomplete(summary)
+    if missing:
+        print(f"yunque redteam: {missing}", file=sys.stderr)
+    return 1 if failed or missing else 0
 
 
 def canaries_cmd(*, data: Path, out: Path, n: int = 8, rate: float = 0.01, seed: int = 0) -> int:
