@@ -23,8 +23,15 @@ def data(tmp_path_factory):
     ("optim.lr=-1.0e-4", "optim.lr: must be > 0"),
     ("optim.lr=fast", "optim.lr: expected a number"),
     ("lora.r=0", "lora.r: must be > 0"),
-    ("lora.dropout=1.5", "lora.dropout: must be < 1.0"),
-    ("lora.targets=[]", "lora.targets: must name at least one"),
+    ("lora.dropout=1.5", "lora.dropout: must be < 1"),
+    ("lora.target_modules=[]", "lora.target_modules: must name at least one"),
+    ("lora.targets=[q_proj]", "lora.targets: unknown key (known keys: alpha, block_size, double_quant, dropout, "
+                              "quantize_base, r, target_modules"),
+    ("lora.block_size=100", "lora.block_size: must be one of"),
+    ("lora.double_quant=true", "lora.double_quant: only applies to method qlora"),
+    ("lora.quantize_base=true", "lora.quantize_base: set by the method"),
+    ("optim.warmup_ratio=1.0", "optim.warmup_ratio: must be < 1"),
+    ("overwrite=true resume=auto", "overwrite: contradicts resume: auto"),
     ("micro_batch=0", "micro_batch: must be > 0"),
     ("micro_batch=2.5", "micro_batch: expected an integer"),
     ("precision=fp16", "precision: expected one of 'fp32' | 'bf16'"),
@@ -43,7 +50,7 @@ def data(tmp_path_factory):
 def test_config_errors_name_the_key(tmp_path, data, override, key):
     cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run", eval={"patience": 2}))
     with pytest.raises(ConfigError) as e:
-        load_config(TrainConfig, cfg, [override])
+        load_config(TrainConfig, cfg, override.split())
     assert key in str(e.value)
 
 
