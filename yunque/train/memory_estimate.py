@@ -16,16 +16,23 @@ from yunque.train.loss import _chunk_rows
 
 
 def head_chunk_bytes(vocab: int, rows: int, compute_dtype: torch.dtype) -> int:
-    """Bytes of the (chunk, vocab) buffers `linear_cross_entropy` holds at once when training on `rows` targets.
+    """Peak bytes of the (chunk, vocab) buffers `linear_cross_entropy` holds at once when training on `rows` targets.
 
-    Its PyTorch path: the chunk's logits in the compute dtype, their log-softmax in fp32 and, when
-    the compute dtype is not fp32, the gradient rounded to it (in fp32 it is written over the
-    log-softmax). yunque's fused CPU kernel keeps only the logits, so there this is an upper bound.
+    Its PyTorch path keeps the chunk's logits (compute dtype) for the whole loop. Each chunk then
+    makes an fp32 log-softmax, before it (in bf16) an fp32 copy of the logits, and after it (in
+    bf16) the gradient in the compute dtype (in fp32 it is written over the log-softmax). The
+    previous chunk's log-softmax and gradient are still alive while the next chunk's log-softmax
+    runs, so from the second chunk on both chunks' buffers count. yunque's fused CPU kernel keeps
+    only the logits, so there this is an upper bound.
     """
-    chunk = min(_chunk_rows(vocab, compute_dtype.itemsize), rows)
-    acc = torch.promote_types(compute_dtype, torch.float32)
-    per_row = compute_dtype.itemsize + acc.itemsize + (compute_dtype.itemsize if compute_dtype != acc else 0)
-    return chunk * vocab * per_row
+    item = compute_dtype.itemsize
+    acc = torch.promote_types(compute_dtype, torch.float32).itemsize
+    cast = item != acc
+    chunk = min(_chunk_rows(vocab, item), rows)
+    second = min(chunk, rows - chunk)  # every chunk after the first is this size or smaller
+    during = acc + (acc if cast else 0)  # per row, while a chunk's log-softmax runs
+    left = acc + (item if cast else 0)  # per row, what a finished chunk leaves until the next replaces it
+    return vocab * (chunk * item + max(chunk * during, (chunk * left + second * during) if second else 0))
 
 
 def head_bytes(model: Transformer, rows: int, compute_dtype: torch.dtype) -> int:
