@@ -125,6 +125,7 @@ def test_warmup_ratio_by_default_and_warmup_steps_wins():
     from yunque.train.config import OptimSection
 
     assert OptimSection().warmup(1000) == 30 and OptimSection().warmup(2) == 1  # 3%, rounded up as in HF
+    assert OptimSection(warmup_ratio=0.07).warmup(100) == 7  # not ceil(7.000000000000001)
     assert OptimSection(warmup_ratio=0.5, warmup_steps=7).warmup(1000) == 7
     assert OptimSection(warmup_steps=0).warmup(1000) == 0
 

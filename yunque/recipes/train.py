@@ -80,9 +80,11 @@ def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool
     Args:
         config: the training config (YAML)
         overrides: key=value settings over the config (e.g. optim.lr=2.0e-4 parallel=ddp)
-        dry_run: validate, print the resolved config, parameters, memory estimate and two examples, then exit
+        dry_run: validate, print the resolved config, parameters, steps and warmup, warnings (intervals the run
+            never reaches), memory estimate and two examples, then exit
         resume: continue from the newest complete checkpoint in out_dir (same as resume=auto)
-        overwrite: start over in an out_dir that holds an earlier run's checkpoints, deleting them (same as overwrite=true)
+        overwrite: start over in an out_dir that holds an earlier run's checkpoints, deleting them and its run.json
+            (same as overwrite=true)
         verify_data: verify the prepared data against its manifest before training
     """
     cfg = load_config(TrainConfig, config, overrides)

@@ -63,7 +63,9 @@ class OptimSection:
 
     def warmup(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps` steps."""
-        return self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * total_steps)
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(round(self.warmup_ratio * total_steps, 9))  # 0.07 * 100 is 7.000000000000001, not 8 steps
 
 
 @dataclass
@@ -112,7 +114,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint
-    overwrite: bool = False  # start over in an out_dir that holds checkpoints (they are deleted); else that is an error
+    overwrite: bool = False  # start over in an out_dir with checkpoints (they and run.json are deleted); else an error
     verify_data: bool = True
     base_model_name: str | None = None  # written into the PEFT adapter config (default: model.path)
 
