@@ -48,13 +48,19 @@ def test_lora_linear_equals_hand_computed_reference(rslora):
 def test_config_ranges_and_rules_are_errors_naming_the_field():
     for bad, field in [({"r": 0}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
                        ({"dropout": -0.1}, "dropout"), ({"block_size": 100}, "block_size"),
-                       ({"double_quant": True}, "double_quant"), ({"target_modules": []}, "target_modules")]:
+                       ({"target_modules": []}, "target_modules")]:
         with pytest.raises(ConfigError, match=f"^{field}:"):
             from_dict(LoraConfig, bad)
         with pytest.raises(ConfigError, match=f"^{field}:"):
             LoraConfig(**bad)  # the Python API checks the same rules
     with pytest.raises(ConfigError, match="lora.r: must be > 0"):
         from_dict(LoraConfig, {"r": -1}, prefix="lora")
+    with pytest.raises(ConfigError, match="lora.target_modules: must name at least one"):
+        from_dict(LoraConfig, {"target_modules": []}, prefix="lora")  # a check in __post_init__ names where it sits
+    m = tiny_model()
+    with pytest.raises(ConfigError, match="^double_quant: only applies with quantize_base"):
+        apply_lora(m, LoraConfig(double_quant=True))  # settable (training sets quantize_base from the method), not appliable
+    assert not lora_modules(m)
     with pytest.raises(ConfigError, match="'q_prj' selects no linear layer.*linear layers: .*q_proj"):
         apply_lora(tiny_model(), LoraConfig(target_modules=["q_proj", "q_prj"]))
     with pytest.raises(ConfigError, match="embed_tokens is a Embedding, not nn.Linear"):

@@ -147,7 +147,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise ConfigError(f"{key}: unknown key (known keys: {known})")
         kwargs[k] = _coerce(v, hints[k], key)
         _check_range(kwargs[k], fields[k].metadata, key)
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as e:  # a __post_init__ check (a library config) names its field, not where the config sits
+        if not prefix:
+            raise
+        raise ConfigError(f"{prefix}.{e}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()  # cross-field rules; raises ConfigError naming the field

@@ -28,16 +28,28 @@ from yunque.quant import BLOCK_SIZES, NF4Linear, quantize_linears_
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's formula)."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 @dataclass
 class LoraConfig:
+    """An adapter's settings: the library's, the `lora:` section of a training config, and a PEFT file's.
+
+    Names follow PEFT's `LoraConfig` (`r`, `target_modules`, `use_rslora`) except `alpha` and
+    `dropout` (PEFT's `lora_alpha`, `lora_dropout`; the prefix is the section name here).
+    Defaults are PEFT's where it has one (dropout 0, no rsLoRA, no double quantisation).
+    """
+
     r: int = field(default=16, metadata={"gt": 0})
     alpha: float = field(default=32.0, metadata={"gt": 0})
     dropout: float = field(default=0.0, metadata={"ge": 0, "lt": 1})
     # A module is a target when its name equals an entry or ends with "." + entry (PEFT's rule).
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     use_rslora: bool = False  # scale = alpha / sqrt(r): keeps update size stable as r grows
-    quantize_base: bool = False  # QLoRA: frozen linears (all but lm_head) stored in NF4
-    double_quant: bool = False  # quantise the NF4 absmax scales too (~0.36 bits/param less)
+    quantize_base: bool = False  # QLoRA: frozen linears (all but lm_head) stored in NF4; training sets it from `method`
+    double_quant: bool = False  # with quantize_base: quantise the NF4 absmax scales too (~0.36 bits/param less)
     block_size: int = 64  # NF4 block: one absmax per this many weights
 
     def __post_init__(self) -> None:
@@ -52,12 +64,10 @@ class LoraConfig:
             raise ConfigError("target_modules: must name at least one module")
         if self.block_size not in BLOCK_SIZES:
             raise ConfigError(f"block_size: must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
-        if self.double_quant and not self.quantize_base:
-            raise ConfigError("double_quant: only applies with quantize_base: true")
 
     @property
     def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scale(self.alpha, self.r, self.use_rslora)
 
 
 class LoRALinear(nn.Module):
@@ -69,7 +79,7 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r = r
-        self.scale = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scale = lora_scale(alpha, r, use_rslora)
         device = base.weight_nf4.device if isinstance(base, NF4Linear) else base.weight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -129,6 +139,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, names: list[str] | None = None
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ConfigError("model already has LoRA adapters; merge them (merge_lora) or start from a fresh model")
+    if cfg.double_quant and not cfg.quantize_base:
+        raise ConfigError("double_quant: only applies with quantize_base: true")
     if names is None:
         names = find_targets(model, cfg.target_modules)
     else:

@@ -23,8 +23,15 @@ def data(tmp_path_factory):
     ("optim.lr=-1.0e-4", "optim.lr: must be > 0"),
     ("optim.lr=fast", "optim.lr: expected a number"),
     ("lora.r=0", "lora.r: must be > 0"),
-    ("lora.dropout=1.5", "lora.dropout: must be < 1.0"),
-    ("lora.targets=[]", "lora.targets: must name at least one"),
+    ("lora.dropout=1.5", "lora.dropout: must be < 1"),
+    ("lora.target_modules=[]", "lora.target_modules: must name at least one"),
+    ("lora.targets=[q_proj]", "lora.targets: unknown key (known keys: alpha, block_size, double_quant, dropout, "
+                              "quantize_base, r, target_modules"),
+    ("lora.block_size=100", "lora.block_size: must be one of"),
+    ("lora.double_quant=true", "lora.double_quant: only applies to method qlora"),
+    ("lora.quantize_base=true", "lora.quantize_base: set by the method"),
+    ("optim.warmup_ratio=1.0", "optim.warmup_ratio: must be < 1"),
+    ("overwrite=true resume=auto", "overwrite: contradicts resume: auto"),
     ("micro_batch=0", "micro_batch: must be > 0"),
     ("micro_batch=2.5", "micro_batch: expected an integer"),
     ("precision=fp16", "precision: expected one of 'fp32' | 'bf16'"),
@@ -43,7 +50,7 @@ def data(tmp_path_factory):
 def test_config_errors_name_the_key(tmp_path, data, override, key):
     cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run", eval={"patience": 2}))
     with pytest.raises(ConfigError) as e:
-        load_config(TrainConfig, cfg, [override])
+        load_config(TrainConfig, cfg, override.split())
     assert key in str(e.value)
 
 
@@ -94,3 +101,68 @@ def test_early_stopping_without_validation_data_is_an_error(tmp_path, data):
     cfg = from_dict(TrainConfig, pretrain_cfg(data, tmp_path / "run", data={"val_fraction": 0.0}, eval={"every": 2, "patience": 2}))
     with pytest.raises(ConfigError, match="eval.patience: early stopping needs validation data"):
         train(cfg)
+
+
+def test_one_lora_config_and_one_adapter_rule(tmp_path):
+    from yunque.lora import LoraConfig
+    from yunque.train.config import uses_adapter
+
+    common = [f"model.path={tmp_path}", f"data.train=[{tmp_path}/x]"]
+    q = load_config(TrainConfig, None, ["method=qlora", "lora.double_quant=true", *common])
+    assert type(q.lora) is LoraConfig and q.lora.quantize_base and q.adapter.quantize_base and q.adapter.double_quant
+    lo = load_config(TrainConfig, None, ["method=lora", *common])
+    assert not lo.adapter.quantize_base and lo.lora == LoraConfig()  # the library's defaults are the config's
+    assert [m for m in ("pretrain", "full", "lora", "qlora") if uses_adapter(m)] == ["lora", "qlora"]
+    assert q.trains_adapter and lo.trains_adapter and not load_config(TrainConfig, None, ["method=full", *common]).trains_adapter
+
+
+def test_warmup_ratio_by_default_and_warmup_steps_wins():
+    from yunque.train.config import OptimSection
+
+    assert OptimSection().warmup(1000) == 30 and OptimSection().warmup(2) == 1  # 3%, rounded up as in HF
+    assert OptimSection(warmup_ratio=0.07).warmup(100) == 7  # not ceil(7.000000000000001)
+    assert OptimSection(warmup_ratio=0.5, warmup_steps=7).warmup(1000) == 7
+    assert OptimSection(warmup_steps=0).warmup(1000) == 0
+
+
+def test_step_warnings_name_what_the_run_never_reaches():
+    cfg = TrainConfig()
+    cfg.optim.warmup_steps, cfg.eval.every, cfg.eval.patience, cfg.checkpoint.every = 50, 100, 5, 200
+    ws = cfg.step_warnings(2)
+    assert [w.split(":")[0] for w in ws] == ["optim.warmup_steps", "eval.every", "eval.patience", "checkpoint.every"]
+    assert "50 warmup steps but the run has 2" in ws[0] and "evaluates 1 time:" in ws[2]
+    assert [w.split(":")[0] for w in cfg.step_warnings(2, has_val=False)] == ["optim.warmup_steps", "checkpoint.every"]
+    assert cfg.step_warnings(1200) == []
+    cfg.optim.warmup_steps = None
+    assert not any("warmup" in w for w in cfg.step_warnings(2))  # a ratio always fits the run
+
+
+def test_dry_run_warns_when_intervals_exceed_the_run(tmp_path, data, capsys):
+    from yunque.recipes.train import train_cmd
+
+    cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run", max_steps=0, epochs=1.0, micro_batch=16,
+                                                      optim={"warmup_steps": 50}, eval={"every": 100, "patience": 5},
+                                                      checkpoint={"every": 200}))
+    assert train_cmd(cfg, dry_run=True) == 0
+    out = capsys.readouterr().out
+    steps = int(out.split("\nsteps: ")[1].split(" ")[0])
+    assert steps < 50
+    for key in ("optim.warmup_steps", "eval.every", "eval.patience", "checkpoint.every"):
+        assert f"\nwarning: {key}: " in out, key
+    assert train_cmd(cfg, "optim.warmup_steps=null", dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert f"warmup {-(-3 * steps // 100)} (0.03 of the steps)" in out and "warning: optim.warmup" not in out
+
+
+def test_rerun_into_a_run_with_checkpoints_is_refused_without_resume_or_overwrite(tmp_path, data):
+    cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 5, "kind": "train", "loss": 1.0}\n')
+    p = run_cli([str(cfg)])
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "out_dir:" in p.stderr and str(ckpt) in p.stderr and "--resume" in p.stderr and "--overwrite" in p.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 5, "kind": "train", "loss": 1.0}\n'  # untouched
+    p = run_cli([str(cfg), "--resume", "--overwrite"])
+    assert p.returncode == 2 and "overwrite: contradicts resume: auto" in p.stderr

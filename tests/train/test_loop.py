@@ -181,3 +181,41 @@ def test_early_stopping_keeps_and_reports_best(tmp_path, data):
     # A real improvement threshold: stops only when the loss stalls (min_delta=0 never stops on this short run).
     r2 = train(_cfg(data, tmp_path / "run2", max_steps=16, eval={"every": 4, "patience": 2, "min_delta": 0.0}))
     assert not r2.stopped_early and r2.best_step == 16
+
+
+def test_rerun_refused_overwrite_starts_over_warmup_ratio_and_warnings(tmp_path, data, capsys):
+    from yunque.errors import ConfigError
+
+    run = tmp_path / "run"
+    first = _cfg(data, run, max_steps=6, checkpoint={"every": 2, "keep_last": 5}, eval={"every": 0})
+    train(first)
+    with pytest.raises(ConfigError, match=r"out_dir: .* holds checkpoint .*step-00000006 .*--resume.*--overwrite"):
+        train(first)
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="out_dir: "):
+        train(_cfg(data, run, max_steps=6, checkpoint={"every": 2, "keep_last": 5}, eval={"every": 0}, resume="never"))
+    assert (run / "metrics.jsonl").read_text() == before and before.count('"kind": "train"') == 6  # kept as it was
+    capsys.readouterr()
+    r = train(_cfg(data, run, max_steps=8, overwrite=True, optim={"warmup_steps": None, "warmup_ratio": 0.25},
+                   checkpoint={"every": 4, "keep_last": 5}, eval={"every": 10}))
+    assert r.steps == 8
+    # The earlier run's step 6 is gone, so a later --resume cannot continue from it.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [x for x in rows if x["kind"] == "train"]
+    assert [x["step"] for x in train_rows] == list(range(1, 9))
+    assert train_rows[0]["lr"] == pytest.approx(3e-3 / 2) and train_rows[1]["lr"] == pytest.approx(3e-3)  # 25% of 8: 2
+    err = capsys.readouterr().err
+    assert "warning: eval.every: 10 but the run has 8 steps" in err
+
+
+def test_outputs_does_not_import_the_loop():
+    """outputs takes explicit arguments: no import of the loop, not even inside a function or for type checking."""
+    import ast
+
+    import yunque.train.outputs as outputs
+
+    tree = ast.parse(open(outputs.__file__, encoding="utf-8").read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "yunque.train" in imported and "yunque.train.loop" not in imported

@@ -140,7 +140,8 @@ def _train_config(**kw):
     from yunque.config import from_dict
     from yunque.train.config import TrainConfig
 
-    return from_dict(TrainConfig, kw)
+    # A demo run folder is rebuilt from scratch each time, an earlier demo's checkpoints included.
+    return from_dict(TrainConfig, {"overwrite": True, **kw})
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, log=print) -> DemoResult:
@@ -210,7 +211,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         fcfg = _train_config(
             method="lora", out_dir=str(ft), seed=seed, model={"path": str(pr.output)},
             data={"dir": str(out / "data"), "seq_len": 512},
-            lora={"r": plan.lora_r, "alpha": 2.0 * plan.lora_r, "dropout": 0.0, "targets": LORA_TARGETS},
+            lora={"r": plan.lora_r, "alpha": 2.0 * plan.lora_r, "dropout": 0.0, "target_modules": LORA_TARGETS},
             optim={"lr": plan.finetune_lr, "warmup_steps": max(1, plan.finetune_steps // 10), "weight_decay": 0.0},
             eval={"every": max(1, plan.finetune_steps // 3), "max_batches": 8}, checkpoint={"every": 0, "keep_last": 1},
             log={"every": 10}, micro_batch=plan.finetune_batch, max_steps=plan.finetune_steps, device="cpu")

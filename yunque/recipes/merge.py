@@ -31,10 +31,9 @@ def merge_cmd(base: str | None = None, adapter: str | None = None, out: str | No
         raise CheckpointError(f"{out}: already holds a model (config.json); pass --overwrite to replace it")
     s = merge_adapter(base, adapter, out, original_base=original_base)
     cfg = s["config"]
-    scale = cfg.alpha / (cfg.r ** 0.5 if cfg.use_rslora else cfg.r)
     kinds = sorted({m.rsplit(".", 1)[-1] for m in s["modules"]})
     base_kind = "NF4-dequantised base (QLoRA)" if cfg.quantize_base else "full-precision base"
     print(f"merged {len(s['modules'])} LoRA modules ({', '.join(kinds)}; r={cfg.r}, alpha={cfg.alpha:g}, "
-          f"scale={scale:g}) into the {base_kind}, {s['dtype']}")
+          f"scale={cfg.scale:g}) into the {base_kind}, {s['dtype']}")
     tok = ", ".join(s["tokenizer_files"]) if s["tokenizer_files"] else "none found in base"
     print(f"wrote {s['out']} (tokenizer files copied: {tok})")

@@ -13,7 +13,8 @@ import yaml
 
 from yunque.config import load_config, to_dict
 from yunque.train.config import TrainConfig
-from yunque.train.loop import Trainer, TrainResult
+from yunque.train.loop import Trainer
+from yunque.train.outputs import TrainResult
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_cmd", "dry_run"]
 
@@ -45,40 +46,26 @@ def _mark(tok, ids, mask) -> str:
     return "".join(out)
 
 
-def estimate_memory(tr: Trainer) -> dict[str, float]:
-    """Peak memory per process in GiB: weights, grads, AdamW moments, activations, loss chunk."""
-    cfg, mc = tr.cfg, tr.model.config
-    weights = sum(t.numel() * t.element_size() for t in (*tr.model.parameters(), *tr.model.buffers()))  # NF4 codes are buffers
-    trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
-    world = tr.d.world if cfg.parallel == "fsdp" else 1
-    B, T, Dm, F, L = cfg.micro_batch, cfg.data.seq_len, mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
-    act_bytes = 2 if cfg.precision == "bf16" else 4
-    per_layer = B * T * (8 * Dm + 4 * F) * act_bytes + B * mc.num_attention_heads * T * T * act_bytes  # attention probs if unfused
-    acts = (L * B * T * Dm * act_bytes + per_layer) if cfg.grad_checkpointing else L * per_layer
-    chunk = min(max(64, (1 << 23) // mc.vocab_size), B * T) * mc.vocab_size * 4 * 2  # logits + softmax of one chunk
-    est = {"weights": weights / world, "grads": trainable * 4 / world, "optimizer": trainable * 8 / world,
-           "activations": acts, "loss": chunk}
-    est["total"] = sum(est.values())
-    return {k: v / (1 << 30) for k, v in est.items()}
-
-
 def _gib(v: float) -> str:
     return f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.1f} MiB"
 
 
 def dry_run(cfg: TrainConfig) -> str:
     from yunque.lora import trainable_parameters
+    from yunque.train.memory_estimate import estimate_memory
 
     tr = Trainer(cfg, quiet=True)
     trainable, total = trainable_parameters(tr.model)
-    mem = estimate_memory(tr)
+    mem = estimate_memory(tr.model, cfg, tr.d.world)
     src = tr.data.train
     lines = ["# resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
              f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / max(1, total):.2f}%)",
              f"data: {len(src):,} training documents, {src.num_targets():,} trained tokens, "
              f"{tr.packer.rows_per_epoch():,} rows of {cfg.data.seq_len} per epoch"
              + (f", {len(tr.data.val):,} validation documents" if tr.data.val is not None else ", no validation set"),
-             f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step)",
+             f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step), "
+             f"warmup {tr.warmup_steps:,}" + ("" if cfg.optim.warmup_steps is not None else f" ({cfg.optim.warmup_ratio:g} of the steps)"),
+             *(f"warning: {w}" for w in cfg.step_warnings(tr.total_steps, has_val=tr.data.val is not None)),
              "peak memory estimate (per process): " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()), ""]
     for i in range(min(2, len(src))):
         ids, mask = src.doc(i)
@@ -86,19 +73,26 @@ def dry_run(cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
-def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool = False, verify_data: bool = True) -> int:
+def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool = False, overwrite: bool = False,
+              verify_data: bool = True) -> int:
     """Train a model: pretrain, full fine-tune, LoRA or QLoRA, as the config says.
 
     Args:
         config: the training config (YAML)
         overrides: key=value settings over the config (e.g. optim.lr=2.0e-4 parallel=ddp)
-        dry_run: validate, print the resolved config, parameters, memory estimate and two examples, then exit
+        dry_run: validate, print the resolved config, parameters, steps and warmup, warnings (intervals the run
+            never reaches), memory estimate and two examples, then exit
         resume: continue from the newest complete checkpoint in out_dir (same as resume=auto)
+        overwrite: start over in an out_dir that holds an earlier run's checkpoints, deleting them and its run.json
+            (same as overwrite=true)
         verify_data: verify the prepared data against its manifest before training
     """
     cfg = load_config(TrainConfig, config, overrides)
     if resume:
         cfg.resume = "auto"
+    if overwrite:
+        cfg.overwrite = True
+    cfg.validate()  # the flags are config fields too (resume with overwrite is an error)
     if not verify_data:
         cfg.verify_data = False
     if dry_run:

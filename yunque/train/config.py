@@ -7,13 +7,21 @@ live in the `validate()` methods and name the field they reject.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from yunque.errors import ConfigError
+from yunque.lora import LoraConfig
 
 Method = Literal["pretrain", "full", "lora", "qlora"]
+ADAPTER_METHODS = ("lora", "qlora")  # train only adapters over a frozen base; their output is a PEFT directory
+
+
+def uses_adapter(method: str) -> bool:
+    return method in ADAPTER_METHODS
 
 
 @dataclass
@@ -39,30 +47,25 @@ class DataSection:
 
 
 @dataclass
-class LoraSection:
-    r: int = field(default=16, metadata={"gt": 0})
-    alpha: float = field(default=32.0, metadata={"gt": 0})
-    dropout: float = field(default=0.05, metadata={"ge": 0.0, "lt": 1.0})
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    rslora: bool = False
-    double_quant: bool = True  # qlora: quantise the NF4 scales too
-
-    def validate(self) -> None:
-        if not self.targets:
-            raise ConfigError("lora.targets: must name at least one linear layer")
-
-
-@dataclass
 class OptimSection:
     lr: float = field(default=3e-4, metadata={"gt": 0})
     weight_decay: float = field(default=0.1, metadata={"ge": 0})
     beta1: float = field(default=0.9, metadata={"ge": 0, "lt": 1})
     beta2: float = field(default=0.95, metadata={"ge": 0, "lt": 1})
     eps: float = field(default=1e-8, metadata={"gt": 0})
-    warmup_steps: int = field(default=100, metadata={"ge": 0})
+    # Warmup: warmup_steps when given (it wins, as in Hugging Face's TrainingArguments), else
+    # warmup_ratio of the run's steps, rounded up; a fraction keeps warmup sized to the data.
+    warmup_ratio: float = field(default=0.03, metadata={"ge": 0, "lt": 1})
+    warmup_steps: int | None = field(default=None, metadata={"ge": 0})
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = field(default=0.1, metadata={"ge": 0, "le": 1})  # the floor of the decay, times lr
     grad_clip: float = field(default=1.0, metadata={"ge": 0})  # 0: off
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.ceil(round(self.warmup_ratio * total_steps, 9))  # 0.07 * 100 is 7.000000000000001, not 8 steps
 
 
 @dataclass
@@ -96,7 +99,7 @@ class TrainConfig:
     tokenizer: Path | None = None  # default: data.dir/tokenizer (what the shards were made with), else model.path
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # lora / qlora; quantize_base comes from the method
     optim: OptimSection = field(default_factory=OptimSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -114,8 +117,14 @@ class TrainConfig:
     # (NF4 buffers) stays whole on every rank while its adapter, embeddings and head are sharded.
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint
+    overwrite: bool = False  # start over in an out_dir with checkpoints (they and run.json are deleted); else an error
     verify_data: bool = True
     base_model_name: str | None = None  # written into the PEFT adapter config (default: model.path)
+
+    def __post_init__(self) -> None:
+        # The resolved config (dry-run, run.json, checkpoints) shows the base that is trained over.
+        if self.method == "qlora" and not self.lora.quantize_base:
+            self.lora = dataclasses.replace(self.lora, quantize_base=True)
 
     def validate(self) -> None:
         if self.method == "pretrain":
@@ -134,10 +143,47 @@ class TrainConfig:
             raise ConfigError("data.dir: give a prepared data directory or data.train files")
         if self.data.dir is not None and (self.data.train or self.data.val):
             raise ConfigError("data.train: give either data.dir or data.train/data.val files, not both")
-        if self.method in ("lora", "qlora") and self.model.dtype == "bfloat16" and self.precision == "fp32":
+        if self.trains_adapter and self.model.dtype == "bfloat16" and self.precision == "fp32":
             raise ConfigError("precision: bf16 base weights need precision bf16")
+        if self.lora.quantize_base and self.method != "qlora":
+            raise ConfigError(f"lora.quantize_base: set by the method; method {self.method} trains over the base as "
+                              "loaded (method qlora stores it in NF4)")
+        if self.lora.double_quant and self.method != "qlora":
+            raise ConfigError(f"lora.double_quant: only applies to method qlora, not {self.method}")
+        if self.resume == "auto" and self.overwrite:
+            raise ConfigError("overwrite: contradicts resume: auto (continue the run, or start over, not both)")
         if self.eval.patience and self.eval.every == 0:
             raise ConfigError("eval.every: early stopping (eval.patience) needs periodic evaluation")
+
+    @property
+    def trains_adapter(self) -> bool:
+        return uses_adapter(self.method)
+
+    @property
+    def adapter(self) -> LoraConfig:
+        """The adapter this run trains: the `lora` section, over an NF4 base for method qlora."""
+        return dataclasses.replace(self.lora, quantize_base=self.method == "qlora")
+
+    def step_warnings(self, total_steps: int, has_val: bool = True) -> list[str]:
+        """Intervals this config sets that a run of `total_steps` steps never reaches (said, not refused)."""
+        out = []
+        o, ev, ck = self.optim, self.eval, self.checkpoint
+        warmup = o.warmup(total_steps)
+        if warmup > total_steps:
+            out.append(f"optim.warmup_steps: {warmup} warmup steps but the run has {total_steps}: the learning rate "
+                       f"never reaches optim.lr (optim.warmup_ratio sizes warmup to the run)")
+        if has_val and ev.every > total_steps:
+            out.append(f"eval.every: {ev.every} but the run has {total_steps} steps: validation runs once, at the end")
+        if has_val and ev.patience and ev.every:
+            evals = total_steps // ev.every + (total_steps % ev.every > 0)
+            if evals <= ev.patience:
+                out.append(f"eval.patience: {ev.patience} evaluations without improvement stop the run, but it evaluates "
+                           f"{evals} time{'s' * (evals != 1)}: early stopping cannot trigger")
+        if ck.every > total_steps:
+            then = "only from the checkpoint of its best evaluation" if has_val else "not at all"
+            out.append(f"checkpoint.every: {ck.every} but the run has {total_steps} steps: no periodic checkpoint; "
+                       f"an interrupted run can be resumed {then}")
+        return out
 
     @property
     def split_docs(self) -> bool:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,39 +32,16 @@ from yunque.train.tracking import Progress, Tracker
 from yunque.train.config import TrainConfig
 from yunque.train.documents import load_data, resolve_tokenizer, token_bytes
 from yunque.train.loss import CausalLMLoss
+from yunque.train.outputs import TrainResult, write_outputs
 from yunque.train.step import eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device, train_step
 
 PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    steps: int
-    tokens: int
-    losses: list[float] = field(default_factory=list)  # per step, this session and (on resume) before it
-    final: dict = field(default_factory=dict)
-    best: dict | None = None
-    best_step: int | None = None
-    best_checkpoint: Path | None = None
-    stopped_early: bool = False
-    exported_step: int | None = None  # the step whose weights `output` holds (the best one under early stopping)
-    output: Path | None = None  # the HF model directory or the PEFT adapter directory
-    run_json: Path | None = None
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _lora_config(cfg: TrainConfig):
-    from yunque.lora import LoraConfig
-
-    lc, q = cfg.lora, cfg.method == "qlora"
-    return LoraConfig(r=lc.r, alpha=lc.alpha, dropout=lc.dropout, target_modules=list(lc.targets), use_rslora=lc.rslora,
-                      quantize_base=q, double_quant=q and lc.double_quant)
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
@@ -87,10 +64,10 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
         model = load_model(cfg.model.path, dtype=dtype)
         if model.config.vocab_size < tok.vocab_size:
             raise ConfigError(f"tokenizer: {tok.vocab_size} tokens but the model has {model.config.vocab_size} embeddings")
-        if cfg.method in ("lora", "qlora"):
+        if cfg.trains_adapter:
             from yunque.lora import apply_lora
 
-            apply_lora(model, _lora_config(cfg), generator=torch.Generator().manual_seed(cfg.seed))
+            apply_lora(model, cfg.adapter, generator=torch.Generator().manual_seed(cfg.seed))
             if cfg.precision == "bf16" and cfg.parallel != "fsdp":  # FSDP2 wants one dtype per group
                 from yunque.lora import store_frozen_linears_
 
@@ -99,9 +76,19 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
     return model
 
 
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Starting over where an earlier run left checkpoints needs resume or overwrite: it would replace that run's metrics."""
+    found = latest_checkpoint(cfg.out_dir / "checkpoints")
+    if found is not None and cfg.resume != "auto" and not cfg.overwrite:
+        raise ConfigError(f"out_dir: {cfg.out_dir} holds checkpoint {found} of an earlier run; pass --resume to "
+                          "continue it, --overwrite to start over (its checkpoints and metrics are replaced), "
+                          "or choose another out_dir")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, quiet: bool = False):
         self.cfg = cfg
+        check_out_dir(cfg)
         seed_everything(cfg.seed)
         device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.d = D.init(cfg.parallel, device_type)
@@ -124,6 +111,7 @@ class Trainer:
                              seed=cfg.seed, pad_id=self.tok.pad_id or 0)
         self.rows_per_step = cfg.micro_batch * self.d.world * cfg.grad_accum
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.packer.rows_per_epoch() / self.rows_per_step))
+        self.warmup_steps = cfg.optim.warmup(self.total_steps)
         self.quiet = quiet or not self.d.main
         self.ckpt_root = cfg.out_dir / "checkpoints"
         self.step = self.tokens = self.bad_evals = 0
@@ -138,8 +126,7 @@ class Trainer:
             sd = D.gather_model_state(self.module, PREFIX)
         else:
             sd = self.model.state_dict()
-        full = self.cfg.method in ("pretrain", "full")
-        return {k: v for k, v in sd.items() if full or k in self.trainable}
+        return {k: v for k, v in sd.items() if not self.cfg.trains_adapter or k in self.trainable}
 
     def save(self) -> Path | None:
         tensors = self._model_tensors()
@@ -160,12 +147,12 @@ class Trainer:
 
     def _adapter_writer(self, tensors: dict[str, torch.Tensor]):
         """LoRA / QLoRA: a checkpoint is also a PEFT adapter directory (merge / generate / serve take it)."""
-        if self.cfg.method not in ("lora", "qlora"):
+        if not self.cfg.trains_adapter:
             return None
         from yunque.formats.peft import save_peft_adapter
 
         base = self.cfg.base_model_name or str(self.cfg.model.path)
-        return lambda d: save_peft_adapter(self.model, d, _lora_config(self.cfg), base, tensors=tensors)
+        return lambda d: save_peft_adapter(self.model, d, self.cfg.adapter, base, tensors=tensors)
 
     def _load_model(self, path: Path, msd: dict[str, torch.Tensor]) -> None:
         if self.d.kind == "fsdp":
@@ -194,7 +181,7 @@ class Trainer:
         files, state = load_checkpoint(path)
         if state["config"]["method"] != self.cfg.method:
             raise CheckpointError(f"{path}: written by method {state['config']['method']}, not {self.cfg.method}")
-        missing = (set(self.trainable) if self.cfg.method in ("lora", "qlora") else set()) - set(files["model"])
+        missing = (set(self.trainable) if self.cfg.trains_adapter else set()) - set(files["model"])
         if missing:
             raise CheckpointError(f"{path}: model.safetensors lacks {sorted(missing)[:3]}")
         self._load_model(path, files["model"])
@@ -228,6 +215,9 @@ class Trainer:
         cfg, d = self.cfg, self.d
         resumed = self.resume() if cfg.resume == "auto" else None
         if self.d.main:
+            if cfg.overwrite:  # what the earlier run's resume would read; metrics.jsonl is restarted below
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+                (cfg.out_dir / "run.json").unlink(missing_ok=True)
             cfg.out_dir.mkdir(parents=True, exist_ok=True)
         D.barrier(d)
         self._val = self._eval_batches()
@@ -237,6 +227,8 @@ class Trainer:
         progress = Progress(self.total_steps, self.step, not self.quiet)
         if resumed:
             progress.message(f"resumed from {resumed} at step {self.step}")
+        for w in cfg.step_warnings(self.total_steps, has_val=self._val is not None):
+            progress.message(f"warning: {w}")
         self.module.train()
         pending: list = []
         t_last, tok_last = time.perf_counter(), self.tokens
@@ -246,7 +238,7 @@ class Trainer:
         while self.step < self.total_steps:
             if cfg.max_time and time.perf_counter() - t_start > cfg.max_time:
                 break
-            lr = lr_at(self.step, lr=cfg.optim.lr, warmup=cfg.optim.warmup_steps, total=self.total_steps,
+            lr = lr_at(self.step, lr=cfg.optim.lr, warmup=self.warmup_steps, total=self.total_steps,
                        schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio)
             set_lr(self.optimizer, lr)
             micro, n_targets = [], 0
@@ -297,9 +289,10 @@ class Trainer:
         exported = self.restore_best(progress) if cfg.eval.patience and self.best_step not in (None, self.step) else self.step
         result = TrainResult(cfg.out_dir, self.step, self.tokens, list(self.losses), final, self.best, self.best_step,
                              stopped_early=stopped_early, exported_step=exported)
-        from yunque.train.outputs import write_outputs
-
-        write_outputs(self, result)
+        # FSDP: the adapter is sharded DTensors; gather them (a collective, every rank) for the export.
+        adapter_tensors = self._model_tensors() if self.d.kind == "fsdp" and cfg.trains_adapter else None
+        write_outputs(cfg, result, model=self.model, module=self.module, tok=self.tok, d=d, manifest=self.data.manifest,
+                      ckpt_root=self.ckpt_root, adapter_tensors=adapter_tensors)
         D.barrier(d)
         cpu_memory.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
         return result

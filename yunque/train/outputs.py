@@ -11,23 +11,39 @@ import json
 import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from yunque.train import distributed as D
 from yunque.config import to_dict
 from yunque.data.manifest import sha256_file as sha256
+from yunque.lora import LoraConfig
+from yunque.model import Transformer
+from yunque.tokenizer import Tokenizer
+from yunque.train.config import TrainConfig
 from yunque.train.tracking import plot_metrics
-
-if TYPE_CHECKING:
-    from yunque.train.loop import Trainer, TrainResult
 
 PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "peft", "torchao", "bitsandbytes")
 
 
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    losses: list[float] = field(default_factory=list)  # per step, this session and (on resume) before it
+    final: dict = field(default_factory=dict)
+    best: dict | None = None
+    best_step: int | None = None
+    best_checkpoint: Path | None = None
+    stopped_early: bool = False
+    exported_step: int | None = None  # the step whose weights `output` holds (the best one under early stopping)
+    output: Path | None = None  # the HF model directory or the PEFT adapter directory
+    run_json: Path | None = None
 
 
 def git_commit() -> str | None:
@@ -52,48 +68,50 @@ def environment() -> dict:
     return {"packages": versions, "hardware": hw}
 
 
-def export_model(tr: Trainer, out: Path) -> Path:
-    """Pretrain / full: an HF directory (with the tokenizer); FSDP shards are gathered first (collective)."""
+def export_model(model: Transformer, tok: Tokenizer, out: Path, d: D.Dist, module: nn.Module) -> Path:
+    """Pretrain / full: an HF directory (with the tokenizer); FSDP shards of `module` are gathered first (collective)."""
     from yunque.formats.hf import save_model
-    from yunque.model import Transformer
 
-    model = tr.model
-    if tr.d.kind == "fsdp":
-        sd = D.gather_model_state(tr.module, "model.")
-        if not tr.d.main:
+    if d.kind == "fsdp":
+        sd = D.gather_model_state(module, "model.")
+        if not d.main:
             return out
+        trained = model
         with torch.device("meta"):
-            model = Transformer(tr.model.config)
+            model = Transformer(trained.config)
         model.load_state_dict(sd, assign=True)
-        model.inv_freq = tr.model.inv_freq.detach().cpu() if tr.model.inv_freq.device.type != "meta" else model.inv_freq
-    if tr.d.main:
+        model.inv_freq = trained.inv_freq.detach().cpu() if trained.inv_freq.device.type != "meta" else model.inv_freq
+    if d.main:
         save_model(model, out)
-        tr.tok.save(out)
+        tok.save(out)
     return out
 
 
-def export_adapter(tr: Trainer, out: Path) -> Path:
+def export_adapter(model: Transformer, adapter: LoraConfig, base_model_name: str, out: Path, d: D.Dist,
+                   tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """The PEFT adapter; under FSDP `tensors` are the gathered adapter weights (the model's are shards)."""
     from yunque.formats.peft import save_peft_adapter
-    from yunque.train.loop import _lora_config
 
-    # FSDP: the adapter is sharded DTensors; gather them (a collective, every rank) and save those.
-    tensors = tr._model_tensors() if tr.d.kind == "fsdp" else None
-    if tr.d.main:
-        base = tr.cfg.base_model_name or str(tr.cfg.model.path)
-        save_peft_adapter(tr.model, out, _lora_config(tr.cfg), base, tensors=tensors)
+    if d.main:
+        save_peft_adapter(model, out, adapter, base_model_name, tensors=tensors)
     return out
 
 
-def write_outputs(tr: Trainer, result: TrainResult) -> None:
-    cfg = tr.cfg
-    if cfg.method in ("pretrain", "full"):
-        result.output = export_model(tr, cfg.out_dir / "model")
+def write_outputs(cfg: TrainConfig, result: TrainResult, *, model: Transformer, module: nn.Module, tok: Tokenizer,
+                  d: D.Dist, manifest: dict | None, ckpt_root: Path,
+                  adapter_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Export the trained weights and write run.json (and the plot); fills result.output, best_checkpoint, run_json.
+
+    `module` is what was trained (the DDP / FSDP wrapper of the model and loss); all ranks call this.
+    """
+    if cfg.trains_adapter:
+        result.output = export_adapter(model, cfg.adapter, cfg.base_model_name or str(cfg.model.path),
+                                       cfg.out_dir / "adapter", d, adapter_tensors)
     else:
-        result.output = export_adapter(tr, cfg.out_dir / "adapter")
-    if not tr.d.main:
+        result.output = export_model(model, tok, cfg.out_dir / "model", d, module)
+    if not d.main:
         return
-    ckpts = tr.ckpt_root
-    result.best_checkpoint = ckpts / f"step-{result.best_step:08d}" if result.best_step is not None else None
+    result.best_checkpoint = ckpt_root / f"step-{result.best_step:08d}" if result.best_step is not None else None
     if result.best_checkpoint is not None and not result.best_checkpoint.is_dir():
         result.best_checkpoint = None
     if cfg.log.plot and (cfg.out_dir / "metrics.jsonl").is_file():
@@ -106,9 +124,9 @@ def write_outputs(tr: Trainer, result: TrainResult) -> None:
         if p.is_file() and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard") and rel.name != "run.json":
             files[str(rel)] = sha256(p)
     run = {"config": to_dict(cfg), "seed": cfg.seed, "method": cfg.method, "yunque_version": __version__,
-           "git_commit": git_commit(), **environment(), "world_size": tr.d.world,
-           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "manifest_roots": tr.data.manifest},
-           "parallel": tr.d.kind, "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
+           "git_commit": git_commit(), **environment(), "world_size": d.world,
+           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "manifest_roots": manifest},
+           "parallel": d.kind, "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
            "exported_step": result.exported_step,
            "final_metrics": result.final, "best_metrics": result.best, "best_step": result.best_step,
            "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
