@@ -56,6 +56,16 @@ def test_our_own_threads_do_not_count_as_load(monkeypatch):
     assert pol.update() == 2 and seen == []
 
 
+def test_close_gives_torch_its_count_back(monkeypatch):
+    pol, proc, seen = make_policy(monkeypatch)
+    pol._initial = 2
+    pol.update()
+    proc.advance(6, others=1.0, ours=1.0)
+    assert pol.update() == 1
+    pol.close()
+    assert seen == [1, 2] and pol.threads == 2
+
+
 def test_rechecks_only_every_few_seconds(monkeypatch):
     pol, proc, seen = make_policy(monkeypatch, every=5.0)
     pol.update()
@@ -90,3 +100,15 @@ def test_measures_a_real_busy_process():
         spin.kill()
         spin.wait()
     assert torch.get_num_threads() >= 1
+
+
+def test_training_progress_names_its_thread_count(tmp_path):
+    from train_util import make_corpus, pretrain_cfg, run_cli, write_cfg
+
+    corpus = make_corpus(tmp_path / "c", n_lines=60)
+    cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(corpus, tmp_path / "run", max_steps=2, eval={"every": 0},
+                                                      checkpoint={"every": 0}))
+    r = run_cli([str(cfg)])  # OMP_NUM_THREADS=1: a count the user fixed
+    assert r.returncode == 0, r.stderr
+    assert "training on cpu with 1 thread" in r.stderr
+    assert "| 1 thr" in r.stderr  # every progress line says it

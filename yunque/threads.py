@@ -73,7 +73,7 @@ class ThreadPolicy:
         self._set = set_threads or torch.set_num_threads
         self.fixed = fixed_threads()
         self.max_threads = min(_torch_default, len(_affinity()))
-        self.threads = torch.get_num_threads()
+        self.threads = self._initial = torch.get_num_threads()
         self.others = 0.0  # cores' worth of CPU time other processes took in the last window
         self._last: tuple[float, float, float] | None = None
 
@@ -89,9 +89,17 @@ class ThreadPolicy:
             self.update(force=True)
         return self.threads
 
+    def close(self) -> None:
+        """Give torch back the count it had, for whatever the process runs next."""
+        if self.threads != self._initial:
+            self._set(self._initial)
+            self.threads = self._initial
+
     def update(self, force: bool = False) -> int:
         if self.fixed is not None:
             return self.threads
+        if self._last is not None and not force and self._clock() - self._last[0] < self.every:
+            return self.threads  # the window is still open: not even a /proc read
         now = self._sample()
         if now is None:
             return self.threads
@@ -99,8 +107,6 @@ class ThreadPolicy:
             self._last = now
             return self.threads
         dt = now[0] - self._last[0]
-        if dt < self.every and not force:
-            return self.threads
         ticks = dt * os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else dt * 100
         if ticks <= 0:
             return self.threads

@@ -27,6 +27,7 @@ from yunque.config import to_dict
 from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
 from yunque.train.packing import Packer, fixed_batches
+from yunque.threads import ThreadPolicy
 from yunque.tokenizer import Tokenizer
 from yunque.train.tracking import Progress, Tracker
 from yunque.train.config import TrainConfig
@@ -225,6 +226,12 @@ class Trainer:
         tracker = Tracker(cfg.out_dir, enabled=d.main, mlflow=cfg.log.mlflow, mlflow_uri=cfg.log.mlflow_uri,
                           tensorboard=cfg.log.tensorboard, params=to_dict(cfg), resume_step=self.step if resumed else None)
         progress = Progress(self.total_steps, self.step, not self.quiet)
+        # On a CPU shared with other work, fewer threads than cores is several times faster (yunque/threads.py).
+        self.threads = ThreadPolicy() if self.device.type == "cpu" and d.world == 1 else None
+        if self.threads is not None:
+            n = self.threads.start()
+            progress.message(f"training on cpu with {n} thread{'s' if n > 1 else ''}"
+                             + (f" ({self.threads.others:.1f} cores busy with other work)" if self.threads.others >= 0.5 else ""))
         if resumed:
             progress.message(f"resumed from {resumed} at step {self.step}")
         for w in cfg.step_warnings(self.total_steps, has_val=self._val is not None):
@@ -252,6 +259,8 @@ class Trainer:
                                         recast_weights=d.kind != "fsdp")
             self.step += 1
             self.tokens += self.rows_per_step * cfg.data.seq_len
+            if self.threads is not None:
+                self.threads.update()
             pending.append((self.step, loss_sum, n_targets, lr, norm))
             do_eval = self._val is not None and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == self.total_steps)
             do_ckpt = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
@@ -295,6 +304,8 @@ class Trainer:
                       ckpt_root=self.ckpt_root, adapter_tensors=adapter_tensors)
         D.barrier(d)
         cpu_memory.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
+        if self.threads is not None:
+            self.threads.close()
         return result
 
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:
@@ -309,4 +320,5 @@ class Trainer:
             if norm_vals is not None:
                 row["grad_norm"] = norm_vals[i]
             tracker.log(step, "train", row)
-        progress.update(pending[-1][0], self.losses[-1], pending[-1][3], tok_s)
+        threads = f"{self.threads.threads} thr" if self.threads is not None else ""
+        progress.update(pending[-1][0], self.losses[-1], pending[-1][3], tok_s, threads)
