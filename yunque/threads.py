@@ -117,3 +117,12 @@ class ThreadPolicy:
             self._set(want)
             self.threads = want
         return self.threads
+
+
+def fit_threads(model) -> int:
+    """Before decoding on CPU: one measurement, then torch on the free cores; returns the count."""
+    import torch
+
+    if next(model.parameters()).device.type != "cpu":
+        return torch.get_num_threads()
+    return ThreadPolicy().start(window=0.2)

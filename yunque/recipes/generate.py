@@ -7,6 +7,7 @@ import time
 
 from yunque.chat_input import HELP, MessageReader
 from yunque.errors import YunqueError
+from yunque.threads import fit_threads
 from yunque.generate import Sampling, stream_text
 from yunque.inference import load
 
@@ -55,6 +56,7 @@ def generate_cmd(*, model: str, prompt: str, adapter: str | None = None, max_new
         stats: print tokens/s to stderr
     """
     m, tok = load(model, adapter, dtype, device)
+    fit_threads(m)  # on CPU: the cores other processes leave free
     s = _sampling(tok, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop)
     if chat:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -102,6 +104,7 @@ def chat_cmd(model: str | None = None, url: str | None = None, api_key: str | No
         return chat_remote(url, api_key, system=system, max_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, seed=seed)
     m, tok = load(model, adapter, dtype, device)
+    fit_threads(m)  # on CPU: the cores other processes leave free
     s = _sampling(tok, max_new_tokens, temperature, 0, top_p, 1.0, seed, ())
     messages = [{"role": "system", "content": system}] if system else []
     print(f"yunque chat: empty line or Ctrl-D to quit, /reset to forget the conversation.\n{HELP}", file=sys.stderr)

@@ -38,6 +38,10 @@ def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1"
         torch.set_num_threads(cfg.torch_threads)
     # An adapter is merged into the weights: serving runs plain nn.Linear at full speed.
     m, tok = load(model, adapter, cfg.dtype, quantize_base=False)
+    if cfg.torch_threads is None:
+        from yunque.threads import fit_threads
+
+        fit_threads(m)
     name = cfg.model_name or Path(model).resolve().name
     app = create_app(m, tok, cfg, name, auth)
     print(f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})", file=sys.stderr)
