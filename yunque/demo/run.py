@@ -167,7 +167,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     clock = _Clock(result.stages, 8, log)
 
     with clock.stage("corpus", "corpus: docstrings, comments, reference text and code of Python's stdlib"):
-        info = corpus_mod.build_corpus(out / "corpus")
+        info = corpus_mod.build_corpus(out / "corpus", log=lambda line: log(f"      {line}"))
         facts["corpus"] = asdict(info)
         log(f"      {info.documents:,} documents, {info.bytes / 1e6:.1f} MB, sha256 {info.sha256[:16]}…")
 
@@ -232,7 +232,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         from yunque.demo.scoring import evaluate_pair
 
         facts["eval"] = evaluate_pair(pr.output, out / "model", out / "data" / "test.jsonl", out / "eval",
-                                      limit=plan.test_limit)
+                                      limit=plan.test_limit, log=log)
     result.seconds = round(time.perf_counter() - clock.t0, 1)
     facts["stages"] = result.stages
     facts["seconds"] = result.seconds
