@@ -107,6 +107,30 @@ def test_next_commands_run_and_create_a_key_before_serving(tmp_path):
     assert "source .venv/bin/activate" in report.next_steps_note(".venv/bin/yunque", ".venv/bin/activate")
 
 
+def test_evaluation_stage_reports_progress(tmp_path, monkeypatch):
+    from eval_helpers import cached_model_dir
+
+    from yunque.evaluate import runner
+
+    model = cached_model_dir("llama")
+    test = tmp_path / "test.jsonl"
+    recs = [_chat("phishing", "From: X <a@b.com>\n\nhi", "legitimate"), _chat("phishing", "From: Y\n\npay", "phishing"),
+            _chat("auth_triage", "10:00:00 sshd: Failed password for root", "brute-force")]
+    test.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    quiet = scoring.evaluate_pair(model, model, test, tmp_path / "q", batch_size=1)
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)  # every batch is "slow"
+    lines: list[str] = []
+    ev = scoring.evaluate_pair(model, model, test, tmp_path / "e", batch_size=1, log=lines.append)
+    for name in ("base", "fine-tuned"):
+        i = lines.index(f"      {name} model: 3 test examples in 2 tasks")
+        assert lines[i + 1].startswith(f"      {name}, auth_triage: generated 1/1 examples in ")
+        assert lines[i + 2].startswith(f"      {name}, phishing: generated 1/2 examples | ") and "eta" in lines[i + 2]
+        assert lines[i + 3].startswith(f"      {name}, phishing: generated 2/2 examples in ")
+    assert len(lines) == 8
+    for name in ("base", "fine-tuned"):  # only printing changes
+        assert {k: v for k, v in ev[name].items() if k != "timing"} == {k: v for k, v in quiet[name].items() if k != "timing"}
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     from yunque.demo.run import run_demo

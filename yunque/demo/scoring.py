@@ -67,7 +67,9 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
             part = out / f"test.{task}.jsonl"
             part.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in idx), encoding="utf-8")
             longest = max(len(tok.encode(records[i]["messages"][-1]["content"])) for i in idx)
-            say = None if log is None else (lambda line, where=f"{name}, {task}": log(f"      {where}: {line}"))
+            # The runner's n/N lines only; its stage-start lines ("... ...") would triple the output.
+            say = None if log is None else (lambda line, where=f"{name}, {task}":
+                                            None if line.endswith(" ...") else log(f"      {where}: {line}"))
             r = evaluate(model_dir, part, metrics=["exact_match", "rouge", "perplexity"], max_new_tokens=longest + 4,
                          batch_size=batch_size, model_and_tokenizer=(model, tok), progress=say)
             for i, p in zip(idx, r.predictions):
