@@ -255,6 +255,16 @@ def test_corpus_extraction_on_a_small_tree(tmp_path):
         corpus.build_corpus(tmp_path / "out3", root=tmp_path / "out", min_bytes=0)
 
 
+def test_corpus_build_reports_progress_while_parsing(tmp_path, monkeypatch):
+    root = _fake_stdlib(tmp_path / "lib")
+    quiet = corpus.build_corpus(tmp_path / "a", root=root, min_bytes=0, workers=1)
+    monkeypatch.setattr(corpus, "PROGRESS_EVERY_S", 0.0)  # every module is "slow"
+    lines: list[str] = []
+    info = corpus.build_corpus(tmp_path / "b", root=root, min_bytes=0, workers=1, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("parsed 1/2 stdlib modules | ") and "eta" in lines[0]
+    assert info.sha256 == quiet.sha256  # only printing changes
+
+
 @pytest.fixture(scope="module")
 def stdlib_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")

@@ -43,16 +43,92 @@ def test_task_scores_are_exact_per_task():
         scoring.task_scores(recs, ["phishing"])  # one prediction per record, never silently fewer
 
 
-def test_summary_rows_and_next_commands(tmp_path):
+def test_summary_rows(tmp_path):
     tasks = {"all": {"n": 4, "correct": 3, "accuracy": 75.0}, "phishing": {"n": 4, "correct": 3, "accuracy": 75.0}}
     ev = {name: {"tasks": tasks, "metrics": {"exact_match": 75.0, "rougeL": 80.0, "perplexity": 1.5}}
           for name in ("base", "fine-tuned")}
     rows = report.accuracy_rows(ev)
     assert rows[0] == ("task accuracy (all)", "", "75.0%", "75.0%")
     assert ("  phishing (n=4)", "50.0%", "75.0%", "75.0%") in rows
-    for cmd in report.next_commands(tmp_path / "run"):
-        argv = shlex.split(cmd)  # every printed command must be valid shell
-        assert argv[0] == "yunque" and str(tmp_path / "run") in cmd
+
+
+def _venv(root):
+    b = root / ".venv" / "bin"
+    b.mkdir(parents=True)
+    for name in ("python", "yunque", "activate"):
+        (b / name).write_text("")
+    return b
+
+
+def test_cli_command_is_the_running_executable(tmp_path):
+    """After `bash install.sh` the script is .venv/bin/yunque, not on PATH: print that, and how to activate."""
+    b = _venv(tmp_path)
+    cwd, none = str(tmp_path), lambda name: None
+    assert report.cli_command(".venv/bin/yunque", str(b / "python"), cwd, none) == (".venv/bin/yunque",
+                                                                                     ".venv/bin/activate")
+    # python -m yunque: the script beside the running python
+    main = str(tmp_path / "src" / "yunque" / "__main__.py")
+    assert report.cli_command(main, str(b / "python"), cwd, none)[0] == ".venv/bin/yunque"
+    # run from elsewhere: absolute paths
+    elsewhere = str(tmp_path / "elsewhere")
+    assert report.cli_command(str(b / "yunque"), str(b / "python"), elsewhere, none) == (str(b / "yunque"),
+                                                                                         str(b / "activate"))
+    # the venv is active (its script is the `yunque` on PATH): plain `yunque`
+    on_path = {"yunque": str(b / "yunque")}.get
+    assert report.cli_command(".venv/bin/yunque", str(b / "python"), cwd, on_path) == ("yunque", None)
+    # a Python with no yunque script beside it: `python -m yunque` through that very Python
+    py = tmp_path / "py dir" / "python3"
+    py.parent.mkdir()
+    assert report.cli_command(main, str(py), cwd, none) == ("'py dir/python3' -m yunque", None)
+    assert report.cli_command(main, str(py), cwd, {"python": str(py)}.get) == ("python -m yunque", None)
+    # the script in the current folder itself still runs as a path, never a PATH search
+    assert report.cli_command("yunque", str(b / "python"), str(b), none)[0] == "./yunque"
+
+
+def test_next_commands_run_and_create_a_key_before_serving(tmp_path):
+    from yunque.__main__ import COMMANDS
+
+    cli, activate = report.cli_command()  # how this test process would run yunque
+    cmds = report.next_commands(tmp_path / "my run", cli)
+    names = []
+    for cmd in cmds:
+        argv = shlex.split(cmd, comments=True)  # every printed command must be valid shell
+        assert argv[:len(shlex.split(cli))] == shlex.split(cli)
+        rest = argv[len(shlex.split(cli)):]
+        names.append(next(k for k in sorted(COMMANDS, key=len, reverse=True) if rest[:len(k.split())] == k.split()))
+        if "--model" in rest:  # paths with spaces are quoted
+            assert rest[rest.index("--model") + 1] == str(tmp_path / "my run" / "model")
+    assert names.index("keys create") < names.index("serve")
+    # the printed prefix really starts yunque, and the key command it names exists
+    import subprocess
+
+    r = subprocess.run([*shlex.split(cli), "keys", "create", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--name" in r.stdout
+    assert "source .venv/bin/activate" in report.next_steps_note(".venv/bin/yunque", ".venv/bin/activate")
+
+
+def test_evaluation_stage_reports_progress(tmp_path, monkeypatch):
+    from eval_helpers import cached_model_dir
+
+    from yunque.evaluate import runner
+
+    model = cached_model_dir("llama")
+    test = tmp_path / "test.jsonl"
+    recs = [_chat("phishing", "From: X <a@b.com>\n\nhi", "legitimate"), _chat("phishing", "From: Y\n\npay", "phishing"),
+            _chat("auth_triage", "10:00:00 sshd: Failed password for root", "brute-force")]
+    test.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    quiet = scoring.evaluate_pair(model, model, test, tmp_path / "q", batch_size=1)
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)  # every batch is "slow"
+    lines: list[str] = []
+    ev = scoring.evaluate_pair(model, model, test, tmp_path / "e", batch_size=1, log=lines.append)
+    for name in ("base", "fine-tuned"):
+        i = lines.index(f"      {name} model: 3 test examples in 2 tasks")
+        assert lines[i + 1].startswith(f"      {name}, auth_triage: generated 1/1 examples in ")
+        assert lines[i + 2].startswith(f"      {name}, phishing: generated 1/2 examples | ") and "eta" in lines[i + 2]
+        assert lines[i + 3].startswith(f"      {name}, phishing: generated 2/2 examples in ")
+    assert len(lines) == 8
+    for name in ("base", "fine-tuned"):  # only printing changes
+        assert {k: v for k, v in ev[name].items() if k != "timing"} == {k: v for k, v in quiet[name].items() if k != "timing"}
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Metric values against the reference libraries and against cases worked out by hand."""
 
+import json
+
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -106,3 +108,33 @@ def test_length_mismatch_and_empty_are_errors():
         M.bleu(["a"], ["a", "b"])
     with pytest.raises(ValueError):
         M.rouge([], [])
+
+
+def test_bleu_note_for_short_references():
+    labels = ["phishing", "benign", "scan", "203.0.113.7, 5", "legitimate"]  # a demo-like test split
+    # every answer right, and still BLEU-4 is 0: no reference has a 4-gram
+    assert M.exact_match(labels, labels) == 100.0 and M.bleu(labels, labels) == 0.0 and M.chrf(labels, labels) == 100.0
+    assert M.median_reference_tokens(labels) == 1.0
+    assert M.median_reference_tokens([["a", "b c d e f"], "g h"]) == 3.5  # the longest reference of an example
+    note = M.bleu_note(labels)
+    assert note and "not meaningful" in note and "chrF" in note
+    assert M.bleu_note(REFS) is None  # 4-6 tokens: BLEU-4 has n-grams to count
+    assert M.bleu_note([]) is None
+
+
+def test_eval_report_flags_bleu_on_short_references(tmp_path):
+    from yunque.evaluate.report import markdown, metrics_table, write_report
+    from yunque.evaluate.runner import EvalResult
+
+    def result(refs):
+        preds = [{"source": f"t:{i}", "prediction": r, "references": [r]} for i, r in enumerate(refs)]
+        ms = M.text_metrics(["bleu", "chrf", "exact_match"], refs, refs)
+        return EvalResult("m", None, "test.jsonl", "generation", len(refs), ms, predictions=preds)
+
+    short = result(["phishing", "benign", "scan"])
+    md = markdown([short])
+    assert "| BLEU (see note) | 0.00 |" in md and "Note: BLEU-4 is not meaningful here" in md
+    data = json.loads((write_report([short], tmp_path / "out") / "eval.json").read_text())
+    assert "not meaningful" in data["notes"]["bleu"]
+    long = result(REFS)
+    assert "note" not in markdown([long]).lower() and "| BLEU | 100.00 |" in metrics_table([long])

@@ -173,3 +173,23 @@ def test_csv_and_json_array_inputs(env, tmp_path):
     arr.write_text(json.dumps([{"prompt": "The cat", "answer": "sat"}, {"prompt": "A bird", "answer": "sang"}]))
     r = evaluate(env["model"], arr, metrics=["exact_match"], max_new_tokens=4)
     assert r.examples == 2 and "exact_match" in r.metrics
+
+
+def test_progress_reports_each_stage_and_n_of_n(env, monkeypatch, capsys):
+    from yunque.evaluate import runner
+
+    lines: list[str] = []
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)  # every batch is "slow"
+    r = evaluate(env["model"], env["gen"], metrics=["exact_match", "perplexity"], max_new_tokens=4, batch_size=1,
+                 progress=lines.append)
+    assert lines[0] == "perplexity of the references of 4 examples ..."
+    assert lines[1] == "generating answers to 4 examples (greedy, up to 4 tokens) ..."
+    for n in (1, 2, 3):
+        assert lines[1 + n].startswith(f"generated {n}/4 examples | ") and "examples/s | eta" in lines[1 + n]
+    assert lines[5].startswith("generated 4/4 examples in ") and len(lines) == 6
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 3600.0)
+    quiet = evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=4, progress=None)
+    assert capsys.readouterr().err == "" and quiet.predictions == r.predictions
+    evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=4)  # the CLI's default: stderr
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("generating answers to 4") and err[-1].startswith("generated 4/4 examples in")

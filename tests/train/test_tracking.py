@@ -50,3 +50,45 @@ def test_mlflow_gets_params_and_metrics(tmp_path, monkeypatch):
     assert ("params", {"optim.lr": "0.1"}) in calls and ("metrics", {"train_loss": 2.0, "train_lr": 0.1}, 1) in calls
     assert calls[-1] == ("end",)
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.0
+
+
+def test_progress_prints_between_log_steps_when_slow(monkeypatch, capsys):
+    """A slow machine never looks stalled: without a log line for `every_s`, a step line with an ETA."""
+    from yunque.train import tracking
+
+    now = [100.0]
+    monkeypatch.setattr(tracking.time, "perf_counter", lambda: now[0])
+    p = tracking.Progress(total_steps=100, start_step=0, enabled=True)
+    p.tick(1)
+    assert capsys.readouterr().err == ""  # nothing yet: under every_s since the start
+    now[0] += 12.0
+    p.tick(1)
+    assert capsys.readouterr().err == "step 1/100 | 12.0 s/step | eta 19m48s\n"
+    now[0] += 5.0
+    p.tick(2)
+    assert capsys.readouterr().err == ""  # 5 s after the last line
+    now[0] += 6.0
+    p.update(3, 2.5, 1e-3, 100.0)  # a log line resets the clock
+    now[0] += 6.0
+    p.tick(4)
+    assert capsys.readouterr().err.startswith("step 3/100 | loss 2.5000")
+    tracking.Progress(100, 0, enabled=False).tick(50)
+    assert capsys.readouterr().err == ""
+
+
+def test_training_ticks_every_step(tmp_path, monkeypatch, capsys):
+    from train_util import make_corpus, pretrain_cfg
+
+    from yunque.config import from_dict
+    from yunque.recipes.train import train
+    from yunque.train.config import TrainConfig
+    from yunque.train.tracking import Progress
+
+    monkeypatch.setattr(Progress, "every_s", 0.0)  # every step is "slow"
+    corpus = make_corpus(tmp_path / "c", n_lines=60)
+    train(from_dict(TrainConfig, pretrain_cfg(corpus, tmp_path / "run", max_steps=4, log={"every": 4, "plot": False},
+                                               eval={"every": 0}, checkpoint={"every": 0})))
+    err = capsys.readouterr().err
+    for step in (1, 2, 3):
+        assert f"step {step}/4 | " in err and "s/step" in err
+    assert "step 4/4 | loss" in err

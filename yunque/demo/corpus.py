@@ -57,6 +57,7 @@ from yunque.errors import DataError
 
 KINDS = ("reference", "text", "docstring", "comment", "code")
 MIN_BYTES = 5_000_000
+PROGRESS_EVERY_S = 10.0  # at most this long without a line from `log` while parsing
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib-dynload", "ensurepip"}
 _TEXT_EXT = {".txt", ".rst"}
 _COMMENT = re.compile(r"^[ \t]*#")
@@ -201,10 +202,24 @@ def _walk(root: Path) -> tuple[list[str], list[str]]:
     return sorted(py), sorted(txt)
 
 
+def _collect(results: Iterator, total: int, log) -> list:
+    out, t0 = [], time.perf_counter()
+    last = t0
+    for res in results:
+        out.append(res)
+        now = time.perf_counter()
+        if log is not None and now - last >= PROGRESS_EVERY_S and len(out) < total:
+            rate = len(out) / (now - t0)
+            log(f"parsed {len(out)}/{total} stdlib modules | {rate:.0f}/s | eta {(total - len(out)) / rate:.0f} s")
+            last = now
+    return out
+
+
 def iter_documents(root: Path | None = None, kinds: tuple[str, ...] = KINDS, min_words: int = 3,
-                   workers: int | None = None) -> Iterator[tuple[str, str, str]]:
+                   workers: int | None = None, log=None) -> Iterator[tuple[str, str, str]]:
     """(kind, source, text) in corpus order, before de-duplication. Parsing runs in `workers`
-    processes (default: the CPU count, at most 4); results come back in file order."""
+    processes (default: the CPU count, at most 4); results come back in file order. `log` gets
+    "parsed n/N modules" lines while parsing takes long (see PROGRESS_EVERY_S)."""
     root = root or stdlib_dir()
     if not (root / "os.py").is_file():
         raise DataError(f"{root}: not a Python standard library folder (no os.py)")
@@ -222,9 +237,9 @@ def iter_documents(root: Path | None = None, kinds: tuple[str, ...] = KINDS, min
         n = workers if workers is not None else min(4, os.cpu_count() or 1)
         if n > 1:
             with ProcessPoolExecutor(n) as pool:
-                results = list(pool.map(_extract_module, jobs, chunksize=16))
+                results = _collect(pool.map(_extract_module, jobs, chunksize=16), len(jobs), log)
         else:
-            results = [_extract_module(j) for j in jobs]
+            results = _collect(map(_extract_module, jobs), len(jobs), log)
         for res in results:
             if isinstance(res, str):
                 continue  # a stdlib file this Python cannot parse (none in 3.10-3.13 outside tests)
@@ -236,7 +251,8 @@ def iter_documents(root: Path | None = None, kinds: tuple[str, ...] = KINDS, min
 
 
 def build_corpus(out_dir: str | Path, kinds: tuple[str, ...] = KINDS, min_words: int = 3,
-                 min_bytes: int = MIN_BYTES, root: Path | None = None, workers: int | None = None) -> CorpusInfo:
+                 min_bytes: int = MIN_BYTES, root: Path | None = None, workers: int | None = None,
+                 log=None) -> CorpusInfo:
     """Write corpus.txt, corpus.sources.tsv and corpus.json under `out_dir`; see the module docstring.
     Raises DataError when the result is smaller than `min_bytes` (a stripped-down Python install)."""
     t0 = time.perf_counter()
@@ -249,7 +265,7 @@ def build_corpus(out_dir: str | Path, kinds: tuple[str, ...] = KINDS, min_words:
     total = docs = dups = 0
     tmp_txt, tmp_src = out / ".corpus.txt.tmp", out / ".corpus.sources.tsv.tmp"
     with open(tmp_txt, "wb") as ft, open(tmp_src, "w", encoding="utf-8", newline="\n") as fs:
-        for kind, source, text in iter_documents(root, kinds, min_words, workers):
+        for kind, source, text in iter_documents(root, kinds, min_words, workers, log):
             data = text.encode("utf-8", errors="surrogateescape")
             key = hashlib.blake2b(data, digest_size=16).digest()
             if key in seen:

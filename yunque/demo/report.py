@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from yunque.demo import domain, scoring
-
-if TYPE_CHECKING:
-    from yunque.demo.run import DemoResult
+from yunque.demo.result import DemoResult
 
 _HASHED = ("corpus/corpus.txt", "corpus/corpus.sources.tsv", "domain/raw.jsonl", "data/manifest.json",
            "data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "pretrain/pretrain.jsonl")
@@ -94,17 +93,61 @@ def _run_json(result: DemoResult) -> Path:
     return path
 
 
-def next_commands(out: Path) -> list[str]:
-    """Commands to try on the result ($'...' is bash/zsh quoting, so that \\n is a newline)."""
-    model = out / "model"
+def _shown(path: str, cwd: str) -> str:
+    """A path as a command word: relative when under `cwd` (".venv/bin/yunque" still has a slash, so the
+    shell runs that file rather than searching PATH), else absolute; quoted when the shell needs it."""
+    rel = os.path.relpath(path, cwd)
+    return shlex.quote(path if rel.startswith("..") else rel if os.sep in rel else f".{os.sep}{rel}")
+
+
+def cli_command(argv0: str | None = None, executable: str | None = None, cwd: str | None = None,
+                which=shutil.which) -> tuple[str, str | None]:
+    """(how to run `yunque` the way this process was started, the venv's activate script or None).
+
+    `bash install.sh` puts the `yunque` script in .venv/bin, which is not on PATH until the venv is
+    activated, so a printed `yunque ...` would fail; the path of the running script (or of the
+    script beside the running Python, for `python -m yunque`) does not. Paths are compared without
+    resolving symlinks: a venv's python is a symlink to the system one but is not the same install."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    cwd = os.getcwd() if cwd is None else cwd
+    if Path(argv0).name == "yunque":
+        script: str | None = os.path.abspath(os.path.join(cwd, argv0))
+    else:  # python -m yunque, or run_demo called from Python
+        beside = Path(executable).parent / "yunque"
+        script = str(beside) if beside.is_file() else None
+    name, path = ("yunque", script) if script else ("python", executable)
+    on_path = which(name)
+    if on_path and os.path.abspath(on_path) == path:
+        cli = name
+    else:
+        cli = _shown(path, cwd)
+    cli = cli if script else f"{cli} -m yunque"
+    activate = Path(path).parent / "activate"
+    return cli, (_shown(str(activate), cwd) if cli not in ("yunque", "python -m yunque") and activate.is_file() else None)
+
+
+def next_commands(out: Path, cli: str = "yunque") -> list[str]:
+    """Commands to try on the result, each starting with `cli` (see `cli_command`).
+    ($'...' is bash/zsh quoting, so that \\n is a newline.) `serve` requires an API key by default,
+    so `keys create` comes first."""
+    model, q = out / "model", lambda p: shlex.quote(str(p))
     prompt = ("From: Woodgrove Bank <security@woodgrovebank-verify.top>\\nSubject: Unusual sign-in activity\\n\\n"
               "Verify your identity within 24 hours: http://woodgrovebank-verify.top/login\\n\\nPhishing or legitimate?")
-    return [f"yunque generate --model {model} --chat --system '{domain.SYSTEM['phishing']}' --prompt $'{prompt}' "
+    return [f"{cli} generate --model {q(model)} --chat --system {q(domain.SYSTEM['phishing'])} --prompt $'{prompt}' "
             "--max-new-tokens 8",
-            f"yunque chat --model {model} --system '{domain.SYSTEM['auth_triage']}'",
-            f"yunque eval --model {model} --data {out / 'data' / 'test.jsonl'} --out {out / 'eval-again'}",
-            f"yunque data verify {out / 'data'}",
-            f"yunque serve --model {model}"]
+            f"{cli} chat --model {q(model)} --system {q(domain.SYSTEM['auth_triage'])}",
+            f"{cli} eval --model {q(model)} --data {q(out / 'data' / 'test.jsonl')} --out {q(out / 'eval-again')}",
+            f"{cli} data verify {q(out / 'data')}",
+            f"{cli} keys create --name demo  # an API key, shown once: serve requires one",
+            f"{cli} serve --model {q(model)}"]
+
+
+def next_steps_note(cli: str, activate: str | None) -> str:
+    """The line above the commands: how `yunque` is run here and, from a venv, how to activate it."""
+    if activate:
+        return f"`yunque` is `{cli}` here; `source {activate}` puts `yunque` on PATH for this shell"
+    return "" if cli == "yunque" else f"`yunque` is `{cli}` here"
 
 
 def write_report(result: DemoResult, log=print) -> Path:
@@ -114,6 +157,8 @@ def write_report(result: DemoResult, log=print) -> Path:
         if (out / src).is_file():
             shutil.copyfile(out / src, out / dst)
     has_acc = _plot_accuracy(ev, out / "accuracy.png")
+    cli, activate = cli_command()
+    note, commands = next_steps_note(cli, activate), next_commands(out, cli)
     c, d, p = f["corpus"], f["domain"], f["prepare"]
     tuned_acc = ev["fine-tuned"]["tasks"]["all"]["accuracy"]
     bar = plan["accuracy_bar"]
@@ -164,7 +209,7 @@ def write_report(result: DemoResult, log=print) -> Path:
            "- `data/`: prepared splits, `report.md`, `manifest.json`; `domain/raw.jsonl`: the data before preparation",
            "- `corpus/`: the corpus with `corpus.sources.tsv` (the stdlib file and line of every document)",
            "- `run.json`: settings, versions and the SHA-256 of every input and output", "",
-           "## Try it", "", "```", *next_commands(out), "```", ""]
+           "## Try it", "", *([note, ""] if note else []), "```", *commands, "```", ""]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     run_path = _run_json(result)
     log("")
@@ -175,5 +220,5 @@ def write_report(result: DemoResult, log=print) -> Path:
     log(f"\nfine-tuned task accuracy {tuned_acc:.1f}% {verdict} the {bar:.0f}% bar of this "
         f"{'quick' if f['quick'] else 'full'} run; {result.seconds:.0f} s end to end")
     log(f"report: {out / 'report.md'}   hashes: {run_path}")
-    log("next:\n  " + "\n  ".join(next_commands(out)))
+    log(f"next{f' ({note})' if note else ''}:\n  " + "\n  ".join(commands))
     return out / "report.md"

@@ -25,11 +25,13 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from yunque.demo import corpus as corpus_mod
 from yunque.demo import domain
+from yunque.demo.report import write_report
+from yunque.demo.result import DemoResult
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,6 @@ QUICK = DemoPlan(records=domain.QUICK_RECORDS, vocab_size=2048, model=dict(max_p
                  pretrain_bytes=400_000, pretrain_steps=40, pretrain_batch=8, pretrain_seq=256, pretrain_lr=1.5e-3,
                  finetune_steps=160, finetune_batch=8, finetune_lr=3e-3, lora_r=32, test_limit=48, accuracy_bar=40.0)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-
-
-@dataclass
-class DemoResult:
-    out_dir: Path
-    seconds: float
-    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds
-    facts: dict = field(default_factory=dict)  # everything report.md and run.json show
 
 
 class _Clock:
@@ -163,7 +157,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     clock = _Clock(result.stages, 8, log)
 
     with clock.stage("corpus", "corpus: docstrings, comments, reference text and code of Python's stdlib"):
-        info = corpus_mod.build_corpus(out / "corpus")
+        info = corpus_mod.build_corpus(out / "corpus", log=lambda line: log(f"      {line}"))
         facts["corpus"] = asdict(info)
         log(f"      {info.documents:,} documents, {info.bytes / 1e6:.1f} MB, sha256 {info.sha256[:16]}…")
 
@@ -228,11 +222,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         from yunque.demo.scoring import evaluate_pair
 
         facts["eval"] = evaluate_pair(pr.output, out / "model", out / "data" / "test.jsonl", out / "eval",
-                                      limit=plan.test_limit)
+                                      limit=plan.test_limit, log=log)
     result.seconds = round(time.perf_counter() - clock.t0, 1)
     facts["stages"] = result.stages
     facts["seconds"] = result.seconds
-    from yunque.demo.report import write_report
-
     write_report(result, log)
     return result

@@ -40,12 +40,12 @@ def task_scores(records: list[dict], predictions: list[str]) -> dict[str, dict]:
 
 
 def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | Path, out_dir: str | Path,
-                  limit: int | None = None, batch_size: int = 16) -> dict:
+                  limit: int | None = None, batch_size: int = 16, log=None) -> dict:
     """Evaluate both models on the same examples; writes eval/<name>.jsonl predictions, returns the numbers.
 
     Each task is generated with its own token budget (its longest reference + 4): a model that
     has not learned to stop (the base) would otherwise write the longest answer's budget for
-    every one-word answer."""
+    every one-word answer. `log` gets the runner's progress lines (None: silent)."""
     from yunque.evaluate.loading import load_for_eval
     from yunque.evaluate.runner import evaluate
 
@@ -57,6 +57,8 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
         by_task.setdefault(domain.task_of(rec["messages"]) or "unknown", []).append(i)
     results = {}
     for name, model_dir in (("base", Path(base_dir)), ("fine-tuned", Path(tuned_dir))):
+        if log is not None:
+            log(f"      {name} model: {len(records)} test examples in {len(by_task)} tasks")
         model, tok = load_for_eval(model_dir)
         preds = [""] * len(records)
         sums: dict[str, float] = {}
@@ -65,8 +67,11 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
             part = out / f"test.{task}.jsonl"
             part.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in idx), encoding="utf-8")
             longest = max(len(tok.encode(records[i]["messages"][-1]["content"])) for i in idx)
+            # The runner's n/N lines only; its stage-start lines ("... ...") would triple the output.
+            say = None if log is None else (lambda line, where=f"{name}, {task}":
+                                            None if line.endswith(" ...") else log(f"      {where}: {line}"))
             r = evaluate(model_dir, part, metrics=["exact_match", "rouge", "perplexity"], max_new_tokens=longest + 4,
-                         batch_size=batch_size, model_and_tokenizer=(model, tok))
+                         batch_size=batch_size, model_and_tokenizer=(model, tok), progress=say)
             for i, p in zip(idx, r.predictions):
                 preds[i] = p.get("prediction", "")
             for k, v in r.metrics.items():  # example-weighted means over the tasks (perplexity: geometric)

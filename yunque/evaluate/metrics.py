@@ -76,6 +76,35 @@ def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) 
     return float(BLEU().corpus_score(list(predictions), _ref_streams(refs)).score)
 
 
+BLEU_ORDER = 4  # sacrebleu's default max n-gram order: BLEU-4
+
+
+def median_reference_tokens(references: Sequence[str | Sequence[str]]) -> float:
+    """The median over examples of the longest reference's length in BLEU's own (13a) tokens."""
+    from statistics import median
+
+    from sacrebleu.metrics import BLEU
+
+    tokenize = BLEU().tokenizer
+    return float(median(max(len(tokenize(r).split()) for r in rs) for rs in _refs(references)))
+
+
+def bleu_note(references: Sequence[str | Sequence[str]]) -> str | None:
+    """Why BLEU says nothing about these references, or None when it does.
+
+    BLEU-4 is a geometric mean over 1- to 4-gram precisions: an example whose reference has fewer
+    than four tokens has no 4-gram to match, so with mostly short references (labels, one-word
+    answers) it is 0 or near it even when every answer is right."""
+    if not references:
+        return None
+    n = median_reference_tokens(references)
+    if n >= BLEU_ORDER:
+        return None
+    return (f"BLEU-{BLEU_ORDER} is not meaningful here: the median reference is {n:g} token{'s' if n != 1 else ''} "
+            f"long, shorter than BLEU's {BLEU_ORDER}-grams, so it is near 0 even for right answers; "
+            "read exact match and chrF (character n-grams) instead.")
+
+
 def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
     from sacrebleu.metrics import CHRF
 

@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from yunque.evaluate import metrics as M
 from yunque.evaluate.runner import EvalResult
 
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte"}
@@ -28,7 +29,17 @@ def display_names(results: Sequence[EvalResult]) -> list[str]:
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def metrics_table(results: Sequence[EvalResult]) -> str:
+def metric_notes(results: Sequence[EvalResult]) -> dict[str, str]:
+    """metric -> why its number should not be read here (BLEU on short references)."""
+    if not any("bleu" in r.metrics for r in results):
+        return {}
+    refs = next(([p["references"] for p in r.predictions] for r in results
+                 if r.predictions and all("references" in p for p in r.predictions)), None)
+    note = M.bleu_note(refs) if refs else None
+    return {"bleu": note} if note else {}
+
+
+def metrics_table(results: Sequence[EvalResult], notes: dict[str, str] | None = None) -> str:
     names = list(dict.fromkeys(k for r in results for k in r.metrics))
     head = "| Metric | " + " | ".join(display_names(results)) + " |"
     rows = [head, "|---|" + "---:|" * len(results)]
@@ -38,7 +49,8 @@ def metrics_table(results: Sequence[EvalResult]) -> str:
         best = (min if n in LOWER_IS_BETTER else max)(present) if len(results) > 1 and present else None
         cells = ["-" if v is None else (f"**{_fmt(n, v)}**" if v == best else _fmt(n, v)) for v in vals]
         arrow = " (lower is better)" if n in LOWER_IS_BETTER else ""
-        rows.append(f"| {_NAMES.get(n, n)}{arrow} | " + " | ".join(cells) + " |")
+        flag = " (see note)" if n in (notes or {}) else ""
+        rows.append(f"| {_NAMES.get(n, n)}{arrow}{flag} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -62,7 +74,10 @@ def markdown(results: Sequence[EvalResult]) -> str:
     for r, name in zip(results, display_names(results)):
         parts.append(f"- **{name}**: model `{r.model}`" + (f", adapter `{r.adapter}`" if r.adapter else "")
                      + (f"; {r.timing['tokens_per_s']:.1f} generated tokens/s" if "tokens_per_s" in r.timing else ""))
-    parts += ["", metrics_table(results), ""]
+    notes = metric_notes(results)
+    parts += ["", metrics_table(results, notes), ""]
+    for text in notes.values():
+        parts += [f"Note: {text}", ""]
     for r, name in zip(results, display_names(results)):
         if r.classification:
             parts += [f"## {name}: per class", "", _class_tables(r), ""]
@@ -122,6 +137,7 @@ def write_report(results: Sequence[EvalResult], out_dir: str | Path) -> Path:
         for r, label in zip(results, display_names(results)):
             fh.writelines(json.dumps({"model": label, **p}, ensure_ascii=False) + "\n" for p in r.predictions)
     payload["charts"] = charts(results, out)
+    payload["notes"] = metric_notes(results)
     (out / "eval.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "eval.md").write_text(markdown(results) + "\n", encoding="utf-8")
     return out

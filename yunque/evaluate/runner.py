@@ -9,8 +9,9 @@ results are put back in file order.
 from __future__ import annotations
 
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,36 @@ from yunque.evaluate.data import Example, load_examples
 DEFAULT_METRICS = {"text": ["perplexity"], "generation": list(M.GENERATION_METRICS), "classification": ["classification"]}
 ALLOWED = {"text": {"perplexity"}, "generation": {"perplexity", *M.GENERATION_METRICS},
            "classification": {"perplexity", "classification", *M.GENERATION_METRICS}}
+
+
+PROGRESS_EVERY_S = 10.0  # at most this long without a progress line while generating
+
+
+def print_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Meter:
+    """n/N examples with rate and ETA: a line whenever `PROGRESS_EVERY_S` passed since the last one, and at the end."""
+
+    def __init__(self, what: str, total: int, log: Callable[[str], None] | None):
+        self.what, self.total, self.log = what, total, log
+        self.t0 = self.last = time.perf_counter()
+
+    def advance(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.log is None or now - self.last < PROGRESS_EVERY_S or done >= self.total:
+            return
+        rate = done / (now - self.t0)
+        eta = (self.total - done) / rate if rate else 0.0
+        self.log(f"{self.what} {done}/{self.total} examples | {rate:.1f} examples/s | eta {eta:.0f} s")
+        self.last = now
+
+    def finish(self, extra: str = "") -> None:
+        if self.log is not None:
+            dt = time.perf_counter() - self.t0
+            self.log(f"{self.what} {self.total}/{self.total} examples in {dt:.1f} s "
+                     f"({self.total / dt if dt else 0.0:.1f} examples/s{extra})")
 
 
 @dataclass
@@ -81,8 +112,10 @@ def prompt_ids(tok, text: str, templated: bool) -> list[int]:
     return ids
 
 
-def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> tuple[list[str], dict]:
-    """Greedy completions, batched by similar prompt length; stop tokens are cut off."""
+def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                   progress: Callable[[str], None] | None = None) -> tuple[list[str], dict]:
+    """Greedy completions, batched by similar prompt length; stop tokens are cut off. `progress`
+    gets n/N lines with rate and ETA (see `_Meter`)."""
     from yunque.generate import Sampling, generate
 
     s = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(tok.stop_ids))
@@ -92,13 +125,16 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
     new_tokens = 0
     t0 = time.perf_counter()
     stops = set(tok.stop_ids)
+    meter = _Meter("generated", len(prompts), progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         outs = generate(model, [prompts[i] for i in idx], s, pad)
         for i, ids in zip(idx, outs):
             new_tokens += len(ids)
             texts[i] = tok.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+        meter.advance(start + len(idx))
     dt = time.perf_counter() - t0
+    meter.finish(f", {new_tokens / dt if dt else 0.0:.0f} tokens/s")
     return texts, {"generate_s": dt, "new_tokens": new_tokens, "tokens_per_s": new_tokens / dt if dt else 0.0}
 
 
@@ -116,15 +152,18 @@ def label_continuation(tok, prompt: str, label: str, templated: bool) -> tuple[l
 def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | None = None, adapter: str | Path | None = None,
              scoring: Literal["generate", "likelihood"] = "generate", labels: Sequence[str] | None = None,
              chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16, max_length: int | None = None,
-             stride: int | None = None, limit: int | None = None, model_and_tokenizer=None) -> EvalResult:
+             stride: int | None = None, limit: int | None = None, model_and_tokenizer=None,
+             progress: Callable[[str], None] | None = print_stderr) -> EvalResult:
     """Evaluate one model on one data file (see the module docstrings of `data` and `metrics`).
 
     `labels` lists every class (default: the labels seen in the data); `chat` wraps raw prompts
     in the chat template (None: only chat/alpaca examples use it); `model_and_tokenizer` skips
-    loading (for callers that already hold them)."""
+    loading (for callers that already hold them); `progress` gets a line as each stage starts and
+    n/N examples with rate and ETA while generating (None: silent)."""
     from yunque.evaluate.loading import load_for_eval
     from yunque.evaluate.perplexity import perplexity, score_continuations
 
+    say = progress or (lambda line: None)
     examples = load_examples(data, limit)
     kind = examples[0].kind
     names = check_metrics(metrics, kind, str(data))
@@ -138,6 +177,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | N
 
     if "perplexity" in names:
         t0 = time.perf_counter()
+        say(f"perplexity of the {'texts' if kind == 'text' else 'references'} of {len(examples)} examples ...")
         if kind == "text":
             r = perplexity(model, tok, [ex.text or "" for ex in examples], max_length, stride, batch_size)
             nll, ntok, nbytes = r.nll, r.tokens, r.bytes
@@ -155,7 +195,8 @@ def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | N
     outputs: list[str] = []
     if needs_text:
         ids = [prompt_ids(tok, p, tpl) for p, tpl in rendered]
-        outputs, timing = generate_texts(model, tok, ids, max_new_tokens, batch_size)
+        say(f"generating answers to {len(ids)} examples (greedy, up to {max_new_tokens} tokens) ...")
+        outputs, timing = generate_texts(model, tok, ids, max_new_tokens, batch_size, progress)
         result.timing.update(timing)
         for p, o in zip(preds, outputs):
             p["prediction"] = o
@@ -165,6 +206,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | N
         gold = [ex.label or "" for ex in examples]
         if scoring == "likelihood":
             t0 = time.perf_counter()
+            say(f"likelihood of each of {len(label_set)} labels for {len(examples)} examples ...")
             pairs = [label_continuation(tok, p, lab, tpl) for p, tpl in rendered for lab in label_set]
             scores = score_continuations(model, pairs, batch_size, max_length)
             picked = []

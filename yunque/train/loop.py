@@ -267,6 +267,7 @@ class Trainer:
             if self.step % cfg.log.every == 0 or do_eval or do_ckpt or self.step == self.total_steps:
                 self._flush(pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last))
                 pending, t_last, tok_last = [], time.perf_counter(), self.tokens
+            progress.tick(self.step)  # between log steps, a line every few seconds
             improved = False
             if do_eval:
                 m = self.evaluate()

@@ -128,26 +128,44 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path | None:
 
 
 class Progress:
-    """One line per log step: step, loss, lr, tokens/s, ETA. Rewrites in place on a terminal."""
+    """One line per log step: step, loss, lr, tokens/s, ETA; and, between log steps, a line at least
+    every `every_s` seconds (`tick`), so a slow machine never looks stalled."""
+
+    every_s = 10.0
 
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
         self.total, self.start, self.enabled = total_steps, start_step, enabled
-        self.t0 = time.perf_counter()
+        self.t0 = self.last = time.perf_counter()
         self.tty = sys.stderr.isatty()
+
+    def _eta(self, step: int) -> tuple[float, float]:
+        done = step - self.start
+        el = time.perf_counter() - self.t0
+        return el, (el / done * (self.total - step) if done > 0 else 0.0)
 
     def update(self, step: int, loss: float, lr: float, tok_s: float, extra: str = "") -> None:
         if not self.enabled:
             return
-        done = step - self.start
-        el = time.perf_counter() - self.t0
-        eta = el / done * (self.total - step) if done > 0 else 0.0
+        _, eta = self._eta(step)
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                 f"eta {_hms(eta)}{(' | ' + extra) if extra else ''}")
-        print(line, file=sys.stderr, flush=True)
+        self._print(line)
+
+    def tick(self, step: int) -> None:
+        """Called after every step; prints only when nothing was printed for `every_s` seconds. The
+        loss is left for the log step: here it would be this rank's alone and cost a sync."""
+        if not self.enabled or time.perf_counter() - self.last < self.every_s:
+            return
+        el, eta = self._eta(step)
+        self._print(f"step {step}/{self.total} | {el / max(1, step - self.start):.1f} s/step | eta {_hms(eta)}")
 
     def message(self, text: str) -> None:
         if self.enabled:
-            print(text, file=sys.stderr, flush=True)
+            self._print(text)
+
+    def _print(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+        self.last = time.perf_counter()
 
 
 def _hms(s: float) -> str:
