@@ -12,7 +12,7 @@
    One more (profiled, untimed) step per run measures yunque's matmul share of its step; speed-up /
    share is the most that work outside the matmuls could still gain at today's GEMM speed.
    yunque's bf16 runs use its CPU kernels (attention, cross-entropy) where the CPU has AVX512-BF16;
-   they are built or loaded in the untimed first step. YUNQUE_CPU_KERNELS=0 measures without them.
+   they are built or loaded in the untimed first step. YUNQUE_CPU=0 measures without them.
    yunque's children get the glibc setting `yunque train` restarts with (yunque/malloc_env.py).
 2. sft: one epoch over variable-length instruction data, yunque whole-document packing vs the
    HF default (batches padded to their longest example), same model and examples, full
@@ -91,7 +91,7 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         import contextlib
 
         from yunque.formats.hf import load_model
-        from yunque.cpu.memory import tune as tune_cpu_memory
+        from yunque.ops import tune_cpu_memory
         from yunque.train.loss import CausalLMLoss
         from yunque.train.step import DeviceBatch, make_optimizer, train_step
 
@@ -228,7 +228,7 @@ def bench_sft(args, work: Path) -> None:
     from yunque.train.packing import ArraySource, Packer
     from yunque.presets import get_preset
     from yunque.tokenizer import train_bpe
-    from yunque.cpu.memory import tune as tune_cpu_memory
+    from yunque.ops import tune_cpu_memory
     from yunque.train.loss import CausalLMLoss
     from yunque.train.step import make_optimizer, to_device, train_step
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yunque.cpu import memory as cpu_memory
 from yunque.train import distributed as D
 from yunque.train.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                set_rng_state, unflatten_optimizer)
 from yunque.config import to_dict
 from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
+from yunque.ops import release_cpu_memory, tune_cpu_memory
 from yunque.train.packing import Packer, fixed_batches
 from yunque.tokenizer import Tokenizer
 from yunque.train.tracking import Progress, Tracker
@@ -106,7 +106,7 @@ class Trainer:
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
         if self.device.type == "cpu":
-            cpu_memory.tune()
+            tune_cpu_memory()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         if cfg.eval.patience and self.data.val is None:
@@ -271,7 +271,7 @@ class Trainer:
 
         write_outputs(self, result)
         D.barrier(d)
-        cpu_memory.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
+        release_cpu_memory()  # this step's buffers, for a process that goes on (demo, notebooks)
         return result
 
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:
