@@ -22,7 +22,7 @@ def pair(request, tmp_path_factory):
 def test_decode_layout_keeps_values_and_greedy_output(pair, tmp_path, pack):
     """inference.load re-lays linear weights for CPU decode (oneDNN-packed, or column-major):
     same state dict, same greedy tokens, and the model still saves and reloads."""
-    hf, ours = pair
+    _, ours = pair
     prompts = [[5, 9, 11, 3], [7, 8]]
     before = generate(ours, prompts, Sampling(max_new_tokens=12))
     logits = ours(torch.tensor([[5, 9, 11, 3]]))

@@ -2,6 +2,12 @@
 model, its training step and inference give what the kernels give, to their precision."""
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,27 +20,63 @@ from yunque.model import ModelConfig, Transformer
 from yunque.train.loss import CausalLMLoss
 from yunque.train.step import DeviceBatch, make_optimizer, train_step
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_the_switch_is_YUNQUE_CPU(monkeypatch):
-    monkeypatch.delenv("YUNQUE_CPU", raising=False)
-    assert yunque.cpu.enabled()
-    monkeypatch.setenv("YUNQUE_CPU", "0")
-    assert not yunque.cpu.enabled()
-    monkeypatch.setenv("YUNQUE_CPU", "1")
-    assert yunque.cpu.enabled()
+
+def _in_a_process(env: dict) -> dict:
+    code = textwrap.dedent("""
+        import json, torch
+        import yunque.cpu
+        from yunque import ops
+        from yunque.cpu import kernels
+        from yunque.model import ModelConfig, Transformer
+        ran = []
+
+        def counted(real):
+            def run(*a, **kw):
+                y = real(*a, **kw)
+                ran.append(y is not None)
+                return y
+            return run
+
+        for name in ("attention", "rms_norm", "swiglu"):
+            setattr(kernels, name, counted(getattr(kernels, name)))
+        m = Transformer(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1))
+        m(torch.randint(0, 64, (1, 8))).sum().backward()
+        print(json.dumps({"enabled": yunque.cpu.enabled(), "kernels": any(ran), "tune": ops.tune_cpu_memory(),
+                          "decode": ops.arrange_for_decode_(m.requires_grad_(False))}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "YUNQUE_CPU"} | env | {"PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_YUNQUE_CPU_0_turns_every_speed_up_off():
+    off = _in_a_process({"YUNQUE_CPU": "0"})
+    assert off == {"enabled": False, "kernels": False, "tune": False, "decode": 0}
+    on = _in_a_process({})
+    assert on["enabled"] and on["decode"] > 0
+    if cpu_kernels._lib() is not None:
+        assert on["kernels"]
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts, per kernel, the calls that ran it (returned a tensor rather than None)."""
     calls = {}
-    for name in ("attention", "rms_norm", "swiglu", "xent_"):
-        def counted(*a, _real=getattr(cpu_kernels, name), _name=name, **kw):
-            y = _real(*a, **kw)
+
+    def counted(name, real):
+        def run(*a, **kw):
+            y = real(*a, **kw)
             if y is not None:
-                calls[_name] = calls.get(_name, 0) + 1
+                calls[name] = calls.get(name, 0) + 1
             return y
-        monkeypatch.setattr(cpu_kernels, name, counted)
+        return run
+
+    for name in ("attention", "rms_norm", "swiglu", "xent_"):
+        monkeypatch.setattr(cpu_kernels, name, counted(name, getattr(cpu_kernels, name)))
     return calls
 
 

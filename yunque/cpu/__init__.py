@@ -9,14 +9,16 @@
 Only `yunque.ops` reaches in here, and falls back to plain PyTorch when this package is missing, off
 or cannot build: deleting this folder leaves a yunque that trains, evaluates and serves, only slower.
 
-`YUNQUE_CPU=0` turns every speed-up off; tests override `enabled`.
+`YUNQUE_CPU=0` in the environment turns every speed-up off; tests override `enabled`.
 """
 
 from __future__ import annotations
 
 import os
 
+_ENABLED = os.environ.get("YUNQUE_CPU", "1") != "0"  # read once: every op asks, and os.environ costs ~1 us
+
 
 def enabled() -> bool:
-    """Whether yunque's CPU speed-ups may run (`YUNQUE_CPU=0`: no)."""
-    return os.environ.get("YUNQUE_CPU", "1") != "0"
+    """Whether yunque's CPU speed-ups may run: not when the process started with `YUNQUE_CPU=0`."""
+    return _ENABLED

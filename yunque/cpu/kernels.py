@@ -265,8 +265,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     """weight * x * rsqrt(mean(x^2) + eps) of fp32 rows in `out_dtype` (default fp32), forward and backward
     one pass each (fp32 gradients). None unless x and weight are fp32 on the CPU."""
     out_dtype = out_dtype or x.dtype
-    if not (_runs(x, out_dtype) and x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.shape == x.shape[-1:]):
+    if not (x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape == x.shape[-1:]
+            and _runs(x, out_dtype)):
         return None
     if (x.requires_grad or weight.requires_grad) and torch.is_grad_enabled():
         return _RMSNorm.apply(x, weight, eps, out_dtype)
