@@ -20,8 +20,8 @@ import torch
 
 from yunque.formats.hf import save_model
 from yunque.generate import Sampling, generate
-from yunque.cpu.decode import arrange_for_decode_
 from yunque.model import Transformer
+from yunque.ops import arrange_for_decode_
 from yunque.presets import get_preset
 
 SIZES = {"56M": "base", "125M": "base-125m"}

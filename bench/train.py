@@ -12,7 +12,7 @@
    One more (profiled, untimed) step per run measures yunque's matmul share of its step; speed-up /
    share is the most that work outside the matmuls could still gain at today's GEMM speed.
    yunque's bf16 runs use its CPU kernels (attention, cross-entropy) where the CPU has AVX512-BF16;
-   they are built or loaded in the untimed first step. YUNQUE_CPU_KERNELS=0 measures without them.
+   they are built or loaded in the untimed first step. YUNQUE_CPU=0 measures without them.
    Both loops' children run in the environment the bench was started with, neither with an
    allocator setting of its own (fairness): to measure both with glibc's tcache off, start the
    bench with GLIBC_TUNABLES=glibc.malloc.tcache_count=0.
@@ -93,7 +93,7 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         import contextlib
 
         from yunque.formats.hf import load_model
-        from yunque.cpu.memory import tune as tune_cpu_memory
+        from yunque.ops import tune_cpu_memory
         from yunque.train.loss import CausalLMLoss
         from yunque.train.step import DeviceBatch, make_optimizer, train_step
 
@@ -226,7 +226,7 @@ def bench_sft(args, work: Path) -> None:
     from yunque.train.packing import ArraySource, Packer
     from yunque.presets import get_preset
     from yunque.tokenizer import train_bpe
-    from yunque.cpu.memory import tune as tune_cpu_memory
+    from yunque.ops import tune_cpu_memory
     from yunque.train.loss import CausalLMLoss
     from yunque.train.step import make_optimizer, to_device, train_step
 

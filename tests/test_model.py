@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hf_models import FAMILIES, tiny_hf_model
 
 from yunque.formats.hf import load_model
-from yunque.model import ModelConfig, Segments, Transformer, causal_mask, decode_attention, document_mask
+from yunque.model import ModelConfig, Transformer, causal_mask, document_mask
+from yunque.ops import Segments, decode_attention
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,12 @@ def test_document_mask_isolates_packed_documents(pairs):
         together = m(packed, pos, document_mask(doc))
         alone = torch.cat([m(a), m(b)], dim=1)
     assert (together - alone).abs().max() < 1e-5
+
+
+def test_row_starts_of_segments():
+    seg = Segments((9, 5, 2, 16))
+    want = torch.tensor([[0] * 9 + [9] * 5 + [14] * 2, [0] * 16], dtype=torch.int32)
+    assert torch.equal(seg.row_starts(2, 16), want)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "mistral"])
@@ -141,7 +148,7 @@ def test_gradient_checkpointing_same_grads():
 def test_segment_attention_runs_short_segments_in_fp32_under_autocast():
     """bf16 on CPU: each segment is attended in fp32 (the CPU flash kernel is faster there) and the
     output rounded once, even inside autocast (which would cast SDPA's inputs back to bf16)."""
-    from yunque.model import segment_attention
+    from yunque.ops import segment_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 12, 16, generator=g).bfloat16() for _ in range(3))

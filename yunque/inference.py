@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from yunque.cpu.decode import arrange_for_decode_
 from yunque.errors import YunqueError
 from yunque.formats.hf import load_model
 from yunque.model import Transformer
+from yunque.ops import arrange_for_decode_
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}

@@ -4,10 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import yunque.cpu
 from yunque.cpu import kernels as cpu_kernels
-from yunque.model import ModelConfig, Segments, Transformer, apply_rope, rope_cos_sin
+from yunque.model import ModelConfig, Transformer, rope_cos_sin
+from yunque.ops import Segments, apply_rope
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs an AVX512-BF16 CPU and g++")
+pytestmark = pytest.mark.skipif(cpu_kernels._lib() is None, reason="needs an AVX512-BF16 CPU and g++")
 
 
 def _visible(B, T, seg, window):  # (B, T, T): key j visible to query i
@@ -58,7 +60,7 @@ def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(B, H, K, T, h
     ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
     ref.backward(go)
 
-    got = cpu_kernels.attention(q, k, v, seg, window)
+    got = cpu_kernels.attention(q, k, v, seg_start=seg, window=window)
     assert got.shape == (B, T, H, hd) and got.dtype == torch.bfloat16
     got.float().backward(go)
     ours = [_rel(got, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
@@ -87,7 +89,7 @@ def test_fp32_kernel_matches_fp64_attention_as_closely_as_pytorchs(B, H, K, T, h
     ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask, enable_gqa=H != K).transpose(1, 2)
     ref.backward(go.double())
 
-    got = cpu_kernels.attention(q, k, v, seg, window)
+    got = cpu_kernels.attention(q, k, v, seg_start=seg, window=window)
     assert got.shape == (B, T, H, hd) and got.dtype == torch.float32
     got.backward(go)
     ours = [_rel(got, ref)] + [_rel(t.grad, r.grad) for t, r in zip((q, k, v), ref_in)]
@@ -122,12 +124,6 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_row_starts_of_segments():
-    seg = Segments((9, 5, 2, 16))
-    want = torch.tensor([[0] * 9 + [9] * 5 + [14] * 2, [0] * 16], dtype=torch.int32)
-    assert torch.equal(seg.row_starts(2, 16), want)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_inside_the_kernel_matches_rope_before_it(dtype):
     """q and k rotated by the kernel: the same forward bits as RoPE's ops then the kernel; the gradients
@@ -143,8 +139,8 @@ def test_rope_inside_the_kernel_matches_rope_before_it(dtype):
     for fused in (True, False):
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
         if fused:
-            assert cpu_kernels.rope_fusable(q, cos[:, 0], sin[:, 0])
-            y = cpu_kernels.attention(q, k, v, None, None, cos[:, 0], sin[:, 0])
+            y = cpu_kernels.attention(q, k, v, rope=(cos[:, 0], sin[:, 0]))
+            assert y is not None
         else:
             y = cpu_kernels.attention(apply_rope(q, cos, sin).to(dtype), apply_rope(k, cos, sin).to(dtype), v)
         y.backward(go)
@@ -178,7 +174,14 @@ def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, p
         pos = torch.cat([torch.arange(20), torch.arange(28), torch.arange(48)]).view(2, 48)
     calls = []
     real = cpu_kernels.attention
-    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **kw: calls.append(len(a) == 7) or real(*a, **kw))
+
+    def counted(*a, **kw):
+        y = real(*a, **kw)
+        if y is not None:
+            calls.append(kw.get("rope") is not None)
+        return y
+
+    monkeypatch.setattr(cpu_kernels, "attention", counted)
 
     def step():
         m.zero_grad()
@@ -189,7 +192,7 @@ def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, p
 
     loss, grads = step()
     assert calls == [hd == 32] * 2  # one per layer, with cos and sin when the head dim allows
-    monkeypatch.setattr(cpu_kernels, "usable", lambda *a: False)
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **kw: None)  # declines: PyTorch's attention
     loss_pt, grads_pt = step()
     assert len(calls) == 2
     if bf16:
@@ -232,7 +235,7 @@ def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
     monkeypatch.setattr(cpu_kernels, "xent_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(cpu_kernels, "available", lambda: fused)
+        monkeypatch.setattr(yunque.cpu, "enabled", lambda: fused)
         h.grad = w.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = linear_cross_entropy(h, w, y)
@@ -255,23 +258,46 @@ def fresh_build(monkeypatch, tmp_path):
 
 
 def test_builds_into_the_cache_once(fresh_build):
-    assert cpu_kernels.available()
+    assert cpu_kernels._lib() is not None
     built = list((fresh_build / "kernels").glob("cpu_kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     cpu_kernels._lib.cache_clear()
-    assert cpu_kernels.available() and built[0].stat().st_mtime_ns == mtime
+    assert cpu_kernels._lib() is not None and built[0].stat().st_mtime_ns == mtime
 
 
-def test_falls_back_when_disabled_or_the_build_fails(fresh_build, monkeypatch):
-    monkeypatch.setenv("YUNQUE_CPU_KERNELS", "0")
-    assert not cpu_kernels.available()
+def _declined(q):
+    """Whether every kernel declines inputs it takes when it runs (each returns None)."""
+    x, w = torch.randn(4, 32), torch.ones(32)
+    return (cpu_kernels.attention(q, q, q) is None and cpu_kernels.rms_norm(x, w, 1e-6) is None
+            and cpu_kernels.swiglu(x, x) is None and cpu_kernels.xent_(x.clone(), torch.zeros(4, dtype=torch.long), False) is None)
+
+
+def test_falls_back_when_switched_off_or_the_build_fails(fresh_build, monkeypatch):
+    q = torch.zeros(1, 1, 4, 32)
+    assert not _declined(q)
+    with monkeypatch.context() as m:
+        m.setattr(yunque.cpu, "enabled", lambda: False)
+        assert _declined(q)
+    assert not _declined(q)
     cpu_kernels._lib.cache_clear()
-    monkeypatch.delenv("YUNQUE_CPU_KERNELS")
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
     with pytest.warns(UserWarning, match="CPU kernels unavailable"):
-        assert not cpu_kernels.available()
-    assert not cpu_kernels.usable(torch.zeros(1, 1, 4, 16, dtype=torch.bfloat16))
+        assert cpu_kernels._lib() is None
+    assert _declined(q)
+
+
+def test_declines_what_it_has_no_kernel_for():
+    q = torch.zeros(1, 2, 4, 32)
+    assert cpu_kernels.attention(q.double(), q.double(), q.double()) is None  # fp64
+    assert cpu_kernels.attention(q[..., :24], q[..., :24], q[..., :24]) is None  # head dim not a multiple of 16
+    cos = torch.ones(1, 4, 16)  # head dim 16: RoPE cannot be fused, attention can
+    assert cpu_kernels.attention(q[..., :16], q[..., :16], q[..., :16], rope=(cos, cos)) is None
+    assert cpu_kernels.attention(q[..., :16], q[..., :16], q[..., :16]) is not None
+    x = torch.randn(3, 8)
+    assert cpu_kernels.rms_norm(x.bfloat16(), torch.ones(8), 1e-6) is None  # bf16 rows
+    assert cpu_kernels.rms_norm(x, torch.ones(8), 1e-6, torch.float16) is None
+    assert cpu_kernels.swiglu(x, x.bfloat16()) is None and cpu_kernels.swiglu(x, x[:2]) is None
 
 
 def test_fused_elementwise_kernels_do_not_depend_on_the_thread_count():
@@ -279,13 +305,14 @@ def test_fused_elementwise_kernels_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(300, 80, generator=g), 1 + 0.1 * torch.randn(80, generator=g)
     gate, up, go = (torch.randn(300, 333, generator=g).bfloat16() for _ in range(3))
+    x, w, gate, up = (t.requires_grad_() for t in (x, w, gate, up))
     threads, runs = torch.get_num_threads(), []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            y, r = cpu_kernels.rms_norm(x, w, 1e-6, torch.bfloat16)
-            runs.append([y, *cpu_kernels.rms_norm_backward(y, x, w, r, True), cpu_kernels.swiglu(gate, up),
-                         *cpu_kernels.swiglu_backward(go, gate, up)])
+            y = cpu_kernels.rms_norm(x, w, 1e-6, torch.bfloat16)
+            s = cpu_kernels.swiglu(gate, up)
+            runs.append([y, *torch.autograd.grad(y, (x, w), y.detach()), s, *torch.autograd.grad(s, (gate, up), go)])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs))

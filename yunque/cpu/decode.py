@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from yunque import cpu
+
 
 class PackedLinear(torch.nn.Module):
     """An inference-only `nn.Linear` whose weight oneDNN has re-laid out for its own GEMM kernels.
 
-    Decode is a chain of GEMVs streaming every weight from memory once per token. On this
-    project's 2-core CPU, oneDNN on a pre-packed weight streams it faster than MKL does on a
-    plain one, and uses both cores where MKL's fp32 GEMV uses one (plain vs packed, interleaved,
-    56M model, greedy, same tokens: fp32 62 -> 82 tok/s at batch 1, 210 -> 304 at batch 8; bf16
-    89 -> 107 and 329 -> 413; `bench/generate.py` gives the comparison with transformers). Prefill and perplexity GEMMs are equal or faster too. The packed
-    weight has no autograd and an opaque layout, so this is the last step before inference;
-    `state_dict()` still gives the plain weight, so such a model saves like any other.
+    Decode is a chain of GEMVs streaming every weight from memory once per token; oneDNN on a
+    pre-packed weight streams it faster than MKL on a plain one, and on more cores (bench/NOTES.md,
+    "Decode layout"). The packed weight has no autograd and an opaque layout, so this is the last
+    step before inference; `state_dict()` still gives the plain weight, so such a model saves like
+    any other.
     """
 
     def __init__(self, linear: torch.nn.Linear):
@@ -49,10 +49,13 @@ def arrange_for_decode_(model: torch.nn.Module, pack: bool = True) -> int:
 
     With oneDNN (every x86 and Arm build of torch), linears become `PackedLinear`. A weight
     shared with the embedding (a tied head) stays a plain tensor, since the lookup needs it.
-    Otherwise, and with `pack=False`: MKL reads an fp32 (out, in) row-major weight at ~9-10 GB/s
-    in a GEMV but at ~14-15 GB/s stored column-major, where F.linear's x @ W.T is a plain
-    row-major GEMM (1.63x at batch 1 on 167 MB of Llama-shaped weights); bf16 stays row-major.
+    Otherwise, and with `pack=False`: fp32 weights are stored column-major, where F.linear's x @ W.T
+    is a plain row-major GEMM that MKL streams faster than its GEMV on the (out, in) row-major weight
+    (bench/NOTES.md, "Decode layout"); bf16 stays row-major. Nothing changes when
+    `yunque.cpu.enabled()` is False.
     """
+    if not cpu.enabled():
+        return 0
     shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     changed = 0
     for parent in list(model.modules()):

@@ -1,28 +1,24 @@
-"""Training kernels for AVX512-BF16 CPUs (csrc/*.cpp), built with g++ on first use.
+"""yunque's C++ training kernels (csrc/*.cpp) for x86 CPUs with AVX512-BF16, built with g++ on first use.
 
-- `attention`: causal flash attention, bf16 or fp32, forward and backward. PyTorch's CPU flash
-  kernel ran the training shapes (hd 64, T 512) at 11-18% of the bf16 matmul peak on such
-  machines without AMX, a quarter of a bf16 LoRA step; this one fuses the softmax between
-  register-blocked products (3x faster per layer in bf16).
-- `xent_`: the output head's cross-entropy and its gradient in place over a logits chunk.
-- `swiglu`, `swiglu_backward`: the MLP's silu(gate) * up and its gradients, one pass each.
-- `rms_norm`, `rms_norm_backward`: RMSNorm of fp32 rows, output in fp32 or bf16, one pass each.
+Each entry point (`attention`, `rms_norm`, `swiglu`, `xent_`) owns its autograd function and returns
+None when it does not take its inputs (another device or dtype, a shape it has no kernel for, a CPU
+without AVX512-BF16, no g++, or `yunque.cpu.enabled()` False): callers try it and keep PyTorch's ops
+otherwise. They exist because PyTorch's CPU ops ran these shapes far below the machine's peak; the
+measurements are in bench/NOTES.md ("CPU kernels").
 
-The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or
-$YUNQUE_CACHE) and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few
-seconds. Without g++, without AVX512-BF16, or with YUNQUE_CPU_KERNELS=0, `available` is False
-and callers keep PyTorch's ops.
+The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or $YUNQUE_CACHE)
+and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few seconds.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
 
+from yunque import cpu
 from yunque.cpu.build import compile_and_load, cpu_flags
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -35,7 +31,8 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("YUNQUE_CPU_KERNELS", "1") == "0" or "avx512_bf16" not in cpu_flags():
+    """The built library, or None on a CPU without AVX512-BF16 or when the build fails."""
+    if "avx512_bf16" not in cpu_flags():
         return None
     # links libgomp.so.1 by soname: torch's, already loaded, so one thread pool
     lib = compile_and_load("cpu_kernels", _SRCS + _HEADERS, _FLAGS, "CPU kernels", "using PyTorch's ops")
@@ -60,28 +57,19 @@ def _lib() -> ctypes.CDLL | None:
     return lib
 
 
-def available() -> bool:
-    return _lib() is not None
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}  # the dtypes every kernel takes
 
 
-_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
-dtypes = frozenset(_SUFFIX)  # what every kernel takes
+def _runs(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether a kernel may run on `t` (as `dtype`): on the CPU, in a dtype it has, switched on and built."""
+    return t.device.type == "cpu" and (dtype or t.dtype) in _SUFFIX and cpu.enabled() and _lib() is not None
 
 
 def _fn(name: str, dtype: torch.dtype):
     return getattr(_lib(), f"yq_{name}_{_SUFFIX[dtype]}")
 
 
-def usable(q: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
-    """Whether `attention` takes these queries (cast to `dtype`): bf16 or fp32 on CPU, head dim a multiple of 16.
-
-    bf16 not on CPUs with AMX tiles: there PyTorch's flash kernel runs its products on AMX,
-    several times the bf16 rate of the vector units this kernel uses (it was measured on
-    AVX512-BF16 without AMX, AMD Zen 4). AMX has no fp32 products, so fp32 stays here.
-    """
-    dtype = dtype or q.dtype
-    return (q.device.type == "cpu" and dtype in dtypes and q.shape[-1] % 16 == 0 and available()
-            and (dtype == torch.float32 or "amx_bf16" not in cpu_flags()))
+# ---------------------------------------------------------------- attention (with RoPE)
 
 
 def _operand(t: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -145,33 +133,53 @@ class _Attention(torch.autograd.Function):
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
 
 
-def rope_fusable(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether `attention` can apply RoPE itself: fp32 (B, T, hd) tables, whole 16-lane halves, no table gradient."""
+def _rope_fusable(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """fp32 (B or 1, T, hd) tables, whole 16-lane halves, no table gradient."""
     return (cos.dtype == sin.dtype == torch.float32 and q.shape[-1] % 32 == 0 and cos.shape == sin.shape
             and cos.dim() == 3 and cos.shape[1:] == (q.shape[2], q.shape[3]) and cos.shape[0] in (1, q.shape[0])
             and not (cos.requires_grad or sin.requires_grad))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None = None,
-              window: int | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention: q (B, H, T, hd), k/v (B, K, T, hd), bf16 or fp32 -> (B, T, H, hd).
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seg_start: torch.Tensor | None = None,
+              window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """Causal attention: q (B, H, T, hd), k/v (B, K, T, hd) -> (B, T, H, hd) in `dtype` (default q's), or None.
 
-    Query i sees keys max(seg_start[b, i], i - window + 1) .. i; seg_start (B, T) int32 holds
-    where each token's packed document begins in its row (None: row start). With `cos` and the
-    signed `sin` ((B or 1, T, hd) fp32, see `rope_fusable`), q and k are taken before RoPE: they
-    are rotated in fp32 and rounded once, and their gradients are taken back through it.
+    Query i sees keys max(seg_start[b, i], i - window + 1) .. i; seg_start (B, T) int32 holds where
+    each token's packed document begins in its row (None: row start). Without `rope`, q/k/v are cast
+    to `dtype`. With `rope` (cos and signed sin, (B or 1, T, hd) fp32), q and k are taken before RoPE,
+    in `dtype` already: they are rotated in fp32 and rounded once, and their gradients are taken back
+    through it; None when the tables or head dim do not allow that (apply RoPE and call again).
+
+    None also where the kernel does not run: head dim not a multiple of 16, or bf16 on a CPU with AMX
+    tiles, where PyTorch's flash kernel runs its products on AMX, several times the bf16 rate of the
+    vector units this kernel uses (AMX has no fp32 products, so fp32 stays here).
     """
+    dtype = dtype or q.dtype
+    if not (_runs(q, dtype) and q.shape[-1] % 16 == 0 and (dtype == torch.float32 or "amx_bf16" not in cpu_flags())):
+        return None
+    cos = sin = None
+    if rope is not None:
+        cos, sin = rope
+        if not (q.dtype == k.dtype == v.dtype == dtype and _rope_fusable(q, cos, sin)):
+            return None
+    else:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if seg_start is not None:
         seg_start = seg_start.to(torch.int32).contiguous()
     return _Attention.apply(q, k, v, seg_start, window or 0, q.shape[-1] ** -0.5, cos, sin)
 
 
-def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor:
-    """Per-row cross-entropy (N,) fp32 of bf16 or fp32 `logits` (N, V) against `targets` (N,).
+# ---------------------------------------------------------------- the head's cross-entropy
+
+
+def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tensor | None:
+    """Per-row cross-entropy (N,) fp32 of bf16 or fp32 `logits` (N, V) against `targets` (N,), or None.
 
     With `grad`, `logits` is overwritten by d CE / d logits = softmax - onehot, in its dtype.
     """
-    assert logits.dtype in dtypes and logits.stride(1) == 1 and logits.device.type == "cpu"
+    if not (_runs(logits) and logits.dim() == 2 and logits.stride(1) == 1):
+        return None
     targets = targets.to(torch.int64).contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
     xent = _fn("xent", logits.dtype)
@@ -180,41 +188,49 @@ def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tens
     return loss
 
 
-def elementwise_ok(*ts: torch.Tensor) -> bool:
-    """Whether the elementwise kernels take these: CPU, one dtype (bf16 or fp32), all the same shape."""
-    t0 = ts[0]
-    return (t0.device.type == "cpu" and t0.dtype in dtypes and available()
-            and all(t.device == t0.device and t.dtype == t0.dtype and t.shape == t0.shape for t in ts))
+# ---------------------------------------------------------------- SwiGLU
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, silu rounded to the dtype first, as `F.silu(gate) * up`."""
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     _fn("swiglu_fwd", gate.dtype)(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
     return out
 
 
-def swiglu_backward(g: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, need_gate: bool = True,
-                    need_up: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(d gate, d up) of `swiglu` for the output gradient `g`, as autograd's formulas round them."""
-    g, gate, up = g.contiguous(), gate.contiguous(), up.contiguous()
-    dgate = torch.empty_like(gate) if need_gate else None
-    dup = torch.empty_like(up) if need_up else None
-    _fn("swiglu_bwd", gate.dtype)(
-        g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr() if need_gate else None,
-        dup.data_ptr() if need_up else None, gate.numel(), torch.get_num_threads())
-    return dgate, dup
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return _swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        need_gate, need_up = ctx.needs_input_grad
+        g, gate, up = g.contiguous(), gate.contiguous(), up.contiguous()
+        dgate = torch.empty_like(gate) if need_gate else None
+        dup = torch.empty_like(up) if need_up else None
+        _fn("swiglu_bwd", gate.dtype)(
+            g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr() if need_gate else None,
+            dup.data_ptr() if need_up else None, gate.numel(), torch.get_num_threads())
+        return dgate, dup
 
 
-def rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `rms_norm` takes these: fp32 rows and weight on CPU."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and weight.device.type == "cpu" and weight.shape == x.shape[-1:] and available())
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up in one pass, silu rounded to the dtype first as `F.silu(gate) * up` does; its gradients
+    as autograd's formulas round them. None unless gate and up share a device, dtype and shape."""
+    if not (_runs(gate) and up.device == gate.device and up.dtype == gate.dtype and up.shape == gate.shape):
+        return None
+    if (gate.requires_grad or up.requires_grad) and torch.is_grad_enabled():
+        return _SwiGLU.apply(gate, up)
+    return _swiglu(gate, up)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * x * rsqrt(mean(x^2) + eps) in `out_dtype`, the rsqrt per row (..., 1) fp32)."""
+# ---------------------------------------------------------------- RMSNorm
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     D = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype)
@@ -224,14 +240,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     return y, r
 
 
-def rms_norm_backward(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor,
-                      need_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(d x fp32, d weight fp32 or None) of `rms_norm` for the output gradient `g` (fp32 or bf16)."""
-    g, x = g.contiguous(), x.contiguous()
-    D = x.shape[-1]
-    gx = torch.empty_like(x)
-    gw = torch.empty(D, dtype=torch.float32) if need_weight else None
-    _fn("rms_bwd", g.dtype)(
-        g.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), r.data_ptr(), gx.data_ptr(),
-        gw.data_ptr() if need_weight else None, x.numel() // D, D, torch.get_num_threads())
-    return gx, gw
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+        y, r = _rms_norm(x, weight, eps, out_dtype)
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        need_weight = ctx.needs_input_grad[1]
+        g, x = g.contiguous(), x.contiguous()
+        D = x.shape[-1]
+        gx = torch.empty_like(x)
+        gw = torch.empty(D, dtype=torch.float32) if need_weight else None
+        _fn("rms_bwd", g.dtype)(
+            g.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), r.data_ptr(), gx.data_ptr(),
+            gw.data_ptr() if need_weight else None, x.numel() // D, D, torch.get_num_threads())
+        return gx, gw, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """weight * x * rsqrt(mean(x^2) + eps) of fp32 rows in `out_dtype` (default fp32), forward and backward
+    one pass each (fp32 gradients). None unless x and weight are fp32 on the CPU."""
+    out_dtype = out_dtype or x.dtype
+    if not (x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape == x.shape[-1:]
+            and _runs(x, out_dtype)):
+        return None
+    if (x.requires_grad or weight.requires_grad) and torch.is_grad_enabled():
+        return _RMSNorm.apply(x, weight, eps, out_dtype)
+    return _rms_norm(x, weight, eps, out_dtype)[0]

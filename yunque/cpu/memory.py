@@ -1,23 +1,16 @@
 """PyTorch's large CPU tensors from one best-fit arena (csrc/cpu_arena.cpp), for training.
 
-glibc's heap fragments under a training step's pattern of frees and re-allocations: peak RSS
-was 1.3-1.4x the peak of live tensor memory. With tensors >= 256 KiB in a range of their own
-(best fit, blocks split and merged), it is within ~5-10% of it, at the same speed:
-
-    125M model, seq 512 x 4, peak RSS      glibc     arena
-    full fp32                              3.33 GB   2.66-2.76 GB
-    full bf16                              2.99 GB   2.58 GB
-    56M full fp32                          1.83 GB   1.53 GB
-    56M LoRA bf16                          0.86 GB   0.76 GB
-
-`install()` is process-wide and one-way: tensors made before it keep their own deleter, later
-ones come from the arena. Built with g++ against torch's c10 headers on first use (~1 s) and
-cached beside the CPU kernels. Without g++, off Linux, or with YUNQUE_CPU_ARENA=0, it is a no-op.
+glibc's heap fragments under a training step's pattern of frees and re-allocations (peak RSS 1.3-1.4x
+the peak of live tensor memory); the arena keeps it within ~10% at the same speed (bench/NOTES.md,
+"CPU arena"). `install()` is process-wide and one-way: tensors made before it keep their own deleter,
+later ones come from the arena. Built with g++ against torch's c10 headers on first use (~1 s) and
+cached beside the CPU kernels. Without g++, off Linux, or with `yunque.cpu.enabled()` False, a no-op.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import os
 import platform
@@ -25,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from yunque import cpu
 from yunque.cpu.build import compile_and_load
 
 MIN_BYTES = 256 << 10  # below this, c10's allocator (glibc): small blocks are not what fragments
@@ -40,7 +34,7 @@ def _flags() -> list[str]:
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("YUNQUE_CPU_ARENA", "1") == "0" or platform.system() != "Linux":
+    if platform.system() != "Linux":
         return None
     lib = compile_and_load("cpu_arena", [_SRC], _flags(), "CPU arena", "tensors stay on glibc's heap")
     if lib is not None:
@@ -62,7 +56,7 @@ def install(reserve: int | None = None) -> bool:
     global _installed
     if _installed:
         return True
-    lib = _lib()
+    lib = _lib() if cpu.enabled() else None
     if lib is None:
         return False
     if reserve is None:
@@ -85,23 +79,17 @@ def release_free() -> int:
     return int(_lib().yq_arena_release_free()) if _installed else 0
 
 
-
 def tune() -> bool:
     """Keep a CPU training step's memory from fragmenting or being handed back each step.
 
     Every step frees and re-allocates the same large activation and gradient buffers. Tensors
-    >= 256 KiB go to yunque's arena (cpu_arena: best fit in a range of their own, pages kept),
-    which holds peak RSS to within ~10% of peak live tensor memory; on glibc's heap it was
-    1.3-1.4x (torch's 64-byte-aligned blocks fragment it, glibc bug 14581). For what stays on
-    glibc (small blocks, or all of it without the arena) mmap allocation and trimming are off:
-    by default glibc serves blocks >= 128 KiB-32 MiB with fresh mmap()s and trims the heap on
-    free, so each step page-faulted its working set back in (130k faults per base-preset step).
-    Returns whether the arena is installed.
+    >= 256 KiB go to the arena (see `install`). For what stays on glibc (small blocks, or all of it
+    without the arena) mmap allocation and trimming are off: by default glibc serves blocks
+    >= 128 KiB-32 MiB with fresh mmap()s and trims the heap on free, so each step page-faulted its
+    working set back in (bench/NOTES.md, "CPU arena"). Returns whether the arena is installed.
     """
-    import ctypes
-    import ctypes.util
-    import platform
-
+    if not cpu.enabled():
+        return False
     arena = install()
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:

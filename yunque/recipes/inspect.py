@@ -39,14 +39,14 @@ def inspect_cmd(path: str, hashes: bool = True) -> dict:
     info = {
         "architecture": cfg.architecture, "parameters": n_params, "dtype": dtypes,
         "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads,
-        "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.hd, "vocab_size": cfg.vocab_size,
+        "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size, "vocab_size": cfg.vocab_size,
         "rope": {"theta": cfg.rope_theta, "scaling": cfg.rope_scaling}, "tied_embeddings": cfg.tie_word_embeddings,
         "files": [{"name": f.name, "bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hashes else {})}
                   for f in sorted(p.iterdir()) if f.is_file()],
     }
     print(f"{p}: {cfg.architecture}, {n_params / 1e6:.2f}M parameters, dtype {', '.join(dtypes) or '?'}")
     print(f"  {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
-          f"(kv {cfg.num_key_value_heads}, head dim {cfg.hd}), vocab {cfg.vocab_size}, "
+          f"(kv {cfg.num_key_value_heads}, head dim {cfg.head_size}), vocab {cfg.vocab_size}, "
           f"rope theta {cfg.rope_theta:g}{' ' + cfg.rope_scaling['rope_type'] if cfg.rope_scaling else ''}"
           f"{', tied embeddings' if cfg.tie_word_embeddings else ''}")
     for f in info["files"]:

@@ -89,7 +89,7 @@ class Engine:
         cfg = model.config
         p = model.model.embed_tokens.weight
         self.device = p.device
-        shape = (max_batch, cfg.num_key_value_heads, max_len, cfg.hd)
+        shape = (max_batch, cfg.num_key_value_heads, max_len, cfg.head_size)
         self.caches = [_PoolCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
                                   torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in model.model.layers]
         for layer, c in zip(model.model.layers, self.caches):

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yunque.cpu import memory as cpu_memory
 from yunque.train import distributed as D
 from yunque.train.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                set_rng_state, unflatten_optimizer)
 from yunque.config import to_dict
 from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
+from yunque.ops import release_cpu_memory, tune_cpu_memory
 from yunque.train.packing import Packer, fixed_batches
 from yunque.threads import ThreadPolicy
 from yunque.tokenizer import Tokenizer
@@ -95,7 +95,7 @@ class Trainer:
         self.d = D.init(cfg.parallel, device_type)
         self.device = D.device_for(self.d, cfg.device)
         if self.device.type == "cpu":
-            cpu_memory.tune()
+            tune_cpu_memory()
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         if cfg.eval.patience and self.data.val is None:
@@ -304,7 +304,7 @@ class Trainer:
         write_outputs(cfg, result, model=self.model, module=self.module, tok=self.tok, d=d, manifest=self.data.manifest,
                       ckpt_root=self.ckpt_root, adapter_tensors=adapter_tensors)
         D.barrier(d)
-        cpu_memory.release_free()  # this step's buffers, for a process that goes on (demo, notebooks)
+        release_cpu_memory()  # this step's buffers, for a process that goes on (demo, notebooks)
         if self.threads is not None:
             self.threads.close()
         return result

@@ -12,19 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from yunque.cpu import kernels as cpu_kernels
+from yunque import ops
 from yunque.model import Transformer
-
 
 
 def _chunk_rows(vocab: int, itemsize: int) -> int:
     # About 32 MiB of logits, as 512 to 2048 rows (a multiple of 256), or 256 rows where 512 would
-    # pass 64 MiB (a 128k vocabulary). Fewer rows run the head's GEMMs below peak and re-read the
-    # weight once more per chunk. Measured (fp32 forward GEMM, D 512/768, V 32k): 125-147 GF/s at
-    # 256 rows against 166-175 at 512; and the whole head at V 4k-8k, D 256, fp32: 10% faster
-    # with 2048 rows than with 512. At 32k, more than 512 gains nothing; 524 rather than 512 rows
-    # ran the bf16 GEMMs 7-10% slower. At 128k, 65-row chunks took 1.5x as long as 256-row ones.
-    # The cap is for memory: the chunk is live at the step's peak, with every activation.
+    # pass 64 MiB (a 128k vocabulary): fewer rows run the head's GEMMs below peak and re-read the
+    # weight once more per chunk (bench/NOTES.md, "Head chunk size"). The cap is for memory: the
+    # chunk is live at the step's peak, with every activation.
     if 512 * vocab * itemsize > 64 << 20:
         return 256
     return max(512, min(2048, (32 << 20) // (vocab * itemsize) // 256 * 256))
@@ -45,7 +41,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
         w = weight.to(compute_dtype)
         step = _chunk_rows(weight.shape[0], compute_dtype.itemsize)
-        fused = compute_dtype in cpu_kernels.dtypes and h.device.type == "cpu" and cpu_kernels.available()
         # The chunk's logits and the bf16 weight-gradient product get one buffer each for the whole
         # loop. Allocated per chunk, each freed (V, D) product left a hole the next chunk's logits
         # split, so the heap grew by one more buffer: the step's peak memory is here.
@@ -56,20 +51,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, step):
             hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
             z = torch.mm(hc, w.t(), out=logits[:len(hc)])  # (c, V)
-            if fused:  # the same math in one read of the logits and two of L2, gradient written over them
-                g = z
-                loss += cpu_kernels.xent_(g, yc, grad=grad).sum()
-            else:
-                # log_softmax is one fused pass per row; logsumexp would allocate two (c, V) temporaries.
-                logp = torch.log_softmax(z, dim=-1, dtype=acc)  # (c, V)
-                at_target = logp.gather(1, yc[:, None]).squeeze(1)  # log p(y)
-                loss -= at_target.sum()
-                if grad:
-                    # d CE / d logits = softmax - onehot, rounded once to the compute dtype: exp writes
-                    # straight into it, and the target entries are redone from fp32.
-                    rows = torch.arange(len(yc), device=h.device)
-                    g = logp.exp_() if compute_dtype == acc else torch.exp(logp, out=torch.empty_like(logp, dtype=compute_dtype))
-                    g[rows, yc] = (at_target.exp() - 1.0).to(compute_dtype)
+            chunk_loss, g = ops.cross_entropy_(z, yc, grad)  # g: d CE / d logits (c, V), maybe in z's memory
+            loss += chunk_loss
             if not grad:
                 continue
             if gh is not None:

@@ -7,7 +7,7 @@ memory-maps, so shards plug in without copying.
 
 A row is `seq_len` tokens that may hold several documents. Positions restart at 0 for
 each document and `doc_ids` numbers the documents within the row, so attention stays
-within each one (`model.Segments`): packing then trains exactly like one document per row,
+within each one (`ops.Segments`): packing then trains exactly like one document per row,
 without the padding. Labels are the next token *within the same document*, or -100.
 
 Two modes:

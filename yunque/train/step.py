@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from yunque.model import Segments
-from yunque.ops import params_recast_in_backward
+from yunque.ops import Segments, params_recast_in_backward
 from yunque.train.packing import IGNORE, Batch
 
 # ---------------------------------------------------------------- optimizer and schedule
