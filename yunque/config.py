@@ -150,7 +150,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         obj = cls(**kwargs)
     except ConfigError as e:  # a __post_init__ check (a library config) names its field, not where the config sits
-        if not prefix:
+        if not prefix or str(e).startswith(prefix + "."):
             raise
         raise ConfigError(f"{prefix}.{e}") from None
     validate = getattr(obj, "validate", None)
