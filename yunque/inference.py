@@ -59,7 +59,8 @@ def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
 
 
 def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | torch.dtype = "auto",
-         device: str = "auto", quantize_base: bool | None = None, allow_nonfinite: bool = False) -> tuple[Transformer, object]:
+         device: str = "auto", quantize_base: bool | None = None,
+         allow_nonfinite: bool = False) -> tuple[Transformer, object]:
     """(model in eval mode, tokenizer) from an HF directory.
 
     A PEFT adapter is loaded with every check and then merged into the weights: inference

@@ -189,11 +189,14 @@ class JWTVerifier:
         exp = times["exp"]
         if exp > now + life + slack:  # a token that never (practically) expires is a stolen token's best friend
             return False
-        return all(exp - times[c] <= life + slack for c in ("nbf", "iat") if c in times) and times.get("iat", 0) <= now + slack
+        if times.get("iat", 0) > now + slack:
+            return False
+        return all(exp - times[c] <= life + slack for c in ("nbf", "iat") if c in times)
 
 
 # Which public key type each algorithm verifies with, and (for EC) the curve.
-_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1", "EdDSA": "EdDSA"}
+_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1",
+              "EdDSA": "EdDSA"}
 
 
 def load_public_key(path: Path, algorithms: list[str]):
@@ -204,7 +207,8 @@ def load_public_key(path: Path, algorithms: list[str]):
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
     except ModuleNotFoundError:
-        raise missing_extra("pyjwt[crypto]", "serve", f"auth.jwt with {', '.join(algorithms)}", "cryptography") from None
+        needed_by = f"auth.jwt with {', '.join(algorithms)}"
+        raise missing_extra("pyjwt[crypto]", "serve", needed_by, "cryptography") from None
     where = f"auth.jwt.public_key_file: {path}"
     try:
         data = path.read_bytes()[:1_000_000]

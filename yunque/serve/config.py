@@ -65,7 +65,8 @@ class JWTConfig:
     public_key_file: Path | None = None  # PEM, for RS*/PS*/ES*/EdDSA
     secret_env: str | None = None  # name of the environment variable holding an HS* secret (never in YAML)
     leeway_s: float = field(default=0.0, metadata={"ge": 0})
-    max_lifetime_s: float = field(default=7 * 86400.0, metadata={"gt": 0})  # exp at most this far ahead (and past iat/nbf)
+    # exp at most this far ahead (and after iat/nbf): a token that never expires is a stolen token's best friend
+    max_lifetime_s: float = field(default=7 * 86400.0, metadata={"gt": 0})
     rpm: int | None = field(default=None, metadata={"gt": 0})
     tpm: int | None = field(default=None, metadata={"gt": 0})
 

@@ -293,7 +293,7 @@ class Engine:
         # it ends that sequence alone. Rows are independent, so the others are still good.
         finite = torch.isfinite(logits).all(-1).tolist()
         if not all(finite):
-            bad = [s for s, ok in zip(seqs, finite) if not ok]
+            bad = [s for s, ok in zip(seqs, finite, strict=True) if not ok]
             self._fail(bad, "the model produced non-finite logits (NaN or Inf) for this request")
             keep = [i for i, ok in enumerate(finite) if ok]
             logits, seqs = logits[keep], [seqs[i] for i in keep]
@@ -302,7 +302,7 @@ class Engine:
         nxt = sample_rows(logits, [s.params for s in seqs], [s.gen for s in seqs], self._rng).tolist()
         finished: list[Seq] = []
         failed: list[tuple[Seq, Exception]] = []
-        for s, t in zip(seqs, nxt):
+        for s, t in zip(seqs, nxt, strict=True):
             s.last, s.generated = t, s.generated + 1
             try:
                 reason = self._emit(s, t)

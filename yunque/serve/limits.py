@@ -146,7 +146,8 @@ class Gatekeeper:
     def __init__(self, app, max_header_bytes: int, max_body_bytes: int,
                  authenticate: Callable[[str | None], Principal | None], public_paths: frozenset[str] = frozenset({"/health"}),
                  on_reject: Callable[[str, int, dict], None] | None = None,
-                 take_request: Callable[[Principal], Decision] | None = None, limited_paths: frozenset[str] = frozenset()):
+                 take_request: Callable[[Principal], Decision] | None = None,
+                 limited_paths: frozenset[str] = frozenset()):
         self.app, self.max_header_bytes, self.max_body_bytes = app, max_header_bytes, max_body_bytes
         self.authenticate, self.public_paths = authenticate, public_paths
         self.on_reject = on_reject or (lambda reason, status, scope: None)  # for metrics and the audit log

@@ -46,10 +46,12 @@ def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str =
     L = cfg.limits
     # limit_concurrency: uvicorn's 503 when request tasks (which can outlive their connection)
     # pile up past the connection cap; connections themselves are capped by the protocol.
-    return uvicorn.Config(app, host=host, port=port, http=guarded_h11(L.header_timeout_s, L.body_timeout_s, L.max_connections),
-                          h11_max_incomplete_event_size=2 * L.max_header_bytes + 8192, timeout_keep_alive=L.keep_alive_s,
+    protocol = guarded_h11(L.header_timeout_s, L.body_timeout_s, L.max_connections)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=L.keep_alive_s,
+                          h11_max_incomplete_event_size=2 * L.max_header_bytes + 8192,
                           limit_concurrency=L.max_connections + 1, server_header=False, proxy_headers=False,
-                          timeout_graceful_shutdown=cfg.drain_timeout_s, log_level=log_level, lifespan="on", access_log=False)
+                          timeout_graceful_shutdown=cfg.drain_timeout_s, log_level=log_level, lifespan="on",
+                          access_log=False)
 
 
 def guarded_h11(header_timeout: float, body_timeout: float, max_connections: int) -> type:
@@ -64,8 +66,8 @@ def guarded_h11(header_timeout: float, body_timeout: float, max_connections: int
 
     busy = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%s")
-    body = dumps({"error": {"message": "The server is at its connection limit; retry shortly", "type": "server_overloaded",
-                            "param": None, "code": "overloaded"}}).encode()
+    body = dumps({"error": {"message": "The server is at its connection limit; retry shortly",
+                            "type": "server_overloaded", "param": None, "code": "overloaded"}}).encode()
 
     class GuardedH11Protocol(H11Protocol):
         _phase: str | None = None

@@ -245,8 +245,9 @@ class Service:
 
     async def _offload(self, prepare):
         """`prepare(deadline)` in a worker thread, awaited for at most `limits.prep_timeout_s`.
-        The input guard stops at the deadline by itself; a template or tokenizer that runs
-        over keeps its worker until it ends, but the request is answered now."""
+        The input guard stops itself at the deadline (`regex` checks it only now and then, so
+        it may run over by seconds); a template or tokenizer that runs over keeps its worker
+        until it ends. Either way the request is answered when the budget is spent."""
         budget = self.limits.prep_timeout_s
         deadline = time.monotonic() + budget
         started = []
@@ -262,16 +263,13 @@ class Service:
                 raise APIError(429, "The server is overloaded (no worker free to check the input); retry shortly",
                                type_="server_overloaded", code="overloaded", headers={"retry-after": "1"},
                                reason="overloaded") from None
-            raise APIError(400, f"the input could not be checked and tokenized within this server's time budget of "
-                           f"{budget:g} s; send a shorter input", code="input_too_complex",
-                           reason="prep_timeout") from None
+            raise _too_complex(budget) from None
 
     def _count_verdict(self, v: Verdict) -> None:
         if self.in_guard.mode != "off":
             self.metrics.guard.labels("input", v.verdict).inc()
         if v.verdict == "block" and TIMEOUT_RULE in v.rules:
-            raise APIError(400, "the input guard could not check this input within its time budget; send a shorter "
-                           "input", code="guard_timeout", param="messages", reason="guard_timeout")
+            raise _too_complex(self.limits.prep_timeout_s)
         if v.verdict == "block":
             raise APIError(400, f"the input was refused by the prompt-injection guard (rules: {', '.join(v.rules)})",
                            code="content_policy_violation", param="messages", reason="guard_block")
@@ -469,6 +467,11 @@ class Service:
             yield "data: " + dumps(error_body(e.message, e.type, e.code)) + "\n\n"
         finally:
             self._finish(job, route, 200, prompt_text)
+
+
+def _too_complex(budget: float) -> APIError:
+    return APIError(400, f"the input could not be checked and tokenized within this server's time budget of "
+                    f"{budget:g} s; send a shorter or simpler input", code="input_too_complex", reason="prep_timeout")
 
 
 def _special_tokens(tokenizer) -> set[str]:
