@@ -45,7 +45,7 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
         if bad:
             raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of "
                                   f"{p.numel()}; the checkpoint is corrupt or its training diverged "
-                                  "(--allow-nonfinite loads it anyway)")
+                                  "(`yunque serve --allow-nonfinite` serves it anyway)")
 
 
 def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):

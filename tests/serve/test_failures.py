@@ -96,6 +96,32 @@ def test_a_nan_fails_its_own_request_only(model_dir, tmp_path):
     assert sum(x["outcome"] == "ok" for x in lines) == 4
 
 
+def test_a_nan_leaves_nothing_behind_in_the_cache(model_dir, tmp_path):
+    """A failed sequence's cache row is cleared: the next sequence in that row attends (with
+    weight 0) to slots past its own length while a longer row shares the batch, and 0 x NaN is NaN."""
+    srv, key, app = make_server(model_dir, tmp_path, limits={"rpm": 10_000, "max_batch": 2}, slow_s=0.02)
+    poison(app, "Q")
+    engine = app.app.state.engine
+    engine.stop_ids = set()
+    h = {"Authorization": f"Bearer {key}"}
+    url = srv.url + "/v1/chat/completions"
+    with srv:
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as c:
+                long = asyncio.create_task(c.post(url, headers=h, json={"model": "tiny", "messages": MSG, "max_tokens": 60}))
+                while engine.n_running == 0:
+                    await asyncio.sleep(0.01)
+                bad = await c.post(url, headers=h, json={"model": "tiny", "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "Q " + "fox " * 40}]})
+                after = await c.post(url, headers=h, json={"model": "tiny", "max_tokens": 20, "temperature": 0.8,
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+                return await long, bad, after
+
+        long, bad, after = asyncio.run(run())
+    assert bad.status_code == 500
+    assert long.status_code == 200 and after.status_code == 200, (long.text, after.text)
+
+
 def test_a_dead_engine_is_restarted_then_the_server_gives_up(model_dir, tmp_path, monkeypatch):
     """A failure outside any one step ends the engine thread: its requests get a 500, the thread
     is started again; once it has died more than `_MAX_RESTARTS` times the server stops (run_server

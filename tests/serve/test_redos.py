@@ -98,12 +98,12 @@ REDACTION_BATTERY = """
 
 def test_redaction_patterns_are_linear_on_adversarial_input():
     """The output guard's PII/secret detectors: 4x the text costs about 4x the time (quadratic
-    would be 16x), and 100 KB of the worst known shapes stays well under a second. Before: nested
+    would be 16x), and 100 KB of the worst known shapes stays under a second. Before: nested
     PEM markers 1.9 s and "key" runs 141 s per 100 KB (quadratic), "+1" before long digit runs
     4.9 s (5^6 ways to split each run)."""
     times = run_battery(REDACTION_BATTERY, timeout=300)
     for name, (small, big) in times.items():
-        assert big < 0.5, f"{name}: {big * 1000:.0f} ms per 100 KB"
+        assert big < 1.0, f"{name}: {big * 1000:.0f} ms per 100 KB"
         assert big < max(8 * small, 0.02), f"{name}: {small * 1000:.1f} ms -> {big * 1000:.1f} ms for 4x the text"
 
 

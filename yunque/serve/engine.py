@@ -227,6 +227,12 @@ class Engine:
             e = f"engine failure: {type(e).__name__}"
         for s in seqs:
             if s in self.running:
+                # Clear the row: its next owner attends (with weight 0) to slots past its own length
+                # while a longer row shares the batch, and 0 x NaN is NaN.
+                r = self.running.index(s)
+                for c in self.caches:
+                    c.k[r].zero_()
+                    c.v[r].zero_()
                 self._remove(s)
             self.failed += 1
             s.on_event(("error", e))
