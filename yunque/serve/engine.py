@@ -119,7 +119,6 @@ class Engine:
         self._rng = torch.Generator(device=self.device).manual_seed(int(time.time_ns() % 2**63))
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # why the engine thread died (None: running)
-        self.failed = 0  # sequences ended by an error of their own while the engine went on
         self.restarts = 0
 
     # -- API for the server (any thread) ---------------------------------------------------
@@ -234,7 +233,6 @@ class Engine:
                     c.k[r].zero_()
                     c.v[r].zero_()
                 self._remove(s)
-            self.failed += 1
             s.on_event(("error", e))
 
     def _admit(self) -> list[Seq]:
