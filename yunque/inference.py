@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from yunque.errors import YunqueError
+from yunque.errors import CheckpointError, YunqueError
 from yunque.formats.hf import load_model
 from yunque.model import Transformer
 from yunque.ops import arrange_for_decode_
@@ -34,6 +34,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Refuse weights that hold NaN or Inf: such a model answers every request with garbage or
+    an error. One float32 sum per tensor finds them (NaN and Inf survive a sum), without a
+    copy; only a sum that overflowed is then checked element by element."""
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or bool(torch.isfinite(p.detach().sum(dtype=torch.float32))):
+            continue
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of "
+                                  f"{p.numel()}; the checkpoint is corrupt or its training diverged "
+                                  "(`yunque serve --allow-nonfinite` serves it anyway)")
+
+
 def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
     from yunque.tokenizer import Tokenizer
 
@@ -45,12 +59,14 @@ def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
 
 
 def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | torch.dtype = "auto",
-         device: str = "auto", quantize_base: bool | None = None) -> tuple[Transformer, object]:
+         device: str = "auto", quantize_base: bool | None = None,
+         allow_nonfinite: bool = False) -> tuple[Transformer, object]:
     """(model in eval mode, tokenizer) from an HF directory.
 
     A PEFT adapter is loaded with every check and then merged into the weights: inference
     never trains, so it runs at the base model's speed. `quantize_base=None` merges a QLoRA
     adapter into the NF4-dequantised base it was trained on; False into the original weights.
+    Weights holding NaN or Inf are refused (naming the tensor) unless `allow_nonfinite`.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -65,6 +81,8 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
             raise YunqueError(f"{adapter}: adapter directory not found")
         load_peft_adapter(model, adapter, quantize_base=quantize_base)
         merge_lora(model)
+    if not allow_nonfinite:
+        check_finite(model, f"{model_dir}" + (f" + {adapter}" if adapter else ""))
     model.requires_grad_(False)  # inference only; a forward outside no_grad then builds no graph
     arrange_for_decode_(model)
     return model.eval(), load_tokenizer(model_dir, adapter)

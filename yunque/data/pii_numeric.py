@@ -43,9 +43,11 @@ _RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
 
 # In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
 # International prefix: "+34", "(+34)" or "0034" (the 00 form only with separators, see below).
+# The digit groups are possessive: a digit run splits one way only (a match can only end at
+# the end of a run anyway), instead of 5^6 ways tried at every "+" before a long run.
 _PHONE_INTL = re.compile(
     (
-        r"(?<![0-9A-Za-z_+(])(?:\+\d{1,3}|\(\+\d{1,3}\)|00[1-9]\d{0,2}(?=~))(?:~?\(\d{1,4}\))?(?:~?\d{1,5}){1,6}" + _RN
+        r"(?<![0-9A-Za-z_+(])(?:\+\d{1,3}|\(\+\d{1,3}\)|00[1-9]\d{0,2}(?=~))(?:~?\(\d{1,4}\))?(?:~?\d{1,5}+){1,6}" + _RN
     ).replace("~", _SEP)
 )
 _PHONE_NATIONAL = [

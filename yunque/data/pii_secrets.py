@@ -20,7 +20,9 @@ _SECRET_WORD_RE = re.compile("|".join(_SECRET_WORDS))
 _NAME_BACK = re.compile(r"[\w.\-]{0,48}\Z")
 _NAME_BEFORE_OP = re.compile(r"""([\w.\-]{1,80})["']?[ \t]*[:=]?\Z""")
 _SCHEME_WORD = re.compile(r"(?i)(?:bearer|basic|token)(?:[ \t]+|$)")
-_PAIR_VALUE = re.compile(r"""[\w.\-]+["']?[ \t]*[,;]?\s*(?:-[ \t]*)?["']?(value)["']?[ \t]*[:=]""")
+# Bounded name and possessive blanks: from each of many starts inside one long name or blank
+# run, `+` / `[ \t]*` followed by `\s*` rescanned the rest of the run (quadratic).
+_PAIR_VALUE = re.compile(r"""[\w.\-]{1,80}["']?[ \t]*+[,;]?\s*+(?:-[ \t]*)?["']?(value)["']?[ \t]*[:=]""")
 _PAIR_NAME = re.compile(r"""(?:name|key)["']?[ \t]*[:=][ \t]*["']?([\w.\-]+)["']?[ \t]*[,;]?\s*(?:-[ \t]*)?["']?\Z""")
 _AFTER_SCHEME = re.compile(r"[ \t]+([^\s\"'`,;]{6,400})")
 _ASSIGN = re.compile(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from yunque.errors import YunqueError
+from yunque.errors import YunqueError, require
 from yunque.inference import load
 from yunque.serve.config import DEFAULT_KEYS_FILE
 
 
 def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-              config: str | None = None) -> int:
+              config: str | None = None, allow_nonfinite: bool = False) -> int:
     """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics).
 
     Args:
@@ -20,7 +20,11 @@ def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1"
         host: address to bind; anything but loopback requires authentication
         port: TCP port
         config: serve.yaml (limits, auth, guards, audit); unknown keys are errors
+        allow_nonfinite: load weights that hold NaN or Inf (refused by default; requests that hit them get a 500)
     """
+    for module, package in (("fastapi", None), ("uvicorn", None), ("prometheus_client", "prometheus-client"),
+                            ("jwt", "pyjwt"), ("regex", None)):
+        require(module, "serve", "yunque serve", package=package)
     from yunque.config import load_config
     from yunque.serve.app import create_app
     from yunque.serve.auth import build_authenticator
@@ -37,7 +41,7 @@ def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1"
 
         torch.set_num_threads(cfg.torch_threads)
     # An adapter is merged into the weights: serving runs plain nn.Linear at full speed.
-    m, tok = load(model, adapter, cfg.dtype, quantize_base=False)
+    m, tok = load(model, adapter, cfg.dtype, quantize_base=False, allow_nonfinite=allow_nonfinite)
     if cfg.torch_threads is None:
         from yunque.threads import fit_threads
 

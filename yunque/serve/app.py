@@ -17,7 +17,8 @@ from yunque.serve.limits import Gatekeeper, error_body
 from yunque.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from yunque.serve.service import APIError, Service
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431, 500, 503)}
+_GENERATION = frozenset({"/v1/chat/completions", "/v1/completions"})  # rate limited before the body is read
 
 
 def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> Gatekeeper:
@@ -31,8 +32,8 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
 
     @app.get("/health", include_in_schema=True)
     async def health():
-        ok = service.healthy
-        return JSONResponse({"status": "ok" if ok else "engine_failed"}, status_code=200 if ok else 503)
+        ok, body = service.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", responses=_ERRORS)
     async def prom_metrics():
@@ -55,7 +56,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         return await service.completion(req, request)
 
     return Gatekeeper(app, cfg.limits.max_header_bytes, cfg.limits.max_body_bytes, auth.authenticate,
-                      on_reject=service.rejected)
+                      on_reject=service.rejected, take_request=service.limiter.take_request, limited_paths=_GENERATION)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -66,7 +67,8 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", code
 def _error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        service.rejected(e.reason, e.status, request.scope)
+        if not e.audited:
+            service.rejected(e.reason, e.status, request.scope)
         return _error(e.status, e.message, e.type, e.code, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -9,7 +9,10 @@ says nothing about how close a guess was. The server re-reads the file when it c
 so `yunque keys revoke` takes effect on the next request without a restart.
 
 JWTs are verified with PyJWT against algorithms pinned in the config (never the token's
-header), with `exp`, `aud` and `iss` required and checked.
+header), with `exp`, `aud` and `iss` required and checked, and `exp`/`nbf`/`iat` required to be
+plain numbers within `max_lifetime_s` of now (PyJWT alone takes "9999999999" or 1e300). The
+public key file is checked at start-up: a PEM public key (or certificate) of the type the
+algorithms need, never a private key.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from yunque.errors import ConfigError, YunqueError
+from yunque.errors import ConfigError, YunqueError, missing_extra
 from yunque.serve.config import JWTConfig
 
 KEY_PREFIX = "yq-"
@@ -159,10 +164,7 @@ class JWTVerifier:
                 raise ConfigError(f"auth.jwt.secret_env: ${cfg.secret_env} must hold a secret of >= 32 characters")
             self._key = secret
         else:
-            try:
-                self._key = Path(cfg.public_key_file).expanduser().read_text(encoding="utf-8")
-            except OSError as e:
-                raise ConfigError(f"auth.jwt.public_key_file: cannot read {cfg.public_key_file}: {e}") from None
+            self._key = load_public_key(Path(cfg.public_key_file).expanduser(), cfg.algorithms)
 
     def verify(self, token: str) -> Principal | None:
         try:
@@ -170,12 +172,73 @@ class JWTVerifier:
                 token, self._key, algorithms=list(self.cfg.algorithms), audience=self.cfg.audience,
                 issuer=self.cfg.issuer, leeway=self.cfg.leeway_s, options={"require": ["exp", "aud", "iss", "sub"]},
             )
-        except self._jwt.PyJWTError:
+        except Exception:  # any token that cannot be verified (PyJWT errors, JSON nested too deep) is a 401
             return None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub:
+        if not isinstance(sub, str) or not sub or not self._times_ok(claims):
             return None
         return Principal(f"jwt:{sub}"[:128], "jwt", self.cfg.rpm, self.cfg.tpm)
+
+    def _times_ok(self, claims: dict) -> bool:
+        """exp/nbf/iat are JSON numbers (not strings or booleans), finite, and within the token
+        lifetime this server accepts; PyJWT has checked expiry and not-before already."""
+        now, slack, life = time.time(), self.cfg.leeway_s, self.cfg.max_lifetime_s
+        times = {c: claims[c] for c in ("exp", "nbf", "iat") if c in claims}
+        if not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in times.values()):
+            return False
+        exp = times["exp"]
+        if exp > now + life + slack:  # a token that never (practically) expires is a stolen token's best friend
+            return False
+        if times.get("iat", 0) > now + slack:
+            return False
+        return all(exp - times[c] <= life + slack for c in ("nbf", "iat") if c in times)
+
+
+# Which public key type each algorithm verifies with, and (for EC) the curve.
+_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1",
+              "EdDSA": "EdDSA"}
+
+
+def load_public_key(path: Path, algorithms: list[str]):
+    """The PEM public key (or certificate's key) in `path`, checked against `algorithms`: a clear
+    ConfigError for an unreadable file, a private key, garbage, or a key of the wrong type."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    except ModuleNotFoundError:
+        needed_by = f"auth.jwt with {', '.join(algorithms)}"
+        raise missing_extra("pyjwt[crypto]", "serve", needed_by, "cryptography") from None
+    where = f"auth.jwt.public_key_file: {path}"
+    try:
+        data = path.read_bytes()[:1_000_000]
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read: {e.strerror or e}") from None
+    if b"PRIVATE KEY" in data:
+        raise ConfigError(f"{where}: holds a private key; give the identity provider's public key "
+                          "(-----BEGIN PUBLIC KEY-----): a signing key must never sit on the server")
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = serialization.load_pem_public_key(data)
+    except Exception as e:  # cryptography raises ValueError, TypeError or UnsupportedAlgorithm
+        raise ConfigError(f"{where}: not a PEM public key or certificate ({type(e).__name__}: {e})") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        have = "RSA"
+        if key.key_size < 2048:
+            raise ConfigError(f"{where}: an RSA key of {key.key_size} bits is too weak; use >= 2048")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        have = key.curve.name
+    elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        have = "EdDSA"
+    else:
+        raise ConfigError(f"{where}: a {type(key).__name__}, which no JWT algorithm here verifies")
+    for alg in algorithms:
+        want = _KEY_TYPES.get(alg[:2] if alg[:2] in ("RS", "PS") else alg)
+        if want != have:
+            raise ConfigError(f"{where}: holds a {have} key, but auth.jwt.algorithms has {alg} (needs {want})")
+    return key
 
 
 class Authenticator:

@@ -36,6 +36,16 @@ class LimitsConfig:
     max_n: int = field(default=4, metadata={"gt": 0})  # choices per request (all prompts x n)
     rpm: int = field(default=60, metadata={"gt": 0})  # per key unless the key sets its own
     tpm: int = field(default=60_000, metadata={"gt": 0})  # prompt + max_tokens x n, unused part refunded
+    # All message (or prompt) text of one request, checked before any guard, template or tokenizer.
+    max_input_chars: int = field(default=100_000, metadata={"gt": 0})
+    prep_timeout_s: float = field(default=5.0, metadata={"gt": 0})  # guards + chat template + tokenize, per request
+    # Transport: a connection must send its request headers within header_timeout_s (from its
+    # first byte, or from connecting) and its body within body_timeout_s after them; idle
+    # keep-alive connections close after keep_alive_s; connections past max_connections are closed.
+    header_timeout_s: float = field(default=10.0, metadata={"gt": 0})
+    body_timeout_s: float = field(default=30.0, metadata={"gt": 0})
+    keep_alive_s: float = field(default=5.0, metadata={"gt": 0})
+    max_connections: int = field(default=512, metadata={"gt": 0})
 
     def validate(self) -> None:
         if self.max_prompt_tokens >= self.max_len:
@@ -55,6 +65,8 @@ class JWTConfig:
     public_key_file: Path | None = None  # PEM, for RS*/PS*/ES*/EdDSA
     secret_env: str | None = None  # name of the environment variable holding an HS* secret (never in YAML)
     leeway_s: float = field(default=0.0, metadata={"ge": 0})
+    # exp at most this far ahead (and after iat/nbf): a token that never expires is a stolen token's best friend
+    max_lifetime_s: float = field(default=7 * 86400.0, metadata={"gt": 0})
     rpm: int | None = field(default=None, metadata={"gt": 0})
     tpm: int | None = field(default=None, metadata={"gt": 0})
 

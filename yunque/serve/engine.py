@@ -10,12 +10,20 @@ it. The model is untouched: the engine installs its own cache objects, which kee
 
 One engine thread runs the loop; HTTP handlers talk to it only through `submit` (thread-safe,
 raises `Overloaded` when the waiting queue is full), `cancel`, and an event callback the
-engine calls with ("delta", text) and finally ("done", finish_reason, prompt_tokens, completion_tokens).
+engine calls with ("delta", text) and finally ("done", finish_reason, prompt_tokens, completion_tokens)
+or ("error", message).
+
+Failures stay with the requests that hit them: a row whose logits are not finite (NaN/Inf
+weights or activations) or whose text cannot be decoded ends with an error and the others go
+on; a step that raises fails the sequences of that step only. Anything else that escapes the
+loop ends the thread: every open sequence gets an error, `error` says why, `on_death` is
+called (the server restarts the engine or exits) and `submit` raises `EngineDown` meanwhile.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -31,10 +39,15 @@ from yunque.sampling import sample
 
 Event = tuple
 OnEvent = Callable[[Event], None]
+log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):
     """The waiting queue is full: the caller should answer 429 rather than queue without bound."""
+
+
+class EngineDown(Exception):
+    """The engine thread has died and is not running again (yet): the caller should answer 503."""
 
 
 class _PoolCache(torch.nn.Module):
@@ -81,11 +94,13 @@ class Seq:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, max_batch: int, max_len: int, max_queue: int,
-                 max_prefill_tokens: int = 2048, on_step: Callable[[Engine], None] | None = None):
+                 max_prefill_tokens: int = 2048, on_step: Callable[[Engine], None] | None = None,
+                 on_death: Callable[[BaseException], None] | None = None):
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.on_step = on_step  # metrics hook (queue depth, running), called from the engine thread
+        self.on_death = on_death  # called from the dying engine thread, after every open sequence has its error
         cfg = model.config
         p = model.model.embed_tokens.weight
         self.device = p.device
@@ -102,11 +117,21 @@ class Engine:
         self._ids = itertools.count(1)
         self._stopping = False
         self._rng = torch.Generator(device=self.device).manual_seed(int(time.time_ns() % 2**63))
-        self._thread = threading.Thread(target=self._loop, name="yunque-engine", daemon=True)
-        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # why the engine thread died (None: running)
+        self.restarts = 0
 
     # -- API for the server (any thread) ---------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread; after it died (every sequence it held has been failed),
+        start a fresh one."""
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive() and self.error is None:
+                return
+            if self._thread is not None:
+                self.restarts += 1
+            self.error = None
+            self._thread = threading.Thread(target=self._loop, name="yunque-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SeqParams], on_event: Sequence[OnEvent]) -> list[Seq]:
@@ -116,7 +141,9 @@ class Engine:
             if not s.prompt or len(s.prompt) + s.params.max_tokens > self.max_len:
                 raise ValueError(f"prompt of {len(s.prompt)} tokens + max_tokens {s.params.max_tokens} does not fit a cache row of {self.max_len}")
         with self._cv:
-            if self._stopping or self.error is not None:
+            if self.error is not None:
+                raise EngineDown(f"the engine failed ({type(self.error).__name__}: {self.error})")
+            if self._stopping:
                 raise Overloaded("the server is shutting down")
             free = self.max_batch - len(self.running)
             if len(self.waiting) + len(seqs) > self.max_queue + max(0, free):
@@ -142,7 +169,7 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
     @property
@@ -164,21 +191,49 @@ class Engine:
                         if self._stopping and not self.waiting and not self.running:
                             return
                         new = self._admit()
-                    self._drop_cancelled()
-                    if new:
-                        self._prefill(new)
-                    if self.running:
-                        self._decode()
-                    if self.on_step is not None:
-                        self.on_step(self)
-        except BaseException as e:  # a bug or OOM: fail every open request instead of hanging it
-            self.error = e
+                    self._step(new)
+        except BaseException as e:  # a bug outside any one step: fail every open request instead of hanging it
+            log.error("serving engine died", exc_info=e)
             with self._cv:
+                self.error = e
                 for s in list(self.waiting) + self.running:
                     s.on_event(("error", f"engine failure: {type(e).__name__}"))
                 self.waiting.clear()
                 self.running.clear()
-            raise
+            if self.on_death is not None:
+                self.on_death(e)
+
+    def _step(self, new: list[Seq]) -> None:
+        """One prefill (of `new`) and one decode step. What raises fails the sequences it was
+        working on, and only those: the loop goes on for everyone else."""
+        self._drop_cancelled()
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as e:
+                self._fail(new, e)
+        if self.running:
+            try:
+                self._decode()
+            except Exception as e:
+                self._fail(list(self.running), e)
+        if self.on_step is not None:
+            self.on_step(self)
+
+    def _fail(self, seqs: Sequence[Seq], e: Exception | str) -> None:
+        if isinstance(e, Exception):
+            log.error("serving engine: a step failed for %d sequence(s)", len(seqs), exc_info=e)
+            e = f"engine failure: {type(e).__name__}"
+        for s in seqs:
+            if s in self.running:
+                # Clear the row: its next owner attends (with weight 0) to slots past its own length
+                # while a longer row shares the batch, and 0 x NaN is NaN.
+                r = self.running.index(s)
+                for c in self.caches:
+                    c.k[r].zero_()
+                    c.v[r].zero_()
+                self._remove(s)
+            s.on_event(("error", e))
 
     def _admit(self) -> list[Seq]:
         new: list[Seq] = []
@@ -238,29 +293,52 @@ class Engine:
         self._sample_and_emit(logits, list(self.running), first_row=0)
 
     def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Seq], first_row: int) -> None:
+        # A row that is not finite cannot be sampled (multinomial raises; argmax returns junk):
+        # it ends that sequence alone. Rows are independent, so the others are still good.
+        finite = torch.isfinite(logits).all(-1).tolist()
+        if not all(finite):
+            bad = [s for s, ok in zip(seqs, finite, strict=True) if not ok]
+            self._fail(bad, "the model produced non-finite logits (NaN or Inf) for this request")
+            keep = [i for i, ok in enumerate(finite) if ok]
+            logits, seqs = logits[keep], [seqs[i] for i in keep]
+            if not seqs:
+                return
         nxt = sample_rows(logits, [s.params for s in seqs], [s.gen for s in seqs], self._rng).tolist()
         finished: list[Seq] = []
-        for s, t in zip(seqs, nxt):
+        failed: list[tuple[Seq, Exception]] = []
+        for s, t in zip(seqs, nxt, strict=True):
             s.last, s.generated = t, s.generated + 1
-            reason = None
-            if t in self.stop_ids:
-                reason = "stop"
-            else:
-                delta = s.decoder.add(t)
-                if delta:
-                    s.on_event(("delta", delta))
-                if s.decoder.stopped:
-                    reason = "stop"
-                elif s.generated >= s.params.max_tokens or s.length >= self.max_len:
-                    reason = "length"
+            try:
+                reason = self._emit(s, t)
+            except Exception as e:  # e.g. a decoder error on this sequence's text
+                failed.append((s, e))
+                continue
             if reason is not None:
-                tail = s.decoder.flush()
-                if tail:
-                    s.on_event(("delta", tail))
-                s.on_event(("done", reason, len(s.prompt), s.generated))
                 finished.append(s)
         for s in finished:
             self._remove(s)
+        for s, e in failed:
+            self._fail([s], e)
+
+    def _emit(self, s: Seq, t: int) -> str | None:
+        """Send sequence `s`'s text for its new token `t`; its finish reason if it is done."""
+        reason = None
+        if t in self.stop_ids:
+            reason = "stop"
+        else:
+            delta = s.decoder.add(t)
+            if delta:
+                s.on_event(("delta", delta))
+            if s.decoder.stopped:
+                reason = "stop"
+            elif s.generated >= s.params.max_tokens or s.length >= self.max_len:
+                reason = "length"
+        if reason is not None:
+            tail = s.decoder.flush()
+            if tail:
+                s.on_event(("delta", tail))
+            s.on_event(("done", reason, len(s.prompt), s.generated))
+        return reason
 
     def _drop_cancelled(self) -> None:
         for s in [s for s in self.running if s.cancelled]:

@@ -16,29 +16,37 @@ verdicts). Prompt and completion text only when `audit.log_prompts` is on.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import regex
+
 from yunque.data.pii import StreamRedactor, scrub
 from yunque.errors import ConfigError
 
+# Linear time by construction: every rule is anchored on a literal word (or a line start), its
+# repeats are separated by a word character that the repeated part cannot match, and nothing
+# unbounded is followed by something the same characters could also match (`^\s*(?:#{2,}\s*)?`
+# was quadratic in runs of newlines). Patterns are lower case: the text is
+# case-folded once instead of matching with IGNORECASE (half the time).
 _V = r"(?:ignore|disregard|forget|override|bypass|skip)"
 _PRIOR = r"(?:all\s+|any\s+|the\s+|your\s+|my\s+)*(?:previous|prior|above|earlier|preceding|original|system|initial)"
 RULES: dict[str, str] = {
     "ignore_instructions": rf"\b{_V}\s+{_PRIOR}\s+(?:instructions?|prompts?|rules|directions|guidelines|messages?|context)\b",
     "reveal_system_prompt": r"\b(?:reveal|show|print|repeat|output|leak|display|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+"
                             r"(?:(?:full|entire|hidden|secret|original|initial)\s+)?(?:system\s+(?:prompt|message)|hidden\s+instructions|instructions\s+above)\b",
-    "persona_jailbreak": r"\b(?:you\s+are\s+now|act\s+as|pretend\s+to\s+be|roleplay\s+as)\s+(?:a\s+|an\s+)?(?:DAN|jailbroken|unrestricted|unfiltered|uncensored|evil)\b"
-                         r"|\bdo\s+anything\s+now\b|\bDAN\s+mode\b",
+    "persona_jailbreak": r"\b(?:you\s+are\s+now|act\s+as|pretend\s+to\s+be|roleplay\s+as)\s+(?:a\s+|an\s+)?(?:dan|jailbroken|unrestricted|unfiltered|uncensored|evil)\b"
+                         r"|\bdo\s+anything\s+now\b|\bdan\s+mode\b",
     "mode_switch": r"\b(?:enable|activate|enter|switch\s+to)\s+(?:developer|god|jailbreak|unrestricted|debug\s+admin)\s+mode\b",
     "no_rules": r"\b(?:without|no|free\s+of|ignore)\s+(?:any\s+)?(?:ethical\s+|safety\s+|content\s+)?(?:restrictions|filters|guidelines|limitations|censorship)\b"
-                r"(?=.{0,80}\b(?:answer|respond|reply|tell|act|you)\b)",
-    "fake_turn": r"^\s*(?:#{2,}\s*)?(?:system|assistant)\s*:\s|\[/?INST\]|<\|im_start\|>|<<SYS>>",
+                r"(?=.{0,80}?\b(?:answer|respond|reply|tell|act|you)\b)",
+    # Blanks other than newlines, possessive: a line start cannot reach into the next line.
+    "fake_turn": r"^[^\S\n]*+(?:#{2,}+[^\S\n]*+)?(?:system|assistant)[^\S\n]*+:\s|\[/?inst\]|<\|im_start\|>|<<sys>>",
 }
+TIMEOUT_RULE = "guard_timeout"  # the verdict's rule when the time budget ran out before every rule ran
 
 
 @dataclass
@@ -51,24 +59,44 @@ class Verdict:
 
 
 class InputGuard:
+    """Named rules over each text; `check` stops at its deadline with the rule `guard_timeout`.
+
+    Rules run on the `regex` engine, which can stop a search at a deadline (so a slow custom
+    pattern cannot hold a request, or a worker thread, for long) and lets go of the GIL while
+    it searches (so the event loop keeps serving meanwhile)."""
+
     def __init__(self, mode: str, special_tokens: Iterable[str] = (), extra_patterns: Iterable[str] = ()):
         self.mode = mode
-        rules = dict(RULES)
-        for i, pat in enumerate(extra_patterns):
-            rules[f"custom_{i}"] = pat
+        flags = regex.DOTALL | regex.MULTILINE
         try:
-            self._rules = [(name, re.compile(p, re.IGNORECASE | re.DOTALL | re.MULTILINE)) for name, p in rules.items()]
-        except re.error as e:
+            # (name, compiled, runs on the case-folded text): custom patterns keep their own case
+            # handling (IGNORECASE, as documented) and see the text as sent.
+            self._rules = [(name, regex.compile(p, flags), True) for name, p in RULES.items()]
+            self._rules += [(f"custom_{i}", regex.compile(p, flags | regex.IGNORECASE), False)
+                            for i, p in enumerate(extra_patterns)]
+        except regex.error as e:
             raise ConfigError(f"guards.extra_patterns: invalid regex: {e}") from None
         self._special = sorted({t for t in special_tokens if t and len(t) > 2}, key=len, reverse=True)
 
-    def check(self, texts: Iterable[str]) -> Verdict:
+    def check(self, texts: Iterable[str], deadline: float | None = None) -> Verdict:
+        """`deadline`: a `time.monotonic()` instant; rules not run by then make the verdict
+        flag or block with the rule `guard_timeout` (fail closed)."""
         if self.mode == "off":
             return Verdict("pass")
         hits: list[str] = []
         for text in texts:
-            for name, rx in self._rules:
-                if name not in hits and rx.search(text):
+            folded = text.casefold()
+            for name, rx, fold in self._rules:
+                if name in hits:
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                try:
+                    if left is not None and left <= 0:
+                        raise TimeoutError
+                    found = rx.search(folded if fold else text, timeout=left, concurrent=True)
+                except TimeoutError:
+                    return Verdict("block" if self.mode == "block" else "flag", hits + [TIMEOUT_RULE])
+                if found:
                     hits.append(name)
             if "special_token" not in hits and any(t in text for t in self._special):
                 hits.append("special_token")

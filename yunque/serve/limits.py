@@ -1,15 +1,19 @@
 """Rate limits per caller and the size gate in front of every route.
 
 `RateLimiter`: two token buckets per caller, requests/minute and tokens/minute, each full at
-start and refilled continuously. A request is charged `prompt + max_tokens x n` tokens up
-front (it cannot be known sooner what it will use) and the unused part is refunded when it
-finishes. Exactly `rpm` requests pass in a burst; the next gets 429 with Retry-After.
+start and refilled continuously. A generation request takes its request before its body is
+read (`take_request`), so a flood of costly requests is refused before any of their work; once
+its prompt is tokenized it is charged `prompt + max_tokens x n` tokens (`take_tokens`; it
+cannot be known sooner what it will use) and the part it did not generate is refunded when it
+finishes or its client leaves. Exactly `rpm` requests pass in a burst; the next gets 429 with
+Retry-After.
 
 `Gatekeeper`: pure ASGI middleware, outermost, cheapest check first: gives every response an
 `x-request-id`, answers 431 when the request headers exceed the cap, 401 without valid
 credentials (every path but the public ones, unknown paths included, so nothing is learned
-without a key), then 413 when the body exceeds its cap (read in full, bounded, before any
-route runs). All errors in OpenAI's shape.
+without a key), 429 past the caller's requests per minute (generation routes), then 413 when
+the body exceeds its cap (read in full, bounded, before any route runs). All errors in
+OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -85,6 +89,30 @@ class RateLimiter:
             tok.level -= tokens
             return Decision(True, self._headers(req, tok))
 
+    def take_request(self, who: Principal) -> Decision:
+        """One request from the caller's requests-per-minute bucket (tokens come later)."""
+        with self._lock:
+            req, tok = self._get(who, self.clock())
+            wait = req.wait_for(1)
+            if wait > 0:
+                return Decision(False, self._headers(req, tok), retry_after=wait, reason="requests",
+                                limit=int(req.capacity))
+            req.level -= 1
+            return Decision(True, self._headers(req, tok))
+
+    def take_tokens(self, who: Principal, tokens: int) -> Decision:
+        """`tokens` from the caller's tokens-per-minute bucket (its request was taken already)."""
+        with self._lock:
+            req, tok = self._get(who, self.clock())
+            if tokens > tok.capacity:
+                return Decision(False, self._headers(req, tok), reason="too_large", limit=int(tok.capacity))
+            wait = tok.wait_for(tokens)
+            if wait > 0:
+                return Decision(False, self._headers(req, tok), retry_after=wait, reason="tokens",
+                                limit=int(tok.capacity))
+            tok.level -= tokens
+            return Decision(True, self._headers(req, tok))
+
     def refund(self, who: Principal, tokens: int) -> None:
         if tokens <= 0:
             return
@@ -117,10 +145,13 @@ class Gatekeeper:
 
     def __init__(self, app, max_header_bytes: int, max_body_bytes: int,
                  authenticate: Callable[[str | None], Principal | None], public_paths: frozenset[str] = frozenset({"/health"}),
-                 on_reject: Callable[[str, int, dict], None] | None = None):
+                 on_reject: Callable[[str, int, dict], None] | None = None,
+                 take_request: Callable[[Principal], Decision] | None = None,
+                 limited_paths: frozenset[str] = frozenset()):
         self.app, self.max_header_bytes, self.max_body_bytes = app, max_header_bytes, max_body_bytes
         self.authenticate, self.public_paths = authenticate, public_paths
         self.on_reject = on_reject or (lambda reason, status, scope: None)  # for metrics and the audit log
+        self.take_request, self.limited_paths = take_request, limited_paths  # requests per minute, on POSTs there
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -148,6 +179,14 @@ class Gatekeeper:
                 return await self._error(send_with_id, 401, "Incorrect or missing API key or token: send `Authorization: Bearer <key>`",
                                          "invalid_api_key", [(b"www-authenticate", b"Bearer")])
             scope["state"]["principal"] = who
+            if self.take_request is not None and scope["method"] == "POST" and scope["path"] in self.limited_paths:
+                d = self.take_request(who)
+                if not d.ok:
+                    self.on_reject("rate_limit_requests", 429, scope)
+                    retry = max(1, math.ceil(d.retry_after))
+                    extra = [(k.encode(), v.encode()) for k, v in {**d.headers, "retry-after": str(retry)}.items()]
+                    return await self._error(send_with_id, 429, f"Rate limit reached for requests per minute (limit "
+                                             f"{d.limit}); retry in {retry}s", "rate_limit_exceeded", extra, "requests")
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             self.on_reject("body_too_large", 413, scope)
@@ -175,8 +214,9 @@ class Gatekeeper:
         await self.app(scope, replay, send_with_id)
 
     @staticmethod
-    async def _error(send, status: int, message: str, code: str, extra: list | None = None) -> None:
-        type_ = "authentication_error" if status == 401 else "invalid_request_error"
+    async def _error(send, status: int, message: str, code: str, extra: list | None = None,
+                     type_: str | None = None) -> None:
+        type_ = type_ or ("authentication_error" if status == 401 else "invalid_request_error")
         payload = json.dumps(error_body(message, type_, code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})

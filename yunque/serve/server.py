@@ -1,5 +1,6 @@
-"""Transport: the loopback-unless-authenticated bind policy, uvicorn's safe settings, the
-engine-to-event-loop mailbox and the server-sent-events response."""
+"""Transport: the loopback-unless-authenticated bind policy, uvicorn's safe settings (with read
+deadlines and a connection cap uvicorn lacks), the engine-to-event-loop mailbox and the
+server-sent-events response."""
 
 from __future__ import annotations
 
@@ -37,16 +38,81 @@ def check_bind(host: str, cfg: ServeConfig, auth: Authenticator) -> None:
 
 
 def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info"):
-    """uvicorn with the safe settings: h11 (bounded header parsing), no server header, no proxy
-    headers trusted, graceful drain of in-flight requests on SIGTERM/SIGINT."""
+    """uvicorn with the safe settings: h11 (bounded header parsing) with read deadlines and a
+    connection cap (`guarded_h11`), keep-alive timeout, no server header, no proxy headers
+    trusted, graceful drain of in-flight requests on SIGTERM/SIGINT."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, http="h11", h11_max_incomplete_event_size=2 * cfg.limits.max_header_bytes + 8192,
-                          server_header=False, proxy_headers=False, timeout_graceful_shutdown=cfg.drain_timeout_s,
-                          log_level=log_level, lifespan="on", access_log=False)
+    L = cfg.limits
+    # limit_concurrency: uvicorn's 503 when request tasks (which can outlive their connection)
+    # pile up past the connection cap; connections themselves are capped by the protocol.
+    protocol = guarded_h11(L.header_timeout_s, L.body_timeout_s, L.max_connections)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=L.keep_alive_s,
+                          h11_max_incomplete_event_size=2 * L.max_header_bytes + 8192,
+                          limit_concurrency=L.max_connections + 1, server_header=False, proxy_headers=False,
+                          timeout_graceful_shutdown=cfg.drain_timeout_s, log_level=log_level, lifespan="on",
+                          access_log=False)
+
+
+def guarded_h11(header_timeout: float, body_timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 protocol with what it lacks: a deadline for a request's headers (from the
+    connection, or from the first byte of a later request on it) and for its body (from the end
+    of the headers), and a cap on open connections. Without them a client that never finishes
+    its headers holds its connection, and a file descriptor, for ever. A late connection is
+    closed; one past the cap gets a 503 and is closed. A request being answered (generation,
+    streaming) has no deadline here."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    busy = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s")
+    body = dumps({"error": {"message": "The server is at its connection limit; retry shortly",
+                            "type": "server_overloaded", "param": None, "code": "overloaded"}}).encode()
+
+    class GuardedH11Protocol(H11Protocol):
+        _phase: str | None = None
+        _timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(busy % (len(body), body))
+                transport.close()
+                return
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            self._arm(None)
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            state = self.conn.their_state
+            self._arm("headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None)
+
+        def _arm(self, phase: str | None) -> None:
+            if phase == self._phase:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            self._phase, self._timer = phase, None
+            if phase is not None:
+                self._timer = self.loop.call_later(header_timeout if phase == "headers" else body_timeout, self._late)
+
+        def _late(self) -> None:
+            self._timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
 
 
 def run_server(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT; raises (exit code 1) if the server stopped because its
+    engine kept failing, so that a supervisor starts a fresh process."""
     import uvicorn
 
     # The engine thread gives up the GIL inside every torch op and must get it back while the
@@ -54,7 +120,12 @@ def run_server(app, host: str, port: int, cfg: ServeConfig, log_level: str = "in
     # can stall a decode step. 1 ms keeps steps moving (this process is the server, nothing else).
     sys.setswitchinterval(0.001)
 
-    uvicorn.Server(uvicorn_config(app, host, port, cfg, log_level)).run()
+    server = uvicorn.Server(uvicorn_config(app, host, port, cfg, log_level))
+    service = app.app.state.service
+    service.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if service.fatal:
+        raise YunqueError(f"serving stopped: {service.fatal}", exit_code=1)
 
 
 class Mailbox:

@@ -2,18 +2,27 @@
 audit log, admits generation requests and turns the engine's events into OpenAI responses.
 
 Order of work for a generation request, cheapest and safest first: the Gatekeeper (request
-id, header cap, auth, body cap) -> schema validation (400) -> model id, limits from the config
-(400) -> input guard (400 when blocking) -> chat template + tokenize, prompt caps (400) ->
-rate limit (429) -> admission (429 "overloaded") -> generation, streamed or not, through the
-output guard -> usage, metrics, audit line. Every error has OpenAI's shape; a 5xx means a bug.
+id, header cap, auth, requests per minute, body cap) -> schema validation (400) -> model id,
+limits from the config, input size (400) -> in a worker thread, within a time budget: input
+guard (400 when blocking), chat template + tokenize -> prompt caps (400) -> tokens per minute
+(429) -> admission (429 "overloaded", 503 when the engine is down) -> generation, streamed or
+not, through the output guard -> usage, metrics, audit line. Every error has OpenAI's shape;
+a 500 is a bug or a failure of that request's own generation (non-finite logits).
+
+The event loop only parses, routes and streams: what grows with the input (guards, template,
+tokenizer) runs in `_PREP_WORKERS` threads, so /health and other clients are answered while
+a large request is being checked. A client that leaves is charged, and audited, for the
+tokens generated until it left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -24,14 +33,19 @@ from yunque.chat import apply_chat_template
 from yunque.errors import ConfigError, YunqueError
 from yunque.serve.auth import Principal
 from yunque.serve.config import ServeConfig
-from yunque.serve.engine import Engine, Overloaded, SeqParams
-from yunque.serve.guards import AuditLog, InputGuard, OutputGuard, Verdict
+from yunque.serve.engine import Engine, EngineDown, Overloaded, SeqParams
+from yunque.serve.guards import TIMEOUT_RULE, AuditLog, InputGuard, OutputGuard, Verdict
 from yunque.serve.limits import RateLimiter, error_body
 from yunque.serve.metrics import Metrics
 from yunque.serve.schemas import SEED_MAX, ChatCompletionRequest, CompletionRequest
 from yunque.serve.server import Mailbox, SSEResponse, dumps
 
 _POLL_S = 0.25  # how often a waiting handler checks that its client is still there (cancel within 1 s)
+_PREP_WORKERS = 4  # threads for guards + chat template + tokenizer; more requests wait for one
+# A dead engine thread is started again this many times per window; past that the server stops
+# (non-zero exit) so that its supervisor starts a fresh process.
+_MAX_RESTARTS, _RESTART_WINDOW_S = 3, 600.0
+log = logging.getLogger(__name__)
 # The route labels of metrics and audit lines: a bounded set, whatever paths clients send.
 _ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/models": "models",
            "/metrics": "metrics", "/health": "health", "/openapi.json": "openapi"}
@@ -39,10 +53,12 @@ _ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None, reason: str = "invalid_request"):
+                 param: str | None = None, headers: dict[str, str] | None = None, reason: str = "invalid_request",
+                 audited: bool = False):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers, self.reason = headers or {}, reason
+        self.audited = audited  # an admitted job's failure: `_finish` wrote its audit line and metrics
 
 
 @dataclass
@@ -90,7 +106,7 @@ class Job:
 
 class Service:
     """One server's state (engine, limiter, guards, metrics, audit log) and the work of its routes:
-    `chat`, `completion`, `models`, `healthy`, and `rejected` for every refusal; `lifespan` starts
+    `chat`, `completion`, `models`, `health`, and `rejected` for every refusal; `lifespan` starts
     and drains the engine."""
 
     def __init__(self, model, tokenizer, cfg: ServeConfig, model_name: str):
@@ -101,13 +117,17 @@ class Service:
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.metrics = Metrics()
         self.engine = Engine(model, tokenizer, L.max_batch, L.max_len, L.max_queue, L.max_prefill_tokens,
-                             on_step=self._on_step)
+                             on_step=self._on_step, on_death=self._on_engine_death)
         self.limiter = RateLimiter(L.rpm, L.tpm)
         self.in_guard = InputGuard(cfg.guards.input, _special_tokens(tokenizer), cfg.guards.extra_patterns)
         self.out_guard = OutputGuard(cfg.guards.output, cfg.guards.holdback)
         self.audit = AuditLog(cfg.audit.path, cfg.audit.log_prompts)
         self.mailbox = Mailbox()
         self.created = int(time.time())
+        self._prep = ThreadPoolExecutor(_PREP_WORKERS, thread_name_prefix="yunque-prep")
+        self._deaths: list[float] = []  # when the engine thread died (monotonic), for the restart budget
+        self.fatal: str | None = None  # why the server gave up on its engine (then it exits non-zero)
+        self.on_fatal = lambda: None  # set by run_server: stop the server
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -116,15 +136,39 @@ class Service:
         yield
         # uvicorn has already waited for in-flight requests (graceful shutdown); nothing is left to run
         await asyncio.to_thread(self.engine.stop, self.cfg.drain_timeout_s)
+        self._prep.shutdown(wait=False, cancel_futures=True)
         self.audit.close()
 
     def _on_step(self, e: Engine) -> None:
         self.metrics.queue_depth.set(e.queue_depth)
         self.metrics.running.set(e.n_running)
 
-    @property
-    def healthy(self) -> bool:
-        return self.engine.error is None
+    def _on_engine_death(self, e: BaseException) -> None:
+        """From the dying engine thread (its requests have their errors): restart it on the loop."""
+        try:
+            self.mailbox.loop.call_soon_threadsafe(self._restart_engine, e)
+        except RuntimeError:  # the loop is closed: the server is going away anyway
+            pass
+
+    def _restart_engine(self, e: BaseException) -> None:
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < _RESTART_WINDOW_S] + [now]
+        if len(self._deaths) <= _MAX_RESTARTS:
+            log.warning("restarting the serving engine after %s: %s", type(e).__name__, e)
+            self.engine.start()
+            return
+        self.fatal = (f"the engine failed {len(self._deaths)} times in {_RESTART_WINDOW_S:.0f} s, "
+                      f"last with {type(e).__name__}: {e}")
+        log.error("giving up: %s", self.fatal)
+        self.on_fatal()
+
+    def health(self) -> tuple[bool, dict]:
+        """(serving, body of /health): why not, when the engine is down; restarts so far."""
+        e = self.engine
+        body: dict = {"status": "ok" if e.error is None else "engine_failed", "engine_restarts": e.restarts}
+        if e.error is not None:
+            body["error"] = self.fatal or f"the engine thread died ({type(e.error).__name__}: {e.error}); restarting"
+        return e.error is None, body
 
     def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "yunque"}
@@ -143,13 +187,22 @@ class Service:
     # -- the two generation routes -----------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_model_and_n(req)
-        verdict = self._guard_input(req.messages and [m.text() for m in req.messages if m.role != "system"])
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        try:
-            text = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True)
-        except YunqueError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_value") from None
-        ids = self.tokenizer.encode(text)
+        self._check_size([m["content"] for m in messages] + [m.get("name", "") for m in messages], "messages")
+        guarded = [m["content"] for m in messages if m["role"] != "system"]
+
+        def prepare(deadline: float) -> tuple[Verdict, str | None, list[int] | None]:
+            verdict = self.in_guard.check(guarded, deadline)
+            if verdict.verdict == "block":
+                return verdict, None, None
+            try:
+                text = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True)
+            except YunqueError as e:
+                raise APIError(400, str(e), param="messages", code="invalid_value") from None
+            return verdict, text, self.tokenizer.encode(text)
+
+        verdict, text, ids = await self._offload(prepare)
+        self._count_verdict(verdict)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         job, max_tokens = self._admit("chat", request, req, [ids], max_tokens, verdict)
         self._submit(job, req, max_tokens)
@@ -158,9 +211,17 @@ class Service:
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model_and_n(req)
         prompts = req.prompts()
-        verdict = self._guard_input(prompts)
+        self._check_size(prompts, "prompt")
         tok = self.tokenizer
-        ids = [tok.encode(p, add_special_tokens=True) or [tok.bos_id or 0] for p in prompts]
+
+        def prepare(deadline: float) -> tuple[Verdict, list[list[int]] | None]:
+            verdict = self.in_guard.check(prompts, deadline)
+            if verdict.verdict == "block":
+                return verdict, None
+            return verdict, [tok.encode(p, add_special_tokens=True) or [tok.bos_id or 0] for p in prompts]
+
+        verdict, ids = await self._offload(prepare)
+        self._count_verdict(verdict)
         job, max_tokens = self._admit("completion", request, req, ids, req.max_tokens, verdict)
         self._submit(job, req, max_tokens)
         return await self._reply(job, req, request, "completion", "\n".join(prompts))
@@ -175,14 +236,43 @@ class Service:
             raise APIError(400, f"n: at most {self.limits.max_n} choices per request, got {n}", param="n",
                            code="invalid_value")
 
-    def _guard_input(self, texts: list[str]) -> Verdict:
-        v = self.in_guard.check(texts)
+    def _check_size(self, texts: list[str], param: str) -> None:
+        """Bound the text before any pattern, template or tokenizer sees it."""
+        n, cap = sum(map(len, texts)), self.limits.max_input_chars
+        if n > cap:
+            raise APIError(400, f"{param}: {n} characters in all, over this server's limit of {cap}", param=param,
+                           code="string_above_max_length", reason="input_too_large")
+
+    async def _offload(self, prepare):
+        """`prepare(deadline)` in a worker thread, awaited for at most `limits.prep_timeout_s`.
+        The input guard stops itself at the deadline (`regex` checks it only now and then, so
+        it may run over by seconds); a template or tokenizer that runs over keeps its worker
+        until it ends. Either way the request is answered when the budget is spent."""
+        budget = self.limits.prep_timeout_s
+        deadline = time.monotonic() + budget
+        started = []
+
+        def run():
+            started.append(True)
+            return prepare(deadline)
+
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._prep, run), budget)
+        except asyncio.TimeoutError:
+            if not started:  # every worker busy for the whole budget
+                raise APIError(429, "The server is overloaded (no worker free to check the input); retry shortly",
+                               type_="server_overloaded", code="overloaded", headers={"retry-after": "1"},
+                               reason="overloaded") from None
+            raise _too_complex(budget) from None
+
+    def _count_verdict(self, v: Verdict) -> None:
         if self.in_guard.mode != "off":
             self.metrics.guard.labels("input", v.verdict).inc()
+        if v.verdict == "block" and TIMEOUT_RULE in v.rules:
+            raise _too_complex(self.limits.prep_timeout_s)
         if v.verdict == "block":
             raise APIError(400, f"the input was refused by the prompt-injection guard (rules: {', '.join(v.rules)})",
                            code="content_policy_violation", param="messages", reason="guard_block")
-        return v
 
     def _admit(self, kind: str, request: Request, req, prompt_ids: list[list[int]], max_tokens: int | None,
                verdict: Verdict) -> tuple[Job, int]:
@@ -209,7 +299,7 @@ class Service:
         unique = sum(len(p) for p in prompt_ids)
         charge = unique + max_tokens * len(choices)
         who: Principal = request.scope["state"]["principal"]
-        d = self.limiter.acquire(who, charge)
+        d = self.limiter.take_tokens(who, charge)  # requests per minute: taken by the Gatekeeper already
         if not d.ok:
             if d.reason == "too_large":
                 raise APIError(400, f"this request may use {charge} tokens, more than your limit of {d.limit} "
@@ -238,6 +328,10 @@ class Service:
             self.limiter.refund(job.who, job.charged)
             raise APIError(429, f"The server is overloaded ({e}); retry shortly", type_="server_overloaded",
                            code="overloaded", headers={"retry-after": "1"}, reason="overloaded") from None
+        except EngineDown as e:
+            self.limiter.refund(job.who, job.charged)
+            raise APIError(503, f"The server cannot generate right now ({e}); retry shortly", type_="server_error",
+                           code="engine_unavailable", headers={"retry-after": "5"}, reason="engine_down") from None
 
     # -- generation ------------------------------------------------------------------------
     async def _events(self, job: Job, request: Request):
@@ -258,8 +352,10 @@ class Service:
                 if await request.is_disconnected():
                     return
             for i, ev in batch:
-                if ev[0] == "error":
-                    raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error")
+                if ev[0] == "error":  # this request's generation failed (the engine goes on)
+                    job.status = "failed"
+                    raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error",
+                                   audited=True)
                 if ev[0] == "done":
                     pending -= 1
                     job.finish[i] = ev[1]
@@ -274,11 +370,16 @@ class Service:
         if job.accounted:
             return
         job.accounted = True
+        if job.status == "failed":
+            status = 500
         m = self.metrics
         if any(f is None for f in job.finish):
             self.engine.cancel(job.seqs)
             m.cancelled.inc(sum(f is None for f in job.finish))
-            job.status = "cancelled"
+            job.status = "cancelled" if job.status != "failed" else job.status
+            # Charge, count and audit what was generated, also for the choices the client left
+            # (or that failed) before their "done": the engine's own count, read now.
+            job.completion_tokens = max(job.completion_tokens, sum(s.generated for s in job.seqs))
         self.limiter.refund(job.who, job.charged - job.n_unique_prompt_tokens - job.completion_tokens)
         dt = time.monotonic() - job.t0
         m.requests.labels(route, str(status)).inc()
@@ -366,6 +467,11 @@ class Service:
             yield "data: " + dumps(error_body(e.message, e.type, e.code)) + "\n\n"
         finally:
             self._finish(job, route, 200, prompt_text)
+
+
+def _too_complex(budget: float) -> APIError:
+    return APIError(400, f"the input could not be checked and tokenized within this server's time budget of "
+                    f"{budget:g} s; send a shorter or simpler input", code="input_too_complex", reason="prep_timeout")
 
 
 def _special_tokens(tokenizer) -> set[str]:
