@@ -52,7 +52,9 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
     never trains, so it runs at the base model's speed. `quantize_base=None` merges a QLoRA
     adapter into the NF4-dequantised base it was trained on; False into the original weights.
     """
-    model_dir = Path(model_dir)
+    from yunque.models import resolve_model
+
+    model_dir = resolve_model(model_dir)
     if not model_dir.is_dir():
         raise YunqueError(f"{model_dir}: model directory not found")
     dev = resolve_device(device)

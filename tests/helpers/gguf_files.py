@@ -61,20 +61,25 @@ def quantize(w: np.ndarray, qtype: str, rng: np.random.Generator):
         return w.astype(np.float32), None
     if qtype == "F16":
         return w.astype(np.float16), None
-    if qtype in KQUANT_SCALES:  # gguf-py cannot quantise k-quants: random blocks with small, finite scales
-        block, size = gguf.GGML_QUANT_SIZES[q]
-        blocks = rng.integers(0, 256, (w.size // block, size), dtype=np.uint8)
-        for off in KQUANT_SCALES[qtype]:
-            blocks[:, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
-        return blocks.reshape(w.shape[0], -1), q
-    return gguf.quants.quantize(w.astype(np.float32), q), q
+    if qtype not in KQUANT_SCALES:
+        try:
+            return gguf.quants.quantize(w.astype(np.float32), q), q
+        except NotImplementedError:
+            pass
+    # gguf-py cannot quantise these: random blocks, with small finite scales where the layout is known
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    blocks = rng.integers(0, 256, (w.size // block, size), dtype=np.uint8)
+    for off in KQUANT_SCALES.get(qtype, ()):
+        blocks[:, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    return blocks.reshape(w.shape[0], -1), q
 
 
-def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype: str = "F16", pre: str = "smollm",
-               name: str = "Tiny", meta: dict | None = None, skip: tuple[str, ...] = (),
+def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype="F16", pre: str = "smollm",
+               name: str = "Tiny", meta: dict | None = None, skip: tuple[str, ...] = (), extra: dict | None = None,
                tokens: tuple | None = None, seed: int = 0) -> Path:
-    """`hf_model` (a transformers Llama/Qwen2 model) as a GGUF file; 2-D weights in `qtype`, norms in F32.
-    `meta` overrides or adds metadata keys ({key: None} drops one); `skip` leaves tensors out."""
+    """`hf_model` (a transformers Llama/Qwen2 model) as a GGUF file; 2-D weights in `qtype` (or
+    `qtype(gguf_name, array)`), norms in F32. `meta` overrides or adds metadata keys ({key: None}
+    drops one); `skip` leaves tensors out; `extra` adds tensors (GGUF name -> tensor, in F32)."""
     import gguf
 
     cfg = hf_model.config
@@ -125,8 +130,11 @@ def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype: str = "F16",
             a = _llama_permute(a, cfg.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gname:
             a = _llama_permute(a, cfg.num_key_value_heads)
-        data, raw = quantize(a, qtype if a.ndim == 2 else "F32", rng)
+        kind = qtype(gname, a) if callable(qtype) else qtype if a.ndim == 2 else "F32"
+        data, raw = quantize(a, kind, rng)
         w.add_tensor(gname, data, raw_dtype=raw)
+    for gname, t in (extra or {}).items():
+        w.add_tensor(gname, t.float().numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -151,3 +159,27 @@ def hf_tiny(arch: str = "llama", *, vocab_size: int, hidden: int = 64, ffn: int 
             if n.endswith("norm.weight") or n.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def sp_vocab(vocab_size: int) -> tuple[list[str], list[int], list[float]]:
+    """(tokens, token types, scores) of a SentencePiece-style BPE vocabulary as llama.cpp stores
+    Llama 2's: <unk>, <s>, </s>, 256 byte tokens, then pieces scored by merge order."""
+    key = ("sp", vocab_size)
+    if key in _vocab_cache:
+        return _vocab_cache[key]
+    from tok_helpers import MIXED
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    n_chars = len({c for s in MIXED for c in s.replace(" ", "\u2581")})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 259, show_progress=False, limit_alphabet=n_chars)
+    tok.train_from_iterator(MIXED * 20, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    rank = {("".join(m) if isinstance(m, list) else m.replace(" ", "")): i for i, m in enumerate(model["merges"])}
+    pieces = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(rank.get(p, len(rank) + i)) for i, p in enumerate(pieces)]
+    _vocab_cache[key] = tokens, types, scores
+    return tokens, types, scores

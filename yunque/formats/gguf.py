@@ -19,6 +19,7 @@ CheckpointError naming it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -256,20 +257,37 @@ def _plan(reader, meta: dict, path) -> tuple[dict, list[tuple[str, Any]]]:
     return d, plan
 
 
-def _dequantized(t, cfg: dict, permute: bool) -> np.ndarray:
-    """A tensor as float32 in HF's layout."""
+def _pieces(t, cfg: dict, permute: bool):
+    """A tensor as float32 arrays in HF's layout, a block of rows at a time (one block for q/k)."""
     gguf = _gguf()
-    w = gguf.quants.dequantize(t.data, t.tensor_type)
     name = t.name
     if permute and (".attn_q." in name or ".attn_k." in name):
         # llama.cpp's converter interleaves each head's rotary halves into (x0, x_half, x1, ...) pairs.
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
         n = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
-        w = w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    return w
+        yield w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return
+    # Rows dequantise independently; blocks of them keep the float32 copies small (an embedding is the largest).
+    step = len(t.data) if t.data.ndim == 1 else max(1, _BLOCK_ELEMENTS // max(1, int(t.n_elements) // len(t.data)))
+    for i in range(0, len(t.data), step):
+        yield gguf.quants.dequantize(t.data[i:i + step], t.tensor_type)
+
+
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _release(reader, t) -> None:
+    """Drop the source tensor's pages from RSS: each is read once."""
+    try:
+        page = mmap.PAGESIZE
+        start = t.data_offset // page * page
+        reader.data._mmap.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _write_weights(path: Path, plan: list, cfg: dict, dtype: torch.dtype, src) -> None:
+def _write_weights(path: Path, reader, plan: list, cfg: dict, dtype: torch.dtype, src) -> None:
     """model.safetensors written tensor by tensor (the safetensors library wants them all in memory)."""
     permute = cfg["architectures"][0] != "Qwen2ForCausalLM"
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -288,10 +306,12 @@ def _write_weights(path: Path, plan: list, cfg: dict, dtype: torch.dtype, src) -
             if hf == "__metadata__":
                 continue
             t = by_name[hf]
-            w = torch.from_numpy(np.require(_dequantized(t, cfg, permute), requirements=("C", "W")))
-            if not bool(torch.isfinite(w).all()):
-                raise CheckpointError(f"{src}: tensor {t.name} holds NaN or infinite values (corrupt file)")
-            f.write(w.to(dtype).contiguous().view(-1).view(torch.uint8).numpy().data)
+            for piece in _pieces(t, cfg, permute):
+                w = torch.from_numpy(np.require(piece, requirements=("C", "W")))
+                if not bool(torch.isfinite(w).all()):
+                    raise CheckpointError(f"{src}: tensor {t.name} holds NaN or infinite values (corrupt file)")
+                f.write(w.to(dtype).contiguous().view(-1).view(torch.uint8).numpy().data)
+            _release(reader, t)
 
 
 def import_gguf(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", quiet: bool = True) -> Path:
@@ -317,7 +337,7 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str | torch.dtype = "fl
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_weights(tmp / "model.safetensors", plan, cfg, dtype, src)
+        _write_weights(tmp / "model.safetensors", reader, plan, cfg, dtype, src)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config_from_hf(cfg), dtype), indent=2) + "\n")
         for name, content in files.items():
             (tmp / name).write_text(content, encoding="utf-8")

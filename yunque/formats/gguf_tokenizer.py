@@ -68,7 +68,7 @@ def _byte_level(meta: dict, tokens: list[str], path) -> RustTokenizer:
         if len(parts) != 2 or not all(parts):
             raise CheckpointError(f"{path}: tokenizer.ggml.merges[{i}] {m!r} is not two tokens separated by a space")
         merges.append((parts[0], parts[1]))
-    rust = RustTokenizer(models.BPE(vocab=_vocab(tokens, path), merges=merges, ignore_merges=ignore_merges))
+    rust = RustTokenizer(_bpe(path, vocab=_vocab(tokens, path), merges=merges, ignore_merges=ignore_merges))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if split is not None:
         steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False))
@@ -91,14 +91,21 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int], path) -> Rus
     # Highest-scoring result first; for one result, the longest left piece first.
     found.sort(key=lambda m: (-m[0], -m[1]))
     unk = next((t for t, kind in zip(tokens, types) if kind == UNKNOWN), None)
-    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[(m[2], m[3]) for m in found], unk_token=unk,
-                                    fuse_unk=True, byte_fallback=True))
+    rust = RustTokenizer(_bpe(path, vocab=vocab, merges=[(m[2], m[3]) for m in found], unk_token=unk,
+                              fuse_unk=True, byte_fallback=True))
     prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
     rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always" if prefix else "never",
                                                   split=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     rust.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
     return rust
+
+
+def _bpe(path, **kw) -> models.BPE:
+    try:
+        return models.BPE(**kw)
+    except Exception as e:  # noqa: BLE001  (the Rust side reports a merge of unknown tokens as a bare Exception)
+        raise CheckpointError(f"{path}: inconsistent tokenizer vocabulary ({e})") from None
 
 
 def _vocab(tokens: list[str], path) -> dict[str, int]:
