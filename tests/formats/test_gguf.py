@@ -3,6 +3,7 @@ own GGUF loader (weights, logits, tokenizer ids), the config it derives, and eve
 
 import hashlib
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -36,8 +37,9 @@ CASES = {
 
 
 def _hf_from_gguf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def _assert_parity(path, out, vocab):
@@ -94,9 +96,15 @@ def test_output_dtype(tmp_path, dtype):
 
 def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
     tokens, types, scores = sp_vocab(500)
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": None, "tokenizer.ggml.merges": None,
-            "tokenizer.ggml.scores": scores, "tokenizer.ggml.add_bos_token": True,
-            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.padding_token_id": None}
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": None,
+        "tokenizer.ggml.merges": None,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.padding_token_id": None,
+    }
     path = write_gguf(tmp_path / "sp.gguf", hf_tiny(vocab_size=len(tokens)), tokens=(tokens, types, []), meta=meta)
     out = import_gguf(path, tmp_path / "sp")
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
@@ -109,9 +117,14 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
 
 
 def test_config_tokenizer_files_and_provenance(tmp_path):
-    meta = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0, "llama.context_length": 512,
-            "llama.rope.freq_base": 123456.0, "llama.attention.layer_norm_rms_epsilon": 1e-6,
-            "tokenizer.chat_template.tool_use": "{{ messages[0]['content'] }}"}
+    meta = {
+        "llama.rope.scaling.type": "linear",
+        "llama.rope.scaling.factor": 2.0,
+        "llama.context_length": 512,
+        "llama.rope.freq_base": 123456.0,
+        "llama.attention.layer_norm_rms_epsilon": 1e-6,
+        "tokenizer.chat_template.tool_use": "{{ messages[0]['content'] }}",
+    }
     path = write_gguf(tmp_path / "m.gguf", hf_tiny(vocab_size=VOCAB), meta=meta, name="Mistral Tiny")
     out = import_gguf(path, tmp_path / "m")
     cfg = json.loads((out / "config.json").read_text())
@@ -120,8 +133,10 @@ def test_config_tokenizer_files_and_provenance(tmp_path):
     assert (cfg["rope_theta"], cfg["rms_norm_eps"], cfg["max_position_embeddings"]) == (123456.0, 1e-6, 512)
     assert (cfg["head_dim"], cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (16, 1, 2, 2)
     tc = json.loads((out / "tokenizer_config.json").read_text())
-    assert tc["chat_template"] == [{"name": "default", "template": CHATML},
-                                   {"name": "tool_use", "template": "{{ messages[0]['content'] }}"}]
+    assert tc["chat_template"] == [
+        {"name": "default", "template": CHATML},
+        {"name": "tool_use", "template": "{{ messages[0]['content'] }}"},
+    ]
     assert (tc["bos_token"], tc["eos_token"], tc["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     record = json.loads((out / "gguf_import.json").read_text())
@@ -135,6 +150,55 @@ def test_config_tokenizer_files_and_provenance(tmp_path):
         a = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
         b = load_model(out)(ids)
     assert (a - b).abs().max() <= 1e-5
+
+
+def _llama_cpp_rope_factors(theta, head_dim, factor, low, high, orig):
+    """What llama.cpp's converter writes as rope_freqs.weight for Llama 3.1's rope_scaling."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("orig", [64, 8192])
+def test_llama3_rope_from_rope_freqs(tmp_path, orig):
+    """Llama 3.1-style files carry their RoPE scaling as per-frequency factors; the config gets it back.
+    (transformers' GGUF loader drops the tensor, so the oracle is the original model.)"""
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": orig,
+    }
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * orig,
+        rope_theta=500000.0,
+        rope_scaling=dict(scaling),
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    factors = _llama_cpp_rope_factors(500000.0, 64, 8.0, 1.0, 4.0, orig)
+    path = write_gguf(tmp_path / "l3.gguf", hf, extra={"rope_freqs.weight": factors}, qtype="F32")
+    out = import_gguf(path, tmp_path / "l3")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == scaling
+    ids = torch.randint(3, VOCAB, (1, 40))
+    with torch.no_grad():
+        assert (hf(ids).logits - load_model(out)(ids)).abs().max() <= 1e-4
 
 
 def test_cli_import_and_reimport(tmp_path, capsys):
@@ -160,31 +224,55 @@ def _refused(tmp_path, match, **kw):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(meta={"general.architecture": "phi3"}), r"architecture 'phi3' is not supported \(supported: llama, qwen2"),
-    (dict(meta={"tokenizer.ggml.model": "bert"}), r"tokenizer model 'bert' is not supported \(supported: gpt2, llama\)"),
-    (dict(pre="smollm", meta={"tokenizer.ggml.pre": "default"}), r"tokenizer.ggml.pre 'default' is not supported"),
-    (dict(meta={"tokenizer.ggml.model": None}), r"has no tokenizer"),
-    (dict(meta={"llama.rope.scaling.type": "yarn"}), r"rope.scaling.type 'yarn' is not supported"),
-    (dict(meta={"llama.attention.head_count_kv": 1}), r"tensor blk.0.attn_k.weight has shape \[32, 64\], the metadata needs \[16, 64\]"),
-    (dict(meta={"llama.block_count": None}), r"metadata llama.block_count is missing"),
-    (dict(skip=("blk.1.ffn_down.weight",)), r"missing tensor model.layers.1.mlp.down_proj.weight"),
-    (dict(meta={"tokenizer.ggml.merges": ["Ġ zzz"]}), r"inconsistent tokenizer vocabulary"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (
+            dict(meta={"general.architecture": "phi3"}),
+            r"architecture 'phi3' is not supported \(supported: llama, qwen2",
+        ),
+        (
+            dict(meta={"tokenizer.ggml.model": "bert"}),
+            r"tokenizer model 'bert' is not supported \(supported: gpt2, llama\)",
+        ),
+        (dict(pre="smollm", meta={"tokenizer.ggml.pre": "default"}), r"tokenizer.ggml.pre 'default' is not supported"),
+        (dict(meta={"tokenizer.ggml.model": None}), r"has no tokenizer"),
+        (dict(meta={"llama.rope.scaling.type": "yarn"}), r"rope.scaling.type 'yarn' is not supported"),
+        (
+            dict(meta={"llama.attention.head_count_kv": 1}),
+            r"tensor blk.0.attn_k.weight has shape \[32, 64\], the metadata needs \[16, 64\]",
+        ),
+        (dict(meta={"llama.block_count": None}), r"metadata llama.block_count is missing"),
+        (dict(skip=("blk.1.ffn_down.weight",)), r"missing tensor model.layers.1.mlp.down_proj.weight"),
+        (dict(meta={"tokenizer.ggml.merges": ["Ġ zzz"]}), r"inconsistent tokenizer vocabulary"),
+    ],
+)
 def test_refusals_name_the_file_and_the_problem(tmp_path, kw, match):
     _refused(tmp_path, match, **kw)
 
 
 def test_unknown_quantisation_type_is_named(tmp_path):
-    _refused(tmp_path, r"tensor blk.0.ffn_up.weight has type IQ4_NL, which yunque cannot dequantise \(supported: F32",
-             qtype=lambda name, a: "IQ4_NL" if name == "blk.0.ffn_up.weight" else ("F16" if a.ndim == 2 else "F32"))
+    _refused(
+        tmp_path,
+        r"tensor blk.0.ffn_up.weight has type IQ4_NL, which yunque cannot dequantise \(supported: F32",
+        qtype=lambda name, a: "IQ4_NL" if name == "blk.0.ffn_up.weight" else ("F16" if a.ndim == 2 else "F32"),
+    )
 
 
 def test_unexpected_and_nonfinite_tensors(tmp_path):
     hf = hf_tiny(vocab_size=VOCAB)
-    _refused(tmp_path, r"tensor rope_freqs.weight .*not supported", model=hf, extra={"rope_freqs.weight": torch.ones(8)})
-    _refused(tmp_path, r"tensor blk.0.attn_sinks.weight has no Hugging Face counterpart", model=hf,
-             extra={"blk.0.attn_sinks.weight": torch.ones(4)})
+    _refused(
+        tmp_path,
+        r"tensor rope_freqs.weight holds per-frequency RoPE factors that no llama3 rope_scaling reproduces",
+        model=hf,
+        extra={"rope_freqs.weight": torch.linspace(1, 3, 8) ** 2},
+    )
+    _refused(
+        tmp_path,
+        r"tensor blk.0.attn_sinks.weight has no Hugging Face counterpart",
+        model=hf,
+        extra={"blk.0.attn_sinks.weight": torch.ones(4)},
+    )
     with torch.no_grad():
         hf.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     _refused(tmp_path, r"tensor blk.1.ffn_up.weight holds NaN or infinite values", model=hf, qtype="F32")
@@ -196,7 +284,7 @@ def test_truncated_and_corrupt_files(tmp_path):
         "empty": (b"", "not a GGUF file"),
         "magic": (b"GGML" + good[4:], "not a GGUF file"),
         "header": (good[:30], "truncated or corrupt GGUF file"),
-        "metadata": (good[:len(good) // 50], "truncated or corrupt GGUF file"),
+        "metadata": (good[: len(good) // 50], "truncated or corrupt GGUF file"),
         "tensors": (good[:-1000], "truncated or corrupt GGUF file"),
         "version": (good[:4] + struct.pack("<I", 99) + good[8:], "corrupt GGUF file"),
     }
@@ -215,7 +303,7 @@ def test_overlong_array_is_an_error_not_a_hang(tmp_path):
     data = bytearray(write_gguf(tmp_path / "good.gguf", hf_tiny(vocab_size=VOCAB)).read_bytes())
     key = b"tokenizer.ggml.token_type"
     at = data.index(key) + len(key) + 8  # past the value type (ARRAY) and the item type (INT32): the length
-    data[at:at + 8] = struct.pack("<Q", 2**40)
+    data[at : at + 8] = struct.pack("<Q", 2**40)
     (tmp_path / "long.gguf").write_bytes(data)
     code = textwrap.dedent(f"""
         from yunque.formats.gguf import open_gguf
@@ -243,8 +331,17 @@ def catalogue(tmp_path, monkeypatch):
     from yunque import models
 
     path = write_gguf(tmp_path / "tiny.gguf", hf_tiny(vocab_size=VOCAB), qtype="Q8_0")
-    entry = models.PretrainedModel("tiny-chat", "tiny-pkg", "1.0", "tiny/tiny.gguf",
-                                   hashlib.sha256(path.read_bytes()).hexdigest(), "LlamaForCausalLM", 1, "MIT", "tiny")
+    entry = models.PretrainedModel(
+        "tiny-chat",
+        "tiny-pkg",
+        "1.0",
+        "tiny/tiny.gguf",
+        hashlib.sha256(path.read_bytes()).hexdigest(),
+        "LlamaForCausalLM",
+        1,
+        "MIT",
+        "tiny",
+    )
     monkeypatch.setitem(models.CATALOGUE, "tiny-chat", entry)
     monkeypatch.setattr(models, "locate", lambda m: path if m.name == "tiny-chat" else None)
     monkeypatch.setenv("YUNQUE_CACHE", str(tmp_path / "cache"))

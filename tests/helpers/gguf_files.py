@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Where the fp16 scales sit in each k-quant block (ggml's block_q*_K layouts), so random blocks dequantise finite.
 KQUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
@@ -36,8 +38,12 @@ def bpe_vocab(pre: str, vocab_size: int) -> tuple[list[str], list[int], list[str
         steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_regex))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(MIXED * 20, trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
@@ -70,13 +76,24 @@ def quantize(w: np.ndarray, qtype: str, rng: np.random.Generator):
     block, size = gguf.GGML_QUANT_SIZES[q]
     blocks = rng.integers(0, 256, (w.size // block, size), dtype=np.uint8)
     for off in KQUANT_SCALES.get(qtype, ()):
-        blocks[:, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+        blocks[:, off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
     return blocks.reshape(w.shape[0], -1), q
 
 
-def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype="F16", pre: str = "smollm",
-               name: str = "Tiny", meta: dict | None = None, skip: tuple[str, ...] = (), extra: dict | None = None,
-               tokens: tuple | None = None, seed: int = 0) -> Path:
+def write_gguf(
+    path: Path,
+    hf_model,
+    *,
+    arch: str = "llama",
+    qtype="F16",
+    pre: str = "smollm",
+    name: str = "Tiny",
+    meta: dict | None = None,
+    skip: tuple[str, ...] = (),
+    extra: dict | None = None,
+    tokens: tuple | None = None,
+    seed: int = 0,
+) -> Path:
     """`hf_model` (a transformers Llama/Qwen2 model) as a GGUF file; 2-D weights in `qtype` (or
     `qtype(gguf_name, array)`), norms in F32. `meta` overrides or adds metadata keys ({key: None}
     drops one); `skip` leaves tensors out; `extra` adds tensors (GGUF name -> tensor, in F32)."""
@@ -88,18 +105,27 @@ def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype="F16", pre: s
     w = gguf.GGUFWriter(str(path), (meta or {}).get("general.architecture", arch))
     kv: dict = {
         "general.name": name,
-        f"{arch}.context_length": cfg.max_position_embeddings, f"{arch}.embedding_length": cfg.hidden_size,
-        f"{arch}.block_count": cfg.num_hidden_layers, f"{arch}.feed_forward_length": cfg.intermediate_size,
+        f"{arch}.context_length": cfg.max_position_embeddings,
+        f"{arch}.embedding_length": cfg.hidden_size,
+        f"{arch}.block_count": cfg.num_hidden_layers,
+        f"{arch}.feed_forward_length": cfg.intermediate_size,
         f"{arch}.attention.head_count": cfg.num_attention_heads,
         f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
         f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
-        f"{arch}.rope.freq_base": float(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None)
-                                        else cfg.rope_theta),
+        f"{arch}.rope.freq_base": float(
+            cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
+        ),
         f"{arch}.rope.dimension_count": cfg.hidden_size // cfg.num_attention_heads,
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": list(toks),
-        "tokenizer.ggml.token_type": list(types), "tokenizer.ggml.merges": list(merges),
-        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 2,
-        "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHATML,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": list(toks),
+        "tokenizer.ggml.token_type": list(types),
+        "tokenizer.ggml.merges": list(merges),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 2,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHATML,
     }
     kv.update(meta or {})
     for key, value in kv.items():
@@ -115,8 +141,9 @@ def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype="F16", pre: s
             w.add_string(key, value)
         else:
             w.add_array(key, value)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, cfg.num_hidden_layers
+    )
     state = hf_model.state_dict()
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -142,16 +169,40 @@ def write_gguf(path: Path, hf_model, *, arch: str = "llama", qtype="F16", pre: s
     return path
 
 
-def hf_tiny(arch: str = "llama", *, vocab_size: int, hidden: int = 64, ffn: int = 160, layers: int = 2,
-            heads: int = 4, kv_heads: int = 2, tied: bool = False, seed: int = 0):
+def hf_tiny(
+    arch: str = "llama",
+    *,
+    vocab_size: int,
+    hidden: int = 64,
+    ffn: int = 160,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tied: bool = False,
+    seed: int = 0,
+):
     """A random transformers Llama (GQA) or Qwen2 (q/k/v bias) model with perturbed norms and biases."""
     import transformers
 
-    cls, cfg_cls = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if arch == "llama"
-                    else (transformers.Qwen2ForCausalLM, transformers.Qwen2Config))
-    cfg = cfg_cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                  rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cls, cfg_cls = (
+        (transformers.LlamaForCausalLM, transformers.LlamaConfig)
+        if arch == "llama"
+        else (transformers.Qwen2ForCausalLM, transformers.Qwen2Config)
+    )
+    cfg = cfg_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():

@@ -36,16 +36,25 @@ from yunque.errors import CheckpointError, missing_extra
 IMPORT_FILE = "gguf_import.json"  # provenance: what the directory was converted from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-               "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp writes Mistral 7B-style models as `llama`; the file's name tells them apart.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                "ffn_down": "mlp.down_proj"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 _BLOCK_RE = re.compile(r"blk\.(0|[1-9]\d*)\.(\w+)\.(weight|bias)")
 
 
@@ -92,7 +101,7 @@ def _reader_class():
             raw = self.__dict__.get("_flat")
             if raw is None:  # a plain view: slicing np.memmap is ~5x slower (it wraps every slice)
                 raw = self._flat = self.data.view(np.ndarray)
-            arr = raw[int(offset):end].view(dt)
+            arr = raw[int(offset) : end].view(dt)
             return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
         def _get_field_parts(self, orig_offs, raw_type):
@@ -156,8 +165,10 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path) -> dict[str,
     """config.json from the metadata; `shapes` (GGUF name -> HF-order shape) says what the file holds."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{path}: architecture {arch!r} is not supported "
-                              f"(supported: {', '.join(ARCHITECTURES)}; Mistral files say llama)")
+        raise CheckpointError(
+            f"{path}: architecture {arch!r} is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)}; Mistral files say llama)"
+        )
     name = f"{meta.get('general.basename', '')} {meta.get('general.name', '')}".lower()
     hf_arch = "MistralForCausalLM" if arch == "llama" and "mistral" in name else ARCHITECTURES[arch]
 
@@ -168,42 +179,92 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path) -> dict[str,
     kv = k("attention.head_count_kv", (int, list), heads)
     if isinstance(kv, list):  # per-layer counts; a uniform list is a plain model
         if not kv or len(set(kv)) != 1:
-            raise CheckpointError(f"{path}: metadata {arch}.attention.head_count_kv varies by layer ({kv[:8]}...): not supported")
+            raise CheckpointError(
+                f"{path}: metadata {arch}.attention.head_count_kv varies by layer ({kv[:8]}...): not supported"
+            )
         kv = kv[0]
     hidden = k("embedding_length")
     head_dim = k("attention.key_length", int, hidden // heads if heads else 0)
     if k("attention.value_length", int, head_dim) != head_dim:
         raise CheckpointError(f"{path}: metadata {arch}.attention.value_length differs from key_length: not supported")
     if k("rope.dimension_count", int, head_dim) != head_dim:
-        raise CheckpointError(f"{path}: metadata {arch}.rope.dimension_count {k('rope.dimension_count')} is not the "
-                              f"head dimension {head_dim} (partial rotary embeddings are not supported)")
+        raise CheckpointError(
+            f"{path}: metadata {arch}.rope.dimension_count {k('rope.dimension_count')} is not the "
+            f"head dimension {head_dim} (partial rotary embeddings are not supported)"
+        )
     embed = shapes.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"{path}: no tensor token_embd.weight")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = k("vocab_size", int, len(tokens) if isinstance(tokens, list) else embed[0])
     d = {
-        "architectures": [hf_arch], "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": k("feed_forward_length"), "num_hidden_layers": k("block_count"),
-        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+        "architectures": [hf_arch],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": k("feed_forward_length"),
+        "num_hidden_layers": k("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
         "rms_norm_eps": _f32(k("attention.layer_norm_rms_epsilon", float)),
-        "rope_theta": _f32(k("rope.freq_base", float, 10000.0)), "rope_scaling": _rope_scaling(meta, arch, path),
+        "rope_theta": _f32(k("rope.freq_base", float, 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch, path),
         "max_position_embeddings": k("context_length"),
         # llama.cpp writes no output projection when it is the embedding matrix
         "tie_word_embeddings": "output.weight" not in shapes,
-        "attention_bias": "blk.0.attn_q.bias" in shapes, "mlp_bias": "blk.0.ffn_up.bias" in shapes,
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
+        "mlp_bias": "blk.0.ffn_up.bias" in shapes,
     }
-    for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                         ("pad_token_id", "padding_token_id")):
+    for ours, theirs in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         value = _key(meta, f"tokenizer.ggml.{theirs}", int, path, None)
         if value is not None and 0 <= value < vocab:
             d[ours] = value
     if hf_arch == "MistralForCausalLM":
         d["sliding_window"] = None  # llama.cpp runs these with full attention
-    if "rope_freqs.weight" in shapes:
-        raise CheckpointError(f"{path}: tensor rope_freqs.weight (per-frequency RoPE factors, as in Llama 3.1) "
-                              "is not supported")
     return d
+
+
+def llama3_rope(factors: np.ndarray, theta: float, head_dim: int, path) -> dict | None:
+    """The llama3 rope_scaling behind llama.cpp's per-frequency factors (tensor rope_freqs.weight).
+
+    llama.cpp's converter bakes Llama 3.1's four numbers into one divisor per frequency: 1 for short
+    wavelengths, `factor` for long ones, and between them 1/r linear in 1/wavelength. That line fixes
+    original_max_position_embeddings / (high - low) and low / (high - low); with low_freq_factor = 1
+    (as every Llama 3.x has) it gives the other two. The answer is kept only if it reproduces every factor."""
+    from yunque.model import ModelConfig, rope_inv_freq
+
+    r = np.asarray(factors, dtype=np.float64).reshape(-1)
+    if r.shape != (head_dim // 2,) or not np.isfinite(r).all() or (r <= 0).any():
+        raise CheckpointError(f"{path}: tensor rope_freqs.weight: expected {head_dim // 2} positive factors")
+    if np.allclose(r, 1.0):
+        return None
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = _f32(r.max())
+    mid = (r > 1 + 1e-6) & (r < factor * (1 - 1e-6))
+    candidates = [(4.0, 8192)]  # Llama 3.1's, when too few factors lie between the two plateaus to fit a line
+    if mid.sum() >= 2:
+        smooth = (1 / r[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv[mid] / (2 * np.pi), smooth, 1)  # smooth = a / wavelength - b
+        if intercept < 0:
+            candidates.insert(0, (round(1 - 1 / intercept, 6), round(-slope / intercept)))
+    for high, orig in candidates:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": orig,
+        }
+        cfg = ModelConfig(hidden_size=head_dim, num_attention_heads=1, rope_theta=theta, rope_scaling=scaling)
+        if np.allclose(inv / rope_inv_freq(cfg).double().numpy(), r, rtol=1e-4, atol=0):
+            return scaling
+    raise CheckpointError(
+        f"{path}: tensor rope_freqs.weight holds per-frequency RoPE factors that no llama3 rope_scaling reproduces"
+    )
 
 
 def _rope_scaling(meta: dict, arch: str, path) -> dict | None:
@@ -214,7 +275,9 @@ def _rope_scaling(meta: dict, arch: str, path) -> dict | None:
     if kind in (None, "none"):
         return None
     if kind != "linear":
-        raise CheckpointError(f"{path}: metadata {arch}.rope.scaling.type {kind!r} is not supported (supported: none, linear)")
+        raise CheckpointError(
+            f"{path}: metadata {arch}.rope.scaling.type {kind!r} is not supported (supported: none, linear)"
+        )
     if factor is None:
         raise CheckpointError(f"{path}: metadata {arch}.rope.scaling.factor is missing (needed by linear RoPE scaling)")
     return {"rope_type": "linear", "factor": _f32(factor)}
@@ -229,6 +292,13 @@ def _plan(reader, meta: dict, path) -> tuple[dict, list[tuple[str, Any]]]:
     tensors = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(s) for s in reversed(t.shape.tolist())) for n, t in tensors.items()}
     d = hf_config(meta, shapes, path)
+    if "rope_freqs.weight" in tensors:  # Llama 3.1-style scaling, as factors rather than config
+        t = tensors.pop("rope_freqs.weight")
+        if d["rope_scaling"] is not None:
+            raise CheckpointError(f"{path}: both rope_freqs.weight and a rope.scaling.type: ambiguous RoPE scaling")
+        d["rope_scaling"] = llama3_rope(
+            gguf.quants.dequantize(t.data, t.tensor_type), d["rope_theta"], d["head_dim"], path
+        )
     cfg = config_from_hf(d, src=f"{path}")
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in Transformer(cfg).state_dict().items()}
@@ -238,22 +308,36 @@ def _plan(reader, meta: dict, path) -> tuple[dict, list[tuple[str, Any]]]:
     for name, t in tensors.items():
         hf = hf_tensor_name(name)
         if hf is None or hf not in expected:
-            what = "has no Hugging Face counterpart" if hf is None else f"({hf}) is not part of this {d['architectures'][0]}"
+            what = (
+                "has no Hugging Face counterpart"
+                if hf is None
+                else f"({hf}) is not part of this {d['architectures'][0]}"
+            )
             raise CheckpointError(f"{path}: tensor {name} {what}")
         if shapes[name] != expected[hf]:
-            raise CheckpointError(f"{path}: tensor {name} has shape {list(shapes[name])}, the metadata needs {list(expected[hf])}")
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {list(shapes[name])}, the metadata needs {list(expected[hf])}"
+            )
         kind = t.tensor_type.name
         if kind not in QUANT_TYPES:
-            raise CheckpointError(f"{path}: tensor {name} has type {kind}, which yunque cannot dequantise "
-                                  f"(supported: {', '.join(QUANT_TYPES)})")
-        if gguf.GGMLQuantizationType[kind] not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) and \
-                getattr(gguf.quants, kind, None) is None:  # an older gguf package
-            raise CheckpointError(f"{path}: tensor {name} has type {kind}; the installed gguf package cannot "
-                                  "dequantise it (pip install -U gguf)")
+            raise CheckpointError(
+                f"{path}: tensor {name} has type {kind}, which yunque cannot dequantise "
+                f"(supported: {', '.join(QUANT_TYPES)})"
+            )
+        if (
+            gguf.GGMLQuantizationType[kind] not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            and getattr(gguf.quants, kind, None) is None
+        ):  # an older gguf package
+            raise CheckpointError(
+                f"{path}: tensor {name} has type {kind}; the installed gguf package cannot "
+                "dequantise it (pip install -U gguf)"
+            )
         plan.append((hf, t))
     missing = sorted(set(expected) - {hf for hf, _ in plan})
     if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return d, plan
 
 
@@ -270,7 +354,7 @@ def _pieces(t, cfg: dict, permute: bool):
     # Rows dequantise independently; blocks of them keep the float32 copies small (an embedding is the largest).
     step = len(t.data) if t.data.ndim == 1 else max(1, _BLOCK_ELEMENTS // max(1, int(t.n_elements) // len(t.data)))
     for i in range(0, len(t.data), step):
-        yield gguf.quants.dequantize(t.data[i:i + step], t.tensor_type)
+        yield gguf.quants.dequantize(t.data[i : i + step], t.tensor_type)
 
 
 _BLOCK_ELEMENTS = 1 << 22
@@ -314,7 +398,7 @@ def _write_weights(path: Path, reader, plan: list, cfg: dict, dtype: torch.dtype
             _release(reader, t)
 
 
-def import_gguf(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", quiet: bool = True) -> Path:
+def import_gguf(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32") -> Path:
     """Convert a GGUF file into a Hugging Face model directory `out` (written atomically).
 
     `out` must not exist, be empty, or hold an earlier import (which is then replaced)."""
@@ -345,11 +429,19 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str | torch.dtype = "fl
         for _, t in plan:
             counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
         provenance = {
-            "format": "gguf", "source": str(src.resolve()), "sha256": sha256_file(src), "bytes": src.stat().st_size,
-            "gguf": {"architecture": meta.get("general.architecture"), "name": meta.get("general.name"),
-                     "tensor_types": counts, "tokenizer": meta.get("tokenizer.ggml.model"),
-                     "pre_tokenizer": meta.get("tokenizer.ggml.pre")},
-            "dtype": str(dtype).removeprefix("torch."), "yunque_version": _version(),
+            "format": "gguf",
+            "source": str(src.resolve()),
+            "sha256": sha256_file(src),
+            "bytes": src.stat().st_size,
+            "gguf": {
+                "architecture": meta.get("general.architecture"),
+                "name": meta.get("general.name"),
+                "tensor_types": counts,
+                "tokenizer": meta.get("tokenizer.ggml.model"),
+                "pre_tokenizer": meta.get("tokenizer.ggml.pre"),
+            },
+            "dtype": str(dtype).removeprefix("torch."),
+            "yunque_version": _version(),
             "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / IMPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -28,10 +28,14 @@ from yunque.errors import CheckpointError, YunqueError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 # llama.cpp's splits (llama-vocab.cpp), in the form of the models' own tokenizer.json files.
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # pre name -> (regex split before the byte-level step or None, split digits first, byte-level uses GPT-2's regex,
 # ignore_merges: a pre-token that is itself in the vocabulary stays whole, as llama.cpp does for Llama 3)
 PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool, bool]] = {
@@ -48,8 +52,11 @@ def _array(meta: dict, key: str, kind: type, n: int | None, path) -> list | None
     value = meta.get(key)
     if value is None:
         return None
-    if not isinstance(value, list) or (n is not None and len(value) != n) or \
-            not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+    if (
+        not isinstance(value, list)
+        or (n is not None and len(value) != n)
+        or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    ):
         want = f"{n} " if n is not None else ""
         raise CheckpointError(f"{path}: metadata {key}: expected a list of {want}{kind.__name__} values")
     return value
@@ -58,8 +65,9 @@ def _array(meta: dict, key: str, kind: type, n: int | None, path) -> list | None
 def _byte_level(meta: dict, tokens: list[str], path) -> RustTokenizer:
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in PRE_TOKENIZERS:
-        raise CheckpointError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
-                              f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+        raise CheckpointError(
+            f"{path}: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
     split, digits, gpt2_regex, ignore_merges = PRE_TOKENIZERS[pre]
     raw = _array(meta, "tokenizer.ggml.merges", str, None, path) or []
     merges = []
@@ -83,19 +91,21 @@ def _sentencepiece(meta: dict, tokens: list[str], types: list[int], path) -> Rus
     if scores is None:
         raise CheckpointError(f"{path}: metadata tokenizer.ggml.scores is missing (a llama vocabulary needs it)")
     vocab = _vocab(tokens, path)
-    normal = {t for t, kind in zip(tokens, types) if kind == NORMAL}
+    normal = {t for t, kind in zip(tokens, types, strict=True) if kind == NORMAL}
     found = []
-    for t, score in zip(tokens, scores):
+    for t, score in zip(tokens, scores, strict=True):
         if t in normal:
             found += [(score, i, t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in normal and t[i:] in normal]
     # Highest-scoring result first; for one result, the longest left piece first.
     found.sort(key=lambda m: (-m[0], -m[1]))
-    unk = next((t for t, kind in zip(tokens, types) if kind == UNKNOWN), None)
-    rust = RustTokenizer(_bpe(path, vocab=vocab, merges=[(m[2], m[3]) for m in found], unk_token=unk,
-                              fuse_unk=True, byte_fallback=True))
+    unk = next((t for t, kind in zip(tokens, types, strict=True) if kind == UNKNOWN), None)
+    rust = RustTokenizer(
+        _bpe(path, vocab=vocab, merges=[(m[2], m[3]) for m in found], unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
     prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always" if prefix else "never",
-                                                  split=False)
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="always" if prefix else "never", split=False
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     rust.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
     return rust
@@ -123,18 +133,33 @@ def build_tokenizer(meta: dict, path) -> tuple[RustTokenizer, dict[str, Any]]:
     if kind is None:
         raise CheckpointError(f"{path}: the file has no tokenizer (metadata tokenizer.ggml.model is missing)")
     if kind not in TOKENIZER_MODELS:
-        raise CheckpointError(f"{path}: tokenizer model {kind!r} is not supported (supported: {', '.join(TOKENIZER_MODELS)})")
+        raise CheckpointError(
+            f"{path}: tokenizer model {kind!r} is not supported (supported: {', '.join(TOKENIZER_MODELS)})"
+        )
     tokens = _array(meta, "tokenizer.ggml.tokens", str, None, path)
     if not tokens:
         raise CheckpointError(f"{path}: metadata tokenizer.ggml.tokens is missing or empty")
     types = _array(meta, "tokenizer.ggml.token_type", int, len(tokens), path) or [NORMAL] * len(tokens)
     rust = _byte_level(meta, tokens, path) if kind == "gpt2" else _sentencepiece(meta, tokens, types, path)
-    rust.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                             for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)])
-    rust.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    rust.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k in (CONTROL, UNKNOWN)
+        ]
+    )
+    rust.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == USER_DEFINED
+        ]
+    )
     if rust.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise CheckpointError(f"{path}: the rebuilt tokenizer has {rust.get_vocab_size(with_added_tokens=True)} "
-                              f"tokens, the file lists {len(tokens)}")
+        raise CheckpointError(
+            f"{path}: the rebuilt tokenizer has {rust.get_vocab_size(with_added_tokens=True)} "
+            f"tokens, the file lists {len(tokens)}"
+        )
 
     def special(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -142,7 +167,10 @@ def build_tokenizer(meta: dict, path) -> tuple[RustTokenizer, dict[str, Any]]:
 
     bos, eos = special("bos_token_id"), special("eos_token_id")
     # llama.cpp's defaults where the file does not say: BOS for SentencePiece vocabularies and Llama 3.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama" or meta.get("tokenizer.ggml.pre") in ("llama3", "llama-v3", "llama-bpe"))
+    add_bos = meta.get(
+        "tokenizer.ggml.add_bos_token",
+        kind == "llama" or meta.get("tokenizer.ggml.pre") in ("llama3", "llama-v3", "llama-bpe"),
+    )
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     b = [bos] if add_bos and bos else []
     e = [eos] if add_eos and eos else []
@@ -153,20 +181,34 @@ def build_tokenizer(meta: dict, path) -> tuple[RustTokenizer, dict[str, Any]]:
         steps.append(processors.TemplateProcessing(single=single, pair=pair, special_tokens=pieces))
     if steps:
         rust.post_processor = steps[0] if len(steps) == 1 else processors.Sequence(steps)
-    added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                      "single_word": t.single_word, "special": t.special}
-             for i, t in sorted(rust.get_added_tokens_decoder().items())}
+    added = {
+        str(i): {
+            "content": t.content,
+            "lstrip": t.lstrip,
+            "normalized": t.normalized,
+            "rstrip": t.rstrip,
+            "single_word": t.single_word,
+            "special": t.special,
+        }
+        for i, t in sorted(rust.get_added_tokens_decoder().items())
+    }
     config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-        "add_bos_token": bool(add_bos), "add_eos_token": bool(add_eos), "added_tokens_decoder": added,
-        "bos_token": bos, "eos_token": eos, "unk_token": special("unknown_token_id"),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": bool(add_bos),
+        "add_eos_token": bool(add_eos),
+        "added_tokens_decoder": added,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": special("unknown_token_id"),
         "pad_token": special("padding_token_id"),
     }
     templates = chat_templates(meta, path)
     if templates:
         single_template = set(templates) == {"default"}
-        config["chat_template"] = templates["default"] if single_template else \
-            [{"name": k, "template": v} for k, v in templates.items()]
+        config["chat_template"] = (
+            templates["default"] if single_template else [{"name": k, "template": v} for k, v in templates.items()]
+        )
     return rust, config
 
 
@@ -198,13 +240,19 @@ def tokenizer_files(meta: dict, cfg: dict, path) -> dict[str, str]:
     except YunqueError as e:
         raise CheckpointError(f"{path}: the tokenizer it describes is unusable: {e}") from None
     specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if config.get(k)}
-    gen: dict[str, Any] = {"bos_token_id": cfg.get("bos_token_id"),
-                           "eos_token_id": tok.stop_ids[0] if len(tok.stop_ids) == 1 else tok.stop_ids}
+    gen: dict[str, Any] = {
+        "bos_token_id": cfg.get("bos_token_id"),
+        "eos_token_id": tok.stop_ids[0] if len(tok.stop_ids) == 1 else tok.stop_ids,
+    }
     if cfg.get("pad_token_id") is not None:
         gen["pad_token_id"] = cfg["pad_token_id"]
 
     def dump(obj) -> str:
         return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
-    return {"tokenizer.json": rust.to_str(), "tokenizer_config.json": dump(config),
-            "special_tokens_map.json": dump(specials), "generation_config.json": dump(gen)}
+    return {
+        "tokenizer.json": rust.to_str(),
+        "tokenizer_config.json": dump(config),
+        "special_tokens_map.json": dump(specials),
+        "generation_config.json": dump(gen),
+    }

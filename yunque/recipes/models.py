@@ -21,8 +21,10 @@ def import_cmd(path: str, *, out: str, dtype: Literal["float32", "bfloat16", "fl
     cfg = json.loads((d / "config.json").read_text())
     record = json.loads((d / IMPORT_FILE).read_text())
     types = ", ".join(f"{k}×{v}" for k, v in sorted(record["gguf"]["tensor_types"].items()))
-    print(f"imported {path} ({cfg['architectures'][0]}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}; "
-          f"{types}) -> {d} ({dtype})")
+    print(
+        f"imported {path} ({cfg['architectures'][0]}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}; "
+        f"{types}) -> {d} ({dtype})"
+    )
     print(f"  source SHA-256 {record['sha256']} (recorded in {d / IMPORT_FILE})")
     return d
 
@@ -38,10 +40,20 @@ def models_cmd() -> list[dict]:
     rows = []
     for m in CATALOGUE.values():
         src = locate(m)
-        rows.append({"name": m.name, "package": f"{m.package}=={m.version}", "architecture": m.architecture,
-                     "parameters": m.parameters, "licence": m.licence, "description": m.description,
-                     "file": str(src) if src else None, "converted": (cache_root() / m.name).is_dir()})
-        print(f"{m.name}  {m.architecture}, {m.parameters / 1e6:.1f}M parameters, {m.licence}, from {m.package}=={m.version}")
+        rows.append(
+            {
+                "name": m.name,
+                "package": f"{m.package}=={m.version}",
+                "architecture": m.architecture,
+                "parameters": m.parameters,
+                "licence": m.licence,
+                "description": m.description,
+                "file": str(src) if src else None,
+                "converted": (cache_root() / m.name).is_dir(),
+            }
+        )
+        size = f"{m.parameters / 1e6:.1f}M parameters"
+        print(f"{m.name}  {m.architecture}, {size}, {m.licence}, from {m.package}=={m.version}")
         print(f"  {m.description}")
         print(f"  file: {src}" if src else f"  not installed: {m.install}")
         if rows[-1]["converted"]:
