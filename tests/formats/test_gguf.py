@@ -317,6 +317,12 @@ def test_overlong_array_is_an_error_not_a_hang(tmp_path):
     assert "array of 1099511627776 items" in r.stdout and "overruns the file" in r.stdout, r.stdout + r.stderr
 
 
+def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(YunqueError, match=r"needs the optional package gguf .*pip install 'yunque\[gguf\]'"):
+        import_gguf(tmp_path / "m.gguf", tmp_path / "m")
+
+
 def test_cli_error_is_one_line(tmp_path, capsys):
     (tmp_path / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     assert main(["import", str(tmp_path / "x.gguf"), "--out", str(tmp_path / "o")]) == 2

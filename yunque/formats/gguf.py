@@ -11,13 +11,15 @@ tokenizer.json (byte-level BPE split the way llama.cpp splits for the file's
 (special tokens, chat template) and generation_config.json; gguf_import.json records the
 source file's SHA-256.
 
-Every check runs before a byte is written, and anything wrong with the file (an unknown
-architecture, tokenizer or quantisation type, a truncated or corrupt file) is one
-CheckpointError naming it.
+Everything but the weights' values is checked before any weight is dequantised; the output is
+written into a temporary sibling directory and renamed into place. Anything wrong with the
+file (an unknown architecture, tokenizer or quantisation type, a truncated or corrupt file,
+NaN weights) is one CheckpointError naming it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -81,6 +83,7 @@ def _gguf():
     return gguf
 
 
+@functools.cache
 def _reader_class():
     gguf = _gguf()
 
@@ -405,6 +408,7 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str | torch.dtype = "fl
     from yunque.data.manifest import sha256_file
     from yunque.formats.gguf_tokenizer import tokenizer_files
 
+    _gguf()  # a missing package is named before anything else
     src, out = Path(src), Path(out)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
