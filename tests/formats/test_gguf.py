@@ -333,10 +333,10 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 # -- the catalogue -------------------------------------------------------------------------------
 @pytest.fixture
 def catalogue(tmp_path, monkeypatch):
-    """A catalogue entry served by a tiny GGUF file, with the cache in tmp_path."""
+    """A catalogue entry served by a tiny GGUF file (tied embeddings, as SmolLM2), with the cache in tmp_path."""
     from yunque import models
 
-    path = write_gguf(tmp_path / "tiny.gguf", hf_tiny(vocab_size=VOCAB), qtype="Q8_0")
+    path = write_gguf(tmp_path / "tiny.gguf", hf_tiny(vocab_size=VOCAB, tied=True), qtype="Q8_0")
     entry = models.PretrainedModel(
         "tiny-chat",
         "tiny-pkg",
@@ -391,3 +391,42 @@ def test_models_command_and_model_name_everywhere(catalogue, capsys):
     assert main(["generate", "--model", "tiny-chat", "--prompt", "hi", "--max-new-tokens", "3"]) == 0
     assert main(["models"]) == 0
     assert f"converted: {models.cache_root() / 'tiny-chat'}" in capsys.readouterr().out
+
+
+def test_model_name_in_train_and_merge(catalogue, tmp_path):
+    """model.path and merge --base take a catalogue name too."""
+    from yunque.config import from_dict
+    from yunque.recipes.train import train
+    from yunque.train.config import TrainConfig
+
+    models, _ = catalogue
+    data = tmp_path / "chat.jsonl"
+    rows = [
+        {"kind": "chat", "messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(8)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "method": "lora",
+        "out_dir": str(tmp_path / "run"),
+        "model": {"path": "tiny-chat"},
+        "data": {"train": [str(data)], "seq_len": 32},
+        "micro_batch": 2,
+        "max_steps": 2,
+        "lora": {"r": 2, "alpha": 4},
+        "log": {"plot": False},
+    }
+    train(from_dict(TrainConfig, cfg))
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(models.cache_root() / "tiny-chat")
+    argv = [
+        "merge",
+        "--base",
+        "tiny-chat",
+        "--adapter",
+        str(tmp_path / "run" / "adapter"),
+        "--out",
+        str(tmp_path / "m"),
+    ]
+    assert main(argv) == 0
+    assert (tmp_path / "m" / "tokenizer.json").is_file() and load_model(tmp_path / "m").config.tie_word_embeddings
