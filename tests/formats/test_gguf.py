@@ -116,6 +116,26 @@ def test_sentencepiece_vocabulary_matches_transformers(tmp_path):
         assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("ab_first", [True, False])
+def test_sentencepiece_merges_follow_scores(tmp_path, ab_first):
+    """SentencePiece merges the pair whose result scores highest: "abc" is ab|c or a|bc by the scores."""
+    from yunque.formats.gguf_tokenizer import build_tokenizer
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "a", "b", "c", "ab", "bc"]
+    types = [2, 3, 3] + [6] * 256 + [1] * 6
+    scores = [0.0] * 259 + [-1.0, -2.0, -2.0, -2.0] + ([-0.5, -0.7] if ab_first else [-0.7, -0.5])
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+    rust, _ = build_tokenizer(meta, "x.gguf")
+    assert rust.encode("abc").tokens == (["ab", "c"] if ab_first else ["a", "bc"])
+    assert rust.encode("a\u00e9").tokens == ["a", "<0xC3>", "<0xA9>"]  # byte fallback
+
+
 def test_config_tokenizer_files_and_provenance(tmp_path):
     meta = {
         "llama.rope.scaling.type": "linear",
