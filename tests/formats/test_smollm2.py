@@ -181,12 +181,12 @@ def test_generate_chat_answers_and_stops_at_end_of_turn(smol, ours, capsys):
 
     model, tok = ours
     assert tok.stop_ids == [2] and tok.id_to_token(2) == "<|im_end|>"
-    question = "What is a strong password? Answer in one sentence."
+    question = "In one short sentence: what does a firewall do?"
     ids = render_chat(tok, [{"role": "user", "content": question}], add_generation_prompt=True).ids
-    out = generate(model, [ids], Sampling(max_new_tokens=96, stop_ids=tuple(tok.stop_ids)))[0]
-    assert out[-1] == 2 and len(out) < 96, tok.decode(out)  # the turn ended by itself
+    out = generate(model, [ids], Sampling(max_new_tokens=64, stop_ids=tuple(tok.stop_ids)))[0]
+    assert out[-1] == 2 and len(out) < 64, tok.decode(out)  # the turn ended by itself (after ~23 tokens)
     answer = tok.decode(out, skip_special_tokens=True)
-    assert re.search(r"password", answer, re.I) and "<|im" not in answer
+    assert re.search(r"network|traffic", answer, re.I) and "<|im" not in answer
     # the command line says the same (its first tokens: decoding is slow on a busy 2-core machine)
     assert main(["generate", "--model", str(smol[0]), "--chat", "--prompt", question, "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == tok.decode(out[:12]).strip()
