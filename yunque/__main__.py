@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("yunque.recipes.generate", "chat_cmd", "interactive chat with streaming output"),
     "inspect": ("yunque.recipes.inspect", "inspect_cmd", "show a checkpoint's architecture, size, files and hashes"),
     "init": ("yunque.recipes.inspect", "init_cmd", "write a randomly initialised model from a preset"),
+    "import": ("yunque.recipes.models", "import_cmd", "convert a GGUF file (llama.cpp) into a Hugging Face model directory"),
+    "models": ("yunque.recipes.models", "models_cmd", "list the pretrained models (--model NAME works wherever a directory does)"),
     "tokenizer train": ("yunque.recipes.tokenizer", "train_cmd", "train a byte-level BPE tokenizer"),
     "data prepare": ("yunque.recipes.data", "prepare_cmd", "read, clean, dedup, scrub, split and hash training data"),
     "data verify": ("yunque.recipes.data", "verify_cmd", "check a prepared data folder against its manifest"),

@@ -68,7 +68,9 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
     adapter into the NF4-dequantised base it was trained on; False into the original weights.
     Weights holding NaN or Inf are refused (naming the tensor) unless `allow_nonfinite`.
     """
-    model_dir = Path(model_dir)
+    from yunque.models import resolve_model
+
+    model_dir = resolve_model(model_dir)
     if not model_dir.is_dir():
         raise YunqueError(f"{model_dir}: model directory not found")
     dev = resolve_device(device)

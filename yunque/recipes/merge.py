@@ -24,6 +24,9 @@ def merge_cmd(base: str | None = None, adapter: str | None = None, out: str | No
     for flag, value in (("--base", base), ("--adapter", adapter), ("--out", out)):
         if not value:
             raise YunqueError(f"{flag} DIR is required")
+    from yunque.models import resolve_model
+
+    base = str(resolve_model(base))
     out_p = Path(out)
     if out_p.resolve() == Path(base).resolve() or out_p.resolve() == Path(adapter).resolve():
         raise CheckpointError(f"{out}: --out must be a new directory, not the base or adapter directory")

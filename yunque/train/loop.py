@@ -96,6 +96,10 @@ class Trainer:
         self.device = D.device_for(self.d, cfg.device)
         if self.device.type == "cpu":
             tune_cpu_memory()
+        if cfg.model.path is not None:  # a catalogue name (yunque models) becomes its converted directory
+            from yunque.models import resolve_model
+
+            cfg.model.path = resolve_model(cfg.model.path)
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         if cfg.eval.patience and self.data.val is None:
