@@ -113,7 +113,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string; people mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: number out of range, got {value!r:.60}") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
