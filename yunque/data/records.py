@@ -264,6 +264,8 @@ def to_records(item: RawItem, shape: str, fields: dict[str, str], explode: str |
             return [(item.source, RecordError("invalid_utf8", f"invalid UTF-8 at byte {e.start}"))]
         except ValueError as e:
             return [(item.source, RecordError("invalid_json", f"malformed JSON: {e}"))]
+        except RecursionError:
+            return [(item.source, RecordError("invalid_json", "malformed JSON: nested too deeply"))]
     units: list[tuple[str, Any]] = [(item.source, obj)]
     if explode and item.kind != "text":
         if not isinstance(obj, dict):

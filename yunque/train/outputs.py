@@ -107,7 +107,8 @@ def write_outputs(tr: Trainer, result: TrainResult) -> None:
             files[str(rel)] = sha256(p)
     run = {"config": to_dict(cfg), "seed": cfg.seed, "method": cfg.method, "yunque_version": __version__,
            "git_commit": git_commit(), **environment(), "world_size": tr.d.world,
-           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "manifest_roots": tr.data.manifest},
+           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None,
+                    "manifest_sha256": (tr.data.manifest or {}).get("manifest_sha256"), "manifest_roots": tr.data.manifest},
            "parallel": tr.d.kind, "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
            "exported_step": result.exported_step,
            "final_metrics": result.final, "best_metrics": result.best, "best_step": result.best_step,
