@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from yunque.train import distributed as D
 from yunque.config import to_dict
 from yunque.data.manifest import sha256_file as sha256
 from yunque.train.tracking import plot_metrics
+from yunque.untrusted import refuse_symlink, write_replacing
 
 if TYPE_CHECKING:
     from yunque.train.loop import Trainer, TrainResult
@@ -67,8 +69,16 @@ def export_model(tr: Trainer, out: Path) -> Path:
         model.load_state_dict(sd, assign=True)
         model.inv_freq = tr.model.inv_freq.detach().cpu() if tr.model.inv_freq.device.type != "meta" else model.inv_freq
     if tr.d.main:
+        refuse_symlink(out)
         save_model(model, out)
-        tr.tok.save(out)
+        # The tokenizer goes through a fresh directory and is moved in: a symlink planted at, say,
+        # model/tokenizer.json is replaced rather than written through.
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            tr.tok.save(tmp)
+            for f in Path(tmp).rglob("*"):
+                if f.is_file():
+                    (out / f.relative_to(tmp)).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, out / f.relative_to(tmp))
     return out
 
 
@@ -79,6 +89,7 @@ def export_adapter(tr: Trainer, out: Path) -> Path:
     # FSDP: the adapter is sharded DTensors; gather them (a collective, every rank) and save those.
     tensors = tr._model_tensors() if tr.d.kind == "fsdp" else None
     if tr.d.main:
+        refuse_symlink(out)
         base = tr.cfg.base_model_name or str(tr.cfg.model.path)
         save_peft_adapter(tr.model, out, _lora_config(tr.cfg), base, tensors=tensors)
     return out
@@ -103,7 +114,7 @@ def write_outputs(tr: Trainer, result: TrainResult) -> None:
     files = {}
     for p in sorted(cfg.out_dir.rglob("*")):
         rel = p.relative_to(cfg.out_dir)
-        if p.is_file() and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard") and rel.name != "run.json":
+        if p.is_file() and not p.is_symlink() and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard") and rel.name != "run.json":
             files[str(rel)] = sha256(p)
     run = {"config": to_dict(cfg), "seed": cfg.seed, "method": cfg.method, "yunque_version": __version__,
            "git_commit": git_commit(), **environment(), "world_size": tr.d.world,
@@ -115,7 +126,5 @@ def write_outputs(tr: Trainer, result: TrainResult) -> None:
            "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
            "output": str(result.output), "files_sha256": files}
     path = cfg.out_dir / "run.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_replacing(path, json.dumps(run, indent=1) + "\n")  # a planted symlink is replaced, not written through
     result.run_json = path
