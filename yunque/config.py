@@ -40,7 +40,8 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
     def fail(e: yaml.YAMLError) -> ConfigError:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
-        return ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}")
+        why = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+        return ConfigError(f"{where}: invalid YAML: {why}")
 
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -76,6 +76,7 @@ def test_duplicate_names_are_refused(tmp_path):
     ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}, "data_offsets"),
     ({"dtype": "F32", "shape": [True, True], "data_offsets": [0, 4]}, "shape"),
     ({"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
+    ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
     ({"dtype": "F32", "shape": [2]}, "malformed header entry"),
     ([1, 2], "malformed header entry"),
 ])

@@ -123,7 +123,8 @@ def iter_file(path: Path, text_unit: str = "file", tmp_dir: Path | None = None, 
         # A damaged gzip stream or a Parquet footer we cannot read: the rest of the file is lost,
         # which the pipeline reports (and stops on) with the position reached.
         n += 1
-        yield RawItem(f"{name}:{n}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {str(e)[:300]}"))
+        why = " ".join(str(e).split())[:300]  # pyarrow's messages span lines; a report line must not
+        yield RawItem(f"{name}:{n}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {why}"))
     if n == 0:
         yield RawItem(f"{name}:0", "error", ("empty_file", "empty file (no records)"))
 

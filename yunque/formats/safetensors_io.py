@@ -104,7 +104,7 @@ class SafetensorsFile:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             raise CheckpointError(f"{self.path}: tensor {name}: malformed header entry {str(info)[:200]} "
                                   "(expected dtype, shape and data_offsets)")
-        if info["dtype"] not in DTYPES:
+        if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name}: unsupported dtype {str(info['dtype'])[:40]!r} "
                                   f"(supported: {', '.join(DTYPES)})")
         if not ints(info["shape"]):
