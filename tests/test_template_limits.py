@@ -43,6 +43,8 @@ BOMBS = {
     "fromkeys": "{% set b = 'x' * 4000000 %}{{ dict.fromkeys(range(1000), b) }}",
     "namespace copies": "{% set ns = namespace(x='x' * 4000000) %}{{ [ns] * 10 }}",
     "tojson indent": "{{ messages|tojson(indent=1000000) }}",
+    "map then join": "{% set b = 'x' * 1000000 %}{{ ''.join(range(100000)|map('replace', '', b)) }}",
+    "map then list": "{% set b = 'x' * 1000000 %}{{ range(100000)|map('replace', '', b)|list|length }}",
     "output": "{% for i in range(99999) %}{% for j in range(99999) %}{{ 'x' * 1000 }}{% endfor %}{% endfor %}",
 }
 

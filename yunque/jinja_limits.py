@@ -217,6 +217,26 @@ def _filter_prechecks(name: str, args: tuple, kwargs: dict, env: Any) -> tuple[t
     return args, kwargs
 
 
+class _BoundedIterator:
+    """A filter's lazy result (map, select, batch, ...), cut off once its items add up past the limit,
+    so whatever consumes it (`join`, `list`, a loop) never holds more."""
+
+    __slots__ = ("_it", "_total", "_what")
+
+    def __init__(self, it: Iterator, what: str) -> None:
+        self._it, self._total, self._what = it, 0, what
+
+    def __iter__(self) -> "_BoundedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._it)
+        self._total += len(item) + 2 if type(item) is str else weight(item)
+        if self._total > MAX_CHARS:
+            raise _too_large(self._what, "too long")
+        return item
+
+
 _PRECHECKED = {"center", "indent", "wordwrap", "format", "tojson", "replace", "batch", "slice", "join"}
 _CONTAINERS = (list, tuple, dict, set, frozenset, jinja2.utils.Namespace)
 
@@ -243,6 +263,8 @@ def _bounded_filter(name: str, fn: Callable) -> Callable:
                 raise _too_large(f"the result of the {name} filter", len(out))
         elif isinstance(out, (list, tuple, dict)):
             check(out, f"the result of the {name} filter")
+        elif isinstance(out, Iterator) and not isinstance(out, _BoundedIterator):
+            return _BoundedIterator(out, f"the items of the {name} filter")
         return out
 
     return wrapper
