@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from yunque import jinja_limits
 from yunque.errors import YunqueError
 from yunque.jinja_sandbox import render_template
 
@@ -87,6 +86,8 @@ def test_bombs_stay_within_memory():
     "{% for i in range(99999) %}{{ f(1) }}{% endfor %}",
 ])
 def test_loops_that_never_end_are_stopped(monkeypatch, src):
+    from yunque import jinja_limits
+
     monkeypatch.setattr(jinja_limits, "RENDER_SECONDS", 0.5)
     t0 = time.monotonic()
     with pytest.raises(YunqueError, match=r"did not finish within 0.5 s"):
@@ -99,6 +100,8 @@ def test_loops_that_never_end_are_stopped(monkeypatch, src):
 
 
 def test_timeout_in_other_threads_and_no_false_alarms(monkeypatch):
+    from yunque import jinja_limits
+
     monkeypatch.setattr(jinja_limits, "RENDER_SECONDS", 0.5)
     results = {}
 

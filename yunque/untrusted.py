@@ -60,6 +60,8 @@ def inside(base: Path, name: Any, source: str | Path, error: type[YunqueError] =
     if not isinstance(name, str) or not name or "\x00" in name:
         raise error(f"{source}: file name {name!r} is not a non-empty string")
     rel = Path(name)
+    if len(name) > 4096 or any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in rel.parts):
+        raise error(f"{source}: file name {name[:80]!r}... is too long")
     if rel.is_absolute() or rel.drive or ".." in rel.parts:
         raise error(f"{source}: file name {name!r} points outside {base} (only paths inside it are read)")
     path = base / rel

@@ -167,3 +167,12 @@ def test_run_json_records_the_manifest_sha256(tmp_path):
         "micro_batch": 2, "max_steps": 1, "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"plot": False}}))
     run = json.loads(r.run_json.read_text())
     assert run["data"]["manifest_sha256"] == hashlib.sha256((tmp_path / "data" / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_undecodable_bytes_in_a_key_are_reported_escaped(tmp_path):
+    p = tmp_path / "arr.json"
+    p.write_bytes(b'[{"text": "fine one two three"},\n {"\xfftext": "no text field here"}]')
+    r = prepare([p], tmp_path / "out", cfg(pii={"enabled": False}, read={"format": "text"}), **QUIET)
+    assert r.records_kept == 1 and r.dropped == {"missing_field": 1}
+    assert "\\udcfftext" in r.report["examples"]["missing_field"][0]
+    assert "\\\\udcfftext" in (tmp_path / "out" / "report.json").read_text()

@@ -15,9 +15,7 @@ from hf_models import tiny_hf_model
 
 from yunque.__main__ import main
 from yunque.errors import CheckpointError
-from yunque.formats import model_limits
 from yunque.formats.hf import load_model, read_config, save_model
-from yunque.formats.model_limits import parameter_count
 from yunque.model import ModelConfig, Transformer
 
 
@@ -93,12 +91,16 @@ def test_a_model_too_large_for_memory_is_refused_before_allocation(model_dir, tm
     msg = str(e.value)
     assert msg.startswith(f"{d / 'config.json'}: the model has ") and "128.0 GiB" in msg and "memory" in msg
     # the same check against a machine with less memory than this small model needs
+    from yunque.formats import model_limits
+
     monkeypatch.setattr(model_limits, "physical_memory", lambda: 1000)
     with pytest.raises(CheckpointError, match="more than this machine's 0.0 GiB"):
         load_model(model_dir)
 
 
 def test_inspect_counts_parameters_without_building_the_model(model_dir, tmp_path, capsys, monkeypatch):
+    from yunque.formats.model_limits import parameter_count
+
     d = _variant(model_dir, tmp_path, num_hidden_layers=4000, vocab_size=1 << 26)
     monkeypatch.setattr(Transformer, "__init__", lambda *a, **k: pytest.fail("inspect built the model"))
     t0 = time.monotonic()
@@ -109,6 +111,8 @@ def test_inspect_counts_parameters_without_building_the_model(model_dir, tmp_pat
 
 @pytest.mark.parametrize("family", ["llama-gqa", "llama-tied", "llama-bias", "qwen2", "mistral", "llama3-rope"])
 def test_parameter_count_is_exact(family, tmp_path):
+    from yunque.formats.model_limits import parameter_count
+
     hf = tiny_hf_model(family)
     hf.save_pretrained(tmp_path / family)
     cfg = read_config(tmp_path / family)
@@ -124,7 +128,8 @@ def test_pretrain_overrides_are_checked_before_the_model_is_built(tmp_path):
     for change, needle in (({"num_hidden_layers": 1_000_000}, "num_hidden_layers: 1000000 layers"),
                            ({"num_attention_heads": 0}, "num_attention_heads: must be a positive integer"),
                            ({"hidden_size": 1e9}, "hidden_size: expected an integer"),
-                           ({"intermediate_size": 1 << 26, "num_hidden_layers": 64}, "need")):
+                           ({"intermediate_size": 1 << 26, "num_hidden_layers": 64}, "need"),
+                           ({"vocab_size": 10}, "vocab_size: 10 is below the tokenizer's")):
         cfg = pretrain_cfg(corpus, tmp_path / "out", model={"overrides": change})
         path = write_cfg(tmp_path / "t.yaml", cfg)
         from yunque.errors import ConfigError
@@ -149,10 +154,10 @@ def test_shard_index_cannot_name_files_outside_the_model(model_dir, tmp_path, ca
     first = next(iter(index))
     outside = tmp_path / "elsewhere.safetensors"
     shutil.copy(d / index[first], outside)
-    for bad in ("../elsewhere.safetensors", str(outside), "/etc/passwd", ""):
+    for bad in ("../elsewhere.safetensors", str(outside), "/etc/passwd", "", "x" * 5000, "a/" + "y" * 300):
         _index(d, {**index, first: bad})
         err = _cli_error(capsys, "inspect", str(d), "--no-hashes")
-        assert "points outside" in err or "not a non-empty string" in err, err
+        assert "points outside" in err or "not a non-empty string" in err or "is too long" in err, err
         assert "root:" not in err
     # a symlink inside the directory that leads out of it
     os.symlink(outside, d / "evil.safetensors")

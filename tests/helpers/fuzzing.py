@@ -535,7 +535,8 @@ def main_cli() -> int:
                      maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
             res.write(json.dumps(r) + "\n")
             res.flush()
-            shutil.rmtree(case_dir, ignore_errors=True)
+            if args.only is None:
+                shutil.rmtree(case_dir, ignore_errors=True)
     return 0
 
 

@@ -125,7 +125,8 @@ def _path_of(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, .
 
 
 def _has_keys(obj: dict) -> str:
-    return ", ".join(sorted(map(str, obj))) or "none"
+    # Keys come from the input: undecodable bytes (kept as lone surrogates) are shown escaped.
+    return ", ".join(sorted(str(k).encode("utf-8", "backslashreplace").decode("utf-8") for k in obj)) or "none"
 
 
 def _missing(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...], what: str) -> RecordError:

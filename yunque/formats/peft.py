@@ -124,6 +124,9 @@ def read_peft_config(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
             raise CheckpointError(f"{path}: field {key!r} is missing or not a number")
     if conf["r"] != int(conf["r"]) or not 0 < conf["r"] <= 1 << 16:
         raise CheckpointError(f"{path}: field 'r' must be a positive integer, got {conf['r']!r}")
+    tm = conf.get("target_modules")
+    if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        raise CheckpointError(f"{path}: target_modules must be a list of module names or a pattern string, got {tm!r:.100}")
     return conf, path
 
 
