@@ -30,8 +30,7 @@ def cpu_flags() -> frozenset[str]:
 
 def _load_verified(so: Path) -> ctypes.CDLL | None:
     """The cached library, loaded only if it is our own regular file and its SHA-256 is the one
-    recorded when it was built (None otherwise: the caller rebuilds). The bytes hashed are the
-    bytes loaded: the open descriptor is what gets loaded, where /proc allows."""
+    recorded when it was built (None otherwise: the caller rebuilds)."""
     try:
         fd = os.open(so, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
@@ -47,8 +46,9 @@ def _load_verified(so: Path) -> ctypes.CDLL | None:
         recorded = so.with_name(so.name + ".sha256")
         if recorded.is_symlink() or not recorded.is_file() or recorded.read_text().strip() != h.hexdigest():
             return None
-        via_fd = f"/proc/self/fd/{fd}"
-        return ctypes.CDLL(via_fd if os.path.exists(via_fd) else str(so))
+        # By path, not /proc/self/fd/N: the loader caches libraries by name, and fd numbers are reused.
+        # Only this user can replace the file (checked above), so nothing changes it in between.
+        return ctypes.CDLL(str(so))
     finally:
         os.close(fd)
 
