@@ -176,3 +176,10 @@ def test_undecodable_bytes_in_a_key_are_reported_escaped(tmp_path):
     assert r.records_kept == 1 and r.dropped == {"missing_field": 1}
     assert "\\udcfftext" in r.report["examples"]["missing_field"][0]
     assert "\\\\udcfftext" in (tmp_path / "out" / "report.json").read_text()
+
+
+def test_undecodable_bytes_in_a_label_drop_only_that_record(tmp_path):
+    p = tmp_path / "rows.tsv"
+    p.write_bytes(b"text\tlabel\nfirst fine row of words\tpos\nsecond row of words\tne\xffg\n")
+    r = prepare([p], tmp_path / "out", cfg(pii={"enabled": False}, read={"format": "classification"}), **QUIET)
+    assert r.records_kept == 1 and r.dropped == {"invalid_utf8": 1}

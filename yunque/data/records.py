@@ -292,11 +292,21 @@ def to_records(item: RawItem, shape: str, fields: dict[str, str], explode: str |
 
 
 def _has_surrogate(rec: dict) -> bool:
-    for s in text_fields(rec):
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
+    # Every string, not only the texts: a label or a message field with undecodable bytes would
+    # otherwise fail later, when the record is written.
+    stack: list = [rec]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return False
 
 
