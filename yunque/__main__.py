@@ -69,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except YunqueError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    # Last resort for input no reader anticipated (readers raise YunqueError naming the file): still
+    # one line and exit 2, not a traceback.
+    except RecursionError:
+        print(f"error: yunque {name}: an input is nested too deeply to read", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"error: yunque {name}: an input is not valid UTF-8 ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

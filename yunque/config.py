@@ -31,26 +31,51 @@ _RANGE_CHECKS = {
 }
 
 
+_MAX_NODES = 100_000  # a config has dozens; aliases must not expand a small file into billions
+
+
 def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML safely and remember the line of every key path ("a.b.c" -> line)."""
+
+    def fail(e: yaml.YAMLError) -> ConfigError:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        why = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+        return ConfigError(f"{where}: invalid YAML: {why}")
+
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise fail(e) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     lines: dict[str, int] = {}
-
-    def walk(n: yaml.Node, path: str) -> None:
+    # Iterative, counting every node an alias brings in again: nesting or "billion laughs" aliases
+    # end in one error here, not in a RecursionError or an endless walk later.
+    stack: list[tuple[yaml.Node, str, int]] = [(node, "", 0)] if node is not None else []
+    seen = 0
+    while stack:
+        n, path, depth = stack.pop()
+        seen += 1
+        if seen > _MAX_NODES or depth > 64:
+            why = "nested too deeply" if depth > 64 else f"more than {_MAX_NODES:,} values (aliases expanding?)"
+            raise ConfigError(f"{source}:{n.start_mark.line + 1}: invalid YAML: {why}")
         if isinstance(n, yaml.MappingNode):
+            keys: set[str] = set()
             for k, v in n.value:
                 p = f"{path}.{k.value}" if path else str(k.value)
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in keys:  # safe_load would keep the last one silently
+                        raise ConfigError(f"{source}:{k.start_mark.line + 1}: {p}: key given twice")
+                    keys.add(k.value)
                 lines[p] = k.start_mark.line + 1
-                walk(v, p)
-
-    if node is not None:
-        walk(node, "")
-    return yaml.safe_load(text), lines
+                stack.append((v, p, depth + 1))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, path, depth + 1) for v in n.value)
+    try:
+        return yaml.safe_load(text), lines
+    except yaml.YAMLError as e:  # e.g. a tag such as !!python/object, which the safe loader refuses
+        raise fail(e) from None
 
 
 def _type_name(tp: Any) -> str:
@@ -113,7 +138,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)  # PyYAML (YAML 1.1) reads `1e-4` as a string; people mean the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: number out of range, got {value!r:.60}") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -194,6 +222,8 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
             parsed = yaml.safe_load(v) if v != "" else ""
         except yaml.YAMLError:
             parsed = v
+        except RecursionError:
+            raise ConfigError(f"override {k.strip()}: value nested too deeply") from None
         _set_path(out, k.strip(), parsed)
     return out
 
@@ -214,7 +244,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        data, lines = _yaml_with_lines(p.read_text(encoding="utf-8"), str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+        data, lines = _yaml_with_lines(text, str(p))
         data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from yunque.errors import YunqueError
 from yunque.model import Transformer, causal_mask
 from yunque.sampling import penalize_repeats, sample
 
@@ -53,17 +54,30 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids, valid
 
 
+class EmptyPrompt(YunqueError, ValueError):
+    """A prompt with no tokens: a user error (one line, exit 2), still a ValueError for API callers."""
+
+
+class PromptTooLong(YunqueError, ValueError):
+    """Prompt plus new tokens longer than the model's context."""
+
+
 @torch.inference_mode()
 def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0,
                     use_cache: bool = True) -> Iterator[list[int | None]]:
     """Yields, per step, each row's new token (None once that row has stopped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise EmptyPrompt("every prompt needs at least one token (an empty prompt, or a chat template that rendered nothing)")
     device = model.model.embed_tokens.weight.device
     B = len(prompts)
     ids, valid_prompt = _left_pad(prompts, pad_id, device)
     P = ids.shape[1]
     S = P + s.max_new_tokens
+    if S > model.config.max_position_embeddings:
+        # Past the context the model was built for, and the (S x S) mask alone grows without bound:
+        # a 100k-token prompt would ask for 10 GB before the first step.
+        raise PromptTooLong(f"prompt of {P} tokens + max_new_tokens {s.max_new_tokens} exceeds the model's context "
+                            f"of {model.config.max_position_embeddings} tokens (max_position_embeddings)")
     valid = torch.ones(B, S, dtype=torch.bool, device=device)
     valid[:, :P] = valid_prompt
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): real tokens count from 0

@@ -4,8 +4,8 @@ Templates run in Jinja's immutable sandbox (no attribute writes, no list mutatio
 underscore attributes) with `trim_blocks`/`lstrip_blocks`, the `loopcontrols` extension, and
 the helpers transformers gives templates: `raise_exception`, `strftime_now`, a `tojson` that
 keeps non-ASCII and does not HTML-escape, a restricted `dict()` and `namespace()`, and the
-`{% generation %}` tag. Anything that goes wrong in a template becomes one YunqueError that
-names the template line.
+`{% generation %}` tag. Rendering is bounded in time and size (see jinja_limits.py). Anything
+that goes wrong in a template becomes one YunqueError that names the template line.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import jinja2
 import jinja2.utils
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from yunque.errors import YunqueError
+from yunque.jinja_limits import BoundedSandbox, RenderTimeout, TemplateTooLarge, check, render_bounded
 
 _MIN_JINJA = (3, 1, 6)  # older releases have known sandbox escapes
 
@@ -33,7 +33,7 @@ class _TemplateRaised(jinja2.TemplateError):
 
 
 def _raise_exception(message: str) -> None:
-    raise _TemplateRaised(message)
+    raise _TemplateRaised(str(message)[:2000])
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
@@ -45,10 +45,10 @@ class _Dict:
     """`dict(...)` for templates without handing them the `dict` type itself."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return dict(*args, **kwargs)
+        return check(dict(*args, **kwargs), "dict()")
 
     def fromkeys(self, *args: Any) -> dict:
-        return dict.fromkeys(*args)
+        return check(dict.fromkeys(*args), "dict.fromkeys()")
 
 
 class _Namespace(jinja2.utils.Namespace):
@@ -101,11 +101,12 @@ def compile_template(source: str) -> jinja2.Template:
     """Compile a chat template in the sandbox (cached: templates are reused for every sample)."""
     if _jinja_version() < _MIN_JINJA:
         raise YunqueError(f"chat templates need jinja2>=3.1.6 (sandbox fixes), found {jinja2.__version__}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.wrap_filters()
     env.globals.update(
         raise_exception=_raise_exception,
-        strftime_now=lambda fmt: datetime.now().strftime(fmt),
+        strftime_now=lambda fmt: datetime.now().strftime(str(fmt)[:1000]),
         dict=_Dict(),
         namespace=_Namespace,
     )
@@ -113,6 +114,8 @@ def compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise YunqueError(f"chat template line {e.lineno}: syntax error: {e.message}") from None
+    except RecursionError:
+        raise YunqueError("chat template: syntax error: nested too deeply") from None
 
 
 def _template_line(exc: BaseException) -> str:
@@ -124,8 +127,14 @@ def render_template(source: str, variables: dict[str, Any]) -> str:
     """Render `source` with `variables`; any failure of the template becomes one clear YunqueError."""
     template = compile_template(source)
     try:
-        return template.render(**variables)
+        return render_bounded(template, variables)
     except _TemplateRaised as e:
         raise YunqueError(f"chat template{_template_line(e)} rejected the messages: {e}") from None
+    except TemplateTooLarge as e:
+        raise YunqueError(f"chat template{_template_line(e)} exceeds its size limit: {e}") from None
+    except RenderTimeout as e:
+        raise YunqueError(f"chat template{_template_line(e)} {e}") from None
+    except RecursionError:
+        raise YunqueError("chat template failed: it recurses too deeply") from None
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
-        raise YunqueError(f"chat template{_template_line(e)} failed: {type(e).__name__}: {e}") from None
+        raise YunqueError(f"chat template{_template_line(e)} failed: {type(e).__name__}: {str(e)[:500]}") from None

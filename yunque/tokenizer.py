@@ -47,6 +47,8 @@ def _read_json(path: Path) -> Any:
         raise YunqueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise YunqueError(f"{path}: cannot read: {e}") from None
+    except (ValueError, RecursionError) as e:  # an integer too long to convert; nesting past the stack
+        raise YunqueError(f"{path}: invalid JSON: {str(e)[:100] or 'nested too deeply'}") from None
 
 
 def _token_text(value: Any, where: str) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from yunque.data.split import SPLITS
 from yunque.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -132,11 +133,35 @@ def load_manifest(out_dir: Path) -> dict:
         raise DataError(f"{path}: no manifest (is {out_dir} a prepared data directory?)")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: manifest is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: manifest is not valid JSON: {str(e) or 'nested too deeply'}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DataError(f"{path}: not a {FORMAT} manifest")
+    _check_shape(m, path)
     return m
+
+
+def _check_shape(m: dict, path: Path) -> None:
+    """Every field verification reads, with its type: a malformed manifest is an error naming the field."""
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise DataError(f"{path}: malformed manifest: {field} must be {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    files, splits, inputs = m.get("files"), m.get("splits"), m.get("inputs", [])
+    need(isinstance(files, dict), "files", "an object")
+    for rel, meta in files.items():
+        need(isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and is_int(meta.get("bytes")),
+             f"files[{rel!r}]", '{"sha256": hex, "bytes": integer}')
+    need(isinstance(splits, dict), "splits", "an object")
+    for name, info in splits.items():
+        need(isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("file", "hashes", "merkle_root"))
+             and is_int(info.get("records")), f"splits[{name!r}]", '{"file", "hashes", "records", "merkle_root"}')
+    need(isinstance(inputs, list) and all(isinstance(i, dict) and isinstance(i.get("path"), str)
+                                          and isinstance(i.get("sha256"), str) for i in inputs),
+         "inputs", 'a list of {"path", "sha256"}')
 
 
 def _lines(path: Path) -> Iterator[tuple[bytes, bool]]:
@@ -209,28 +234,68 @@ def _diagnose(i: int, n: int, window: list[tuple[bytes, bool]], exp) -> str:
     return f"{where}: changed (sha256 differs from the manifest)"
 
 
+def _on_disk(out_dir: Path) -> list[str]:
+    """Every entry under `out_dir` but the manifest, as relative paths; a symlink or a special file
+    (device, FIFO) is refused: prepared data holds regular files only, and hashing /dev/zero never ends."""
+    out = []
+    for p in sorted(out_dir.rglob("*")):
+        rel = p.relative_to(out_dir).as_posix()
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            raise DataError(f"{p}: {'a symlink' if p.is_symlink() else 'not a regular file'}; "
+                            "a prepared data directory holds regular files only")
+        if p.is_file() and rel != MANIFEST:
+            out.append(rel)
+    return out
+
+
 def verify_dir(out_dir: Path) -> dict:
     """Verify a prepared directory end to end; raises DataError naming the file (and record) at fault.
-    Returns the manifest plus `inputs_checked` / `inputs_missing` lists."""
+
+    Complete, not only consistent: every split training and evaluation read must be in the manifest
+    under its own file names, and every file in the directory must be listed, so that deleting a
+    split's entries (or adding a file) is caught rather than passing with less checked.
+    Returns the manifest plus `inputs_checked` / `inputs_missing` lists and `manifest_sha256`."""
     m = load_manifest(out_dir)
-    files = m.get("files", {})
-    for split, info in m.get("splits", {}).items():
-        verify_split(out_dir, split, info, files)
+    mpath = out_dir / MANIFEST
+    files = m["files"]
+    for split in SPLITS:
+        info = m["splits"].get(split)
+        if info is None:
+            raise DataError(f"{mpath}: split {split!r} is missing from the manifest (every prepared directory has "
+                            f"{', '.join(SPLITS)}); its data cannot be verified")
+        if (info["file"], info["hashes"]) != (f"{split}.jsonl", f"hashes/{split}.sha256"):
+            raise DataError(f"{mpath}: split {split!r} names files {info['file']!r}, {info['hashes']!r}; "
+                            f"training reads {split}.jsonl and hashes/{split}.sha256")
+    unknown = sorted(set(m["splits"]) - set(SPLITS))
+    if unknown:
+        raise DataError(f"{mpath}: unknown split {unknown[0]!r} (splits are {', '.join(SPLITS)})")
+    unlisted = [rel for rel in _on_disk(out_dir) if rel not in files and not rel.startswith(".tmp")]
+    if unlisted:
+        raise DataError(f"{out_dir / unlisted[0]}: not listed in the manifest"
+                        + (f" (and {len(unlisted) - 1} more files)" if len(unlisted) > 1 else "")
+                        + "; every file in a prepared directory is hashed, so this one was added or the manifest edited")
+    for split in SPLITS:
+        verify_split(out_dir, split, m["splits"][split], files)
     for rel, meta in files.items():
         p = out_dir / rel
-        if not p.is_file():
+        if rel.startswith("/") or ".." in Path(rel).parts or not p.is_file():
             raise DataError(f"{p}: missing (listed in the manifest)")
         if p.stat().st_size != meta["bytes"]:
             raise DataError(f"{p}: size {p.stat().st_size} differs from the manifest's {meta['bytes']} (truncated or appended)")
         if sha256_file(p) != meta["sha256"]:
             raise DataError(f"{p}: sha256 differs from the manifest")
     checked, missing = [], []
-    for inp in m.get("inputs", []):
+    for inp in m["inputs"]:
         p = Path(inp["path"])
         if not p.is_file():
             missing.append(str(p))  # training machines often do not hold the raw inputs
             continue
-        if sha256_file(p) != inp["sha256"]:
+        try:
+            same = sha256_file(p) == inp["sha256"]
+        except OSError as e:
+            raise DataError(f"{p}: cannot read the input file to verify it ({e.strerror or e})") from None
+        if not same:
             raise DataError(f"{p}: input file changed since the data was prepared (sha256 differs)")
         checked.append(str(p))
-    return {**m, "inputs_checked": checked, "inputs_missing": missing}
+    digest = hashlib.sha256(mpath.read_bytes()).hexdigest()
+    return {**m, "inputs_checked": checked, "inputs_missing": missing, "manifest_sha256": digest}

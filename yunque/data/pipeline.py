@@ -222,7 +222,9 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
         if res[0] == "drop":
             _, source, reason, message, findings = res
             _count_pii(stats, findings)
-            if cfg.read.on_error == "fail" and reason in ERROR_REASONS:
+            # A damaged file (truncated or corrupt gzip, unreadable Parquet) loses everything after the
+            # break, an unknown amount: that is never a record to skip, whatever on_error says.
+            if reason == "unreadable_file" or (cfg.read.on_error == "fail" and reason in ERROR_REASONS):
                 raise DataError(f"{source}: {message}")
             stats.drop(reason, source, message)
             continue

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,11 @@ def file_kind(path: Path) -> str | None:
     return FILE_KINDS.get(suffixes[-1]) if suffixes else None
 
 
+# What reading a damaged file raises: gzip's own errors, zlib's for a corrupt deflate stream, and
+# pyarrow's for a Parquet file it cannot parse (ArrowInvalid is a ValueError, ArrowIOError an OSError).
+_DAMAGED = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
 def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
@@ -113,11 +119,12 @@ def iter_file(path: Path, text_unit: str = "file", tmp_dir: Path | None = None, 
         for item in gen:
             n += 1
             yield item
-    except (OSError, EOFError, gzip.BadGzipFile, csv.Error, ValueError) as e:
+    except (*_DAMAGED, csv.Error, ValueError, RecursionError) as e:
         # A damaged gzip stream or a Parquet footer we cannot read: the rest of the file is lost,
-        # and that is counted, with the position reached, rather than raised.
+        # which the pipeline reports (and stops on) with the position reached.
         n += 1
-        yield RawItem(f"{name}:{n}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {e}"))
+        why = " ".join(str(e).split())[:300]  # pyarrow's messages span lines; a report line must not
+        yield RawItem(f"{name}:{n}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {why}"))
     if n == 0:
         yield RawItem(f"{name}:0", "error", ("empty_file", "empty file (no records)"))
 
@@ -138,7 +145,7 @@ def _iter_jsonl_blocks(path: Path, _unit: str) -> Iterator[RawItem]:
         while True:
             try:
                 data = fh.read(_BLOCK)
-            except (OSError, EOFError) as e:  # a damaged gzip stream: say where it broke
+            except _DAMAGED as e:  # a damaged gzip stream: say where it broke
                 yield RawItem(f"{path}:{line}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {e}"))
                 return
             if line == 1 and not rest and data.startswith(b"\xef\xbb\xbf"):
@@ -202,6 +209,9 @@ def _json_array_items(fh: IO[str], buf: str, name: str) -> Iterator[RawItem]:
             continue
         try:
             obj, end = dec.raw_decode(buf, pos)
+        except RecursionError:
+            yield RawItem(f"{name}:{line}", "error", ("invalid_json", "JSON array element nested too deeply; rest of file skipped"))
+            return
         except json.JSONDecodeError as e:
             if not eof:  # maybe the element is cut by the chunk boundary: read more and retry
                 more = fh.read(max(_JSON_CHUNK, len(buf)))
@@ -247,14 +257,18 @@ def _iter_tsv(path: Path, _unit: str) -> Iterator[RawItem]:
 
 
 def _iter_parquet(path: Path, _unit: str, display: str | None = None) -> Iterator[RawItem]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            row += 1
-            yield RawItem(f"{display or path}:{row}", "obj", rec)
+    try:
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield RawItem(f"{display or path}:{row}", "obj", rec)
+    except pa.ArrowException as e:  # every pyarrow error, whatever builtin it also derives from
+        raise ValueError(f"not a readable Parquet file: {str(e)[:300]}") from None
 
 
 def _iter_gz_parquet(path: Path, tmp_dir: Path | None) -> Iterator[RawItem]:
@@ -298,7 +312,7 @@ def peek_objects(path: Path, n: int = 20) -> list[Any]:
         elif item.kind == "line":
             try:
                 out.append(json.loads(item.payload))
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
         elif item.kind == "text":
             out.append(item.payload)

@@ -125,7 +125,8 @@ def _path_of(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, .
 
 
 def _has_keys(obj: dict) -> str:
-    return ", ".join(sorted(map(str, obj))) or "none"
+    # Keys come from the input: undecodable bytes (kept as lone surrogates) are shown escaped.
+    return ", ".join(sorted(str(k).encode("utf-8", "backslashreplace").decode("utf-8") for k in obj)) or "none"
 
 
 def _missing(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...], what: str) -> RecordError:
@@ -264,6 +265,8 @@ def to_records(item: RawItem, shape: str, fields: dict[str, str], explode: str |
             return [(item.source, RecordError("invalid_utf8", f"invalid UTF-8 at byte {e.start}"))]
         except ValueError as e:
             return [(item.source, RecordError("invalid_json", f"malformed JSON: {e}"))]
+        except RecursionError:
+            return [(item.source, RecordError("invalid_json", "malformed JSON: nested too deeply"))]
     units: list[tuple[str, Any]] = [(item.source, obj)]
     if explode and item.kind != "text":
         if not isinstance(obj, dict):
@@ -289,11 +292,21 @@ def to_records(item: RawItem, shape: str, fields: dict[str, str], explode: str |
 
 
 def _has_surrogate(rec: dict) -> bool:
-    for s in text_fields(rec):
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
+    # Every string, not only the texts: a label or a message field with undecodable bytes would
+    # otherwise fail later, when the record is written.
+    stack: list = [rec]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
     return False
 
 

@@ -105,8 +105,10 @@ class Stats:
 
 def write_report(out_dir: Path, stats: Stats) -> dict[str, Any]:
     data = stats.to_json()
-    (out_dir / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out_dir / "report.md").write_text(_markdown(data, stats.length_unit), encoding="utf-8")
+    # Examples quote the input; bytes that were not UTF-8 are written escaped rather than failing the run.
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
+                                         errors="backslashreplace")
+    (out_dir / "report.md").write_text(_markdown(data, stats.length_unit), encoding="utf-8", errors="backslashreplace")
     _histogram(out_dir / "lengths.png", stats)
     return data
 

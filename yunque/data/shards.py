@@ -117,21 +117,30 @@ class TokenShards:
 
     def __init__(self, data_dir: str | Path, split: str):
         tdir = Path(data_dir) / "tokens"
+        mpath = tdir / "meta.json"
         try:
-            meta = json.loads((tdir / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{tdir / 'meta.json'}: cannot read token shard metadata: {e}") from None
-        if meta.get("format") != FORMAT or split not in meta.get("splits", {}):
+            meta = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise DataError(f"{mpath}: cannot read token shard metadata: {str(e) or 'nested too deeply'}") from None
+        splits = meta.get("splits") if isinstance(meta, dict) else None
+        if not isinstance(splits, dict) or meta.get("format") != FORMAT or split not in splits:
             raise DataError(f"{tdir}: no {FORMAT} shard for split {split!r}")
         self.meta = meta
         self.split = split
-        info = meta["splits"][split]
+        info = splits[split]
+        if meta.get("dtype") not in ("uint16", "uint32"):  # np.dtype() of a file's string could be anything
+            raise DataError(f"{mpath}: dtype {str(meta.get('dtype'))[:40]!r} is not uint16 or uint32")
+        if not (isinstance(info, dict) and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
+                                               and info[k] >= 0 for k in ("documents", "tokens"))):
+            raise DataError(f"{mpath}: splits.{split} needs non-negative integers documents and tokens")
         dtype = np.dtype(meta["dtype"])
         self.tokens = _memmap(tdir / f"{split}.tokens.bin", dtype, info["tokens"])
         self.loss_mask = _memmap(tdir / f"{split}.mask.bin", np.dtype(np.uint8), info["tokens"])
         self.doc_offsets = _memmap(tdir / f"{split}.docs.bin", np.dtype(np.int64), info["documents"] + 1)
-        if info["documents"] and int(self.doc_offsets[-1]) != info["tokens"]:
-            raise DataError(f"{tdir / f'{split}.docs.bin'}: offsets end at {int(self.doc_offsets[-1])}, expected {info['tokens']}")
+        offs = np.asarray(self.doc_offsets)
+        if len(offs) and (offs[0] != 0 or offs[-1] != info["tokens"] or (np.diff(offs) < 0).any()):
+            raise DataError(f"{tdir / f'{split}.docs.bin'}: document offsets must rise from 0 to {info['tokens']} "
+                            "(the file is corrupt or does not belong to these tokens)")
 
     def __len__(self) -> int:
         return len(self.doc_offsets) - 1

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from yunque.errors import CheckpointError
+from yunque.formats.model_limits import check_fits, checked
 from yunque.formats.safetensors_io import SafetensorsFile
 from yunque.model import ModelConfig, Transformer, rope_inv_freq
+from yunque.untrusted import inside, read_json
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 ROPE_TYPES = {"default": (), "linear": ("factor",),
@@ -36,12 +38,16 @@ PICKLE_FILES = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"
 
 def _rope(d: dict, src: str) -> tuple[float, dict | None]:
     params = d.get("rope_parameters") or d.get("rope_scaling")  # transformers >= 5 writes rope_parameters
+    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    if params and not isinstance(params, dict):
+        raise CheckpointError(f"{src}: {key}: expected an object or null, got {params!r:.100}")
     theta = d.get("rope_theta", (params or {}).get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < 1e300:
+        raise CheckpointError(f"{src}: rope_theta: expected a positive number, got {theta!r:.100}")
     if not params:
         return float(theta), None
-    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise CheckpointError(f"{src}: {key}.rope_type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     for f in ROPE_TYPES[kind]:
         if f not in params:
@@ -54,9 +60,13 @@ def _rope(d: dict, src: str) -> tuple[float, dict | None]:
 
 
 def config_from_hf(d: dict[str, Any], src: str = "config.json") -> ModelConfig:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{src}: expected a JSON object, got {type(d).__name__}")
     archs = d.get("architectures")
     if not archs:
         raise CheckpointError(f"{src}: field 'architectures' is missing")
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise CheckpointError(f"{src}: architectures: expected a list of names, got {archs!r:.100}")
     arch = archs[0]
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{src}: architectures {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
@@ -67,7 +77,7 @@ def config_from_hf(d: dict[str, Any], src: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{src}: use_sliding_window=true is not supported for Qwen2")
     theta, scaling = _rope(d, src)
     window = d.get("sliding_window") if arch == "MistralForCausalLM" else None
-    return ModelConfig(
+    return checked(ModelConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
         num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
@@ -80,7 +90,7 @@ def config_from_hf(d: dict[str, Any], src: str = "config.json") -> ModelConfig:
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
         initializer_range=d.get("initializer_range", 0.02),
         extra={k: v for k, v in d.items() if k not in _KNOWN},
-    )
+    ), src)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -110,27 +120,25 @@ def read_config(path: str | Path) -> ModelConfig:
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path}: not found (a Hugging Face model directory needs config.json)")
-    try:
-        d = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    return config_from_hf(d, str(cfg_path))
+    return config_from_hf(read_json(cfg_path, CheckpointError), str(cfg_path))
 
 
 def weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file, from the shard index or the single model.safetensors; refuses pickle."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: invalid shard index ({e})") from None
-        for shard in sorted(set(wmap.values())):
-            if not (path / shard).is_file():
-                raise CheckpointError(f"{path / shard}: shard listed in {index.name} is missing")
-        return {name: path / shard for name, shard in wmap.items()}
+        wmap = read_json(index, CheckpointError)
+        wmap = wmap.get("weight_map") if isinstance(wmap, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise CheckpointError(f"{index}: invalid shard index (expected \"weight_map\": {{tensor name: file name}})")
+        shards = {shard: inside(path, shard, index, CheckpointError) for shard in sorted(set(wmap.values()))}
+        for shard, p in shards.items():
+            if not p.is_file():
+                raise CheckpointError(f"{p}: shard listed in {index.name} is missing")
+        return {name: shards[shard] for name, shard in wmap.items()}
     single = path / "model.safetensors"
     if single.is_file():
+        inside(path, single.name, path, CheckpointError)  # a symlink to elsewhere is refused, not followed
         with SafetensorsFile(single) as f:
             return {name: single for name in f.keys()}
     pickles = sorted({q.name for pat in PICKLE_FILES for q in path.glob(pat)})
@@ -149,6 +157,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     """Load an HF directory into a Transformer; dtype defaults to the checkpoint's own."""
     path = Path(path)
     cfg = read_config(path)
+    dev = torch.device(device)
+    itemsize = (dtype or checkpoint_dtype(path) or torch.float32).itemsize
+    check_fits(cfg, itemsize, str(path / "config.json"), what=f"its weights ({itemsize} bytes each)",
+               memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None)
     files = weight_files(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -247,5 +259,6 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype | None:
     """The dtype config.json declares (`torch_dtype`, or `dtype` as transformers >= 5 writes it)."""
-    d = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    return _DTYPE_NAMES.get(d.get("torch_dtype") or d.get("dtype") or "")
+    d = read_json(Path(path) / "config.json", CheckpointError)
+    name = (d.get("torch_dtype") or d.get("dtype")) if isinstance(d, dict) else None
+    return _DTYPE_NAMES.get(name) if isinstance(name, str) else None

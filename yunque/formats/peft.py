@@ -13,6 +13,7 @@ config fields; they travel in the safetensors metadata under `yunque.lora`, whic
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -26,6 +27,7 @@ from yunque.errors import CheckpointError, ConfigError
 from yunque.formats.safetensors_io import SafetensorsFile
 from yunque.lora import LoraConfig, LoRALinear, _matches, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from yunque.quant import NF4Linear
+from yunque.untrusted import inside, read_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -107,10 +109,7 @@ def read_peft_config(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
     path = d / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (a PEFT adapter directory needs {CONFIG_FILE})")
-    try:
-        conf = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    conf = read_json(path, CheckpointError)
     if not isinstance(conf, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     if conf.get("peft_type") != "LORA":
@@ -120,13 +119,19 @@ def read_peft_config(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
         if value != default and not (value in (None, {}, [], False) and default in (None, {}, [], False)):
             raise CheckpointError(f"{path}: {key}={value!r} is not supported (yunque loads plain LoRA adapters)")
     for key in ("r", "lora_alpha"):
-        if not isinstance(conf.get(key), (int, float)) or isinstance(conf.get(key), bool):
+        v = conf.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise CheckpointError(f"{path}: field {key!r} is missing or not a number")
+    if conf["r"] != int(conf["r"]) or not 0 < conf["r"] <= 1 << 16:
+        raise CheckpointError(f"{path}: field 'r' must be a positive integer, got {conf['r']!r}")
+    tm = conf.get("target_modules")
+    if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        raise CheckpointError(f"{path}: target_modules must be a list of module names or a pattern string, got {tm!r:.100}")
     return conf, path
 
 
 def _read_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
-    path = d / WEIGHTS_FILE
+    path = inside(d, WEIGHTS_FILE, d, CheckpointError)  # a symlink out of the adapter directory is refused
     if not path.is_file():
         pickles = [p.name for p in d.glob("adapter_model.bin")]
         extra = (f"; only {pickles[0]} found, a pickle file yunque never loads (convert it once with peft: "
@@ -149,8 +154,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
     if _META_KEY in meta:
         try:
             qmeta = json.loads(meta[_META_KEY])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise CheckpointError(f"{wpath}: metadata {_META_KEY} is not valid JSON") from None
+        if not isinstance(qmeta, dict):
+            raise CheckpointError(f"{wpath}: metadata {_META_KEY} is not a JSON object")
     sd: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
@@ -192,6 +199,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
                          block_size=int(qmeta.get("block_size", 64)))
     except ConfigError as e:
         raise CheckpointError(f"{conf_path}: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{conf_path} / {wpath.name} metadata: a LoRA setting has the wrong type ({e})") from None
     apply_lora(model, cfg, names=names)
     load_lora_state_dict(model, sd, source=str(wpath))
     return cfg
@@ -221,10 +230,16 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     gen_path = base_dir / "generation_config.json"
     gen = None
     if gen_path.is_file():
-        try:
-            gen = json.loads(gen_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{gen_path}: invalid JSON ({e})") from None
+        gen = read_json(gen_path, CheckpointError)
+        if not isinstance(gen, dict):
+            raise CheckpointError(f"{gen_path}: expected a JSON object")
+    # A tokenizer file linked to something outside the base model (a key, /etc/shadow) must not be
+    # copied into the merged model, which is made to be shared.
+    for name in TOKENIZER_FILES:
+        inside(base_dir, name, base_dir, CheckpointError)
+        if (base_dir / name).is_dir():
+            for f in (base_dir / name).rglob("*"):
+                inside(base_dir, f.relative_to(base_dir).as_posix(), base_dir, CheckpointError)
     save_model(model, out_dir, generation_config=gen)
     copied = []
     for name in TOKENIZER_FILES:

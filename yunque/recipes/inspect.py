@@ -11,6 +11,7 @@ import torch
 from yunque.data.manifest import sha256_file
 from yunque.errors import YunqueError
 from yunque.formats.hf import read_config, save_model, weight_files
+from yunque.formats.model_limits import parameter_count
 from yunque.formats.safetensors_io import SafetensorsFile
 from yunque.model import Transformer
 from yunque.presets import PRESETS, get_preset
@@ -28,8 +29,7 @@ def inspect_cmd(path: str, hashes: bool = True) -> dict:
     p = Path(path)
     cfg = read_config(p)
     weight_files(p)  # refuses pickle-only and incomplete directories
-    with torch.device("meta"):
-        n_params = sum(t.numel() for t in Transformer(cfg).parameters())
+    n_params = parameter_count(cfg)  # arithmetic: a config naming a huge model is shown, not built
     dtypes: dict[str, int] = {}
     for st in sorted(p.glob("*.safetensors")):
         with SafetensorsFile(st) as f:

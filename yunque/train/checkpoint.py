@@ -89,6 +89,8 @@ def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tens
 
     `extra(dir)` writes more files into the checkpoint before it appears (a PEFT adapter).
     """
+    if root.is_symlink():  # step-* folders inside its target would be written and deleted
+        raise CheckpointError(f"{root}: is a symlink (to {os.readlink(root)}); refusing to write checkpoints through it")
     root.mkdir(parents=True, exist_ok=True)
     for p in root.iterdir():
         if p.name.startswith(".tmp-"):

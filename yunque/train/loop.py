@@ -54,8 +54,15 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
         for k in cfg.model.overrides:
             if k not in known:
                 raise ConfigError(f"model.overrides.{k}: unknown model field (known: {', '.join(sorted(known))})")
-        mc = get_preset(cfg.model.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                        pad_token_id=tok.pad_id, **cfg.model.overrides)
+        mc = get_preset(cfg.model.preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+                                             "pad_token_id": tok.pad_id, **cfg.model.overrides})  # overrides win
+        from yunque.formats.model_limits import check_fits, checked
+
+        mc = checked(mc, "model.overrides", ConfigError)  # before a byte is allocated: types, ranges, memory
+        if mc.vocab_size < tok.vocab_size:
+            raise ConfigError(f"model.overrides.vocab_size: {mc.vocab_size} is below the tokenizer's {tok.vocab_size} tokens")
+        check_fits(mc, dtype.itemsize + 12, f"model.preset {cfg.model.preset}", error=ConfigError,
+                   what="training it (weights, fp32 gradients and AdamW moments)")
         model = Transformer(mc)
         model.init_weights(generator=torch.Generator().manual_seed(cfg.seed))
         model.to(dtype)

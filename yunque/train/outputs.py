@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,7 @@ from yunque.model import Transformer
 from yunque.tokenizer import Tokenizer
 from yunque.train.config import TrainConfig
 from yunque.train.tracking import plot_metrics
+from yunque.untrusted import refuse_symlink, write_replacing
 
 PACKAGES = ("torch", "numpy", "safetensors", "tokenizers", "transformers", "peft", "torchao", "bitsandbytes")
 
@@ -82,8 +84,16 @@ def export_model(model: Transformer, tok: Tokenizer, out: Path, d: D.Dist, modul
         model.load_state_dict(sd, assign=True)
         model.inv_freq = trained.inv_freq.detach().cpu() if trained.inv_freq.device.type != "meta" else model.inv_freq
     if d.main:
+        refuse_symlink(out)
         save_model(model, out)
-        tok.save(out)
+        # The tokenizer goes through a fresh directory and is moved in: a symlink planted at, say,
+        # model/tokenizer.json is replaced rather than written through.
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            tok.save(tmp)
+            for f in Path(tmp).rglob("*"):
+                if f.is_file():
+                    (out / f.relative_to(tmp)).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, out / f.relative_to(tmp))
     return out
 
 
@@ -93,6 +103,7 @@ def export_adapter(model: Transformer, adapter: LoraConfig, base_model_name: str
     from yunque.formats.peft import save_peft_adapter
 
     if d.main:
+        refuse_symlink(out)
         save_peft_adapter(model, out, adapter, base_model_name, tensors=tensors)
     return out
 
@@ -121,18 +132,17 @@ def write_outputs(cfg: TrainConfig, result: TrainResult, *, model: Transformer, 
     files = {}
     for p in sorted(cfg.out_dir.rglob("*")):
         rel = p.relative_to(cfg.out_dir)
-        if p.is_file() and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard") and rel.name != "run.json":
+        if p.is_file() and not p.is_symlink() and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard") and rel.name != "run.json":
             files[str(rel)] = sha256(p)
     run = {"config": to_dict(cfg), "seed": cfg.seed, "method": cfg.method, "yunque_version": __version__,
            "git_commit": git_commit(), **environment(), "world_size": d.world,
-           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None, "manifest_roots": manifest},
+           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None,
+                    "manifest_sha256": (manifest or {}).get("manifest_sha256"), "manifest_roots": manifest},
            "parallel": d.kind, "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
            "exported_step": result.exported_step,
            "final_metrics": result.final, "best_metrics": result.best, "best_step": result.best_step,
            "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
            "output": str(result.output), "files_sha256": files}
     path = cfg.out_dir / "run.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_replacing(path, json.dumps(run, indent=1) + "\n")  # a planted symlink is replaced, not written through
     result.run_json = path

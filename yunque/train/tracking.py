@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from yunque.errors import ConfigError
+from yunque.untrusted import open_append, refuse_symlink, write_replacing
 
 
 class Tracker:
@@ -27,13 +29,15 @@ class Tracker:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Never through a symlink planted at the name: it would be truncated, or read back as ours.
+        refuse_symlink(self.path, ConfigError)
         if resume_step is not None and self.path.exists():
             keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
                     if ln.strip() and _step_of(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+            write_replacing(self.path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None:
-            self.path.write_text("", encoding="utf-8")
-        self._fh = open(self.path, "a", encoding="utf-8")
+            write_replacing(self.path, "")
+        self._fh = open_append(self.path, ConfigError)
         if mlflow:
             try:
                 import mlflow as mlf
@@ -120,10 +124,15 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> Path | None:
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.stem}.", suffix=".png", dir=out_png.parent)  # never a planted link
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out_png
 
 
