@@ -1,8 +1,13 @@
 """Digit-heavy detectors: phones, cards, IBANs and national identifiers.
 
-All of them contain a run of >= 6 digits (separators allowed), so one cheap digit-led regex
-finds seed runs, and the ~20 specific patterns only run in small windows around them.
-Typical prose has few such runs; a document without any costs one regex pass.
+All of them contain a run of >= 6 digits (separators, or single capital letters as in the
+codice fiscale's "85T10A562", allowed), so one cheap digit-led regex finds seed runs, and
+the ~30 specific patterns only run in small windows around them. Typical prose has few
+such runs; a document without any costs one regex pass.
+
+Identifiers without a check digit (UK NINO; SSN, CPF, CUIT, NIR written without their
+usual grouping) or whose check is weak for their shape (a Luhn-valid 9-digit SIN is one
+number in ten) need their name shortly before them.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from yunque.data import pii_checks as ck
 
 Add = Callable[[str, int, int], None]
 NUMERIC_TYPES = ("PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE", "MX_CURP", "MX_RFC",
-                 "BR_CPF", "AR_CUIT", "CL_RUT")  # fmt: skip
+                 "BR_CPF", "AR_CUIT", "CL_RUT", "UK_NINO", "IT_FISCAL_CODE", "CA_SIN", "CN_RESIDENT_ID",
+                 "FR_NIR")  # fmt: skip
 
 _L = r"(?<![0-9A-Za-z_])"
 _R = r"(?![0-9A-Za-z_])"
@@ -22,13 +28,15 @@ _LN = r"(?<![0-9A-Za-z_.\-])"
 _RN = r"(?![0-9A-Za-z_]|[.\-/]\d)"
 _SEP = r"[ .\-\u00a0]"
 
-_SEED = re.compile(r"\d(?:[ .\-/()\u00a0]{0,2}\d){5,}")
+_SEED = re.compile(r"\d(?:[ .\-/()\u00a0]{0,2}\d|[A-Z]\d){5,}")
 _NOT_DIGIT = re.compile(r"\D")
 _TAIL = re.compile(r"[0-9A-Za-z_]{0,64}")
 _MARGIN = 24  # longest non-digit stretch at either end of a match (IBAN "GB82 WEST ", CURP tail)
 
 _CARD = re.compile(_LN + r"\d(?:[ \-]?\d){11,18}" + _RN)
-_IBAN = re.compile(_L + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?" + _R)
+# Any case: "es91 2100 0418 4502 0005 1332" is as much an account number (validated upper-cased).
+_IBAN = re.compile(_L + r"[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,4})?" + _R)
+_IBAN_GATE = re.compile(r"[A-Za-z]{2}\d\d")
 _SSN = re.compile(_LN + r"(\d{3})-(\d{2})-(\d{4})" + _RN)
 _SSN_BARE = re.compile(_LN + r"(\d{3}) ?(\d{2}) ?(\d{4})" + _RN)
 _EXP_R = r"(?![0-9A-Za-z_]|[+\-]\d)"  # "1.38435736E+12" is a float, not an ID with a letter
@@ -40,6 +48,15 @@ _CPF = re.compile(_LN + r"\d{3}\.\d{3}\.\d{3}-\d{2}" + _RN)
 _CUIT = re.compile(_LN + r"(?:20|23|24|27|30|33|34)-\d{8}-\d" + _RN)
 _ELEVEN = re.compile(_LN + r"\d{11}" + _RN)
 _RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
+_NINO = re.compile(_L + r"([A-Z]{2})( ?)(\d{2})\2(\d{2})\2(\d{2})\2([A-D])" + _R)
+_NINO_CTX = re.compile(r"nino|national insurance|\bni\b|\bn\.i\.|insurance n")
+_CF = re.compile(_L + r"[A-Z]{6}[0-9L-NP-V]{2}[ABCDEHLMPRST][0-9L-NP-V]{2}[A-Z][0-9L-NP-V]{3}[A-Z]" + _R)
+_SIN = re.compile(_LN + r"(\d{3})([ \-]?)(\d{3})\2(\d{3})" + _RN)
+_SIN_CTX = re.compile(r"\bSIN\b|\bS\.I\.N\.|\bNAS\b|(?i:social insurance|assurance sociale)")
+_CN_ID = re.compile(_LN + r"[1-8]\d{16}[\dXx]" + _R)
+# Written grouped ("1 84 12 76 451 089 46") or as one run, which then needs its name before it.
+_NIR = re.compile(_LN + r"[1-478]( ?)\d{2}\1\d{2}\1(?:\d{2}|2[AB])\1\d{3}\1\d{3}\1\d{2}" + _RN)
+_NIR_CTX = re.compile(r"\bnir\b|s[ée]curit[ée] sociale|\bs[ée]cu\b|insee|social security|carte vitale|n° ss")
 
 # In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
 # International prefix: "+34", "(+34)" or "0034" (the 00 form only with separators, see below).
@@ -141,7 +158,7 @@ def _cards(text: str, s: int, e: int, add: Add) -> None:
 
 def _ibans(text: str, s: int, e: int, add: Add) -> None:
     for m in _IBAN.finditer(text, s, e):
-        want = ck.IBAN_LENGTHS.get(m.group()[:2])
+        want = ck.IBAN_LENGTHS.get(m.group()[:2].upper())
         if want is None:
             continue
         # A following all-caps word can be swallowed by the grouping: cut at the country length.
@@ -154,7 +171,7 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
         if (
             count == want
             and (end == m.end() or text[end] == " ")
-            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", ""))
+            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", "").upper())
         ):
             add("IBAN", m.start(), end)
 
@@ -172,6 +189,12 @@ def _upper_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _RFC.finditer(text, s, e):
         if ck.rfc_ok(m.group()):
             add("MX_RFC", *m.span())
+    for m in _NINO.finditer(text, s, e):
+        if ck.nino_ok(m.group(1), m.group(6)) and (m.group(2) or _NINO_CTX.search(_ctx(text, m.start(), 40))):
+            add("UK_NINO", *m.span())
+    for m in _CF.finditer(text, s, e):
+        if ck.codice_fiscale_ok(m.group()):
+            add("IT_FISCAL_CODE", *m.span())
 
 
 def _long_ids(text: str, s: int, e: int, add: Add) -> None:
@@ -198,6 +221,23 @@ def _long_ids(text: str, s: int, e: int, add: Add) -> None:
             add("BR_CPF", *m.span())
         elif ("cuit" in ctx or "cuil" in ctx) and ck.cuit_ok(d):
             add("AR_CUIT", *m.span())
+
+
+def _more_ids(text: str, s: int, e: int, add: Add) -> None:
+    """Identifiers of >= 9 digits: SIN, Chinese resident ID, NIR."""
+    for m in _SIN.finditer(text, s, e):
+        if _SIN_CTX.search(text, max(0, m.start() - 32), m.start()) and ck.sin_ok(_digits(m.group())):
+            add("CA_SIN", *m.span())
+    for m in _CN_ID.finditer(text, s, e):
+        if ck.cn_resident_id_ok(m.group()):
+            add("CN_RESIDENT_ID", *m.span())
+    _nirs(text, s, e, add)
+
+
+def _nirs(text: str, s: int, e: int, add: Add) -> None:
+    for m in _NIR.finditer(text, s, e):
+        if (m.group(1) or _NIR_CTX.search(_ctx(text, m.start(), 40))) and ck.nir_ok(m.group().replace(" ", "")):
+            add("FR_NIR", *m.span())
 
 
 def _ruts(text: str, s: int, e: int, add: Add) -> None:
@@ -277,12 +317,16 @@ def numeric_ids(text: str, add: Add) -> None:
         dash = text.find("-", s, e) >= 0
         if _UPPER_NEAR_DIGIT.search(text, s, e):
             _upper_ids(text, s, e, add)
+        if _IBAN_GATE.search(text, s, e):
             _ibans(text, s, e, add)
         if nd >= 12:
             _cards(text, s, e, add)
         if nd >= 9:
             _long_ids(text, s, e, add)
+            _more_ids(text, s, e, add)
             _national_phones(text, s, e, add)
+        elif nd >= 6 and (text.find("2A", s, e) >= 0 or text.find("2B", s, e) >= 0):
+            _nirs(text, s, e, add)  # Corsica: "2A" splits the digit run in two
         if nd >= 7 and dash:
             _ruts(text, s, e, add)
         if nd >= 6 and (text.find("+", s, e) >= 0 or text.find("00", s, e) >= 0):

@@ -2,19 +2,23 @@
 
 `password = "hunter2xyz"`, `"api_key": "sk_live_..."`, `DB_PASSWORD=...`, `token: ...` (YAML),
 `?api_key=...` (query strings), `Authorization: Bearer ...`, and `name: X_TOKEN` / `value: ...`
-pairs. Only the value is reported, so the placeholder keeps the name readable.
+pairs. Only the value is reported, so the placeholder keeps the name readable. Three names
+give the value a more specific type when it has that type's exact shape: AWS secret access
+keys (40 base64 characters), Azure account / shared access keys (base64 of 32 or 64 bytes)
+and the `sig=` of an Azure shared access signature (URL-encoded base64 of an HMAC-SHA256).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from yunque.data import pii_checks as ck
 
 Add = Callable[[str, int, int], None]
 
-_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contrase", "senha", "clave",
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contrase", "senha", "clave", "sig",
                  "密码", "口令", "密钥", "令牌")  # fmt: skip
 _SECRET_WORD_RE = re.compile("|".join(_SECRET_WORDS))
 _NAME_BACK = re.compile(r"[\w.\-]{0,48}\Z")
@@ -61,6 +65,8 @@ def _name_kind(name: str) -> str | None:
     segs = [s.lower() for s in re.split(r"[_\-.\s]+", _CAMEL.sub("_", name)) if s]
     if not segs or _META_SEGS.intersection(segs):
         return None
+    if segs == ["sig"]:  # alone it means many things; only an Azure SAS signature is taken (`_sas_sig`)
+        return "sas"
     if _PASSWORD_SEGS.intersection(segs):
         return "password"
     if _SECRET_SEGS.intersection(segs):
@@ -89,12 +95,31 @@ def _secret_value_ok(val: str, kind: str, quoted: bool, bare_key: bool = False) 
     )
 
 
+def _sas_sig(val: str) -> bool:
+    """The `sig` of an Azure shared access signature: base64 of a 32-byte HMAC, URL-encoded."""
+    return ck.base64_bytes(unquote(val)) == 32
+
+
+def _typed(name: str, val: str) -> str:
+    """SECRET_ASSIGNMENT, or a more specific type that the name and the value's shape agree on."""
+    low = name.lower()
+    if "aws" in low and "secret" in low and _AWS_SECRET.match(val):
+        return "AWS_SECRET_KEY"
+    flat = re.sub(r"[_\-.]", "", low)
+    if (flat.endswith(("accountkey", "sharedaccesskey", "storagekey")) or "azure" in flat) and ck.base64_bytes(
+        val
+    ) in (32, 64):
+        return "AZURE_STORAGE_KEY"
+    return "SECRET_ASSIGNMENT"
+
+
 def secret_assignments(text: str, add: Add) -> None:
     # Two ways to find candidates, whichever is cheaper for this document: prose has few
     # ':'/'=' (visit each operator), code has many (look for the key words instead).
     ops = text.count("=") + text.count(":") + text.count("：")
     if not ops:
         return
+    done = -1
     if ops * 400 <= len(text):
         starts = []
         for op in "=:：":
@@ -105,15 +130,16 @@ def secret_assignments(text: str, add: Add) -> None:
                     if back and any(w in back.group(1).lower() for w in _SECRET_WORDS):
                         starts.append(back.start())
                 i = text.find(op, i + 1)
-        starts.sort()
-    else:
-        lower = text.lower()
-        starts = []
-        for i in sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)}):
-            back = _NAME_BACK.search(text, max(0, i - 48), i)
-            starts.append(back.start() if back else i)
-    done = -1
-    for start in starts:
+        for start in sorted(starts):
+            if start >= done:
+                done = _assignment(text, start, add)
+        return
+    lower = text.lower()
+    for i in sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)}):
+        if i < done:  # inside the assignment just judged (its name starts at or before i)
+            continue
+        back = _NAME_BACK.search(text, max(0, i - 48), i)
+        start = back.start() if back else i
         if start >= done:
             done = _assignment(text, start, add)
 
@@ -146,10 +172,11 @@ def _assignment(text: str, start: int, add: Add) -> int:
             vg = 2  # a token after a scheme word is as good as quoted
         else:
             val, s = val[scheme.end() :], s + scheme.end()
-    if _secret_value_ok(val, kind, vg != 5, name.lower().rsplit(".", 1)[-1].strip("-_") == "key"):
-        low = name.lower()
-        aws = "aws" in low and "secret" in low and _AWS_SECRET.match(val)
-        add("AWS_SECRET_KEY" if aws else "SECRET_ASSIGNMENT", s, e)
+    if kind == "sas":
+        if _sas_sig(val):
+            add("AZURE_SAS_TOKEN", s, e)
+    elif _secret_value_ok(val, kind, vg != 5, name.lower().rsplit(".", 1)[-1].strip("-_") == "key"):
+        add(_typed(name, val), s, e)
     return max(m.end(), e)
 
 
