@@ -192,7 +192,11 @@ def ipv4(text: str, add: Add) -> None:
         add("IPV4", *m.span())
 
 
-_IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
+# A seed is two colons of an address that `ipv6` can accept: one with a group of 3+ hex digits
+# inside, before or after it, or three colons (4+ groups). Cheaper seeds ("a:b:" in
+# "a://a:b://...") would each cost a look back and a failed match.
+_H = "[0-9A-Fa-f]"
+_IPV6_SEED = re.compile(rf":(?:{_H}{{3,4}}:|(?<={_H}{{3}}:){_H}{{0,4}}:|{_H}{{0,4}}:(?:{_H}{{3}}|{_H}{{0,4}}:))")
 _IPV6_BACK = re.compile(r"[0-9A-Fa-f:]{0,40}\Z")
 _IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[0-9A-Za-z]{1,15})?")
 

@@ -55,6 +55,24 @@ _NAME_VALUE = re.compile(r"^(?:[A-Za-z][\w\-]*(?:(?:\.|::)[A-Za-z][\w\-]*)+|(?:[
 _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_\-+/=.~:]+$")
 _WORDLIKE = re.compile(r"^[_\-.]*[A-Za-z]+(?:[_\-. ]+[A-Za-z]+)*[_\-.]*$")
 _AWS_SECRET = re.compile(r"^[A-Za-z0-9/+]{40}$")
+_LETTER_RUN = re.compile(r"[A-Za-z]{16,}")
+
+
+def _random_letters(val: str) -> bool:
+    """A letters-only token ("key-YoQukEIfiCweQDRGYcxSolyd": 1 in 70 random 24-character
+    tokens has no digit) rather than words: a run of 16+ letters with both cases in even
+    measure and few vowels (English words and CamelCase names have ~38%, random letters 19%)."""
+    m = _LETTER_RUN.search(val)
+    if m is None:
+        return False
+    run = m.group()
+    upper = sum(c.isupper() for c in run) / len(run)
+    vowels = sum(c in "aeiouAEIOU" for c in run) / len(run)
+    return 0.3 <= upper <= 0.7 and vowels <= 0.3
+
+
+def _wordlike(val: str) -> bool:
+    return _WORDLIKE.match(val) is not None and not _random_letters(val)
 
 
 def _name_kind(name: str) -> str | None:
@@ -78,7 +96,7 @@ def _secret_value_ok(val: str, kind: str, quoted: bool, bare_key: bool = False) 
     """`bare_key`: the name is just "key" (dict, sort or cache key in code): quoted values only."""
     if len(val) < 6 or any(c.isspace() for c in val) or ck.is_placeholder(val):
         return False
-    if not quoted and (_CODE_VALUE.search(val) or _WORDLIKE.match(val) or _IDENTIFIER.match(val) or bare_key):
+    if not quoted and (_CODE_VALUE.search(val) or _wordlike(val) or _IDENTIFIER.match(val) or bare_key):
         return False
     if kind == "password":
         # Letters only ("context", "challengePassword") is what code maps names to; a password
@@ -89,7 +107,7 @@ def _secret_value_ok(val: str, kind: str, quoted: bool, bare_key: bool = False) 
     return (
         len(val) >= 12
         and _TOKEN_CHARS.match(val) is not None
-        and not _WORDLIKE.match(val)
+        and not _wordlike(val)
         and not _NAME_VALUE.match(val)
         and ck.shannon_entropy(val) >= 3.0
     )

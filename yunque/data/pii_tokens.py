@@ -7,15 +7,19 @@ length); each match must also look machine-made (`_random_enough`), so "ghp_xxxx
 credential, a model gains nothing from memorising them, and an exception for them would be
 an exception for every real key someone pastes next to the word "example".
 
-Speed: a document is scanned once per trigger, not once per vendor. Prefixes that end in
-"_" or "-" are found from that character with one lookbehind per prefix (`_`, `-` are rare
-in prose, so `re` jumps between them), the rest from their first letter ('A', 'S'); the full
-token pattern then runs only where a prefix is. Every pattern is a prefix plus bounded runs
-of one character class: linear time on any input.
+Speed: one regex pass per trigger character, not one per vendor. Prefixes that end in "_"
+or "-" are found from that character with a lookbehind per prefix (`re` jumps between the
+rare "_" and "-" of prose), the rest from their first letter ('A', 'S'); each alternative
+also checks the token's first, bounded stretch, so Python only sees real candidates.
+
+Linear time: the variable-length part of a token is a possessive run (`{20,}+`, its upper
+bound checked afterwards), so a long run full of prefixes ("glpat-glpat-…") is read once,
+and every prefix inside a judged run is skipped.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,54 +41,76 @@ def _hex_id(body: str) -> bool:
     return (body.islower() or body.isupper()) and any(c.isdigit() for c in body) and not body.isdigit()
 
 
+def _mixed_case(s: str) -> bool:
+    # Hugging Face tokens are 34 random letters: "hf_transformersmodelcardandconfigs" is a name.
+    return _random_enough(s) and not s.islower() and not s.isupper()
+
+
+def _anything(s: str) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class _Rule:
     type: str
     prefix: str  # the literal every token of the rule starts with
     pattern: re.Pattern  # the whole token, matched where the prefix is
+    head: str  # regex for the bounded start of what follows the prefix (checked by the trigger)
+    max_len: int  # longest token of the kind (the pattern's runs are unbounded, see above)
     skip: int  # characters of the token not checked for randomness (the fixed part)
-    check: Callable[[str], bool] = _random_enough
+    check: Callable[[str], bool]
 
 
-def _rule(type_: str, prefix: str, body: str, skip: int | None = None, check=None, end: str = _R) -> _Rule:
-    pat = re.compile(re.escape(prefix) + body + end)
-    return _Rule(type_, prefix, pat, len(prefix) if skip is None else skip, check or _random_enough)
+_OPEN_RUN = re.compile(r"\{(\d+),\}\+")
 
 
-_GH = r"[A-Za-z0-9]{36,251}"
-_GL = r"[A-Za-z0-9_\-]{20,300}(?:\.[0-9a-z]{2}\.?[0-9a-z]{7})?"  # newer tokens end in ".01.abcdefg"
-_SLACK = r"[0-9A-Za-z\-]{10,250}"
+def _rule(type_: str, prefix: str, body: str, max_len: int = 0, skip: int | None = None, check=None, end=_R) -> _Rule:
+    """`body`: what follows the prefix; a `{n,}+` run in it makes the token variable-length, up to
+    `max_len` characters in all (a fixed-length body needs no max_len)."""
+    open_run = _OPEN_RUN.search(body) is not None
+    # The trigger's look at the head stops at the first open run's minimum: bounded work per trigger.
+    head = body[: _OPEN_RUN.search(body).start()] + _OPEN_RUN.search(body).group().replace(",}+", "}") if open_run \
+        else body + end
+    return _Rule(type_, prefix, re.compile(re.escape(prefix) + body + end), head,
+                 max_len if open_run else 10**6, len(prefix) if skip is None else skip, check or _random_enough)  # fmt: skip
+
+
+_GH = r"[A-Za-z0-9]{36,}+"
+_GL = r"[A-Za-z0-9_\-]{20,}+(?:\.[0-9a-z]{2}\.?[0-9a-z]{7})?"  # newer tokens end in ".01.abcdefg"
 _AWS = r"[A-Z0-9]{16}(?![A-Z0-9])"  # 20 characters in all
 RULES: tuple[_Rule, ...] = (
-    *(_rule("GITHUB_TOKEN", f"gh{c}_", _GH) for c in "pousr"),
-    _rule("GITHUB_TOKEN", "github_pat_", r"[A-Za-z0-9_]{60,251}"),
-    *(_rule("GITLAB_TOKEN", f"gl{k}-", _GL, end=_RD)
+    *(_rule("GITHUB_TOKEN", f"gh{c}_", _GH, 255) for c in "pousr"),
+    _rule("GITHUB_TOKEN", "github_pat_", r"[A-Za-z0-9_]{60,}+", 262),
+    *(_rule("GITLAB_TOKEN", f"gl{k}-", _GL, 330, end=_RD)
       for k in ("pat", "dt", "rt", "ptt", "ft", "cbt", "soat", "imt", "agent", "oas", "ffct")),
-    *(_rule("SLACK_TOKEN", f"xox{c}-", _SLACK, end=_RD) for c in "abposre"),
-    _rule("SLACK_TOKEN", "xapp-", r"\d-[A-Z0-9]{4,20}-\d{4,20}-[a-z0-9]{32,128}", end=_RD),
-    _rule("SLACK_TOKEN", "hooks.slack.com/", r"(?:services|workflows|triggers)/T[A-Z0-9]{4,20}/[A-Za-z0-9/]{8,200}",
-          skip=0, end=r"(?![A-Za-z0-9/])"),
-    *(_rule("STRIPE_KEY", f"{c}k_{env}_", r"[A-Za-z0-9]{10,247}") for c in "sr" for env in ("live", "test", "prod")),
-    _rule("ANTHROPIC_KEY", "sk-ant-", r"[a-z]{2,8}\d\d-[A-Za-z0-9_\-]{32,250}", end=_RD),
-    *(_rule("OPENAI_KEY", f"sk-{k}-", r"[A-Za-z0-9_\-]{20,250}", end=_RD) for k in ("proj", "svcacct", "admin", "None")),
+    *(_rule("SLACK_TOKEN", f"xox{c}-", r"[0-9A-Za-z\-]{10,}+", 260, end=_RD) for c in "abposre"),
+    _rule("SLACK_TOKEN", "xapp-", r"\d-[A-Z0-9]{4,20}-\d{4,20}-[a-z0-9]{32,}+", 200, end=_RD),
+    _rule("SLACK_TOKEN", "hooks.slack.com/", r"(?:services|workflows|triggers)/T[A-Z0-9]{4,20}/[A-Za-z0-9/]{8,}+", 260,
+          skip=0, end=""),
+    *(_rule("STRIPE_KEY", f"{c}k_{env}_", r"[A-Za-z0-9]{10,}+", 260) for c in "sr" for env in ("live", "test", "prod")),
+    _rule("ANTHROPIC_KEY", "sk-ant-", r"[a-z]{2,8}\d\d-[A-Za-z0-9_\-]{32,}+", 300, end=_RD),
+    *(_rule("OPENAI_KEY", f"sk-{k}-", r"[A-Za-z0-9_\-]{20,}+", 300, end=_RD) for k in ("proj", "svcacct", "admin", "None")),
     _rule("OPENAI_KEY", "sk-", r"[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}"),  # "T3BlbkFJ": base64 of "OpenAI"
-    *(_rule("AWS_ACCESS_KEY", p, _AWS, check=lambda s: True)
+    *(_rule("AWS_ACCESS_KEY", p, _AWS, check=_anything)
       for p in ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "AIPA", "ANPA", "ANVA")),
-    _rule("AWS_ACCESS_KEY", "A3T", "[A-Z0-9]" + _AWS, check=lambda s: True),
+    _rule("AWS_ACCESS_KEY", "A3T", "[A-Z0-9]" + _AWS, check=_anything),
     _rule("GOOGLE_API_KEY", "AIza", r"[0-9A-Za-z_\-]{35}", end=_RD),
     _rule("SENDGRID_KEY", "SG.", r"[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}", end=_RD),
     _rule("TWILIO_KEY", "SK", r"[0-9a-fA-F]{32}", check=_hex_id),
     _rule("NPM_TOKEN", "npm_", r"[A-Za-z0-9]{36}"),
-    *(_rule("PYPI_TOKEN", "pypi-AgE", body + r"[A-Za-z0-9_\-]{50,1000}", skip=0, check=lambda s: True, end=_RD)
-      for body in ("IcHlwaS5vcmc", "NdGVzdC5weXBpLm9yZw")),  # macaroons for pypi.org / test.pypi.org
-    _rule("HUGGINGFACE_TOKEN", "hf_", r"[A-Za-z]{34}"),
+    # macaroons for pypi.org / test.pypi.org: the base64 of their fixed header is part of the prefix
+    _rule("PYPI_TOKEN", "pypi-", r"AgE(?:IcHlwaS5vcmc|NdGVzdC5weXBpLm9yZw)[A-Za-z0-9_\-]{50,}+", 1100, skip=0,
+          check=_anything, end=_RD),
+    _rule("HUGGINGFACE_TOKEN", "hf_", r"[A-Za-z]{34}", check=_mixed_case),
 )  # fmt: skip
 TOKEN_TYPES: tuple[str, ...] = tuple(dict.fromkeys(r.type for r in RULES))
 
+_Lookup = list[tuple[int, dict[str, list[_Rule]]]]  # (prefix length, rules by prefix), longest first
 
-def _triggers(rules: tuple[_Rule, ...]) -> list[tuple[re.Pattern, bool, list[_Rule]]]:
-    """(regex, at_end, rules): the regex finds where one of the rules' prefixes ends (at_end: at
-    its last character, a separator) or starts (at its first character)."""
+
+def _triggers(rules: tuple[_Rule, ...]) -> list[tuple[re.Pattern, bool, _Lookup]]:
+    """(regex, at_end, lookup): the regex finds where one of the rules' prefixes ends (at_end: at
+    its last character, "_" or "-") or starts (at its first character), with its head after it."""
     by_sep: dict[str, list[_Rule]] = {}
     by_first: dict[str, list[_Rule]] = {}
     for r in rules:
@@ -93,18 +119,23 @@ def _triggers(rules: tuple[_Rule, ...]) -> list[tuple[re.Pattern, bool, list[_Ru
         else:
             by_first.setdefault(r.prefix[0], []).append(r)
     out = []
-    for sep, rs in by_sep.items():  # "_(?:(?<=ghp_)|(?<=npm_)|...)": starts with a literal, so `re` skips ahead
-        prefixes = sorted({r.prefix for r in rs})
-        rx = re.compile(re.escape(sep) + "(?:" + "|".join(f"(?<={re.escape(p)})" for p in prefixes) + ")")
-        out.append((rx, True, rs))
+    for sep, rs in by_sep.items():  # "_(?:(?<=ghp_)(?=head)|...)": a literal first, so `re` skips ahead
+        alts = "|".join(f"(?<={re.escape(r.prefix)})(?={r.head})" for r in rs)
+        out.append((re.compile(f"{re.escape(sep)}(?:{alts})"), True, _lookup(rs)))
     for first, rs in by_first.items():
-        prefixes = sorted({r.prefix for r in rs}, key=len, reverse=True)
-        if len(prefixes) == 1:  # the whole literal: `re` checks it without entering the matcher
-            rx = re.compile(re.escape(prefixes[0]))
-        else:
-            rx = re.compile(re.escape(first) + "(?=" + "|".join(re.escape(p[1:]) for p in prefixes) + ")")
-        out.append((rx, False, rs))
+        if len(rs) == 1:  # the whole literal: `re` checks it without entering the matcher
+            out.append((re.compile(re.escape(rs[0].prefix)), False, _lookup(rs)))
+            continue
+        alts = "|".join(re.escape(r.prefix[1:]) + r.head for r in rs)
+        out.append((re.compile(f"{re.escape(first)}(?={alts})"), False, _lookup(rs)))
     return out
+
+
+def _lookup(rules: list[_Rule]) -> _Lookup:
+    by_len: dict[int, dict[str, list[_Rule]]] = {}
+    for r in rules:
+        by_len.setdefault(len(r.prefix), {}).setdefault(r.prefix, []).append(r)
+    return sorted(by_len.items(), key=lambda kv: -kv[0])
 
 
 _TRIGGERS = _triggers(RULES)
@@ -112,23 +143,27 @@ _TRIGGERS = _triggers(RULES)
 
 def tokens(text: str, add: Add) -> None:
     aws_ids: list[int] = []
-    for rx, at_end, rules in _TRIGGERS:
+    for rx, at_end, lookup in _TRIGGERS:
         done = 0
         for m in rx.finditer(text):
             i = m.start()
-            if i < done:  # inside a token already reported ("github_pat_..._x_..." has more '_')
+            if i < done:  # inside a run already judged ("github_pat_…_…", "glpat-glpat-…")
                 continue
-            for r in rules:
-                start = i + 1 - len(r.prefix) if at_end else i
-                if start < 0 or not text.startswith(r.prefix, start) or not _left_ok(text, start):
+            for n, by_prefix in lookup:
+                start = i + 1 - n if at_end else i
+                rules = by_prefix.get(text[start : start + n]) if start >= 0 else None
+                if rules is None or not _left_ok(text, start):
                     continue
-                t = r.pattern.match(text, start)
-                if t is not None and r.check(t.group()[r.skip :]):
+                hit = next(((r, t) for r in rules if (t := r.pattern.match(text, start)) is not None), None)
+                if hit is None:
+                    continue
+                r, t = hit
+                done = t.end()
+                if len(t.group()) <= r.max_len and r.check(t.group()[r.skip :]):
                     add(r.type, start, t.end())
-                    done = t.end()
                     if r.type == "AWS_ACCESS_KEY":
                         aws_ids.append(start)
-                    break
+                break
     for m in _JWT.finditer(text):
         if ck.jwt_header_ok(m.group(1)):
             add("JWT", *m.span())
@@ -156,9 +191,13 @@ def _b64_at(text: str, i: int) -> bool:
     return i < len(text) and (text[i].isascii() and text[i].isalnum() or text[i] in "/+=")
 
 
+_TITLE_WORD = re.compile(r"[A-Z][a-z]{3,}")
+
+
 def _aws_secret_shape(s: str) -> bool:
     # 30 random bytes in base64: all three classes (a miss has odds ~1e-3), few '/' and '+',
-    # never "//" (a path), and high entropy (a random key has >= 4.1 bits per character).
+    # never "//" (a path), high entropy (a random key has >= 4.1 bits per character), and
+    # not CamelCase words (4+ capitalised words of 4+ letters: odds ~1e-3 for a random key).
     return (
         any(c.isupper() for c in s)
         and any(c.islower() for c in s)
@@ -166,6 +205,7 @@ def _aws_secret_shape(s: str) -> bool:
         and s.count("/") + s.count("+") <= 5
         and "//" not in s
         and ck.shannon_entropy(s) >= 4.0
+        and len(_TITLE_WORD.findall(s)) < 4
         and not ck.is_placeholder(s)
     )
 
@@ -180,13 +220,18 @@ def aws_secrets_in_prose(text: str, aws_ids: list[int], add: Add) -> None:
             if not (i and text[i - 1].isalpha()):  # "laws", "draws"
                 anchors.add(i)
             i = text.find(w, i + 1)
-    pos = 0
+    windows: list[list[int]] = []  # where a secret may be: the union of [anchor, anchor + reach)
     for a in sorted(anchors):
-        for c in _AWS_SECRET.finditer(text, max(a, pos), min(len(text), a + _AWS_REACH)):
-            pos = c.end()
+        if windows and a <= windows[-1][1]:
+            windows[-1][1] = a + _AWS_REACH
+        else:
+            windows.append([a, a + _AWS_REACH])
+    for lo, hi in windows:
+        for c in _AWS_SECRET.finditer(text, lo, min(len(text), hi)):
             if _b64_at(text, c.end()):  # the window's end cut a longer run
                 continue
+            k = bisect.bisect_left(aws_ids, c.start() - 120)
+            paired = k < len(aws_ids) and aws_ids[k] < c.start()  # its key id shortly before
             before = text[max(0, c.start() - 100) : c.start()]
-            paired = any(0 <= c.start() - i <= 120 for i in aws_ids)
             if _aws_secret_shape(c.group()) and (paired or _SECRET_WORD.search(before)):
                 add("AWS_SECRET_KEY", *c.span())
