@@ -1,7 +1,8 @@
 """Digit-heavy detectors: phones, cards, IBANs and national identifiers.
 
 All of them contain a run of >= 6 digits (separators, or single capital letters as in the
-codice fiscale's "85T10A562", allowed), so one cheap digit-led regex finds seed runs, and
+codice fiscale's "85T10A562" and the NIR's "12 2A 451", allowed), so one cheap digit-led
+regex finds seed runs, and
 the ~30 specific patterns only run in small windows around them. Typical prose has few
 such runs; a document without any costs one regex pass.
 
@@ -30,7 +31,7 @@ _SEP = r"[ .\-\u00a0]"
 
 # The lookbehind makes attempts start only at a run's first digit, the possessive repeat
 # keeps no backtracking state: together they pay for the capital-letter joins.
-_SEED = re.compile(r"\d(?<!\d\d)(?:[ .\-/()\u00a0]{0,2}\d|[A-Z]\d){5,}+")
+_SEED = re.compile(r"\d(?<!\d\d)(?:[ .\-/()\u00a0]{0,2}\d|[A-Z] ?\d){5,}+")
 _NOT_DIGIT = re.compile(r"\D")
 _TAIL = re.compile(r"[0-9A-Za-z_]{0,64}")
 _MARGIN = 24  # longest non-digit stretch at either end of a match (IBAN "GB82 WEST ", CURP tail)
@@ -39,7 +40,6 @@ _CARD_SEP = re.compile(r"[ \-]")
 _CARD = re.compile(_LN + r"\d(?:[ \-]?\d){11,18}" + _RN)
 # Any case: "es91 2100 0418 4502 0005 1332" is as much an account number (validated upper-cased).
 _IBAN = re.compile(_L + r"[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,4})?" + _R)
-_IBAN_GATE = re.compile(r"[A-Za-z]{2}\d\d")
 _SSN = re.compile(_LN + r"(\d{3})-(\d{2})-(\d{4})" + _RN)
 _SSN_CTX = re.compile(r"ssn|social security|seguro social")
 _SSN_BARE = re.compile(_LN + r"(\d{3}) ?(\d{2}) ?(\d{4})" + _RN)
@@ -264,10 +264,6 @@ def _more_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _CN_ID.finditer(text, s, e):
         if ck.cn_resident_id_ok(m.group()):
             add("CN_RESIDENT_ID", *m.span())
-    _nirs(text, s, e, add)
-
-
-def _nirs(text: str, s: int, e: int, add: Add) -> None:
     for m in _NIR.finditer(text, s, e):
         if (m.group(1) or _NIR_CTX.search(_ctx(text, m.start(), 40))) and ck.nir_ok(m.group().replace(" ", "")):
             add("FR_NIR", *m.span())
@@ -345,6 +341,9 @@ def _national_phone_ok(text: str, start: int, end: int) -> bool:
 
 
 _UPPER_NEAR_DIGIT = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]")
+# One search for both gates: a capital next to a digit (IDs with letters, IBANs) or, failing
+# that, the start of a lower-case IBAN.
+_GATE = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]|\d(?<=[a-z]{2}\d)\d")  # no group: that would cost the fast scan
 
 
 def numeric_ids(text: str, add: Add) -> None:
@@ -352,9 +351,10 @@ def numeric_ids(text: str, add: Add) -> None:
     # of ordinary prose cost one or two checks instead of twenty regex runs.
     for s, e, nd in _windows(text):
         dash = text.find("-", s, e) >= 0
-        if _UPPER_NEAR_DIGIT.search(text, s, e):
-            _upper_ids(text, s, e, add)
-        if _IBAN_GATE.search(text, s, e):
+        g = _GATE.search(text, s, e)
+        if g is not None:
+            if not g.group().isdigit() or _UPPER_NEAR_DIGIT.search(text, g.start() + 1, e):
+                _upper_ids(text, s, e, add)
             _ibans(text, s, e, add)
         if nd >= 12:
             _cards(text, s, e, add)
@@ -362,8 +362,6 @@ def numeric_ids(text: str, add: Add) -> None:
             _long_ids(text, s, e, add)
             _more_ids(text, s, e, add)
             _national_phones(text, s, e, add)
-        elif nd >= 6 and (text.find("2A", s, e) >= 0 or text.find("2B", s, e) >= 0):
-            _nirs(text, s, e, add)  # Corsica: "2A" splits the digit run in two
         if nd >= 7 and dash:
             _ruts(text, s, e, add)
         if nd >= 6 and (text.find("+", s, e) >= 0 or text.find("00", s, e) >= 0):

@@ -18,7 +18,7 @@ from yunque.data import pii_checks as ck
 
 Add = Callable[[str, int, int], None]
 
-_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contrase", "senha", "clave", "sig",
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "key", "auth", "credential", "contrase", "senha", "clave",
                  "密码", "口令", "密钥", "令牌")  # fmt: skip
 _SECRET_WORD_RE = re.compile("|".join(_SECRET_WORDS))
 _NAME_BACK = re.compile(r"[\w.\-]{0,48}\Z")
@@ -143,7 +143,11 @@ def secret_assignments(text: str, add: Add) -> None:
         for op in "=:：":
             i = text.find(op)
             while i >= 0:
-                if _SECRET_WORD_RE.search(text[max(0, i - 48) : i].lower()):  # cheap test first
+                # An Azure SAS `sig=` is checked by its own name: "sig" as a key word would
+                # wake this loop for every "design:" and "signal =".
+                if op == "=" and text.startswith("sig", i - 3):
+                    starts.append(i - 3)
+                elif _SECRET_WORD_RE.search(text[max(0, i - 48) : i].lower()):  # cheap test first
                     back = _NAME_BEFORE_OP.search(text, max(0, i - 90), i)
                     if back and any(w in back.group(1).lower() for w in _SECRET_WORDS):
                         starts.append(back.start())
@@ -153,7 +157,7 @@ def secret_assignments(text: str, add: Add) -> None:
                 done = _assignment(text, start, add)
         return
     lower = text.lower()
-    for i in sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)}):
+    for i in sorted({i for w in (*_SECRET_WORDS, "sig=") for i in _find_all(lower, w)}):
         if i < done:  # inside the assignment just judged (its name starts at or before i)
             continue
         back = _NAME_BACK.search(text, max(0, i - 48), i)

@@ -7,10 +7,10 @@ length); each match must also look machine-made (`_random_enough`), so "ghp_xxxx
 credential, a model gains nothing from memorising them, and an exception for them would be
 an exception for every real key someone pastes next to the word "example".
 
-Speed: one regex pass per trigger character, not one per vendor. Prefixes that end in "_"
-or "-" are found from that character with a lookbehind per prefix (`re` jumps between the
-rare "_" and "-" of prose), the rest from their first letter ('A', 'S'); each alternative
-also checks the token's first, bounded stretch, so Python only sees real candidates.
+Speed: one regex pass per trigger character, not one per vendor. Prefixes that end in a
+character rare in prose ("_", "-", "/", the "J" of a JWT's "eyJ") are found from it with a
+lookbehind per prefix, the rest from their first letter ('A', 'S'); each alternative also
+checks the token's first, bounded stretch, so Python only sees real candidates.
 
 Linear time: the variable-length part of a token is a possessive run (`{20,}+`, its upper
 bound checked afterwards), so a long run full of prefixes ("glpat-glpat-…") is read once,
@@ -59,12 +59,13 @@ class _Rule:
     max_len: int  # longest token of the kind (the pattern's runs are unbounded, see above)
     skip: int  # characters of the token not checked for randomness (the fixed part)
     check: Callable[[str], bool]
-
+    left: str = ""  # characters besides ASCII word ones that may not precede the token
 
 _OPEN_RUN = re.compile(r"\{(\d+),\}\+")
 
 
-def _rule(type_: str, prefix: str, body: str, max_len: int = 0, skip: int | None = None, check=None, end=_R) -> _Rule:
+def _rule(type_: str, prefix: str, body: str, max_len: int = 0, skip: int | None = None, check=None, end=_R,
+          left: str = "") -> _Rule:  # fmt: skip
     """`body`: what follows the prefix; a `{n,}+` run in it makes the token variable-length, up to
     `max_len` characters in all (a fixed-length body needs no max_len)."""
     open_run = _OPEN_RUN.search(body) is not None
@@ -72,7 +73,12 @@ def _rule(type_: str, prefix: str, body: str, max_len: int = 0, skip: int | None
     head = body[: _OPEN_RUN.search(body).start()] + _OPEN_RUN.search(body).group().replace(",}+", "}") if open_run \
         else body + end
     return _Rule(type_, prefix, re.compile(re.escape(prefix) + body + end), head,
-                 max_len if open_run else 10**6, len(prefix) if skip is None else skip, check or _random_enough)  # fmt: skip
+                 max_len if open_run else 10**6, len(prefix) if skip is None else skip, check or _random_enough,
+                 left)  # fmt: skip
+
+
+def _jwt(token: str) -> bool:
+    return ck.jwt_header_ok(token.split(".", 1)[0])
 
 
 _GH = r"[A-Za-z0-9]{36,}+"
@@ -86,7 +92,7 @@ RULES: tuple[_Rule, ...] = (
     *(_rule("SLACK_TOKEN", f"xox{c}-", r"[0-9A-Za-z\-]{10,}+", 260, end=_RD) for c in "abposre"),
     _rule("SLACK_TOKEN", "xapp-", r"\d-[A-Z0-9]{4,20}-\d{4,20}-[a-z0-9]{32,}+", 200, end=_RD),
     _rule("SLACK_TOKEN", "hooks.slack.com/", r"(?:services|workflows|triggers)/T[A-Z0-9]{4,20}/[A-Za-z0-9/]{8,}+", 260,
-          skip=0, end=""),
+          skip=0, end="", left="."),
     *(_rule("STRIPE_KEY", f"{c}k_{env}_", r"[A-Za-z0-9]{10,}+", 260) for c in "sr" for env in ("live", "test", "prod")),
     _rule("ANTHROPIC_KEY", "sk-ant-", r"[a-z]{2,8}\d\d-[A-Za-z0-9_\-]{32,}+", 300, end=_RD),
     *(_rule("OPENAI_KEY", f"sk-{k}-", r"[A-Za-z0-9_\-]{20,}+", 300, end=_RD) for k in ("proj", "svcacct", "admin", "None")),
@@ -102,19 +108,26 @@ RULES: tuple[_Rule, ...] = (
     _rule("PYPI_TOKEN", "pypi-", r"AgE(?:IcHlwaS5vcmc|NdGVzdC5weXBpLm9yZw)[A-Za-z0-9_\-]{50,}+", 1100, skip=0,
           check=_anything, end=_RD),
     _rule("HUGGINGFACE_TOKEN", "hf_", r"[A-Za-z]{34}", check=_mixed_case),
+    # header.payload.signature, the header base64 JSON ('{"' is "eyJ") with an "alg"
+    _rule("JWT", "eyJ", r"[A-Za-z0-9_\-]{8,}+\.[A-Za-z0-9_\-]{4,}+\.[A-Za-z0-9_\-]*+", 10**5, skip=0, check=_jwt,
+          end="", left="-"),
+    # Not tokens: where an AWS secret access key may follow (see `aws_secrets_in_prose`).
+    _rule("", "AWS", "", end="(?![A-Za-z])", check=_anything),
+    _rule("", "aws_", "", check=_anything, end=""),
 )  # fmt: skip
-TOKEN_TYPES: tuple[str, ...] = tuple(dict.fromkeys(r.type for r in RULES))
+TOKEN_TYPES: tuple[str, ...] = tuple(dict.fromkeys(r.type for r in RULES if r.type))
+_SEPARATORS = "_-/J"  # prefixes that end in one of these are found from it
 
 _Lookup = list[tuple[int, dict[str, list[_Rule]]]]  # (prefix length, rules by prefix), longest first
 
 
 def _triggers(rules: tuple[_Rule, ...]) -> list[tuple[re.Pattern, bool, _Lookup]]:
     """(regex, at_end, lookup): the regex finds where one of the rules' prefixes ends (at_end: at
-    its last character, "_" or "-") or starts (at its first character), with its head after it."""
+    its last character, one of `_SEPARATORS`) or starts (at its first), with its head after it."""
     by_sep: dict[str, list[_Rule]] = {}
     by_first: dict[str, list[_Rule]] = {}
     for r in rules:
-        if r.prefix[-1] in "_-":
+        if r.prefix[-1] in _SEPARATORS:
             by_sep.setdefault(r.prefix[-1], []).append(r)
         else:
             by_first.setdefault(r.prefix[0], []).append(r)
@@ -139,10 +152,12 @@ def _lookup(rules: list[_Rule]) -> _Lookup:
 
 
 _TRIGGERS = _triggers(RULES)
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9_\-]*+")
 
 
 def tokens(text: str, add: Add) -> None:
     aws_ids: list[int] = []
+    aws_words: list[int] = []
     for rx, at_end, lookup in _TRIGGERS:
         done = 0
         for m in rx.finditer(text):
@@ -152,11 +167,15 @@ def tokens(text: str, add: Add) -> None:
             for n, by_prefix in lookup:
                 start = i + 1 - n if at_end else i
                 rules = by_prefix.get(text[start : start + n]) if start >= 0 else None
-                if rules is None or not _left_ok(text, start):
+                if rules is None or not _left_ok(text, start, rules[0].left):
                     continue
+                if not rules[0].type:
+                    aws_words.append(start)
+                    break
                 hit = next(((r, t) for r in rules if (t := r.pattern.match(text, start)) is not None), None)
-                if hit is None:
-                    continue
+                if hit is None:  # its run was read and is no token: skip the prefixes inside it ("eyJeyJ…")
+                    done = _TOKEN_RUN.match(text, start + n).end()
+                    break
                 r, t = hit
                 done = t.end()
                 if len(t.group()) <= r.max_len and r.check(t.group()[r.skip :]):
@@ -164,24 +183,17 @@ def tokens(text: str, add: Add) -> None:
                     if r.type == "AWS_ACCESS_KEY":
                         aws_ids.append(start)
                 break
-    for m in _JWT.finditer(text):
-        if ck.jwt_header_ok(m.group(1)):
-            add("JWT", *m.span())
-    aws_secrets_in_prose(text, aws_ids, add)
+    if aws_ids or aws_words:
+        aws_secrets_in_prose(text, sorted(aws_ids + aws_words), aws_ids, add)
 
-
-# The lookbehind sits after the literal so the prefix search still applies, and makes every
-# "eyJ" inside a longer base64 run fail at once (otherwise "eyJeyJeyJ..." is quadratic).
-_JWT = re.compile(r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)")
 
 
 # --- AWS secret access keys outside an assignment ---------------------------------------
 # "the AWS secret key wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY leaked", "AKIA… / wJalr…",
 # `aws configure set aws_secret_access_key wJalr…`. A bare 40-character base64 run is far too
-# common to take on its own (paths, hashes), so it needs both an AWS mention shortly before
-# and either a "secret" word or the key id it belongs to.
+# common to take on its own (paths, hashes), so it needs an anchor shortly before it: the word
+# "AWS", an `aws_` name or an access key id; and either a "secret" word or that key id.
 
-_AWS_WORDS = ("AWS", "aws")
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 _SECRET_WORD = re.compile(r"secret|secre[tc]|segredo|密钥|秘密|私钥|机密", re.IGNORECASE)
 _AWS_REACH = 160  # characters after a mention where its secret may be
@@ -210,18 +222,10 @@ def _aws_secret_shape(s: str) -> bool:
     )
 
 
-def aws_secrets_in_prose(text: str, aws_ids: list[int], add: Add) -> None:
-    # Literal searches (a case-insensitive regex would test every character); the rare
-    # document that mentions AWS pays the rest.
-    anchors = set(aws_ids)
-    for w in _AWS_WORDS:
-        i = text.find(w)
-        while i >= 0:
-            if not (i and text[i - 1].isalpha()):  # "laws", "draws"
-                anchors.add(i)
-            i = text.find(w, i + 1)
+def aws_secrets_in_prose(text: str, anchors: list[int], aws_ids: list[int], add: Add) -> None:
+    """`anchors`: sorted starts of "AWS", `aws_` and key ids; `aws_ids`: sorted starts of key ids."""
     windows: list[list[int]] = []  # where a secret may be: the union of [anchor, anchor + reach)
-    for a in sorted(anchors):
+    for a in anchors:
         if windows and a <= windows[-1][1]:
             windows[-1][1] = a + _AWS_REACH
         else:
