@@ -30,7 +30,8 @@ def _before(text: str, start: int, width: int = 32) -> str:
 
 _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
 _KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{16}")
-_PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|(?:[\w-]+: [^\n]*))*")
+# Possessive: a header name that is not followed by ": " ("-----…" runs) is given up at once.
+_PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|[\w-]++: [^\n]*+)*+")
 
 
 def private_keys(text: str, add: Add) -> None:
@@ -193,10 +194,12 @@ def ipv4(text: str, add: Add) -> None:
 
 
 # A seed is two colons of an address that `ipv6` can accept: one with a group of 3+ hex digits
-# inside, before or after it, or three colons (4+ groups). Cheaper seeds ("a:b:" in
-# "a://a:b://...") would each cost a look back and a failed match.
+# inside, before or after it, or three colons around a hex digit (4+ groups; ":::" is never an
+# address). Cheaper seeds ("a:b:" in "a://a:b://...") would each cost a look back and a failed match.
 _H = "[0-9A-Fa-f]"
-_IPV6_SEED = re.compile(rf":(?:{_H}{{3,4}}:|(?<={_H}{{3}}:){_H}{{0,4}}:|{_H}{{0,4}}:(?:{_H}{{3}}|{_H}{{0,4}}:))")
+_IPV6_SEED = re.compile(
+    rf":(?:{_H}{{3,4}}:|(?<={_H}{{3}}:){_H}{{0,4}}:|{_H}{{0,4}}:{_H}{{3}}|(?:{_H}{{1,4}}:{_H}{{0,4}}|:{_H}{{1,4}}):)"
+)
 _IPV6_BACK = re.compile(r"[0-9A-Fa-f:]{0,40}\Z")
 _IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[0-9A-Za-z]{1,15})?")
 

@@ -173,6 +173,8 @@ def _sin_named(text: str, start: int) -> bool:
 
 def _cards(text: str, s: int, e: int, add: Add) -> None:
     for m in _CARD.finditer(text, s, e):
+        if _RUN_BEFORE.match(text, m.start() - 2, m.start()):  # the middle of a table or a longer number
+            continue
         raw = m.group()
         groups = _CARD_SEP.split(raw)
         if len(groups) > 1 and (
@@ -343,6 +345,7 @@ def _national_phone_ok(text: str, start: int, end: int) -> bool:
 _UPPER_NEAR_DIGIT = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]")
 # One search for both gates: a capital next to a digit (IDs with letters, IBANs) or, failing
 # that, the start of a lower-case IBAN.
+_LETTER = re.compile(r"[A-Za-z]")
 _GATE = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]|\d(?<=[a-z]{2}\d)\d")  # no group: that would cost the fast scan
 
 
@@ -351,7 +354,8 @@ def numeric_ids(text: str, add: Add) -> None:
     # of ordinary prose cost one or two checks instead of twenty regex runs.
     for s, e, nd in _windows(text):
         dash = text.find("-", s, e) >= 0
-        g = _GATE.search(text, s, e)
+        # (a digit dump is one huge window: see first whether it has a letter at all)
+        g = _GATE.search(text, s, e) if e - s < 2000 or _LETTER.search(text, s, e) else None
         if g is not None:
             if not g.group().isdigit() or _UPPER_NEAR_DIGIT.search(text, g.start() + 1, e):
                 _upper_ids(text, s, e, add)
