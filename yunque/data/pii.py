@@ -35,7 +35,8 @@ Policy choices (general rules, each with its reason next to the code):
   when the part after the prefix looks random; documentation example keys such as
   AKIAIOSFODNN7EXAMPLE are redacted like real ones (see pii_tokens.py for why).
 - Secrets: the value of a key/token/secret/password-like name (JSON, YAML, env, code, query
-  string, `Authorization: Bearer`, name/value pairs), URL credentials (also `://:pass@`). Keys and tokens must look machine-made
+  string, `Authorization: Bearer`, name/value pairs), URL credentials (also `://:pass@`).
+  Keys and tokens must look machine-made
   (token alphabet, >= 12 chars, entropy >= 3 bits/char, not words or property paths);
   passwords need a digit or symbol. Placeholders (`<...>`, `${VAR}`, `xxxx`, `changeme`)
   and code (calls, attribute paths, `None`) are never secrets.

@@ -255,7 +255,7 @@ def cn_resident_id_ok(id18: str) -> bool:
         return False
     if not datetime.date(1900, 1, 1) <= born <= datetime.date.today():
         return False
-    total = sum(int(c) * w for c, w in zip(id18, _CN_WEIGHTS))
+    total = sum(int(c) * w for c, w in zip(id18[:17], _CN_WEIGHTS, strict=True))
     return id18[17].upper() == "10X98765432"[total % 11]
 
 

@@ -66,7 +66,8 @@ _NINO_CTX = re.compile("|".join(["nino", "national insurance", _word("ni"), _wor
 _CF = re.compile(_L + r"[A-Z]{6}[0-9L-NP-V]{2}[ABCDEHLMPRST][0-9L-NP-V]{2}[A-Z][0-9L-NP-V]{3}[A-Z]" + _R)
 _SIN = re.compile(_LN + r"(\d{3})([ \-]?)(\d{3})\2(\d{3})" + _RN)
 _SIN_CTX = re.compile("|".join([_word("sin"), _word("s.i.n."), _word("nas"), "social insurance", "assurance sociale"]))
-_SIN_UPPER = re.compile(r"(?<![A-Za-z])(?:SIN|NAS|S\.I\.N\.)(?![A-Za-z])")  # "sin" is Spanish for "without": the acronyms count in capitals
+# "sin" is Spanish for "without": the acronyms count in capitals only.
+_SIN_UPPER = re.compile(r"(?<![A-Za-z])(?:SIN|NAS|S\.I\.N\.)(?![A-Za-z])")
 _CN_ID = re.compile(_LN + r"[1-8]\d{16}[\dXx]" + _R)
 # Written grouped ("1 84 12 76 451 089 46") or as one run, which then needs its name before it.
 _NIR = re.compile(_LN + r"[1-478]( ?)\d{2}\1\d{2}\1(?:\d{2}|2[AB])\1\d{3}\1\d{3}\1\d{2}" + _RN)

@@ -95,7 +95,8 @@ RULES: tuple[_Rule, ...] = (
           skip=0, end="", left="."),
     *(_rule("STRIPE_KEY", f"{c}k_{env}_", r"[A-Za-z0-9]{10,}+", 260) for c in "sr" for env in ("live", "test", "prod")),
     _rule("ANTHROPIC_KEY", "sk-ant-", r"[a-z]{2,8}\d\d-[A-Za-z0-9_\-]{32,}+", 300, end=_RD),
-    *(_rule("OPENAI_KEY", f"sk-{k}-", r"[A-Za-z0-9_\-]{20,}+", 300, end=_RD) for k in ("proj", "svcacct", "admin", "None")),
+    *(_rule("OPENAI_KEY", f"sk-{k}-", r"[A-Za-z0-9_\-]{20,}+", 300, end=_RD)
+      for k in ("proj", "svcacct", "admin", "None")),
     _rule("OPENAI_KEY", "sk-", r"[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}"),  # "T3BlbkFJ": base64 of "OpenAI"
     *(_rule("AWS_ACCESS_KEY", p, _AWS, check=_anything)
       for p in ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA", "AIPA", "ANPA", "ANVA")),
