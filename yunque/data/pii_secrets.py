@@ -1,6 +1,6 @@
 """Secrets assigned to key / token / password names, in any common syntax.
 
-`password = "hunter2xyz"`, `"api_key": "sk_live_..."`, `DB_PASSWORD=...`, `token: ...` (YAML),
+`password = "hunter2xyz"`, `"api_key": "a8Kd2..."`, `DB_PASSWORD=...`, `token: ...` (YAML),
 `?api_key=...` (query strings), `Authorization: Bearer ...`, and `name: X_TOKEN` / `value: ...`
 pairs. Only the value is reported, so the placeholder keeps the name readable. Three names
 give the value a more specific type when it has that type's exact shape: AWS secret access
@@ -124,9 +124,8 @@ def _typed(name: str, val: str) -> str:
     if "aws" in low and "secret" in low and _AWS_SECRET.match(val):
         return "AWS_SECRET_KEY"
     flat = re.sub(r"[_\-.]", "", low)
-    if (flat.endswith(("accountkey", "sharedaccesskey", "storagekey")) or "azure" in flat) and ck.base64_bytes(
-        val
-    ) in (32, 64):
+    azure = flat.endswith(("accountkey", "sharedaccesskey", "storagekey")) or "azure" in flat
+    if azure and ck.base64_bytes(val) in (32, 64):
         return "AZURE_STORAGE_KEY"
     return "SECRET_ASSIGNMENT"
 

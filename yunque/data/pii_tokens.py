@@ -61,6 +61,7 @@ class _Rule:
     check: Callable[[str], bool]
     left: str = ""  # characters besides ASCII word ones that may not precede the token
 
+
 _OPEN_RUN = re.compile(r"\{(\d+),\}\+")
 
 
@@ -68,13 +69,11 @@ def _rule(type_: str, prefix: str, body: str, max_len: int = 0, skip: int | None
           left: str = "") -> _Rule:  # fmt: skip
     """`body`: what follows the prefix; a `{n,}+` run in it makes the token variable-length, up to
     `max_len` characters in all (a fixed-length body needs no max_len)."""
-    open_run = _OPEN_RUN.search(body) is not None
-    # The trigger's look at the head stops at the first open run's minimum: bounded work per trigger.
-    head = body[: _OPEN_RUN.search(body).start()] + _OPEN_RUN.search(body).group().replace(",}+", "}") if open_run \
-        else body + end
-    return _Rule(type_, prefix, re.compile(re.escape(prefix) + body + end), head,
-                 max_len if open_run else 10**6, len(prefix) if skip is None else skip, check or _random_enough,
-                 left)  # fmt: skip
+    run = _OPEN_RUN.search(body)
+    # The trigger looks at the head only up to the first open run's minimum: bounded work per trigger.
+    head = body[: run.start()] + "{" + run.group(1) + "}" if run else body + end
+    return _Rule(type_, prefix, re.compile(re.escape(prefix) + body + end), head, max_len if run else 10**6,
+                 len(prefix) if skip is None else skip, check or _random_enough, left)  # fmt: skip
 
 
 def _jwt(token: str) -> bool:
@@ -188,7 +187,6 @@ def tokens(text: str, add: Add) -> None:
         aws_secrets_in_prose(text, sorted(aws_ids + aws_words), aws_ids, add)
 
 
-
 # --- AWS secret access keys outside an assignment ---------------------------------------
 # "the AWS secret key wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY leaked", "AKIA… / wJalr…",
 # `aws configure set aws_secret_access_key wJalr…`. A bare 40-character base64 run is far too
@@ -196,7 +194,7 @@ def tokens(text: str, add: Add) -> None:
 # "AWS", an `aws_` name or an access key id; and either a "secret" word or that key id.
 
 _AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
-_SECRET_WORD = re.compile(r"secret|secre[tc]|segredo|密钥|秘密|私钥|机密", re.IGNORECASE)
+_SECRET_WORD = re.compile(r"secre[tc]|secr[eè]t|segredo|密钥|秘密|私钥|机密", re.IGNORECASE)
 _AWS_REACH = 160  # characters after a mention where its secret may be
 
 
@@ -208,17 +206,17 @@ _TITLE_WORD = re.compile(r"[A-Z][a-z]{3,}")
 
 
 def _aws_secret_shape(s: str) -> bool:
-    # 30 random bytes in base64: all three classes (a miss has odds ~1e-3), few '/' and '+',
-    # never "//" (a path), high entropy (a random key has >= 4.1 bits per character), and
-    # not CamelCase words (4+ capitalised words of 4+ letters: odds ~1e-3 for a random key).
+    # 30 random bytes in base64 (together these turn away ~0.2% of random keys): all three
+    # classes (no digit: 1e-3), few '/' and '+' (more than 7: 1e-4; a path has many), high
+    # entropy (a random key has >= 4.1 bits per character), and not CamelCase words (5+
+    # capitalised words of 4+ letters: 7e-4).
     return (
         any(c.isupper() for c in s)
         and any(c.islower() for c in s)
         and any(c.isdigit() for c in s)
-        and s.count("/") + s.count("+") <= 5
-        and "//" not in s
+        and s.count("/") + s.count("+") <= 7
         and ck.shannon_entropy(s) >= 4.0
-        and len(_TITLE_WORD.findall(s)) < 4
+        and len(_TITLE_WORD.findall(s)) < 5
         and not ck.is_placeholder(s)
     )
 
