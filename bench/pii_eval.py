@@ -1,21 +1,31 @@
 """PII detector quality and speed.
 
-Prints per-type precision/recall on tests/data/pii_cases.jsonl (span level, exact type,
+Prints per-type precision/recall on tests/fixtures/pii_cases.jsonl (span level, exact type,
 overlap = hit) and single-core scrub() throughput in MB/s on synthetic documents:
 English prose with numbers, dates and code, and PII in roughly one document in five.
 
     PYTHONPATH=. python bench/pii_eval.py [--mb 4] [--docs-kb 3]
+    PYTHONPATH=. python bench/pii_eval.py --compare main [--rounds 5]
+
+--compare REV times the scrubber of git revision REV against this tree on the same documents,
+in alternating child processes (A B A B ...), so that a busy machine slows both alike; it
+reports the median of each and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
-
-from yunque.data.pii import PII_TYPES, evaluate_spans, scan, scrub
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -61,16 +71,28 @@ def synthetic_docs(total_bytes: int, doc_bytes: int, pii_snippets: list[str], se
     return docs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mb", type=float, default=4.0, help="MB of synthetic text to time")
-    ap.add_argument("--docs-kb", type=float, default=3.0, help="document size in KB")
-    ap.add_argument("--cases", type=Path, default=ROOT / "tests/data/pii_cases.jsonl")
-    args = ap.parse_args()
+def time_docs(docs: list[str], repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` CPU seconds of scan() and scrub() over `docs`, and the wall seconds."""
+    from yunque.data.pii import scan, scrub
 
-    cases = [json.loads(line) for line in args.cases.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = {}
+    for name, fn in (("scan", scan), ("scrub", scrub)):
+        cpu = wall = float("inf")
+        for _ in range(repeats):
+            c0, w0 = time.process_time(), time.perf_counter()
+            for d in docs:
+                fn(d)
+            cpu, wall = min(cpu, time.process_time() - c0), min(wall, time.perf_counter() - w0)
+        out[name], out[name + "_wall"] = cpu, wall
+    return out
+
+
+def quality(cases: list[dict]) -> None:
+    from yunque.data.pii import PII_TYPES, evaluate_spans
+
     res = evaluate_spans(cases)
-    print(f"labelled set: {len(cases)} snippets, {sum(len(c['spans']) for c in cases)} gold spans")
+    print(f"labelled set: {len(cases)} snippets ({sum(not c['spans'] for c in cases)} with no PII), "
+          f"{sum(len(c['spans']) for c in cases)} gold spans")  # fmt: skip
     print(f"{'type':<18} {'precision':>9} {'recall':>7} {'pred':>5} {'gold':>5}")
     for t in PII_TYPES:
         m = res[t]
@@ -78,22 +100,60 @@ def main() -> None:
     worst = min(min(m["precision"], m["recall"]) for m in res.values())
     print(f"min over types of min(P, R): {worst:.3f}")
 
+
+def compare(rev: str, docs: list[str], rounds: int) -> None:
+    """Old (`rev`) against this tree, alternating child processes on the same documents."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, "yunque"], cwd=ROOT, check=True, capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        docs_file = Path(tmp) / "docs.json"
+        docs_file.write_text(json.dumps(docs), encoding="utf-8")
+        mb = sum(len(d.encode()) for d in docs) / 1e6
+        runs: dict[str, list[dict[str, float]]] = {rev: [], "this tree": []}
+        for _ in range(rounds):
+            for label, path in ((rev, tmp), ("this tree", str(ROOT))):
+                env = {**os.environ, "PYTHONPATH": path}
+                out = subprocess.run([sys.executable, __file__, "--time-docs", str(docs_file)], env=env, check=True,
+                                     capture_output=True, text=True).stdout  # fmt: skip
+                runs[label].append(json.loads(out))
+        print(f"{mb:.1f} MB in {len(docs)} docs, {rounds} alternating rounds, median MB/s per core (CPU time):")
+        med = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
+        for name in ("scan", "scrub"):
+            old, new = mb / med[rev][name], mb / med["this tree"][name]
+            print(f"{name:<6} {rev}: {old:6.1f}   this tree: {new:6.1f}   ratio {new / old:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=4.0, help="MB of synthetic text to time")
+    ap.add_argument("--docs-kb", type=float, default=3.0, help="document size in KB")
+    ap.add_argument("--cases", type=Path, default=ROOT / "tests/fixtures/pii_cases.jsonl")
+    ap.add_argument("--compare", metavar="REV", help="time git revision REV's scrubber against this tree")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --compare")
+    ap.add_argument("--time-docs", type=Path, help=argparse.SUPPRESS)  # child of --compare
+    args = ap.parse_args()
+
+    if args.time_docs:
+        print(json.dumps(time_docs(json.loads(args.time_docs.read_text(encoding="utf-8")))))
+        return
+    cases = [json.loads(line) for line in args.cases.read_text(encoding="utf-8").splitlines() if line.strip()]
     snippets = [c["text"] for c in cases if c["spans"]]
     docs = synthetic_docs(int(args.mb * 1e6), int(args.docs_kb * 1e3), snippets)
+    if args.compare:
+        compare(args.compare, docs, args.rounds)
+        return
+    quality(cases)
     nbytes = sum(len(d.encode()) for d in docs)
     # CPU time of this process is the single-core figure; wall time is shown too because on
     # a shared machine it also counts time spent waiting for the core.
-    for name, fn in (("scan", scan), ("scrub", scrub)):
-        cpu = wall = float("inf")
-        for _ in range(3):
-            c0, w0 = time.process_time(), time.perf_counter()
-            for d in docs:
-                fn(d)
-            cpu, wall = min(cpu, time.process_time() - c0), min(wall, time.perf_counter() - w0)
-        mb = nbytes / 1e6
-        print(
-            f"{name:<6} {mb:.1f} MB in {len(docs)} docs: {mb / cpu:6.1f} MB/s per core (CPU time), {mb / wall:6.1f} MB/s wall"
-        )
+    t = time_docs(docs)
+    mb = nbytes / 1e6
+    for name in ("scan", "scrub"):
+        print(f"{name:<6} {mb:.1f} MB in {len(docs)} docs: {mb / t[name]:6.1f} MB/s per core (CPU time), "
+              f"{mb / t[name + '_wall']:6.1f} MB/s wall")  # fmt: skip
+    from yunque.data.pii import scrub
+
     found = sum(sum(scrub(d).findings.values()) for d in docs)
     print(f"findings in synthetic corpus: {found} ({found / len(docs):.2f} per doc)")
 

@@ -7,15 +7,23 @@ replaces them with typed placeholders, counts them, or flags the document for dr
 Types and their placeholders (`PLACEHOLDERS`):
     EMAIL [EMAIL]  PHONE [PHONE]  IPV4 [IPV4]  IPV6 [IPV6]  CREDIT_CARD [CREDIT_CARD]  IBAN [IBAN]
     US_SSN [SSN]  ES_DNI [DNI]  ES_NIE [NIE]  MX_CURP [CURP]  MX_RFC [RFC]  BR_CPF [CPF]
-    AR_CUIT [CUIT]  CL_RUT [RUT]  URL_CREDENTIALS [CREDENTIALS] (only the user:pass part)
-    AWS_ACCESS_KEY [AWS_ACCESS_KEY]  AWS_SECRET_KEY [AWS_SECRET_KEY] (assigned values)
-    GITHUB_TOKEN [GITHUB_TOKEN]  GITLAB_TOKEN [GITLAB_TOKEN]  SLACK_TOKEN [SLACK_TOKEN]  JWT [JWT]
-    PRIVATE_KEY [PRIVATE_KEY] (whole PEM block)  SECRET_ASSIGNMENT [SECRET] (only the value)
+    AR_CUIT [CUIT]  CL_RUT [RUT]  UK_NINO [NINO]  IT_FISCAL_CODE [CODICE_FISCALE]  CA_SIN [SIN]
+    CN_RESIDENT_ID [CN_ID]  FR_NIR [NIR]  URL_CREDENTIALS [CREDENTIALS] (only the user:pass part)
+    AWS_ACCESS_KEY [AWS_ACCESS_KEY]  AWS_SECRET_KEY [AWS_SECRET_KEY] (assigned, or in prose near "AWS")
+    GITHUB_TOKEN [GITHUB_TOKEN]  GITLAB_TOKEN [GITLAB_TOKEN]  SLACK_TOKEN [SLACK_TOKEN]
+    STRIPE_KEY  OPENAI_KEY  ANTHROPIC_KEY  GOOGLE_API_KEY  TWILIO_KEY  SENDGRID_KEY  NPM_TOKEN
+    PYPI_TOKEN  HUGGINGFACE_TOKEN  AZURE_STORAGE_KEY  AZURE_SAS_TOKEN (the `sig`)  ([TYPE] each)
+    JWT [JWT]  PRIVATE_KEY [PRIVATE_KEY] (whole PEM block)  SECRET_ASSIGNMENT [SECRET] (only the value)
     BITCOIN_ADDRESS [BTC_ADDRESS]  ETHEREUM_ADDRESS [ETH_ADDRESS]
 
 Policy choices (general rules, each with its reason next to the code):
-- Checksummed identifiers (cards, IBAN, DNI/NIE, CURP, CPF, CUIT, RUT, BTC, mixed-case ETH)
-  must validate; RFC needs a real date; SSN follows the SSA area/group/serial rules.
+- Checksummed identifiers (cards, IBAN in any case, DNI/NIE, CURP, CPF, CUIT, RUT, codice
+  fiscale, SIN, Chinese resident ID, NIR, BTC, mixed-case ETH) must validate; RFC needs a real
+  date; SSN follows the SSA area/group/serial rules, NINO HMRC's prefix rules. Identifiers
+  with no or a weak check need their name nearby unless written in their usual grouping
+  (bare SSN/CPF/CUIT/NIR, compact NINO; a SIN always, a Luhn pass being one number in ten).
+- E-mail local parts and domains may hold letters of any space-separated script (RFC 6531:
+  josé.garcía@…); CJK/Thai runs glued to an address are the sentence, not the mailbox.
 - Phones: "+cc"/"00cc" numbers need a valid country code; national formats need separators
   and are rejected inside number runs, after ID words ("order", "pedido", "订单"), next to
   currencies/units, or as year lists; bare digit runs count only near a phone word (or, for
@@ -23,16 +31,22 @@ Policy choices (general rules, each with its reason next to the code):
 - IPs: loopback, unspecified, netmasks and CIDR network addresses are kept; dotted quads
   after version/section words are versions; quads whose first two parts are < 10 need a
   networking word nearby ("3.1.1.6" is far more often a version).
+- Vendor keys and tokens (the prefixed kinds gitleaks and detect-secrets know) anywhere,
+  when the part after the prefix looks random; documentation example keys such as
+  AKIAIOSFODNN7EXAMPLE are redacted like real ones (see pii_tokens.py for why).
 - Secrets: the value of a key/token/secret/password-like name (JSON, YAML, env, code, query
-  string, `Authorization: Bearer`, name/value pairs). Keys and tokens must look machine-made
-  (token alphabet, >= 12 chars, entropy >= 3 bits/char, not words or property paths);
-  passwords need a digit or symbol. Placeholders (`<...>`, `${VAR}`, `xxxx`, `changeme`)
-  and code (calls, attribute paths, `None`) are never secrets.
+  string, `Authorization: Bearer`, name/value pairs), URL credentials (also `://:pass@`).
+  Keys and tokens must look machine-made (token alphabet, >= 12 chars, entropy >= 3
+  bits/char, not words or property paths); passwords need a digit or symbol. Placeholders
+  (`<...>`, `${VAR}`, `xxxx`, `changeme`) and code (calls, attribute paths, `None`) are
+  never secrets.
 
 Speed: each full-text pass is a regex that starts with a literal (`re` jumps between
-occurrences at memchr speed) or one digit-led pass; the ~20 digit-heavy patterns (phones,
-cards, national IDs) only run in small windows around runs of >= 6 digits, and secret
-assignments are found from their operators or key words, whichever is rarer.
+occurrences at memchr speed) or one digit-led pass; the ~30 digit-heavy patterns (phones,
+cards, national IDs) only run in small windows around runs of >= 6 digits, the ~50 vendor
+token rules share one pass per trigger character (pii_tokens.py), and secret assignments
+are found from their operators or key words, whichever is rarer. Every pattern is linear
+in its input (tests/data/test_pii.py times each detector on adversarial runs).
 """
 
 from __future__ import annotations
@@ -45,18 +59,24 @@ from dataclasses import dataclass, field
 from yunque.data import pii_detect as _d
 from yunque.data import pii_numeric as _n
 from yunque.data import pii_secrets as _s
+from yunque.data import pii_tokens as _t
 from yunque.errors import ConfigError
 
 PII_TYPES: tuple[str, ...] = (
     "EMAIL", "PHONE", "IPV4", "IPV6", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE",
-    "MX_CURP", "MX_RFC", "BR_CPF", "AR_CUIT", "CL_RUT", "URL_CREDENTIALS", "AWS_ACCESS_KEY",
-    "AWS_SECRET_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "JWT", "PRIVATE_KEY",
-    "SECRET_ASSIGNMENT", "BITCOIN_ADDRESS", "ETHEREUM_ADDRESS",
+    "MX_CURP", "MX_RFC", "BR_CPF", "AR_CUIT", "CL_RUT", "UK_NINO", "IT_FISCAL_CODE", "CA_SIN",
+    "CN_RESIDENT_ID", "FR_NIR", "URL_CREDENTIALS", "AWS_ACCESS_KEY", "AWS_SECRET_KEY",
+    "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "STRIPE_KEY", "OPENAI_KEY", "ANTHROPIC_KEY",
+    "GOOGLE_API_KEY", "AZURE_STORAGE_KEY", "AZURE_SAS_TOKEN", "TWILIO_KEY", "SENDGRID_KEY",
+    "NPM_TOKEN", "PYPI_TOKEN", "HUGGINGFACE_TOKEN", "JWT", "PRIVATE_KEY", "SECRET_ASSIGNMENT",
+    "BITCOIN_ADDRESS", "ETHEREUM_ADDRESS",
 )  # fmt: skip
 
 PLACEHOLDERS: dict[str, str] = {t: f"[{t}]" for t in PII_TYPES} | {
     "US_SSN": "[SSN]", "ES_DNI": "[DNI]", "ES_NIE": "[NIE]", "MX_CURP": "[CURP]", "MX_RFC": "[RFC]",
-    "BR_CPF": "[CPF]", "AR_CUIT": "[CUIT]", "CL_RUT": "[RUT]", "URL_CREDENTIALS": "[CREDENTIALS]",
+    "BR_CPF": "[CPF]", "AR_CUIT": "[CUIT]", "CL_RUT": "[RUT]", "UK_NINO": "[NINO]",
+    "IT_FISCAL_CODE": "[CODICE_FISCALE]", "CA_SIN": "[SIN]", "CN_RESIDENT_ID": "[CN_ID]", "FR_NIR": "[NIR]",
+    "URL_CREDENTIALS": "[CREDENTIALS]",
     "SECRET_ASSIGNMENT": "[SECRET]", "BITCOIN_ADDRESS": "[BTC_ADDRESS]",
     "ETHEREUM_ADDRESS": "[ETH_ADDRESS]",
 }  # fmt: skip
@@ -69,11 +89,12 @@ _MODE_WORDS = {"off": "keep", "false": "keep", "no": "keep", "true": "redact", "
 # When two detectors claim overlapping text the more specific one wins: a PEM block beats
 # everything inside it, a validated checksum beats a phone-shaped digit run.
 _PRIORITY = {
-    "PRIVATE_KEY": 100, "JWT": 90, "URL_CREDENTIALS": 86, "SLACK_TOKEN": 85, "GITHUB_TOKEN": 84,
-    "GITLAB_TOKEN": 84, "AWS_ACCESS_KEY": 83, "AWS_SECRET_KEY": 82, "IBAN": 70, "CREDIT_CARD": 68,
-    "MX_CURP": 66, "MX_RFC": 64, "ES_NIE": 62, "ES_DNI": 61, "BR_CPF": 60, "AR_CUIT": 60,
-    "CL_RUT": 58, "US_SSN": 57, "ETHEREUM_ADDRESS": 55, "BITCOIN_ADDRESS": 55, "EMAIL": 50,
-    "IPV6": 45, "IPV4": 44, "SECRET_ASSIGNMENT": 30, "PHONE": 20,
+    "PRIVATE_KEY": 100, "JWT": 90, "URL_CREDENTIALS": 86, **dict.fromkeys(_t.TOKEN_TYPES, 84),
+    "AWS_SECRET_KEY": 82, "AZURE_STORAGE_KEY": 82, "AZURE_SAS_TOKEN": 82, "IBAN": 70,
+    "CN_RESIDENT_ID": 69, "CREDIT_CARD": 68, "MX_CURP": 66, "IT_FISCAL_CODE": 65, "MX_RFC": 64,
+    "FR_NIR": 63, "ES_NIE": 62, "ES_DNI": 61, "BR_CPF": 60, "AR_CUIT": 60, "UK_NINO": 59,
+    "CL_RUT": 58, "US_SSN": 57, "CA_SIN": 56, "ETHEREUM_ADDRESS": 55, "BITCOIN_ADDRESS": 55,
+    "EMAIL": 50, "IPV6": 45, "IPV4": 44, "SECRET_ASSIGNMENT": 30, "PHONE": 20,
 }  # fmt: skip
 
 
@@ -97,10 +118,11 @@ Add = Callable[[str, int, int], None]
 # Each detector reports (type, start, end) for every candidate it validated.
 _DETECTORS: tuple[tuple[frozenset[str], Callable[[str, Add], None]], ...] = (
     (frozenset({"PRIVATE_KEY"}), _d.private_keys),
-    (frozenset({"JWT", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN", "AWS_ACCESS_KEY"}), _d.tokens),
+    (frozenset({"JWT", "AWS_SECRET_KEY", *_t.TOKEN_TYPES}), _t.tokens),
     (frozenset({"EMAIL"}), _d.emails),
     (frozenset({"URL_CREDENTIALS"}), _d.url_credentials),
-    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY"}), _s.secret_assignments),
+    (frozenset({"SECRET_ASSIGNMENT", "AWS_SECRET_KEY", "AZURE_STORAGE_KEY", "AZURE_SAS_TOKEN"}),
+     _s.secret_assignments),
     (frozenset({"IPV4"}), _d.ipv4),
     (frozenset({"IPV6"}), _d.ipv6),
     (frozenset({"BITCOIN_ADDRESS", "ETHEREUM_ADDRESS"}), _d.crypto_addresses),

@@ -26,14 +26,12 @@ def shannon_entropy(s: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(s).values())
 
 
+_LUHN_DOUBLE = str.maketrans("0123456789", "0246813579")  # 2d, minus 9 when that is > 9
+
+
 def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
+    doubled = digits[-2::-2].translate(_LUHN_DOUBLE)
+    return (sum(map(int, digits[-1::-2])) + sum(map(int, doubled))) % 10 == 0
 
 
 def _valid_date(yy: int, mm: int, dd: int) -> bool:
@@ -84,13 +82,16 @@ _IIN_RANGES: tuple[tuple[int, int, tuple[int, ...]], ...] = (
 )
 
 
+# The same ranges on the first four digits, so a candidate costs one int() and a few compares.
+_IIN4 = tuple((lo * 10 ** (4 - len(str(lo))), (hi + 1) * 10 ** (4 - len(str(hi))) - 1, n) for lo, hi, n in _IIN_RANGES)
+
+
 def card_ok(digits: str) -> bool:
     if not 12 <= len(digits) <= 19 or len(set(digits)) == 1:
         return False
-    n = len(digits)
-    for lo, hi, lengths in _IIN_RANGES:
-        k = len(str(lo))
-        if lo <= int(digits[:k]) <= hi and n in lengths:
+    n, head = len(digits), int(digits[:4])
+    for lo, hi, lengths in _IIN4:
+        if lo <= head <= hi and n in lengths:
             return luhn_ok(digits)
     return False
 
@@ -191,6 +192,85 @@ def rut_ok(body: str, dv: str) -> bool:
     total = sum(int(c) * (2 + i % 6) for i, c in enumerate(reversed(body)))
     r = 11 - total % 11
     return dv.upper() == {11: "0", 10: "K"}.get(r, str(r))
+
+
+def nino_ok(prefix: str, suffix: str) -> bool:
+    """UK National Insurance number: HMRC's allocation rules for the two prefix letters (no check
+    digit exists). "QQ" prefixes are HMRC's own examples and never issued."""
+    return (
+        prefix[0] not in "DFIQUV"
+        and prefix[1] not in "DFIOQUV"
+        and prefix not in ("BG", "GB", "KN", "NK", "NT", "TN", "ZZ")
+        and suffix in "ABCD"
+    )
+
+
+# Codice fiscale: characters in odd positions (1st, 3rd, ...) and even ones weigh differently.
+_CF_ODD = [1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10, 22, 25, 24, 23]
+_CF_MONTHS = "ABCDEHLMPRST"
+_CF_OMOCODE = "LMNPQRSTUV"  # letters standing for 0-9 where two people would share a code
+_CF_DIGIT_POS = (6, 7, 9, 10, 12, 13, 14)
+
+
+def _cf_value(c: str) -> int:
+    return ord(c) - 48 if c.isdigit() else ord(c) - 65
+
+
+def codice_fiscale_ok(cf: str) -> bool:
+    """Italian fiscal code: 16 characters, a real month letter and day, and the check letter."""
+    if len(cf) != 16 or not cf.isascii():
+        return False
+    plain = list(cf)
+    for i in _CF_DIGIT_POS:
+        if plain[i] in _CF_OMOCODE:
+            plain[i] = str(_CF_OMOCODE.index(plain[i]))
+        elif not plain[i].isdigit():
+            return False
+    day = int(plain[9] + plain[10])
+    if cf[8] not in _CF_MONTHS or not (1 <= day <= 31 or 41 <= day <= 71):
+        return False
+    total = sum(_CF_ODD[_cf_value(c)] if i % 2 == 0 else _cf_value(c) for i, c in enumerate(cf[:15]))
+    return cf[15] == chr(65 + total % 26)
+
+
+def sin_ok(digits: str) -> bool:
+    """Canadian Social Insurance Number: 9 digits, Luhn; 8 starts business numbers, not SINs."""
+    return len(digits) == 9 and digits[0] != "8" and len(set(digits)) > 1 and luhn_ok(digits)
+
+
+_CN_WEIGHTS = [2 ** (17 - i) % 11 for i in range(17)]
+# First two digits: a province-level division (GB/T 2260).
+_CN_PROVINCES = frozenset(
+    "11 12 13 14 15 21 22 23 31 32 33 34 35 36 37 41 42 43 44 45 46 50 51 52 53 54 61 62 63 64 65 71 81 82".split()
+)
+
+
+def cn_resident_id_ok(id18: str) -> bool:
+    """Chinese resident identity card number (GB 11643): province, real birth date, ISO 7064 MOD 11-2."""
+    if len(id18) != 18 or not id18[:17].isdigit() or id18[:2] not in _CN_PROVINCES:
+        return False
+    try:
+        born = datetime.date(int(id18[6:10]), int(id18[10:12]), int(id18[12:14]))
+    except ValueError:
+        return False
+    if not datetime.date(1900, 1, 1) <= born <= datetime.date.today():
+        return False
+    total = sum(int(c) * w for c, w in zip(id18[:17], _CN_WEIGHTS, strict=True))
+    return id18[17].upper() == "10X98765432"[total % 11]
+
+
+def nir_ok(nir: str) -> bool:
+    """French social security number (NIR, 15 characters without spaces): sex digit, a possible
+    month, and the key 97 - (number mod 97); Corsica's 2A / 2B count as 19 / 18 in the key."""
+    if len(nir) != 15 or nir[0] not in "123478":
+        return False
+    month = int(nir[3:5])
+    if not (1 <= month <= 12 or month == 20 or 30 <= month <= 42 or month >= 50):
+        return False
+    body = nir[:5] + {"2A": "19", "2B": "18"}.get(nir[5:7], nir[5:7]) + nir[7:13]
+    if not body.isdigit() or not nir[13:].isdigit():
+        return False
+    return 97 - int(body) % 97 == int(nir[13:])
 
 
 # --- crypto addresses ---------------------------------------------------------------
@@ -296,6 +376,17 @@ def eip55_ok(hex40: str) -> bool:
 
 
 # --- tokens ------------------------------------------------------------------------
+
+
+_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def base64_bytes(s: str) -> int:
+    """How many bytes standard base64 `s` decodes to (padding optional), or -1 if it is not base64."""
+    if not _B64.fullmatch(s) or len(s.rstrip("=")) % 4 == 1:
+        return -1
+    core = s.rstrip("=")
+    return len(core) * 3 // 4
 
 
 def jwt_header_ok(part: str) -> bool:

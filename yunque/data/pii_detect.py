@@ -7,9 +7,9 @@ identifier sits right next to CJK characters, which `\\w` would count as word ch
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable
 
 from yunque.data import pii_checks as ck
@@ -29,76 +29,21 @@ def _before(text: str, start: int, width: int = 32) -> str:
 # --- PEM private keys ------------------------------------------------------------
 
 _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-_PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|(?:[\w-]+: [^\n]*))*")  # the body grammar
-_PEM_END = re.compile(r"-----END ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-# `_PEM_BODY` taken apart: runs of body characters, then maybe a header line. Markers can
-# nest inside header lines, and matching the body (or searching it for key material) from
-# each of them rescanned the rest of the block: quadratic. The pieces let each text
-# position be scanned once while giving exactly `_PEM_BODY`'s answer.
-_PEM_SIMPLE = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=])*")
-_PEM_HEADER = re.compile(r"[\w-]+: ")
-_KEY_RUN = re.compile(r"[A-Za-z0-9+/=]{16,}")
+_KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{16}")
+# Possessive: a header name that is not followed by ": " ("-----…" runs) is given up at once.
+_PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|[\w-]++: [^\n]*+)*+")
 
 
 def private_keys(text: str, add: Add) -> None:
     if "PRIVATE KEY" not in text:
         return
-    ends: dict[str, list[int]] = {}  # label -> starts of its END markers (overlapping ones too)
-    e = _PEM_END.search(text)
-    while e is not None:
-        ends.setdefault(e.group(1), []).append(e.start())
-        e = _PEM_END.search(text, e.start() + 1)
-    newlines = [n.start() for n in re.finditer("\n", text)]
-    runs = [r.span() for r in _KEY_RUN.finditer(text)]
-    memo: dict[int, int] = {}
     for m in _PEM_BEGIN.finditer(text):
         end_marker = f"-----END {m.group(1)}-----"
-        at = ends.get(m.group(1), [])
-        k = bisect.bisect_left(at, m.end())
-        j = at[k] if k < len(at) and at[k] + len(end_marker) <= m.end() + 20000 else -1
+        j = text.find(end_marker, m.end(), m.end() + 20000)
         # A truncated block (no END yet, e.g. mid-stream) is redacted through its body.
-        end = j + len(end_marker) if j >= 0 else _pem_body_end(text, m.end(), newlines, memo)
-        if _has_key_material(runs, m.end(), end):  # two marker strings in code hold no key
+        end = j + len(end_marker) if j >= 0 else _PEM_BODY.match(text, m.end()).end()
+        if _KEY_MATERIAL.search(text, m.end(), end):  # two marker strings in code hold no key
             add("PRIVATE_KEY", m.start(), end)
-
-
-def _pem_body_end(text: str, p: int, newlines: list[int], memo: dict[int, int]) -> int:
-    """`_PEM_BODY.match(text, p).end()`: body runs and header lines; a header line ends at a
-    newline, where the bodies of markers nested in it meet (`memo`)."""
-    seen = []
-    while p not in memo:
-        seen.append(p)
-        q = _PEM_SIMPLE.match(text, p).end()
-        h = _PEM_HEADER.match(text, q)
-        if h is None:
-            memo[p] = q
-            break
-        k = bisect.bisect_left(newlines, h.end())
-        p = newlines[k] if k < len(newlines) else len(text)
-    end = memo[p]
-    memo.update(dict.fromkeys(seen, end))
-    return end
-
-
-def _has_key_material(runs: list[tuple[int, int]], a: int, b: int) -> bool:
-    """Does text[a:b] hold 16 key characters in a row? From the maximal runs of key characters (sorted)."""
-    i = bisect.bisect_left(runs, a + 16, key=lambda r: r[1])  # the first run that can reach past a
-    return i < len(runs) and max(runs[i][0], a) + 16 <= min(runs[i][1], b)
-
-
-# --- vendor tokens and JWTs ----------------------------------------------------------
-
-_GITHUB = re.compile(r"(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,251})" + _R)
-_GITLAB = re.compile(r"gl(?:pat|dt|rt|ptt|ft|cbt|soat|imt)-[A-Za-z0-9_\-]{20,80}" + _R)
-_SLACK = (
-    re.compile(r"xox[abposr]-[0-9A-Za-z\-]{10,250}" + _R),
-    re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]{32,}"),
-    re.compile(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/T[A-Z0-9]+/[A-Za-z0-9/]{8,}"),
-)
-_AWS_ID = re.compile(r"A(?:KIA|SIA|GPA|IDA|ROA|IPA|NPA|NVA|BIA|CCA)[A-Z0-9]{16}(?![A-Z0-9])")
-# The lookbehind sits after the literal so the prefix search still applies, and makes every
-# "eyJ" inside a longer base64 run fail at once (otherwise "eyJeyJeyJ..." is quadratic).
-_JWT = re.compile(r"(eyJ(?<![A-Za-z0-9_\-]eyJ)[A-Za-z0-9_\-]{8,}+)\.([A-Za-z0-9_\-]{4,}+)\.([A-Za-z0-9_\-]*+)")
 
 
 def _word_at(text: str, i: int) -> bool:
@@ -114,40 +59,44 @@ def _left_ok(text: str, i: int, chars: str = "") -> bool:
     return i == 0 or not (_word_at(text, i - 1) or text[i - 1] in chars)
 
 
-def _random_enough(s: str) -> bool:
-    # Documentation placeholders ("ghp_xxxx…", "glpat-XXXXXXXX…") are not secrets.
-    return len(set(s)) >= 8 and not ck.is_placeholder(s)
-
-
-def tokens(text: str, add: Add) -> None:
-    # No `in` pre-checks: each pattern starts with a literal, so `re` already skips ahead at
-    # memchr speed, and a pre-check would scan the text a second time.
-    for m in _GITHUB.finditer(text):
-        if _left_ok(text, m.start()) and _random_enough(m.group().split("_", 1)[1]):
-            add("GITHUB_TOKEN", *m.span())
-    for m in _GITLAB.finditer(text):
-        if _left_ok(text, m.start()) and _random_enough(m.group()[6:]):
-            add("GITLAB_TOKEN", *m.span())
-    for pat in _SLACK:
-        for m in pat.finditer(text):
-            if _left_ok(text, m.start()) and _random_enough(m.group()[5:]):
-                add("SLACK_TOKEN", *m.span())
-    for m in _AWS_ID.finditer(text):
-        if _left_ok(text, m.start()):
-            add("AWS_ACCESS_KEY", *m.span())
-    for m in _JWT.finditer(text):
-        if ck.jwt_header_ok(m.group(1)):
-            add("JWT", *m.span())
-
-
 # --- e-mail and URL credentials: anchored on '@' / '://' and grown outwards ------------
 
+# RFC 6531 mailboxes may use letters of any script: josé.garcía@…, müller@bücher.example.
+# Letters of scripts that separate words with spaces are accepted (Latin, Greek, Cyrillic,
+# Arabic, Hebrew, Indic...); CJK, Thai, Lao, Khmer and Myanmar are not, because there the
+# address is glued to the sentence ("请发送邮件至ana@example.com") and the run before "@"
+# is the sentence, not the mailbox.
+_U = "\u00c0-\u0dff\u10a0-\u10ff\u1e00-\u1fff"
 _EMAIL_DOMAIN = re.compile(
-    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24})(?![A-Za-z0-9\-]|\.[A-Za-z0-9])"
+    rf"@((?:[A-Za-z0-9{_U}](?:[A-Za-z0-9\-{_U}]{{0,61}}[A-Za-z0-9{_U}])?\.)+"
+    rf"(?:[A-Za-z]{{2,24}}|xn--[A-Za-z0-9\-]{{1,59}}|[{_U}]{{2,24}}))"
+    rf"(?![A-Za-z0-9\-{_U}]|\.[A-Za-z0-9{_U}])"
 )
-_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+\-]{1,64}\Z")
+_EMAIL_LOCAL = re.compile(rf"[A-Za-z0-9._%+\-{_U}]{{1,64}}\Z")
+_IN_U = re.compile(f"[{_U}]")
+_LOCAL_CHARS = frozenset("._%+-")
 # "icon@2x.png" is an asset name; a TLD that is a common file extension is not an address.
 _FILE_EXT = frozenset("png jpg jpeg gif svg webp ico css js ts map json pdf zip txt html md py".split())
+
+
+def _letter(c: str) -> bool:
+    """A non-ASCII letter or combining mark of the scripts `_U` covers (not '×', '÷', '،')."""
+    return not c.isascii() and unicodedata.category(c)[0] in "LM"
+
+
+def _local_start(text: str, s: int, at: int) -> int | None:
+    """Where the local part that `_EMAIL_LOCAL` found at s..at really starts, or None."""
+    if not text[s:at].isascii():
+        for i in range(at - 1, s - 1, -1):  # a non-letter inside the range ends the local part
+            if not text[i].isascii() and not _letter(text[i]):
+                s = i + 1
+                break
+    prev = text[s - 1] if s else ""
+    if prev and (_word_at(text, s - 1) or prev in _LOCAL_CHARS or (_IN_U.match(prev) and _letter(prev))):
+        return None  # the run goes on to the left: longer than 64 characters, not an address
+    while s < at and text[s] in ".-+":  # a local part cannot start with punctuation
+        s += 1
+    return s
 
 
 def emails(text: str, add: Add) -> None:
@@ -158,18 +107,17 @@ def emails(text: str, add: Add) -> None:
         lm = _EMAIL_LOCAL.search(text, max(0, at - 64), at)
         if lm is None or m.group(1).rsplit(".", 1)[1].lower() in _FILE_EXT:
             continue
-        s = lm.start()
-        if not _left_ok(text, s, "._%+-"):  # local part longer than 64: not an address
+        if not m.group(1).isascii() and not all(c.isascii() or _letter(c) for c in m.group(1)):
             continue
-        while s < at and text[s] in ".-+":  # a local part cannot start with punctuation
-            s += 1
+        s = _local_start(text, lm.start(), at)
         # "git@github.com:org/repo" is an scp-style SSH remote, not a mailbox.
         scp = text.startswith(":", m.end()) and m.end() + 1 < len(text) and not text[m.end() + 1].isspace()
-        if s < at and text[at - 1] != "." and not scp:
+        if s is not None and s < at and text[at - 1] != "." and not scp:
             add("EMAIL", s, m.end())
 
 
-_URL_CRED = re.compile(r"://([^\s/?#@:\"'<>]{1,128}):([^\s/?#@\"'<>]{1,256})@(?=[A-Za-z0-9\[])")
+# The user may be empty: `redis://:password@host` is how Redis and others take a password alone.
+_URL_CRED = re.compile(r"://([^\s/?#@:\"'<>]{0,128}):([^\s/?#@\"'<>]{1,256})@(?=[A-Za-z0-9\[])")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]{1,20}\Z")
 
 
@@ -245,7 +193,13 @@ def ipv4(text: str, add: Add) -> None:
         add("IPV4", *m.span())
 
 
-_IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")
+# A seed is two colons of an address that `ipv6` can accept: one with a group of 3+ hex digits
+# inside, before or after it, or three colons around a hex digit (4+ groups; ":::" is never an
+# address). Cheaper seeds ("a:b:" in "a://a:b://...") would each cost a look back and a failed match.
+_H = "[0-9A-Fa-f]"
+_IPV6_SEED = re.compile(
+    rf":(?:{_H}{{3,4}}:|(?<={_H}{{3}}:){_H}{{0,4}}:|{_H}{{0,4}}:{_H}{{3}}|(?:{_H}{{1,4}}:{_H}{{0,4}}|:{_H}{{1,4}}):)"
+)
 _IPV6_BACK = re.compile(r"[0-9A-Fa-f:]{0,40}\Z")
 _IPV6 = re.compile(r"[0-9A-Fa-f:]{2,39}(?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[0-9A-Za-z]{1,15})?")
 

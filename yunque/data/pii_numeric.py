@@ -1,8 +1,14 @@
 """Digit-heavy detectors: phones, cards, IBANs and national identifiers.
 
-All of them contain a run of >= 6 digits (separators allowed), so one cheap digit-led regex
-finds seed runs, and the ~20 specific patterns only run in small windows around them.
-Typical prose has few such runs; a document without any costs one regex pass.
+All of them contain a run of >= 6 digits (separators, or single capital letters as in the
+codice fiscale's "85T10A562" and the NIR's "12 2A 451", allowed), so one cheap digit-led
+regex finds seed runs, and
+the ~30 specific patterns only run in small windows around them. Typical prose has few
+such runs; a document without any costs one regex pass.
+
+Identifiers without a check digit (UK NINO; SSN, CPF, CUIT, NIR written without their
+usual grouping) or whose check is weak for their shape (a Luhn-valid 9-digit SIN is one
+number in ten) need their name shortly before them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from yunque.data import pii_checks as ck
 
 Add = Callable[[str, int, int], None]
 NUMERIC_TYPES = ("PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE", "MX_CURP", "MX_RFC",
-                 "BR_CPF", "AR_CUIT", "CL_RUT")  # fmt: skip
+                 "BR_CPF", "AR_CUIT", "CL_RUT", "UK_NINO", "IT_FISCAL_CODE", "CA_SIN", "CN_RESIDENT_ID",
+                 "FR_NIR")  # fmt: skip
 
 _L = r"(?<![0-9A-Za-z_])"
 _R = r"(?![0-9A-Za-z_])"
@@ -22,14 +29,19 @@ _LN = r"(?<![0-9A-Za-z_.\-])"
 _RN = r"(?![0-9A-Za-z_]|[.\-/]\d)"
 _SEP = r"[ .\-\u00a0]"
 
-_SEED = re.compile(r"\d(?:[ .\-/()\u00a0]{0,2}\d){5,}")
+# The lookbehind makes attempts start only at a run's first digit, the possessive repeat
+# keeps no backtracking state: together they pay for the capital-letter joins.
+_SEED = re.compile(r"\d(?<!\d\d)(?:[ .\-/()\u00a0]{0,2}\d|[A-Z] ?\d){5,}+")
 _NOT_DIGIT = re.compile(r"\D")
 _TAIL = re.compile(r"[0-9A-Za-z_]{0,64}")
 _MARGIN = 24  # longest non-digit stretch at either end of a match (IBAN "GB82 WEST ", CURP tail)
 
+_CARD_SEP = re.compile(r"[ \-]")
 _CARD = re.compile(_LN + r"\d(?:[ \-]?\d){11,18}" + _RN)
-_IBAN = re.compile(_L + r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?" + _R)
+# Any case: "es91 2100 0418 4502 0005 1332" is as much an account number (validated upper-cased).
+_IBAN = re.compile(_L + r"[A-Za-z]{2}\d{2}(?: ?[A-Za-z0-9]{4}){2,7}(?: ?[A-Za-z0-9]{1,4})?" + _R)
 _SSN = re.compile(_LN + r"(\d{3})-(\d{2})-(\d{4})" + _RN)
+_SSN_CTX = re.compile(r"ssn|social security|seguro social")
 _SSN_BARE = re.compile(_LN + r"(\d{3}) ?(\d{2}) ?(\d{4})" + _RN)
 _EXP_R = r"(?![0-9A-Za-z_]|[+\-]\d)"  # "1.38435736E+12" is a float, not an ID with a letter
 _DNI = re.compile(_LN + r"(\d{8})[ \-]?([A-Z])" + _EXP_R)
@@ -40,6 +52,29 @@ _CPF = re.compile(_LN + r"\d{3}\.\d{3}\.\d{3}-\d{2}" + _RN)
 _CUIT = re.compile(_LN + r"(?:20|23|24|27|30|33|34)-\d{8}-\d" + _RN)
 _ELEVEN = re.compile(_LN + r"\d{11}" + _RN)
 _RUT = re.compile(_LN + r"(\d{1,2}(?:\.\d{3}){2}|\d{7,8})-([\dkK])" + _R)
+_NINO = re.compile(_L + r"([A-Z]{2})( ?)(\d{2})\2(\d{2})\2(\d{2})\2([A-D])" + _R)
+# Names searched in the lower-cased text before a candidate: alternations that each start with a
+# literal, which `re` scans fast (a leading \b or (?i) makes it try every position: 5x slower).
+
+
+def _word(w: str) -> str:
+    """`w` as a whole word, its boundaries checked after the literal."""
+    return re.escape(w) + f"(?<![a-z0-9_]{re.escape(w)})(?![a-z0-9_])"
+
+
+_NINO_CTX = re.compile("|".join(["nino", "national insurance", _word("ni"), _word("n.i."), "insurance n"]))
+_CF = re.compile(_L + r"[A-Z]{6}[0-9L-NP-V]{2}[ABCDEHLMPRST][0-9L-NP-V]{2}[A-Z][0-9L-NP-V]{3}[A-Z]" + _R)
+_SIN = re.compile(_LN + r"(\d{3})([ \-]?)(\d{3})\2(\d{3})" + _RN)
+_SIN_CTX = re.compile("|".join([_word("sin"), _word("s.i.n."), _word("nas"), "social insurance", "assurance sociale"]))
+# "sin" is Spanish for "without": the acronyms count in capitals only.
+_SIN_UPPER = re.compile(r"(?<![A-Za-z])(?:SIN|NAS|S\.I\.N\.)(?![A-Za-z])")
+_CN_ID = re.compile(_LN + r"[1-8]\d{16}[\dXx]" + _R)
+# Written grouped ("1 84 12 76 451 089 46") or as one run, which then needs its name before it.
+_NIR = re.compile(_LN + r"[1-478]( ?)\d{2}\1\d{2}\1(?:\d{2}|2[AB])\1\d{3}\1\d{3}\1\d{2}" + _RN)
+_NIR_CTX = re.compile(
+    "|".join([_word("nir"), "s[ée]curit[ée] sociale", _word("secu"), _word("sécu"), "insee", "social security",
+              "carte vitale", "n° ss", "assur[ée]e? social"])  # fmt: skip
+)
 
 # In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
 # International prefix: "+34", "(+34)" or "0034" (the 00 form only with separators, see below).
@@ -116,10 +151,13 @@ def _windows(text: str) -> list[tuple[int, int, int]]:
     for m in _SEED.finditer(text):
         nd = len(_NOT_DIGIT.sub("", m.group()))
         s, e = max(0, m.start() - _MARGIN), min(n, m.end() + _MARGIN)
+        e = _TAIL.match(text, e).end()
+        if out and s <= out[-1][1]:  # (widening s below could only make it merge more)
+            out[-1] = (out[-1][0], e, max(nd, out[-1][2]))
+            continue
         # Never cut a token in two (a truncated token would pass the boundary checks):
         # widen to the surrounding whitespace.
         s = max(text.rfind(" ", max(0, s - 64), s), text.rfind("\n", max(0, s - 64), s), s - 64, 0)
-        e = _TAIL.match(text, e).end()
         if out and s <= out[-1][1]:
             out[-1] = (out[-1][0], e, max(nd, out[-1][2]))
         else:
@@ -127,23 +165,38 @@ def _windows(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+def _sin_named(text: str, start: int) -> bool:
+    m = _SIN_CTX.search(_ctx(text, start, 32))
+    if m is None:
+        return False
+    if m.group() in ("sin", "nas", "s.i.n."):
+        return _SIN_UPPER.search(text, max(0, start - 32), start) is not None
+    return True
+
+
 def _cards(text: str, s: int, e: int, add: Add) -> None:
     for m in _CARD.finditer(text, s, e):
+        if _RUN_BEFORE.match(text, m.start() - 2, m.start()):  # the middle of a table or a longer number
+            continue
         raw = m.group()
-        seps = set(re.findall(r"[ \-]", raw))
-        groups = re.split(r"[ \-]", raw)
-        if len(seps) > 1 or (seps and (len(groups[0]) != 4 or min(map(len, groups[:-1])) < 4)):
+        groups = _CARD_SEP.split(raw)
+        if len(groups) > 1 and (
+            (" " in raw and "-" in raw) or len(groups[0]) != 4 or min(map(len, groups[:-1])) < 4
+        ):
             continue
         # "4111 1111 1111 1111 2024": try the longest run of whole groups that validates.
         for k in range(len(groups), 0, -1):
-            if ck.card_ok("".join(groups[:k])):
+            digits = "".join(groups[:k])
+            if len(digits) < 12:
+                break
+            if len(digits) <= 19 and ck.card_ok(digits):
                 add("CREDIT_CARD", m.start(), m.start() + len(" ".join(groups[:k])))
                 break
 
 
 def _ibans(text: str, s: int, e: int, add: Add) -> None:
     for m in _IBAN.finditer(text, s, e):
-        want = ck.IBAN_LENGTHS.get(m.group()[:2])
+        want = ck.IBAN_LENGTHS.get(m.group()[:2].upper())
         if want is None:
             continue
         # A following all-caps word can be swallowed by the grouping: cut at the country length.
@@ -156,7 +209,7 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
         if (
             count == want
             and (end == m.end() or text[end] == " ")
-            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", ""))
+            and ck.iban_ok(m.group()[: end - m.start()].replace(" ", "").upper())
         ):
             add("IBAN", m.start(), end)
 
@@ -174,6 +227,12 @@ def _upper_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _RFC.finditer(text, s, e):
         if ck.rfc_ok(m.group()):
             add("MX_RFC", *m.span())
+    for m in _NINO.finditer(text, s, e):
+        if ck.nino_ok(m.group(1), m.group(6)) and (m.group(2) or _NINO_CTX.search(_ctx(text, m.start(), 40))):
+            add("UK_NINO", *m.span())
+    for m in _CF.finditer(text, s, e):
+        if ck.codice_fiscale_ok(m.group()):
+            add("IT_FISCAL_CODE", *m.span())
 
 
 def _long_ids(text: str, s: int, e: int, add: Add) -> None:
@@ -184,7 +243,7 @@ def _long_ids(text: str, s: int, e: int, add: Add) -> None:
     for m in _SSN_BARE.finditer(text, s, e):
         if (
             "-" not in m.group()
-            and re.search(r"ssn|social security|seguro social", _ctx(text, m.start()))
+            and _SSN_CTX.search(_ctx(text, m.start()))
             and ck.ssn_ok(*m.groups())
         ):
             add("US_SSN", *m.span())
@@ -200,6 +259,19 @@ def _long_ids(text: str, s: int, e: int, add: Add) -> None:
             add("BR_CPF", *m.span())
         elif ("cuit" in ctx or "cuil" in ctx) and ck.cuit_ok(d):
             add("AR_CUIT", *m.span())
+
+
+def _more_ids(text: str, s: int, e: int, add: Add) -> None:
+    """Identifiers of >= 9 digits: SIN, Chinese resident ID, NIR."""
+    for m in _SIN.finditer(text, s, e):
+        if _sin_named(text, m.start()) and ck.sin_ok(_digits(m.group())):
+            add("CA_SIN", *m.span())
+    for m in _CN_ID.finditer(text, s, e):
+        if ck.cn_resident_id_ok(m.group()):
+            add("CN_RESIDENT_ID", *m.span())
+    for m in _NIR.finditer(text, s, e):
+        if (m.group(1) or _NIR_CTX.search(_ctx(text, m.start(), 40))) and ck.nir_ok(m.group().replace(" ", "")):
+            add("FR_NIR", *m.span())
 
 
 def _ruts(text: str, s: int, e: int, add: Add) -> None:
@@ -247,8 +319,12 @@ def _phone_words_near(text: str, start: int, end: int) -> bool:
     return bool(_PHONE_CTX.search(_ctx(text, start)) or _PHONE_CTX.search(text[end : end + 24].lower()))
 
 
+_RUN_BEFORE = re.compile(r"\d[ .\-]")
+_RUN_AFTER = re.compile(r"[ .\-]\d")
+
+
 def _in_number_run(text: str, start: int, end: int) -> bool:
-    return bool(re.match(r"\d[ .\-]", text[max(0, start - 2) : start]) or re.match(r"[ .\-]\d", text[end : end + 2]))
+    return bool((start >= 2 and _RUN_BEFORE.match(text, start - 2, start)) or _RUN_AFTER.match(text, end))
 
 
 def _national_phone_ok(text: str, start: int, end: int) -> bool:
@@ -270,6 +346,10 @@ def _national_phone_ok(text: str, start: int, end: int) -> bool:
 
 
 _UPPER_NEAR_DIGIT = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]")
+# One search for both gates: a capital next to a digit (IDs with letters, IBANs) or, failing
+# that, the start of a lower-case IBAN.
+_LETTER = re.compile(r"[A-Za-z]")
+_GATE = re.compile(r"[A-Z][ \-]?\d|\d[ \-]?[A-Z]|\d(?<=[a-z]{2}\d)\d")  # no group: that would cost the fast scan
 
 
 def numeric_ids(text: str, add: Add) -> None:
@@ -277,13 +357,17 @@ def numeric_ids(text: str, add: Add) -> None:
     # of ordinary prose cost one or two checks instead of twenty regex runs.
     for s, e, nd in _windows(text):
         dash = text.find("-", s, e) >= 0
-        if _UPPER_NEAR_DIGIT.search(text, s, e):
-            _upper_ids(text, s, e, add)
+        # (a digit dump is one huge window: see first whether it has a letter at all)
+        g = _GATE.search(text, s, e) if e - s < 2000 or _LETTER.search(text, s, e) else None
+        if g is not None:
+            if not g.group().isdigit() or _UPPER_NEAR_DIGIT.search(text, g.start() + 1, e):
+                _upper_ids(text, s, e, add)
             _ibans(text, s, e, add)
         if nd >= 12:
             _cards(text, s, e, add)
         if nd >= 9:
             _long_ids(text, s, e, add)
+            _more_ids(text, s, e, add)
             _national_phones(text, s, e, add)
         if nd >= 7 and dash:
             _ruts(text, s, e, add)

@@ -1,14 +1,18 @@
 """Secrets assigned to key / token / password names, in any common syntax.
 
-`password = "hunter2xyz"`, `"api_key": "sk_live_..."`, `DB_PASSWORD=...`, `token: ...` (YAML),
+`password = "hunter2xyz"`, `"api_key": "a8Kd2..."`, `DB_PASSWORD=...`, `token: ...` (YAML),
 `?api_key=...` (query strings), `Authorization: Bearer ...`, and `name: X_TOKEN` / `value: ...`
-pairs. Only the value is reported, so the placeholder keeps the name readable.
+pairs. Only the value is reported, so the placeholder keeps the name readable. Three names
+give the value a more specific type when it has that type's exact shape: AWS secret access
+keys (40 base64 characters), Azure account / shared access keys (base64 of 32 or 64 bytes)
+and the `sig=` of an Azure shared access signature (URL-encoded base64 of an HMAC-SHA256).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from yunque.data import pii_checks as ck
 
@@ -53,6 +57,24 @@ _NAME_VALUE = re.compile(r"^(?:[A-Za-z][\w\-]*(?:(?:\.|::)[A-Za-z][\w\-]*)+|(?:[
 _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_\-+/=.~:]+$")
 _WORDLIKE = re.compile(r"^[_\-.]*[A-Za-z]+(?:[_\-. ]+[A-Za-z]+)*[_\-.]*$")
 _AWS_SECRET = re.compile(r"^[A-Za-z0-9/+]{40}$")
+_LETTER_RUN = re.compile(r"[A-Za-z]{16,}")
+
+
+def _random_letters(val: str) -> bool:
+    """A letters-only token ("key-YoQukEIfiCweQDRGYcxSolyd": 1 in 70 random 24-character
+    tokens has no digit) rather than words: a run of 16+ letters with both cases in even
+    measure and few vowels (English words and CamelCase names have ~38%, random letters 19%)."""
+    m = _LETTER_RUN.search(val)
+    if m is None:
+        return False
+    run = m.group()
+    upper = sum(c.isupper() for c in run) / len(run)
+    vowels = sum(c in "aeiouAEIOU" for c in run) / len(run)
+    return 0.3 <= upper <= 0.7 and vowels <= 0.3
+
+
+def _wordlike(val: str) -> bool:
+    return _WORDLIKE.match(val) is not None and not _random_letters(val)
 
 
 def _name_kind(name: str) -> str | None:
@@ -63,6 +85,8 @@ def _name_kind(name: str) -> str | None:
     segs = [s.lower() for s in re.split(r"[_\-.\s]+", _CAMEL.sub("_", name)) if s]
     if not segs or _META_SEGS.intersection(segs):
         return None
+    if segs == ["sig"]:  # alone it means many things; only an Azure SAS signature is taken (`_sas_sig`)
+        return "sas"
     if _PASSWORD_SEGS.intersection(segs):
         return "password"
     if _SECRET_SEGS.intersection(segs):
@@ -74,7 +98,7 @@ def _secret_value_ok(val: str, kind: str, quoted: bool, bare_key: bool = False) 
     """`bare_key`: the name is just "key" (dict, sort or cache key in code): quoted values only."""
     if len(val) < 6 or any(c.isspace() for c in val) or ck.is_placeholder(val):
         return False
-    if not quoted and (_CODE_VALUE.search(val) or _WORDLIKE.match(val) or _IDENTIFIER.match(val) or bare_key):
+    if not quoted and (_CODE_VALUE.search(val) or _wordlike(val) or _IDENTIFIER.match(val) or bare_key):
         return False
     if kind == "password":
         # Letters only ("context", "challengePassword") is what code maps names to; a password
@@ -85,10 +109,27 @@ def _secret_value_ok(val: str, kind: str, quoted: bool, bare_key: bool = False) 
     return (
         len(val) >= 12
         and _TOKEN_CHARS.match(val) is not None
-        and not _WORDLIKE.match(val)
+        and not _wordlike(val)
         and not _NAME_VALUE.match(val)
         and ck.shannon_entropy(val) >= 3.0
     )
+
+
+def _sas_sig(val: str) -> bool:
+    """The `sig` of an Azure shared access signature: base64 of a 32-byte HMAC, URL-encoded."""
+    return ck.base64_bytes(unquote(val)) == 32
+
+
+def _typed(name: str, val: str) -> str:
+    """SECRET_ASSIGNMENT, or a more specific type that the name and the value's shape agree on."""
+    low = name.lower()
+    if "aws" in low and "secret" in low and _AWS_SECRET.match(val):
+        return "AWS_SECRET_KEY"
+    flat = re.sub(r"[_\-.]", "", low)
+    azure = flat.endswith(("accountkey", "sharedaccesskey", "storagekey")) or "azure" in flat
+    if azure and ck.base64_bytes(val) in (32, 64):
+        return "AZURE_STORAGE_KEY"
+    return "SECRET_ASSIGNMENT"
 
 
 def secret_assignments(text: str, add: Add) -> None:
@@ -97,25 +138,31 @@ def secret_assignments(text: str, add: Add) -> None:
     ops = text.count("=") + text.count(":") + text.count("：")
     if not ops:
         return
+    done = -1
     if ops * 400 <= len(text):
         starts = []
         for op in "=:：":
             i = text.find(op)
             while i >= 0:
-                if _SECRET_WORD_RE.search(text[max(0, i - 48) : i].lower()):  # cheap test first
+                # An Azure SAS `sig=` is checked by its own name: "sig" as a key word would
+                # wake this loop for every "design:" and "signal =".
+                if op == "=" and text.startswith("sig", i - 3):
+                    starts.append(i - 3)
+                elif _SECRET_WORD_RE.search(text[max(0, i - 48) : i].lower()):  # cheap test first
                     back = _NAME_BEFORE_OP.search(text, max(0, i - 90), i)
                     if back and any(w in back.group(1).lower() for w in _SECRET_WORDS):
                         starts.append(back.start())
                 i = text.find(op, i + 1)
-        starts.sort()
-    else:
-        lower = text.lower()
-        starts = []
-        for i in sorted({i for w in _SECRET_WORDS for i in _find_all(lower, w)}):
-            back = _NAME_BACK.search(text, max(0, i - 48), i)
-            starts.append(back.start() if back else i)
-    done = -1
-    for start in starts:
+        for start in sorted(starts):
+            if start >= done:
+                done = _assignment(text, start, add)
+        return
+    lower = text.lower()
+    for i in sorted({i for w in (*_SECRET_WORDS, "sig=") for i in _find_all(lower, w)}):
+        if i < done:  # inside the assignment just judged (its name starts at or before i)
+            continue
+        back = _NAME_BACK.search(text, max(0, i - 48), i)
+        start = back.start() if back else i
         if start >= done:
             done = _assignment(text, start, add)
 
@@ -148,10 +195,11 @@ def _assignment(text: str, start: int, add: Add) -> int:
             vg = 2  # a token after a scheme word is as good as quoted
         else:
             val, s = val[scheme.end() :], s + scheme.end()
-    if _secret_value_ok(val, kind, vg != 5, name.lower().rsplit(".", 1)[-1].strip("-_") == "key"):
-        low = name.lower()
-        aws = "aws" in low and "secret" in low and _AWS_SECRET.match(val)
-        add("AWS_SECRET_KEY" if aws else "SECRET_ASSIGNMENT", s, e)
+    if kind == "sas":
+        if _sas_sig(val):
+            add("AZURE_SAS_TOKEN", s, e)
+    elif _secret_value_ok(val, kind, vg != 5, name.lower().rsplit(".", 1)[-1].strip("-_") == "key"):
+        add(_typed(name, val), s, e)
     return max(m.end(), e)
 
 
