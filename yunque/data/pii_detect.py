@@ -7,6 +7,7 @@ identifier sits right next to CJK characters, which `\\w` would count as word ch
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 import unicodedata
@@ -29,21 +30,61 @@ def _before(text: str, start: int, width: int = 32) -> str:
 # --- PEM private keys ------------------------------------------------------------
 
 _PEM_BEGIN = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
-_KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]{16}")
-# Possessive: a header name that is not followed by ": " ("-----…" runs) is given up at once.
-_PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|[\w-]++: [^\n]*+)*+")
+_PEM_BODY = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=]|(?:[\w-]+: [^\n]*))*")  # the body grammar
+_PEM_END = re.compile(r"-----END ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----")
+# `_PEM_BODY` taken apart: runs of body characters, then maybe a header line. Markers can
+# nest inside header lines, and matching the body (or searching it for key material) from
+# each of them rescanned the rest of the block: quadratic. The pieces let each text
+# position be scanned once while giving exactly `_PEM_BODY`'s answer.
+_PEM_SIMPLE = re.compile(r"(?:\\n|\s|[A-Za-z0-9+/=])*")
+_PEM_HEADER = re.compile(r"[\w-]+: ")
+_KEY_RUN = re.compile(r"[A-Za-z0-9+/=]{16,}")
 
 
 def private_keys(text: str, add: Add) -> None:
     if "PRIVATE KEY" not in text:
         return
+    ends: dict[str, list[int]] = {}  # label -> starts of its END markers (overlapping ones too)
+    e = _PEM_END.search(text)
+    while e is not None:
+        ends.setdefault(e.group(1), []).append(e.start())
+        e = _PEM_END.search(text, e.start() + 1)
+    newlines = [n.start() for n in re.finditer("\n", text)]
+    runs = [r.span() for r in _KEY_RUN.finditer(text)]
+    memo: dict[int, int] = {}
     for m in _PEM_BEGIN.finditer(text):
         end_marker = f"-----END {m.group(1)}-----"
-        j = text.find(end_marker, m.end(), m.end() + 20000)
+        at = ends.get(m.group(1), [])
+        k = bisect.bisect_left(at, m.end())
+        j = at[k] if k < len(at) and at[k] + len(end_marker) <= m.end() + 20000 else -1
         # A truncated block (no END yet, e.g. mid-stream) is redacted through its body.
-        end = j + len(end_marker) if j >= 0 else _PEM_BODY.match(text, m.end()).end()
-        if _KEY_MATERIAL.search(text, m.end(), end):  # two marker strings in code hold no key
+        end = j + len(end_marker) if j >= 0 else _pem_body_end(text, m.end(), newlines, memo)
+        if _has_key_material(runs, m.end(), end):  # two marker strings in code hold no key
             add("PRIVATE_KEY", m.start(), end)
+
+
+def _pem_body_end(text: str, p: int, newlines: list[int], memo: dict[int, int]) -> int:
+    """`_PEM_BODY.match(text, p).end()`: body runs and header lines; a header line ends at a
+    newline, where the bodies of markers nested in it meet (`memo`)."""
+    seen = []
+    while p not in memo:
+        seen.append(p)
+        q = _PEM_SIMPLE.match(text, p).end()
+        h = _PEM_HEADER.match(text, q)
+        if h is None:
+            memo[p] = q
+            break
+        k = bisect.bisect_left(newlines, h.end())
+        p = newlines[k] if k < len(newlines) else len(text)
+    end = memo[p]
+    memo.update(dict.fromkeys(seen, end))
+    return end
+
+
+def _has_key_material(runs: list[tuple[int, int]], a: int, b: int) -> bool:
+    """Does text[a:b] hold 16 key characters in a row? From the maximal runs of key characters (sorted)."""
+    i = bisect.bisect_left(runs, a + 16, key=lambda r: r[1])  # the first run that can reach past a
+    return i < len(runs) and max(runs[i][0], a) + 16 <= min(runs[i][1], b)
 
 
 def _word_at(text: str, i: int) -> bool:

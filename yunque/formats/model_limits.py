@@ -49,8 +49,8 @@ def checked(cfg: ModelConfig, src: str, error: type[YunqueError] = CheckpointErr
     if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
         raise bad("num_attention_heads", f"{cfg.num_attention_heads} does not divide hidden_size {cfg.hidden_size} "
                                          "(and head_dim is not given)")
-    if cfg.hd % 2:
-        raise bad("head_dim", f"the head dimension {cfg.hd} must be even (rotary embeddings rotate pairs)")
+    if cfg.head_size % 2:
+        raise bad("head_dim", f"the head dimension {cfg.head_size} must be even (rotary embeddings rotate pairs)")
     for f in ("rms_norm_eps", "rope_theta"):
         v = getattr(cfg, f)
         if not (math.isfinite(v) and v > 0):
@@ -85,7 +85,7 @@ def _check_rope_scaling(rs: dict | None, bad) -> None:
 def parameter_count(cfg: ModelConfig) -> int:
     """The Transformer's parameter count (tied embeddings once), by arithmetic: nothing is built."""
     D, V, F, H, K, hd = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.hd)
+                         cfg.num_key_value_heads, cfg.head_size)
     attn = 2 * D * H * hd + 2 * D * K * hd
     attn += (H + 2 * K) * hd if cfg.attention_bias else 0
     attn += D if cfg.attention_out_bias else 0
