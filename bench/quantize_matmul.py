@@ -55,11 +55,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--shapes", default="576x1536,2048x8192", help="IN x OUT, comma-separated")
+    ap.add_argument("--shapes", default="576x1536,2048x8192", help="INxOUT, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    cap = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {args.threads} threads, cpu capability {cap}")
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.split("x"))
         w = torch.randn(N, K) * 0.02

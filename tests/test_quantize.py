@@ -17,8 +17,16 @@ from yunque.formats.hf import load_model, save_model
 from yunque.generate import Sampling, generate
 from yunque.inference import load
 from yunque.model import ModelConfig, Transformer
-from yunque.quantize import (QuantConfig, QuantEmbedding, QuantLinear, dequantize, pack_int4, quantize_model_,
-                             quantize_weight, unpack_int4)
+from yunque.quantize import (
+    QuantConfig,
+    QuantEmbedding,
+    QuantLinear,
+    dequantize,
+    pack_int4,
+    quantize_model_,
+    quantize_weight,
+    unpack_int4,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -165,9 +173,11 @@ def model_dirs(tmp_path_factory):
 
 CASES = {
     "int8": (False, ["--bits", "8"], QuantConfig(8)),
-    "int8-head": (False, ["--bits", "8", "--include-head"], QuantConfig(8, modules_to_not_convert=("model.embed_tokens",))),
-    "int4-asym-all": (False, ["--bits", "4", "--group-size", "64", "--asymmetric", "--include-head", "--include-embedding"],
-                      QuantConfig(4, 64, False, ())),
+    "int8-head": (False, ["--bits", "8", "--include-head"],
+                  QuantConfig(8, modules_to_not_convert=("model.embed_tokens",))),
+    "int4-asym-all": (False, ["--bits", "4", "--group-size", "64", "--asymmetric", "--include-head",
+                              "--include-embedding"], QuantConfig(4, 64, False, ())),
+    "int8-tied-float-head": (True, ["--bits", "8"], QuantConfig(8)),
     "int4-tied": (True, ["--bits", "4", "--include-head", "--include-embedding"], QuantConfig(4, 32, True, ())),
 }
 
@@ -194,13 +204,16 @@ def test_quantised_directory_round_trips_to_the_in_memory_model(model_dirs, tmp_
     quantize_model_(mem, qc)
     loaded, tok = load(out, dtype="float32", device="cpu")
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QuantLinear)
-    assert isinstance(loaded.model.embed_tokens, QuantEmbedding) == ("model.embed_tokens" not in qc.modules_to_not_convert)
+    quant_emb = "model.embed_tokens" not in qc.modules_to_not_convert
+    assert isinstance(loaded.model.embed_tokens, QuantEmbedding) == quant_emb
     ids = torch.tensor([tok.encode("the cat sat on the mat")] * 2)
     with torch.no_grad():
         assert torch.equal(loaded(ids), mem(ids))
     s = Sampling(max_new_tokens=12)
     assert generate(loaded, [ids[0].tolist()], s) == generate(mem, [ids[0].tolist()], s)
-    if tied:  # one matrix in memory too: the head reads the embedding's codes
+    if tied and qc.modules_to_not_convert:  # a float pair stays one Parameter
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    elif tied:  # one matrix in memory too: the head reads the embedding's codes
         assert loaded.lm_head.weight_scale is loaded.model.embed_tokens.weight_scale
 
 

@@ -216,14 +216,16 @@ class QuantLinear(_Quantized):
                     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                         unpack_int4(self.qweight).to(torch.int32), 1)
                 s = self.weight_scale.float()
-                z = (8 - self.weight_zero_point.float()) * s if self.weight_zero_point is not None else torch.zeros_like(s)
+                zp = self.weight_zero_point
+                z = (8 - zp.float()) * s if zp is not None else torch.zeros_like(s)
                 self._kernels[dtype] = (packed, torch.stack((s, z), -1).transpose(0, 1).contiguous().to(dtype))
         return self._kernels[dtype]
 
     def release_codes_(self, dtype: torch.dtype) -> None:
         """For CPU inference: keep int4 weights only in the kernel's own layout, not twice.
         The module then runs on CPU only and cannot be saved."""
-        if self.bits == 4 and self.qweight is not None and self.qweight.device.type == "cpu" and dtype in _KERNEL_DTYPES:
+        w = self.qweight
+        if self.bits == 4 and w is not None and w.device.type == "cpu" and dtype in _KERNEL_DTYPES:
             self._kernel_operands(dtype)
             self.qweight = None
 

@@ -201,7 +201,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     for k in tied:
         state[k] = state["model.embed_tokens." + k.removeprefix("lm_head.")]
     model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings and qc is None:
+    if "lm_head.weight" in tied:  # one Parameter, as Transformer() ties them (a quantised pair shares codes)
         model.lm_head.weight = model.model.embed_tokens.weight
     if qc is not None:
         quantize.set_dtype_(model, model.model.norm.weight.dtype)  # what the float tensors were read as

@@ -20,6 +20,7 @@ are ctypes calls that a trace cannot see.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import warnings
@@ -97,10 +98,11 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
 
 def _example(model: Transformer, B: int = 2, T: int = 3, P: int = 4):
     cfg, p = model.config, model.model.embed_tokens.weight
-    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    ids = torch.arange(B * T).view(B, T) % cfg.vocab_size  # example values; the graph is traced, not fitted
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    past = tuple(torch.zeros(B, cfg.num_key_value_heads, P, cfg.hd, dtype=p.dtype) for _ in range(2 * cfg.num_hidden_layers))
+    kv = (B, cfg.num_key_value_heads, P, cfg.hd)
+    past = tuple(torch.zeros(kv, dtype=p.dtype) for _ in range(2 * cfg.num_hidden_layers))
     return ids, mask, pos, past
 
 
@@ -120,13 +122,19 @@ def export_onnx(model: Transformer, out: str | Path, opset: int = OPSET) -> dict
               "position_ids": {0: batch, 1: seq}, "past": tuple(kv for _ in range(2 * n))}
     path = out / "model.onnx"
     t0 = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's own deprecation and axis-naming chatter
-        prog = torch.onnx.export(DecoderWithPast(model).eval(), _example(model), dynamo=True, opset_version=opset,
-                                 input_names=inputs, output_names=outputs, dynamic_shapes=shapes, optimize=True,
-                                 verbose=False)
-        (out / "model.onnx.data").unlink(missing_ok=True)
-        prog.save(str(path), external_data=True)
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the exporter's notes on optional torchvision ops it does not find
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation and axis-naming chatter
+            prog = torch.onnx.export(DecoderWithPast(model).eval(), _example(model), dynamo=True, opset_version=opset,
+                                     input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
+                                     optimize=True, verbose=False)
+    finally:
+        log.setLevel(level)
+    (out / "model.onnx.data").unlink(missing_ok=True)  # no weights of an earlier export survive
+    prog.save(str(path), external_data=True)
     _name_axes(path)
     return {"file": path, "seconds": time.perf_counter() - t0, "opset": opset}
 

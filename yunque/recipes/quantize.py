@@ -10,8 +10,9 @@ from typing import Literal
 from yunque.errors import CheckpointError, YunqueError
 
 
-def quantize_cmd(model: str, *, bits: Literal[8, 4], out: str, group_size: Literal[32, 64, 128] | None = None, asymmetric: bool = False,
-                 include_embedding: bool = False, include_head: bool = False, overwrite: bool = False) -> dict:
+def quantize_cmd(model: str, *, bits: Literal[8, 4], out: str, group_size: Literal[32, 64, 128] | None = None,
+                 asymmetric: bool = False, include_embedding: bool = False, include_head: bool = False,
+                 overwrite: bool = False) -> dict:
     """Quantise every linear layer's weights to int8 or int4 for inference (generate, chat, eval, serve).
 
     Args:
