@@ -1,21 +1,20 @@
 """Inference quantisation quality: perplexity on held-out real text, fp32 / bf16 / int8 / int4.
 
-    PYTHONPATH=. python bench/quantize.py                    # trains a small model on tinyshakespeare first
-    PYTHONPATH=. python bench/quantize.py --model DIR        # a model directory (e.g. the demo's), as it is
+    PYTHONPATH=. python bench/quantize.py                        # trains a small model on tinyshakespeare first
+    PYTHONPATH=. python bench/quantize.py --model DIR --text FILE    # a model directory as it is, on its own text
 
-The text is ../shared/data/tinyshakespeare.txt (or $YUNQUE_SHARED_DATA); the last 10% is held
-out (and the model, when trained here, sees only the first 90%). Each quantised variant is written
-by `yunque quantize` and loaded as every inference command loads it (`yunque.inference.load`);
-perplexity is `yunque eval`'s (sliding windows). Decode speed: greedy, batch 1, 64 new tokens after
-a 64-token prompt, at --threads, the median of --repeats runs. Targets (issue 21): int8 within 1%
-of fp32 perplexity, int4 group 32 within 5%.
+The text is ../shared/data/tinyshakespeare.txt (or $YUNQUE_SHARED_DATA) unless --text names
+another; its last 10% is held out (the model trained here sees only the first 90%). Each
+quantised variant is written by `yunque quantize` and loaded as every inference command loads it
+(`yunque.inference.load`); perplexity is `yunque eval`'s (sliding windows of 256 tokens).
+Targets (issue 21): int8 within 1% of fp32 perplexity, int4 group 32 within 5%. Speed is
+bench/quantize_matmul.py's (the kernels) and bench/generate.py's (decode).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -63,31 +62,17 @@ def train_small(text_path: Path, work: Path, steps: int) -> Path:
     return r.out_dir / "model"
 
 
-def decode_speed(model, tok, repeats: int) -> float:
-    from yunque.generate import Sampling, generate
-
-    prompt = (tok.encode("ROMEO:\nBut soft, what light through yonder window breaks? " * 8))[:64]
-    s = Sampling(max_new_tokens=64)
-    generate(model, [prompt], s)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        n = len(generate(model, [prompt], s)[0])
-        ts.append(n / (time.perf_counter() - t))
-    return statistics.median(ts)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="a model directory (default: train a small one on the text first)")
     ap.add_argument("--steps", type=int, default=600, help="training steps of the small model")
-    ap.add_argument("--chars", type=int, default=60000, help="held-out characters scored")
+    ap.add_argument("--text", help="the text (default: tinyshakespeare); its last 10%% is scored")
+    ap.add_argument("--chars", type=int, default=30000, help="held-out characters scored")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    src = SHARED / "tinyshakespeare.txt"
+    src = Path(args.text) if args.text else SHARED / "tinyshakespeare.txt"
     if not src.is_file():
         print(f"skip: {src} not found")
         return
@@ -116,15 +101,14 @@ def main() -> None:
             with torch.inference_mode():
                 r = perplexity(m, tok, docs, max_length=256)
             base = base or r.perplexity
-            tps = decode_speed(m, tok, args.repeats)
-            rows.append((name, r.perplexity, 100 * (r.perplexity / base - 1), size / 1e6, tps))
+            rows.append((name, r.perplexity, 100 * (r.perplexity / base - 1), size / 1e6))
             del m
     cfg_note = f"model {args.model}" if args.model else f"small model trained {args.steps} steps on the first 90%"
-    print(f"\n{cfg_note}; perplexity of {len(docs)} held-out passages ({len(held)} chars), torch {torch.__version__}, "
-          f"{args.threads} threads")
-    print("| variant | perplexity | vs fp32 | weights file MB | decode tok/s (batch 1) |\n|---|---|---|---|---|")
-    for name, ppl, rel, mb, tps in rows:
-        print(f"| {name} | {ppl:.3f} | {rel:+.2f}% | {mb:.1f} | {tps:.0f} |")
+    print(f"\n{cfg_note}; perplexity of {len(docs)} held-out passages of {src.name} ({len(held)} chars), "
+          f"torch {torch.__version__}")
+    print("| variant | perplexity | vs fp32 | weights file MB |\n|---|---|---|---|")
+    for name, ppl, rel, mb in rows:
+        print(f"| {name} | {ppl:.3f} | {rel:+.2f}% | {mb:.2f} |")
 
 
 if __name__ == "__main__":

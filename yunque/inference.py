@@ -72,8 +72,4 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
         merge_lora(model)
     model.requires_grad_(False)  # inference only; a forward outside no_grad then builds no graph
     arrange_for_decode_(model)
-    if quantized:
-        from yunque.quantize import release_codes_
-
-        release_codes_(model)
     return model.eval(), load_tokenizer(model_dir, adapter)

@@ -19,10 +19,9 @@ and the head as options), in place of X.weight:
     weight = (code - zero_point) * scale    (zero point 0 for int8, 8 for symmetric int4)
 
 The embedding is quantised per row, which is per output channel of a tied head, so a tied
-model stores its one matrix once. On CPU the linears run PyTorch's packed kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), several times faster than
-dequantising and multiplying (bench/NOTES.md, "Inference quantisation"); elsewhere they
-dequantise and multiply.
+model stores its one matrix once. To decode on CPU the linears run PyTorch's packed kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; see QuantLinear); prefill and other
+devices dequantise and multiply.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ QUANT_METHOD = "yunque"
 GROUP_SIZES = (32, 64, 128)
 OPTIONAL = ("lm_head", "model.embed_tokens")  # kept in full precision unless asked for
 TENSORS = ("qweight", "weight_scale", "weight_zero_point")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_MAX_ROWS = 16  # rows of activations up to which the packed CPU kernels beat dequantise + GEMM
 
 
 @dataclass(frozen=True)
@@ -174,25 +173,28 @@ class _Quantized(nn.Module):
             setattr(self, k, v)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if self.qweight is None:
-            raise RuntimeError("int4 codes were released for CPU inference (release_codes_): load the model again")
         return dequantize(self.qweight, self.weight_scale, self.weight_zero_point, self.bits, dtype or self.dtype)
 
 
 class QuantLinear(_Quantized):
-    """An inference-only linear over int8 / int4 weights."""
+    """An inference-only linear over int8 / int4 weights.
+
+    On CPU, up to KERNEL_MAX_ROWS rows (decode) run PyTorch's packed kernels on bf16 activations:
+    on x86 they are vectorised for bf16 only (fp32 and fp16 run a scalar loop, 5-10x slower than an
+    fp32 GEMV), so other activations are rounded to bf16 for them and the result cast back. Past
+    that, and on other devices, the weight is dequantised to the activations' dtype for one GEMM,
+    which is faster than the kernels' 4x4 tiles there (bench/NOTES.md, "Inference quantisation").
+    """
 
     def __init__(self, in_features: int, out_features: int, qc: QuantConfig, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__(out_features, in_features, qc, dtype)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._kernels: dict[torch.dtype, tuple] = {}  # per activation dtype: CPU kernel operands
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # the CPU kernel's weight and scales
 
     def _apply(self, fn, recurse=True):
-        if self.qweight is None:
-            raise RuntimeError("int4 codes were released for CPU inference (release_codes_): load the model again")
-        self._kernels = {}  # made again from the moved buffers
+        self._kernel = None  # made again from the moved buffers
         return super()._apply(fn, recurse)
 
     @classmethod
@@ -205,46 +207,29 @@ class QuantLinear(_Quantized):
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return m
 
-    def _kernel_operands(self, dtype: torch.dtype) -> tuple | None:
-        if dtype not in self._kernels:
+    def _kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._kernel is None:
             if self.bits == 8:
-                self._kernels[dtype] = (self.qweight, self.weight_scale.view(-1).to(dtype))
+                self._kernel = (self.qweight, self.weight_scale.view(-1).to(torch.bfloat16))
             else:
-                # The CPU int4 kernel computes (code - 8) * scale + zero, with zero in the weights' units.
-                packed = next((k[0] for k in self._kernels.values()), None)
-                if packed is None:
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                        unpack_int4(self.qweight).to(torch.int32), 1)
-                s = self.weight_scale.float()
-                zp = self.weight_zero_point
+                # Its own layout (CPU-specific), and (code - 8) * scale + zero, zero in the weights' units.
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight).to(torch.int32), 1)
+                s, zp = self.weight_scale.float(), self.weight_zero_point
                 z = (8 - zp.float()) * s if zp is not None else torch.zeros_like(s)
-                self._kernels[dtype] = (packed, torch.stack((s, z), -1).transpose(0, 1).contiguous().to(dtype))
-        return self._kernels[dtype]
-
-    def release_codes_(self, dtype: torch.dtype) -> None:
-        """For CPU inference: keep int4 weights only in the kernel's own layout, not twice.
-        The module then runs on CPU only and cannot be saved."""
-        w = self.qweight
-        if self.bits == 4 and w is not None and w.device.type == "cpu" and dtype in _KERNEL_DTYPES:
-            self._kernel_operands(dtype)
-            self.qweight = None
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.qweight is None:
-            raise RuntimeError(f"{prefix}: int4 codes were released for CPU inference (release_codes_); "
-                               "save from the model quantize_model_ returned, or load the directory again")
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+                self._kernel = (packed, torch.stack((s, z), -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        return self._kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x2.shape[0] > 0:
-            w, s = self._kernel_operands(x.dtype)
-            x2 = x2.contiguous()
+        if x.device.type == "cpu" and 0 < x2.shape[0] <= KERNEL_MAX_ROWS and x.is_floating_point():
+            w, s = self._kernel_operands()
+            xb = x2.to(torch.bfloat16).contiguous()
             if self.bits == 8:
-                y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
+                y = torch.ops.aten._weight_int8pack_mm(xb, w, s)
             else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, self.group_size, s)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, self.group_size, s)
+            y = y.to(x.dtype)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
@@ -357,16 +342,6 @@ def quantized_layout_(model: nn.Module, qc: QuantConfig) -> set[str]:
         _set(model, name, new)
         tensors |= {f"{name}.{k}" for k in TENSORS if getattr(new, k) is not None}
     return tensors
-
-
-def release_codes_(model: nn.Module) -> None:
-    """Inference on CPU: drop the int4 codes each linear has re-laid out for its kernel (half the weight
-    memory); a tied head's codes stay, since the embedding looks rows up in them."""
-    emb = model.model.embed_tokens
-    shared = {id(emb.qweight)} if isinstance(emb, QuantEmbedding) else set()
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.qweight is not None and id(m.qweight) not in shared:
-            m.release_codes_(m.dtype)
 
 
 def set_dtype_(model: nn.Module, dtype: torch.dtype) -> None:
