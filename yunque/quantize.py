@@ -40,7 +40,7 @@ QUANT_METHOD = "yunque"
 GROUP_SIZES = (32, 64, 128)
 OPTIONAL = ("lm_head", "model.embed_tokens")  # kept in full precision unless asked for
 TENSORS = ("qweight", "weight_scale", "weight_zero_point")
-KERNEL_MAX_ROWS = 16  # rows of activations up to which the packed CPU kernels beat dequantise + GEMM
+KERNEL_MAX_ROWS = 128  # rows of activations up to which the packed CPU kernels beat dequantise + GEMM
 
 
 @dataclass(frozen=True)
@@ -139,14 +139,16 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> dict[str, torch.Tensor]
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                dtype: torch.dtype) -> torch.Tensor:
-    """Codes of any leading shape (..., rows, K or K/2) back to (..., rows, K) weights in `dtype`."""
+    """Codes of any leading shape (..., rows, K or K/2) back to (..., rows, K) weights in `dtype`.
+
+    Computed in `dtype`: codes and code - zero are small integers, exact in any float type, so the
+    one rounding is the product's, as in the kernels.
+    """
     if bits == 8:
-        return (qweight.float() * scale.float()).to(dtype)
-    codes = unpack_int4(qweight).float()
-    n_groups = scale.shape[-1]
-    codes = codes.unflatten(-1, (n_groups, -1))
-    z = zero.float()[..., None] if zero is not None else 8.0
-    return ((codes - z) * scale.float()[..., None]).flatten(-2).to(dtype)
+        return qweight.to(dtype) * scale.to(dtype)
+    codes = unpack_int4(qweight).to(dtype).unflatten(-1, (scale.shape[-1], -1))
+    z = zero.to(dtype)[..., None] if zero is not None else 8
+    return ((codes - z) * scale.to(dtype)[..., None]).flatten(-2)
 
 
 # ---------------------------------------------------------------- modules
@@ -179,11 +181,11 @@ class _Quantized(nn.Module):
 class QuantLinear(_Quantized):
     """An inference-only linear over int8 / int4 weights.
 
-    On CPU, up to KERNEL_MAX_ROWS rows (decode) run PyTorch's packed kernels on bf16 activations:
-    on x86 they are vectorised for bf16 only (fp32 and fp16 run a scalar loop, 5-10x slower than an
-    fp32 GEMV), so other activations are rounded to bf16 for them and the result cast back. Past
-    that, and on other devices, the weight is dequantised to the activations' dtype for one GEMM,
-    which is faster than the kernels' 4x4 tiles there (bench/NOTES.md, "Inference quantisation").
+    On CPU, up to KERNEL_MAX_ROWS rows (decode, short prefills) run PyTorch's packed kernels on bf16
+    activations: on x86 they are vectorised for bf16 only (fp32 and fp16 run a scalar loop, 5-10x
+    slower than an fp32 GEMV), so other activations are rounded to bf16 for them and the result cast
+    back. The kernels' 4x4 tiles read the weight once per 4 rows, so past that, and on other devices,
+    the weight is dequantised for one GEMM (bench/NOTES.md, "Inference quantisation").
     """
 
     def __init__(self, in_features: int, out_features: int, qc: QuantConfig, bias: bool = False,
