@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data inspect": ("yunque.recipes.data", "inspect_cmd", "show rendered examples, masks and length statistics"),
     "train": ("yunque.recipes.train", "train_cmd", "pretrain or fine-tune (full, LoRA, QLoRA) from a YAML config"),
     "merge": ("yunque.recipes.merge", "merge_cmd", "merge a LoRA/QLoRA adapter into its base model"),
+    "quantize": ("yunque.recipes.quantize", "quantize_cmd", "int8 / int4 weight-only quantisation for inference"),
+    "export": ("yunque.recipes.export", "export_cmd", "export a model for another runtime (ONNX with a KV cache)"),
     "eval": ("yunque.recipes.evaluate", "eval_cmd", "perplexity, ROUGE, BLEU, exact match, accuracy/F1; compare models"),
     "redteam": ("yunque.recipes.evaluate", "redteam_cmd", "run the red-team probe suite against a model or an endpoint"),
     "data canaries": ("yunque.recipes.evaluate", "canaries_cmd", "plant canary strings in training data to measure leakage"),

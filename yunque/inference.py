@@ -74,7 +74,12 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
     if not model_dir.is_dir():
         raise YunqueError(f"{model_dir}: model directory not found")
     dev = resolve_device(device)
-    model = load_model(model_dir, dtype=dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev), device=dev)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    model = load_model(model_dir, dtype=dt, device=dev, quantized=True)
+    quantized = "quantization_config" in model.config.extra
+    if adapter is not None and quantized:
+        raise YunqueError(f"{model_dir}: an adapter cannot be applied to a quantised model; merge it into the "
+                          "full-precision model (`yunque merge`), then quantise the merged model")
     if adapter is not None:
         from yunque.formats.peft import load_peft_adapter
         from yunque.lora import merge_lora

@@ -153,20 +153,38 @@ def weight_files(path: Path) -> dict[str, Path]:
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old checkpoints saved; we recompute them
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
-    """Load an HF directory into a Transformer; dtype defaults to the checkpoint's own."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               quantized: bool = False) -> Transformer:
+    """Load an HF directory into a Transformer; dtype defaults to the checkpoint's own.
+
+    A directory `yunque quantize` wrote loads only with `quantized=True` (inference): its
+    int8/int4 codes and scales keep their stored dtypes, `dtype` sets the rest.
+    """
     path = Path(path)
     cfg = read_config(path)
     dev = torch.device(device)
     itemsize = (dtype or checkpoint_dtype(path) or torch.float32).itemsize
     check_fits(cfg, itemsize, str(path / "config.json"), what=f"its weights ({itemsize} bytes each)",
                memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None)
+    qc = None
+    if "quantization_config" in cfg.extra:
+        from yunque import quantize
+
+        qc = quantize.config_of(cfg.extra, str(path / "config.json"))
+        if not quantized:
+            raise CheckpointError(
+                f"{path}: quantised for inference (int{qc.bits}); it loads in generate, chat, eval and serve. "
+                "Training, merging, quantising and exporting need the full-precision model it was quantised from")
     files = weight_files(path)
+    kept: set[str] = set()  # quantised tensors: read in their stored dtype
     with torch.device("meta"):
         model = Transformer(cfg)
+        if qc is not None:
+            kept = quantize.quantized_layout_(model, qc)
     expected = {k: v for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    tied = [k for k in expected if k.startswith("lm_head.")] if cfg.tie_word_embeddings else []
+    for k in tied:
+        expected.pop(k)
     state: dict[str, torch.Tensor] = {}
     unexpected = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                   and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
@@ -185,15 +203,20 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
                 want = tuple(expected[name].shape)
                 if f.shape(name) != want:
                     raise CheckpointError(f"{fpath}: tensor {name} has shape {list(f.shape(name))}, the config needs {list(want)}")
+                if name in kept and f.entries[name][0] != expected[name].dtype:
+                    raise CheckpointError(f"{fpath}: tensor {name} is {f.entries[name][0]}, quantization_config "
+                                          f"needs {expected[name].dtype}")
             for name in names:
-                target = dtype or f.entries[name][0]
+                target = f.entries[name][0] if name in kept else (dtype or f.entries[name][0])
                 out = torch.empty(expected[name].shape, dtype=target, device="cpu")
                 state[name] = f.read(name, out=out).to(device)
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    for k in tied:
+        state[k] = state["model.embed_tokens." + k.removeprefix("lm_head.")]
     model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
+    if "lm_head.weight" in tied:  # one Parameter, as Transformer() ties them (a quantised pair shares codes)
         model.lm_head.weight = model.model.embed_tokens.weight
+    if qc is not None:
+        quantize.set_dtype_(model, model.model.norm.weight.dtype)  # what the float tensors were read as
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
 
@@ -212,8 +235,9 @@ def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1
     cfg = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    dtype = next(iter(state.values())).dtype
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    # The first float tensor, not a quantised model's codes or scales (yunque.quantize).
+    dtype = next(v.dtype for k, v in state.items() if v.is_floating_point() and not k.endswith("_scale"))
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in state.items():
