@@ -77,7 +77,9 @@ def main() -> None:
     loop = timed(lambda: [tok.encode(d) for d in docs])
     batch = timed(lambda: tok.encode_batch(docs))
     n_tok = sum(map(len, tok.encode_batch(docs)))
-    print(f"encode {args.docs} docs ({n_bytes / 1e6:.1f} MB, {n_tok / 1e6:.2f} M tokens, {n_bytes / n_tok:.2f} bytes/token)")
+    print(
+        f"encode {args.docs} docs ({n_bytes / 1e6:.1f} MB, {n_tok / 1e6:.2f} M tokens, {n_bytes / n_tok:.2f} bytes/token)"  # noqa: E501
+    )
     print(f"  encode() loop : {n_tok / loop / 1e6:.2f} M tok/s")
     print(f"  encode_batch(): {n_tok / batch / 1e6:.2f} M tok/s  ({loop / batch:.1f}x the loop)")
     try:

@@ -29,9 +29,15 @@ _WORDS = (  # noqa: SIM905  (a readable word list)
     "error value result function return string number config file path network policy security "
     "access report update"
 ).split()
-_PII = ["Contact me at {n}.doe{i}@example.org for details.", "Call +1 415-555-{p:04d} after five.",
-        "card 4111 1111 1111 1111 exp 12/27", "AWS key AKIAIOSFODNN7EXAMPL{c} leaked", "ssn 123-45-{p:04d} on file",
-        "server 10.{a}.{b}.7 is down", "password = \"{n}Xq9!vT2#pLm8{i}\""]
+_PII = [
+    "Contact me at {n}.doe{i}@example.org for details.",
+    "Call +1 415-555-{p:04d} after five.",
+    "card 4111 1111 1111 1111 exp 12/27",
+    "AWS key AKIAIOSFODNN7EXAMPL{c} leaked",
+    "ssn 123-45-{p:04d} on file",
+    "server 10.{a}.{b}.7 is down",
+    'password = "{n}Xq9!vT2#pLm8{i}"',
+]
 
 
 def make_corpus(path: Path, mb: float, seed: int = 0) -> dict[str, int]:
@@ -60,7 +66,9 @@ def make_corpus(path: Path, mb: float, seed: int = 0) -> dict[str, int]:
             else:
                 out = " ".join(rng.choices(_WORDS, k=rng.randint(80, 220)))
                 if rng.random() < 0.03:
-                    t = rng.choice(_PII).format(n="ana", i=n % 97, p=n % 10000, c=chr(65 + n % 26), a=n % 250, b=n % 199)
+                    t = rng.choice(_PII).format(
+                        n="ana", i=n % 97, p=n % 10000, c=chr(65 + n % 26), a=n % 250, b=n % 199
+                    )
                     out = f"{out[:200]} {t} {out[200:]}"
                     pii += 1
                 rec = {"instruction": " ".join(rng.choices(_WORDS, k=rng.randint(6, 20))), "input": "", "output": out}
@@ -92,16 +100,29 @@ def run_one(inp: str, out: str, mode: str) -> None:
     dt = time.perf_counter() - t
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     self_kb, child_kb = me.ru_maxrss, kids.ru_maxrss
-    print(json.dumps({"seconds": dt, "records_in": r.records_in, "kept": r.records_kept, "dropped": r.dropped,
-                      "pii": r.report["pii_findings"], "overlap": r.report["cross_split_overlap"],
-                      "rss_main_mb": self_kb / 1024, "rss_worker_mb": child_kb / 1024,
-                      "cpu_main": me.ru_utime + me.ru_stime, "cpu_workers": kids.ru_utime + kids.ru_stime}))
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "records_in": r.records_in,
+                "kept": r.records_kept,
+                "dropped": r.dropped,
+                "pii": r.report["pii_findings"],
+                "overlap": r.report["cross_split_overlap"],
+                "rss_main_mb": self_kb / 1024,
+                "rss_worker_mb": child_kb / 1024,
+                "cpu_main": me.ru_utime + me.ru_stime,
+                "cpu_workers": kids.ru_utime + kids.ru_stime,
+            }
+        )
+    )
 
 
 def measure(inp: Path, mode: str, tmp: Path) -> dict:
     out = tmp / f"out-{mode}-{inp.stem}"
-    proc = subprocess.run([sys.executable, __file__, "--child", str(inp), str(out), mode],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(inp), str(out), mode], capture_output=True, text=True, check=True
+    )
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     mb = inp.stat().st_size / 1e6
     res["mb_per_s"] = mb / res["seconds"]
@@ -116,7 +137,9 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=200)
     ap.add_argument("--big-mb", type=float, default=500, help="size for the streaming RSS check (0: skip)")
     ap.add_argument("--tmp", default=None)
-    ap.add_argument("--modes", default="off,remove,nodedup", help="comma list of: off (exact dedup), remove (+ near), nodedup")
+    ap.add_argument(
+        "--modes", default="off,remove,nodedup", help="comma list of: off (exact dedup), remove (+ near), nodedup"
+    )
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -137,14 +160,20 @@ def main() -> None:
         make_corpus(big, a.big_mb, seed=1)
         rows += [(names[m] + " (big)", big, m) for m in modes]
     print(f"load average before: {os.getloadavg()[0]:.1f}")
-    print(f"{'config':28s} {'input MB':>8s} {'MB/s':>6s} {'2-core MB/s':>11s} {'s':>7s} {'CPU main/workers s':>18s} "
-          f"{'main RSS MB':>11s} {'worker RSS MB':>13s}  dropped")
+    print(
+        f"{'config':28s} {'input MB':>8s} {'MB/s':>6s} {'2-core MB/s':>11s} {'s':>7s} {'CPU main/workers s':>18s} "
+        f"{'main RSS MB':>11s} {'worker RSS MB':>13s}  dropped"
+    )
     for name, inp, mode in rows:
         r = measure(inp, mode, tmp)
         cpu = f"{r['cpu_main']:.0f}/{r['cpu_workers']:.0f}"
-        print(f"{name:28s} {inp.stat().st_size / 1e6:8.0f} {r['mb_per_s']:6.1f} {r['mb_per_s_2core']:11.1f} {r['seconds']:7.1f} {cpu:>18s} "
-              f"{r['rss_main_mb']:11.0f} {r['rss_worker_mb']:13.0f}  {r['dropped']} overlap={r['overlap']}")
-    print(f"load average after: {os.getloadavg()[0]:.1f}  (MB/s: wall clock; 2-core MB/s: from CPU time, see measure())")
+        print(
+            f"{name:28s} {inp.stat().st_size / 1e6:8.0f} {r['mb_per_s']:6.1f} {r['mb_per_s_2core']:11.1f} {r['seconds']:7.1f} {cpu:>18s} "  # noqa: E501
+            f"{r['rss_main_mb']:11.0f} {r['rss_worker_mb']:13.0f}  {r['dropped']} overlap={r['overlap']}"
+        )
+    print(
+        f"load average after: {os.getloadavg()[0]:.1f}  (MB/s: wall clock; 2-core MB/s: from CPU time, see measure())"
+    )
     print("targets: >= 10 MB/s without near dedup, >= 2 MB/s with it; RSS without near dedup flat in input size")
 
 

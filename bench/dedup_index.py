@@ -73,8 +73,13 @@ def main() -> None:
         index.insert(i, s)
 
     run("yunque NearDupIndex", n, sigs, lambda: NearDupIndex(args.num_perm, args.threshold), ours)
-    run("datasketch MinHashLSH", n, sigs, lambda: MinHashLSH(num_perm=args.num_perm, params=(params.b, params.r)),
-        theirs)
+    run(
+        "datasketch MinHashLSH",
+        n,
+        sigs,
+        lambda: MinHashLSH(num_perm=args.num_perm, params=(params.b, params.r)),
+        theirs,
+    )
 
 
 if __name__ == "__main__":

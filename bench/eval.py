@@ -21,7 +21,38 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["the", "model", "reads", "a", "long", "document", "about", "rivers", "mountains", "and", "cities", "then", "writes", "a", "short", "summary", "of", "what", "it", "learned", "while", "the", "evaluator", "compares", "every", "answer", "with", "a", "reference", "text"]
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "a",
+    "long",
+    "document",
+    "about",
+    "rivers",
+    "mountains",
+    "and",
+    "cities",
+    "then",
+    "writes",
+    "a",
+    "short",
+    "summary",
+    "of",
+    "what",
+    "it",
+    "learned",
+    "while",
+    "the",
+    "evaluator",
+    "compares",
+    "every",
+    "answer",
+    "with",
+    "a",
+    "reference",
+    "text",
+]
 
 
 def build(tmp: Path, preset: str):
@@ -60,10 +91,14 @@ def main() -> None:
         model, tok = load_for_eval(path)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         rng = random.Random(1)
-        prompts = [[tok.bos_id] + tok.encode(" ".join(rng.choices(WORDS, k=rng.randint(8, 120)))) for _ in range(args.n)]
+        prompts = [
+            [tok.bos_id] + tok.encode(" ".join(rng.choices(WORDS, k=rng.randint(8, 120)))) for _ in range(args.n)
+        ]
         lens = sorted(len(p) for p in prompts)
-        print(f"preset {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {args.n} prompts of "
-              f"{lens[0]}-{lens[-1]} tokens, up to {args.max_new_tokens} new tokens, threads {torch.get_num_threads()}")
+        print(
+            f"preset {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {args.n} prompts of "  # noqa: E501
+            f"{lens[0]}-{lens[-1]} tokens, up to {args.max_new_tokens} new tokens, threads {torch.get_num_threads()}"
+        )
 
         generate_texts(model, tok, prompts[:2], 4, 2)  # warm-up (allocator, kernels)
         with torch.no_grad():
@@ -74,7 +109,7 @@ def main() -> None:
         ours, theirs, new_ours = [], [], 0
         wall, cpu = {"ours": 0.0, "hf": 0.0}, {"ours": 0.0, "hf": 0.0}
         for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
+            chunk = prompts[start : start + args.batch_size]
             t0, c0 = time.perf_counter(), time.process_time()
             texts, timing = generate_texts(model, tok, chunk, args.max_new_tokens, args.batch_size)
             wall["ours"] += time.perf_counter() - t0
@@ -84,20 +119,30 @@ def main() -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 for p in chunk:
-                    out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                      max_new_tokens=args.max_new_tokens, do_sample=False)[0, len(p):].tolist()
+                    out = hf.generate(
+                        torch.tensor([p]),
+                        attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                        max_new_tokens=args.max_new_tokens,
+                        do_sample=False,
+                    )[0, len(p) :].tolist()
                     theirs.append(out)
             wall["hf"] += time.perf_counter() - t0
             cpu["hf"] += time.process_time() - c0
         hf_texts = [tok.decode([t for t in o if t not in stops], skip_special_tokens=True) for o in theirs]
         same = sum(a == b for a, b in zip(ours, hf_texts))
         new_hf = sum(len(o) for o in theirs)
-        print(f"yunque batched (batch {args.batch_size}): wall {wall['ours']:7.2f} s  cpu {cpu['ours']:7.2f} s  "
-              f"{new_ours / wall['ours']:7.1f} new tokens/s")
-        print(f"transformers per example:     wall {wall['hf']:7.2f} s  cpu {cpu['hf']:7.2f} s  "
-              f"{new_hf / wall['hf']:7.1f} new tokens/s")
+        print(
+            f"yunque batched (batch {args.batch_size}): wall {wall['ours']:7.2f} s  cpu {cpu['ours']:7.2f} s  "
+            f"{new_ours / wall['ours']:7.1f} new tokens/s"
+        )
+        print(
+            f"transformers per example:     wall {wall['hf']:7.2f} s  cpu {cpu['hf']:7.2f} s  "
+            f"{new_hf / wall['hf']:7.1f} new tokens/s"
+        )
         print(f"identical greedy outputs: {same}/{len(prompts)}")
-        print(f"speed-up: {wall['hf'] / wall['ours']:.2f}x wall, {cpu['hf'] / cpu['ours']:.2f}x CPU time (target >= 3x)")
+        print(
+            f"speed-up: {wall['hf'] / wall['ours']:.2f}x wall, {cpu['hf'] / cpu['ours']:.2f}x CPU time (target >= 3x)"
+        )
 
 
 if __name__ == "__main__":

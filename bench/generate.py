@@ -65,8 +65,10 @@ def main() -> None:
     import transformers
 
     bw, rbw = copy_bandwidth(), read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bw / 1e9:.1f} GB/s, "
-          f"read bandwidth {rbw / 1e9:.1f} GB/s")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, copy bandwidth {bw / 1e9:.1f} GB/s, "
+        f"read bandwidth {rbw / 1e9:.1f} GB/s"
+    )
     print(f"prompt {args.prompt}, new tokens {args.new}, reps {args.reps} (interleaved, medians)\n")
     rows = []
     for size in args.sizes:
@@ -91,12 +93,18 @@ def main() -> None:
                 prompts = torch.randint(0, ours.config.vocab_size, (B, args.prompt))
 
                 def run_ours(n=args.new):
-                    generate(ours, prompts.tolist(), Sampling(max_new_tokens=n))
+                    generate(ours, prompts.tolist(), Sampling(max_new_tokens=n))  # noqa: B023
 
                 def run_hf(n=args.new):
                     with torch.inference_mode():
-                        hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
+                        hf.generate(  # noqa: B023
+                            prompts,  # noqa: B023
+                            attention_mask=torch.ones_like(prompts),  # noqa: B023
+                            max_new_tokens=n,
+                            min_new_tokens=n,
+                            do_sample=False,
+                            pad_token_id=0,
+                        )
 
                 run_ours(8), run_hf(8)  # warm-up
                 t_ours, t_hf = [], []
@@ -108,9 +116,12 @@ def main() -> None:
                 roof = n_params * dtype.itemsize * (args.new / a) / bw
                 streamed = n_streamed * dtype.itemsize * (args.new / a)
                 rows.append((size, dname, B, tps_ours, tps_hf, tps_ours / tps_hf, roof, streamed / rbw))
-                print(f"{size:>5} {dname} batch {B}: yunque {tps_ours:8.1f} tok/s  transformers {tps_hf:8.1f} tok/s  "
-                      f"ratio {tps_ours / tps_hf:5.2f}x  roofline {roof:5.1%}  "
-                      f"weights read at {streamed / 1e9:.1f} GB/s ({streamed / rbw:.0%} of read bandwidth)", flush=True)
+                print(
+                    f"{size:>5} {dname} batch {B}: yunque {tps_ours:8.1f} tok/s  transformers {tps_hf:8.1f} tok/s  "
+                    f"ratio {tps_ours / tps_hf:5.2f}x  roofline {roof:5.1%}  "
+                    f"weights read at {streamed / 1e9:.1f} GB/s ({streamed / rbw:.0%} of read bandwidth)",
+                    flush=True,
+                )
     print("\n| model | dtype | batch | yunque tok/s | transformers tok/s | ratio | roofline | weights read / read bw |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -54,11 +54,17 @@ def build(preset: str, seq: int):
     full.load_state_dict(ours.state_dict())
     lcfg = LoraConfig(r=16, alpha=32)
     apply_lora(ours, lcfg)
-    hf = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=list(lcfg.target_modules),
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+    hf = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(
+            r=16, lora_alpha=32, target_modules=list(lcfg.target_modules), lora_dropout=0.0, task_type="CAUSAL_LM"
+        ),
+    )
     n_ours, n_hf = trainable_parameters(ours)[0], sum(p.numel() for p in hf.parameters() if p.requires_grad)
     assert n_ours == n_hf, (n_ours, n_hf)
-    print(f"preset {preset}: {trainable_parameters(ours)[1] / 1e6:.1f}M params, {n_ours / 1e6:.2f}M trainable (LoRA r=16)")
+    print(
+        f"preset {preset}: {trainable_parameters(ours)[1] / 1e6:.1f}M params, {n_ours / 1e6:.2f}M trainable (LoRA r=16)"
+    )
     # The same adapter over a frozen base stored in bf16: under bf16 autocast nothing is re-cast each step.
     ours16 = Transformer(cfg)
     ours16.load_state_dict(full.state_dict())
@@ -96,7 +102,8 @@ def timed(step) -> float:
 
 
 def profile(step, label: str, rows: int = 12) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     with prof(activities=[ProfilerActivity.CPU]) as p:
         step()
@@ -131,8 +138,10 @@ def main() -> int:
             p.requires_grad_(True)
     x = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     tokens = args.batch * args.seq
-    print(f"seq {args.seq}, micro-batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
-          f"load avg {os.getloadavg()[0]:.1f}")
+    print(
+        f"seq {args.seq}, micro-batch {args.batch}, {args.threads} threads, torch {torch.__version__}, "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
     for mode in args.modes:
         dtype = torch.bfloat16 if mode == "bf16" else None
         systems = {"yunque LoRA": make_step(ours, "ours", x, dtype), "HF+PEFT LoRA": make_step(hf, "hf", x, dtype)}
@@ -155,7 +164,9 @@ def main() -> int:
             print(f"  {k:22s} {med[k]:7.3f} s  ({tokens / med[k]:8.0f} tok/s)   runs {' '.join(f'{t:.2f}' for t in v)}")
         print(f"  ratio yunque LoRA / HF+PEFT tokens/s: {med['HF+PEFT LoRA'] / med['yunque LoRA']:.2f}x")
         if dtype is not None:
-            print(f"  ratio yunque LoRA bf16 base / HF+PEFT tokens/s: {med['HF+PEFT LoRA'] / med['yunque LoRA bf16 base']:.2f}x")
+            print(
+                f"  ratio yunque LoRA bf16 base / HF+PEFT tokens/s: {med['HF+PEFT LoRA'] / med['yunque LoRA bf16 base']:.2f}x"  # noqa: E501
+            )
         if args.full:
             print(f"  ratio yunque LoRA / yunque full tokens/s: {med['yunque full'] / med['yunque LoRA']:.2f}x")
         if args.qlora:

@@ -48,16 +48,25 @@ def main() -> None:
         "torchao NF4Tensor": dict(
             quant=lambda: to_nf4(w, 64, 256),
             deq=lambda q, dt: q.get_original_weight().to(dt) if dt == torch.float32 else q.to(dt),
-            bits=lambda q: 8 * sum(getattr(q, a).numel() * getattr(q, a).element_size()
-                                   for a in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean")) / n),
+            bits=lambda q: (
+                8
+                * sum(
+                    getattr(q, a).numel() * getattr(q, a).element_size()
+                    for a in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean")
+                )
+                / n
+            ),
+        ),
         "bitsandbytes": dict(
             quant=lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False),
             deq=lambda q, dt: bnbf.dequantize_4bit(q[0], q[1]).to(dt),
-            bits=lambda q: 8 * (q[0].numel() + q[1].absmax.numel() * 4) / n),
+            bits=lambda q: 8 * (q[0].numel() + q[1].absmax.numel() * 4) / n,
+        ),
         "bitsandbytes double-quant": dict(
             quant=lambda: bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
             deq=lambda q, dt: bnbf.dequantize_4bit(q[0], q[1]).to(dt),
-            bits=lambda q: 8 * (q[0].numel() + q[1].absmax.numel() + q[1].state2.absmax.numel() * 4 + 4) / n),
+            bits=lambda q: 8 * (q[0].numel() + q[1].absmax.numel() + q[1].state2.absmax.numel() * 4 + 4) / n,
+        ),
     }
     rows = {k: {"quant": [], "deq32": [], "deq16": []} for k in impls}
     qs = {k: v["quant"]() for k, v in impls.items()}
@@ -70,7 +79,9 @@ def main() -> None:
                 t = time.perf_counter()
                 v["deq"](qs[k], dt)
                 rows[k][key].append(time.perf_counter() - t)
-    print(f"weight {args.shape[0]}x{args.shape[1]} on {args.device}, {torch.get_num_threads()} threads; medians of {args.repeats}")
+    print(
+        f"weight {args.shape[0]}x{args.shape[1]} on {args.device}, {torch.get_num_threads()} threads; medians of {args.repeats}"  # noqa: E501
+    )
     print(f"{'':28s} {'quantise':>10s} {'deq fp32':>10s} {'deq bf16':>10s} {'rel err':>8s} {'bits/w':>7s}")
     for k, v in impls.items():
         r = {m: statistics.median(x) * 1e3 for m, x in rows[k].items()}

@@ -49,13 +49,30 @@ def train_small(text_path: Path, work: Path, steps: int) -> Path:
     text = text_path.read_text(encoding="utf-8")
     (work / "train.txt").write_text(text[: int(len(text) * 0.9)], encoding="utf-8")
     train_bpe([work / "train.txt"], 1024, work / "tok")
-    cfg = {"method": "pretrain", "tokenizer": str(work / "tok"), "seed": 1337, "out_dir": str(work / "run"),
-           "model": {"preset": "tiny", "overrides": {
-               "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 6,
-               "num_key_value_heads": 2, "tie_word_embeddings": False}},
-           "data": {"train": [str(work / "train.txt")], "val_fraction": 0.05, "seq_len": 128},
-           "micro_batch": 16, "max_steps": steps, "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1},
-           "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"every": 100, "plot": False}}
+    cfg = {
+        "method": "pretrain",
+        "tokenizer": str(work / "tok"),
+        "seed": 1337,
+        "out_dir": str(work / "run"),
+        "model": {
+            "preset": "tiny",
+            "overrides": {
+                "hidden_size": 192,
+                "intermediate_size": 512,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 6,
+                "num_key_value_heads": 2,
+                "tie_word_embeddings": False,
+            },
+        },
+        "data": {"train": [str(work / "train.txt")], "val_fraction": 0.05, "seq_len": 128},
+        "micro_batch": 16,
+        "max_steps": steps,
+        "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"every": 100, "plot": False},
+    }
     t = time.perf_counter()
     r = train(from_dict(TrainConfig, cfg))
     print(f"trained {steps} steps in {time.perf_counter() - t:.0f} s (final train loss {r.losses[-1]:.3f})")
@@ -81,7 +98,7 @@ def main() -> None:
     from yunque.recipes.quantize import quantize_cmd
 
     text = src.read_text(encoding="utf-8")
-    held = text[int(len(text) * 0.9):][: args.chars]
+    held = text[int(len(text) * 0.9) :][: args.chars]
     docs = [d for d in held.split("\n\n") if d.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -92,9 +109,13 @@ def main() -> None:
             d = model_dir
             if qargs:
                 d = work / name.replace(" ", "_")
-                kw = {"bits": int(qargs[1]), "group_size": int(qargs[3]) if "--group-size" in qargs else None,
-                      "asymmetric": "--asymmetric" in qargs, "include_head": "--include-head" in qargs,
-                      "include_embedding": "--include-embedding" in qargs}
+                kw = {
+                    "bits": int(qargs[1]),
+                    "group_size": int(qargs[3]) if "--group-size" in qargs else None,
+                    "asymmetric": "--asymmetric" in qargs,
+                    "include_head": "--include-head" in qargs,
+                    "include_embedding": "--include-embedding" in qargs,
+                }
                 quantize_cmd(str(model_dir), out=str(d), **kw)
             m, tok = load(d, dtype=dtype, device="cpu")
             size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
@@ -104,8 +125,10 @@ def main() -> None:
             rows.append((name, r.perplexity, 100 * (r.perplexity / base - 1), size / 1e6))
             del m
     cfg_note = f"model {args.model}" if args.model else f"small model trained {args.steps} steps on the first 90%"
-    print(f"\n{cfg_note}; perplexity of {len(docs)} held-out passages of {src.name} ({len(held)} chars), "
-          f"torch {torch.__version__}")
+    print(
+        f"\n{cfg_note}; perplexity of {len(docs)} held-out passages of {src.name} ({len(held)} chars), "
+        f"torch {torch.__version__}"
+    )
     print("| variant | perplexity | vs fp32 | weights file MB |\n|---|---|---|---|")
     for name, ppl, rel, mb in rows:
         print(f"| {name} | {ppl:.3f} | {rel:+.2f}% | {mb:.2f} |")

@@ -26,7 +26,40 @@ from pathlib import Path
 import httpx
 import torch
 
-WORDS = ["model", "data", "token", "batch", "cache", "serve", "stream", "guard", "limit", "key", "secure", "fast", "train", "eval", "export", "chat", "the", "a", "of", "to", "and", "in", "is", "on", "for", "with", "as", "by", "it", "that", "this", "from"]
+WORDS = [
+    "model",
+    "data",
+    "token",
+    "batch",
+    "cache",
+    "serve",
+    "stream",
+    "guard",
+    "limit",
+    "key",
+    "secure",
+    "fast",
+    "train",
+    "eval",
+    "export",
+    "chat",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "on",
+    "for",
+    "with",
+    "as",
+    "by",
+    "it",
+    "that",
+    "this",
+    "from",
+]
 
 
 def corpus(n: int = 4000, seed: int = 0) -> str:
@@ -84,10 +117,18 @@ async def drive(url: str, key: str, texts: list[str], clients: int, max_tokens: 
         nonlocal tokens, errors
         while queue:
             text = queue.pop()
-            body = {"model": "bench", "prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "model": "bench",
+                "prompt": text,
+                "max_tokens": max_tokens,
+                "temperature": 0.8,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             a = time.perf_counter()
-            async with c.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+            async with c.stream(
+                "POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+            ) as r:
                 if r.status_code != 200:
                     errors += 1
                     await r.aread()
@@ -97,7 +138,9 @@ async def drive(url: str, key: str, texts: list[str], clients: int, max_tokens: 
                         tokens += json.loads(line[6:])["usage"]["completion_tokens"]
             lat.append(time.perf_counter() - a)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)  # < uvicorn's 5 s
+    limits = httpx.Limits(
+        max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0
+    )  # < uvicorn's 5 s
     async with httpx.AsyncClient(timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*[client(c) for _ in range(clients)])
@@ -116,8 +159,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     ap.add_argument("--sequential-requests", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, same for the baseline and the server "
-                    "(1 avoids OpenMP spin-wait collapse when client and server share 2 cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, same for the baseline and the server "
+        "(1 avoids OpenMP spin-wait collapse when client and server share 2 cores)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="yq-bench-"))
@@ -128,12 +176,13 @@ def main() -> None:
     key = create_key(root / "keys.json", "bench")
     (root / "serve.yaml").write_text(
         f"model_name: bench\ntorch_threads: {args.threads}\nauth: {{keys_file: {root / 'keys.json'}}}\n"
-        f"limits: {{max_batch: 32, max_len: 256, max_prompt_tokens: 128, max_queue: 256, rpm: 100000, tpm: 100000000}}\n")
+        f"limits: {{max_batch: 32, max_len: 256, max_prompt_tokens: 128, max_queue: 256, rpm: 100000, tpm: 100000000}}\n"  # noqa: E501
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    code = f"from yunque.recipes.serve import serve_cmd; serve_cmd({str(model_dir)!r}, port={port}, config={str(root / 'serve.yaml')!r})"
+    code = f"from yunque.recipes.serve import serve_cmd; serve_cmd({str(model_dir)!r}, port={port}, config={str(root / 'serve.yaml')!r})"  # noqa: E501
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -160,11 +209,17 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    print(f"\npreset {args.preset} ({n_params / 1e6:.1f}M params), max_tokens {args.max_tokens}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'mode':22} {'clients':>7} {'reqs':>5} {'gen tok/s':>10} {'p50 s':>7} {'p95 s':>7} {'x seq':>6} {'errors':>6}")
+    print(
+        f"\npreset {args.preset} ({n_params / 1e6:.1f}M params), max_tokens {args.max_tokens}, torch threads {torch.get_num_threads()}, "  # noqa: E501
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'mode':22} {'clients':>7} {'reqs':>5} {'gen tok/s':>10} {'p50 s':>7} {'p95 s':>7} {'x seq':>6} {'errors':>6}"
+    )
     for mode, clients, n, tps, lat, errors in rows:
-        print(f"{mode:22} {clients:>7} {n:>5} {tps:>10.1f} {pct(lat, .5):>7.2f} {pct(lat, .95):>7.2f} {tps / seq_tps:>6.2f} {errors:>6}")
+        print(
+            f"{mode:22} {clients:>7} {n:>5} {tps:>10.1f} {pct(lat, 0.5):>7.2f} {pct(lat, 0.95):>7.2f} {tps / seq_tps:>6.2f} {errors:>6}"  # noqa: E501
+        )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _matmul_peak(dtype, n: int = 1024, reps: int = 5) -> float:
         t = clock()
         torch.mm(a, b)
         ts.append(clock() - t)
-    return 2 * n ** 3 / min(ts)
+    return 2 * n**3 / min(ts)
 
 
 def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int, T: int) -> dict:
@@ -78,7 +78,9 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         if method == "lora":
             import peft
 
-            model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+            model = peft.get_peft_model(
+                model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+            )
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -113,8 +115,18 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
         mb = DeviceBatch(ids, torch.arange(T).expand(B, T), None, idx, flat)
 
         def step():
-            return train_step(module, opt, [mb], len(flat), world=1, precision=prec, grad_clip=0.0,
-                              no_sync=lambda s: contextlib.nullcontext(), params=params)[0]
+            return train_step(
+                module,
+                opt,
+                [mb],
+                len(flat),
+                world=1,
+                precision=prec,
+                grad_clip=0.0,
+                no_sync=lambda s: contextlib.nullcontext(),
+                params=params,
+            )[0]
+
     times, cpu = [], []
     for i in range(steps + 1):
         t, c = time.perf_counter(), time.process_time()
@@ -126,15 +138,24 @@ def child(impl: str, method: str, prec: str, model_dir: str, steps: int, B: int,
     share = _matmul_share(step) if impl == "yunque" else None
     n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n)
     if method == "lora":
-        n_mm = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lora" not in n)
+        n_mm = sum(
+            p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lora" not in n
+        )
         n_mm += sum(m.weight_numel for m in model.modules() if hasattr(m, "weight_numel"))
     flops_tok = (4 if method == "lora" else 6) * n_mm
     peak = _matmul_peak(torch.bfloat16 if prec == "bf16" else torch.float32)
     # On a shared box the wall clock measures the neighbours; with one thread, CPU seconds (user + sys,
     # page faults included) measure the work. Both are reported.
     step_s = statistics.median(cpu) if os.environ.get("BENCH_CLOCK", "cpu") == "cpu" else statistics.median(times)
-    return {"step_s": step_s, "wall_s": statistics.median(times), "tok_s": B * T / step_s, "rss_mb": rss_mb,
-            "mfu": B * T / step_s * flops_tok / peak, "peak_gflops": peak / 1e9, "mm_share": share}
+    return {
+        "step_s": step_s,
+        "wall_s": statistics.median(times),
+        "tok_s": B * T / step_s,
+        "rss_mb": rss_mb,
+        "mfu": B * T / step_s * flops_tok / peak,
+        "peak_gflops": peak / 1e9,
+        "mm_share": share,
+    }
 
 
 _MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
@@ -171,15 +192,19 @@ def make_model_dir(name: str, out: Path) -> Path:
 
 
 def bench_step(args, work: Path) -> None:
-    print(f"\n## 1. Training step: seq {args.seq}, micro-batch {args.batch}, {args.steps} timed steps x {args.reps} "
-          f"interleaved repeats, {os.environ.get('OMP_NUM_THREADS', 'all')} threads, "
-          f"{os.environ.get('BENCH_CLOCK', 'cpu')} clock (tokens per {'CPU ' if os.environ.get('BENCH_CLOCK', 'cpu') == 'cpu' else ''}second)")
+    print(
+        f"\n## 1. Training step: seq {args.seq}, micro-batch {args.batch}, {args.steps} timed steps x {args.reps} "
+        f"interleaved repeats, {os.environ.get('OMP_NUM_THREADS', 'all')} threads, "
+        f"{os.environ.get('BENCH_CLOCK', 'cpu')} clock (tokens per {'CPU ' if os.environ.get('BENCH_CLOCK', 'cpu') == 'cpu' else ''}second)"  # noqa: E501
+    )
     # No loop can run the model's matmul FLOPs faster than the matmul peak, so 1 / (HF MFU) bounds any
     # speed-up over HF on this machine (before counting attention, which MFU leaves out).
     # The second bound is yunque's own: with every non-matmul op of its step at zero cost and its
     # GEMMs as fast as now (oneDNN/MKL, near peak), the speed-up would be speed-up / matmul share.
-    print("| model | method | dtype | HF tok/s | yunque tok/s | speed-up | bound 1/HF MFU | yunque matmul share | bound, yunque matmuls only "
-          "| HF RSS MB | yunque RSS MB | RSS ratio | HF MFU | yunque MFU |")
+    print(
+        "| model | method | dtype | HF tok/s | yunque tok/s | speed-up | bound 1/HF MFU | yunque matmul share | bound, yunque matmuls only "  # noqa: E501
+        "| HF RSS MB | yunque RSS MB | RSS ratio | HF MFU | yunque MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         d = make_model_dir(name, work)
@@ -188,7 +213,18 @@ def bench_step(args, work: Path) -> None:
                 res: dict[str, list] = {"hf": [], "yunque": []}
                 for _ in range(args.reps):
                     for impl in ("hf", "yunque"):
-                        cmd = [sys.executable, __file__, "--child", impl, method, prec, str(d), str(args.steps), str(args.batch), str(args.seq)]
+                        cmd = [
+                            sys.executable,
+                            __file__,
+                            "--child",
+                            impl,
+                            method,
+                            prec,
+                            str(d),
+                            str(args.steps),
+                            str(args.batch),
+                            str(args.seq),
+                        ]
                         env = dict(os.environ, PYTHONPATH=str(ROOT))  # the same for both loops
                         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
                         if p.returncode != 0:
@@ -197,14 +233,19 @@ def bench_step(args, work: Path) -> None:
                         res[impl].append(json.loads(p.stdout.strip().splitlines()[-1]))
                 if not res["hf"] or not res["yunque"]:
                     continue
-                med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "rss_mb", "mfu")} for k, v in res.items()}
+                med = {
+                    k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "rss_mb", "mfu")}
+                    for k, v in res.items()
+                }
                 h, y = med["hf"], med["yunque"]
                 y["mm_share"] = statistics.median(r["mm_share"] for r in res["yunque"])
-                speedup = y['tok_s'] / h['tok_s']
-                print(f"| {name} | {method} | {prec} | {h['tok_s']:.0f} | {y['tok_s']:.0f} | {speedup:.2f}x | {1 / h['mfu']:.2f}x | "
-                      f"{100 * y['mm_share']:.0f}% | {speedup / y['mm_share']:.2f}x | "
-                      f"{h['rss_mb']:.0f} | {y['rss_mb']:.0f} | {y['rss_mb'] / h['rss_mb']:.2f} | {100 * h['mfu']:.0f}% | {100 * y['mfu']:.0f}% |",
-                      flush=True)
+                speedup = y["tok_s"] / h["tok_s"]
+                print(
+                    f"| {name} | {method} | {prec} | {h['tok_s']:.0f} | {y['tok_s']:.0f} | {speedup:.2f}x | {1 / h['mfu']:.2f}x | "  # noqa: E501
+                    f"{100 * y['mm_share']:.0f}% | {speedup / y['mm_share']:.2f}x | "
+                    f"{h['rss_mb']:.0f} | {y['rss_mb']:.0f} | {y['rss_mb'] / h['rss_mb']:.2f} | {100 * h['mfu']:.0f}% | {100 * y['mfu']:.0f}% |",  # noqa: E501
+                    flush=True,
+                )
 
 
 # ---------------------------------------------------------------- 2. SFT packing vs padding
@@ -223,11 +264,11 @@ def bench_sft(args, work: Path) -> None:
     import torch
 
     from yunque.model import Transformer
-    from yunque.train.packing import ArraySource, Packer
+    from yunque.ops import tune_cpu_memory
     from yunque.presets import get_preset
     from yunque.tokenizer import train_bpe
-    from yunque.ops import tune_cpu_memory
     from yunque.train.loss import CausalLMLoss
+    from yunque.train.packing import ArraySource, Packer
     from yunque.train.step import make_optimizer, to_device, train_step
 
     pairs = _alpaca(args.sft_examples)
@@ -236,18 +277,28 @@ def bench_sft(args, work: Path) -> None:
     docs = []
     for p, c in pairs:
         pi, ci = [tok.bos_id] + tok.encode(p), tok.encode(c) + [tok.eos_id]
-        docs.append(((pi + ci)[:args.seq], ([False] * len(pi) + [True] * len(ci))[:args.seq]))
+        docs.append(((pi + ci)[: args.seq], ([False] * len(pi) + [True] * len(ci))[: args.seq]))
     lens = sorted(len(d[0]) for d in docs)
-    cfg = get_preset("tiny", vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = get_preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     base = Transformer(cfg)
     base.init_weights(torch.Generator().manual_seed(0))
     state = {k: v.clone() for k, v in base.state_dict().items()}
     from yunque.formats.hf import save_model
 
     save_model(base, work / "sft_model")  # the same weights for the HF loop
-    print(f"\n## 2. SFT epoch: {len(docs)} Alpaca-zh examples, tokens median {lens[len(lens) // 2]}, p90 {lens[int(.9 * len(lens))]}, "
-          f"max {lens[-1]}; model {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M, full fine-tuning")
+    print(
+        f"\n## 2. SFT epoch: {len(docs)} Alpaca-zh examples, tokens median {lens[len(lens) // 2]}, p90 {lens[int(0.9 * len(lens))]}, "  # noqa: E501
+        f"max {lens[-1]}; model {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M, full fine-tuning"
+    )
 
     def yunque_epoch(prec: str) -> tuple[float, int, int]:
         tune_cpu_memory()  # what `yunque train` does on CPU (it stays on for the HF runs after it)
@@ -261,14 +312,30 @@ def bench_sft(args, work: Path) -> None:
         # one_pass: the epoch ends when every document is packed. `state.epoch` turns over when the
         # last document is *drawn*, with up to a window of them still unpacked (sessions 4-5 stopped
         # there and timed ~13% fewer tokens than HF's epoch: their 2.6x was overstated).
-        pk = Packer(ArraySource.from_docs(docs), args.seq, split_docs=False, shuffle=True, seed=0,
-                    pad_id=tok.pad_id or 0, one_pass=True)
+        pk = Packer(
+            ArraySource.from_docs(docs),
+            args.seq,
+            split_docs=False,
+            shuffle=True,
+            seed=0,
+            pad_id=tok.pad_id or 0,
+            one_pass=True,
+        )
         t, steps, tokens = time.perf_counter(), 0, 0
         while not pk.done:
             b = pk.next_batch(4)
             tokens += int((b.labels != -100).sum())
-            train_step(mod, opt, [to_device(b, torch.device("cpu"))], b.num_targets, world=1, precision=prec,
-                       grad_clip=1.0, no_sync=lambda s: contextlib.nullcontext(), params=params)
+            train_step(
+                mod,
+                opt,
+                [to_device(b, torch.device("cpu"))],
+                b.num_targets,
+                world=1,
+                precision=prec,
+                grad_clip=1.0,
+                no_sync=lambda s: contextlib.nullcontext(),
+                params=params,
+            )
             steps += 1
         return time.perf_counter() - t, steps, tokens
 
@@ -280,15 +347,15 @@ def bench_sft(args, work: Path) -> None:
         order = np.random.default_rng(0).permutation(len(docs))
         t, steps, tokens = time.perf_counter(), 0, 0
         for i in range(0, len(order), 4):  # DataCollatorForSeq2Seq: pad to the longest in the batch, labels -100
-            batch = [docs[j] for j in order[i:i + 4]]
+            batch = [docs[j] for j in order[i : i + 4]]
             L = max(len(ids) for ids, _ in batch)
             ids = torch.full((len(batch), L), tok.pad_id or 0)
             lab = torch.full((len(batch), L), -100)
             att = torch.zeros((len(batch), L), dtype=torch.long)
             for r, (x, mk) in enumerate(batch):
-                ids[r, :len(x)] = torch.tensor(x)
-                lab[r, :len(x)] = torch.where(torch.tensor(mk), torch.tensor(x), -100)
-                att[r, :len(x)] = 1
+                ids[r, : len(x)] = torch.tensor(x)
+                lab[r, : len(x)] = torch.where(torch.tensor(mk), torch.tensor(x), -100)
+                att[r, : len(x)] = 1
             tokens += int((lab[:, 1:] != -100).sum())  # HF shifts labels inside the loss
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
                 loss = m(input_ids=ids, attention_mask=att, labels=lab).loss
@@ -309,16 +376,30 @@ def bench_sft(args, work: Path) -> None:
         if res["hf"][0][2] != res["yunque"][0][2]:  # both loops must train on every target token once
             raise SystemExit(f"sft: trained tokens differ: HF {res['hf'][0][2]}, yunque {res['yunque'][0][2]}")
         print(f"| {prec} | HF, padded batches of 4 | {res['hf'][0][1]} | {res['hf'][0][2]} | {h:.1f} | 1.00x |")
-        print(f"| {prec} | yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {res['yunque'][0][2]} | {y:.1f} | "
-              f"{h / y:.2f}x |", flush=True)
+        print(
+            f"| {prec} | yunque, packed rows of {args.seq} x 4 | {res['yunque'][0][1]} | {res['yunque'][0][2]} | {y:.1f} | "  # noqa: E501
+            f"{h / y:.2f}x |",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------- 3. tinyshakespeare
 
 
-NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
-               "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
-               "--lr_decay_iters=2000", "--dropout=0.0"]  # the CPU command of nanoGPT's README
+NANOGPT_CPU = [
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]  # the CPU command of nanoGPT's README
 
 
 def run_nanogpt(src_dir: Path, text_path: Path, work: Path) -> dict:
@@ -333,8 +414,19 @@ def run_nanogpt(src_dir: Path, text_path: Path, work: Path) -> dict:
     shutil.copyfile(text_path, data / "input.txt")  # present, so prepare.py downloads nothing
     subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU,
-                        f"--out_dir={work / 'nanogpt-out'}"], cwd=nano, capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "config/train_shakespeare_char.py",
+            *NANOGPT_CPU,
+            f"--out_dir={work / 'nanogpt-out'}",
+        ],
+        cwd=nano,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     wall = time.perf_counter() - t
     if p.returncode:
         raise SystemExit(f"nanoGPT failed ({p.returncode}):\n{p.stderr[-2000:]}")
@@ -364,12 +456,28 @@ def bench_shakespeare(args, work: Path) -> None:
     tok_dir = work / "shk_tok"
     t_total = time.perf_counter()
     train_bpe([work / "shk_train.txt"], args.shk_vocab, tok_dir)
-    base = {"method": "pretrain", "tokenizer": str(tok_dir), "seed": 1337,
-            "model": {"preset": "tiny", "overrides": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
-                                                      "num_attention_heads": 6, "num_key_value_heads": 6, "tie_word_embeddings": True}},
-            "data": {"train": [str(src)], "val_fraction": 0.1, "seq_len": 128, "add_bos": False, "add_eos": False},
-            "micro_batch": 16, "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1},
-            "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"every": 50, "plot": False}}
+    base = {
+        "method": "pretrain",
+        "tokenizer": str(tok_dir),
+        "seed": 1337,
+        "model": {
+            "preset": "tiny",
+            "overrides": {
+                "hidden_size": 192,
+                "intermediate_size": 512,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 6,
+                "num_key_value_heads": 6,
+                "tie_word_embeddings": True,
+            },
+        },
+        "data": {"train": [str(src)], "val_fraction": 0.1, "seq_len": 128, "add_bos": False, "add_eos": False},
+        "micro_batch": 16,
+        "optim": {"lr": 3e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"every": 50, "plot": False},
+    }
 
     def timed(n: int) -> float:
         t = time.perf_counter()
@@ -381,20 +489,32 @@ def bench_shakespeare(args, work: Path) -> None:
     per_step = (timed(12) - timed(2)) / 10
     left = budget - (time.perf_counter() - t_total)
     steps = max(20, int(left / per_step * 0.93))
-    r = train(from_dict(TrainConfig, {**base, "out_dir": str(work / "shk"), "max_steps": steps,
-                                      "max_time": float(max(left - 5, 10))}))
+    r = train(
+        from_dict(
+            TrainConfig,
+            {**base, "out_dir": str(work / "shk"), "max_steps": steps, "max_time": float(max(left - 5, 10))},
+        )
+    )
     wall = time.perf_counter() - t_total
-    print(f"\n## 3. tinyshakespeare pretraining, {budget:.0f} s budget (BPE vocab {args.shk_vocab}, "
-          f"calibration {per_step:.2f} s/step)")
+    print(
+        f"\n## 3. tinyshakespeare pretraining, {budget:.0f} s budget (BPE vocab {args.shk_vocab}, "
+        f"calibration {per_step:.2f} s/step)"
+    )
     print("| run | steps | wall s | val bits/char | val nats/char |\n|---|---|---|---|---|")
     bpc = r.final.get("val_bpb")
-    print(f"| yunque 4x192, BPE seq 128 x 16 (tokenizer + calibration included) | {r.steps} | {wall:.0f} | "
-          f"{bpc:.3f} | {bpc * math.log(2):.3f} |")
+    print(
+        f"| yunque 4x192, BPE seq 128 x 16 (tokenizer + calibration included) | {r.steps} | {wall:.0f} | "
+        f"{bpc:.3f} | {bpc * math.log(2):.3f} |"
+    )
     if nano:
-        print(f"| nanoGPT CPU recipe, same machine, same run | {nano['steps']} | {nano['wall']:.0f} | "
-              f"{nano['val_nats'] / math.log(2):.3f} | {nano['val_nats']:.3f} |")
-        print(f"yunque / nanoGPT val bits per char at equal wall time: {bpc / (nano['val_nats'] / math.log(2)):.3f} "
-              f"(below 1 is better; nanoGPT's val loss is its own 20-batch estimate, yunque's the whole val split)")
+        print(
+            f"| nanoGPT CPU recipe, same machine, same run | {nano['steps']} | {nano['wall']:.0f} | "
+            f"{nano['val_nats'] / math.log(2):.3f} | {nano['val_nats']:.3f} |"
+        )
+        print(
+            f"yunque / nanoGPT val bits per char at equal wall time: {bpc / (nano['val_nats'] / math.log(2)):.3f} "
+            f"(below 1 is better; nanoGPT's val loss is its own 20-batch estimate, yunque's the whole val split)"
+        )
     else:
         print("| nanoGPT CPU recipe (README figure) | 2000 | ~180 | 2.71 | 1.88 |  (set NANOGPT_DIR to run it here)")
 
@@ -420,8 +540,10 @@ def main() -> None:
         return
     import torch
 
-    print(f"# yunque training benchmark  torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"# yunque training benchmark  torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for s in args.sections.split(","):

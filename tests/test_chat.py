@@ -20,23 +20,69 @@ CHAT = [
     {"role": "user", "content": "And   now?\n\n"},
     {"role": "assistant", "content": " Done. 👍 "},
 ]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather «now» <city>",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather «now» <city>",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 TOOL_CHAT = [
     {"role": "user", "content": "Weather in Madrid?"},
-    {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Madrid"}}}]},
+    {
+        "role": "assistant",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Madrid"}}}],
+    },
     {"role": "tool", "content": '{"temp_c": 21}'},
     {"role": "assistant", "content": "21 °C in Madrid."},
 ]
 IM = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 FAMILIES = {  # name -> (family_dir kwargs, how each assistant turn appears in the mask)
     "llama3": (None, lambda c: c.strip() + EOT),
-    "llama31": ({"config": {"bos_token": BOS, "eos_token": EOT}, "template": LLAMA31, "generation_eos": [EOS, "<|eom_id|>", EOT]}, lambda c: c.strip() + EOT),
-    "llama31_generation": ({"config": {"bos_token": BOS, "eos_token": EOT}, "template": LLAMA31_GENERATION}, lambda c: c.strip() + EOT),
-    "llama32": ({"config": {"bos_token": BOS, "eos_token": EOT}, "template": LLAMA32, "generation_eos": [EOS, "<|eom_id|>", EOT]}, lambda c: c.strip() + EOT),
-    "qwen25": ({"specials": IM, "config": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, "template": QWEN25, "generation_eos": ["<|im_end|>", "<|endoftext|>"]}, lambda c: c + "<|im_end|>"),
-    "mistral": ({"specials": ["<unk>", "<s>", "</s>"], "config": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, "template": MISTRAL}, lambda c: " " + c + "</s>"),
-    "thinking": ({"specials": IM, "config": {"eos_token": "<|im_end|>"}, "template": THINKING}, lambda c: c + "<|im_end|>"),
+    "llama31": (
+        {
+            "config": {"bos_token": BOS, "eos_token": EOT},
+            "template": LLAMA31,
+            "generation_eos": [EOS, "<|eom_id|>", EOT],
+        },
+        lambda c: c.strip() + EOT,
+    ),
+    "llama31_generation": (
+        {"config": {"bos_token": BOS, "eos_token": EOT}, "template": LLAMA31_GENERATION},
+        lambda c: c.strip() + EOT,
+    ),
+    "llama32": (
+        {
+            "config": {"bos_token": BOS, "eos_token": EOT},
+            "template": LLAMA32,
+            "generation_eos": [EOS, "<|eom_id|>", EOT],
+        },
+        lambda c: c.strip() + EOT,
+    ),
+    "qwen25": (
+        {
+            "specials": IM,
+            "config": {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+            "template": QWEN25,
+            "generation_eos": ["<|im_end|>", "<|endoftext|>"],
+        },
+        lambda c: c + "<|im_end|>",
+    ),
+    "mistral": (
+        {
+            "specials": ["<unk>", "<s>", "</s>"],
+            "config": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+            "template": MISTRAL,
+        },
+        lambda c: " " + c + "</s>",
+    ),
+    "thinking": (
+        {"specials": IM, "config": {"eos_token": "<|im_end|>"}, "template": THINKING},
+        lambda c: c + "<|im_end|>",
+    ),
 }
 
 
@@ -79,7 +125,12 @@ def test_text_and_ids_match_transformers(dirs, hf_tokenizers, name, agp):
     if name.startswith(("llama31", "llama32", "qwen")):
         cases += [(TOOL_CHAT, {"tools": TOOLS}), (CHAT[:2], {"tools": TOOLS, "date_string": "01 Jan 2030"})]
     if name == "llama31":
-        cases.append((CHAT[:2], {"builtin_tools": ["brave_search", "wolfram_alpha"], "tools_in_user_message": False, "tools": TOOLS}))
+        cases.append(
+            (
+                CHAT[:2],
+                {"builtin_tools": ["brave_search", "wolfram_alpha"], "tools_in_user_message": False, "tools": TOOLS},
+            )
+        )
     for messages, kw in cases:
         text = apply_chat_template(tok, messages, add_generation_prompt=agp, **kw)
         assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=agp, **kw)
@@ -119,7 +170,9 @@ def test_mask_agrees_with_transformers_generation_blocks(dirs, hf_tokenizers):
     theirs = hf.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)["assistant_masks"]
     eot = tok.token_to_id(EOT)
     # transformers marks the reply text only; we also train the end-of-turn token after it.
-    assert [bool(m) or (i == eot and r.assistant_mask[k]) for k, (i, m) in enumerate(zip(r.ids, theirs))] == r.assistant_mask
+    assert [
+        bool(m) or (i == eot and r.assistant_mask[k]) for k, (i, m) in enumerate(zip(r.ids, theirs))
+    ] == r.assistant_mask
 
 
 def test_tool_call_turns_are_masked(dirs):
@@ -128,12 +181,15 @@ def test_tool_call_turns_are_masked(dirs):
     assert runs == ['{"name": "get_weather", "parameters": {"city": "Madrid"}}<|eot_id|>', "21 °C in Madrid.<|eot_id|>"]
 
 
-@pytest.mark.parametrize("name,stop,eot,pad", [
-    ("llama3", [EOS, EOT], EOT, "<|finetune_right_pad_id|>"),
-    ("llama31", [EOT, EOS, "<|eom_id|>"], EOT, "<|finetune_right_pad_id|>"),
-    ("qwen25", ["<|im_end|>", "<|endoftext|>"], "<|im_end|>", "<|endoftext|>"),  # its configured pad is safe
-    ("mistral", ["</s>"], "</s>", "<|finetune_right_pad_id|>"),
-])
+@pytest.mark.parametrize(
+    "name,stop,eot,pad",
+    [
+        ("llama3", [EOS, EOT], EOT, "<|finetune_right_pad_id|>"),
+        ("llama31", [EOT, EOS, "<|eom_id|>"], EOT, "<|finetune_right_pad_id|>"),
+        ("qwen25", ["<|im_end|>", "<|endoftext|>"], "<|im_end|>", "<|endoftext|>"),  # its configured pad is safe
+        ("mistral", ["</s>"], "</s>", "<|finetune_right_pad_id|>"),
+    ],
+)
 def test_stop_ids_hold_the_templates_end_of_turn(dirs, name, stop, eot, pad):
     tok = Tokenizer.from_dir(dirs[name])
     assert tok.stop_ids == [tok.token_to_id(t) for t in stop]
@@ -154,33 +210,44 @@ def test_template_helpers_match_transformers(dirs, hf_tokenizers):
     assert "Réponds" in ours and ours.endswith("220" + BOS + "X")
 
 
-@pytest.mark.parametrize("messages,message", [
-    ([], "messages: expected a non-empty list"),
-    (["hi"], r"messages\[0\]: expected a dict with 'role' and 'content', got str"),
-    ([{"content": "x"}], r"messages\[0\]: no 'role'; expected one of system, developer, user, assistant"),
-    ([{"role": "asistant", "content": "x"}], r"messages\[0\]: role 'asistant'; expected one of"),
-    ([{"role": "user"}], r"messages\[0\]: missing 'content'"),
-    ([{"role": "user", "content": 3}], r"messages\[0\]: 'content' must be a string or a list of parts, got int"),
-    ([{"role": "user", "content": "x", "meta": object()}], r"messages\[0\]\.meta: a object cannot go into a chat template"),
-])
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        ([], "messages: expected a non-empty list"),
+        (["hi"], r"messages\[0\]: expected a dict with 'role' and 'content', got str"),
+        ([{"content": "x"}], r"messages\[0\]: no 'role'; expected one of system, developer, user, assistant"),
+        ([{"role": "asistant", "content": "x"}], r"messages\[0\]: role 'asistant'; expected one of"),
+        ([{"role": "user"}], r"messages\[0\]: missing 'content'"),
+        ([{"role": "user", "content": 3}], r"messages\[0\]: 'content' must be a string or a list of parts, got int"),
+        (
+            [{"role": "user", "content": "x", "meta": object()}],
+            r"messages\[0\]\.meta: a object cannot go into a chat template",
+        ),
+    ],
+)
 def test_bad_messages(dirs, messages, message):
     tok = Tokenizer.from_dir(dirs["llama3"])
     with pytest.raises(YunqueError, match=message):
         render_chat(tok, messages)
 
 
-@pytest.mark.parametrize("template,message", [
-    ("{{ raise_exception('no system role') }}", r"chat template line 1 rejected the messages: no system role"),
-    ("hello\n{% for m in messages %}", r"chat template line 2: syntax error: Unexpected end of template"),
-    ("{{ messages.__class__.__mro__ }}", r"chat template line 1 failed: (SecurityError|UndefinedError)"),
-    ("{{ ''.__class__.__subclasses__() }}", r"chat template line 1 failed: SecurityError"),
-    ("{% set ns = namespace(_x=1) %}", r"chat template line 1 failed: SecurityError: namespace attribute '_x'"),
-    ("{% set x = messages.append(1) %}", r"chat template line 1 failed: SecurityError"),  # immutable sandbox
-    ("{{ messages[0].content + 1 }}", r"chat template line 1 failed: TypeError"),
-    # A template that never writes assistant turns: no silent empty mask.
-    ("{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}",
-     r"messages\[2\]: cannot locate this assistant turn in the rendered chat"),
-])
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("{{ raise_exception('no system role') }}", r"chat template line 1 rejected the messages: no system role"),
+        ("hello\n{% for m in messages %}", r"chat template line 2: syntax error: Unexpected end of template"),
+        ("{{ messages.__class__.__mro__ }}", r"chat template line 1 failed: (SecurityError|UndefinedError)"),
+        ("{{ ''.__class__.__subclasses__() }}", r"chat template line 1 failed: SecurityError"),
+        ("{% set ns = namespace(_x=1) %}", r"chat template line 1 failed: SecurityError: namespace attribute '_x'"),
+        ("{% set x = messages.append(1) %}", r"chat template line 1 failed: SecurityError"),  # immutable sandbox
+        ("{{ messages[0].content + 1 }}", r"chat template line 1 failed: TypeError"),
+        # A template that never writes assistant turns: no silent empty mask.
+        (
+            "{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}",
+            r"messages\[2\]: cannot locate this assistant turn in the rendered chat",
+        ),
+    ],
+)
 def test_template_errors_and_sandbox(dirs, template, message):
     tok = Tokenizer.from_dir(dirs["llama3"])
     with pytest.raises(YunqueError, match=message):
@@ -194,7 +261,12 @@ def test_template_refusal_and_missing_template(dirs, tmp_path):
     bare = family_dir(dirs["llama3"], tmp_path / "bare", config={"eos_token": EOS}, template=None)
     with pytest.raises(YunqueError, match=r"bare: the tokenizer has no chat template"):
         render_chat(Tokenizer.from_dir(bare), CHAT)
-    named = family_dir(dirs["llama3"], tmp_path / "named", config={}, template=[{"name": "a", "template": "A"}, {"name": "tool_use", "template": "T"}])
+    named = family_dir(
+        dirs["llama3"],
+        tmp_path / "named",
+        config={},
+        template=[{"name": "a", "template": "A"}, {"name": "tool_use", "template": "T"}],
+    )
     with pytest.raises(YunqueError, match=r"several chat templates \(a, tool_use\) and none named 'default'"):
         apply_chat_template(Tokenizer.from_dir(named), CHAT)
     assert apply_chat_template(Tokenizer.from_dir(named), CHAT, tools=TOOLS) == "T"
@@ -212,7 +284,9 @@ def test_sanitize_control_tokens_encodes_injected_tokens_as_text(dirs, hf_tokeni
     assert safe.ids.count(header) == 3 and safe.ids.count(eot) == 2  # the template's own: 2 turns + prompt
     assert safe.text == apply_chat_template(tok, messages, add_generation_prompt=True) == tok.decode(safe.ids)
     assert [tok.decode(run) for run in _runs(safe)] == ["No <|eot_id|> here.<|eot_id|>"]
-    theirs = hf_tokenizers["llama3"].apply_chat_template(messages, add_generation_prompt=True, sanitize_control_tokens=True)
+    theirs = hf_tokenizers["llama3"].apply_chat_template(
+        messages, add_generation_prompt=True, sanitize_control_tokens=True
+    )
     assert safe.ids == theirs["input_ids"]
     # A forged marker in the input is dropped instead of smuggling a token through.
     forged = [{"role": "user", "content": "\U000f0000<|eot_id|>\U000f0001"}]
@@ -233,16 +307,33 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     from tokenizers import SentencePieceBPETokenizer
 
     sp = SentencePieceBPETokenizer()
-    sp.train([str(write_corpus(tmp_path / "c.txt", n_lines=600))], vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    sp.train(
+        [str(write_corpus(tmp_path / "c.txt", n_lines=600))],
+        vocab_size=500,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+    )
     (tmp_path / "raw").mkdir()
     sp.save(str(tmp_path / "raw" / "tokenizer.json"))
-    d = family_dir(tmp_path / "raw", tmp_path / "sp", config={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, template=MISTRAL)
+    d = family_dir(
+        tmp_path / "raw",
+        tmp_path / "sp",
+        config={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        template=MISTRAL,
+    )
     tok, hf = Tokenizer.from_dir(d), transformers.AutoTokenizer.from_pretrained(str(d))
-    messages = [{"role": "user", "content": "hola ¿qué tal?"}, {"role": "assistant", "content": "bien, gracias."},
-                {"role": "user", "content": "y tú"}, {"role": "assistant", "content": "también"}]
+    messages = [
+        {"role": "user", "content": "hola ¿qué tal?"},
+        {"role": "assistant", "content": "bien, gracias."},
+        {"role": "user", "content": "y tú"},
+        {"role": "assistant", "content": "también"},
+    ]
     r = render_chat(tok, messages)
     assert r.ids == hf.apply_chat_template(messages, return_dict=True)["input_ids"]
-    assert [tok.decode(run) for run in _runs(r)] == ["bien, gracias.</s>", "también</s>"]  # the decoder drops the leading ▁
+    assert [tok.decode(run) for run in _runs(r)] == [
+        "bien, gracias.</s>",
+        "también</s>",
+    ]  # the decoder drops the leading ▁
     assert tok.stop_ids == [tok.token_to_id("</s>")] and tok.pad_id == tok.token_to_id("<unk>")
 
 
@@ -281,7 +372,7 @@ def test_mask_when_prefixes_drop_the_turn(dirs):
     # The last message is never written (a template for prompts, not transcripts): rendering the
     # conversation cut after a reply loses the reply, so its span comes from the full text.
     tok = Tokenizer.from_dir(dirs["llama3"])
-    template = "{% for m in messages %}{% if not loop.last or m.role != 'assistant' %}<{{ m.role }}>{{ m.content }}<|eot_id|>{% endif %}{% endfor %}"
+    template = "{% for m in messages %}{% if not loop.last or m.role != 'assistant' %}<{{ m.role }}>{{ m.content }}<|eot_id|>{% endif %}{% endfor %}"  # noqa: E501
     r = render_chat(tok, CHAT[:4], chat_template=template)
     # With no generation prompt in the template, the model itself must write the role header.
     assert [tok.decode(run) for run in _runs(r)] == ["<assistant>" + CHAT[2]["content"] + EOT]

@@ -3,7 +3,6 @@
 import hashlib
 
 import pytest
-import torch
 from tok_helpers import write_corpus
 
 from yunque.__main__ import COMMANDS, PASSTHROUGH, main
@@ -31,26 +30,45 @@ def test_generate_prints_the_api_completion(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", "the quick", "--max-new-tokens", "12"]) == 0
     printed = capsys.readouterr().out.rstrip("\n")
     model, tok = load(model_dir)
-    ids = generate(model, [tok.encode("the quick", add_special_tokens=True)],
-                   Sampling(max_new_tokens=12, stop_ids=tok.stop_ids), pad_id=tok.pad_id)[0]
+    ids = generate(
+        model,
+        [tok.encode("the quick", add_special_tokens=True)],
+        Sampling(max_new_tokens=12, stop_ids=tok.stop_ids),
+        pad_id=tok.pad_id,
+    )[0]
     ids = [i for i in ids if i not in tok.stop_ids]
     assert printed == tok.decode(ids, skip_special_tokens=True)
 
 
 def test_generate_chat_and_seeded_sampling(model_dir, capsys):
-    args = ["generate", "--model", str(model_dir), "--prompt", "hola", "--chat", "--max-new-tokens", "8",
-            "--temperature", "0.8", "--seed", "7"]
+    args = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "hola",
+        "--chat",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent: model directory not found"),
-    (["generate", "--model", "{m}", "--prompt", "x", "--top-p", "1.5"], "--top-p 1.5 is out of range"),
-    (["init", "{m}-2", "--preset", "huge"], "--preset 'huge' is unknown"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["generate", "--model", "/nonexistent", "--prompt", "x"], "/nonexistent: model directory not found"),
+        (["generate", "--model", "{m}", "--prompt", "x", "--top-p", "1.5"], "--top-p 1.5 is out of range"),
+        (["init", "{m}-2", "--preset", "huge"], "--preset 'huge' is unknown"),
+    ],
+)
 def test_user_errors_are_one_line_exit_2(model_dir, capsys, argv, needle):
     argv = [a.replace("{m}", str(model_dir)) for a in argv]
     assert main(argv) == 2
@@ -67,8 +85,24 @@ def test_chat_streams_and_keeps_history(model_dir):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "yunque", "chat", "--model", str(model_dir), "--max-new-tokens", "6",
-                        "--temperature", "0"], input="hello\nand again\n\n", capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yunque",
+            "chat",
+            "--model",
+            str(model_dir),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+        ],
+        input="hello\nand again\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 2 and r.stdout.count("you> ") == 3
 

@@ -32,16 +32,22 @@ def _alias_bomb(levels: int = 12) -> str:
     return s + f"extra: {{k: *a{levels - 1}}}\n"
 
 
-@pytest.mark.parametrize("text, needle", [
-    ('lr: !!python/object/apply:os.system ["echo pwned"]\n', r"cfg.yaml:1: invalid YAML: could not determine a constructor"),
-    ("lr: !custom 1\n", r"cfg.yaml:1: invalid YAML: could not determine a constructor for the tag '!custom'"),
-    ("extra: " + "[" * 20000 + "]" * 20000 + "\n", r"cfg.yaml(:1)?: invalid YAML: nested too deeply"),
-    ("extra: " + "{a: " * 100 + "1" + "}" * 100 + "\n", r"cfg.yaml:1: invalid YAML: nested too deeply"),
-    (_alias_bomb(), r"cfg.yaml:\d+: invalid YAML: more than 100,000 values"),
-    ("lr: 0.1\nlr: 0.2\n", r"cfg.yaml:2: lr: key given twice"),
-    ("inner:\n  x: 1\n  x: 2\n", r"cfg.yaml:3: inner.x: key given twice"),
-    ("lr: [1, 2\n", r"cfg.yaml:2: invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (
+            'lr: !!python/object/apply:os.system ["echo pwned"]\n',
+            r"cfg.yaml:1: invalid YAML: could not determine a constructor",
+        ),
+        ("lr: !custom 1\n", r"cfg.yaml:1: invalid YAML: could not determine a constructor for the tag '!custom'"),
+        ("extra: " + "[" * 20000 + "]" * 20000 + "\n", r"cfg.yaml(:1)?: invalid YAML: nested too deeply"),
+        ("extra: " + "{a: " * 100 + "1" + "}" * 100 + "\n", r"cfg.yaml:1: invalid YAML: nested too deeply"),
+        (_alias_bomb(), r"cfg.yaml:\d+: invalid YAML: more than 100,000 values"),
+        ("lr: 0.1\nlr: 0.2\n", r"cfg.yaml:2: lr: key given twice"),
+        ("inner:\n  x: 1\n  x: 2\n", r"cfg.yaml:3: inner.x: key given twice"),
+        ("lr: [1, 2\n", r"cfg.yaml:2: invalid YAML"),
+    ],
+)
 def test_hostile_yaml_is_one_error(tmp_path, text, needle):
     p = tmp_path / "cfg.yaml"
     p.write_text(text, encoding="utf-8")
@@ -53,7 +59,7 @@ def test_hostile_yaml_is_one_error(tmp_path, text, needle):
 
 def test_invalid_utf8_names_the_file(tmp_path):
     p = tmp_path / "cfg.yaml"
-    p.write_bytes(b"lr: 0.1\nextra: {a: \"\xff\xfe\"}\n")
+    p.write_bytes(b'lr: 0.1\nextra: {a: "\xff\xfe"}\n')
     with pytest.raises(ConfigError, match=r"cfg.yaml: not UTF-8 text \(byte 20\)"):
         load_config(Cfg, p)
 

@@ -13,8 +13,10 @@ def test_require_names_the_extra_and_the_missing_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MissingExtraError) as e:
         require("lm_eval", "lmeval", "yunque lm-eval", package="lm-eval")
-    assert str(e.value) == ("yunque lm-eval needs the optional package lm-eval (no module named 'lm_eval'): "
-                            "pip install 'yunque[lmeval]' (in a clone: bash install.sh lmeval)")
+    assert str(e.value) == (
+        "yunque lm-eval needs the optional package lm-eval (no module named 'lm_eval'): "
+        "pip install 'yunque[lmeval]' (in a clone: bash install.sh lmeval)"
+    )
     assert e.value.exit_code == 2
 
 

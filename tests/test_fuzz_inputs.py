@@ -31,17 +31,38 @@ def _limit_memory() -> None:
 def test_fuzzed_inputs_end_in_one_line_errors(tmp_path):
     cases = int(os.environ.get("YUNQUE_FUZZ_CASES", "120"))
     out = tmp_path / "results.jsonl"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, str(HARNESS), "--cases", str(cases), "--seed", "24", "--out", str(out),
-                        "--work", str(tmp_path / "work")], capture_output=True, text=True, env=env,
-                       preexec_fn=_limit_memory, timeout=60 + 15 * cases)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(HARNESS),
+            "--cases",
+            str(cases),
+            "--seed",
+            "24",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_limit_memory,
+        timeout=60 + 15 * cases,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()][1:]
     assert len(rows) == cases
     readers = {row["reader"] for row in rows}
     assert len(readers) >= 25  # config.json, tokenizer files, safetensors, shard index, YAML, data inputs, templates...
     bad = [row for row in rows if not row["ok"]]
-    assert not bad, "\n\n".join(f"{b['reader']} ({b['argv']}): rc {b['rc']}\n{b['escaped'] or b['stderr_tail']}" for b in bad)
+    assert not bad, "\n\n".join(
+        f"{b['reader']} ({b['argv']}): rc {b['rc']}\n{b['escaped'] or b['stderr_tail']}" for b in bad
+    )
     assert sum(row["rc"] == 2 for row in rows) > cases // 2  # the mutations bite: most cases are refused
     assert max(row["seconds"] for row in rows) < 20
     assert rows[-1]["maxrss_mb"] < 3000
@@ -58,9 +79,20 @@ def model_with_template(tmp_path):
     (tmp_path / "c.txt").write_text("the cat sat on the mat\n" * 200)
     tok = train_bpe([tmp_path / "c.txt"], 280, tmp_path / "m")
     torch.manual_seed(0)
-    save_model(Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)),
-               tmp_path / "m")
+    save_model(
+        Transformer(
+            ModelConfig(
+                vocab_size=tok.vocab_size,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=64,
+            )
+        ),
+        tmp_path / "m",
+    )
     return tmp_path / "m"
 
 
@@ -81,8 +113,9 @@ def test_a_prompt_past_the_context_is_refused_before_allocation(model_with_templ
     (model_with_template / "chat_template.jinja").write_text("{{ 'the cat ' * 100000 }}")
     err = _one_line_error(capsys, ["generate", "--model", str(model_with_template), "--prompt", "hi", "--chat"])
     assert "exceeds the model's context of 64 tokens" in err
-    err = _one_line_error(capsys, ["generate", "--model", str(model_with_template), "--prompt", "hi",
-                                   "--max-new-tokens", "1000000000"])
+    err = _one_line_error(
+        capsys, ["generate", "--model", str(model_with_template), "--prompt", "hi", "--max-new-tokens", "1000000000"]
+    )
     assert "max_new_tokens 1000000000 exceeds" in err
 
 
@@ -92,6 +125,7 @@ def test_last_resort_net_names_the_command(monkeypatch, capsys):
     def boom(path: str):
         def f(n):
             return f(n + 1)
+
         f(0)
 
     monkeypatch.setattr(rec, "inspect_cmd", boom)

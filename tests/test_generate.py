@@ -20,8 +20,16 @@ def _hf_batched(hf, prompts, n, use_cache=True):
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     am = (ids != 0) | (torch.arange(P)[None] >= torch.tensor([P - len(p) for p in prompts])[:, None])
-    out = hf.generate(ids, attention_mask=am.long(), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                      pad_token_id=0, eos_token_id=None, use_cache=use_cache)
+    out = hf.generate(
+        ids,
+        attention_mask=am.long(),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        use_cache=use_cache,
+    )
     return out[:, P:].tolist()
 
 
@@ -33,16 +41,24 @@ def test_greedy_matches_transformers(pair, use_cache):
     s = Sampling(max_new_tokens=32)
     assert generate(ours, prompts, s, use_cache=use_cache) == _hf_batched(hf, prompts, 32, use_cache)
     for p in prompts:  # unbatched too
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+        ref = hf.generate(
+            torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0, eos_token_id=None
+        )[0, len(p) :].tolist()
         assert generate(ours, [p], s, use_cache=use_cache) == [ref]
 
 
 def test_repetition_penalty_matches_transformers(pair):
     hf, ours = pair
     p = torch.randint(3, 320, (9,), generator=torch.Generator().manual_seed(5)).tolist()
-    ref = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                      repetition_penalty=1.3, pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()
+    ref = hf.generate(
+        torch.tensor([p]),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        repetition_penalty=1.3,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[0, len(p) :].tolist()
     assert generate(ours, [p], Sampling(max_new_tokens=20, repetition_penalty=1.3)) == [ref]
 
 
@@ -97,5 +113,5 @@ def test_text_decoder_never_splits_characters_and_holds_stop_prefix():
     dec = TextDecoder(_CharTok(), stop_strings=["STOP"])
     out = "".join(dec.add(b) for b in "año ST".encode())
     assert out == "año " and "\ufffd" not in out  # "ST" held back: may start "STOP"
-    out += "".join(dec.add(b) for b in "OP tail".encode())
+    out += "".join(dec.add(b) for b in b"OP tail")
     assert dec.stopped and out == "año "

@@ -9,8 +9,16 @@ from lora_testing import perturb
 
 from yunque.config import from_dict
 from yunque.errors import CheckpointError, ConfigError
-from yunque.lora import (LoraConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict,
-                         merge_lora, trainable_parameters)
+from yunque.lora import (
+    LoraConfig,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    merge_lora,
+    trainable_parameters,
+)
 from yunque.model import Transformer
 from yunque.presets import get_preset
 
@@ -20,7 +28,6 @@ def tiny_model(seed=0, **kw) -> Transformer:
     m = Transformer(get_preset("tiny", vocab_size=512, **kw))
     m.init_weights()
     return m.eval()
-
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -46,9 +53,14 @@ def test_lora_linear_equals_hand_computed_reference(rslora):
 
 
 def test_config_ranges_and_rules_are_errors_naming_the_field():
-    for bad, field in [({"r": 0}, "r"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
-                       ({"dropout": -0.1}, "dropout"), ({"block_size": 100}, "block_size"),
-                       ({"target_modules": []}, "target_modules")]:
+    for bad, field in [
+        ({"r": 0}, "r"),
+        ({"alpha": 0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"block_size": 100}, "block_size"),
+        ({"target_modules": []}, "target_modules"),
+    ]:
         with pytest.raises(ConfigError, match=f"^{field}:"):
             from_dict(LoraConfig, bad)
         with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -59,7 +71,9 @@ def test_config_ranges_and_rules_are_errors_naming_the_field():
         from_dict(LoraConfig, {"target_modules": []}, prefix="lora")  # a check in __post_init__ names where it sits
     m = tiny_model()
     with pytest.raises(ConfigError, match="^double_quant: only applies with quantize_base"):
-        apply_lora(m, LoraConfig(double_quant=True))  # settable (training sets quantize_base from the method), not appliable
+        apply_lora(
+            m, LoraConfig(double_quant=True)
+        )  # settable (training sets quantize_base from the method), not appliable
     assert not lora_modules(m)
     with pytest.raises(ConfigError, match="'q_prj' selects no linear layer.*linear layers: .*q_proj"):
         apply_lora(tiny_model(), LoraConfig(target_modules=["q_proj", "q_prj"]))
@@ -186,7 +200,7 @@ def test_bf16_base_merges_to_bf16_and_runs_under_autocast():
         assert m.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
         out = m(x).float()
     # Merged in fp32, rounded once to bf16: no further from the fp32 model than the unmerged bf16 one.
-    rel = lambda a: ((a - y32).norm() / y32.norm()).item()
+    rel = lambda a: ((a - y32).norm() / y32.norm()).item()  # noqa: E731
     assert rel(out) < 1.25 * rel(y) and rel(y) < 0.1
     m32 = tiny_model()
     apply_lora(m32, LoraConfig(r=4))
@@ -200,16 +214,21 @@ def test_bf16_base_merges_to_bf16_and_runs_under_autocast():
 
 # ---- QLoRA: NF4 base (bitsandbytes kernels) ----
 
-needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                               reason="QLoRA needs the optional bitsandbytes dependency (yunque[qlora])")
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="QLoRA needs the optional bitsandbytes dependency (yunque[qlora])",
+)
 
 
 def qlora_pair(double_quant=False, r=8):
     """The same adapter on a full-precision base and on its NF4 copy."""
     full, quant = tiny_model(), tiny_model()
     apply_lora(full, LoraConfig(r=r), generator=torch.Generator().manual_seed(3))
-    apply_lora(quant, LoraConfig(r=r, quantize_base=True, double_quant=double_quant),
-               generator=torch.Generator().manual_seed(3))
+    apply_lora(
+        quant,
+        LoraConfig(r=r, quantize_base=True, double_quant=double_quant),
+        generator=torch.Generator().manual_seed(3),
+    )
     perturb(full, std=0.02)
     perturb(quant, std=0.02)
     return full, quant
@@ -276,7 +295,9 @@ def test_double_quant_matches_single_quant_closely():
 
     w = tiny_model().model.layers[1].self_attn.o_proj.weight
     packed, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-    assert torch.equal(q2.model.layers[1].self_attn.o_proj.base.dequantize(), bnb.functional.dequantize_4bit(packed, state))
+    assert torch.equal(
+        q2.model.layers[1].self_attn.o_proj.base.dequantize(), bnb.functional.dequantize_4bit(packed, state)
+    )
     w1 = q1.model.layers[1].self_attn.o_proj.base.dequantize()
     w2 = q2.model.layers[1].self_attn.o_proj.base.dequantize()
     assert 0 < rel_err(w2, w1) < 0.01
@@ -289,7 +310,10 @@ def test_qlora_training_reduces_loss_and_merge_dequantises_to_original_dtype():
         m.lm_head.weight.normal_(0, 0.1)
     apply_lora(m, LoraConfig(r=8, quantize_base=True, double_quant=True), generator=torch.Generator().manual_seed(0))
     # A learnable task: each row counts up by a row-specific stride from a random start.
-    start, stride = torch.randint(0, 512, (4, 1), generator=torch.Generator().manual_seed(0)), torch.tensor([[1], [3], [5], [7]])
+    start, stride = (
+        torch.randint(0, 512, (4, 1), generator=torch.Generator().manual_seed(0)),
+        torch.tensor([[1], [3], [5], [7]]),
+    )
     x = (start + stride * torch.arange(33)) % 512
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-3)
     m.train()
@@ -307,8 +331,11 @@ def test_qlora_training_reduces_loss_and_merge_dequantises_to_original_dtype():
         ref = m(x)
         merge_lora(m)
         out = m(x)
-    assert all(type(mod) is nn.Linear and mod.weight.dtype == torch.float32
-               for n, mod in m.named_modules() if n.endswith("_proj"))
+    assert all(
+        type(mod) is nn.Linear and mod.weight.dtype == torch.float32
+        for n, mod in m.named_modules()
+        if n.endswith("_proj")
+    )
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 

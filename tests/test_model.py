@@ -90,16 +90,16 @@ def test_segments_match_each_document_alone(pairs, family):
     flat_ids, flat_out, flat_grad = ids.view(-1), out.view(32, -1), x.grad.view(32, -1)
     start = 0
     for n in seg.lengths:
-        piece = flat_ids[start:start + n][None]
+        piece = flat_ids[start : start + n][None]
         xa = m.model.embed_tokens(piece).detach().requires_grad_()
-        m.model.embed_tokens.forward = lambda _ids: xa
+        m.model.embed_tokens.forward = lambda _ids: xa  # noqa: B023
         try:
             alone = m(piece)
             alone.square().sum().backward()
         finally:
             del m.model.embed_tokens.forward
-        torch.testing.assert_close(flat_out[start:start + n], alone[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(flat_grad[start:start + n], xa.grad[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(flat_out[start : start + n], alone[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flat_grad[start : start + n], xa.grad[0], atol=1e-4, rtol=1e-4)
         start += n
     m.zero_grad()
 
@@ -124,13 +124,20 @@ def test_decode_attention_equals_sdpa(n_kv):
     mask[..., -1] = True  # the query's own slot
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv != 8)
     torch.testing.assert_close(decode_attention(q, k, v, mask), ref, atol=1e-12, rtol=0)
-    torch.testing.assert_close(decode_attention(q, k, v, None),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != 8))
+    torch.testing.assert_close(
+        decode_attention(q, k, v, None), torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=n_kv != 8)
+    )
 
 
 def test_gradient_checkpointing_same_grads():
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     m = Transformer(cfg)
     m.init_weights()
@@ -157,6 +164,8 @@ def test_segment_attention_runs_short_segments_in_fp32_under_autocast():
     assert got.dtype == torch.bfloat16
     want = []
     for a, b in ((0, 5), (5, 12)):
-        y = F.scaled_dot_product_attention(q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(), is_causal=True)
+        y = F.scaled_dot_product_attention(
+            q[:, :, a:b].float(), k[:, :, a:b].float(), v[:, :, a:b].float(), is_causal=True
+        )
         want.append(y[0].transpose(0, 1).reshape(b - a, -1))
     assert torch.equal(got[0], torch.cat(want).bfloat16())

@@ -54,8 +54,9 @@ def test_swiglu_gradcheck_float64():
     assert torch.autograd.gradcheck(swiglu, (a, b))
 
 
-@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, None),
-                                             (torch.float32, torch.bfloat16)])  # the last: under autocast
+@pytest.mark.parametrize(
+    "dtype,out_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)]
+)  # the last: under autocast
 @pytest.mark.parametrize("train_weight", [True, False])
 def test_rms_norm_matches_plain_ops(dtype, out_dtype, train_weight, kernels):
     torch.manual_seed(0)
@@ -164,8 +165,10 @@ def test_layer_recipes_free_norm_outputs_and_swiglu_product_with_identical_grads
     results = []
     for recipes in (False, True):
         inputs = []
-        hooks = [m.register_forward_pre_hook(lambda m, a: inputs.append(weakref.ref(a[0])))
-                 for m in (attn.q_proj, mlp.gate_proj, mlp.down_proj)]
+        hooks = [
+            m.register_forward_pre_hook(lambda m, a: inputs.append(weakref.ref(a[0])))  # noqa: B023
+            for m in (attn.q_proj, mlp.gate_proj, mlp.down_proj)
+        ]
         x = x0.clone().requires_grad_()
         torch.manual_seed(1)  # the same LoRA dropout masks
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -69,9 +69,18 @@ def test_training_outputs_never_follow_planted_links(tmp_path, victim):
     (out / "model").mkdir(parents=True)
     for name in ("run.tmp", "run.json", "loss.tmp.png", "model/tokenizer.json", "model/tokenizer_config.json"):
         os.symlink(victim, out / name)
-    cfg = pretrain_cfg(corpus, out, max_steps=2, eval={"every": 0}, checkpoint={"every": 0},
-                       log={"plot": True}, model={"overrides": {"num_hidden_layers": 1}})
+    cfg = pretrain_cfg(
+        corpus,
+        out,
+        max_steps=2,
+        eval={"every": 0},
+        checkpoint={"every": 0},
+        log={"plot": True},
+        model={"overrides": {"num_hidden_layers": 1}},
+    )
     r = train(from_dict(TrainConfig, cfg))
     assert victim.read_text() == "precious\n"
     assert r.run_json == out / "run.json" and not (out / "run.json").is_symlink()
-    assert not (out / "model" / "tokenizer.json").is_symlink() and (out / "model" / "tokenizer.json").stat().st_size > 100
+    assert (
+        not (out / "model" / "tokenizer.json").is_symlink() and (out / "model" / "tokenizer.json").stat().st_size > 100
+    )

@@ -41,9 +41,17 @@ def _one_thread():
 def peaked_model(vocab: int = 256, tied: bool = False, seed: int = 0) -> Transformer:
     """A random tiny model whose predictions are peaked like a trained one's (perplexity ~50 of 256),
     so that weight errors show in its perplexity."""
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, bos_token_id=1,
-                      eos_token_id=2)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     m = Transformer(cfg)
     m.init_weights()
@@ -63,8 +71,9 @@ def perplexity(model, text: torch.Tensor) -> float:
 # ---------------------------------------------------------------- codes
 
 
-@pytest.mark.parametrize("bits,group,sym,bound", [(8, -1, True, 0.01), (4, 32, True, 0.095),
-                                                  (4, 64, False, 0.1), (4, 128, True, 0.115)])
+@pytest.mark.parametrize(
+    "bits,group,sym,bound", [(8, -1, True, 0.01), (4, 32, True, 0.095), (4, 64, False, 0.1), (4, 128, True, 0.115)]
+)
 def test_quantize_weight_reconstructs_within_the_format_error(bits, group, sym, bound):
     """Bounds ~10% above the rounding error of Gaussian weights: step / sqrt(12) relative to the spread."""
     w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * 0.05
@@ -91,8 +100,16 @@ def test_quantize_weight_reconstructs_within_the_format_error(bits, group, sym, 
             assert z.dtype == torch.uint8 and int(z.max()) <= 15
             # asymmetric: a one-signed group uses all 16 levels, more than symmetric gives it
             pos = w.abs() + 0.01
-            err = lambda c: (dequantize(*(lambda d: (d["qweight"], d["weight_scale"], d.get("weight_zero_point")))(  # noqa: E731
-                quantize_weight(pos, c)), 4, torch.float32) - pos).norm()
+            err = lambda c: (  # noqa: E731
+                dequantize(
+                    *(lambda d: (d["qweight"], d["weight_scale"], d.get("weight_zero_point")))(  # noqa: E731
+                        quantize_weight(pos, c)
+                    ),
+                    4,
+                    torch.float32,
+                )
+                - pos
+            ).norm()
             assert err(qc) < 0.75 * err(QuantConfig(4, group, True))
 
 
@@ -149,8 +166,11 @@ def test_int8_perplexity_within_one_percent_of_fp32_and_int4_measurably_worse(pa
     base = perplexity(m, text)
     assert base < 100  # peaked: far from the uniform 256, so the bound below means something
     rel = {}
-    for name, qc in {"int8": QuantConfig(8), "int8+head": QuantConfig(8, modules_to_not_convert=()),
-                     "int4": QuantConfig(4, 32)}.items():
+    for name, qc in {
+        "int8": QuantConfig(8),
+        "int8+head": QuantConfig(8, modules_to_not_convert=()),
+        "int4": QuantConfig(4, 32),
+    }.items():
         q = copy.deepcopy(m)
         quantize_model_(q, qc)
         rel[name] = abs(perplexity(q, text) / base - 1)
@@ -180,10 +200,16 @@ def model_dirs(tmp_path_factory):
 
 CASES = {
     "int8": (False, ["--bits", "8"], QuantConfig(8)),
-    "int8-head": (False, ["--bits", "8", "--include-head"],
-                  QuantConfig(8, modules_to_not_convert=("model.embed_tokens",))),
-    "int4-asym-all": (False, ["--bits", "4", "--group-size", "64", "--asymmetric", "--include-head",
-                              "--include-embedding"], QuantConfig(4, 64, False, ())),
+    "int8-head": (
+        False,
+        ["--bits", "8", "--include-head"],
+        QuantConfig(8, modules_to_not_convert=("model.embed_tokens",)),
+    ),
+    "int4-asym-all": (
+        False,
+        ["--bits", "4", "--group-size", "64", "--asymmetric", "--include-head", "--include-embedding"],
+        QuantConfig(4, 64, False, ()),
+    ),
     "int8-tied-float-head": (True, ["--bits", "8"], QuantConfig(8)),
     "int4-tied": (True, ["--bits", "4", "--include-head", "--include-embedding"], QuantConfig(4, 32, True, ())),
 }
@@ -249,10 +275,18 @@ def test_quantised_directory_refused_for_training_merging_and_export(model_dirs,
     from train_util import make_corpus, write_cfg
 
     corpus = make_corpus(tmp_path / "c", n_lines=20)
-    cfg = write_cfg(tmp_path / "ft.yaml", {
-        "method": "lora", "out_dir": str(tmp_path / "run"), "tokenizer": str(out),
-        "model": {"path": str(out)}, "data": {"train": [str(corpus["text"])], "seq_len": 32},
-        "micro_batch": 2, "max_steps": 1})
+    cfg = write_cfg(
+        tmp_path / "ft.yaml",
+        {
+            "method": "lora",
+            "out_dir": str(tmp_path / "run"),
+            "tokenizer": str(out),
+            "model": {"path": str(out)},
+            "data": {"train": [str(corpus["text"])], "seq_len": 32},
+            "micro_batch": 2,
+            "max_steps": 1,
+        },
+    )
     capsys.readouterr()
     assert main(["train", str(cfg)]) == 2
     assert "quantised for inference" in capsys.readouterr().err
@@ -267,9 +301,13 @@ def test_bad_quantization_config_and_tensors_are_named(model_dirs, tmp_path):
     assert main(["quantize", str(model_dirs[False]), "--out", str(out), "--bits", "8"]) == 0
     cfg_path = out / "config.json"
     good = json.loads(cfg_path.read_text())
-    for patch, msg in (({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
-                       ({"bits": 3}, "bits must be 8 or 4"), ({"group_size": "32"}, "group_size must be an integer"),
-                       ({"sym": 1}, "sym must be a boolean"), ({"desc_act": False}, "desc_act is not a known field")):
+    for patch, msg in (
+        ({"quant_method": "gptq"}, "quant_method 'gptq' is not supported"),
+        ({"bits": 3}, "bits must be 8 or 4"),
+        ({"group_size": "32"}, "group_size must be an integer"),
+        ({"sym": 1}, "sym must be a boolean"),
+        ({"desc_act": False}, "desc_act is not a known field"),
+    ):
         cfg_path.write_text(json.dumps({**good, "quantization_config": {**good["quantization_config"], **patch}}))
         with pytest.raises(CheckpointError, match=msg):
             load(out)
@@ -289,9 +327,11 @@ def test_bad_quantization_config_and_tensors_are_named(model_dirs, tmp_path):
 
 def test_quantize_command_errors(model_dirs, tmp_path, capsys):
     src = model_dirs[True]
-    for args, msg in ((["--bits", "8", "--group-size", "32"], "--group-size applies to --bits 4"),
-                      (["--bits", "4", "--include-head"], "ties lm_head to embed_tokens"),
-                      (["--bits", "8", "--out", str(src)], "must be a new directory")):
+    for args, msg in (
+        (["--bits", "8", "--group-size", "32"], "--group-size applies to --bits 4"),
+        (["--bits", "4", "--include-head"], "ties lm_head to embed_tokens"),
+        (["--bits", "8", "--out", str(src)], "must be a new directory"),
+    ):
         full = ["quantize", str(src), *args] + ([] if "--out" in args else ["--out", str(tmp_path / "o")])
         assert main(full) == 2
         assert msg in capsys.readouterr().err

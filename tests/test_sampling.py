@@ -26,7 +26,7 @@ def test_a_seeded_row_does_not_depend_on_its_batch():
     batch = sample(logits, temps, top_p, generator=torch.Generator().manual_seed(0), row_generators=gens())
     assert batch[0] == logits[0].argmax() and batch[2] == logits[2].argmax()  # greedy; top_p 0 keeps the top token
     for i in (1, 3):
-        alone = sample(logits[i:i + 1], temps[i:i + 1], top_p[i:i + 1], row_generators=[gens()[i]])
+        alone = sample(logits[i : i + 1], temps[i : i + 1], top_p[i : i + 1], row_generators=[gens()[i]])
         assert alone[0] == batch[i]
     other = sample(logits, temps, top_p, generator=torch.Generator().manual_seed(99), row_generators=gens())
     assert torch.equal(other[[1, 3]], batch[[1, 3]])  # the shared generator does not touch seeded rows

@@ -21,11 +21,11 @@ BOMBS = {
     "repeat literal": "{{ 'x' * 1000000000 }}",
     "list repeat": "{{ [1, 2] * 1000000000 }}",
     "power": "{{ 2 ** 100000000 }}",
-    "squaring": "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n }}",
-    "doubling ~": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-    "doubling +": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "squaring": "{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}{{ ns.n }}",  # noqa: E501
+    "doubling ~": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",  # noqa: E501
+    "doubling +": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",  # noqa: E501
     "nested literals": "{% set a = 'x' * 4000 %}{% set b = [a,a,a,a,a,a,a,a,a,a] %}{% set c = [b,b,b,b,b,b,b,b,b,b] %}"
-                       "{% set d = [c,c,c,c,c,c,c,c,c,c] %}{% set e = {'k': [d,d,d,d,d,d,d,d,d,d]} %}{{ e|string|length }}",
+    "{% set d = [c,c,c,c,c,c,c,c,c,c] %}{% set e = {'k': [d,d,d,d,d,d,d,d,d,d]} %}{{ e|string|length }}",
     "center filter": "{{ 'x'|center(1000000000) }}",
     "center method": "{{ 'x'.center(1000000000) }}",
     "ljust method": "{{ 'x'.ljust(1000000000) }}",
@@ -78,13 +78,16 @@ def test_bombs_stay_within_memory():
     assert int(r.stdout.split()[1]) < 600_000  # KiB
 
 
-@pytest.mark.parametrize("src", [
-    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-    "{% set r = range(99999)|list %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
-    "{% generation %}{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}{% endgeneration %}",
-    "{% macro f(n) %}{% for i in range(99999) %}{{ i if false }}{% endfor %}{{ f(n) if n > 0 }}{% endmacro %}{{ f(1) }}{{ f(1) }}"
-    "{% for i in range(99999) %}{{ f(1) }}{% endfor %}",
-])
+@pytest.mark.parametrize(
+    "src",
+    [
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "{% set r = range(99999)|list %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+        "{% generation %}{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}{% endgeneration %}",  # noqa: E501
+        "{% macro f(n) %}{% for i in range(99999) %}{{ i if false }}{% endfor %}{{ f(n) if n > 0 }}{% endmacro %}{{ f(1) }}{{ f(1) }}"  # noqa: E501
+        "{% for i in range(99999) %}{{ f(1) }}{% endfor %}",
+    ],
+)
 def test_loops_that_never_end_are_stopped(monkeypatch, src):
     from yunque import jinja_limits
 
@@ -113,8 +116,10 @@ def test_timeout_in_other_threads_and_no_false_alarms(monkeypatch):
 
     slow = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
     threads = [threading.Thread(target=run, args=("slow", slow))]
-    threads += [threading.Thread(target=run, args=(f"fast{i}", "{% for m in messages %}{{ m.content }}{% endfor %}"))
-                for i in range(8)]
+    threads += [
+        threading.Thread(target=run, args=(f"fast{i}", "{% for m in messages %}{{ m.content }}{% endfor %}"))
+        for i in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -129,7 +134,9 @@ def test_recursion_is_one_error():
 
 
 def test_ordinary_templates_are_unaffected():
-    src = ("{% set ns = namespace(sys='') %}{% for m in messages %}{% set content = '<|' + m['role'] + '|>' ~ m['content'] | trim %}"
-           "{{ content }}{{ '%s!' % loop.index }}{{ [1, 2] * 2 }}{{ {'a': 1} | tojson(indent=2) }}{% endfor %}"
-           "{{ 'x'.center(5) }}{{ ['a', 'b'] | join(', ') }}{{ 2 ** 10 }}")
-    assert render_template(src, VARS) == "<|user|>hi1![1, 2, 1, 2]{\n  \"a\": 1\n}  x  a, b1024"
+    src = (
+        "{% set ns = namespace(sys='') %}{% for m in messages %}{% set content = '<|' + m['role'] + '|>' ~ m['content'] | trim %}"  # noqa: E501
+        "{{ content }}{{ '%s!' % loop.index }}{{ [1, 2] * 2 }}{{ {'a': 1} | tojson(indent=2) }}{% endfor %}"
+        "{{ 'x'.center(5) }}{{ ['a', 'b'] | join(', ') }}{{ 2 ** 10 }}"
+    )
+    assert render_template(src, VARS) == '<|user|>hi1![1, 2, 1, 2]{\n  "a": 1\n}  x  a, b1024'

@@ -106,8 +106,10 @@ def test_training_progress_names_its_thread_count(tmp_path):
     from train_util import make_corpus, pretrain_cfg, run_cli, write_cfg
 
     corpus = make_corpus(tmp_path / "c", n_lines=60)
-    cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(corpus, tmp_path / "run", max_steps=2, eval={"every": 0},
-                                                      checkpoint={"every": 0}))
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        pretrain_cfg(corpus, tmp_path / "run", max_steps=2, eval={"every": 0}, checkpoint={"every": 0}),
+    )
     r = run_cli([str(cfg)])  # OMP_NUM_THREADS=1: a count the user fixed
     assert r.returncode == 0, r.stderr
     assert "training on cpu with 1 thread" in r.stderr

@@ -44,7 +44,11 @@ def test_trained_tokenizer_shape(tok, tok_dir):
     assert tok.pad_id not in tok.stop_ids
     assert tok.stop_ids == [tok.token_to_id(EOS), tok.token_to_id(EOT)]  # EOS + the template's end of turn
     assert "<|eot_id|>" in tok.chat_template and "add_generation_prompt" in tok.chat_template
-    assert tok.generation_config() == {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id}
+    assert tok.generation_config() == {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.stop_ids,
+        "pad_token_id": tok.pad_id,
+    }
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
     assert split["pattern"]["Regex"] == ytok.LLAMA3_SPLIT and byte_level["type"] == "ByteLevel"
@@ -61,7 +65,9 @@ def test_ids_match_transformers_on_mixed_text(tok, hf):
         assert ids == hf.encode(text, add_special_tokens=False), text
         assert tok.encode(text, add_special_tokens=True) == hf.encode(text) == [tok.bos_id] + ids
         assert tok.decode(ids) == text == hf.decode(ids)  # byte-level: lossless, even for unseen scripts
-        assert tok.decode(tok.encode(text, True), skip_special_tokens=True) == hf.decode(hf.encode(text), skip_special_tokens=True)
+        assert tok.decode(tok.encode(text, True), skip_special_tokens=True) == hf.decode(
+            hf.encode(text), skip_special_tokens=True
+        )
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode_batch(texts, add_special_tokens=True) == hf(texts)["input_ids"]
 
@@ -77,13 +83,22 @@ def test_special_tokens_are_single_ids_and_decode_accepts_arrays(tok):
 
 def test_save_roundtrip_keeps_config_and_loads_in_transformers(tok, tmp_path):
     transformers = pytest.importorskip("transformers")
-    src = family_dir(Path(tok.source), tmp_path / "src",
-                     config={"bos_token": BOS, "eos_token": EOS, "model_max_length": 4096, "custom_key": 1},
-                     template=tok.chat_template)
+    src = family_dir(
+        Path(tok.source),
+        tmp_path / "src",
+        config={"bos_token": BOS, "eos_token": EOS, "model_max_length": 4096, "custom_key": 1},
+        template=tok.chat_template,
+    )
     Tokenizer.from_dir(src).save(tmp_path / "out")
     again = Tokenizer.from_dir(tmp_path / "out")
     assert (again.vocab_size, again.bos_id, again.eos_id, again.pad_id, again.stop_ids, again.chat_template) == (
-        tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids, tok.chat_template)
+        tok.vocab_size,
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.stop_ids,
+        tok.chat_template,
+    )
     cfg = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert cfg["custom_key"] == 1 and cfg["model_max_length"] == 4096
     assert cfg["pad_token"] == PAD  # the source had no pad: the saved one is the safe pad, not EOS
@@ -94,11 +109,18 @@ def test_save_roundtrip_keeps_config_and_loads_in_transformers(tok, tmp_path):
 
 def test_pad_is_never_eos_or_end_of_turn(tok_dir, tmp_path):
     # Llama-3-base style: pad == eos in the config; the reserved finetune pad is used instead.
-    d = family_dir(tok_dir, tmp_path / "a", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, template=None)
+    d = family_dir(
+        tok_dir, tmp_path / "a", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}, template=None
+    )
     t = Tokenizer.from_dir(d)
     assert t.pad_id == t.token_to_id(PAD) and t.stop_ids == [t.eos_id]
     # Nor the template's end-of-turn token, which every assistant turn must learn to emit.
-    d = family_dir(tok_dir, tmp_path / "c", config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOT}, template=ytok.LLAMA3_CHAT_TEMPLATE)
+    d = family_dir(
+        tok_dir,
+        tmp_path / "c",
+        config={"bos_token": BOS, "eos_token": EOS, "pad_token": EOT},
+        template=ytok.LLAMA3_CHAT_TEMPLATE,
+    )
     t = Tokenizer.from_dir(d)
     assert t.eot_id == t.token_to_id(EOT) and t.pad_id == t.token_to_id(PAD)
     # A vocabulary with no spare token: no pad rather than a pad that would mask the EOS.
@@ -121,7 +143,12 @@ def test_stop_ids_from_generation_config_and_legacy_special_tokens_map(tok_dir, 
 
 
 def test_chat_template_files(tok_dir, tmp_path):
-    d = family_dir(tok_dir, tmp_path / "d", config={"eos_token": EOS}, template=[{"name": "default", "template": "A"}, {"name": "tool_use", "template": "B"}])
+    d = family_dir(
+        tok_dir,
+        tmp_path / "d",
+        config={"eos_token": EOS},
+        template=[{"name": "default", "template": "A"}, {"name": "tool_use", "template": "B"}],
+    )
     assert Tokenizer.from_dir(d).chat_templates == {"default": "A", "tool_use": "B"}
     (d / "chat_template.jinja").write_text("C")  # newer transformers save this; it wins
     (d / "additional_chat_templates").mkdir()
@@ -157,13 +184,16 @@ def test_train_from_jsonl_and_small_corpus(tmp_path):
     assert all(tok.decode(tok.encode(t)) == t for t in MIXED)
 
 
-@pytest.mark.parametrize("name,content,kwargs,message", [
-    ("missing.txt", None, {}, "missing.txt: no such file"),
-    ("bad.txt", b"ok text\n\xff\xfe bad", {}, "bad.txt: not UTF-8 text (invalid byte at offset 8)"),
-    ("empty.txt", b"", {}, "no text in"),
-    ("ok.txt", b"text", {"vocab_size": 100}, "vocab_size 100: must be at least 265"),
-    ("ok.txt", b"text", {"min_frequency": 0}, "min_frequency 0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "name,content,kwargs,message",
+    [
+        ("missing.txt", None, {}, "missing.txt: no such file"),
+        ("bad.txt", b"ok text\n\xff\xfe bad", {}, "bad.txt: not UTF-8 text (invalid byte at offset 8)"),
+        ("empty.txt", b"", {}, "no text in"),
+        ("ok.txt", b"text", {"vocab_size": 100}, "vocab_size 100: must be at least 265"),
+        ("ok.txt", b"text", {"min_frequency": 0}, "min_frequency 0: must be >= 1"),
+    ],
+)
 def test_train_errors(tmp_path, name, content, kwargs, message):
     if content is not None:
         (tmp_path / name).write_bytes(content)
@@ -205,24 +235,48 @@ def _break(d: Path, name: str, text: str) -> None:
     (d / name).write_text(text, encoding="utf-8")
 
 
-@pytest.mark.parametrize("setup,message", [
-    (lambda d: shutil.rmtree(d), "tokenizer directory not found"),
-    (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer.json"),
-    (lambda d: _break(d, "tokenizer.json", '{"model": \n  oops'), r"tokenizer.json:2: invalid JSON"),
-    (lambda d: _break(d, "tokenizer.json", '{"model": 1}'), r"tokenizer.json: not a valid tokenizer"),
-    (lambda d: _break(d, "tokenizer_config.json", "{,}"), r"tokenizer_config.json:1: invalid JSON"),
-    (lambda d: _break(d, "tokenizer_config.json", "[]"), r"tokenizer_config.json: expected a JSON object"),
-    (lambda d: _break(d, "tokenizer_config.json", '{"eos_token": "<eos>"}'), r"eos_token '<eos>' is not in the vocabulary"),
-    (lambda d: _break(d, "tokenizer_config.json", '{"eos_token": 5}'), r"eos_token: expected a token string, got 5"),
-    (lambda d: _break(d, "tokenizer_config.json", '{"chat_template": 5}'), r"chat_template: expected a string or a list"),
-    (lambda d: _break(d, "tokenizer_config.json", '{"chat_template": [{"name": "x"}]}'), r"chat_template\[0\]: expected"),
-    (lambda d: _break(d, "generation_config.json", '{"eos_token_id": [1, 99999]}'), r"eos_token_id 99999 is not a token id"),
-    (lambda d: _break(d, "special_tokens_map.json", "nope"), r"special_tokens_map.json:1: invalid JSON"),
-    (lambda d: _break(d, "special_tokens_map.json", "[1]"), r"special_tokens_map.json: expected a JSON object"),
-    (lambda d: (d / "tokenizer_config.json").write_bytes(b'{"a": "\xff"}'), r"tokenizer_config.json: cannot read: .*utf-8"),
-    (lambda d: (d / "chat_template.jinja").write_bytes(b"\xff"), r"chat_template.jinja: cannot read"),
-    (lambda d: ((d / "tokenizer.json").rename(d / "tokenizer.model")), r"no tokenizer.json \(only a SentencePiece tokenizer.model"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: shutil.rmtree(d), "tokenizer directory not found"),
+        (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer.json"),
+        (lambda d: _break(d, "tokenizer.json", '{"model": \n  oops'), r"tokenizer.json:2: invalid JSON"),
+        (lambda d: _break(d, "tokenizer.json", '{"model": 1}'), r"tokenizer.json: not a valid tokenizer"),
+        (lambda d: _break(d, "tokenizer_config.json", "{,}"), r"tokenizer_config.json:1: invalid JSON"),
+        (lambda d: _break(d, "tokenizer_config.json", "[]"), r"tokenizer_config.json: expected a JSON object"),
+        (
+            lambda d: _break(d, "tokenizer_config.json", '{"eos_token": "<eos>"}'),
+            r"eos_token '<eos>' is not in the vocabulary",
+        ),
+        (
+            lambda d: _break(d, "tokenizer_config.json", '{"eos_token": 5}'),
+            r"eos_token: expected a token string, got 5",
+        ),
+        (
+            lambda d: _break(d, "tokenizer_config.json", '{"chat_template": 5}'),
+            r"chat_template: expected a string or a list",
+        ),
+        (
+            lambda d: _break(d, "tokenizer_config.json", '{"chat_template": [{"name": "x"}]}'),
+            r"chat_template\[0\]: expected",
+        ),
+        (
+            lambda d: _break(d, "generation_config.json", '{"eos_token_id": [1, 99999]}'),
+            r"eos_token_id 99999 is not a token id",
+        ),
+        (lambda d: _break(d, "special_tokens_map.json", "nope"), r"special_tokens_map.json:1: invalid JSON"),
+        (lambda d: _break(d, "special_tokens_map.json", "[1]"), r"special_tokens_map.json: expected a JSON object"),
+        (
+            lambda d: (d / "tokenizer_config.json").write_bytes(b'{"a": "\xff"}'),
+            r"tokenizer_config.json: cannot read: .*utf-8",
+        ),
+        (lambda d: (d / "chat_template.jinja").write_bytes(b"\xff"), r"chat_template.jinja: cannot read"),
+        (
+            lambda d: (d / "tokenizer.json").rename(d / "tokenizer.model"),
+            r"no tokenizer.json \(only a SentencePiece tokenizer.model",
+        ),
+    ],
+)
 def test_from_dir_errors(tok_dir, tmp_path, setup, message):
     d = tmp_path / "t"
     shutil.copytree(tok_dir, d)
@@ -244,7 +298,10 @@ def test_tokenizer_does_not_import_chat():
     import yunque.chat as chat
 
     assert "yunque.chat" not in imports(ytok)
-    top_level = {n.module for n in ast.parse(Path(chat.__file__).read_text(encoding="utf-8")).body
-                 if isinstance(n, ast.ImportFrom)}
+    top_level = {
+        n.module
+        for n in ast.parse(Path(chat.__file__).read_text(encoding="utf-8")).body
+        if isinstance(n, ast.ImportFrom)
+    }
     assert "yunque.tokenizer" in top_level  # a real import, not one hidden under TYPE_CHECKING
     assert ytok.find_end_of_turn(ytok.LLAMA3_CHAT_TEMPLATE, {"bos_token": BOS}, SPECIAL_TOKENS) == EOT

@@ -48,7 +48,9 @@ def _plain(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple)):
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
-    raise YunqueError(f"{where}: a {type(value).__name__} cannot go into a chat template (use str, numbers, lists, dicts)")
+    raise YunqueError(
+        f"{where}: a {type(value).__name__} cannot go into a chat template (use str, numbers, lists, dicts)"
+    )
 
 
 def check_messages(messages: Any) -> list[dict]:
@@ -83,7 +85,9 @@ def _select_template(tok: Tokenizer, chat_template: str | None, tools: Any) -> s
     if "default" in named:
         return named["default"]
     if named:
-        raise YunqueError(f"{tok.source}: several chat templates ({', '.join(sorted(named))}) and none named 'default'; pass chat_template=NAME")
+        raise YunqueError(
+            f"{tok.source}: several chat templates ({', '.join(sorted(named))}) and none named 'default'; pass chat_template=NAME"  # noqa: E501
+        )
     raise YunqueError(
         f"{tok.source}: the tokenizer has no chat template (no 'chat_template' in tokenizer_config.json, "
         "no chat_template.jinja); pass chat_template=... or train one with `yunque tokenizer train`"
@@ -93,8 +97,15 @@ def _select_template(tok: Tokenizer, chat_template: str | None, tools: Any) -> s
 class _Renderer:
     """Renders (prefixes of) one conversation with fixed tools/documents/extra variables."""
 
-    def __init__(self, tok: Tokenizer, chat_template: str | None, tools: Any, documents: Any, extra: dict[str, Any],
-                 mark: Callable[[Any], Any] = lambda x: x):
+    def __init__(
+        self,
+        tok: Tokenizer,
+        chat_template: str | None,
+        tools: Any,
+        documents: Any,
+        extra: dict[str, Any],
+        mark: Callable[[Any], Any] = lambda x: x,
+    ):
         self.source = _select_template(tok, chat_template, tools)
         self.base = {
             "tools": mark(_plain(tools, "tools")),
@@ -104,7 +115,9 @@ class _Renderer:
         }
 
     def __call__(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return render_template(self.source, {"messages": messages, "add_generation_prompt": add_generation_prompt, **self.base})
+        return render_template(
+            self.source, {"messages": messages, "add_generation_prompt": add_generation_prompt, **self.base}
+        )
 
 
 def apply_chat_template(
@@ -166,12 +179,22 @@ def render_chat(
     text that comes from users. The text is unchanged; only the ids differ.
     """
     if sanitize_control_tokens:
-        text, spans = _text_and_spans(tok, messages, add_generation_prompt, chat_template, tools, documents,
-                                      template_kwargs, _marker(tok.control_tokens))
+        text, spans = _text_and_spans(
+            tok,
+            messages,
+            add_generation_prompt,
+            chat_template,
+            tools,
+            documents,
+            template_kwargs,
+            _marker(tok.control_tokens),
+        )
         text, ids, offsets, to_clean = _encode_marked(tok, text)
         spans = [(to_clean(s), to_clean(e)) for s, e in spans]
     else:
-        text, spans = _text_and_spans(tok, messages, add_generation_prompt, chat_template, tools, documents, template_kwargs)
+        text, spans = _text_and_spans(
+            tok, messages, add_generation_prompt, chat_template, tools, documents, template_kwargs
+        )
         ids, offsets = tok.encode_offsets(text)
     return ChatRendering(text=text, ids=ids, assistant_mask=spans_to_mask(offsets, spans))
 
@@ -190,7 +213,11 @@ def render_chats(
     rendered = []
     for k, conversation in enumerate(conversations):
         try:
-            rendered.append(_text_and_spans(tok, conversation, add_generation_prompt, chat_template, tools, documents, template_kwargs))
+            rendered.append(
+                _text_and_spans(
+                    tok, conversation, add_generation_prompt, chat_template, tools, documents, template_kwargs
+                )
+            )
         except YunqueError as e:
             raise YunqueError(f"conversations[{k}]: {e}") from None
     encoded = tok.encode_offsets_batch([text for text, _ in rendered])
@@ -200,9 +227,16 @@ def render_chats(
     ]
 
 
-def _text_and_spans(tok: Tokenizer, messages: list[dict], agp: bool, chat_template: str | None, tools: Any,
-                    documents: Any, extra: dict[str, Any], mark: Callable[[Any], Any] = lambda x: x,
-                    ) -> tuple[str, list[tuple[int, int]]]:
+def _text_and_spans(
+    tok: Tokenizer,
+    messages: list[dict],
+    agp: bool,
+    chat_template: str | None,
+    tools: Any,
+    documents: Any,
+    extra: dict[str, Any],
+    mark: Callable[[Any], Any] = lambda x: x,
+) -> tuple[str, list[tuple[int, int]]]:
     msgs = mark(check_messages(messages))
     render = _Renderer(tok, chat_template, tools, documents, extra, mark)
     text = render(msgs, agp)
@@ -295,7 +329,9 @@ def assistant_spans(render: _Renderer, msgs: list[dict], text: str, eot_tokens: 
     return spans
 
 
-def _search_turn(render: _Renderer, msgs: list[dict], i: int, text: str, cursor: int, eots: list[str]) -> tuple[int, int] | None:
+def _search_turn(
+    render: _Renderer, msgs: list[dict], i: int, text: str, cursor: int, eots: list[str]
+) -> tuple[int, int] | None:
     """Fallback: find assistant message `i`'s content (the template may trim it) after everything before it."""
     content = msgs[i].get("content")
     if not isinstance(content, str) or not content.strip():

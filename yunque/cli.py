@@ -14,8 +14,9 @@ import argparse
 import inspect
 import re
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 
 def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:

@@ -38,8 +38,10 @@ class MissingExtraError(YunqueError):
 def missing_extra(package: str, extra: str, needed_by: str, module: str | None = None) -> MissingExtraError:
     """The one-line error for a missing optional package: `raise missing_extra(...) from None`."""
     found = f" (no module named {module!r})" if module else ""
-    return MissingExtraError(f"{needed_by} needs the optional package {package}{found}: "
-                             f"pip install 'yunque[{extra}]' (in a clone: bash install.sh {extra})")
+    return MissingExtraError(
+        f"{needed_by} needs the optional package {package}{found}: "
+        f"pip install 'yunque[{extra}]' (in a clone: bash install.sh {extra})"
+    )
 
 
 def require(module: str, extra: str, needed_by: str, *, package: str | None = None) -> ModuleType:

@@ -8,8 +8,8 @@ shared with the serving engine.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -30,7 +30,9 @@ class Sampling:
     stop_strings: Sequence[str] = field(default_factory=tuple)
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, seen: torch.Tensor | None, s: Sampling, gen: torch.Generator | None
+) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty."""
     logits = logits.float()
     if s.repetition_penalty != 1.0 and seen is not None:
@@ -38,7 +40,9 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, s: Sampling, ge
     return sample(logits, s.temperature, s.top_p, s.top_k, generator=gen)
 
 
-def decode_one_token(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_one_token(
+    model: Transformer, tok: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """tok (B, 1), pos (B, 1), slot (1,), mask (B, 1, 1, S) -> logits (B, V)."""
     return model(tok, pos, mask, slot)[:, -1]
 
@@ -49,8 +53,8 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     valid = torch.zeros((len(prompts), P), dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
-            valid[i, P - len(p):] = True
+            ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+            valid[i, P - len(p) :] = True
     return ids, valid
 
 
@@ -63,11 +67,14 @@ class PromptTooLong(YunqueError, ValueError):
 
 
 @torch.inference_mode()
-def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0,
-                    use_cache: bool = True) -> Iterator[list[int | None]]:
+def generate_tokens(
+    model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0, use_cache: bool = True
+) -> Iterator[list[int | None]]:
     """Yields, per step, each row's new token (None once that row has stopped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise EmptyPrompt("every prompt needs at least one token (an empty prompt, or a chat template that rendered nothing)")
+        raise EmptyPrompt(
+            "every prompt needs at least one token (an empty prompt, or a chat template that rendered nothing)"
+        )
     device = model.model.embed_tokens.weight.device
     B = len(prompts)
     ids, valid_prompt = _left_pad(prompts, pad_id, device)
@@ -76,8 +83,10 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sam
     if S > model.config.max_position_embeddings:
         # Past the context the model was built for, and the (S x S) mask alone grows without bound:
         # a 100k-token prompt would ask for 10 GB before the first step.
-        raise PromptTooLong(f"prompt of {P} tokens + max_new_tokens {s.max_new_tokens} exceeds the model's context "
-                            f"of {model.config.max_position_embeddings} tokens (max_position_embeddings)")
+        raise PromptTooLong(
+            f"prompt of {P} tokens + max_new_tokens {s.max_new_tokens} exceeds the model's context "
+            f"of {model.config.max_position_embeddings} tokens (max_position_embeddings)"
+        )
     valid = torch.ones(B, S, dtype=torch.bool, device=device)
     valid[:, :P] = valid_prompt
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S): real tokens count from 0
@@ -113,18 +122,24 @@ def generate_tokens(model: Transformer, prompts: Sequence[Sequence[int]], s: Sam
                 seen[torch.arange(B, device=device), nxt] |= ~done
             cur = P + step
             if use_cache:
-                logits = decode_one_token(model, nxt[:, None], positions[:, cur:cur + 1], all_slots[cur:cur + 1],
-                                          full_mask[:, :, cur:cur + 1])
+                logits = decode_one_token(
+                    model,
+                    nxt[:, None],
+                    positions[:, cur : cur + 1],
+                    all_slots[cur : cur + 1],
+                    full_mask[:, :, cur : cur + 1],
+                )
             else:
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                logits = model(tokens, positions[:, :cur + 1], full_mask[:, :, :cur + 1, :cur + 1])[:, -1]
+                logits = model(tokens, positions[:, : cur + 1], full_mask[:, :, : cur + 1, : cur + 1])[:, -1]
     finally:
         if use_cache:
             model.clear_cache()
 
 
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0,
-             use_cache: bool = True) -> list[list[int]]:
+def generate(
+    model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0, use_cache: bool = True
+) -> list[list[int]]:
     """New token ids per prompt, ending with the stop token when one was produced."""
     out: list[list[int]] = [[] for _ in prompts]
     for step in generate_tokens(model, prompts, s, pad_id, use_cache):
@@ -161,7 +176,7 @@ class TextDecoder:
         return "" if self.stopped else self._emit(self.tok.decode(self.ids, skip_special_tokens=True))
 
     def _emit(self, text: str) -> str:
-        delta = text[self.emitted:] if len(text) > self.emitted else ""
+        delta = text[self.emitted :] if len(text) > self.emitted else ""
         self.emitted = max(self.emitted, len(text))
         return delta
 

@@ -11,8 +11,14 @@ from yunque.formats.hf import load_model
 from yunque.model import Transformer
 from yunque.ops import arrange_for_decode_
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -43,9 +49,11 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
             continue
         bad = int((~torch.isfinite(p.detach())).sum())
         if bad:
-            raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of "
-                                  f"{p.numel()}; the checkpoint is corrupt or its training diverged "
-                                  "(`yunque serve --allow-nonfinite` serves it anyway)")
+            raise CheckpointError(
+                f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of "
+                f"{p.numel()}; the checkpoint is corrupt or its training diverged "
+                "(`yunque serve --allow-nonfinite` serves it anyway)"
+            )
 
 
 def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
@@ -55,12 +63,19 @@ def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
     for d in ([Path(adapter)] if adapter else []) + [Path(model_dir)]:
         if (d / "tokenizer.json").is_file():
             return Tokenizer.from_dir(d)
-    raise YunqueError(f"{model_dir}: no tokenizer.json (train one with `yunque tokenizer train` or copy the base model's)")
+    raise YunqueError(
+        f"{model_dir}: no tokenizer.json (train one with `yunque tokenizer train` or copy the base model's)"
+    )
 
 
-def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | torch.dtype = "auto",
-         device: str = "auto", quantize_base: bool | None = None,
-         allow_nonfinite: bool = False) -> tuple[Transformer, object]:
+def load(
+    model_dir: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    quantize_base: bool | None = None,
+    allow_nonfinite: bool = False,
+) -> tuple[Transformer, object]:
     """(model in eval mode, tokenizer) from an HF directory.
 
     A PEFT adapter is loaded with every check and then merged into the weights: inference
@@ -78,8 +93,10 @@ def load(model_dir: str | Path, adapter: str | Path | None = None, dtype: str | 
     model = load_model(model_dir, dtype=dt, device=dev, quantized=True)
     quantized = "quantization_config" in model.config.extra
     if adapter is not None and quantized:
-        raise YunqueError(f"{model_dir}: an adapter cannot be applied to a quantised model; merge it into the "
-                          "full-precision model (`yunque merge`), then quantise the merged model")
+        raise YunqueError(
+            f"{model_dir}: an adapter cannot be applied to a quantised model; merge it into the "
+            "full-precision model (`yunque merge`), then quantise the merged model"
+        )
     if adapter is not None:
         from yunque.formats.peft import load_peft_adapter
         from yunque.lora import merge_lora

@@ -193,8 +193,11 @@ def _filter_prechecks(name: str, args: tuple, kwargs: dict, env: Any) -> tuple[t
         _check_format(str(args[0]), tuple(args[1:]) or kwargs, what)
     if name == "tojson":
         indent = args[2] if len(args) > 2 else kwargs.get("indent")
-        if isinstance(indent, (int, str)) and not isinstance(indent, bool) and (
-                len(indent) if isinstance(indent, str) else indent) > 16:
+        if (
+            isinstance(indent, (int, str))
+            and not isinstance(indent, bool)
+            and (len(indent) if isinstance(indent, str) else indent) > 16
+        ):
             raise _too_large(what, "an indent over 16")
     if name == "replace" and len(args) >= 3:
         n = _replaced(str(args[0]), *args[1:4])
@@ -226,7 +229,7 @@ class _BoundedIterator:
     def __init__(self, it: Iterator, what: str) -> None:
         self._it, self._total, self._what = it, 0, what
 
-    def __iter__(self) -> "_BoundedIterator":
+    def __iter__(self) -> _BoundedIterator:
         return self
 
     def __next__(self) -> Any:
@@ -307,11 +310,20 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                     n = (len(a) if isinstance(a, str) else weight(a)) * max(b, 0)
                     if n > MAX_CHARS:
                         raise _too_large(f"{type(a).__name__} * {b}", n)
-            if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and left.bit_length() + right.bit_length() > MAX_INT_BITS
+            ):
                 raise _too_large("an integer product", "an integer over the size limit")
         elif operator == "**":
-            if (isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0
-                    and right * math.log2(abs(left)) > MAX_INT_BITS):
+            if (
+                isinstance(left, int)
+                and isinstance(right, int)
+                and abs(left) > 1
+                and right > 0
+                and right * math.log2(abs(left)) > MAX_INT_BITS
+            ):
                 raise _too_large(f"{left} ** {right}", "an integer over the size limit")
         elif operator == "%" and isinstance(left, str):
             check(right, "the arguments of '%'")

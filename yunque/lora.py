@@ -73,8 +73,15 @@ class LoraConfig:
 class LoRALinear(nn.Module):
     """`base` (frozen nn.Linear or NF4Linear) plus a trainable rank-r update."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -93,8 +100,12 @@ class LoRALinear(nn.Module):
         h = x if self.lora_dropout is None else self.lora_dropout(x)
         a = F.linear(h, self.lora_A.weight.to(h.dtype))  # (..., r)
         # y + scale * a @ B^T as one addmm: no separate scale, add, or (..., out) temporary.
-        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r),
-                          self.lora_B.weight.to(a.dtype).t(), alpha=self.scale)
+        out = torch.addmm(
+            y.reshape(-1, self.out_features),
+            a.reshape(-1, self.r),
+            self.lora_B.weight.to(a.dtype).t(),
+            alpha=self.scale,
+        )
         return out.view(y.shape)
 
     @torch.no_grad()
@@ -123,14 +134,21 @@ def find_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> list
     for t in targets:
         if not any(_matches(n, t) for n in linears):
             others = [n for n, m in model.named_modules() if _matches(n, t)]
-            why = f"{others[0]} is a {type(model.get_submodule(others[0])).__name__}, not nn.Linear" if others else "no such module"
+            why = (
+                f"{others[0]} is a {type(model.get_submodule(others[0])).__name__}, not nn.Linear"
+                if others
+                else "no such module"
+            )
             kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ConfigError(f"target_modules: {t!r} selects no linear layer ({why}; linear layers: {', '.join(kinds)})")
+            raise ConfigError(
+                f"target_modules: {t!r} selects no linear layer ({why}; linear layers: {', '.join(kinds)})"
+            )
     return [n for n in linears if any(_matches(n, t) for t in targets)]
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, names: list[str] | None = None,
-               generator: torch.Generator | None = None) -> list[str]:
+def apply_lora(
+    model: nn.Module, cfg: LoraConfig, names: list[str] | None = None, generator: torch.Generator | None = None
+) -> list[str]:
     """Wrap the target linears in place, freeze all other parameters; returns the wrapped names.
 
     `names` wraps exactly these modules instead of those `cfg.target_modules` selects (used when
@@ -156,8 +174,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, names: list[str] | None = None
     if cfg.quantize_base:
         quantize_linears_(model, cfg.block_size, cfg.double_quant)
     for n in names:
-        _set_module(model, n, LoRALinear(model.get_submodule(n), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
-                                         generator=generator))
+        _set_module(
+            model,
+            n,
+            LoRALinear(model.get_submodule(n), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora, generator=generator),
+        )
     return list(names)
 
 
@@ -207,7 +228,9 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], source: 
         if k not in sd:
             raise CheckpointError(f"{source}: tensor {k} is missing")
         if tuple(sd[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{source}: tensor {k} has shape {list(sd[k].shape)}, the model needs {list(t.shape)}")
+            raise CheckpointError(
+                f"{source}: tensor {k} has shape {list(sd[k].shape)}, the model needs {list(t.shape)}"
+            )
         if not sd[k].is_floating_point():
             raise CheckpointError(f"{source}: tensor {k} has dtype {sd[k].dtype}, expected a float tensor")
     with torch.no_grad():

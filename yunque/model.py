@@ -75,7 +75,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and a signed sin, (B, 1, T, hd) each, in HF's rotate-half layout.
 
     HF rotates with cat(-x2, x1) * sin. With the sign folded into the first half of sin once
@@ -226,7 +228,9 @@ class Transformer(nn.Module):
         p = self.model.embed_tokens.weight  # a plain tensor even after ops.arrange_for_decode_
         cfg = self.config
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_size, dtype or p.dtype, p.device)
+            layer.self_attn.cache = KVCache(
+                batch, cfg.num_key_value_heads, max_len, cfg.head_size, dtype or p.dtype, p.device
+            )
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:

@@ -30,8 +30,10 @@ def _bnb_functional():
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes.functional as bnbf
     except ImportError:
-        raise ConfigError("quantize_base (QLoRA) needs bitsandbytes: pip install 'yunque[qlora]' (or bitsandbytes); "
-                          "`yunque merge --original-base` merges a QLoRA adapter without it") from None
+        raise ConfigError(
+            "quantize_base (QLoRA) needs bitsandbytes: pip install 'yunque[qlora]' (or bitsandbytes); "
+            "`yunque merge --original-base` merges a QLoRA adapter without it"
+        ) from None
     return bnbf
 
 
@@ -64,7 +66,7 @@ class _NF4Matmul(torch.autograd.Function):
     a full-precision copy of W alive for every layer until backward (QLoRA's memory win)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: "NF4Linear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, module: NF4Linear) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         ctx.module, ctx.x_dtype = module, x.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -81,8 +83,16 @@ class _NF4Matmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen `nn.Linear` whose weight is stored in NF4; `dequantize()` restores the original dtype."""
 
-    def __init__(self, in_features: int, out_features: int, block_size: int = 64, double_quant: bool = False,
-                 dtype: torch.dtype = torch.float32, bias: bool = False, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_size: int = 64,
+        double_quant: bool = False,
+        dtype: torch.dtype = torch.float32,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         if block_size not in BLOCK_SIZES:
             raise ConfigError(f"block_size: must be one of {BLOCK_SIZES}, got {block_size}")
@@ -102,14 +112,15 @@ class NF4Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = False) -> "NF4Linear":
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = False) -> NF4Linear:
         w = linear.weight
         _check_device(w.device)
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"quantize_base: cannot quantise a {w.dtype} weight to NF4")
         bnbf = _bnb_functional()
-        packed, state = bnbf.quantize_4bit(w.detach().contiguous(), blocksize=block_size, quant_type="nf4",
-                                           compress_statistics=double_quant)
+        packed, state = bnbf.quantize_4bit(
+            w.detach().contiguous(), blocksize=block_size, quant_type="nf4", compress_statistics=double_quant
+        )
         with torch.device("meta"):
             m = cls(linear.in_features, linear.out_features, block_size, double_quant, w.dtype, linear.bias is not None)
         m.weight_nf4 = packed
@@ -125,12 +136,23 @@ class NF4Linear(nn.Module):
         bnbf = _bnb_functional()
         nested = offset = None
         if self.double_quant:
-            nested = bnbf.QuantState(absmax=self.absmax_scale, code=_code_book("dynamic", self.absmax.device),
-                                     blocksize=_NESTED_BLOCK, dtype=torch.float32)
+            nested = bnbf.QuantState(
+                absmax=self.absmax_scale,
+                code=_code_book("dynamic", self.absmax.device),
+                blocksize=_NESTED_BLOCK,
+                dtype=torch.float32,
+            )
             offset = self.absmax_offset
-        return bnbf.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                               code=_code_book("nf4", self.absmax.device), blocksize=self.block_size,
-                               quant_type="nf4", dtype=dtype, offset=offset, state2=nested)
+        return bnbf.QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=_code_book("nf4", self.absmax.device),
+            blocksize=self.block_size,
+            quant_type="nf4",
+            dtype=dtype,
+            offset=offset,
+            state2=nested,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: the dtype it was quantised from)."""
@@ -159,12 +181,15 @@ class NF4Linear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block_size={self.block_size}, double_quant={self.double_quant}, dtype={self.orig_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, double_quant={self.double_quant}, dtype={self.orig_dtype}"
+        )
 
 
-def quantize_linears_(model: nn.Module, block_size: int = 64, double_quant: bool = False,
-                      skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+def quantize_linears_(
+    model: nn.Module, block_size: int = 64, double_quant: bool = False, skip: tuple[str, ...] = ("lm_head",)
+) -> list[str]:
     """Replace every nn.Linear (except `skip` names and weights tied to other modules) by an NF4Linear.
 
     Returns the replaced module names. The full-precision weight is released as each module is
@@ -178,8 +203,11 @@ def quantize_linears_(model: nn.Module, block_size: int = 64, double_quant: bool
         if not isinstance(mod, nn.Linear) or name.split(".")[-1] in skip or counts[id(mod.weight)] > 1:
             continue
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                NF4Linear.from_linear(mod, block_size, double_quant))
+        setattr(
+            model.get_submodule(parent) if parent else model,
+            child,
+            NF4Linear.from_linear(mod, block_size, double_quant),
+        )
         done.append(name)
     return done
 

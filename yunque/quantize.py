@@ -52,19 +52,26 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.bits == 8 and (self.group_size != -1 or not self.sym):
-            raise ConfigError("int8 is symmetric with one scale per output channel: "
-                              "--group-size and --asymmetric apply to --bits 4")
+            raise ConfigError(
+                "int8 is symmetric with one scale per output channel: --group-size and --asymmetric apply to --bits 4"
+            )
         if self.bits == 4 and self.group_size not in GROUP_SIZES:
-            raise ConfigError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} for --bits 4, "
-                              f"got {self.group_size}")
+            raise ConfigError(
+                f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} for --bits 4, got {self.group_size}"
+            )
         if self.bits not in (8, 4):
             raise ConfigError(f"--bits must be 8 or 4, got {self.bits}")
         if not set(self.modules_to_not_convert) <= set(OPTIONAL):
             raise ConfigError(f"modules_to_not_convert may name only {', '.join(OPTIONAL)}")
 
     def to_hf(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
-                "modules_to_not_convert": list(self.modules_to_not_convert)}
+        return {
+            "quant_method": QUANT_METHOD,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+        }
 
     @classmethod
     def from_hf(cls, d: Any, src: str) -> QuantConfig:
@@ -73,8 +80,10 @@ class QuantConfig:
         if not isinstance(d, dict):
             raise CheckpointError(f"{where} must be an object")
         if d.get("quant_method") != QUANT_METHOD:
-            raise CheckpointError(f"{where}.quant_method {d.get('quant_method')!r} is not supported "
-                                  f"(yunque reads its own, {QUANT_METHOD!r}; others are loaded by their own tools)")
+            raise CheckpointError(
+                f"{where}.quant_method {d.get('quant_method')!r} is not supported "
+                f"(yunque reads its own, {QUANT_METHOD!r}; others are loaded by their own tools)"
+            )
         known = {"quant_method", "bits", "group_size", "sym", "modules_to_not_convert"}
         extra = sorted(set(d) - known)
         if extra:
@@ -133,12 +142,16 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> dict[str, torch.Tensor]
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zero = (-lo / scale.float()).round().clamp(0, 15)
     codes = ((wg / scale.float()[..., None]).round() + zero[..., None]).clamp(0, 15)
-    return {"qweight": pack_int4(codes.to(torch.uint8).view(N, K)), "weight_scale": scale,
-            "weight_zero_point": zero.to(torch.uint8)}
+    return {
+        "qweight": pack_int4(codes.to(torch.uint8).view(N, K)),
+        "weight_scale": scale,
+        "weight_zero_point": zero.to(torch.uint8),
+    }
 
 
-def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-               dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Codes of any leading shape (..., rows, K or K/2) back to (..., rows, K) weights in `dtype`.
 
     Computed in `dtype`: codes and code - zero are small integers, exact in any float type, so the
@@ -163,10 +176,13 @@ class _Quantized(nn.Module):
             raise ConfigError(f"--group-size {qc.group_size} does not divide {cols} input features")
         self.bits, self.group_size, self.sym, self.dtype = qc.bits, qc.group_size, qc.sym, dtype
         n_groups = 1 if qc.bits == 8 else cols // qc.group_size
-        self.register_buffer("qweight", torch.empty(rows, cols if qc.bits == 8 else cols // 2,
-                                                    dtype=torch.int8 if qc.bits == 8 else torch.uint8))
-        self.register_buffer("weight_scale", torch.empty(rows, n_groups,
-                                                         dtype=torch.float32 if qc.bits == 8 else torch.float16))
+        self.register_buffer(
+            "qweight",
+            torch.empty(rows, cols if qc.bits == 8 else cols // 2, dtype=torch.int8 if qc.bits == 8 else torch.uint8),
+        )
+        self.register_buffer(
+            "weight_scale", torch.empty(rows, n_groups, dtype=torch.float32 if qc.bits == 8 else torch.float16)
+        )
         zero = None if qc.sym else torch.empty(rows, n_groups, dtype=torch.uint8)
         self.register_buffer("weight_zero_point", zero)
 
@@ -188,8 +204,14 @@ class QuantLinear(_Quantized):
     the weight is dequantised for one GEMM (bench/NOTES.md, "Inference quantisation").
     """
 
-    def __init__(self, in_features: int, out_features: int, qc: QuantConfig, bias: bool = False,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        qc: QuantConfig,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__(out_features, in_features, qc, dtype)
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
@@ -215,7 +237,9 @@ class QuantLinear(_Quantized):
                 self._kernel = (self.qweight, self.weight_scale.view(-1).to(torch.bfloat16))
             else:
                 # Its own layout (CPU-specific), and (code - 8) * scale + zero, zero in the weights' units.
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.qweight).to(torch.int32), 1)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    unpack_int4(self.qweight).to(torch.int32), 1
+                )
                 s, zp = self.weight_scale.float(), self.weight_zero_point
                 z = (8 - zp.float()) * s if zp is not None else torch.zeros_like(s)
                 self._kernel = (packed, torch.stack((s, z), -1).transpose(0, 1).contiguous().to(torch.bfloat16))
@@ -240,8 +264,10 @@ class QuantLinear(_Quantized):
 
     def extra_repr(self) -> str:
         g = "per channel" if self.group_size == -1 else f"group {self.group_size}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int{self.bits} {g}{'' if self.sym else ' asymmetric'}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int{self.bits} {g}{'' if self.sym else ' asymmetric'}"
+        )
 
 
 class QuantEmbedding(_Quantized):
@@ -283,8 +309,10 @@ def _targets(model: nn.Module, qc: QuantConfig) -> list[str]:
         if opt not in qc.modules_to_not_convert:
             names.append(opt)
     if model.config.tie_word_embeddings and len(set(OPTIONAL) & set(qc.modules_to_not_convert)) == 1:
-        raise ConfigError("this model ties lm_head to embed_tokens (one matrix): quantise both "
-                          "(--include-embedding --include-head) or neither")
+        raise ConfigError(
+            "this model ties lm_head to embed_tokens (one matrix): quantise both "
+            "(--include-embedding --include-head) or neither"
+        )
     return names
 
 
@@ -363,7 +391,8 @@ def storage_bits(model: nn.Module) -> float:
     for m in model.modules():
         if isinstance(m, _Quantized) and id(m.qweight) not in seen:
             seen.add(id(m.qweight))
-            nbytes += sum(t.numel() * t.element_size() for t in (m.qweight, m.weight_scale, m.weight_zero_point)
-                          if t is not None)
+            nbytes += sum(
+                t.numel() * t.element_size() for t in (m.qweight, m.weight_scale, m.weight_zero_point) if t is not None
+            )
             numel += m.weight_scale.shape[0] * (m.qweight.shape[1] * (1 if m.bits == 8 else 2))
     return 8 * nbytes / numel

@@ -18,9 +18,14 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalised, logits)
 
 
-def sample(logits: torch.Tensor, temperature: float | torch.Tensor, top_p: float | torch.Tensor = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None,
-           row_generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float | torch.Tensor,
+    top_p: float | torch.Tensor = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    row_generators: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
     """Next ids (B,) from `logits` (B, V).
 
     Rows draw together from `generator` (None: torch's global one), except a row with its own

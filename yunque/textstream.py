@@ -54,7 +54,7 @@ def _iter_jsonl(p: Path) -> Iterator[str]:
                 except json.JSONDecodeError as e:
                     raise YunqueError(f"{p}:{n}: invalid JSON: {e.msg}") from None
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise YunqueError(f"{p}:{n}: expected an object with a string \"text\" field")
+                    raise YunqueError(f'{p}:{n}: expected an object with a string "text" field')
                 yield row["text"]
         except UnicodeDecodeError as e:
             raise YunqueError(f"{p}: not UTF-8 text ({e.reason})") from None

@@ -62,8 +62,13 @@ class ThreadPolicy:
     fixed by the user, it never changes torch's setting.
     """
 
-    def __init__(self, every: float = 5.0, read: Callable[[], tuple[float, float] | None] = _read_proc,
-                 clock: Callable[[], float] = time.monotonic, set_threads: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        every: float = 5.0,
+        read: Callable[[], tuple[float, float] | None] = _read_proc,
+        clock: Callable[[], float] = time.monotonic,
+        set_threads: Callable[[int], None] | None = None,
+    ):
         import torch
 
         global _torch_default

@@ -66,7 +66,10 @@ def find_end_of_turn(source: str, special_tokens: dict[str, str], added_tokens: 
     probe = "yunque probe reply"
     messages = [{"role": "user", "content": "yunque probe question"}, {"role": "assistant", "content": probe}]
     try:
-        text = render_template(source, {"messages": messages, "add_generation_prompt": False, "tools": None, "documents": None, **special_tokens})
+        text = render_template(
+            source,
+            {"messages": messages, "add_generation_prompt": False, "tools": None, "documents": None, **special_tokens},
+        )
     except YunqueError:
         return None
     at = text.find(probe)
@@ -79,9 +82,14 @@ def find_end_of_turn(source: str, special_tokens: dict[str, str], added_tokens: 
 class Tokenizer:
     """A Hugging Face fast tokenizer plus the special-token and chat-template facts around it."""
 
-    def __init__(self, rust: RustTokenizer, config: dict[str, Any] | None = None,
-                 chat_templates: dict[str, str] | None = None, generation_eos: Iterable[int] = (),
-                 source: str = "<tokenizer>"):
+    def __init__(
+        self,
+        rust: RustTokenizer,
+        config: dict[str, Any] | None = None,
+        chat_templates: dict[str, str] | None = None,
+        generation_eos: Iterable[int] = (),
+        source: str = "<tokenizer>",
+    ):
         self._rust = rust
         self._plain_rust: RustTokenizer | None = None
         self._config = dict(config or {})
@@ -136,8 +144,10 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}, pad_id={self.pad_id}, stop_ids={self.stop_ids})")
+        return (
+            f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+            f"eos_id={self.eos_id}, pad_id={self.pad_id}, stop_ids={self.stop_ids})"
+        )
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -147,7 +157,11 @@ class Tokenizer:
             raise YunqueError(f"{d}: tokenizer directory not found")
         tj = d / "tokenizer.json"
         if not tj.is_file():
-            hint = " (only a SentencePiece tokenizer.model: convert it with transformers' save_pretrained)" if (d / "tokenizer.model").exists() else ""
+            hint = (
+                " (only a SentencePiece tokenizer.model: convert it with transformers' save_pretrained)"
+                if (d / "tokenizer.model").exists()
+                else ""
+            )
             raise YunqueError(f"{d}: no tokenizer.json{hint}")
         try:
             rust = RustTokenizer.from_file(str(tj))
@@ -233,8 +247,14 @@ class Tokenizer:
         if self.pad_id is not None:
             specials["pad_token"] = self.id_to_token(self.pad_id)  # never the EOS, unlike many configs
         added = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
-                     "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
             for i, t in sorted(self._rust.get_added_tokens_decoder().items())
         }
         config = {k: v for k, v in self._config.items() if k not in _NAMED and k != "chat_template"}
@@ -243,14 +263,20 @@ class Tokenizer:
         config.update(added_tokens_decoder=added, **specials)
         if self.chat_templates:
             single = set(self.chat_templates) == {"default"}
-            config["chat_template"] = self.chat_template if single else [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+            config["chat_template"] = (
+                self.chat_template if single else [{"name": k, "template": v} for k, v in self.chat_templates.items()]
+            )
             # Newer transformers read .jinja files first: write them too, so no stale file wins.
             for name, template in self.chat_templates.items():
                 path = out / ("chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja")
                 path.parent.mkdir(exist_ok=True)
                 path.write_text(template, encoding="utf-8")
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        (out / "special_tokens_map.json").write_text(
+            json.dumps(specials, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
 
 def _load_templates(d: Path, config: dict[str, Any]) -> dict[str, str]:
@@ -262,7 +288,9 @@ def _load_templates(d: Path, config: dict[str, Any]) -> dict[str, str]:
         templates["default"] = raw
     elif isinstance(raw, list):
         for i, item in enumerate(raw):
-            if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)):
+            if not (
+                isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)
+            ):
                 raise YunqueError(f"{where}[{i}]: expected {{'name': str, 'template': str}}")
             templates[item["name"]] = item["template"]
     elif raw is not None:
@@ -303,20 +331,27 @@ def train_bpe(files: list, vocab_size: int, out_dir: str | Path | None = None, m
     """
     floor = 256 + len(SPECIAL_TOKENS) + 1
     if vocab_size < floor:
-        raise YunqueError(f"vocab_size {vocab_size}: must be at least {floor} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens + 1)")
+        raise YunqueError(
+            f"vocab_size {vocab_size}: must be at least {floor} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens + 1)"  # noqa: E501
+        )
     if min_frequency < 1:
         raise YunqueError(f"min_frequency {min_frequency}: must be >= 1")
     paths = corpus_files(files)
     # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in Llama 3 / tiktoken.
     rust = RustTokenizer(models.BPE(ignore_merges=True))
-    rust.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
+    rust.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
     rust.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     seen = [0]
 
@@ -329,10 +364,14 @@ def train_bpe(files: list, vocab_size: int, out_dir: str | Path | None = None, m
     if seen[0] == 0:
         raise YunqueError(f"no text in {', '.join(map(str, paths))}")
     bos_id = rust.token_to_id(BOS)
-    rust.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),  # untrimmed offsets: whitespace tokens keep their span
-        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)]),
-    ])
+    rust.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),  # untrimmed offsets: whitespace tokens keep their span
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
     config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
     tok = Tokenizer(rust, config, {"default": LLAMA3_CHAT_TEMPLATE}, source=str(out_dir or "<trained>"))
     if out_dir is not None:

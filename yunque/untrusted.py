@@ -96,7 +96,9 @@ def open_append(path: Path, error: type[YunqueError] = YunqueError):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise error(f"{path}: is a symlink; refusing to write through it (remove it or use another out_dir)") from None
+            raise error(
+                f"{path}: is a symlink; refusing to write through it (remove it or use another out_dir)"
+            ) from None
         raise
     return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -104,5 +106,7 @@ def open_append(path: Path, error: type[YunqueError] = YunqueError):
 def refuse_symlink(path: Path, error: type[YunqueError] = YunqueError) -> None:
     """An output file or directory we are about to write into must not be a symlink to elsewhere."""
     if path.is_symlink():
-        raise error(f"{path}: is a symlink (to {os.readlink(path)}); refusing to write through it "
-                    "(remove it or use another out_dir)")
+        raise error(
+            f"{path}: is a symlink (to {os.readlink(path)}); refusing to write through it "
+            "(remove it or use another out_dir)"
+        )

@@ -54,8 +54,17 @@ def test_decode_layout_keeps_values_and_greedy_output(pair, tmp_path, pack):
 
 def test_decode_layout_bf16_and_tied_head(tmp_path):
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = Transformer(
+        ModelConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     model.init_weights()
     model = model.to(torch.bfloat16).eval()
     prompts = [[5, 9, 11, 3]]

@@ -73,6 +73,7 @@ def kernel_calls(monkeypatch):
             if y is not None:
                 calls[name] = calls.get(name, 0) + 1
             return y
+
         return run
 
     for name in ("attention", "rms_norm", "swiglu", "xent_"):
@@ -81,8 +82,14 @@ def kernel_calls(monkeypatch):
 
 
 def _model() -> Transformer:
-    cfg = ModelConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # head dim 32: RoPE inside the kernel
+    cfg = ModelConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # head dim 32: RoPE inside the kernel
     m = Transformer(cfg)
     m.init_weights(torch.Generator().manual_seed(0))
     return m
@@ -115,8 +122,22 @@ def _steps(precision: str, packed: bool) -> tuple[list[float], torch.Tensor, tor
             grads = torch.cat([p.grad.flatten() for p in params])
 
     hook = opt.register_step_pre_hook(keep_grads)
-    losses = [float(train_step(module, opt, [batch], len(targets), world=1, precision=precision, grad_clip=1.0,
-                               no_sync=lambda _: contextlib.nullcontext(), params=params)[0]) for _ in range(3)]
+    losses = [
+        float(
+            train_step(
+                module,
+                opt,
+                [batch],
+                len(targets),
+                world=1,
+                precision=precision,
+                grad_clip=1.0,
+                no_sync=lambda _: contextlib.nullcontext(),
+                params=params,
+            )[0]
+        )
+        for _ in range(3)
+    ]
     hook.remove()
     return losses, grads, logits
 

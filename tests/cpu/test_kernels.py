@@ -152,8 +152,14 @@ def test_rope_inside_the_kernel_matches_rope_before_it(dtype):
 
 
 def _tiny(hd=16):
-    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=64 // hd, num_key_value_heads=32 // hd)
+    cfg = ModelConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=64 // hd,
+        num_key_value_heads=32 // hd,
+    )
     torch.manual_seed(0)
     m = Transformer(cfg)
     m.init_weights(torch.Generator().manual_seed(0))
@@ -235,7 +241,7 @@ def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
     monkeypatch.setattr(cpu_kernels, "xent_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(yunque.cpu, "enabled", lambda: fused)
+        monkeypatch.setattr(yunque.cpu, "enabled", lambda: fused)  # noqa: B023
         h.grad = w.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = linear_cross_entropy(h, w, y)
@@ -269,8 +275,12 @@ def test_builds_into_the_cache_once(fresh_build):
 def _declined(q):
     """Whether every kernel declines inputs it takes when it runs (each returns None)."""
     x, w = torch.randn(4, 32), torch.ones(32)
-    return (cpu_kernels.attention(q, q, q) is None and cpu_kernels.rms_norm(x, w, 1e-6) is None
-            and cpu_kernels.swiglu(x, x) is None and cpu_kernels.xent_(x.clone(), torch.zeros(4, dtype=torch.long), False) is None)
+    return (
+        cpu_kernels.attention(q, q, q) is None
+        and cpu_kernels.rms_norm(x, w, 1e-6) is None
+        and cpu_kernels.swiglu(x, x) is None
+        and cpu_kernels.xent_(x.clone(), torch.zeros(4, dtype=torch.long), False) is None
+    )
 
 
 def test_falls_back_when_switched_off_or_the_build_fails(fresh_build, monkeypatch):

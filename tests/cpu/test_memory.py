@@ -22,8 +22,14 @@ MiB = 1 << 20
 
 
 def run(code: str, env: dict | None = None) -> dict:
-    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    p = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -129,7 +135,7 @@ def test_training_steps_are_bit_identical_with_and_without_the_arena():
         losses = [float(train_step(mod, opt, [mb], len(flat), world=1, precision="fp32", grad_clip=1.0,
                                    no_sync=lambda s: contextlib.nullcontext(), params=params)[0]) for _ in range(4)]
         print(json.dumps({"arena": arena, "live": __import__("yunque.cpu.memory").cpu.memory.stats()["live"], "losses": losses}))
-    """
+    """  # noqa: E501
     on, off = run(code.replace("ARENA", "True")), run(code.replace("ARENA", "False"))  # the kernels run in both
     assert on["arena"] and on["live"] > 0 and not off["arena"]
     assert on["losses"] == off["losses"]

@@ -13,8 +13,15 @@ from yunque.errors import DataError
 
 def _rows():
     rows = [{"text": sentence(i)} for i in range(150)]
-    rows += [{"messages": [{"role": "user", "content": sentence(1000 + i)},
-                           {"role": "assistant", "content": sentence(2000 + i)}]} for i in range(50)]
+    rows += [
+        {
+            "messages": [
+                {"role": "user", "content": sentence(1000 + i)},
+                {"role": "assistant", "content": sentence(2000 + i)},
+            ]
+        }
+        for i in range(50)
+    ]
     return rows
 
 
@@ -68,8 +75,12 @@ def test_canaries_off_by_default_and_at_least_one_copy_each(tmp_path):
     assert r.report["canaries"]["records"] == 4 and r.report["canaries"]["planted"] == 4
     # An empty training split cannot carry any: a clear error, not a silent no-op.
     with pytest.raises(DataError, match="canaries"):
-        prepare([src], tmp_path / "none", cfg(canaries={"count": 2}, split={"train": 0, "val": 1, "test": 1}),
-                log=lambda *a: None)
+        prepare(
+            [src],
+            tmp_path / "none",
+            cfg(canaries={"count": 2}, split={"train": 0, "val": 1, "test": 1}),
+            log=lambda *a: None,
+        )
 
 
 def test_cli_prepare_then_redteam_measures_them(tmp_path):
@@ -81,13 +92,26 @@ def test_cli_prepare_then_redteam_measures_them(tmp_path):
 
     src = write_jsonl(tmp_path / "in.jsonl", _rows())
     out = tmp_path / "data"
-    assert call_with_argv(prepare_cmd, [str(src), "--out", str(out), "--canaries", "2", "--workers", "1",
-                                        "canaries.rate=0.05", "canaries.seed=3"], "yunque data prepare") == 0
+    assert (
+        call_with_argv(
+            prepare_cmd,
+            [str(src), "--out", str(out), "--canaries", "2", "--workers", "1", "canaries.rate=0.05", "canaries.seed=3"],
+            "yunque data prepare",
+        )
+        == 0
+    )
     assert len(load_canaries(out / "canaries.json")) == 2
-    assert json.loads((out / "report.json").read_text())["canaries"]["records"] == round(0.05 * sum(
-        1 for _ in open(out / "train.jsonl")))
-    rc = redteam_cmd(out=tmp_path / "rt", model=cached_model_dir(), attempts=1, max_tokens=8,
-                     categories=["sensitive_data_leakage"], canaries=out / "canaries.json")
+    assert json.loads((out / "report.json").read_text())["canaries"]["records"] == round(
+        0.05 * sum(1 for _ in open(out / "train.jsonl"))
+    )
+    rc = redteam_cmd(
+        out=tmp_path / "rt",
+        model=cached_model_dir(),
+        attempts=1,
+        max_tokens=8,
+        categories=["sensitive_data_leakage"],
+        canaries=out / "canaries.json",
+    )
     assert rc == 0
     report = json.loads((tmp_path / "rt" / "redteam.json").read_text())
     assert report["categories"]["sensitive_data_leakage"]["attempts"] == 6 + 2 * 2  # PII variants + raw/chat per canary

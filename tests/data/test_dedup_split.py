@@ -122,7 +122,9 @@ def test_split_is_deterministic_and_stable_when_adding_records(tmp_path):
     r1 = prepare([a], tmp_path / "o1", cfg(pii=NO_PII), **QUIET)
     r1b = prepare([a], tmp_path / "o1b", cfg(pii=NO_PII, workers=2), **QUIET)
     m1, m1b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("o1", "o1b"))
-    assert {s: v["merkle_root"] for s, v in m1["splits"].items()} == {s: v["merkle_root"] for s, v in m1b["splits"].items()}
+    assert {s: v["merkle_root"] for s, v in m1["splits"].items()} == {
+        s: v["merkle_root"] for s, v in m1b["splits"].items()
+    }
     assert r1.manifest_sha256 != r1b.manifest_sha256  # only the recorded `workers` setting differs
     prepare([b], tmp_path / "o2", cfg(pii=NO_PII), **QUIET)
     w1 = {r["text"]: s for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "o1" / f"{s}.jsonl")}
@@ -143,7 +145,12 @@ def test_split_of_ratios():
 def test_stratified_classification_and_oversampling_only_in_train(tmp_path):
     rows = [{"text": sentence(i, 20), "label": "spam" if i % 10 == 0 else "ham"} for i in range(2000)]
     src = write_jsonl(tmp_path / "c.jsonl", rows)
-    r = prepare([src], tmp_path / "out", cfg(pii=NO_PII, dedup={"near": "off"}, split={"oversample_ratio": 0.5, "stratify": True}), **QUIET)
+    r = prepare(
+        [src],
+        tmp_path / "out",
+        cfg(pii=NO_PII, dedup={"near": "off"}, split={"oversample_ratio": 0.5, "stratify": True}),
+        **QUIET,
+    )
     sp = r.report["splits"]
     for s in ("train", "val", "test"):
         labels = sp[s]["labels"]
@@ -220,26 +227,40 @@ def test_counts_reconcile_and_report_files(tmp_path):
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["records_in"] == 52 == rep["records_kept"] + rep["records_dropped"]
     assert rep["records_dropped"] == sum(rep["dropped_by_reason"].values())
-    assert sum(v["unique_records"] for v in rep["splits"].values()) == rep["records_kept"] == len(all_records(tmp_path / "out"))
+    assert (
+        sum(v["unique_records"] for v in rep["splits"].values())
+        == rep["records_kept"]
+        == len(all_records(tmp_path / "out"))
+    )
     assert (tmp_path / "out" / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Records in: **52**" in (tmp_path / "out" / "report.md").read_text()
     assert r.records_in == 52
 
 
 def _triage(i: int, verdict: str, **extra) -> dict:
-    return {"messages": [{"role": "system", "content": "Answer with one word."},
-                         {"role": "user", "content": f"Alert {i}: {sentence(i, 12)}"},
-                         {"role": "assistant", "content": verdict}], **extra}
+    return {
+        "messages": [
+            {"role": "system", "content": "Answer with one word."},
+            {"role": "user", "content": f"Alert {i}: {sentence(i, 12)}"},
+            {"role": "assistant", "content": verdict},
+        ],
+        **extra,
+    }
 
 
-@pytest.mark.parametrize("label_from, row", [
-    ("answer", lambda i, v: _triage(i, v)),  # the answer is the class
-    ("label", lambda i, v: _triage(i, f"The verdict is {v}.", label=v)),  # a label field beside the messages
-])
+@pytest.mark.parametrize(
+    "label_from, row",
+    [
+        ("answer", lambda i, v: _triage(i, v)),  # the answer is the class
+        ("label", lambda i, v: _triage(i, f"The verdict is {v}.", label=v)),  # a label field beside the messages
+    ],
+)
 def test_oversampling_chat_records(tmp_path, label_from, row):
     rows = [row(i, "malicious" if i % 10 == 0 else "benign") for i in range(600)]
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
-    split = {"oversample_ratio": 0.5} | ({"label_from": label_from} if label_from != "label" else {})  # "label": the default
+    split = {"oversample_ratio": 0.5} | (
+        {"label_from": label_from} if label_from != "label" else {}
+    )  # "label": the default
     r = prepare([src], tmp_path / "out", cfg(pii=NO_PII, dedup={"near": "off"}, split=split), **QUIET)
     before, after = r.report["splits"]["train"]["labels"], r.report["splits"]["train"]["labels_after_oversampling"]
     assert after["malicious"] == -(-before["benign"] // 2) > before["malicious"] and after["benign"] == before["benign"]
@@ -250,7 +271,10 @@ def test_oversampling_chat_records(tmp_path, label_from, row):
 
 def test_oversampling_without_labels_says_why(tmp_path):
     src = write_jsonl(tmp_path / "chat.jsonl", [_triage(i, "benign" if i % 3 else "malicious") for i in range(60)])
-    with pytest.raises(ConfigError, match=r"split.oversample_ratio: no record has a label to balance \(input shapes: chat\)"
-                                          r".*split.label_from: answer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"split.oversample_ratio: no record has a label to balance \(input shapes: chat\)"
+        r".*split.label_from: answer",
+    ):
         prepare([src], tmp_path / "out", cfg(pii=NO_PII, split={"oversample_ratio": 0.5}), **QUIET)
     assert not (tmp_path / "out").exists()

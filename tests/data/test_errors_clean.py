@@ -26,13 +26,22 @@ def _bad_inputs(tmp_path):
         json.dumps({"instruction": "Name a fruit", "input": "", "output": "Apple"}),  # 6 ok
     ]
     src = tmp_path / "mixed.jsonl"
-    src.write_bytes(("\n".join(lines) + "\n").encode() + b'{"instruction": "caf\xe9", "output": "x"}\n')  # 7 invalid UTF-8
-    chat = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]},  # bad role
-        {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "   \u200b "}]},  # empty after cleaning
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]},  # wrong content type
-    ])
+    src.write_bytes(
+        ("\n".join(lines) + "\n").encode() + b'{"instruction": "caf\xe9", "output": "x"}\n'
+    )  # 7 invalid UTF-8
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]},  # bad role
+            {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn
+            {
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "   \u200b "}]
+            },  # empty after cleaning
+            {
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]
+            },  # wrong content type
+        ],
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     csv_path = tmp_path / "nocols.csv"
@@ -44,8 +53,17 @@ def test_every_error_counted_with_reason_and_position(tmp_path):
     src, chat, empty, csv_path = _bad_inputs(tmp_path)
     c = cfg(pii=NO_PII, read={"format": "auto", "max_examples": 3})
     r = prepare([src, chat, empty], tmp_path / "out", c, **QUIET)
-    assert r.dropped == {"invalid_json": 1, "missing_field": 1, "wrong_type": 2, "not_an_object": 1, "invalid_utf8": 1,
-                         "bad_role": 1, "no_assistant_turn": 1, "empty_text": 1, "empty_file": 1}
+    assert r.dropped == {
+        "invalid_json": 1,
+        "missing_field": 1,
+        "wrong_type": 2,
+        "not_an_object": 1,
+        "invalid_utf8": 1,
+        "bad_role": 1,
+        "no_assistant_turn": 1,
+        "empty_text": 1,
+        "empty_file": 1,
+    }
     assert r.records_in == r.records_kept + sum(r.dropped.values()) == 2 + 10
     ex = r.report["examples"]
     assert ex["invalid_json"][0].startswith(f"{src}:2: malformed JSON")
@@ -62,7 +80,9 @@ def test_every_error_counted_with_reason_and_position(tmp_path):
     assert "missing field (expected one of: text, prompt; has: body, tag)" in r2.report["examples"]["missing_field"][0]
 
 
-@pytest.mark.parametrize("which,expect", [(0, ":2: malformed JSON"), (1, ":1: message 0: unknown role"), (2, ":0: empty file")])
+@pytest.mark.parametrize(
+    "which,expect", [(0, ":2: malformed JSON"), (1, ":1: message 0: unknown role"), (2, ":0: empty file")]
+)
 def test_on_error_fail_stops_at_first(tmp_path, which, expect):
     inputs = _bad_inputs(tmp_path)
     with pytest.raises(DataError, match=f"^{inputs[which]}{expect}"):

@@ -70,7 +70,10 @@ def test_last_record_deleted(data):
     p = data / "val.jsonl"
     lines = _lines(p)
     _write(p, lines[:-1])
-    with pytest.raises(DataError, match=rf"^{p}: truncated or records deleted: has {len(lines) - 1} records.*first missing: record {len(lines) - 1}"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{p}: truncated or records deleted: has {len(lines) - 1} records.*first missing: record {len(lines) - 1}",  # noqa: E501
+    ):
         verify(data)
 
 
@@ -161,9 +164,9 @@ def test_same_input_and_config_same_roots(prepared, tmp_path):
 
 def test_merkle_rfc6962_shape():
     leaves = [bytes([i]) * 32 for i in range(7)]
-    H = lambda b: hashlib.sha256(b).digest()
+    H = lambda b: hashlib.sha256(b).digest()  # noqa: E731
     lh = [H(b"\x00" + x) for x in leaves]
-    n = lambda a, b: H(b"\x01" + a + b)
+    n = lambda a, b: H(b"\x01" + a + b)  # noqa: E731
     # RFC 6962: split at the largest power of two < n: 7 -> (4, 3) -> (2, 1)
     expect = n(n(n(lh[0], lh[1]), n(lh[2], lh[3])), n(n(lh[4], lh[5]), lh[6]))
     assert merkle_root(iter(leaves)) == expect.hex()

@@ -63,9 +63,15 @@ def test_deleting_a_split_from_the_manifest_is_caught(data, capsys):
 
 
 def test_a_split_pointing_at_other_files_is_caught(data):
-    _edit_manifest(data, lambda m: m["splits"]["test"].update(file="train.jsonl", hashes="hashes/train.sha256",
-                                                             records=m["splits"]["train"]["records"],
-                                                             merkle_root=m["splits"]["train"]["merkle_root"]))
+    _edit_manifest(
+        data,
+        lambda m: m["splits"]["test"].update(
+            file="train.jsonl",
+            hashes="hashes/train.sha256",
+            records=m["splits"]["train"]["records"],
+            merkle_root=m["splits"]["train"]["merkle_root"],
+        ),
+    )
     with pytest.raises(DataError, match="split 'test' names files 'train.jsonl'"):
         verify(data)
 
@@ -96,14 +102,17 @@ def test_symlinks_and_special_files_are_refused(data, tmp_path):
         verify(data)
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda m: m.update(files=[]), "files must be an object"),
-    (lambda m: m["files"].update({"report.json": {"sha256": 1}}), "files\\['report.json'\\] must be"),
-    (lambda m: m["splits"]["train"].pop("merkle_root"), "splits\\['train'\\] must be"),
-    (lambda m: m["splits"]["train"].update(records="12"), "splits\\['train'\\] must be"),
-    (lambda m: m.update(inputs={"path": 1}), "inputs must be"),
-    (lambda m: m["files"].update({"../outside.txt": m["files"]["report.json"]}), "outside.txt: missing"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m: m.update(files=[]), "files must be an object"),
+        (lambda m: m["files"].update({"report.json": {"sha256": 1}}), "files\\['report.json'\\] must be"),
+        (lambda m: m["splits"]["train"].pop("merkle_root"), "splits\\['train'\\] must be"),
+        (lambda m: m["splits"]["train"].update(records="12"), "splits\\['train'\\] must be"),
+        (lambda m: m.update(inputs={"path": 1}), "inputs must be"),
+        (lambda m: m["files"].update({"../outside.txt": m["files"]["report.json"]}), "outside.txt: missing"),
+    ],
+)
 def test_malformed_manifest_is_one_error(data, capsys, edit, needle):
     _edit_manifest(data, edit)
     err = _verify_cli(capsys, data)
@@ -134,11 +143,19 @@ def test_truncated_or_corrupt_gzip_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_one_deeply_nested_line_is_skipped_with_its_reason(tmp_path, workers):
-    lines = [json.dumps({"text": sentence(0)}), "[" * 100_000 + "]" * 100_000,
-             '{"text": ' + "[" * 50_000 + "]" * 50_000 + "}", json.dumps({"text": sentence(1)})]
+    lines = [
+        json.dumps({"text": sentence(0)}),
+        "[" * 100_000 + "]" * 100_000,
+        '{"text": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        json.dumps({"text": sentence(1)}),
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    r = prepare([tmp_path / "in.jsonl"], tmp_path / "out", cfg(pii={"enabled": False}, workers=workers,
-                                                                read={"format": "text"}), **QUIET)
+    r = prepare(
+        [tmp_path / "in.jsonl"],
+        tmp_path / "out",
+        cfg(pii={"enabled": False}, workers=workers, read={"format": "text"}),
+        **QUIET,
+    )
     assert r.records_kept == 2 and r.dropped == {"invalid_json": 2}
     assert r.report["examples"]["invalid_json"][0] == f"{tmp_path / 'in.jsonl'}:2: malformed JSON: nested too deeply"
 
@@ -160,13 +177,35 @@ def test_run_json_records_the_manifest_sha256(tmp_path):
 
     corpus = make_corpus(tmp_path / "c", n_lines=60)
     prepare([corpus["sft"]], tmp_path / "data", DataConfig(tokenizer=corpus["tok"], workers=1), **QUIET)
-    r = train(from_dict(TrainConfig, {
-        "method": "pretrain", "out_dir": str(tmp_path / "run"), "data": {"dir": str(tmp_path / "data"), "seq_len": 32},
-        "model": {"preset": "tiny", "overrides": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-                                                  "num_attention_heads": 2, "num_key_value_heads": 1}},
-        "micro_batch": 2, "max_steps": 1, "eval": {"every": 0}, "checkpoint": {"every": 0}, "log": {"plot": False}}))
+    r = train(
+        from_dict(
+            TrainConfig,
+            {
+                "method": "pretrain",
+                "out_dir": str(tmp_path / "run"),
+                "data": {"dir": str(tmp_path / "data"), "seq_len": 32},
+                "model": {
+                    "preset": "tiny",
+                    "overrides": {
+                        "num_hidden_layers": 1,
+                        "hidden_size": 32,
+                        "intermediate_size": 64,
+                        "num_attention_heads": 2,
+                        "num_key_value_heads": 1,
+                    },
+                },
+                "micro_batch": 2,
+                "max_steps": 1,
+                "eval": {"every": 0},
+                "checkpoint": {"every": 0},
+                "log": {"plot": False},
+            },
+        )
+    )
     run = json.loads(r.run_json.read_text())
-    assert run["data"]["manifest_sha256"] == hashlib.sha256((tmp_path / "data" / "manifest.json").read_bytes()).hexdigest()
+    assert (
+        run["data"]["manifest_sha256"] == hashlib.sha256((tmp_path / "data" / "manifest.json").read_bytes()).hexdigest()
+    )
 
 
 def test_undecodable_bytes_in_a_key_are_reported_escaped(tmp_path):

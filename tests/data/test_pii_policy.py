@@ -18,9 +18,11 @@ QUIET = {"log": lambda *_: None}
 SENDER = "billing@paypa1-secure.example"  # a phishing sender: the evidence the record is about
 IP = "203.0.113.77"
 KEY = "AKIAIOSFODNN7EXAMPLE"
-ROWS = [{"text": f"From: {SENDER}\nSubject: verify your account now"},
-        {"text": f"sshd: 40 failed logins for root from {IP} in 60 s"},
-        {"text": f"deploy log: aws_access_key_id = {KEY}"}]
+ROWS = [
+    {"text": f"From: {SENDER}\nSubject: verify your account now"},
+    {"text": f"sshd: 40 failed logins for root from {IP} in 60 s"},
+    {"text": f"deploy log: aws_access_key_id = {KEY}"},
+]
 
 
 def _texts(out) -> str:
@@ -42,7 +44,8 @@ def test_defaults_keep_ips_redact_people_and_secrets(tmp_path):
 
 def test_yaml_bare_off_lower_case_types_and_any_case_modes(tmp_path):
     (tmp_path / "data.yaml").write_text(
-        "workers: 1\npii:\n  modes:\n    email: off\n    Ipv4: REDACT\n    aws-access-key: Drop\n", encoding="utf-8")
+        "workers: 1\npii:\n  modes:\n    email: off\n    Ipv4: REDACT\n    aws-access-key: Drop\n", encoding="utf-8"
+    )
     c = load_config(DataConfig, tmp_path / "data.yaml")
     assert c.pii.modes == {"EMAIL": "keep", "IPV4": "redact", "AWS_ACCESS_KEY": "drop"}
     r = prepare([write_jsonl(tmp_path / "in.jsonl", ROWS)], tmp_path / "out", c, **QUIET)
@@ -66,7 +69,9 @@ def test_default_mode_applies_to_every_type_not_named():
 
 def test_bad_type_or_mode_names_the_key_and_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("pii:\n  modes:\n    email: hide\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"bad\.yaml:3: pii\.modes\.email: expected one of redact, drop, report, keep"):
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml:3: pii\.modes\.email: expected one of redact, drop, report, keep"
+    ):
         load_config(DataConfig, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match=r"pii\.modes\.emails: unknown type 'emails'; known: EMAIL"):
         load_config(DataConfig, None, ["pii.modes.emails=keep"])
@@ -82,12 +87,27 @@ def _main(argv, capsys):
 
 def test_cli_takes_key_value_settings_after_the_inputs(tmp_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", ROWS)
-    code, so, se = _main(["data", "prepare", str(src), "--out", str(tmp_path / "out"), "pii.modes.email=keep",
-                          "--workers", "1", "pii.modes.ipv4=redact", "split.seed=5"], capsys)
+    code, so, se = _main(
+        [
+            "data",
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "pii.modes.email=keep",
+            "--workers",
+            "1",
+            "pii.modes.ipv4=redact",
+            "split.seed=5",
+        ],
+        capsys,
+    )
     assert code == 0, se
     text = _texts(tmp_path / "out")
     assert SENDER in text and IP not in text
-    assert "PII and secrets found: AWS_ACCESS_KEY 1 (redacted), IPV4 1 (redacted)" in so and "pii.modes.email=keep" in so
+    assert (
+        "PII and secrets found: AWS_ACCESS_KEY 1 (redacted), IPV4 1 (redacted)" in so and "pii.modes.email=keep" in so
+    )
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["split"]["seed"] == 5
     code, _, se = _main(["data", "prepare", str(src), "--out", str(tmp_path / "o2"), "pii.modes.email=hide"], capsys)
     assert code == 2 and se.startswith("error: pii.modes.email: expected one of") and "Traceback" not in se

@@ -18,9 +18,11 @@ AWS = "AKIAIOSFODNN7EXAMPLE"
 
 
 def test_pii_redacted_counted_never_printed(tmp_path):
-    rows = [{"instruction": f"Write to {SECRET_EMAIL} about the invoice", "input": "", "output": "Done."},
-            {"instruction": "Store the key", "input": f"aws_access_key_id = {AWS}", "output": "Stored."},
-            {"instruction": "No personal data", "input": "", "output": "Fine."}]
+    rows = [
+        {"instruction": f"Write to {SECRET_EMAIL} about the invoice", "input": "", "output": "Done."},
+        {"instruction": "Store the key", "input": f"aws_access_key_id = {AWS}", "output": "Stored."},
+        {"instruction": "No personal data", "input": "", "output": "Fine."},
+    ]
     src = write_jsonl(tmp_path / "p.jsonl", rows)
     r = prepare([src], tmp_path / "out", cfg(), **QUIET)
     text = json.dumps(all_records(tmp_path / "out"))
@@ -44,8 +46,10 @@ def test_pii_drop_and_report_modes(tmp_path):
 
 
 def test_scrubbed_records_deduplicate(tmp_path):
-    rows = [{"text": "Contact ana@example.org for the report on project Zeta"},
-            {"text": "Contact bob@example.net for the report on project Zeta"}]
+    rows = [
+        {"text": "Contact ana@example.org for the report on project Zeta"},
+        {"text": "Contact bob@example.net for the report on project Zeta"},
+    ]
     r = prepare([write_jsonl(tmp_path / "d.jsonl", rows)], tmp_path / "out", cfg(), **QUIET)
     assert r.dropped == {"exact_duplicate": 1}
 
@@ -63,7 +67,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok_mod = pytest.importorskip("yunque.tokenizer")
     tmp = tmp_path_factory.mktemp("tok")
     corpus = tmp / "corpus.txt"
-    corpus.write_text("\n".join(sentence(i, 30) for i in range(300)) + "\nQuestion answer user assistant 0123456789\n", encoding="utf-8")
+    corpus.write_text(
+        "\n".join(sentence(i, 30) for i in range(300)) + "\nQuestion answer user assistant 0123456789\n",
+        encoding="utf-8",
+    )
     tok_mod.train_bpe([corpus], 400, tmp / "tok")
     return tmp / "tok"
 
@@ -73,10 +80,17 @@ def test_token_shards_and_reader(tmp_path, tokenizer_dir):
     from yunque.data.shards import TokenShards
     from yunque.tokenizer import Tokenizer
 
-    chat = write_jsonl(tmp_path / "chat.jsonl", [
-        {"instruction": f"Question {i}: {sentence(i, 8)}", "input": "", "output": f"answer {sentence(i + 500, 6)}"} for i in range(30)])
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"instruction": f"Question {i}: {sentence(i, 8)}", "input": "", "output": f"answer {sentence(i + 500, 6)}"}
+            for i in range(30)
+        ],
+    )
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": sentence(i + 900, 25)} for i in range(30)])
-    comp = write_jsonl(tmp_path / "comp.jsonl", [{"prompt": f"Q {sentence(i + 2000, 5)}", "completion": f"A {i}"} for i in range(10)])
+    comp = write_jsonl(
+        tmp_path / "comp.jsonl", [{"prompt": f"Q {sentence(i + 2000, 5)}", "completion": f"A {i}"} for i in range(10)]
+    )
     c = cfg(pii={"enabled": False}, tokenizer=str(tokenizer_dir), clean={"max_tokens": 60})
     r = prepare([chat, text, comp], tmp_path / "out", c, **QUIET)
     tok = Tokenizer.from_dir(tmp_path / "out" / "tokenizer")
@@ -132,11 +146,26 @@ def _main(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_cli_prepare_verify_inspect_and_errors(tmp_path, capsys):
-    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": sentence(i, 8), "output": f"ok {i}"} for i in range(40)] + [{"x": 1}])
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [{"instruction": sentence(i, 8), "output": f"ok {i}"} for i in range(40)] + [{"x": 1}]
+    )
     (tmp_path / "data.yaml").write_text("pii:\n  enabled: false\ndedup:\n  near: 'off'\nworkers: 1\n", encoding="utf-8")
     out = tmp_path / "out"
-    code, so, se = _main(["data", "prepare", str(src), "--out", str(out), "--config", str(tmp_path / "data.yaml"),
-                          "--format", "alpaca", "split.seed=3"], capsys)
+    code, so, se = _main(
+        [
+            "data",
+            "prepare",
+            str(src),
+            "--out",
+            str(out),
+            "--config",
+            str(tmp_path / "data.yaml"),
+            "--format",
+            "alpaca",
+            "split.seed=3",
+        ],
+        capsys,
+    )
     assert code == 0, se
     assert "records in 41 = kept 40 + dropped 1" in so and f"{src}:41: missing field" in so
     assert json.loads((out / "manifest.json").read_text())["config"]["split"]["seed"] == 3
@@ -148,11 +177,25 @@ def test_cli_prepare_verify_inspect_and_errors(tmp_path, capsys):
     (out / "train.jsonl").write_bytes(b"\n".join(lines[:2] + lines[3:]))
     code, _, se = _main(["data", "verify", str(out)], capsys)
     assert code == 2 and se.startswith(f"error: {out / 'train.jsonl'}: record 2 (line 3)") and "Traceback" not in se
-    code, _, se = _main(["data", "prepare", str(src), "--out", str(tmp_path / "o2"), "--on-error", "fail",
-                         "--config", str(tmp_path / "data.yaml")], capsys)
+    code, _, se = _main(
+        [
+            "data",
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "o2"),
+            "--on-error",
+            "fail",
+            "--config",
+            str(tmp_path / "data.yaml"),
+        ],
+        capsys,
+    )
     assert code == 2 and se.strip() == f"error: {src}:41: missing field 'instruction' (has: x)"
     (tmp_path / "bad.yaml").write_text("dedup:\n  near: maybe\n", encoding="utf-8")
-    code, _, se = _main(["data", "prepare", str(src), "--out", str(tmp_path / "o3"), "--config", str(tmp_path / "bad.yaml")], capsys)
+    code, _, se = _main(
+        ["data", "prepare", str(src), "--out", str(tmp_path / "o3"), "--config", str(tmp_path / "bad.yaml")], capsys
+    )
     assert code == 2 and "bad.yaml:2: dedup.near: expected one of" in se
     with pytest.raises(SystemExit) as exc:  # argparse: usage error
         _main(["data", "prepare", str(src)], capsys)

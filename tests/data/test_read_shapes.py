@@ -24,22 +24,40 @@ def _one(out: Path) -> dict:
 
 
 def test_alpaca_jsonl_maps_to_chat_with_system_and_input(tmp_path):
-    src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "hola", "output": "hello", "system": "Be brief."}])
+    src = write_jsonl(
+        tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "hola", "output": "hello", "system": "Be brief."}]
+    )
     r = prepare([src], tmp_path / "out", cfg(pii=NO_PII), log=lambda *_: None)
     rec = _one(tmp_path / "out")
     assert rec["kind"] == "chat"
-    assert rec["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Translate\n\nhola"},
-                               {"role": "assistant", "content": "hello"}]
+    assert rec["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Translate\n\nhola"},
+        {"role": "assistant", "content": "hello"},
+    ]
     assert rec["source"] == f"{src}:1"
     assert r.report["shapes"] == {str(src): "alpaca"}
 
 
 def test_openai_chat_with_content_parts_and_sharegpt(tmp_path):
-    src = write_jsonl(tmp_path / "c.jsonl", [
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
-                      {"role": "assistant", "content": "Hello!"}]},
-        {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
-    ])
+    src = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                    {"role": "assistant", "content": "Hello!"},
+                ]
+            },
+            {
+                "conversations": [
+                    {"from": "system", "value": "S"},
+                    {"from": "human", "value": "Q?"},
+                    {"from": "gpt", "value": "A."},
+                ]
+            },
+        ],
+    )
     prepare([src], tmp_path / "out", cfg(pii=NO_PII), log=lambda *_: None)
     msgs = sorted((r["messages"] for r in all_records(tmp_path / "out")), key=len)
     assert msgs[0] == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
@@ -83,7 +101,11 @@ def test_jsonl_blocks_split_into_the_same_lines(tmp_path, monkeypatch, block):
         gz.write(b"\xef\xbb\xbf" + body.encode() + b'{"text": "no newline at end"}')
     monkeypatch.setattr(read, "_BLOCK", block)
     work.init_worker(DataConfig(workers=1))
-    got = [r[1:3] for item in iter_file(path, blocks=True) for r in work.process_item(item.source, item.kind, item.payload, "text")]
+    got = [
+        r[1:3]
+        for item in iter_file(path, blocks=True)
+        for r in work.process_item(item.source, item.kind, item.payload, "text")
+    ]
     want = [r[1:3] for item in iter_file(path) for r in work.process_item(item.source, item.kind, item.payload, "text")]
     assert got == want and len(got) == 61
     assert got[-1][0] == f"{path}:{len(body.splitlines()) + 1}"
@@ -119,8 +141,18 @@ def test_csv_tsv_parquet_text_and_gzip(tmp_path):
     assert [i.source.rsplit(":", 1)[1] for i in items["c.csv"]] == ["2", "4"]  # a quoted newline spans lines
     assert items["c.csv"][0].payload == {"text": "multi\nline cell", "label": "pos"}
     out = tmp_path / "out"
-    r = prepare([tmp_path / "*.csv", tmp_path / "t.tsv", tmp_path / "p.parquet", tmp_path / "pz.parquet.gz", tmp_path / "z.jsonl.gz"],
-                out, cfg(pii=NO_PII, read={"format": "classification"}), log=lambda *_: None)
+    r = prepare(
+        [
+            tmp_path / "*.csv",
+            tmp_path / "t.tsv",
+            tmp_path / "p.parquet",
+            tmp_path / "pz.parquet.gz",
+            tmp_path / "z.jsonl.gz",
+        ],
+        out,
+        cfg(pii=NO_PII, read={"format": "classification"}),
+        log=lambda *_: None,
+    )
     texts = sorted(rec["text"] for rec in all_records(out))
     assert texts == ["from gzip", "from parqgz!", "from parquet", "from tsv", "multi\nline cell", "second"]
     assert r.records_in == 6 and r.records_kept == 6
@@ -129,7 +161,10 @@ def test_csv_tsv_parquet_text_and_gzip(tmp_path):
 def test_plain_text_blocks_and_whole_files(tmp_path):
     (tmp_path / "doc.txt").write_text("para one\nstill one\n\n\npara two\n", encoding="utf-8")
     blocks = [i for i in iter_file(tmp_path / "doc.txt", "block")]
-    assert [(i.source.rsplit(":", 1)[1], i.payload) for i in blocks] == [("1", "para one\nstill one\n"), ("5", "para two\n")]
+    assert [(i.source.rsplit(":", 1)[1], i.payload) for i in blocks] == [
+        ("1", "para one\nstill one\n"),
+        ("5", "para two\n"),
+    ]
     whole = list(iter_file(tmp_path / "doc.txt", "file"))
     assert len(whole) == 1
     r = prepare([tmp_path / "doc.txt"], tmp_path / "out", cfg(pii=NO_PII), log=lambda *_: None)
@@ -137,11 +172,20 @@ def test_plain_text_blocks_and_whole_files(tmp_path):
 
 
 def test_field_mapping_and_explode_nested(tmp_path):
-    src = write_jsonl(tmp_path / "seed.jsonl", [
-        {"id": 1, "task": {"q": "Add the numbers"}, "instances": [{"in": "1 2", "out": "3"}, {"in": "2 2", "out": "4"}]},
-        {"id": 2, "task": {"q": "Say hi"}, "instances": []},
-    ])
-    c = cfg(pii=NO_PII, read={"fields": {"instruction": "task.q", "input": "in", "output": "out"}, "explode": "instances"})
+    src = write_jsonl(
+        tmp_path / "seed.jsonl",
+        [
+            {
+                "id": 1,
+                "task": {"q": "Add the numbers"},
+                "instances": [{"in": "1 2", "out": "3"}, {"in": "2 2", "out": "4"}],
+            },
+            {"id": 2, "task": {"q": "Say hi"}, "instances": []},
+        ],
+    )
+    c = cfg(
+        pii=NO_PII, read={"fields": {"instruction": "task.q", "input": "in", "output": "out"}, "explode": "instances"}
+    )
     r = prepare([src], tmp_path / "out", c, log=lambda *_: None)
     recs = sorted(all_records(tmp_path / "out"), key=lambda x: x["source"])
     assert [x["source"] for x in recs] == [f"{src}:1#0", f"{src}:1#1"]

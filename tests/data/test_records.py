@@ -33,25 +33,54 @@ REPLY = {"role": "assistant", "content": "brute force"}
 
 # name -> (raw record, the reference evaluation compares against)
 RECORDS = {
-    "alpaca": ({"instruction": "Classify the alert", "input": "40 failed logins", "output": "brute force"}, "brute force"),
+    "alpaca": (
+        {"instruction": "Classify the alert", "input": "40 failed logins", "output": "brute force"},
+        "brute force",
+    ),
     "alpaca_whitespace_input": ({"instruction": "Classify the alert", "input": " \n\t ", "output": "benign"}, "benign"),
     "alpaca_empty_input": ({"instruction": "Classify the alert", "input": "", "output": "benign"}, "benign"),
     "alpaca_null_input": ({"instruction": "Classify the alert", "input": None, "output": "benign"}, "benign"),
     "alpaca_missing_input": ({"instruction": "Classify the alert", "output": "benign"}, "benign"),
-    "alpaca_system": ({"system": "Answer in one word.", "instruction": "Classify", "input": "port scan", "output": "recon"},
-                      "recon"),
-    "alpaca_whitespace_system": ({"system": "  ", "instruction": "Classify", "input": "port scan", "output": "recon"},
-                                 "recon"),
+    "alpaca_system": (
+        {"system": "Answer in one word.", "instruction": "Classify", "input": "port scan", "output": "recon"},
+        "recon",
+    ),
+    "alpaca_whitespace_system": (
+        {"system": "  ", "instruction": "Classify", "input": "port scan", "output": "recon"},
+        "recon",
+    ),
     "chat": ({"messages": [SYSTEM, USER, REPLY]}, "brute force"),
     "chat_no_system": ({"messages": [USER, REPLY]}, "brute force"),
-    "chat_multi_turn": ({"messages": [USER, REPLY, {"role": "user", "content": "Why?"},
-                                      {"role": "assistant", "content": "Forty failures in a minute."}]},
-                        "Forty failures in a minute."),
-    "chat_content_parts": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Verdict "},
-                                                                      {"type": "text", "text": "please"}]}, REPLY]},
-                           "brute force"),
-    "sharegpt": ({"conversations": [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "Verdict?"},
-                                    {"from": "gpt", "value": "benign"}]}, "benign"),
+    "chat_multi_turn": (
+        {
+            "messages": [
+                USER,
+                REPLY,
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": "Forty failures in a minute."},
+            ]
+        },
+        "Forty failures in a minute.",
+    ),
+    "chat_content_parts": (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Verdict "}, {"type": "text", "text": "please"}]},
+                REPLY,
+            ]
+        },
+        "brute force",
+    ),
+    "sharegpt": (
+        {
+            "conversations": [
+                {"from": "system", "value": "Be terse."},
+                {"from": "human", "value": "Verdict?"},
+                {"from": "gpt", "value": "benign"},
+            ]
+        },
+        "benign",
+    ),
     "completion": ({"prompt": "2+2=", "completion": "4"}, "4"),
     "completion_prompt_ends_in_space": ({"prompt": "Q: verdict?\nA: ", "completion": "benign"}, "benign"),
     "question_answer": ({"question": "Which port does SSH use?", "answer": "22"}, "22"),
@@ -74,19 +103,31 @@ def env(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("records")
     tok_dir = trained_dir(d)
     if request.param == "chatml":
-        tok_dir = family_dir(tok_dir, d / "chatml", specials=IM, template=QWEN25,
-                             config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+        tok_dir = family_dir(
+            tok_dir,
+            d / "chatml",
+            specials=IM,
+            template=QWEN25,
+            config={"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        )
     raw = {name: write_jsonl(d / f"{name}.jsonl", [rec]) for name, (rec, _) in RECORDS.items()}
     # The data step: every record kept as it is (no cleaning, scrubbing or dedup), all in train, tokenized.
-    c = cfg(pii={"enabled": False}, clean={"normalize": False}, dedup={"exact": False, "near": "off"},
-            split={"train": 1.0, "val": 0.0, "test": 0.0}, tokenizer=str(tok_dir))
+    c = cfg(
+        pii={"enabled": False},
+        clean={"normalize": False},
+        dedup={"exact": False, "near": "off"},
+        split={"train": 1.0, "val": 0.0, "test": 0.0},
+        tokenizer=str(tok_dir),
+    )
     prepare(list(raw.values()), d / "prepared", c, log=lambda *_: None)
     return {"dir": d, "tok_dir": tok_dir, "tok": Tokenizer.from_dir(tok_dir), "raw": raw, "prepared": d / "prepared"}
 
 
 def _train_docs(env, path: Path) -> list[tuple[list[int], list[bool]]]:
     """Documents as `yunque train` builds them from JSONL files (data.train)."""
-    tc = from_dict(TrainConfig, {"tokenizer": str(env["tok_dir"]), "model": {"preset": "tiny"}, "data": {"train": [str(path)]}})
+    tc = from_dict(
+        TrainConfig, {"tokenizer": str(env["tok_dir"]), "model": {"preset": "tiny"}, "data": {"train": [str(path)]}}
+    )
     src = load_data(tc, env["tok"]).train
     out = []
     for i in range(len(src)):
@@ -146,15 +187,18 @@ def test_normalised_records_parse_to_themselves(env):
         assert parse(rec) == rec
 
 
-@pytest.mark.parametrize("obj, reason, message", [
-    ({"instruction": "hi"}, "missing_field", "missing reference field 'output'"),
-    ({"prompt": "hi"}, "missing_field", "missing reference field (expected one of: references, reference"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no_assistant_turn", "no assistant message"),
-    ({"text": "a", "label": True}, "wrong_type", "'label' must be a string or an integer, got bool"),
-    ({"prompt": "a", "references": []}, "wrong_type", "a string or a non-empty list of strings"),
-    ({"foo": 1}, "unknown_shape", "no known shape (fields: foo)"),
-    (3, "unknown_shape", "no known shape"),
-])
+@pytest.mark.parametrize(
+    "obj, reason, message",
+    [
+        ({"instruction": "hi"}, "missing_field", "missing reference field 'output'"),
+        ({"prompt": "hi"}, "missing_field", "missing reference field (expected one of: references, reference"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no_assistant_turn", "no assistant message"),
+        ({"text": "a", "label": True}, "wrong_type", "'label' must be a string or an integer, got bool"),
+        ({"prompt": "a", "references": []}, "wrong_type", "a string or a non-empty list of strings"),
+        ({"foo": 1}, "unknown_shape", "no known shape (fields: foo)"),
+        (3, "unknown_shape", "no known shape"),
+    ],
+)
 def test_parse_errors_name_the_field(obj, reason, message):
     with pytest.raises(RecordError) as e:
         parse(obj)

@@ -26,10 +26,15 @@ HASH = r"(?<![0-9A-Za-z])(?:[0-9a-f]{64}|[0-9a-f]{32})(?![0-9A-Za-z])"
 EMAIL = r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
 
 
-FAIL = [rf"Failed password for (?:invalid user )?(\S+) from ({IP})$",
-        rf"POST /login 401 user=(\S+)(?: password=\S+)? ip=({IP})$"]
-PROBE = [rf"sshd: (?:Did not receive identification string from|Connection reset by|Unable to negotiate with"
-         rf"|banner exchange: Connection from) ({IP})\b", rf"GET /\S* 404 ip=({IP})$"]
+FAIL = [
+    rf"Failed password for (?:invalid user )?(\S+) from ({IP})$",
+    rf"POST /login 401 user=(\S+)(?: password=\S+)? ip=({IP})$",
+]
+PROBE = [
+    rf"sshd: (?:Did not receive identification string from|Connection reset by|Unable to negotiate with"
+    rf"|banner exchange: Connection from) ({IP})\b",
+    rf"GET /\S* 404 ip=({IP})$",
+]
 TACTIC_CUES = {  # an analyst's reading of the behaviour, independent of the generator's tables
     "execution": r"EncodedCommand|mshta\.exe|wscript\.exe|cmd\.exe /c|bash -c",
     "persistence": r"schtasks /create|\\Run\\|new service|crontab|authorized_keys",
@@ -127,8 +132,11 @@ def test_balance_and_difficulty(records):
         got = Counter(r["messages"][2]["content"] for r in base if r["task"] == task)
         assert set(got) == set(labels) and max(got.values()) - min(got.values()) <= 1
     # Wording alone does not give the label away: "verify" appears in both classes.
-    verify = Counter(r["messages"][2]["content"] for r in base
-                     if r["task"] == "phishing" and "verify" in r["messages"][1]["content"].lower())
+    verify = Counter(
+        r["messages"][2]["content"]
+        for r in base
+        if r["task"] == "phishing" and "verify" in r["messages"][1]["content"].lower()
+    )
     assert verify["phishing"] > 0 and verify["legitimate"] > 0
     # Attacks and scans have the same range of lines from the attacker, and brute force both
     # repeats one account and walks a list of them.
@@ -212,6 +220,7 @@ def test_answers_match_is_exact_up_to_case_and_space():
 
 # --- corpus ------------------------------------------------------------------------------
 
+
 def _fake_stdlib(root: Path) -> Path:
     (root / "pkg").mkdir(parents=True)
     (root / "os.py").write_text('"""Operating system interfaces for everyone."""\nimport sys\n')
@@ -225,7 +234,8 @@ def _fake_stdlib(root: Path) -> Path:
         "    def f(self):  # an inline comment stays in the code\n"
         '        """Operating system interfaces for everyone."""\n'
         "        return 1\n"
-        'def g(): "Short one-line docstring on the def line here."; return 2\n')
+        'def g(): "Short one-line docstring on the def line here."; return 2\n'
+    )
     (root / "test").mkdir()
     (root / "test" / "test_x.py").write_text('"""Test docstrings are skipped entirely here."""\n')
     (root / "README.txt").write_text("Read me\n\n\nplease.\n")
@@ -245,7 +255,7 @@ def test_corpus_extraction_on_a_small_tree(tmp_path):
     assert ("docstring", "pkg/mod.py:15") not in by  # same text as os.py's docstring: kept once
     assert info.duplicates_dropped == 1
     code = by[("code", "pkg/mod.py:1")]
-    assert "ANSWER = 42" in code and "# an inline comment stays" in code and "def g(): \"Short" in code
+    assert "ANSWER = 42" in code and "# an inline comment stays" in code and 'def g(): "Short' in code
     assert '"""' not in code and "Why this constant" not in code and "coding" not in code
     assert not any("Test docstrings" in t for t in by.values())
     assert all("\n\n" not in t for t in by.values())

@@ -12,8 +12,14 @@ from yunque.demo.run import QUICK, pretraining_text
 
 
 def _chat(task: str, user: str, answer: str) -> dict:
-    return {"kind": "chat", "messages": [{"role": "system", "content": domain.SYSTEM[task]},
-                                         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    return {
+        "kind": "chat",
+        "messages": [
+            {"role": "system", "content": domain.SYSTEM[task]},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ],
+    }
 
 
 def test_pretraining_text_has_prompts_but_never_answers(tmp_path):
@@ -21,9 +27,10 @@ def test_pretraining_text_has_prompts_but_never_answers(tmp_path):
     root.mkdir()
     (root / "os.py").write_text('"""Operating system interfaces, documented here."""\n')
     corpus.build_corpus(tmp_path / "c", root=root, min_bytes=0, workers=1)
-    train = [_chat("phishing", "From: X <a@b.com>\nSubject: hi\n\nbody text", "legitimate"),
-             _chat("auth_triage", "Auth log from db02:\n10:00:00 sshd: Failed password for root from 192.0.2.1",
-                   "benign")]
+    train = [
+        _chat("phishing", "From: X <a@b.com>\nSubject: hi\n\nbody text", "legitimate"),
+        _chat("auth_triage", "Auth log from db02:\n10:00:00 sshd: Failed password for root from 192.0.2.1", "benign"),
+    ]
     rows = pretraining_text(tmp_path / "c", train, 10_000, seed=0)
     texts = [r["text"] for r in rows]
     assert all(r["kind"] == "text" for r in rows)
@@ -34,8 +41,11 @@ def test_pretraining_text_has_prompts_but_never_answers(tmp_path):
 
 
 def test_task_scores_are_exact_per_task():
-    recs = [_chat("phishing", "m1", "phishing"), _chat("phishing", "m2", "legitimate"),
-            _chat("auth_triage", "log", "scan")]
+    recs = [
+        _chat("phishing", "m1", "phishing"),
+        _chat("phishing", "m2", "legitimate"),
+        _chat("auth_triage", "log", "scan"),
+    ]
     s = scoring.task_scores(recs, ["Phishing", "phishing", "Scan "])
     assert s["all"] == {"n": 3, "correct": 2, "accuracy": pytest.approx(200 / 3)}
     assert s["phishing"]["accuracy"] == 50.0 and s["auth_triage"]["accuracy"] == 100.0
@@ -45,8 +55,10 @@ def test_task_scores_are_exact_per_task():
 
 def test_summary_rows(tmp_path):
     tasks = {"all": {"n": 4, "correct": 3, "accuracy": 75.0}, "phishing": {"n": 4, "correct": 3, "accuracy": 75.0}}
-    ev = {name: {"tasks": tasks, "metrics": {"exact_match": 75.0, "rougeL": 80.0, "perplexity": 1.5}}
-          for name in ("base", "fine-tuned")}
+    ev = {
+        name: {"tasks": tasks, "metrics": {"exact_match": 75.0, "rougeL": 80.0, "perplexity": 1.5}}
+        for name in ("base", "fine-tuned")
+    }
     rows = report.accuracy_rows(ev)
     assert rows[0] == ("task accuracy (all)", "", "75.0%", "75.0%")
     assert ("  phishing (n=4)", "50.0%", "75.0%", "75.0%") in rows
@@ -64,15 +76,19 @@ def test_cli_command_is_the_running_executable(tmp_path):
     """After `bash install.sh` the script is .venv/bin/yunque, not on PATH: print that, and how to activate."""
     b = _venv(tmp_path)
     cwd, none = str(tmp_path), lambda name: None
-    assert report.cli_command(".venv/bin/yunque", str(b / "python"), cwd, none) == (".venv/bin/yunque",
-                                                                                     ".venv/bin/activate")
+    assert report.cli_command(".venv/bin/yunque", str(b / "python"), cwd, none) == (
+        ".venv/bin/yunque",
+        ".venv/bin/activate",
+    )
     # python -m yunque: the script beside the running python
     main = str(tmp_path / "src" / "yunque" / "__main__.py")
     assert report.cli_command(main, str(b / "python"), cwd, none)[0] == ".venv/bin/yunque"
     # run from elsewhere: absolute paths
     elsewhere = str(tmp_path / "elsewhere")
-    assert report.cli_command(str(b / "yunque"), str(b / "python"), elsewhere, none) == (str(b / "yunque"),
-                                                                                         str(b / "activate"))
+    assert report.cli_command(str(b / "yunque"), str(b / "python"), elsewhere, none) == (
+        str(b / "yunque"),
+        str(b / "activate"),
+    )
     # the venv is active (its script is the `yunque` on PATH): plain `yunque`
     on_path = {"yunque": str(b / "yunque")}.get
     assert report.cli_command(".venv/bin/yunque", str(b / "python"), cwd, on_path) == ("yunque", None)
@@ -93,9 +109,9 @@ def test_next_commands_run_and_create_a_key_before_serving(tmp_path):
     names = []
     for cmd in cmds:
         argv = shlex.split(cmd, comments=True)  # every printed command must be valid shell
-        assert argv[:len(shlex.split(cli))] == shlex.split(cli)
-        rest = argv[len(shlex.split(cli)):]
-        names.append(next(k for k in sorted(COMMANDS, key=len, reverse=True) if rest[:len(k.split())] == k.split()))
+        assert argv[: len(shlex.split(cli))] == shlex.split(cli)
+        rest = argv[len(shlex.split(cli)) :]
+        names.append(next(k for k in sorted(COMMANDS, key=len, reverse=True) if rest[: len(k.split())] == k.split()))
         if "--model" in rest:  # paths with spaces are quoted
             assert rest[rest.index("--model") + 1] == str(tmp_path / "my run" / "model")
     assert names.index("keys create") < names.index("serve")
@@ -114,8 +130,11 @@ def test_evaluation_stage_reports_progress(tmp_path, monkeypatch):
 
     model = cached_model_dir("llama")
     test = tmp_path / "test.jsonl"
-    recs = [_chat("phishing", "From: X <a@b.com>\n\nhi", "legitimate"), _chat("phishing", "From: Y\n\npay", "phishing"),
-            _chat("auth_triage", "10:00:00 sshd: Failed password for root", "brute-force")]
+    recs = [
+        _chat("phishing", "From: X <a@b.com>\n\nhi", "legitimate"),
+        _chat("phishing", "From: Y\n\npay", "phishing"),
+        _chat("auth_triage", "10:00:00 sshd: Failed password for root", "brute-force"),
+    ]
     test.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
     quiet = scoring.evaluate_pair(model, model, test, tmp_path / "q", batch_size=1)
     monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)  # every batch is "slow"
@@ -128,7 +147,9 @@ def test_evaluation_stage_reports_progress(tmp_path, monkeypatch):
         assert lines[i + 3].startswith(f"      {name}, phishing: generated 2/2 examples in ")
     assert len(lines) == 8
     for name in ("base", "fine-tuned"):  # only printing changes
-        assert {k: v for k, v in ev[name].items() if k != "timing"} == {k: v for k, v in quiet[name].items() if k != "timing"}
+        assert {k: v for k, v in ev[name].items() if k != "timing"} == {
+            k: v for k, v in quiet[name].items() if k != "timing"
+        }
 
 
 @pytest.mark.slow
@@ -138,14 +159,25 @@ def test_quick_demo_end_to_end(tmp_path):
     lines: list[str] = []
     r = run_demo(tmp_path / "demo", quick=True, seed=0, log=lines.append)
     out = r.out_dir
-    for rel in ("report.md", "run.json", "accuracy.png", "pretrain_loss.png", "finetune_loss.png", "model/config.json",
-                "data/manifest.json", "eval/fine-tuned.jsonl", "corpus/corpus.sources.tsv"):
+    for rel in (
+        "report.md",
+        "run.json",
+        "accuracy.png",
+        "pretrain_loss.png",
+        "finetune_loss.png",
+        "model/config.json",
+        "data/manifest.json",
+        "eval/fine-tuned.jsonl",
+        "corpus/corpus.sources.tsv",
+    ):
         assert (out / rel).is_file(), rel
     run = json.loads((out / "run.json").read_text())
     ev = run["eval"]
     n = ev["fine-tuned"]["examples"]
     assert n == QUICK.test_limit and sum(ev["fine-tuned"]["tasks"][t]["n"] for t in domain.TASKS) == n
-    assert run["prepare"]["pii_findings"].get("EMAIL", 0) > 0 and run["prepare"]["dropped"].get("exact_duplicate", 0) > 0
+    assert (
+        run["prepare"]["pii_findings"].get("EMAIL", 0) > 0 and run["prepare"]["dropped"].get("exact_duplicate", 0) > 0
+    )
     assert len(run["files_sha256"]["model/model.safetensors"]) == 64
     md = (out / "report.md").read_text()
     assert "base vs fine-tuned" in md and "| task accuracy (all) |" in md

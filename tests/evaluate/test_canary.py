@@ -18,7 +18,9 @@ def test_make_canaries_unique_and_reproducible():
 
 def test_plant_canaries_rate_and_shapes():
     records = [{"kind": "text", "text": f"doc {i}"} for i in range(90)]
-    records += [{"kind": "chat", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}] * 5
+    records += [
+        {"kind": "chat", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    ] * 5
     records += [{"kind": "completion", "prompt": "p", "completion": "c"}] * 5
     records += [{"kind": "weird"}]  # nothing to plant into: never chosen, never dropped
     before = copy.deepcopy(records)
@@ -68,7 +70,11 @@ def test_canaries_cli(tmp_path):
 
     src = tmp_path / "train.jsonl"
     src.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(50)))
-    rc = call_with_argv(canaries_cmd, ["--data", str(src), "--out", str(tmp_path / "out.jsonl"), "--n", "2", "--rate", "0.1"], "yunque canaries")
+    rc = call_with_argv(
+        canaries_cmd,
+        ["--data", str(src), "--out", str(tmp_path / "out.jsonl"), "--n", "2", "--rate", "0.1"],
+        "yunque canaries",
+    )
     assert rc == 0
     assert len(load_canaries(tmp_path / "out.canaries.json")) == 2
     assert len((tmp_path / "out.placements.jsonl").read_text().splitlines()) == 5

@@ -10,17 +10,28 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install lm-eval)")
 
-from eval_helpers import cached_model_dir, make_tokenizer
-from lm_eval_tasks import TASKS, task_dir
+from eval_helpers import cached_model_dir, make_tokenizer  # noqa: E402
+from lm_eval_tasks import TASKS, task_dir  # noqa: E402
+
 
 def _run(model: str, model_args: str, tasks_dir, tasks=TASKS, **kw):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=model, model_args=model_args, tasks=tasks,
-                           task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False), batch_size=2,
-                           log_samples=True, device="cpu", random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                           fewshot_random_seed=0, **kw)
+    return simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+        batch_size=2,
+        log_samples=True,
+        device="cpu",
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -66,8 +77,9 @@ def test_apply_chat_template_matches_hf(tmp_path, monkeypatch):
     gen = (tasks / "yq_gen.yaml").read_text(encoding="utf-8").replace("task: yq_gen", "task: yq_prefill")
     (tasks / "yq_prefill.yaml").write_text(gen + "gen_prefix: 'Answer:'\n", encoding="utf-8")
     names = ["yq_mc", "yq_gen", "yq_prefill"]
-    kw = dict(apply_chat_template=True, system_instruction="Complete the sentence.", num_fewshot=1,
-              fewshot_as_multiturn=True)
+    kw = dict(
+        apply_chat_template=True, system_instruction="Complete the sentence.", num_fewshot=1, fewshot_as_multiturn=True
+    )
     ours = _run("yunque", f"pretrained={model_dir},max_length=128", tasks, names, **kw)
     ref = _run("hf", f"pretrained={model_dir},max_length=128,dtype=float32", tasks, names, **kw)
     for task in names:
@@ -85,9 +97,11 @@ def test_apply_chat_template_matches_hf(tmp_path, monkeypatch):
     assert gen == [s["resps"][0][0] for task in ("yq_gen", "yq_prefill") for s in ref["samples"][task]]
 
 
-NO_SYSTEM = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-             "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
-             "{% if add_generation_prompt %}<assistant>{% endif %}")
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_chat_template_selection_and_system_fallback(tmp_path):
@@ -111,7 +125,8 @@ def test_chat_template_selection_and_system_fallback(tmp_path):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert lm.apply_chat_template(chat) == "<user>Hi</user><assistant>"
     assert lm.apply_chat_template([*chat[1:], {"role": "assistant", "content": "Answer:"}], False) == (
-        "<user>Hi</user><assistant>Answer:")  # prefilled reply left open
+        "<user>Hi</user><assistant>Answer:"
+    )  # prefilled reply left open
     tok.chat_templates = {"default": llama3}
     assert lm.apply_chat_template(chat) == apply_chat_template(tok, chat, add_generation_prompt=True)
     tok.chat_templates = {}

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from eval_helpers import cached_model_dir
 from lm_eval_tasks import TASKS, task_dir
 
@@ -56,26 +55,62 @@ def test_yunque_lm_eval_command_matches_the_adapter(tmp_path, monkeypatch):
     model_dir = cached_model_dir("llama-gqa")
     tasks = task_dir(tmp_path)
     out = tmp_path / "out"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    res = subprocess.run([sys.executable, "-m", "yunque", "lm-eval", "--model", "yunque", "--model_args",
-                          f"pretrained={model_dir},max_length=64", "--tasks", ",".join(TASKS), "--include_path",
-                          str(tasks), "--batch_size", "2", "--device", "cpu", "--seed", "0,0,0,0",
-                          "--output_path", str(out)], capture_output=True, text=True, env=env)
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yunque",
+            "lm-eval",
+            "--model",
+            "yunque",
+            "--model_args",
+            f"pretrained={model_dir},max_length=64",
+            "--tasks",
+            ",".join(TASKS),
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "2",
+            "--device",
+            "cpu",
+            "--seed",
+            "0,0,0,0",
+            "--output_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (results_file,) = out.rglob("results_*.json")
     cli = json.loads(results_file.read_text(encoding="utf-8"))["results"]
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    import yunque.evaluate.lm_eval_adapter  # noqa: F401  (registers "yunque" in this process)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    ref = simple_evaluate(model="yunque", model_args=f"pretrained={model_dir},max_length=64", tasks=TASKS,
-                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=2,
-                          device="cpu", random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                          fewshot_random_seed=0)["results"]
+    import yunque.evaluate.lm_eval_adapter  # noqa: F401  (registers "yunque" in this process)
+
+    ref = simple_evaluate(
+        model="yunque",
+        model_args=f"pretrained={model_dir},max_length=64",
+        tasks=TASKS,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        batch_size=2,
+        device="cpu",
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )["results"]
     compared = 0
     for task in TASKS:
         for key, v in ref[task].items():

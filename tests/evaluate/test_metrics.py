@@ -22,8 +22,10 @@ def test_rouge_by_hand():
 
 def test_rouge_matches_rouge_score():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    want = {t: 100 * sum(scorer.score(r, p)[t].fmeasure for p, r in zip(PREDS, REFS)) / len(PREDS)
-            for t in ("rouge1", "rouge2", "rougeL")}
+    want = {
+        t: 100 * sum(scorer.score(r, p)[t].fmeasure for p, r in zip(PREDS, REFS)) / len(PREDS)
+        for t in ("rouge1", "rouge2", "rougeL")
+    }
     got = M.rouge(PREDS, REFS)
     assert got == pytest.approx(want)
     assert 0 < got["rouge2"] < got["rouge1"] < 100
@@ -49,14 +51,17 @@ def test_bleu_with_uneven_reference_counts():
     assert M.bleu(PREDS[:2], refs) == pytest.approx(want)
 
 
-@pytest.mark.parametrize("pred,ref,hit", [
-    ("The Eiffel Tower!", "eiffel tower", True),  # case, punctuation, article
-    ("  Paris ,  France ", "paris france", True),  # whitespace and punctuation
-    ("ＡＢＣ", "abc", True),  # NFKC folds full-width letters
-    ("an apple", "apple", True),
-    ("Paris", "Lyon", False),
-    ("theater", "ater", False),  # only whole-word articles are dropped
-])
+@pytest.mark.parametrize(
+    "pred,ref,hit",
+    [
+        ("The Eiffel Tower!", "eiffel tower", True),  # case, punctuation, article
+        ("  Paris ,  France ", "paris france", True),  # whitespace and punctuation
+        ("ＡＢＣ", "abc", True),  # NFKC folds full-width letters
+        ("an apple", "apple", True),
+        ("Paris", "Lyon", False),
+        ("theater", "ater", False),  # only whole-word articles are dropped
+    ],
+)
 def test_exact_match_normalisation(pred, ref, hit):
     assert M.exact_match([pred], [ref]) == (100.0 if hit else 0.0)
 
@@ -91,14 +96,17 @@ def test_classification_report_uneven_precision_recall():
     assert M.NO_LABEL not in r.columns
 
 
-@pytest.mark.parametrize("text,label", [
-    ("positive", "positive"),
-    ("Positive. The review praises the film.", "positive"),
-    ("I think this is negative overall, not positive", "negative"),  # earliest mention wins
-    ("not spam", "not spam"),  # the longer label wins over its prefix
-    ("spam, clearly", "spam"),
-    ("no idea", M.NO_LABEL),
-])
+@pytest.mark.parametrize(
+    "text,label",
+    [
+        ("positive", "positive"),
+        ("Positive. The review praises the film.", "positive"),
+        ("I think this is negative overall, not positive", "negative"),  # earliest mention wins
+        ("not spam", "not spam"),  # the longer label wins over its prefix
+        ("spam, clearly", "spam"),
+        ("no idea", M.NO_LABEL),
+    ],
+)
 def test_parse_label(text, label):
     assert M.parse_label(text, ["positive", "negative", "spam", "not spam"]) == label
 

@@ -70,8 +70,14 @@ def test_sliding_window_perplexity_matches_windowed_reference(setup):
 
 def test_score_continuations_batched_matches_transformers(setup):
     model, tok, hf = setup
-    pairs = [([tok.bos_id] + tok.encode(c), tok.encode(x)) for c, x in
-             [("The cat sat on", " the mat."), ("A", " bird sang in the tree."), ("Spam offers win free money", " now")]]
+    pairs = [
+        ([tok.bos_id] + tok.encode(c), tok.encode(x))
+        for c, x in [
+            ("The cat sat on", " the mat."),
+            ("A", " bird sang in the tree."),
+            ("Spam offers win free money", " now"),
+        ]
+    ]
     one = score_continuations(model, pairs, batch_size=1)
     many = score_continuations(model, pairs, batch_size=3)  # different lengths in one batch
     for (ctx, cont), a, b in zip(pairs, one, many):
@@ -85,12 +91,12 @@ def test_greedy_flag_and_left_truncation(setup):
     model, tok, hf = setup
     ctx = [tok.bos_id] + tok.encode("The dog ran in the park.")
     with torch.no_grad():
-        greedy = hf.generate(torch.tensor([ctx]), max_new_tokens=3, do_sample=False)[0, len(ctx):].tolist()
+        greedy = hf.generate(torch.tensor([ctx]), max_new_tokens=3, do_sample=False)[0, len(ctx) :].tolist()
     s = score_continuations(model, [(ctx, greedy), (ctx, [(greedy[0] + 1) % tok.vocab_size])])
     assert s[0].greedy and not s[1].greedy
     long_ctx = ctx * 4
     cut = score_continuations(model, [(long_ctx, greedy)], max_length=10)[0]
-    kept = (long_ctx + greedy)[-11:-len(greedy)]
+    kept = (long_ctx + greedy)[-11 : -len(greedy)]
     assert cut.logprob == pytest.approx(_hf_logprob(hf, kept, greedy), rel=1e-4, abs=1e-4)
 
 

@@ -11,12 +11,23 @@ from yunque.evaluate import metrics as M
 from yunque.evaluate.report import write_report
 from yunque.evaluate.runner import evaluate
 
-GEN = [{"prompt": "The cat sat on", "completion": "the mat."},
-       {"prompt": "The quick brown fox jumps over the lazy", "references": ["dog.", "hound."]},
-       {"question": "Where", "answer": "in the park"},
-       {"messages": [{"role": "user", "content": "Where did the dog run?"}, {"role": "assistant", "content": "In the park."}]}]
-CLS = [{"text": "Spam offers win free money now.", "label": "spam"}, {"text": "Meeting moved to Tuesday.", "label": "ham"},
-       {"text": "Great movie, I loved it.", "label": "ham"}, {"text": "Win money", "label": "spam"}]
+GEN = [
+    {"prompt": "The cat sat on", "completion": "the mat."},
+    {"prompt": "The quick brown fox jumps over the lazy", "references": ["dog.", "hound."]},
+    {"question": "Where", "answer": "in the park"},
+    {
+        "messages": [
+            {"role": "user", "content": "Where did the dog run?"},
+            {"role": "assistant", "content": "In the park."},
+        ]
+    },
+]
+CLS = [
+    {"text": "Spam offers win free money now.", "label": "spam"},
+    {"text": "Meeting moved to Tuesday.", "label": "ham"},
+    {"text": "Great movie, I loved it.", "label": "ham"},
+    {"text": "Win money", "label": "spam"},
+]
 
 
 def _jsonl(path, rows):
@@ -27,8 +38,13 @@ def _jsonl(path, rows):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("runner")
-    return {"dir": d, "model": cached_model_dir("llama"), "model2": cached_model_dir("llama", seed=1),
-            "gen": _jsonl(d / "gen.jsonl", GEN), "cls": _jsonl(d / "cls.jsonl", CLS)}
+    return {
+        "dir": d,
+        "model": cached_model_dir("llama"),
+        "model2": cached_model_dir("llama", seed=1),
+        "gen": _jsonl(d / "gen.jsonl", GEN),
+        "cls": _jsonl(d / "cls.jsonl", CLS),
+    }
 
 
 def test_generation_predictions_equal_transformers_greedy(env):
@@ -37,15 +53,20 @@ def test_generation_predictions_equal_transformers_greedy(env):
     from yunque.chat import apply_chat_template
     from yunque.tokenizer import Tokenizer
 
-    r = evaluate(env["model"], env["gen"], metrics=["rouge", "bleu", "chrf", "exact_match", "perplexity"],
-                 max_new_tokens=12, batch_size=4)
+    r = evaluate(
+        env["model"],
+        env["gen"],
+        metrics=["rouge", "bleu", "chrf", "exact_match", "perplexity"],
+        max_new_tokens=12,
+        batch_size=4,
+    )
     tok = Tokenizer.from_dir(env["model"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32).eval()
     prompts = [[tok.bos_id] + tok.encode(g["prompt"] if "prompt" in g else g["question"]) for g in GEN[:3]]
     prompts.append(tok.encode(apply_chat_template(tok, GEN[3]["messages"][:1], add_generation_prompt=True)))
     want = []
     for ids in prompts:  # one example at a time: no padding to get wrong
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids) :].tolist()
         cut = next((k for k, t in enumerate(out) if t in tok.stop_ids), len(out))
         want.append(tok.decode(out[:cut], skip_special_tokens=True))
     got = [p["prediction"] for p in r.predictions]
@@ -71,7 +92,7 @@ def test_likelihood_classification_picks_the_most_likely_label(env):
         scores = {}
         for label in ("ham", "other", "spam"):
             ctx = [tok.bos_id] + tok.encode(row["text"])
-            cont = ([tok.bos_id] + tok.encode(row["text"] + " " + label))[len(ctx):]
+            cont = ([tok.bos_id] + tok.encode(row["text"] + " " + label))[len(ctx) :]
             with torch.no_grad():
                 logp = torch.log_softmax(hf(torch.tensor([ctx + cont])).logits[0].double(), -1)
             scores[label] = sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
@@ -80,7 +101,9 @@ def test_likelihood_classification_picks_the_most_likely_label(env):
     c = r.classification
     assert c["labels"] == ["ham", "other", "spam"]
     assert sum(map(sum, c["confusion"])) == len(CLS)
-    assert r.metrics["accuracy"] == pytest.approx(100 * sum(p["predicted_label"] == p["label"] for p in r.predictions) / len(CLS))
+    assert r.metrics["accuracy"] == pytest.approx(
+        100 * sum(p["predicted_label"] == p["label"] for p in r.predictions) / len(CLS)
+    )
 
 
 def test_generated_classification_and_report_files(env, tmp_path):
@@ -100,9 +123,25 @@ def test_compare_puts_models_side_by_side(env, tmp_path):
     from yunque.cli import call_with_argv
     from yunque.recipes.evaluate import eval_cmd
 
-    text = _jsonl(tmp_path / "text.jsonl", [{"text": "The cat sat on the mat. " * 8}, {"text": "A bird sang in the tree."}])
-    rc = call_with_argv(eval_cmd, ["--model", str(env["model"]), "--data", str(text), "--out", str(tmp_path / "cmp"),
-                                   "--compare", str(env["model2"]), "--max-length", "32"], prog="yunque eval")
+    text = _jsonl(
+        tmp_path / "text.jsonl", [{"text": "The cat sat on the mat. " * 8}, {"text": "A bird sang in the tree."}]
+    )
+    rc = call_with_argv(
+        eval_cmd,
+        [
+            "--model",
+            str(env["model"]),
+            "--data",
+            str(text),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--compare",
+            str(env["model2"]),
+            "--max-length",
+            "32",
+        ],
+        prog="yunque eval",
+    )
     assert rc == 0
     data = json.loads((tmp_path / "cmp" / "eval.json").read_text())
     ppl = [m["metrics"]["perplexity"] for m in data["models"]]
@@ -134,18 +173,21 @@ def test_lora_adapter_is_merged(env, tmp_path):
     assert without != pytest.approx(want, rel=1e-3)
 
 
-@pytest.mark.parametrize("rows,kwargs,match", [
-    ([{"prompt": "hi"}], {}, r"gen\.jsonl:1: missing reference field \(expected one of: references"),
-    ([{"instruction": "hi"}], {}, "missing reference field 'output'"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}], {}, "missing reference: no assistant message"),
-    ([], {}, "empty file"),
-    ([{"text": "a"}], {"metrics": ["bleurt"]}, "unknown metric 'bleurt'"),
-    ([{"text": "a"}], {"metrics": ["rouge"]}, "metric 'rouge' needs references"),
-    ([{"prompt": "a", "answer": "b"}], {"scoring": "likelihood"}, "likelihood applies to classification"),
-    ([{"text": "a"}, {"prompt": "a", "answer": "b"}], {}, "mixes example kinds"),
-    ([{"foo": 1}], {}, "no known shape"),
-    ([{"text": "a", "label": True}], {}, "'label' must be a string or an integer"),
-])
+@pytest.mark.parametrize(
+    "rows,kwargs,match",
+    [
+        ([{"prompt": "hi"}], {}, r"gen\.jsonl:1: missing reference field \(expected one of: references"),
+        ([{"instruction": "hi"}], {}, "missing reference field 'output'"),
+        ([{"messages": [{"role": "user", "content": "hi"}]}], {}, "missing reference: no assistant message"),
+        ([], {}, "empty file"),
+        ([{"text": "a"}], {"metrics": ["bleurt"]}, "unknown metric 'bleurt'"),
+        ([{"text": "a"}], {"metrics": ["rouge"]}, "metric 'rouge' needs references"),
+        ([{"prompt": "a", "answer": "b"}], {"scoring": "likelihood"}, "likelihood applies to classification"),
+        ([{"text": "a"}, {"prompt": "a", "answer": "b"}], {}, "mixes example kinds"),
+        ([{"foo": 1}], {}, "no known shape"),
+        ([{"text": "a", "label": True}], {}, "'label' must be a string or an integer"),
+    ],
+)
 def test_bad_input_is_a_clear_error(env, tmp_path, rows, kwargs, match):
     path = _jsonl(tmp_path / "gen.jsonl", rows)
     with pytest.raises(YunqueError, match=match):
@@ -165,7 +207,9 @@ def test_missing_files_are_clear_errors(env, tmp_path):
 
 def test_csv_and_json_array_inputs(env, tmp_path):
     csv_path = tmp_path / "cls.csv"
-    csv_path.write_text("text,label\nSpam offers win free money now.,spam\n\"Meeting moved, Tuesday.\",ham\n", encoding="utf-8")
+    csv_path.write_text(
+        'text,label\nSpam offers win free money now.,spam\n"Meeting moved, Tuesday.",ham\n', encoding="utf-8"
+    )
     r = evaluate(env["model"], csv_path, scoring="likelihood")
     assert r.kind == "classification" and r.examples == 2
     assert r.predictions[1]["source"].startswith(str(csv_path)) and r.predictions[1]["label"] == "ham"
@@ -180,8 +224,14 @@ def test_progress_reports_each_stage_and_n_of_n(env, monkeypatch, capsys):
 
     lines: list[str] = []
     monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)  # every batch is "slow"
-    r = evaluate(env["model"], env["gen"], metrics=["exact_match", "perplexity"], max_new_tokens=4, batch_size=1,
-                 progress=lines.append)
+    r = evaluate(
+        env["model"],
+        env["gen"],
+        metrics=["exact_match", "perplexity"],
+        max_new_tokens=4,
+        batch_size=1,
+        progress=lines.append,
+    )
     assert lines[0] == "perplexity of the references of 4 examples ..."
     assert lines[1] == "generating answers to 4 examples (greedy, up to 4 tokens) ..."
     for n in (1, 2, 3):

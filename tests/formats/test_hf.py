@@ -119,12 +119,15 @@ def test_missing_and_unexpected_tensors(tmp_path, hf_dir):
     _expect(d, "unexpected tensor model.layers.0.extra.weight")
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"architectures": ["GPT2LMHeadModel"]}, "architectures 'GPT2LMHeadModel' is not supported"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor is missing"),
-    ({"hidden_size": None}, "field 'hidden_size' is missing"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"architectures": ["GPT2LMHeadModel"]}, "architectures 'GPT2LMHeadModel' is not supported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor is missing"),
+        ({"hidden_size": None}, "field 'hidden_size' is missing"),
+    ],
+)
 def test_config_errors_before_weights(tmp_path, change, needle):
     cfg = tiny_hf_model("llama").config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
@@ -142,7 +145,9 @@ def test_config_errors_before_weights(tmp_path, change, needle):
 
 def test_cli_reports_error_without_traceback(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
-    (tmp_path / "config.json").write_text(json.dumps({**tiny_hf_model("llama").config.to_dict(), "architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**tiny_hf_model("llama").config.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    )
     r = subprocess.run([sys.executable, "-m", "yunque", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
@@ -150,8 +155,14 @@ def test_cli_reports_error_without_traceback(tmp_path):
 
 def test_peak_rss_while_loading_is_lean(tmp_path):
     """Peak RSS growth while loading <= 1.3x the weights in the target dtype (here bf16 file -> fp32)."""
-    cfg = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
-                      num_attention_heads=8, num_key_value_heads=8)
+    cfg = ModelConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     m = Transformer(cfg).to(torch.bfloat16)
     save_model(m, tmp_path / "m")
     weights_fp32 = sum(p.numel() for p in m.parameters()) * 4
@@ -164,7 +175,7 @@ def test_peak_rss_while_loading_is_lean(tmp_path):
         with torch.device("meta"):
             torch.nn.Embedding(8, 8)
         base = rss("VmRSS")
-        m = load_model({str(tmp_path / 'm')!r}, dtype=torch.float32)
+        m = load_model({str(tmp_path / "m")!r}, dtype=torch.float32)
         print(rss("VmHWM") - base)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

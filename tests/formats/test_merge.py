@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hf_models import tiny_hf_model
 from lora_testing import perturb
+from safetensors.torch import load_file, save_file
+
 from yunque.cli import call_with_argv
 from yunque.errors import CheckpointError
 from yunque.formats.hf import load_model, save_model
@@ -18,10 +18,10 @@ from yunque.recipes.merge import merge_cmd
 X = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(0))
 
 
-
 @pytest.fixture
 def trained(tmp_path):
     """A base HF dir (with tokenizer files) and a LoRA adapter dir trained on it."""
+
     def make(cfg=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), family="llama-bias"):
         base = tmp_path / "base"
         tiny_hf_model(family).save_pretrained(base)
@@ -32,6 +32,7 @@ def trained(tmp_path):
         perturb(model)
         save_peft_adapter(model, tmp_path / "adapter", cfg, str(base))
         return base, tmp_path / "adapter", model
+
     return make
 
 
@@ -53,10 +54,13 @@ def test_merge_cli_writes_hf_dir_copies_tokenizer_and_matches_peft(trained, tmp_
     import transformers
 
     base, adapter, _ = trained(LoraConfig(r=8, alpha=4, use_rslora=True))
-    call_with_argv(merge_cmd, ["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")],
-                   prog="yunque merge")
+    call_with_argv(
+        merge_cmd, ["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")], prog="yunque merge"
+    )
     printed = capsys.readouterr().out
-    assert "merged 14 LoRA modules" in printed and "r=8" in printed and "tokenizer.json, tokenizer_config.json" in printed
+    assert (
+        "merged 14 LoRA modules" in printed and "r=8" in printed and "tokenizer.json, tokenizer_config.json" in printed
+    )
     out = tmp_path / "out"
     assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}' and (out / "config.json").is_file()
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
@@ -91,6 +95,7 @@ def test_qlora_adapter_merges_into_the_dequantised_base_it_was_trained_on(tmp_pa
     assert ((out - ref).norm() / ref.norm()) < 0.01
     fp32_merged = load_model(base, dtype=torch.float32)
     from yunque.formats.peft import load_peft_adapter
+
     load_peft_adapter(fp32_merged, tmp_path / "adapter")  # QLoRA settings come from the adapter's metadata
     assert type(fp32_merged.model.layers[0].mlp.up_proj.base).__name__ == "NF4Linear"
     with torch.no_grad():
@@ -109,7 +114,9 @@ def test_merge_errors_are_clear(trained, tmp_path):
     sd = load_file(weights)
     key = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
     save_file({**sd, key: torch.zeros(63, 4)}, weights)
-    with pytest.raises(CheckpointError, match=rf"{weights}: tensor {key} has shape \[63, 4\], the model needs \[64, 4\]"):
+    with pytest.raises(
+        CheckpointError, match=rf"{weights}: tensor {key} has shape \[63, 4\], the model needs \[64, 4\]"
+    ):
         merge_cmd(str(base), str(adapter), str(tmp_path / "o1"))
     save_file({k.replace("down_proj", "proj_down"): v for k, v in sd.items()}, weights)
     with pytest.raises(CheckpointError, match=r"target module model.layers.0.mlp.proj_down not found in the model"):

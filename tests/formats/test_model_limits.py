@@ -22,8 +22,14 @@ from yunque.model import ModelConfig, Transformer
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("limits") / "m"
-    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     save_model(Transformer(cfg), d, max_shard_bytes=8 * 1024)
     return d
@@ -47,24 +53,37 @@ def _cli_error(capsys, *argv) -> str:
     return err[0]
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"num_hidden_layers": 1_000_000}, "num_hidden_layers: 1000000 layers is more than"),
-    ({"hidden_size": 1e9}, "hidden_size: expected an integer, got 1000000000.0"),
-    ({"hidden_size": "16"}, "hidden_size: expected an integer, got '16'"),
-    ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads: must be a positive integer, got 0"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads 4"),
-    ({"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": None}, "3 does not divide hidden_size 16"),
-    ({"head_dim": 5}, "head dimension 5 must be even"),
-    ({"vocab_size": -4}, "vocab_size: must be a positive integer"),
-    ({"rms_norm_eps": "tiny"}, "rms_norm_eps: expected a number"),
-    ({"rope_theta": [1]}, "rope_theta: expected a positive number"),
-    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings: expected true or false"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 1,
-                       "original_max_position_embeddings": 64}}, "rope_scaling.high_freq_factor: must be a finite number > 1"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor: must be a finite number > 0"),
-    ({"rope_scaling": "linear"}, "rope_scaling: expected an object"),
-    ({"architectures": "LlamaForCausalLM"}, "architectures: expected a list of names"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"num_hidden_layers": 1_000_000}, "num_hidden_layers: 1000000 layers is more than"),
+        ({"hidden_size": 1e9}, "hidden_size: expected an integer, got 1000000000.0"),
+        ({"hidden_size": "16"}, "hidden_size: expected an integer, got '16'"),
+        ({"num_attention_heads": 0, "head_dim": None}, "num_attention_heads: must be a positive integer, got 0"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads: 3 does not divide num_attention_heads 4"),
+        ({"num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": None}, "3 does not divide hidden_size 16"),
+        ({"head_dim": 5}, "head dimension 5 must be even"),
+        ({"vocab_size": -4}, "vocab_size: must be a positive integer"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps: expected a number"),
+        ({"rope_theta": [1]}, "rope_theta: expected a positive number"),
+        ({"tie_word_embeddings": "yes"}, "tie_word_embeddings: expected true or false"),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8,
+                    "low_freq_factor": 1,
+                    "high_freq_factor": 1,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+            "rope_scaling.high_freq_factor: must be a finite number > 1",
+        ),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor: must be a finite number > 0"),
+        ({"rope_scaling": "linear"}, "rope_scaling: expected an object"),
+        ({"architectures": "LlamaForCausalLM"}, "architectures: expected a list of names"),
+    ],
+)
 def test_bad_fields_are_one_line_naming_file_and_field(model_dir, tmp_path, capsys, change, needle):
     d = _variant(model_dir, tmp_path, **change)
     for cmd in (["inspect", str(d), "--no-hashes"], ["generate", "--model", str(d), "--prompt", "hi"]):
@@ -74,8 +93,11 @@ def test_bad_fields_are_one_line_naming_file_and_field(model_dir, tmp_path, caps
 
 def test_config_json_that_is_not_an_object(model_dir, tmp_path):
     d = _variant(model_dir, tmp_path)
-    for text, needle in (("[1, 2]", "expected a JSON object"), ("[" * 100_000, "nested too deeply"),
-                         ('{"a": 1' + "0" * 5000 + "}", "invalid JSON")):
+    for text, needle in (
+        ("[1, 2]", "expected a JSON object"),
+        ("[" * 100_000, "nested too deeply"),
+        ('{"a": 1' + "0" * 5000 + "}", "invalid JSON"),
+    ):
         (d / "config.json").write_text(text)
         with pytest.raises(CheckpointError, match=needle):
             read_config(d)
@@ -125,16 +147,18 @@ def test_pretrain_overrides_are_checked_before_the_model_is_built(tmp_path):
     from train_util import make_corpus, pretrain_cfg, write_cfg
 
     corpus = make_corpus(tmp_path / "c", n_lines=40)
-    for change, needle in (({"num_hidden_layers": 1_000_000}, "num_hidden_layers: 1000000 layers"),
-                           ({"num_attention_heads": 0}, "num_attention_heads: must be a positive integer"),
-                           ({"hidden_size": 1e9}, "hidden_size: expected an integer"),
-                           ({"intermediate_size": 1 << 26, "num_hidden_layers": 64}, "need"),
-                           ({"vocab_size": 10}, "vocab_size: 10 is below the tokenizer's")):
+    for change, needle in (
+        ({"num_hidden_layers": 1_000_000}, "num_hidden_layers: 1000000 layers"),
+        ({"num_attention_heads": 0}, "num_attention_heads: must be a positive integer"),
+        ({"hidden_size": 1e9}, "hidden_size: expected an integer"),
+        ({"intermediate_size": 1 << 26, "num_hidden_layers": 64}, "need"),
+        ({"vocab_size": 10}, "vocab_size: 10 is below the tokenizer's"),
+    ):
         cfg = pretrain_cfg(corpus, tmp_path / "out", model={"overrides": change})
         path = write_cfg(tmp_path / "t.yaml", cfg)
+        from yunque.config import load_config
         from yunque.errors import ConfigError
         from yunque.recipes.train import dry_run
-        from yunque.config import load_config
         from yunque.train.config import TrainConfig
 
         with pytest.raises(ConfigError, match=needle):
@@ -191,12 +215,15 @@ def test_hugging_face_cache_snapshots_still_load(model_dir, tmp_path):
     assert torch.equal(m.lm_head.weight, load_model(model_dir).lm_head.weight)
 
 
-@pytest.mark.parametrize("index_text, needle", [
-    ("{}", "invalid shard index"),
-    ('{"weight_map": [1]}', "invalid shard index"),
-    ('{"weight_map": {"a": 3}}', "invalid shard index"),
-    ("[" * 50_000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "index_text, needle",
+    [
+        ("{}", "invalid shard index"),
+        ('{"weight_map": [1]}', "invalid shard index"),
+        ('{"weight_map": {"a": 3}}', "invalid shard index"),
+        ("[" * 50_000, "nested too deeply"),
+    ],
+)
 def test_malformed_shard_index_is_one_line(model_dir, tmp_path, capsys, index_text, needle):
     d = _variant(model_dir, tmp_path)
     (d / "model.safetensors.index.json").write_text(index_text)

@@ -13,9 +13,20 @@ from yunque.formats.hf import load_model, save_model
 from yunque.generate import Sampling, generate
 from yunque.model import ModelConfig, Transformer, causal_mask
 
-CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False,
-                  architecture="Qwen2ForCausalLM", bos_token_id=1, eos_token_id=2, max_position_embeddings=128)
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attention_bias=True,
+    tie_word_embeddings=False,
+    architecture="Qwen2ForCausalLM",
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +65,13 @@ def test_the_export_wrapper_computes_yunques_logits_and_tokens_in_pytorch(family
     left padding give `generate`'s tokens, for configurations the ONNX tests below do not export."""
     from yunque.formats.onnx_export import DecoderWithPast
 
-    cfg = dataclasses.replace(CFG, architecture="LlamaForCausalLM", attention_bias=False,
-                              tie_word_embeddings=family == "tied",
-                              sliding_window=4 if family == "mistral" else None)
+    cfg = dataclasses.replace(
+        CFG,
+        architecture="LlamaForCausalLM",
+        attention_bias=False,
+        tie_word_embeddings=family == "tied",
+        sliding_window=4 if family == "mistral" else None,
+    )
     torch.manual_seed(1)
     m = Transformer(cfg)
     m.init_weights()
@@ -111,14 +126,14 @@ def test_prefill_logits_match_yunque_with_left_padding(exported):
     ids = torch.zeros(2, P, dtype=torch.long)
     valid = torch.zeros(2, P, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):], valid[i, P - len(p):] = torch.tensor(p), True
+        ids[i, P - len(p) :], valid[i, P - len(p) :] = torch.tensor(p), True
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = model(ids, pos, causal_mask(valid, torch.arange(P)))
     logits, present = run(sess, ids.numpy(), valid.long().numpy(), pos.numpy(), None)
     assert present[0].shape == (2, 2, P, 16)
     for i, p in enumerate(prompts):  # padding positions compute nothing anyone reads
-        assert np.abs(logits[i, P - len(p):] - ref[i, P - len(p):].numpy()).max() <= 1e-4
+        assert np.abs(logits[i, P - len(p) :] - ref[i, P - len(p) :].numpy()).max() <= 1e-4
 
 
 def test_greedy_loop_over_the_onnx_kv_cache_gives_yunques_tokens(exported):
@@ -131,7 +146,7 @@ def test_greedy_loop_over_the_onnx_kv_cache_gives_yunques_tokens(exported):
     ids = np.zeros((2, P), np.int64)
     mask = np.zeros((2, P), np.int64)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):], mask[i, P - len(p):] = p, 1
+        ids[i, P - len(p) :], mask[i, P - len(p) :] = p, 1
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     logits, past = run(sess, ids, mask, pos, None)
     got = [[], []]

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hf_models import tiny_hf_model
 from lora_testing import perturb
+from safetensors.torch import load_file, save_file
+
 from yunque.errors import CheckpointError
 from yunque.formats.hf import load_model
 from yunque.formats.peft import load_peft_adapter, save_peft_adapter
@@ -16,27 +16,31 @@ from yunque.lora import LoraConfig, apply_lora, lora_modules
 peft = pytest.importorskip("peft")
 
 
-
 @pytest.fixture
 def base(tmp_path):
     """(family -> (transformers model, our model loaded from its saved directory, the directory))"""
+
     def make(family):
         hf = tiny_hf_model(family)
         d = tmp_path / f"base-{family}"
         hf.save_pretrained(d)
         return hf, load_model(d), d
+
     return make
 
 
 X = torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family,cfg", [
-    ("llama", LoraConfig(r=4, alpha=8)),
-    ("llama-bias", LoraConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"])),
-    ("qwen2", LoraConfig(r=2, alpha=7, target_modules=["down_proj", "k_proj"])),
-    ("llama-gqa", LoraConfig(r=4, alpha=4, target_modules=["layers.1.self_attn.o_proj", "layers.0.mlp.up_proj"])),
-])
+@pytest.mark.parametrize(
+    "family,cfg",
+    [
+        ("llama", LoraConfig(r=4, alpha=8)),
+        ("llama-bias", LoraConfig(r=8, alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"])),
+        ("qwen2", LoraConfig(r=2, alpha=7, target_modules=["down_proj", "k_proj"])),
+        ("llama-gqa", LoraConfig(r=4, alpha=4, target_modules=["layers.1.self_attn.o_proj", "layers.0.mlp.up_proj"])),
+    ],
+)
 def test_our_adapter_loads_in_peft_with_identical_logits(base, tmp_path, family, cfg):
     hf, ours, d = base(family)
     with torch.no_grad():
@@ -52,15 +56,20 @@ def test_our_adapter_loads_in_peft_with_identical_logits(base, tmp_path, family,
     assert (a - before).abs().max() > 0.05  # the adapter matters, so parity means something
     assert (a - b).abs().max() <= 1e-4
     # peft's own view of the adapter matches: same modules carry LoRA
-    peft_mods = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    peft_mods = {
+        n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)
+    }
     assert peft_mods == set(lora_modules(ours))
 
 
-@pytest.mark.parametrize("family,kw", [
-    ("llama", dict(r=6, lora_alpha=3, target_modules=["k_proj", "up_proj", "o_proj"])),
-    ("mistral", dict(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")),
-    ("llama-tied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1])),
-])
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("llama", dict(r=6, lora_alpha=3, target_modules=["k_proj", "up_proj", "o_proj"])),
+        ("mistral", dict(r=4, lora_alpha=16, use_rslora=True, target_modules="all-linear")),
+        ("llama-tied", dict(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1])),
+    ],
+)
 def test_peft_written_adapter_loads_into_ours_with_identical_logits(base, tmp_path, family, kw):
     hf, ours, _ = base(family)
     pm = peft.get_peft_model(hf, peft.LoraConfig(task_type="CAUSAL_LM", **kw))
@@ -125,12 +134,18 @@ def test_errors_name_the_file_and_tensor(base, tmp_path):
 
     save_file({**sd, key: torch.zeros(4, 63)}, weights)
     model = load_model(d)
-    with pytest.raises(CheckpointError, match=rf"adapter_model.safetensors: tensor {key} has shape \[4, 63\], the model needs \[4, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"adapter_model.safetensors: tensor {key} has shape \[4, 63\], the model needs \[4, 64\]",
+    ):
         load_peft_adapter(model, adapter)
     assert not lora_modules(model)  # nothing was touched
 
     save_file({**sd, key.replace("q_proj", "qq_proj"): sd[key].clone()}, weights)
-    with pytest.raises(CheckpointError, match=r"tensor .*qq_proj.lora_A.weight: target module model.layers.1.self_attn.qq_proj not found"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor .*qq_proj.lora_A.weight: target module model.layers.1.self_attn.qq_proj not found",
+    ):
         load_peft_adapter(load_model(d), adapter)
 
     save_file({k: v for k, v in sd.items() if k != key.replace("lora_A", "lora_B")}, weights)
@@ -147,15 +162,18 @@ def test_errors_name_the_file_and_tensor(base, tmp_path):
         load_peft_adapter(load_model(d), adapter)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(use_dora=True), "use_dora=True is not supported"),
-    (dict(bias="all"), "bias='all' is not supported"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save=\\['lm_head'\\] is not supported"),
-    (dict(rank_pattern={"q_proj": 8}), "rank_pattern=.* is not supported"),
-    (dict(peft_type="IA3"), "peft_type is 'IA3'; only LORA"),
-    (dict(r="four"), "field 'r' is missing or not a number"),
-    (dict(lora_dropout=1.5), "dropout: must be < 1"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(use_dora=True), "use_dora=True is not supported"),
+        (dict(bias="all"), "bias='all' is not supported"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save=\\['lm_head'\\] is not supported"),
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern=.* is not supported"),
+        (dict(peft_type="IA3"), "peft_type is 'IA3'; only LORA"),
+        (dict(r="four"), "field 'r' is missing or not a number"),
+        (dict(lora_dropout=1.5), "dropout: must be < 1"),
+    ],
+)
 def test_unsupported_or_invalid_configs_are_refused(base, tmp_path, change, match):
     adapter, d = _adapter(base, tmp_path)
     _edit_config(adapter, **change)
@@ -166,7 +184,9 @@ def test_unsupported_or_invalid_configs_are_refused(base, tmp_path, change, matc
 def test_missing_files_and_pickle_only_adapters(base, tmp_path):
     adapter, d = _adapter(base, tmp_path)
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
-    with pytest.raises(CheckpointError, match="adapter_model.safetensors: not found; only adapter_model.bin found, a pickle"):
+    with pytest.raises(
+        CheckpointError, match="adapter_model.safetensors: not found; only adapter_model.bin found, a pickle"
+    ):
         load_peft_adapter(load_model(d), adapter)
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(CheckpointError, match="adapter_config.json: not found"):

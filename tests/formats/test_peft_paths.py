@@ -58,15 +58,18 @@ def test_adapter_weights_linked_outside_are_refused(base_and_adapter, tmp_path):
         load_peft_adapter(load_model(base), adapter)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[" * 100_000, "nested too deeply"),
-    (b'{"peft_type": "\xff"}', "not UTF-8"),
-    ('{"peft_type": "LORA", "r": 1e400, "lora_alpha": 4}', "field 'r' is missing or not a number"),
-    ('{"peft_type": "LORA", "r": 2.5, "lora_alpha": 4}', "field 'r' must be a positive integer"),
-    ('{"peft_type": "LORA", "r": -2, "lora_alpha": 4}', "field 'r' must be a positive integer"),
-    ('{"peft_type": ["LORA"], "r": 2, "lora_alpha": 4}', "only LORA adapters"),
-    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": [1, null]}', "target_modules must be"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[" * 100_000, "nested too deeply"),
+        (b'{"peft_type": "\xff"}', "not UTF-8"),
+        ('{"peft_type": "LORA", "r": 1e400, "lora_alpha": 4}', "field 'r' is missing or not a number"),
+        ('{"peft_type": "LORA", "r": 2.5, "lora_alpha": 4}', "field 'r' must be a positive integer"),
+        ('{"peft_type": "LORA", "r": -2, "lora_alpha": 4}', "field 'r' must be a positive integer"),
+        ('{"peft_type": ["LORA"], "r": 2, "lora_alpha": 4}', "only LORA adapters"),
+        ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": [1, null]}', "target_modules must be"),
+    ],
+)
 def test_malformed_adapter_config_is_one_line(base_and_adapter, tmp_path, capsys, text, needle):
     base, adapter = base_and_adapter
     p = adapter / "adapter_config.json"
@@ -81,8 +84,11 @@ def test_adapter_metadata_of_the_wrong_type(base_and_adapter):
 
     base, adapter = base_and_adapter
     w = adapter / "adapter_model.safetensors"
-    for meta, needle in (("[" * 100_000, "not valid JSON"), ("[1]", "not a JSON object"),
-                         (json.dumps({"block_size": "big"}), "wrong type")):
+    for meta, needle in (
+        ("[" * 100_000, "not valid JSON"),
+        ("[1]", "not a JSON object"),
+        (json.dumps({"block_size": "big"}), "wrong type"),
+    ):
         save_file(load_file(w), w, metadata={"format": "pt", "yunque.lora": meta})
         with pytest.raises(CheckpointError, match=needle):
             load_peft_adapter(load_model(base), adapter)

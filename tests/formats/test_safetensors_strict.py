@@ -35,7 +35,9 @@ def _refused(path, *needles):
 
 def test_a_file_the_library_writes_still_reads(tmp_path):
     p = tmp_path / "ok.safetensors"
-    save_file({"a": torch.arange(6.0).view(2, 3), "b": torch.zeros(0), "c": torch.ones(3, dtype=torch.bfloat16)}, str(p))
+    save_file(
+        {"a": torch.arange(6.0).view(2, 3), "b": torch.zeros(0), "c": torch.ones(3, dtype=torch.bfloat16)}, str(p)
+    )
     with SafetensorsFile(p) as f:
         assert sorted(f.keys()) == ["a", "b", "c"] and torch.equal(f.read("a"), torch.arange(6.0).view(2, 3))
 
@@ -62,24 +64,27 @@ def test_gaps_and_trailing_bytes_are_refused(tmp_path):
 
 def test_duplicate_names_are_refused(tmp_path):
     p = tmp_path / "dup.safetensors"
-    _write(p, '{"a": %s, "a": %s}' % (json.dumps(_entry(0, 8)), json.dumps(_entry(0, 8))), bytes(8))
+    _write(p, '{"a": %s, "a": %s}' % (json.dumps(_entry(0, 8)), json.dumps(_entry(0, 8))), bytes(8))  # noqa: UP031
     _refused(p, "'a' appears twice")
 
 
-@pytest.mark.parametrize("entry, needle", [
-    ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, "data_offsets"),
-    ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "shape"),
-    ({"dtype": "F32", "shape": [2.5, 0.8], "data_offsets": [0, 8]}, "shape"),
-    ({"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}, "shape"),
-    ({"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}, "shape"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "data_offsets"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}, "data_offsets"),
-    ({"dtype": "F32", "shape": [True, True], "data_offsets": [0, 4]}, "shape"),
-    ({"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
-    ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
-    ({"dtype": "F32", "shape": [2]}, "malformed header entry"),
-    ([1, 2], "malformed header entry"),
-])
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ({"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "shape"),
+        ({"dtype": "F32", "shape": [2.5, 0.8], "data_offsets": [0, 8]}, "shape"),
+        ({"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}, "shape"),
+        ({"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}, "shape"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}, "data_offsets"),
+        ({"dtype": "F32", "shape": [True, True], "data_offsets": [0, 4]}, "shape"),
+        ({"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
+        ({"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}, "unsupported dtype"),
+        ({"dtype": "F32", "shape": [2]}, "malformed header entry"),
+        ([1, 2], "malformed header entry"),
+    ],
+)
 def test_wrong_types_are_refused(tmp_path, entry, needle):
     p = tmp_path / "types.safetensors"
     _write(p, json.dumps({"t0": entry}), bytes(8))

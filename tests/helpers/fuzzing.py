@@ -30,17 +30,28 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CASE_SECONDS = 20
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 HOSTILE_TEMPLATES = [
-    "{{ 'x' * 10**9 }}", "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "", "{{ raise_exception('no') }}", "{% for %}",
-    "{{ messages[99] }}", "{{ ''.__class__.__mro__ }}", "{% set a = [1] * 4000 %}{% set b = [a] * 4000 %}{{ b }}",
-    "{{ '%*s' % (10**9, 'x') }}", "{{ messages | tojson(indent=10**9) }}", "{{ (messages * 10**8) | length }}",
+    "{{ 'x' * 10**9 }}",
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "",
+    "{{ raise_exception('no') }}",
+    "{% for %}",
+    "{{ messages[99] }}",
+    "{{ ''.__class__.__mro__ }}",
+    "{% set a = [1] * 4000 %}{% set b = [a] * 4000 %}{{ b }}",
+    "{{ '%*s' % (10**9, 'x') }}",
+    "{{ messages | tojson(indent=10**9) }}",
+    "{{ (messages * 10**8) | length }}",
 ]
 
 
@@ -72,8 +83,15 @@ def build_pristine(root: Path) -> dict[str, Path]:
     n_vocab = max(len(vocab) + 16, 320)
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = ModelConfig(
+        vocab_size=n_vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model_dir = root / "model"
     save_model(Transformer(cfg), model_dir)
     for f in tok_dir.iterdir():
@@ -90,12 +108,19 @@ def build_pristine(root: Path) -> dict[str, Path]:
     raw = root / "raw"
     raw.mkdir()
     texts = [{"text": " ".join(rng.choice(words) for _ in range(15)) + f" {i}"} for i in range(40)]
-    chats = [{"messages": [{"role": "user", "content": f"q {i} " + rng.choice(words)},
-                           {"role": "assistant", "content": f"a {i} " + rng.choice(words)}]} for i in range(30)]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q {i} " + rng.choice(words)},
+                {"role": "assistant", "content": f"a {i} " + rng.choice(words)},
+            ]
+        }
+        for i in range(30)
+    ]
     (raw / "text.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     (raw / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (raw / "arr.json").write_text(json.dumps(texts, indent=1))
-    (raw / "rows.csv").write_text("text,label\n" + "".join(f"\"{t['text']}\",l{i % 3}\n" for i, t in enumerate(texts)))
+    (raw / "rows.csv").write_text("text,label\n" + "".join(f'"{t["text"]}",l{i % 3}\n' for i, t in enumerate(texts)))
     (raw / "rows.tsv").write_text("text\tlabel\n" + "".join(f"{t['text']}\tl{i % 3}\n" for i, t in enumerate(texts)))
     (raw / "doc.txt").write_text("\n\n".join(t["text"] for t in texts))
     with gzip.open(raw / "text.jsonl.gz", "wt") as gz:
@@ -117,12 +142,22 @@ def build_pristine(root: Path) -> dict[str, Path]:
         " num_attention_heads: 2, num_key_value_heads: 1}\n"
         f"data:\n  train: [{corpus}]\n  val_fraction: 0.1\n  seq_len: 32\n"
         "micro_batch: 2\nmax_steps: 1\noptim: {lr: 1.0e-3, warmup_steps: 0}\n"
-        "eval: {every: 0}\ncheckpoint: {every: 0}\nlog: {plot: false}\n")
+        "eval: {every: 0}\ncheckpoint: {every: 0}\nlog: {plot: false}\n"
+    )
     (root / "data.yaml").write_text(
         "workers: 1\nread: {format: auto, on_error: skip}\nclean: {min_chars: 1}\n"
-        "dedup: {exact: true, near: off}\nsplit: {train: 0.8, val: 0.1, test: 0.1, seed: 3}\npii: {enabled: true}\n")
-    return {"root": root, "tok": tok_dir, "model": model_dir, "sharded": sharded, "adapter": root / "adapter",
-            "raw": raw, "prepared": root / "prepared", "corpus": corpus}
+        "dedup: {exact: true, near: off}\nsplit: {train: 0.8, val: 0.1, test: 0.1, seed: 3}\npii: {enabled: true}\n"
+    )
+    return {
+        "root": root,
+        "tok": tok_dir,
+        "model": model_dir,
+        "sharded": sharded,
+        "adapter": root / "adapter",
+        "raw": raw,
+        "prepared": root / "prepared",
+        "corpus": corpus,
+    }
 
 
 # ---------------------------------------------------------------- mutators
@@ -148,7 +183,7 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     if kind == "insert":
         return data[:i] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64))) + data[i:]
     if kind == "delete":
-        return data[:i] + data[i + rng.randint(1, 200):]
+        return data[:i] + data[i + rng.randint(1, 200) :]
     if kind == "dup":
         j = min(n, i + rng.randint(1, 4000))
         return data[:j] + data[i:j] * rng.randint(2, 50) + data[j:]
@@ -163,8 +198,28 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     return data + rng.choice([b"\n{", b"\n[" * 3, b"garbage", b"\n\xff\xfe"])
 
 
-WEIRD: list[Any] = [None, -1, 0, 1, 2.5, 1e9, 1e300, 10**30, "x", "", "1e-3", [], {}, True, False, [1, "a"],
-                    {"a": None}, -2**63, 2**64, "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
+WEIRD: list[Any] = [
+    None,
+    -1,
+    0,
+    1,
+    2.5,
+    1e9,
+    1e300,
+    10**30,
+    "x",
+    "",
+    "1e-3",
+    [],
+    {},
+    True,
+    False,
+    [1, "a"],
+    {"a": None},
+    -(2**63),
+    2**64,
+    "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+]
 
 
 def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
@@ -223,10 +278,19 @@ def mutate_jsonl_file(p: Path, rng: random.Random) -> None:
     lines = p.read_bytes().split(b"\n")
     if rng.random() < 0.3 and lines:
         i = rng.randrange(len(lines))
-        lines[i] = rng.choice([b"[" * 100_000 + b"]" * 100_000, b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
-                               b'{"text": "caf\xe9"}', b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-                               b'{"text": 1' + b"0" * 5000 + b"}", b'{"messages": [{"role": "user", "content": {"x": 1}}]}',
-                               b'{"text": "a", "text": "b"}', b"\x00" * 10, b'{"text": "\\ud800"}'])
+        lines[i] = rng.choice(
+            [
+                b"[" * 100_000 + b"]" * 100_000,
+                b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                b'{"text": "caf\xe9"}',
+                b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                b'{"text": 1' + b"0" * 5000 + b"}",
+                b'{"messages": [{"role": "user", "content": {"x": 1}}]}',
+                b'{"text": "a", "text": "b"}',
+                b"\x00" * 10,
+                b'{"text": "\\ud800"}',
+            ]
+        )
         p.write_bytes(b"\n".join(lines))
     elif rng.random() < 0.5 and lines:
         i = rng.randrange(len(lines))
@@ -244,17 +308,34 @@ def mutate_yaml_file(p: Path, rng: random.Random) -> None:
 
     r = rng.random()
     if r < 0.2 and "method:" in p.read_text():  # model shapes that must be refused before allocation
-        bad = rng.choice([{"num_hidden_layers": 1_000_000}, {"hidden_size": 1e9}, {"num_attention_heads": 0},
-                          {"intermediate_size": 10**10}, {"num_key_value_heads": 3}, {"head_dim": 5}, {"vocab_size": "x"}])
+        bad = rng.choice(
+            [
+                {"num_hidden_layers": 1_000_000},
+                {"hidden_size": 1e9},
+                {"num_attention_heads": 0},
+                {"intermediate_size": 10**10},
+                {"num_key_value_heads": 3},
+                {"head_dim": 5},
+                {"vocab_size": "x"},
+            ]
+        )
         obj = yaml.safe_load(p.read_text())
         obj["model"]["overrides"].update(bad)
         p.write_text(yaml.safe_dump(obj))
     elif r < 0.35:
-        extra = rng.choice(["x: !!python/object/apply:os.system ['true']\n", "seed: !custom 3\n",
-                            "a0: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-                                f"a{i}: &a{i} [" + ", ".join(["*a" if i == 1 else f"*a{i - 1}"] * 10) + "]\n"
-                                for i in range(1, 10)),
-                            "seed: 1\nseed: 2\n", "data: " + "[" * 5000 + "]" * 5000 + "\n", "optim: {lr: 1e400}\n"])
+        extra = rng.choice(
+            [
+                "x: !!python/object/apply:os.system ['true']\n",
+                "seed: !custom 3\n",
+                "a0: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                + "".join(
+                    f"a{i}: &a{i} [" + ", ".join(["*a" if i == 1 else f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10)
+                ),
+                "seed: 1\nseed: 2\n",
+                "data: " + "[" * 5000 + "]" * 5000 + "\n",
+                "optim: {lr: 1e400}\n",
+            ]
+        )
         p.write_text(p.read_text() + extra)
     elif r < 0.7:
         obj = yaml.safe_load(p.read_text())
@@ -266,7 +347,7 @@ def mutate_yaml_file(p: Path, rng: random.Random) -> None:
 def mutate_safetensors(p: Path, rng: random.Random) -> None:
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header, data = raw[8:8 + n], raw[8 + n:]
+    header, data = raw[8 : 8 + n], raw[8 + n :]
     r = rng.random()
     if r < 0.5:
         obj = json.loads(header)
@@ -276,8 +357,9 @@ def mutate_safetensors(p: Path, rng: random.Random) -> None:
         if kind == "shape":
             e["shape"] = rng.choice([[2.5], ["3"], [-1, -4], [10**12], [], [0], e["shape"][::-1], [True]])
         elif kind == "offsets":
-            e["data_offsets"] = rng.choice([["0", "8"], [e["data_offsets"][1], e["data_offsets"][0]], [0],
-                                            [-8, 0], [0, 10**15], [1.5, 9.5]])
+            e["data_offsets"] = rng.choice(
+                [["0", "8"], [e["data_offsets"][1], e["data_offsets"][0]], [0], [-8, 0], [0, 10**15], [1.5, 9.5]]
+            )
         elif kind == "dtype":
             e["dtype"] = rng.choice(["F33", "", None, 3, ["F32"], "U64", "F8_E4M3"])
         elif kind == "overlap":
@@ -291,7 +373,9 @@ def mutate_safetensors(p: Path, rng: random.Random) -> None:
             obj["__metadata__"] = rng.choice([{"format": 1}, [1], "pt", {"yunque.lora": "[" * 5000}])
         text = json.dumps(obj)
         if kind == "dup":
-            text = text.replace(json.dumps(name) + ":", json.dumps(name) + ": " + json.dumps(e) + ", " + json.dumps(name) + ":", 1)
+            text = text.replace(
+                json.dumps(name) + ":", json.dumps(name) + ": " + json.dumps(e) + ", " + json.dumps(name) + ":", 1
+            )
         hb = text.encode()
         p.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
     elif r < 0.7:
@@ -321,9 +405,22 @@ HOSTILE: dict[str, list[tuple[tuple, list[Any]]]] = {
         (("head_dim",), [0, 5, 10**9, "8"]),
         (("vocab_size",), [10**10, 0, 2**63]),
         (("intermediate_size",), [10**10, 0.5]),
-        (("rope_scaling",), [{"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 1,
-                               "original_max_position_embeddings": 8}, "linear", [1], {"rope_type": ["x"]},
-                              {"rope_type": "linear", "factor": 0}]),
+        (
+            ("rope_scaling",),
+            [
+                {
+                    "rope_type": "llama3",
+                    "factor": 8,
+                    "low_freq_factor": 1,
+                    "high_freq_factor": 1,
+                    "original_max_position_embeddings": 8,
+                },
+                "linear",
+                [1],
+                {"rope_type": ["x"]},
+                {"rope_type": "linear", "factor": 0},
+            ],
+        ),
         (("rope_theta",), [0, -1, "x", [1]]),
         (("architectures",), [[], "LlamaForCausalLM", [1], ["GPT2LMHeadModel"], None]),
         (("torch_dtype",), [3, "int8", ["float32"]]),
@@ -346,8 +443,17 @@ HOSTILE: dict[str, list[tuple[tuple, list[Any]]]] = {
         ((), [[], "x"]),
     ],
     "tokenizer_config.json": [
-        (("chat_template",), [3, [{"name": 1}], [{"name": "../x", "template": "y"}], "{{ 'x' * 10**9 }}",
-                              "{% if false %}{% endif %}", "{% for %}"]),
+        (
+            ("chat_template",),
+            [
+                3,
+                [{"name": 1}],
+                [{"name": "../x", "template": "y"}],
+                "{{ 'x' * 10**9 }}",
+                "{% if false %}{% endif %}",
+                "{% for %}",
+            ],
+        ),
         (("bos_token",), [{"content": 3}, [1], 7]),
         (("eos_token",), [{"content": None}, 3.5]),
         ((), [[], "x"]),
@@ -359,7 +465,10 @@ HOSTILE: dict[str, list[tuple[tuple, list[Any]]]] = {
         (("splits", "train", "file"), ["../x", "/etc/passwd", "val.jsonl", 3]),
         (("splits", "train", "records"), ["12", -1, 10**12]),
         (("files",), [[], None, {}]),
-        (("inputs",), [{"path": 1}, [{"path": "/dev/zero", "sha256": "0"}], [{"path": "/proc/self/mem", "sha256": "0"}]]),
+        (
+            ("inputs",),
+            [{"path": 1}, [{"path": "/dev/zero", "sha256": "0"}], [{"path": "/proc/self/mem", "sha256": "0"}]],
+        ),
         (("format",), ["yunque-data/9", None]),
         ((), [[], "x"]),
     ],
@@ -413,8 +522,18 @@ def cases(P: dict[str, Path]) -> list[tuple[str, str, str, Callable, Callable[[P
     chat = lambda d: gen(d) + ["--chat"]  # noqa: E731
     insp = lambda d: ["inspect", str(d), "--no-hashes"]  # noqa: E731
     merge = lambda d: ["merge", "--base", str(P["model"]), "--adapter", str(d), "--out", str(d.parent / "merged")]  # noqa: E731
-    prep = lambda name: (lambda d: ["data", "prepare", str(d / name), "--out", str(d.parent / "out"),  # noqa: E731
-                                    "--workers", "1", "pii.enabled=false"])
+    prep = lambda name: (  # noqa: E731
+        lambda d: [
+            "data",
+            "prepare",
+            str(d / name),
+            "--out",
+            str(d.parent / "out"),  # noqa: E731
+            "--workers",
+            "1",
+            "pii.enabled=false",
+        ]
+    )
     out = [
         ("config.json", "model", "config.json", mutate_json_file, insp),
         ("config.json", "model", "config.json", mutate_json_file, gen),
@@ -428,25 +547,60 @@ def cases(P: dict[str, Path]) -> list[tuple[str, str, str, Callable, Callable[[P
         ("shard index", "sharded", "model.safetensors.index.json", mutate_json_file, gen),
         ("shard safetensors", "sharded", "model-00001-of-*.safetensors", mutate_safetensors, gen),
         ("chat template", "model", "chat_template.jinja", mutate_template, chat),
-        ("chat template", "model", "chat_template.jinja", mutate_template,
-         lambda d: ["eval", "--model", str(d), "--data", str(P["raw"] / "chat.jsonl"), "--out", str(d.parent / "ev"),
-                    "--limit", "2", "--max-new-tokens", "2", "--metrics", "exact_match"]),
+        (
+            "chat template",
+            "model",
+            "chat_template.jinja",
+            mutate_template,
+            lambda d: [
+                "eval",
+                "--model",
+                str(d),
+                "--data",
+                str(P["raw"] / "chat.jsonl"),
+                "--out",
+                str(d.parent / "ev"),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--metrics",
+                "exact_match",
+            ],
+        ),
         ("adapter_config.json", "adapter", "adapter_config.json", mutate_json_file, merge),
         ("adapter safetensors", "adapter", "adapter_model.safetensors", mutate_safetensors, merge),
         ("train YAML", "root", "train.yaml", mutate_yaml_file, lambda d: ["train", str(d / "train.yaml"), "--dry-run"]),
-        ("data YAML", "root", "data.yaml", mutate_yaml_file,
-         lambda d: ["data", "prepare", str(P["raw"] / "text.jsonl"), "--out", str(d.parent / "out"), "--config", str(d / "data.yaml")]),
+        (
+            "data YAML",
+            "root",
+            "data.yaml",
+            mutate_yaml_file,
+            lambda d: [
+                "data",
+                "prepare",
+                str(P["raw"] / "text.jsonl"),
+                "--out",
+                str(d.parent / "out"),
+                "--config",
+                str(d / "data.yaml"),
+            ],
+        ),
         ("manifest.json", "prepared", "manifest.json", mutate_json_file, lambda d: ["data", "verify", str(d)]),
         ("token shard meta", "prepared", "tokens/meta.json", mutate_json_file, lambda d: ["data", "inspect", str(d)]),
         ("split JSONL", "prepared", "train.jsonl", mutate_jsonl_file, lambda d: ["data", "verify", str(d)]),
     ]
-    for name, mut in (("text.jsonl", mutate_jsonl_file), ("chat.jsonl", mutate_jsonl_file), ("arr.json", mutate_json_file),
-                      ("rows.csv", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
-                      ("rows.tsv", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
-                      ("doc.txt", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
-                      ("text.jsonl.gz", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
-                      ("rows.parquet", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
-                      ("rows.parquet.gz", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r)))):
+    for name, mut in (
+        ("text.jsonl", mutate_jsonl_file),
+        ("chat.jsonl", mutate_jsonl_file),
+        ("arr.json", mutate_json_file),
+        ("rows.csv", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
+        ("rows.tsv", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
+        ("doc.txt", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
+        ("text.jsonl.gz", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
+        ("rows.parquet", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
+        ("rows.parquet.gz", lambda p, r: p.write_bytes(mutate_bytes(p.read_bytes(), r))),
+    ):
         out.append((f"data input {name}", "raw", name, mut, prep(name)))
     return out
 
@@ -479,12 +633,20 @@ def run_case(main: Callable, argv: list[str]) -> dict:
     stderr = err.getvalue()
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error: ")]
-    ok = escaped is None and "Traceback" not in stderr and (
-        rc == 0 or (rc == 2 and len(errors) == 1 and lines[-1] == errors[0]))
+    ok = (
+        escaped is None
+        and "Traceback" not in stderr
+        and (rc == 0 or (rc == 2 and len(errors) == 1 and lines[-1] == errors[0]))
+    )
     if rc not in (0, 2) and escaped is None and rc is not None:
         ok = False
-    return {"ok": ok, "rc": rc, "seconds": round(time.monotonic() - t0, 2), "escaped": escaped,
-            "stderr_tail": stderr[-600:] if not ok else (errors[0][:300] if errors else "")}
+    return {
+        "ok": ok,
+        "rc": rc,
+        "seconds": round(time.monotonic() - t0, 2),
+        "escaped": escaped,
+        "stderr_tail": stderr[-600:] if not ok else (errors[0][:300] if errors else ""),
+    }
 
 
 def main_cli() -> int:
@@ -531,8 +693,13 @@ def main_cli() -> int:
             if args.only is not None:
                 print(target, repr(target.read_bytes()[:300]), file=sys.stderr)
             r = run_case(main, argv_of(d))
-            r.update(case=k, reader=reader, file=fname, argv=" ".join(argv_of(d))[-160:],
-                     maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+            r.update(
+                case=k,
+                reader=reader,
+                file=fname,
+                argv=" ".join(argv_of(d))[-160:],
+                maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            )
             res.write(json.dumps(r) + "\n")
             res.flush()
             if args.only is None:

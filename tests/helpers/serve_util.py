@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
-CORPUS = ("The quick brown fox jumps over the lazy dog. Serving models safely needs auth, limits and guards. "
-          "Continuous batching keeps the accelerator busy while clients stream tokens. ") * 20
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Serving models safely needs auth, limits and guards. "
+    "Continuous batching keeps the accelerator busy while clients stream tokens. "
+) * 20
 
 
 def build_model_dir(root: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
@@ -23,9 +25,18 @@ def build_model_dir(root: Path, layers: int = 2, hidden: int = 64, seed: int = 0
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     tok = train_bpe([root / "corpus.txt"], vocab_size=384)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+    )
     model = Transformer(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # wider than init_weights' N(0, 0.02) so greedy text varies instead of repeating one token
@@ -71,8 +82,15 @@ class ServerThread:
         self.thread.join(30)
 
 
-def make_server(model_dir: Path, tmp: Path, limits: dict | None = None, guards: dict | None = None,
-                auth: dict | None = None, slow_s: float = 0.0, audit: bool = True):
+def make_server(
+    model_dir: Path,
+    tmp: Path,
+    limits: dict | None = None,
+    guards: dict | None = None,
+    auth: dict | None = None,
+    slow_s: float = 0.0,
+    audit: bool = True,
+):
     """(ServerThread, api_key, app) for the model in `model_dir`; `slow_s` delays every forward
     (to make generation last long enough to observe cancellation and draining)."""
     from yunque.config import from_dict
@@ -83,10 +101,22 @@ def make_server(model_dir: Path, tmp: Path, limits: dict | None = None, guards: 
 
     keys = tmp / "keys.json"
     key = create_key(keys, "tester")
-    cfg = from_dict(ServeConfig, {"limits": {"max_batch": 8, "max_len": 256, "max_prompt_tokens": 192, "max_tokens": 64,
-                                             "default_max_tokens": 16, **(limits or {})},
-                                  "auth": {"keys_file": str(keys), **(auth or {})}, "guards": guards or {},
-                                  "audit": {"path": str(tmp / "audit.jsonl")} if audit else {}})
+    cfg = from_dict(
+        ServeConfig,
+        {
+            "limits": {
+                "max_batch": 8,
+                "max_len": 256,
+                "max_prompt_tokens": 192,
+                "max_tokens": 64,
+                "default_max_tokens": 16,
+                **(limits or {}),
+            },
+            "auth": {"keys_file": str(keys), **(auth or {})},
+            "guards": guards or {},
+            "audit": {"path": str(tmp / "audit.jsonl")} if audit else {},
+        },
+    )
     model = load_model(model_dir)
     if slow_s:
         fwd = model.forward
@@ -94,6 +124,7 @@ def make_server(model_dir: Path, tmp: Path, limits: dict | None = None, guards: 
         def slow_forward(*a, **k):
             time.sleep(slow_s)
             return fwd(*a, **k)
+
         model.forward = slow_forward
     app = build_app(model, Tokenizer.from_dir(model_dir), cfg, "tiny")
     return ServerThread(app, cfg), key, app

@@ -110,26 +110,28 @@ LLAMA31 = r"""{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501
 
 # The same, with transformers' {% generation %} markers around assistant text.
-_PLAIN_TURN = """        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"""
-LLAMA31_GENERATION = LLAMA31.replace(_PLAIN_TURN, """        {%- if message.role == 'assistant' %}
+_PLAIN_TURN = """        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"""  # noqa: E501
+LLAMA31_GENERATION = LLAMA31.replace(
+    _PLAIN_TURN,
+    """        {%- if message.role == 'assistant' %}
             {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
             {%- generation %}{{- message['content'] | trim }}{%- endgeneration %}
             {{- '<|eot_id|>' }}
         {%- else %}
-""" + _PLAIN_TURN + "        {%- endif %}\n")
+"""
+    + _PLAIN_TURN
+    + "        {%- endif %}\n",
+)
 
 # Llama 3.2: today's date via strftime_now, no builtin tools.
-LLAMA32 = (
-    LLAMA31.replace(
-        '{%- set date_string = "26 Jul 2024" %}',
-        '{%- if strftime_now is defined %}\n        {%- set date_string = strftime_now("%d %b %Y") %}\n'
-        '    {%- else %}\n        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}',
-    )
-    .replace("{%- if builtin_tools is defined or tools is not none %}", "{%- if tools is not none %}")
-)
+LLAMA32 = LLAMA31.replace(
+    '{%- set date_string = "26 Jul 2024" %}',
+    '{%- if strftime_now is defined %}\n        {%- set date_string = strftime_now("%d %b %Y") %}\n'
+    '    {%- else %}\n        {%- set date_string = "26 Jul 2024" %}\n    {%- endif %}',
+).replace("{%- if builtin_tools is defined or tools is not none %}", "{%- if tools is not none %}")
 
 # Qwen2.5 (ChatML, with tools and tool responses).
 QWEN25 = r"""{%- if tools %}
@@ -186,7 +188,7 @@ QWEN25 = r"""{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501
 
 # Mistral Instruct ([INST] ... [/INST], strict alternation, EOS after each reply).
 MISTRAL = r"""{{- bos_token }}
@@ -209,4 +211,4 @@ MISTRAL = r"""{{- bos_token }}
 THINKING = """{%- for m in messages %}<|im_start|>{{ m.role }}
 {% if m.role == 'assistant' and loop.last and m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>
 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
+{% endif %}"""  # noqa: E501

@@ -29,7 +29,26 @@ def write_corpus(path: Path, n_lines: int = 2500, seed: int = 0) -> Path:
     """~200 KB of shuffled fragments of MIXED, so every script and whitespace shape is seen."""
     rng = random.Random(seed)
     words = [w for line in MIXED[:-1] for w in line.replace("\n", " ").split(" ") if w]
-    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ña", "ción", "der", "ing", "tion", "学", "习", "机", "器", "🙂"]
+    syllables = [
+        "ka",
+        "lo",
+        "mi",
+        "ne",
+        "su",
+        "ta",
+        "ri",
+        "po",
+        "ña",
+        "ción",
+        "der",
+        "ing",
+        "tion",
+        "学",
+        "习",
+        "机",
+        "器",
+        "🙂",
+    ]
     words += ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(600)]
     with path.open("w", encoding="utf-8") as f:
         for i in range(n_lines):
@@ -49,8 +68,15 @@ def trained_dir(root: Path) -> Path:
     return _cache["llama3"]
 
 
-def family_dir(base: Path, out: Path, *, specials: list[str] = (), config: dict, template: str | None,
-               generation_eos: list[str] | None = None) -> Path:
+def family_dir(
+    base: Path,
+    out: Path,
+    *,
+    specials: list[str] = (),
+    config: dict,
+    template: str | None,
+    generation_eos: list[str] | None = None,
+) -> Path:
     """An HF tokenizer dir for another model family: the trained BPE plus that family's
     special tokens, tokenizer_config.json and (optionally) generation_config.json."""
     out.mkdir(parents=True, exist_ok=True)

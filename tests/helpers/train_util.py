@@ -14,8 +14,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in old trees".split()
 
-TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 def make_corpus(d: Path, n_lines: int = 300, seed: int = 0) -> dict[str, Path]:
@@ -32,8 +37,16 @@ def make_corpus(d: Path, n_lines: int = 300, seed: int = 0) -> dict[str, Path]:
     with open(d / "sft.jsonl", "w", encoding="utf-8") as f:
         for _ in range(240):
             a, b = rng.randint(0, 60), rng.randint(0, 60)
-            f.write(json.dumps({"kind": "completion", "prompt": f"add {a} and {b} ({' '.join(WORDS[: rng.randint(0, 8)])}) =",
-                                "completion": f" {a + b}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": "completion",
+                        "prompt": f"add {a} and {b} ({' '.join(WORDS[: rng.randint(0, 8)])}) =",
+                        "completion": f" {a + b}",
+                    }
+                )
+                + "\n"
+            )
     tok = d / "tok"
     if not tok.exists():
         train_bpe([d / "train.txt"], 320, tok)
@@ -41,11 +54,20 @@ def make_corpus(d: Path, n_lines: int = 300, seed: int = 0) -> dict[str, Path]:
 
 
 def pretrain_cfg(corpus: dict[str, Path], out: Path, **kw) -> dict:
-    cfg = {"method": "pretrain", "out_dir": str(out), "tokenizer": str(corpus["tok"]), "seed": 7,
-           "model": {"preset": "tiny", "overrides": dict(TINY_MODEL)},
-           "data": {"train": [str(corpus["text"])], "val_fraction": 0.1, "seq_len": 64},
-           "micro_batch": 4, "max_steps": 20, "optim": {"lr": 3e-3, "warmup_steps": 4},
-           "eval": {"every": 10}, "checkpoint": {"every": 5, "keep_last": 2}, "log": {"every": 1, "plot": False}}
+    cfg = {
+        "method": "pretrain",
+        "out_dir": str(out),
+        "tokenizer": str(corpus["tok"]),
+        "seed": 7,
+        "model": {"preset": "tiny", "overrides": dict(TINY_MODEL)},
+        "data": {"train": [str(corpus["text"])], "val_fraction": 0.1, "seq_len": 64},
+        "micro_batch": 4,
+        "max_steps": 20,
+        "optim": {"lr": 3e-3, "warmup_steps": 4},
+        "eval": {"every": 10},
+        "checkpoint": {"every": 5, "keep_last": 2},
+        "log": {"every": 1, "plot": False},
+    }
     return deep_update(cfg, kw)
 
 
@@ -66,11 +88,21 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
-def run_cli(args: list[str], env: dict | None = None, torchrun: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict | None = None, torchrun: int = 0, timeout: float = 240
+) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env or {}))
     if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "yunque.recipes.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+            "-m",
+            "yunque.recipes.train",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "yunque.recipes.train", *args]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)

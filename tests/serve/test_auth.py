@@ -20,7 +20,13 @@ from yunque.serve.config import ServeConfig
 from yunque.serve.server import check_bind
 
 SECRET = "s" * 40
-JWT_CFG = {"enabled": True, "audience": "yunque", "issuer": "https://idp.test", "algorithms": ["HS256"], "secret_env": "YQ_TEST_JWT"}
+JWT_CFG = {
+    "enabled": True,
+    "audience": "yunque",
+    "issuer": "https://idp.test",
+    "algorithms": ["HS256"],
+    "secret_env": "YQ_TEST_JWT",
+}
 
 
 def token(**over) -> str:
@@ -63,8 +69,14 @@ def test_auth_matrix(server):
         "no exp": {"Authorization": "Bearer " + token(exp=None)},
         "wrong secret": {"Authorization": "Bearer " + token(_key="x" * 40)},
         "unpinned alg": {"Authorization": "Bearer " + token(_alg="HS512")},
-        "alg none": {"Authorization": "Bearer " + jwt.encode({"sub": "a", "aud": "yunque", "iss": "https://idp.test",
-                                                               "exp": int(time.time()) + 60}, None, algorithm="none")},
+        "alg none": {
+            "Authorization": "Bearer "
+            + jwt.encode(
+                {"sub": "a", "aud": "yunque", "iss": "https://idp.test", "exp": int(time.time()) + 60},
+                None,
+                algorithm="none",
+            )
+        },
     }
     good = {"API key": {"Authorization": f"Bearer {key}"}, "JWT": {"Authorization": "Bearer " + token()}}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi", "max_tokens": 2}
@@ -72,7 +84,17 @@ def test_auth_matrix(server):
     client = httpx.Client()  # one client: a fresh one per call spends ~0.1 s building an SSL context
     for method, path in routes(app):
         for label, headers in {**bad, **good}.items():
-            kw = {"json": {k: v for k, v in body.items() if (k != "prompt") == ("chat" in path) or k in ("model", "max_tokens")}} if method == "POST" else {}
+            kw = (
+                {
+                    "json": {
+                        k: v
+                        for k, v in body.items()
+                        if (k != "prompt") == ("chat" in path) or k in ("model", "max_tokens")
+                    }
+                }
+                if method == "POST"
+                else {}
+            )
             r = client.request(method, srv.url + path, headers=headers, **kw)
             if path == "/health":
                 assert r.status_code == 200, (label, path)

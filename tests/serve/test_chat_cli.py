@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PIPED = 'one line\nfirst \\\nsecond\n"""\nlog a\n\n  log b\n"""\n"""\n"""\n/reset\n'
 PIPED_MESSAGES = ["one line", "first \nsecond", "log a\n\n  log b", "/reset"]  # the empty block is no message
 # Each message read in a child process, printed as JSON: the reader on a real pipe or terminal.
-READ_ALL = "from yunque.chat_input import MessageReader\nimport json\nr = MessageReader(prompt='you> ')\n" \
-           "while (m := r.read()) is not None:\n    print('\\nMSG ' + json.dumps(m), flush=True)\n"
+READ_ALL = (
+    "from yunque.chat_input import MessageReader\nimport json\nr = MessageReader(prompt='you> ')\n"
+    "while (m := r.read()) is not None:\n    print('\\nMSG ' + json.dumps(m), flush=True)\n"
+)
 
 
 def _messages(out: str) -> list[str]:
@@ -38,8 +40,14 @@ def test_reader_joins_fenced_and_continued_lines():
 
 
 def test_reader_on_a_real_pipe():
-    r = subprocess.run([sys.executable, "-c", READ_ALL], input=PIPED + "a \\\n", capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [sys.executable, "-c", READ_ALL],
+        input=PIPED + "a \\\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr
     assert _messages(r.stdout) == PIPED_MESSAGES + ["a"]  # a backslash at end of input ends the message
 
@@ -112,8 +120,9 @@ def test_chat_url_works_without_openai_or_httpx(server, monkeypatch, capsys):
         monkeypatch.delitem(sys.modules, name, raising=False)
     seen = []
     real = service.apply_chat_template
-    monkeypatch.setattr(service, "apply_chat_template",
-                        lambda tok, msgs, **kw: seen.append(msgs) or real(tok, msgs, **kw))
+    monkeypatch.setattr(
+        service, "apply_chat_template", lambda tok, msgs, **kw: seen.append(msgs) or real(tok, msgs, **kw)
+    )
     monkeypatch.setattr(sys, "stdin", io.StringIO('"""\nError: boom\n  at line 3\n"""\nthanks\n/exit\n'))
     assert chat_cmd(url=srv.url, api_key=key, max_new_tokens=4, temperature=0) == 0
     assert [m[-1]["content"] for m in seen] == ["Error: boom\n  at line 3", "thanks"]

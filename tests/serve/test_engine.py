@@ -36,6 +36,7 @@ class Collector:
                 self.left -= 1
                 if self.left == 0:
                     self.done.set()
+
         return push
 
     def text(self, i: int) -> str:
@@ -47,12 +48,20 @@ def test_joining_and_leaving_rows_match_generate(model_tok):
     and leave it at different steps (rows get compacted): each output must equal greedy `generate`
     run alone, token for token."""
     model, tok = model_tok
-    texts = ["The quick brown fox", "Serving models safely needs auth, limits", "dog", "Continuous batching keeps",
-             "the lazy", "guards and metrics and more words here"]
+    texts = [
+        "The quick brown fox",
+        "Serving models safely needs auth, limits",
+        "dog",
+        "Continuous batching keeps",
+        "the lazy",
+        "guards and metrics and more words here",
+    ]
     prompts = [tok.encode(t) for t in texts]
     budgets = [12, 5, 9, 14, 3, 7]
-    refs = [tok.decode(generate(model, [p], Sampling(max_new_tokens=b), pad_id=tok.pad_id)[0], skip_special_tokens=True)
-            for p, b in zip(prompts, budgets)]
+    refs = [
+        tok.decode(generate(model, [p], Sampling(max_new_tokens=b), pad_id=tok.pad_id)[0], skip_special_tokens=True)
+        for p, b in zip(prompts, budgets)
+    ]
     eng = Engine(model, tok, max_batch=3, max_len=64, max_queue=16)
     eng.stop_ids = set()  # a random model may emit EOS anywhere; compare full budgets
     eng.start()
@@ -75,7 +84,9 @@ def test_cancel_admission_and_seeds(model_tok):
     eng.stop_ids = set()
     p = tok.encode("The quick brown fox")
     col = Collector(3)
-    seqs = eng.submit([p, p, p], [SeqParams(max_tokens=100, temperature=1.0, seed=7)] * 3, [col.cb(i) for i in range(3)])
+    seqs = eng.submit(
+        [p, p, p], [SeqParams(max_tokens=100, temperature=1.0, seed=7)] * 3, [col.cb(i) for i in range(3)]
+    )
     with pytest.raises(Overloaded):  # 2 free rows + queue of 1 are taken before the engine even starts
         eng.submit([p], [SeqParams(max_tokens=4)], [lambda ev: None])
     eng.start()
@@ -92,8 +103,12 @@ def test_sample_rows_per_row_settings():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     rng = torch.Generator().manual_seed(0)
-    params = [SeqParams(1, temperature=0.0), SeqParams(1, temperature=1.0, top_p=0.0),
-              SeqParams(1, temperature=1.0, seed=3), SeqParams(1, temperature=0.7, top_p=0.9)]
+    params = [
+        SeqParams(1, temperature=0.0),
+        SeqParams(1, temperature=1.0, top_p=0.0),
+        SeqParams(1, temperature=1.0, seed=3),
+        SeqParams(1, temperature=0.7, top_p=0.9),
+    ]
     gens = [None, None, torch.Generator().manual_seed(3), None]
     out = sample_rows(logits, params, gens, rng)
     assert out[0] == logits[0].argmax() and out[1] == logits[1].argmax()  # greedy; top_p=0 keeps only the top token

@@ -74,6 +74,7 @@ def test_a_nan_fails_its_own_request_only(model_dir, tmp_path):
     bad = {"model": "tiny", "messages": [{"role": "user", "content": "Q"}], "max_tokens": 8, "temperature": 0.8}
     good = {"model": "tiny", "messages": MSG, "max_tokens": 8, "temperature": 0.8}
     with srv:
+
         async def burst():
             async with httpx.AsyncClient(timeout=60) as c:
                 return await asyncio.gather(*[c.post(url, headers=h, json=b) for b in (good, bad, good, bad, good)])
@@ -106,15 +107,33 @@ def test_a_nan_leaves_nothing_behind_in_the_cache(model_dir, tmp_path):
     h = {"Authorization": f"Bearer {key}"}
     url = srv.url + "/v1/chat/completions"
     with srv:
+
         async def run():
             async with httpx.AsyncClient(timeout=60) as c:
-                long = asyncio.create_task(c.post(url, headers=h, json={"model": "tiny", "messages": MSG, "max_tokens": 60}))
+                long = asyncio.create_task(
+                    c.post(url, headers=h, json={"model": "tiny", "messages": MSG, "max_tokens": 60})
+                )
                 while engine.n_running == 0:
                     await asyncio.sleep(0.01)
-                bad = await c.post(url, headers=h, json={"model": "tiny", "max_tokens": 4,
-                                                         "messages": [{"role": "user", "content": "Q " + "fox " * 40}]})
-                after = await c.post(url, headers=h, json={"model": "tiny", "max_tokens": 20, "temperature": 0.8,
-                                                           "messages": [{"role": "user", "content": "hi"}]})
+                bad = await c.post(
+                    url,
+                    headers=h,
+                    json={
+                        "model": "tiny",
+                        "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "Q " + "fox " * 40}],
+                    },
+                )
+                after = await c.post(
+                    url,
+                    headers=h,
+                    json={
+                        "model": "tiny",
+                        "max_tokens": 20,
+                        "temperature": 0.8,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
                 return await long, bad, after
 
         long, bad, after = asyncio.run(run())
@@ -133,9 +152,20 @@ def test_a_dead_engine_is_restarted_then_the_server_gives_up(model_dir, tmp_path
 
     monkeypatch.setattr(service_mod, "_MAX_RESTARTS", 2)
     key = create_key(tmp_path / "keys.json", "t")
-    cfg = from_dict(ServeConfig, {"limits": {"max_len": 256, "max_prompt_tokens": 192, "max_tokens": 16,
-                                             "default_max_tokens": 8, "rpm": 1000},
-                                  "auth": {"keys_file": str(tmp_path / "keys.json")}, "drain_timeout_s": 5})
+    cfg = from_dict(
+        ServeConfig,
+        {
+            "limits": {
+                "max_len": 256,
+                "max_prompt_tokens": 192,
+                "max_tokens": 16,
+                "default_max_tokens": 8,
+                "rpm": 1000,
+            },
+            "auth": {"keys_file": str(tmp_path / "keys.json")},
+            "drain_timeout_s": 5,
+        },
+    )
     from yunque.formats.hf import load_model
     from yunque.tokenizer import Tokenizer
 
@@ -202,8 +232,9 @@ def test_a_dead_engine_is_restarted_then_the_server_gives_up(model_dir, tmp_path
 def test_client_leaving_mid_stream_is_charged_for_what_was_generated(model_dir, tmp_path):
     """Tokens per minute, the audit line and yunque_completion_tokens_total count the tokens
     generated before the client hung up (they counted 0, and the whole reservation came back)."""
-    srv, key, app = make_server(model_dir, tmp_path, limits={"rpm": 1000, "tpm": 5000}, slow_s=0.03,
-                                guards={"holdback": 4})
+    srv, key, app = make_server(
+        model_dir, tmp_path, limits={"rpm": 1000, "tpm": 5000}, slow_s=0.03, guards={"holdback": 4}
+    )
     engine, limiter = app.app.state.engine, app.app.state.limiter
     engine.stop_ids = set()  # the random model must not end its answer before the client leaves
     limiter.clock = lambda: 1000.0  # no refill during the test: the bucket shows exactly what was charged

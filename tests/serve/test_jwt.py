@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
-import tomllib
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from serve_util import build_model_dir, make_server
@@ -52,8 +52,14 @@ def model_dir(tmp_path_factory):
 def test_public_key_tokens(model_dir, tmp_path, alg):
     key, other = new_key(alg), new_key(alg)
     (tmp_path / "idp.pem").write_bytes(public_pem(key))
-    jwt_cfg = {"enabled": True, "audience": AUD, "issuer": ISS, "algorithms": [alg],
-               "public_key_file": str(tmp_path / "idp.pem"), "max_lifetime_s": 3600}
+    jwt_cfg = {
+        "enabled": True,
+        "audience": AUD,
+        "issuer": ISS,
+        "algorithms": [alg],
+        "public_key_file": str(tmp_path / "idp.pem"),
+        "max_lifetime_s": 3600,
+    }
     srv, _, _ = make_server(model_dir, tmp_path, auth={"jwt": jwt_cfg}, limits={"rpm": 10_000})
     now = time.time()
     hostile = jwt.api_jws.encode(b'{"sub":"alice","x":' + b"[" * 5000 + b"]" * 5000 + b"}", key, algorithm=alg)
@@ -91,8 +97,11 @@ def test_key_files_are_checked_at_start_up(tmp_path):
     assert check(tmp_path, public_pem(rsa_key), ["RS256", "PS256"]).configured
     assert check(tmp_path, public_pem(ec_key), ["ES256"]).configured
     cases = {
-        "garbage": (b"-----BEGIN PUBLIC KEY-----\nnot base64 at all\n-----END PUBLIC KEY-----\n", ["RS256"],
-                    "not a PEM public key"),
+        "garbage": (
+            b"-----BEGIN PUBLIC KEY-----\nnot base64 at all\n-----END PUBLIC KEY-----\n",
+            ["RS256"],
+            "not a PEM public key",
+        ),
         "empty": (b"", ["RS256"], "not a PEM public key"),
         "a private key": (private_pem(rsa_key), ["RS256"], "holds a private key"),
         "an EC key for RS256": (public_pem(ec_key), ["RS256"], "holds a secp256r1 key, but .* has RS256"),
@@ -116,7 +125,8 @@ def test_serve_refuses_a_bad_key_file_in_one_line(tmp_path, capsys):
     (tmp_path / "idp.pem").write_bytes(private_pem(new_key("RS256")))
     (tmp_path / "serve.yaml").write_text(
         f"auth:\n  keys_file: {tmp_path / 'keys.json'}\n  jwt: {{enabled: true, audience: {AUD}, issuer: '{ISS}', "
-        f"algorithms: [RS256], public_key_file: {tmp_path / 'idp.pem'}}}\n")
+        f"algorithms: [RS256], public_key_file: {tmp_path / 'idp.pem'}}}\n"
+    )
     assert main(["serve", "--model", str(tmp_path / "no-model"), "--config", str(tmp_path / "serve.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "private key" in err[0] and "idp.pem" in err[0], err

@@ -35,7 +35,9 @@ async def stream_chat(client: httpx.AsyncClient, url: str, key: str, max_tokens:
 
 
 async def _stream_chat(client: httpx.AsyncClient, url: str, key: str, body: dict) -> dict:
-    async with client.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+    async with client.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "body": (await r.aread()).decode()}
         lines = [ln async for ln in r.aiter_lines() if ln]
@@ -99,16 +101,21 @@ def test_rate_limits_are_exact(model_dir, tmp_path):
 
 
 def test_overload_and_disconnect_cancel(model_dir, tmp_path):
-    srv, key, app = make_server(model_dir, tmp_path, limits={"max_batch": 1, "max_queue": 1, "rpm": 1000}, slow_s=0.03,
-                                guards={"holdback": 4})  # text must flow before the client hangs up
+    srv, key, app = make_server(
+        model_dir, tmp_path, limits={"max_batch": 1, "max_queue": 1, "rpm": 1000}, slow_s=0.03, guards={"holdback": 4}
+    )  # text must flow before the client hangs up
     engine = app.app.state.engine
     engine.stop_ids = set()  # the random model must not end a sequence (EOS) before the client leaves
     h = {"Authorization": f"Bearer {key}"}
     with srv:
+
         async def burst():
             async with httpx.AsyncClient(timeout=60) as c:
                 body = {"model": "tiny", "messages": MSG, "max_tokens": 5}
-                return await asyncio.gather(*[c.post(srv.url + "/v1/chat/completions", headers=h, json=body) for _ in range(5)])
+                return await asyncio.gather(
+                    *[c.post(srv.url + "/v1/chat/completions", headers=h, json=body) for _ in range(5)]
+                )
+
         rs = asyncio.run(burst())
         codes = sorted(r.status_code for r in rs)
         assert codes.count(200) >= 2 and set(codes) <= {200, 429}, codes
@@ -170,8 +177,12 @@ def test_sigterm_drains_in_flight(model_dir, tmp_path):
     key = create_key(tmp_path / "keys.json", "drain")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(model_dir), str(tmp_path / "keys.json"), str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(model_dir), str(tmp_path / "keys.json"), str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

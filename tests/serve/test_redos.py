@@ -29,8 +29,14 @@ def run_battery(script: str, timeout: float) -> dict:
     """Run `script` (which prints one JSON object) in a fresh interpreter on this tree."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                             timeout=timeout, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        ).stdout
     except subprocess.TimeoutExpired:
         pytest.fail(f"the battery did not finish in {timeout} s: some pattern is super-linear")
     return json.loads(out.strip().splitlines()[-1])
@@ -135,16 +141,25 @@ def test_health_answers_while_a_costly_request_is_checked(model_dir, tmp_path):
     h = {"Authorization": f"Bearer {key}"}
     with srv:
         newlines = [{"role": "user", "content": "\n" * 8000 + "hi"}]
-        r = httpx.post(srv.url + "/v1/chat/completions", headers=h, timeout=30,
-                       json={"model": "tiny", "messages": newlines, "max_tokens": 2})
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            headers=h,
+            timeout=30,
+            json={"model": "tiny", "messages": newlines, "max_tokens": 2},
+        )
         assert r.status_code == 200 and r.elapsed.total_seconds() < 5, r.text  # (the template trims the newlines)
 
         slow_guard(app, 2.5)
 
         async def run():
             async with httpx.AsyncClient(timeout=30) as c:
-                costly = asyncio.create_task(c.post(srv.url + "/v1/chat/completions", headers=h, json={
-                    "model": "tiny", "messages": MSG, "max_tokens": 2}))
+                costly = asyncio.create_task(
+                    c.post(
+                        srv.url + "/v1/chat/completions",
+                        headers=h,
+                        json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+                    )
+                )
                 await asyncio.sleep(0.3)  # the costly request is being checked now
                 lags = []
                 while not costly.done():
@@ -176,8 +191,12 @@ def test_preparation_has_a_time_budget(model_dir, tmp_path):
     slow_guard(app, 3.0)
     with srv:
         t0 = time.monotonic()
-        r = httpx.post(srv.url + "/v1/chat/completions", headers=h, timeout=30,
-                       json={"model": "tiny", "messages": MSG, "max_tokens": 2})
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            headers=h,
+            timeout=30,
+            json={"model": "tiny", "messages": MSG, "max_tokens": 2},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_complex", r.text
         assert time.monotonic() - t0 < 2.5
 

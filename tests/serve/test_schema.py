@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install schemathesis)")
-from hypothesis import HealthCheck, given, settings
-from serve_util import build_model_dir, make_server
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from serve_util import build_model_dir, make_server  # noqa: E402
 
 EXAMPLES = 30  # per operation and mode: enough to hit every validator, a few seconds in all
 
@@ -23,7 +23,9 @@ def check_response(resp) -> None:
 def fuzzer(op, mode, url: str, headers: dict, seen: dict):
     from schemathesis import GenerationMode
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(case=op.as_strategy(generation_mode=mode))
     def fuzz(case):
         if mode == GenerationMode.POSITIVE and isinstance(case.body, dict) and "model" in case.body:
@@ -38,8 +40,11 @@ def fuzzer(op, mode, url: str, headers: dict, seen: dict):
 def test_fuzz_openapi_schema(tmp_path):
     from schemathesis import GenerationMode
 
-    srv, key, app = make_server(build_model_dir(tmp_path / "m"), tmp_path,
-                                limits={"rpm": 100_000, "tpm": 100_000_000, "max_tokens": 8, "default_max_tokens": 4})
+    srv, key, app = make_server(
+        build_model_dir(tmp_path / "m"),
+        tmp_path,
+        limits={"rpm": 100_000, "tpm": 100_000_000, "max_tokens": 8, "default_max_tokens": 4},
+    )
     schema = schemathesis.openapi.from_dict(app.app.openapi())
     headers = {"Authorization": f"Bearer {key}"}
     ops = [r.ok() for r in schema.get_all_operations()]

@@ -44,7 +44,7 @@ def test_slow_clients_are_cut_off_and_others_are_served(model_dir, tmp_path):
         b"",  # connects and says nothing
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",  # headers never finished
         # body never finished
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth + b"content-length: 400\r\n\r\n{\"mo",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + auth + b'content-length: 400\r\n\r\n{"mo',
     ]
     with srv:
         socks = []
@@ -63,8 +63,9 @@ def test_slow_clients_are_cut_off_and_others_are_served(model_dir, tmp_path):
 
 
 def test_connection_cap_and_keep_alive(model_dir, tmp_path):
-    srv, key, _ = make_server(model_dir, tmp_path, limits={"max_connections": 20, "header_timeout_s": 2.0,
-                                                           "keep_alive_s": 0.5})
+    srv, key, _ = make_server(
+        model_dir, tmp_path, limits={"max_connections": 20, "header_timeout_s": 2.0, "keep_alive_s": 0.5}
+    )
     with srv:
         held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(20)]
         time.sleep(0.2)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from train_util import make_corpus, one_thread, pretrain_cfg, run_cli, write_cfg
 
-from train_util import one_thread, make_corpus, pretrain_cfg, run_cli, write_cfg
 from yunque.config import load_config
 from yunque.errors import ConfigError
 from yunque.train.config import TrainConfig
@@ -17,36 +17,42 @@ def data(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lrr=0.1", "optim.lrr: unknown key"),
-    ("optim.lr=0", "optim.lr: must be > 0"),
-    ("optim.lr=-1.0e-4", "optim.lr: must be > 0"),
-    ("optim.lr=fast", "optim.lr: expected a number"),
-    ("lora.r=0", "lora.r: must be > 0"),
-    ("lora.dropout=1.5", "lora.dropout: must be < 1"),
-    ("lora.target_modules=[]", "lora.target_modules: must name at least one"),
-    ("lora.targets=[q_proj]", "lora.targets: unknown key (known keys: alpha, block_size, double_quant, dropout, "
-                              "quantize_base, r, target_modules"),
-    ("lora.block_size=100", "lora.block_size: must be one of"),
-    ("lora.double_quant=true", "lora.double_quant: only applies to method qlora"),
-    ("lora.quantize_base=true", "lora.quantize_base: set by the method"),
-    ("optim.warmup_ratio=1.0", "optim.warmup_ratio: must be < 1"),
-    ("overwrite=true resume=auto", "overwrite: contradicts resume: auto"),
-    ("micro_batch=0", "micro_batch: must be > 0"),
-    ("micro_batch=2.5", "micro_batch: expected an integer"),
-    ("precision=fp16", "precision: expected one of 'fp32' | 'bf16'"),
-    ("parallel=tp", "parallel: expected one of"),
-    ("data.seq_len=1", "data.seq_len: must be > 1"),
-    ("data.val_fraction=1.0", "data.val_fraction: must be < 1.0"),
-    ("optim.min_lr_ratio=2", "optim.min_lr_ratio: must be <= 1"),
-    ("eval.patience=-1", "eval.patience: must be >= 0"),
-    ("grad_checkpointing=maybe", "grad_checkpointing: expected true or false"),
-    ("method=rlhf", "method: expected one of"),
-    ("model.preset=null", "model.preset: required for method pretrain"),
-    ("tokenizer=null", "tokenizer: required for method pretrain"),
-    ("method=lora", "model.path: required for method lora"),
-    ("eval.every=0", "eval.every: early stopping"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=0.1", "optim.lrr: unknown key"),
+        ("optim.lr=0", "optim.lr: must be > 0"),
+        ("optim.lr=-1.0e-4", "optim.lr: must be > 0"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("lora.r=0", "lora.r: must be > 0"),
+        ("lora.dropout=1.5", "lora.dropout: must be < 1"),
+        ("lora.target_modules=[]", "lora.target_modules: must name at least one"),
+        (
+            "lora.targets=[q_proj]",
+            "lora.targets: unknown key (known keys: alpha, block_size, double_quant, dropout, "
+            "quantize_base, r, target_modules",
+        ),
+        ("lora.block_size=100", "lora.block_size: must be one of"),
+        ("lora.double_quant=true", "lora.double_quant: only applies to method qlora"),
+        ("lora.quantize_base=true", "lora.quantize_base: set by the method"),
+        ("optim.warmup_ratio=1.0", "optim.warmup_ratio: must be < 1"),
+        ("overwrite=true resume=auto", "overwrite: contradicts resume: auto"),
+        ("micro_batch=0", "micro_batch: must be > 0"),
+        ("micro_batch=2.5", "micro_batch: expected an integer"),
+        ("precision=fp16", "precision: expected one of 'fp32' | 'bf16'"),
+        ("parallel=tp", "parallel: expected one of"),
+        ("data.seq_len=1", "data.seq_len: must be > 1"),
+        ("data.val_fraction=1.0", "data.val_fraction: must be < 1.0"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio: must be <= 1"),
+        ("eval.patience=-1", "eval.patience: must be >= 0"),
+        ("grad_checkpointing=maybe", "grad_checkpointing: expected true or false"),
+        ("method=rlhf", "method: expected one of"),
+        ("model.preset=null", "model.preset: required for method pretrain"),
+        ("tokenizer=null", "tokenizer: required for method pretrain"),
+        ("method=lora", "model.path: required for method lora"),
+        ("eval.every=0", "eval.every: early stopping"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, data, override, key):
     cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run", eval={"patience": 2}))
     with pytest.raises(ConfigError) as e:
@@ -90,15 +96,23 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml")
     if name.startswith(("lora", "qlora")):
-        assert (cfg.lora.r, cfg.lora.alpha, cfg.optim.lr, cfg.optim.schedule, cfg.epochs, cfg.grad_checkpointing) == \
-            (16, 32.0, 1e-4, "cosine", 3.0, True)
+        assert (cfg.lora.r, cfg.lora.alpha, cfg.optim.lr, cfg.optim.schedule, cfg.epochs, cfg.grad_checkpointing) == (
+            16,
+            32.0,
+            1e-4,
+            "cosine",
+            3.0,
+            True,
+        )
 
 
 def test_early_stopping_without_validation_data_is_an_error(tmp_path, data):
     from yunque.config import from_dict
     from yunque.recipes.train import train
 
-    cfg = from_dict(TrainConfig, pretrain_cfg(data, tmp_path / "run", data={"val_fraction": 0.0}, eval={"every": 2, "patience": 2}))
+    cfg = from_dict(
+        TrainConfig, pretrain_cfg(data, tmp_path / "run", data={"val_fraction": 0.0}, eval={"every": 2, "patience": 2})
+    )
     with pytest.raises(ConfigError, match="eval.patience: early stopping needs validation data"):
         train(cfg)
 
@@ -113,7 +127,11 @@ def test_one_lora_config_and_one_adapter_rule(tmp_path):
     lo = load_config(TrainConfig, None, ["method=lora", *common])
     assert not lo.adapter.quantize_base and lo.lora == LoraConfig()  # the library's defaults are the config's
     assert [m for m in ("pretrain", "full", "lora", "qlora") if uses_adapter(m)] == ["lora", "qlora"]
-    assert q.trains_adapter and lo.trains_adapter and not load_config(TrainConfig, None, ["method=full", *common]).trains_adapter
+    assert (
+        q.trains_adapter
+        and lo.trains_adapter
+        and not load_config(TrainConfig, None, ["method=full", *common]).trains_adapter
+    )
 
 
 def test_warmup_ratio_by_default_and_warmup_steps_wins():
@@ -140,9 +158,19 @@ def test_step_warnings_name_what_the_run_never_reaches():
 def test_dry_run_warns_when_intervals_exceed_the_run(tmp_path, data, capsys):
     from yunque.recipes.train import train_cmd
 
-    cfg = write_cfg(tmp_path / "c.yaml", pretrain_cfg(data, tmp_path / "run", max_steps=0, epochs=1.0, micro_batch=16,
-                                                      optim={"warmup_steps": 50}, eval={"every": 100, "patience": 5},
-                                                      checkpoint={"every": 200}))
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        pretrain_cfg(
+            data,
+            tmp_path / "run",
+            max_steps=0,
+            epochs=1.0,
+            micro_batch=16,
+            optim={"warmup_steps": 50},
+            eval={"every": 100, "patience": 5},
+            checkpoint={"every": 200},
+        ),
+    )
     assert train_cmd(cfg, dry_run=True) == 0
     out = capsys.readouterr().out
     steps = int(out.split("\nsteps: ")[1].split(" ")[0])
@@ -163,6 +191,8 @@ def test_rerun_into_a_run_with_checkpoints_is_refused_without_resume_or_overwrit
     p = run_cli([str(cfg)])
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "out_dir:" in p.stderr and str(ckpt) in p.stderr and "--resume" in p.stderr and "--overwrite" in p.stderr
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"step": 5, "kind": "train", "loss": 1.0}\n'  # untouched
+    assert (
+        tmp_path / "run" / "metrics.jsonl"
+    ).read_text() == '{"step": 5, "kind": "train", "loss": 1.0}\n'  # untouched
     p = run_cli([str(cfg), "--resume", "--overwrite"])
     assert p.returncode == 2 and "overwrite: contradicts resume: auto" in p.stderr

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_util import ROOT, losses, make_corpus, pretrain_cfg, run_cli, write_cfg
+
 from yunque.config import from_dict
 from yunque.errors import ConfigError
 from yunque.train import distributed as D
@@ -31,9 +31,16 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(corpus):
     d, corpus = corpus
-    cfg = pretrain_cfg(corpus, d / "one", max_steps=STEPS, micro_batch=4, grad_accum=2,
-                       data={"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48, "pack": "whole"},
-                       checkpoint={"every": 3, "keep_last": 1}, eval={"every": 4})
+    cfg = pretrain_cfg(
+        corpus,
+        d / "one",
+        max_steps=STEPS,
+        micro_batch=4,
+        grad_accum=2,
+        data={"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48, "pack": "whole"},
+        checkpoint={"every": 3, "keep_last": 1},
+        eval={"every": 4},
+    )
     p = run_cli([str(write_cfg(d / "one.yaml", cfg))])
     assert p.returncode == 0, p.stderr
     return d, cfg
@@ -59,7 +66,10 @@ def test_two_processes_equal_one(single, tmp_path, parallel):
     p = run_cli([str(path), f"parallel={parallel}"], torchrun=2)
     assert p.returncode == 0, p.stderr[-3000:]
     _close(_metrics(d / "one"), _metrics(tmp_path / "run"))
-    a, b = load_file(str(d / "one" / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    a, b = (
+        load_file(str(d / "one" / "model" / "model.safetensors")),
+        load_file(str(tmp_path / "run" / "model" / "model.safetensors")),
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
@@ -84,9 +94,23 @@ def _train_ranks(cfg: dict, path, n: int = 2) -> list[dict[str, torch.Tensor]]:
     """torchrun the rank_weights worker: every rank's trainable parameters after training."""
     cfg_path = write_cfg(path / "c.yaml", cfg)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        str(ROOT / "tests" / "helpers" / "rank_weights.py"), str(cfg_path), str(path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            str(ROOT / "tests" / "helpers" / "rank_weights.py"),
+            str(cfg_path),
+            str(path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return [load_file(str(path / f"rank-{r}.safetensors")) for r in range(n)]
 
@@ -126,6 +150,7 @@ def test_torchrun_with_parallel_none_stops_naming_the_field(single, tmp_path):
 def hf_base(corpus):
     pytest.importorskip("transformers")
     from hf_models import tiny_hf_model
+
     from yunque.tokenizer import Tokenizer
 
     d, corpus = corpus
@@ -146,10 +171,20 @@ def test_fsdp_adapter_is_written_whole_and_loads(hf_base, tmp_path, method):
 
     corpus, base = hf_base
     # dropout 0: each rank draws its own masks, so only then do 2 processes equal 1
-    cfg = {"method": method, "out_dir": str(tmp_path / "fsdp"), "seed": 3, "model": {"path": str(base)},
-           "data": {"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48}, "micro_batch": 2,
-           "max_steps": 3, "optim": {"lr": 1e-2, "warmup_steps": 1}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-           "eval": {"every": 0}, "checkpoint": {"every": 2}, "log": {"plot": False}}
+    cfg = {
+        "method": method,
+        "out_dir": str(tmp_path / "fsdp"),
+        "seed": 3,
+        "model": {"path": str(base)},
+        "data": {"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48},
+        "micro_batch": 2,
+        "max_steps": 3,
+        "optim": {"lr": 1e-2, "warmup_steps": 1},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "eval": {"every": 0},
+        "checkpoint": {"every": 2},
+        "log": {"plot": False},
+    }
     ranks = _train_ranks(dict(cfg, parallel="fsdp"), tmp_path)
     _same(ranks[0], ranks[1], atol=0, rtol=0)
     for adapter in (tmp_path / "fsdp" / "checkpoints" / "step-00000002", tmp_path / "fsdp" / "adapter"):
@@ -158,5 +193,9 @@ def test_fsdp_adapter_is_written_whole_and_loads(hf_base, tmp_path, method):
         assert lc.quantize_base == (method == "qlora")
     _same(lora_state_dict(model), ranks[0], atol=0, rtol=0)  # the last one: the final adapter
     one = train(from_dict(TrainConfig, dict(cfg, out_dir=str(tmp_path / "one"), micro_batch=4)))  # same global batch
-    _same(load_file(str(one.output / "adapter_model.safetensors")),
-          load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")), atol=1e-5, rtol=1e-4)
+    _same(
+        load_file(str(one.output / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")),
+        atol=1e-5,
+        rtol=1e-4,
+    )

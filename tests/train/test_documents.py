@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from train_util import make_corpus, one_thread, run_cli, write_cfg
+
 from yunque.config import from_dict
 from yunque.errors import DataError
 from yunque.recipes.train import train
@@ -27,9 +27,17 @@ def prepared(tmp_path_factory):
 
 
 def _cfg(data_dir, out, **kw) -> dict:
-    cfg = {"method": "pretrain", "out_dir": str(out), "model": {"preset": "tiny", "overrides": {"num_hidden_layers": 1}},
-           "data": {"dir": str(data_dir), "seq_len": 64}, "micro_batch": 4, "max_steps": 6,
-           "eval": {"every": 3}, "checkpoint": {"every": 0}, "log": {"plot": False}}
+    cfg = {
+        "method": "pretrain",
+        "out_dir": str(out),
+        "model": {"preset": "tiny", "overrides": {"num_hidden_layers": 1}},
+        "data": {"dir": str(data_dir), "seq_len": 64},
+        "micro_batch": 4,
+        "max_steps": 6,
+        "eval": {"every": 3},
+        "checkpoint": {"every": 0},
+        "log": {"plot": False},
+    }
     cfg.update(kw)
     return cfg
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_util import make_corpus, one_thread, pretrain_cfg
+
 from yunque.config import from_dict
 from yunque.recipes.train import train
 from yunque.train.config import TrainConfig
@@ -16,8 +16,12 @@ from yunque.train.config import TrainConfig
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 # min_delta larger than any loss change: only the first evaluation (step 1) improves, so with patience 2
 # the run stops at step 3 with its best weights two steps behind.
-EARLY = {"max_steps": 8, "eval": {"every": 1, "patience": 2, "min_delta": 100.0},
-         "checkpoint": {"every": 0, "keep_last": 1}, "log": {"every": 1, "plot": False}}
+EARLY = {
+    "max_steps": 8,
+    "eval": {"every": 1, "patience": 2, "min_delta": 100.0},
+    "checkpoint": {"every": 0, "keep_last": 1},
+    "log": {"every": 1, "plot": False},
+}
 
 
 def _step(run, step: int) -> dict[str, torch.Tensor]:
@@ -43,15 +47,24 @@ def corpus(tmp_path_factory):
 def lora_run(corpus, tmp_path_factory):
     pytest.importorskip("transformers")
     from hf_models import tiny_hf_model
+
     from yunque.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("es-lora")
     tok = Tokenizer.from_dir(corpus["tok"])
     tiny_hf_model("llama-gqa", vocab_size=tok.vocab_size).save_pretrained(d / "base")
     tok.save(d / "base")
-    cfg = {"method": "lora", "out_dir": str(d / "run"), "seed": 3, "model": {"path": str(d / "base")},
-           "data": {"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48}, "micro_batch": 4,
-           "optim": {"lr": 5e-2, "warmup_steps": 0}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **EARLY}
+    cfg = {
+        "method": "lora",
+        "out_dir": str(d / "run"),
+        "seed": 3,
+        "model": {"path": str(d / "base")},
+        "data": {"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48},
+        "micro_batch": 4,
+        "optim": {"lr": 5e-2, "warmup_steps": 0},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        **EARLY,
+    }
     return train(from_dict(TrainConfig, cfg)), d
 
 

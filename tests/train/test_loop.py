@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from train_util import make_corpus, one_thread, pretrain_cfg
 
-from train_util import one_thread, make_corpus, pretrain_cfg
 from yunque.config import from_dict
 from yunque.recipes.train import train
 from yunque.train.config import TrainConfig
@@ -32,7 +32,9 @@ def _cfg(corpus, out, **kw) -> TrainConfig:
 def test_linear_cross_entropy_matches_reference(monkeypatch):
     import yunque.train.loss
 
-    monkeypatch.setattr(yunque.train.loss, "_chunk_rows", lambda vocab, itemsize: 128)  # 300 rows: chunks of 128, 128, 44
+    monkeypatch.setattr(
+        yunque.train.loss, "_chunk_rows", lambda vocab, itemsize: 128
+    )  # 300 rows: chunks of 128, 128, 44
     torch.manual_seed(0)
     h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
     w = torch.randn(1000, 32, dtype=torch.float64, requires_grad=True)
@@ -97,7 +99,9 @@ def test_optimizer_groups_and_schedule():
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "model.embed_tokens.weight" in nd and "model.norm.weight" in nd and "model.layers.0.self_attn.q_proj.bias" in nd
+    assert (
+        "model.embed_tokens.weight" in nd and "model.norm.weight" in nd and "model.layers.0.self_attn.q_proj.bias" in nd
+    )
     assert all(n.endswith("proj.weight") or n == "lm_head.weight" for n in (names[id(p)] for p in decay["params"]))
     kw = dict(lr=1.0, warmup=10, total=110, schedule="cosine", min_ratio=0.1)
     assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
@@ -118,7 +122,9 @@ def test_loss_goes_down_and_outputs(tmp_path, data):
     assert run["final_metrics"]["val_loss"] == pytest.approx(r.final["val_loss"])
     for rel, digest in run["files_sha256"].items():
         assert hashlib.sha256((tmp_path / "run" / rel).read_bytes()).hexdigest() == digest
-    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "metrics.jsonl", "loss.png"} <= set(run["files_sha256"])
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "metrics.jsonl", "loss.png"} <= set(
+        run["files_sha256"]
+    )
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "lr", "grad_norm"} <= set(rows[0]) and sum(r["kind"] == "eval" for r in rows) == 3
@@ -136,8 +142,13 @@ def test_loss_goes_down_and_outputs(tmp_path, data):
 
 def test_gradient_accumulation_equals_big_batch(tmp_path, data):
     """accum 4 x micro 2 == micro 8 on masked SFT data whose micro-batches hold different token counts."""
-    common = dict(max_steps=4, data={"train": [str(data["sft"])], "val_fraction": 0.0, "seq_len": 48, "pack": "whole"},
-                  eval={"every": 0}, checkpoint={"every": 0}, optim={"grad_clip": 0.0})
+    common = dict(
+        max_steps=4,
+        data={"train": [str(data["sft"])], "val_fraction": 0.0, "seq_len": 48, "pack": "whole"},
+        eval={"every": 0},
+        checkpoint={"every": 0},
+        optim={"grad_clip": 0.0},
+    )
     big = _cfg(data, tmp_path / "big", micro_batch=8, grad_accum=1, **common)
     acc = _cfg(data, tmp_path / "acc", micro_batch=2, grad_accum=4, **common)
     from yunque.train.loop import Trainer
@@ -168,8 +179,13 @@ def test_gradient_checkpointing_and_bf16(tmp_path, data):
 
 def test_early_stopping_keeps_and_reports_best(tmp_path, data):
     # min_delta larger than any possible gain: the first eval is the best, two more without improvement stop it.
-    cfg = _cfg(data, tmp_path / "run", max_steps=100, eval={"every": 4, "patience": 2, "min_delta": 100.0},
-               checkpoint={"every": 2, "keep_last": 1})
+    cfg = _cfg(
+        data,
+        tmp_path / "run",
+        max_steps=100,
+        eval={"every": 4, "patience": 2, "min_delta": 100.0},
+        checkpoint={"every": 2, "keep_last": 1},
+    )
     r = train(cfg)
     assert r.stopped_early and r.steps == 12 and r.best_step == 4
     assert r.best_checkpoint == tmp_path / "run" / "checkpoints" / "step-00000004"
@@ -196,8 +212,17 @@ def test_rerun_refused_overwrite_starts_over_warmup_ratio_and_warnings(tmp_path,
         train(_cfg(data, run, max_steps=6, checkpoint={"every": 2, "keep_last": 5}, eval={"every": 0}, resume="never"))
     assert (run / "metrics.jsonl").read_text() == before and before.count('"kind": "train"') == 6  # kept as it was
     capsys.readouterr()
-    r = train(_cfg(data, run, max_steps=8, overwrite=True, optim={"warmup_steps": None, "warmup_ratio": 0.25},
-                   checkpoint={"every": 4, "keep_last": 5}, eval={"every": 10}))
+    r = train(
+        _cfg(
+            data,
+            run,
+            max_steps=8,
+            overwrite=True,
+            optim={"warmup_steps": None, "warmup_ratio": 0.25},
+            checkpoint={"every": 4, "keep_last": 5},
+            eval={"every": 10},
+        )
+    )
     assert r.steps == 8
     # The earlier run's step 6 is gone, so a later --resume cannot continue from it.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-
 from train_util import make_corpus, one_thread
+
 from yunque.config import from_dict
 from yunque.recipes.train import train
 from yunque.train.config import TrainConfig
@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from hf_models import tiny_hf_model
+
     from yunque.tokenizer import Tokenizer
 
     d = tmp_path_factory.mktemp("ft")
@@ -35,11 +36,20 @@ def base(tmp_path_factory):
 
 
 def _cfg(corpus, base, out, method, **kw) -> TrainConfig:
-    cfg = {"method": method, "out_dir": str(out), "seed": 3, "model": {"path": str(base)},
-           "data": {"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 64},
-           "micro_batch": 4, "max_steps": 20, "optim": {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.0},
-           "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "eval": {"every": 10}, "checkpoint": {"every": 6},
-           "log": {"plot": False}}
+    cfg = {
+        "method": method,
+        "out_dir": str(out),
+        "seed": 3,
+        "model": {"path": str(base)},
+        "data": {"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 64},
+        "micro_batch": 4,
+        "max_steps": 20,
+        "optim": {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.0},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "eval": {"every": 10},
+        "checkpoint": {"every": 6},
+        "log": {"plot": False},
+    }
     cfg.update(kw)
     return from_dict(TrainConfig, cfg)
 
@@ -77,11 +87,21 @@ def test_lora_learns_and_exports_a_peft_adapter(base, tmp_path):
 
 def test_lora_resume_is_exact(base, tmp_path):
     corpus, base_dir = base
-    ref = train(_cfg(corpus, base_dir, tmp_path / "a", "lora", lora={"r": 4, "alpha": 8, "dropout": 0.1},
-                     checkpoint={"every": 6, "keep_last": 5}))
+    ref = train(
+        _cfg(
+            corpus,
+            base_dir,
+            tmp_path / "a",
+            "lora",
+            lora={"r": 4, "alpha": 8, "dropout": 0.1},
+            checkpoint={"every": 6, "keep_last": 5},
+        )
+    )
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000006", tmp_path / "b" / "checkpoints" / "step-00000006")
-    got = train(_cfg(corpus, base_dir, tmp_path / "b", "lora", lora={"r": 4, "alpha": 8, "dropout": 0.1}, resume="auto"))
+    got = train(
+        _cfg(corpus, base_dir, tmp_path / "b", "lora", lora={"r": 4, "alpha": 8, "dropout": 0.1}, resume="auto")
+    )
     assert len(got.losses) == 20
     assert max(abs(a - b) for a, b in zip(ref.losses, got.losses)) <= 1e-6  # dropout RNG restored too
 

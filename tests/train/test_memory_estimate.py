@@ -49,8 +49,9 @@ def _allocated(vocab: int, dtype: torch.dtype, rows: int) -> int:
     return rec.peak
 
 
-@pytest.mark.parametrize("vocab, dtype", [(1000, torch.float32), (1000, torch.bfloat16),
-                                          (40_000, torch.float32)])  # 40k fp32: past the 64 MiB cap, 256-row chunks
+@pytest.mark.parametrize(
+    "vocab, dtype", [(1000, torch.float32), (1000, torch.bfloat16), (40_000, torch.float32)]
+)  # 40k fp32: past the 64 MiB cap, 256-row chunks
 @pytest.mark.parametrize("chunks", [1, 1.5, 2.5])
 def test_head_chunk_term_is_what_the_loss_allocates(monkeypatch, vocab, dtype, chunks):
     monkeypatch.setattr(loss_mod, "cpu_kernels", types.SimpleNamespace(dtypes=frozenset(), available=lambda: False))
@@ -77,8 +78,16 @@ def test_estimate_memory_terms(tmp_path):
     from yunque.train.memory_estimate import estimate_memory
 
     model = Transformer(get_preset("tiny", vocab_size=1000, tie_word_embeddings=False))
-    cfg = from_dict(TrainConfig, {"method": "pretrain", "model": {"preset": "tiny"}, "tokenizer": str(tmp_path),
-                                  "data": {"train": [str(tmp_path / "x.txt")], "seq_len": 64}, "micro_batch": 2})
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "method": "pretrain",
+            "model": {"preset": "tiny"},
+            "tokenizer": str(tmp_path),
+            "data": {"train": [str(tmp_path / "x.txt")], "seq_len": 64},
+            "micro_batch": 2,
+        },
+    )
     est = estimate_memory(model, cfg)
     n = sum(p.numel() for p in model.parameters())
     assert est["grads"] * (1 << 30) == 4 * n and est["optimizer"] * (1 << 30) == 8 * n

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from train_util import one_thread
+
 from yunque.model import Transformer, document_mask
-from yunque.train.packing import IGNORE, ArraySource, Packer, fixed_batches
 from yunque.presets import get_preset
+from yunque.train.packing import IGNORE, ArraySource, Packer, fixed_batches
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -88,8 +88,15 @@ def test_state_resumes_the_same_rows_across_epochs(split):
 def test_packed_rows_equal_separate_documents():
     """The logits of a packed row equal each document run on its own (no attention across documents)."""
     torch.manual_seed(0)
-    cfg = get_preset("tiny", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+    cfg = get_preset(
+        "tiny",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = Transformer(cfg).eval()
     model.init_weights(torch.Generator().manual_seed(0))
     docs = [([5, 6, 7, 8, 9], None), ([10, 11, 12], None), ([13, 14, 15, 16], None)]
@@ -99,7 +106,7 @@ def test_packed_rows_equal_separate_documents():
         start = 0
         for ids, _ in docs:
             alone = model(torch.tensor([ids]))[0]
-            torch.testing.assert_close(packed[start:start + len(ids)], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(packed[start : start + len(ids)], alone, atol=1e-5, rtol=1e-5)
             start += len(ids)
 
 

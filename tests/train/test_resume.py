@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from train_util import ROOT, losses, make_corpus, one_thread, pretrain_cfg, run_cli, write_cfg
+
 from yunque.train.checkpoint import CRASH_ENV, latest_checkpoint, list_checkpoints
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
@@ -25,8 +25,14 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     corpus = make_corpus(d / "corpus")
     # Shuffled whole-document SFT packing that crosses an epoch boundary: the data position matters.
-    cfg = pretrain_cfg(corpus, d / "ref", max_steps=STEPS, data={"train": [str(corpus["sft"])], "val_fraction": 0.1,
-                       "seq_len": 48, "pack": "whole"}, checkpoint={"every": 3, "keep_last": 2}, eval={"every": 5})
+    cfg = pretrain_cfg(
+        corpus,
+        d / "ref",
+        max_steps=STEPS,
+        data={"train": [str(corpus["sft"])], "val_fraction": 0.1, "seq_len": 48, "pack": "whole"},
+        checkpoint={"every": 3, "keep_last": 2},
+        eval={"every": 5},
+    )
     ref = write_cfg(d / "ref.yaml", cfg)
     p = run_cli([str(ref)])
     assert p.returncode == 0, p.stderr
@@ -45,8 +51,13 @@ def test_sigkill_at_random_step_then_resume(setup, tmp_path):
     kill_at = random.Random().randint(4, STEPS - 2)
     print(f"killing at step {kill_at}")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "yunque.recipes.train", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "yunque.recipes.train", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -85,8 +96,17 @@ def test_resume_without_checkpoint_starts_fresh_and_corrupt_checkpoint_is_an_err
     from yunque.train.config import TrainConfig
 
     d, cfg, ref = setup
-    c = from_dict(TrainConfig, dict(cfg, out_dir=str(tmp_path / "run"), max_steps=3, resume="auto",
-                                    checkpoint={"every": 3, "keep_last": 1}, eval={"every": 0}))
+    c = from_dict(
+        TrainConfig,
+        dict(
+            cfg,
+            out_dir=str(tmp_path / "run"),
+            max_steps=3,
+            resume="auto",
+            checkpoint={"every": 3, "keep_last": 1},
+            eval={"every": 0},
+        ),
+    )
     r = train(c)  # nothing to resume: a fresh run with the reference's first losses
     assert r.steps == 3 and all(abs(r.losses[i] - ref[i + 1]) <= 1e-6 for i in range(3))
     (tmp_path / "run" / "checkpoints" / "step-00000003" / "optimizer.safetensors").write_bytes(b"\x00" * 7)

@@ -39,9 +39,13 @@ def test_missing_optional_backends_are_config_errors(tmp_path, monkeypatch):
 def test_mlflow_gets_params_and_metrics(tmp_path, monkeypatch):
     calls = []
     fake = types.SimpleNamespace(
-        set_tracking_uri=lambda u: calls.append(("uri", u)), set_experiment=lambda n: calls.append(("exp", n)),
-        start_run=lambda run_name: calls.append(("start", run_name)), log_params=lambda p: calls.append(("params", p)),
-        log_metrics=lambda m, step: calls.append(("metrics", m, step)), end_run=lambda: calls.append(("end",)))
+        set_tracking_uri=lambda u: calls.append(("uri", u)),
+        set_experiment=lambda n: calls.append(("exp", n)),
+        start_run=lambda run_name: calls.append(("start", run_name)),
+        log_params=lambda p: calls.append(("params", p)),
+        log_metrics=lambda m, step: calls.append(("metrics", m, step)),
+        end_run=lambda: calls.append(("end",)),
+    )
     monkeypatch.setitem(sys.modules, "mlflow", fake)
     t = Tracker(tmp_path, mlflow=True, params={"optim": {"lr": 0.1}})
     t.log(1, "train", {"loss": 2.0, "lr": 0.1})
@@ -86,8 +90,19 @@ def test_training_ticks_every_step(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(Progress, "every_s", 0.0)  # every step is "slow"
     corpus = make_corpus(tmp_path / "c", n_lines=60)
-    train(from_dict(TrainConfig, pretrain_cfg(corpus, tmp_path / "run", max_steps=4, log={"every": 4, "plot": False},
-                                               eval={"every": 0}, checkpoint={"every": 0})))
+    train(
+        from_dict(
+            TrainConfig,
+            pretrain_cfg(
+                corpus,
+                tmp_path / "run",
+                max_steps=4,
+                log={"every": 4, "plot": False},
+                eval={"every": 0},
+                checkpoint={"every": 0},
+            ),
+        )
+    )
     err = capsys.readouterr().err
     for step in (1, 2, 3):
         assert f"step {step}/4 | " in err and "s/step" in err

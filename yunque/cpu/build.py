@@ -63,7 +63,9 @@ def compile_and_load(stem: str, srcs: list[Path], flags: list[str], label: str, 
         return None
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256(b"".join(p.read_bytes() for p in srcs) + " ".join([cxx, version, *flags]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"".join(p.read_bytes() for p in srcs) + " ".join([cxx, version, *flags]).encode()
+        ).hexdigest()[:16]
         cache = Path(os.environ.get("YUNQUE_CACHE") or Path.home() / ".cache" / "yunque") / "kernels"
         so = cache / f"{stem}-{key}.so"
         lib = _load_verified(so)

@@ -24,8 +24,20 @@ from yunque.cpu.build import compile_and_load, cpu_flags
 _CSRC = Path(__file__).parent / "csrc"
 _SRCS = [_CSRC / "attention_cpu.cpp", _CSRC / "xent_cpu.cpp", _CSRC / "fused_cpu.cpp"]
 _HEADERS = [_CSRC / "simd.h"]
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-mfma",
-          "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"]
+_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-mfma",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512dq",
+    "-mavx512vl",
+    "-mavx512bf16",
+]
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
@@ -91,8 +103,19 @@ def _rotated(x: torch.Tensor, tables: list) -> torch.Tensor:
     """RoPE of x (B, n, T, hd) into a dense (B, T, n, hd) tensor, seen as (B, n, T, hd)."""
     B, n, T, hd = x.shape
     out = torch.empty(B, T, n, hd, dtype=x.dtype)
-    _fn("rope", x.dtype)(x.data_ptr(), x.stride(0), x.stride(2), x.stride(1), *tables, out.data_ptr(), B, T, n, hd,
-                         torch.get_num_threads())
+    _fn("rope", x.dtype)(
+        x.data_ptr(),
+        x.stride(0),
+        x.stride(2),
+        x.stride(1),
+        *tables,
+        out.data_ptr(),
+        B,
+        T,
+        n,
+        hd,
+        torch.get_num_threads(),
+    )
     return out.transpose(1, 2)
 
 
@@ -127,22 +150,53 @@ class _Attention(torch.autograd.Function):
         (_, qa), (_, ka), (_, va) = _operand(q), _operand(k), _operand(v)
         tables = _rope_tables(cos, sin)[2] if cos is not None else [None, None, 0, 0]
         bwd = _fn("attn_bwd", q.dtype)
-        bwd(*qa, *ka, *va, seg.data_ptr() if seg is not None else None, out.data_ptr(), g.data_ptr(), lse.data_ptr(),
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *tables, B, T, H, K, hd, ctx.window, ctx.scale,
-            torch.get_num_threads())
+        bwd(
+            *qa,
+            *ka,
+            *va,
+            seg.data_ptr() if seg is not None else None,
+            out.data_ptr(),
+            g.data_ptr(),
+            lse.data_ptr(),
+            dq.data_ptr(),
+            dk.data_ptr(),
+            dv.data_ptr(),
+            *tables,
+            B,
+            T,
+            H,
+            K,
+            hd,
+            ctx.window,
+            ctx.scale,
+            torch.get_num_threads(),
+        )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None, None, None
 
 
 def _rope_fusable(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """fp32 (B or 1, T, hd) tables, whole 16-lane halves, no table gradient."""
-    return (cos.dtype == sin.dtype == torch.float32 and q.shape[-1] % 32 == 0 and cos.shape == sin.shape
-            and cos.dim() == 3 and cos.shape[1:] == (q.shape[2], q.shape[3]) and cos.shape[0] in (1, q.shape[0])
-            and not (cos.requires_grad or sin.requires_grad))
+    return (
+        cos.dtype == sin.dtype == torch.float32
+        and q.shape[-1] % 32 == 0
+        and cos.shape == sin.shape
+        and cos.dim() == 3
+        and cos.shape[1:] == (q.shape[2], q.shape[3])
+        and cos.shape[0] in (1, q.shape[0])
+        and not (cos.requires_grad or sin.requires_grad)
+    )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seg_start: torch.Tensor | None = None,
-              window: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-              dtype: torch.dtype | None = None) -> torch.Tensor | None:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    seg_start: torch.Tensor | None = None,
+    window: int | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
     """Causal attention: q (B, H, T, hd), k/v (B, K, T, hd) -> (B, T, H, hd) in `dtype` (default q's), or None.
 
     Query i sees keys max(seg_start[b, i], i - window + 1) .. i; seg_start (B, T) int32 holds where
@@ -183,8 +237,16 @@ def xent_(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tens
     targets = targets.to(torch.int64).contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
     xent = _fn("xent", logits.dtype)
-    xent(logits.data_ptr(), logits.stride(0), targets.data_ptr(), loss.data_ptr(), logits.shape[0], logits.shape[1],
-         int(grad), torch.get_num_threads())
+    xent(
+        logits.data_ptr(),
+        logits.stride(0),
+        targets.data_ptr(),
+        loss.data_ptr(),
+        logits.shape[0],
+        logits.shape[1],
+        int(grad),
+        torch.get_num_threads(),
+    )
     return loss
 
 
@@ -212,8 +274,14 @@ class _SwiGLU(torch.autograd.Function):
         dgate = torch.empty_like(gate) if need_gate else None
         dup = torch.empty_like(up) if need_up else None
         _fn("swiglu_bwd", gate.dtype)(
-            g.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr() if need_gate else None,
-            dup.data_ptr() if need_up else None, gate.numel(), torch.get_num_threads())
+            g.data_ptr(),
+            gate.data_ptr(),
+            up.data_ptr(),
+            dgate.data_ptr() if need_gate else None,
+            dup.data_ptr() if need_up else None,
+            gate.numel(),
+            torch.get_num_threads(),
+        )
         return dgate, dup
 
 
@@ -230,13 +298,23 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
 # ---------------------------------------------------------------- RMSNorm
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     D = x.shape[-1]
     y = torch.empty(x.shape, dtype=out_dtype)
     r = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-    _fn("rms_fwd", out_dtype)(x.data_ptr(), weight.contiguous().data_ptr(), y.data_ptr(), r.data_ptr(), x.numel() // D,
-                              D, eps, torch.get_num_threads())
+    _fn("rms_fwd", out_dtype)(
+        x.data_ptr(),
+        weight.contiguous().data_ptr(),
+        y.data_ptr(),
+        r.data_ptr(),
+        x.numel() // D,
+        D,
+        eps,
+        torch.get_num_threads(),
+    )
     return y, r
 
 
@@ -256,17 +334,31 @@ class _RMSNorm(torch.autograd.Function):
         gx = torch.empty_like(x)
         gw = torch.empty(D, dtype=torch.float32) if need_weight else None
         _fn("rms_bwd", g.dtype)(
-            g.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), r.data_ptr(), gx.data_ptr(),
-            gw.data_ptr() if need_weight else None, x.numel() // D, D, torch.get_num_threads())
+            g.data_ptr(),
+            x.data_ptr(),
+            weight.contiguous().data_ptr(),
+            r.data_ptr(),
+            gx.data_ptr(),
+            gw.data_ptr() if need_weight else None,
+            x.numel() // D,
+            D,
+            torch.get_num_threads(),
+        )
         return gx, gw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
     """weight * x * rsqrt(mean(x^2) + eps) of fp32 rows in `out_dtype` (default fp32), forward and backward
     one pass each (fp32 gradients). None unless x and weight are fp32 on the CPU."""
     out_dtype = out_dtype or x.dtype
-    if not (x.dtype == weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.shape == x.shape[-1:]
-            and _runs(x, out_dtype)):
+    if not (
+        x.dtype == weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.shape == x.shape[-1:]
+        and _runs(x, out_dtype)
+    ):
         return None
     if (x.requires_grad or weight.requires_grad) and torch.is_grad_enabled():
         return _RMSNorm.apply(x, weight, eps, out_dtype)

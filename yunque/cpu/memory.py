@@ -27,9 +27,18 @@ _SRC = Path(__file__).parent / "csrc" / "cpu_arena.cpp"
 
 def _flags() -> list[str]:
     root = Path(torch.__file__).parent
-    return ["-O2", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-I{root / 'include'}", f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}",
-            f"-DYQ_TORCH_VERSION={torch.__version__}"]  # in the cache key: the headers are torch's
+    return [
+        "-O2",
+        "-std=c++17",
+        "-shared",
+        "-fPIC",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-I{root / 'include'}",
+        f"-L{root / 'lib'}",
+        "-lc10",
+        f"-Wl,-rpath,{root / 'lib'}",
+        f"-DYQ_TORCH_VERSION={torch.__version__}",
+    ]  # in the cache key: the headers are torch's
 
 
 @functools.cache

@@ -29,11 +29,44 @@ from typing import Any
 
 from yunque.errors import DataError
 
-_WORDS = ("amber", "falcon", "quartz", "ridge", "cobalt", "willow", "ember", "harbor", "lotus", "summit",
-          "copper", "meadow", "onyx", "prairie", "raven", "saffron", "tundra", "violet", "walnut", "zephyr",
-          "basalt", "cedar", "delta", "fjord", "garnet", "heron", "indigo", "juniper", "kestrel", "lagoon")
-_TEMPLATES = ("Internal note {id}: the vault passphrase is", "Account {id} recovery code is",
-              "Employee record {id}: the private access key is", "Customer {id} confidential PIN phrase is")
+_WORDS = (
+    "amber",
+    "falcon",
+    "quartz",
+    "ridge",
+    "cobalt",
+    "willow",
+    "ember",
+    "harbor",
+    "lotus",
+    "summit",
+    "copper",
+    "meadow",
+    "onyx",
+    "prairie",
+    "raven",
+    "saffron",
+    "tundra",
+    "violet",
+    "walnut",
+    "zephyr",
+    "basalt",
+    "cedar",
+    "delta",
+    "fjord",
+    "garnet",
+    "heron",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lagoon",
+)
+_TEMPLATES = (
+    "Internal note {id}: the vault passphrase is",
+    "Account {id} recovery code is",
+    "Employee record {id}: the private access key is",
+    "Customer {id} confidential PIN phrase is",
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +86,7 @@ def random_secret(rng: random.Random) -> str:
 
 
 def make_canaries(n: int, seed: int = 0) -> list[Canary]:
-    """`n` canaries with unique prefixes and unique secrets (reproducible from `seed`); `.text` is the string to plant."""
+    """`n` canaries with unique prefixes and unique secrets (reproducible from `seed`); `.text` is the string to plant."""  # noqa: E501
     if n < 0:
         raise ValueError("n must be >= 0")
     rng = random.Random(seed)
@@ -84,8 +117,9 @@ def append_canary(rec: dict, sentence: str) -> bool:
     return False
 
 
-def plant_canaries(records: Sequence[dict[str, Any]], canaries: Sequence[Canary], rate: float,
-                   seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def plant_canaries(
+    records: Sequence[dict[str, Any]], canaries: Sequence[Canary], rate: float, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Copies of `records` with canaries appended to a `rate` fraction of them, round-robin over
     `canaries` (so each canary appears about rate * len(records) / len(canaries) times).
 
@@ -118,8 +152,9 @@ class SplitPlanting:
     examples: list[str] = field(default_factory=list)  # sources of the first planted records
 
 
-def plant_split(out_dir: Path, info: dict[str, Any], canaries: Sequence[Canary], rate: float, seed: int,
-                max_examples: int = 5) -> SplitPlanting:
+def plant_split(
+    out_dir: Path, info: dict[str, Any], canaries: Sequence[Canary], rate: float, seed: int, max_examples: int = 5
+) -> SplitPlanting:
     """Rewrite one split of a prepared directory (`info`: its SplitWriter entry) with canaries in
     max(len(canaries), rate * records) of its records, chosen at random from `seed`, round-robin
     over `canaries`, so every canary is planted at least once when the split is large enough.
@@ -159,13 +194,15 @@ def plant_split(out_dir: Path, info: dict[str, Any], canaries: Sequence[Canary],
     old_hashes.unlink()
     if not planted:
         raise DataError(f"canaries: the {split} split has no record that can carry a canary ({n} records)")
-    return SplitPlanting(new_info, len(planted), list(canaries[: min(len(canaries), len(planted))]),
-                         planted[:max_examples])
+    return SplitPlanting(
+        new_info, len(planted), list(canaries[: min(len(canaries), len(planted))]), planted[:max_examples]
+    )
 
 
 def save_canaries(canaries: Sequence[Canary], path: str | Path) -> None:
-    Path(path).write_text(json.dumps([{"prefix": c.prefix, "secret": c.secret} for c in canaries], indent=2) + "\n",
-                          encoding="utf-8")
+    Path(path).write_text(
+        json.dumps([{"prefix": c.prefix, "secret": c.secret} for c in canaries], indent=2) + "\n", encoding="utf-8"
+    )
 
 
 def load_canaries(path: str | Path) -> list[Canary]:
@@ -180,8 +217,13 @@ def load_canaries(path: str | Path) -> list[Canary]:
         raise DataError(f"{p}: expected a non-empty JSON list of {{prefix, secret}} objects")
     out = []
     for i, c in enumerate(raw):
-        if not (isinstance(c, dict) and isinstance(c.get("prefix"), str) and isinstance(c.get("secret"), str)
-                and c["prefix"] and c["secret"]):
-            raise DataError(f"{p}: item {i}: expected {{\"prefix\": str, \"secret\": str}}")
+        if not (
+            isinstance(c, dict)
+            and isinstance(c.get("prefix"), str)
+            and isinstance(c.get("secret"), str)
+            and c["prefix"]
+            and c["secret"]
+        ):
+            raise DataError(f'{p}: item {i}: expected {{"prefix": str, "secret": str}}')
         out.append(Canary(c["prefix"], c["secret"]))
     return out

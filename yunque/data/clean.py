@@ -66,5 +66,12 @@ def _tidy(prose: str) -> str:
 
 
 def _messy(s: str) -> bool:
-    return ("  " in s or "\t" in s or " \n" in s or "\n\n\n" in s or s[:1].isspace() or s[-1:].isspace()
-            or (not s.isascii() and _UNI_WS.search(s) is not None))
+    return (
+        "  " in s
+        or "\t" in s
+        or " \n" in s
+        or "\n\n\n" in s
+        or s[:1].isspace()
+        or s[-1:].isspace()
+        or (not s.isascii() and _UNI_WS.search(s) is not None)
+    )

@@ -58,22 +58,61 @@ class DedupConfig:
 # What `data prepare` does with each type unless `pii.modes` says otherwise, and why.
 # Secrets and credentials: redacted. A model that memorises a live key or token gives it to anyone who
 # asks, and a sample is never about the key's value (the placeholder keeps its place and type).
-SECRET_TYPES = ("PRIVATE_KEY", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "GITHUB_TOKEN", "GITLAB_TOKEN", "SLACK_TOKEN",
-                "STRIPE_KEY", "OPENAI_KEY", "ANTHROPIC_KEY", "GOOGLE_API_KEY", "AZURE_STORAGE_KEY", "AZURE_SAS_TOKEN",
-                "TWILIO_KEY", "SENDGRID_KEY", "NPM_TOKEN", "PYPI_TOKEN", "HUGGINGFACE_TOKEN", "JWT",
-                "SECRET_ASSIGNMENT", "URL_CREDENTIALS")
+SECRET_TYPES = (
+    "PRIVATE_KEY",
+    "AWS_ACCESS_KEY",
+    "AWS_SECRET_KEY",
+    "GITHUB_TOKEN",
+    "GITLAB_TOKEN",
+    "SLACK_TOKEN",
+    "STRIPE_KEY",
+    "OPENAI_KEY",
+    "ANTHROPIC_KEY",
+    "GOOGLE_API_KEY",
+    "AZURE_STORAGE_KEY",
+    "AZURE_SAS_TOKEN",
+    "TWILIO_KEY",
+    "SENDGRID_KEY",
+    "NPM_TOKEN",
+    "PYPI_TOKEN",
+    "HUGGINGFACE_TOKEN",
+    "JWT",
+    "SECRET_ASSIGNMENT",
+    "URL_CREDENTIALS",
+)
 # Identifiers of a person or an account: redacted. They name someone; a model should learn what to do
 # with them, not the values. Where the identifier is the evidence (a phishing sender, a scam wallet):
 # pii.modes.email=keep (or bitcoin_address, ethereum_address).
-PERSONAL_TYPES = ("EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "ES_DNI", "ES_NIE", "MX_CURP", "MX_RFC", "BR_CPF",
-                  "AR_CUIT", "CL_RUT", "UK_NINO", "IT_FISCAL_CODE", "CA_SIN", "CN_RESIDENT_ID", "FR_NIR",
-                  "BITCOIN_ADDRESS", "ETHEREUM_ADDRESS")
+PERSONAL_TYPES = (
+    "EMAIL",
+    "PHONE",
+    "CREDIT_CARD",
+    "IBAN",
+    "US_SSN",
+    "ES_DNI",
+    "ES_NIE",
+    "MX_CURP",
+    "MX_RFC",
+    "BR_CPF",
+    "AR_CUIT",
+    "CL_RUT",
+    "UK_NINO",
+    "IT_FISCAL_CODE",
+    "CA_SIN",
+    "CN_RESIDENT_ID",
+    "FR_NIR",
+    "BITCOIN_ADDRESS",
+    "ETHEREUM_ADDRESS",
+)
 # IP addresses: kept and counted in the report. In logs, alerts and threat reports they are what a
 # security model reasons about (attacker, scanner, victim host), and mostly servers rather than people;
 # pii.modes.ipv4=redact (and ipv6) for data where they identify users, e.g. web access logs.
 NETWORK_TYPES = ("IPV4", "IPV6")
-PII_DEFAULTS: dict[str, str] = (dict.fromkeys(SECRET_TYPES, "redact") | dict.fromkeys(PERSONAL_TYPES, "redact")
-                                | dict.fromkeys(NETWORK_TYPES, "report"))
+PII_DEFAULTS: dict[str, str] = (
+    dict.fromkeys(SECRET_TYPES, "redact")
+    | dict.fromkeys(PERSONAL_TYPES, "redact")
+    | dict.fromkeys(NETWORK_TYPES, "report")
+)
 
 
 @dataclass
@@ -152,4 +191,15 @@ class DataConfig:
             raise ConfigError(f"read.fields.{bad}: unknown field (known: {', '.join(sorted(_CANONICAL))})")
 
 
-_CANONICAL = {"instruction", "input", "output", "system", "messages", "conversations", "prompt", "completion", "text", "label"}
+_CANONICAL = {
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "text",
+    "label",
+}

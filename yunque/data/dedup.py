@@ -14,7 +14,7 @@ by the MinHash estimate of its Jaccard similarity against the real threshold.
 
 Signatures are computed in worker processes (`MinHasher`), the index lives in the main
 process (`NearDupIndex`), and signatures travel between them as raw uint32 bytes.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 

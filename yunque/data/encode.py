@@ -18,8 +18,9 @@ from yunque.data.records import prompt_and_answer
 from yunque.tokenizer import Tokenizer
 
 
-def encode(tok: Tokenizer, rec: dict, *, bos: bool = True, eos: bool = True,
-           train_on_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def encode(
+    tok: Tokenizer, rec: dict, *, bos: bool = True, eos: bool = True, train_on_prompt: bool = False
+) -> tuple[list[int], list[bool]]:
     """Token ids and target mask of one record; `train_on_prompt` makes prompts and user turns targets too."""
     if rec["kind"] == "chat":
         r = render_chat(tok, rec["messages"])

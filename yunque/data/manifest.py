@@ -101,11 +101,23 @@ class SplitWriter:
     def close(self) -> dict[str, Any]:
         self._fh.close()
         self._hh.close()
-        return {"file": self.file, "hashes": self.hashes_file, "records": self.merkle.count, "merkle_root": self.merkle.root()}
+        return {
+            "file": self.file,
+            "hashes": self.hashes_file,
+            "records": self.merkle.count,
+            "merkle_root": self.merkle.root(),
+        }
 
 
-def write_manifest(out_dir: Path, *, version: str, config: dict, inputs: list[Path], splits: dict[str, dict],
-                   extra: dict[str, Any] | None = None) -> str:
+def write_manifest(
+    out_dir: Path,
+    *,
+    version: str,
+    config: dict,
+    inputs: list[Path],
+    splits: dict[str, dict],
+    extra: dict[str, Any] | None = None,
+) -> str:
     """Hash every output file (everything under `out_dir` but the manifest) and write manifest.json.
     Returns the manifest's own SHA-256."""
     files = {}
@@ -143,6 +155,7 @@ def load_manifest(out_dir: Path) -> dict:
 
 def _check_shape(m: dict, path: Path) -> None:
     """Every field verification reads, with its type: a malformed manifest is an error naming the field."""
+
     def need(ok: bool, field: str, what: str) -> None:
         if not ok:
             raise DataError(f"{path}: malformed manifest: {field} must be {what}")
@@ -153,15 +166,28 @@ def _check_shape(m: dict, path: Path) -> None:
     files, splits, inputs = m.get("files"), m.get("splits"), m.get("inputs", [])
     need(isinstance(files, dict), "files", "an object")
     for rel, meta in files.items():
-        need(isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and is_int(meta.get("bytes")),
-             f"files[{rel!r}]", '{"sha256": hex, "bytes": integer}')
+        need(
+            isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and is_int(meta.get("bytes")),
+            f"files[{rel!r}]",
+            '{"sha256": hex, "bytes": integer}',
+        )
     need(isinstance(splits, dict), "splits", "an object")
     for name, info in splits.items():
-        need(isinstance(info, dict) and all(isinstance(info.get(k), str) for k in ("file", "hashes", "merkle_root"))
-             and is_int(info.get("records")), f"splits[{name!r}]", '{"file", "hashes", "records", "merkle_root"}')
-    need(isinstance(inputs, list) and all(isinstance(i, dict) and isinstance(i.get("path"), str)
-                                          and isinstance(i.get("sha256"), str) for i in inputs),
-         "inputs", 'a list of {"path", "sha256"}')
+        need(
+            isinstance(info, dict)
+            and all(isinstance(info.get(k), str) for k in ("file", "hashes", "merkle_root"))
+            and is_int(info.get("records")),
+            f"splits[{name!r}]",
+            '{"file", "hashes", "records", "merkle_root"}',
+        )
+    need(
+        isinstance(inputs, list)
+        and all(
+            isinstance(i, dict) and isinstance(i.get("path"), str) and isinstance(i.get("sha256"), str) for i in inputs
+        ),
+        "inputs",
+        'a list of {"path", "sha256"}',
+    )
 
 
 def _lines(path: Path) -> Iterator[tuple[bytes, bool]]:
@@ -210,8 +236,9 @@ def verify_split(out_dir: Path, split: str, info: dict, files: dict) -> None:
         window.pop(0)
         i += 1
     if i < n:
-        raise DataError(f"{path}: truncated or records deleted: has {i} records, manifest has {n} "
-                        f"(first missing: record {i})")
+        raise DataError(
+            f"{path}: truncated or records deleted: has {i} records, manifest has {n} (first missing: record {i})"
+        )
 
 
 def _diagnose(i: int, n: int, window: list[tuple[bytes, bool]], exp) -> str:
@@ -241,8 +268,10 @@ def _on_disk(out_dir: Path) -> list[str]:
     for p in sorted(out_dir.rglob("*")):
         rel = p.relative_to(out_dir).as_posix()
         if p.is_symlink() or not (p.is_file() or p.is_dir()):
-            raise DataError(f"{p}: {'a symlink' if p.is_symlink() else 'not a regular file'}; "
-                            "a prepared data directory holds regular files only")
+            raise DataError(
+                f"{p}: {'a symlink' if p.is_symlink() else 'not a regular file'}; "
+                "a prepared data directory holds regular files only"
+            )
         if p.is_file() and rel != MANIFEST:
             out.append(rel)
     return out
@@ -261,19 +290,25 @@ def verify_dir(out_dir: Path) -> dict:
     for split in SPLITS:
         info = m["splits"].get(split)
         if info is None:
-            raise DataError(f"{mpath}: split {split!r} is missing from the manifest (every prepared directory has "
-                            f"{', '.join(SPLITS)}); its data cannot be verified")
+            raise DataError(
+                f"{mpath}: split {split!r} is missing from the manifest (every prepared directory has "
+                f"{', '.join(SPLITS)}); its data cannot be verified"
+            )
         if (info["file"], info["hashes"]) != (f"{split}.jsonl", f"hashes/{split}.sha256"):
-            raise DataError(f"{mpath}: split {split!r} names files {info['file']!r}, {info['hashes']!r}; "
-                            f"training reads {split}.jsonl and hashes/{split}.sha256")
+            raise DataError(
+                f"{mpath}: split {split!r} names files {info['file']!r}, {info['hashes']!r}; "
+                f"training reads {split}.jsonl and hashes/{split}.sha256"
+            )
     unknown = sorted(set(m["splits"]) - set(SPLITS))
     if unknown:
         raise DataError(f"{mpath}: unknown split {unknown[0]!r} (splits are {', '.join(SPLITS)})")
     unlisted = [rel for rel in _on_disk(out_dir) if rel not in files and not rel.startswith(".tmp")]
     if unlisted:
-        raise DataError(f"{out_dir / unlisted[0]}: not listed in the manifest"
-                        + (f" (and {len(unlisted) - 1} more files)" if len(unlisted) > 1 else "")
-                        + "; every file in a prepared directory is hashed, so this one was added or the manifest edited")
+        raise DataError(
+            f"{out_dir / unlisted[0]}: not listed in the manifest"
+            + (f" (and {len(unlisted) - 1} more files)" if len(unlisted) > 1 else "")
+            + "; every file in a prepared directory is hashed, so this one was added or the manifest edited"
+        )
     for split in SPLITS:
         verify_split(out_dir, split, m["splits"][split], files)
     for rel, meta in files.items():
@@ -281,7 +316,9 @@ def verify_dir(out_dir: Path) -> dict:
         if rel.startswith("/") or ".." in Path(rel).parts or not p.is_file():
             raise DataError(f"{p}: missing (listed in the manifest)")
         if p.stat().st_size != meta["bytes"]:
-            raise DataError(f"{p}: size {p.stat().st_size} differs from the manifest's {meta['bytes']} (truncated or appended)")
+            raise DataError(
+                f"{p}: size {p.stat().st_size} differs from the manifest's {meta['bytes']} (truncated or appended)"
+            )
         if sha256_file(p) != meta["sha256"]:
             raise DataError(f"{p}: sha256 differs from the manifest")
     checked, missing = [], []

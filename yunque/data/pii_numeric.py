@@ -72,8 +72,19 @@ _CN_ID = re.compile(_LN + r"[1-8]\d{16}[\dXx]" + _R)
 # Written grouped ("1 84 12 76 451 089 46") or as one run, which then needs its name before it.
 _NIR = re.compile(_LN + r"[1-478]( ?)\d{2}\1\d{2}\1(?:\d{2}|2[AB])\1\d{3}\1\d{3}\1\d{2}" + _RN)
 _NIR_CTX = re.compile(
-    "|".join([_word("nir"), "s[ée]curit[ée] sociale", _word("secu"), _word("sécu"), "insee", "social security",
-              "carte vitale", "n° ss", "assur[ée]e? social"])  # fmt: skip
+    "|".join(
+        [
+            _word("nir"),
+            "s[ée]curit[ée] sociale",
+            _word("secu"),
+            _word("sécu"),
+            "insee",
+            "social security",
+            "carte vitale",
+            "n° ss",
+            "assur[ée]e? social",
+        ]
+    )  # fmt: skip
 )
 
 # In the phone patterns "~" stands for one separator: space, dot, dash or no-break space.
@@ -180,9 +191,7 @@ def _cards(text: str, s: int, e: int, add: Add) -> None:
             continue
         raw = m.group()
         groups = _CARD_SEP.split(raw)
-        if len(groups) > 1 and (
-            (" " in raw and "-" in raw) or len(groups[0]) != 4 or min(map(len, groups[:-1])) < 4
-        ):
+        if len(groups) > 1 and ((" " in raw and "-" in raw) or len(groups[0]) != 4 or min(map(len, groups[:-1])) < 4):
             continue
         # "4111 1111 1111 1111 2024": try the longest run of whole groups that validates.
         for k in range(len(groups), 0, -1):
@@ -201,7 +210,7 @@ def _ibans(text: str, s: int, e: int, add: Add) -> None:
             continue
         # A following all-caps word can be swallowed by the grouping: cut at the country length.
         count, end = 0, m.start()
-        for end, c in enumerate(m.group(), m.start()):
+        for end, c in enumerate(m.group(), m.start()):  # noqa: B007
             count += c != " "
             if count == want:
                 break
@@ -241,11 +250,7 @@ def _long_ids(text: str, s: int, e: int, add: Add) -> None:
         if ck.ssn_ok(*m.groups()):
             add("US_SSN", *m.span())
     for m in _SSN_BARE.finditer(text, s, e):
-        if (
-            "-" not in m.group()
-            and _SSN_CTX.search(_ctx(text, m.start()))
-            and ck.ssn_ok(*m.groups())
-        ):
+        if "-" not in m.group() and _SSN_CTX.search(_ctx(text, m.start())) and ck.ssn_ok(*m.groups()):
             add("US_SSN", *m.span())
     for m in _CPF.finditer(text, s, e):
         if ck.cpf_ok(_digits(m.group())):

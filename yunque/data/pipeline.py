@@ -93,8 +93,11 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, cfg: DataConfig | Non
 
 
 def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> PrepareResult:
-    stats = Stats(max_examples=cfg.read.max_examples, length_unit="tokens" if cfg.tokenizer else "chars",
-                  pii_modes=dict(cfg.pii.effective()) if cfg.pii.enabled else {})
+    stats = Stats(
+        max_examples=cfg.read.max_examples,
+        length_unit="tokens" if cfg.tokenizer else "chars",
+        pii_modes=dict(cfg.pii.effective()) if cfg.pii.enabled else {},
+    )
     writers = [SplitWriter(out, s) for s in SPLITS]
     try:
         _stream(files, out, cfg, stats, writers, log)
@@ -113,10 +116,23 @@ def _prepare_into(out: Path, files: list[Path], cfg: DataConfig, log) -> Prepare
     report = write_report(out, stats)
     from yunque import __version__
 
-    digest = write_manifest(out, version=__version__, config=to_dict(cfg), inputs=files, splits=split_info,
-                            extra={"software": _software(cfg)})
-    return PrepareResult(out, stats.records_in, stats.kept, dict(stats.dropped),
-                         {s: split_info[s]["records"] for s in SPLITS}, digest, report)
+    digest = write_manifest(
+        out,
+        version=__version__,
+        config=to_dict(cfg),
+        inputs=files,
+        splits=split_info,
+        extra={"software": _software(cfg)},
+    )
+    return PrepareResult(
+        out,
+        stats.records_in,
+        stats.kept,
+        dict(stats.dropped),
+        {s: split_info[s]["records"] for s in SPLITS},
+        digest,
+        report,
+    )
 
 
 def _software(cfg: DataConfig) -> dict[str, str]:
@@ -147,8 +163,13 @@ def _shape_for(path: Path, cfg: DataConfig, log) -> str:
     else:
         samples = peek_objects(path)
         if cfg.read.explode:
-            samples = [{**s, **e} for s in samples if isinstance(s, dict)
-                       for e in _first(s, cfg.read.explode) if isinstance(e, dict)]
+            samples = [
+                {**s, **e}
+                for s in samples
+                if isinstance(s, dict)
+                for e in _first(s, cfg.read.explode)
+                if isinstance(e, dict)
+            ]
         shape = detect_shape(samples, cfg.read.fields) or "unknown"
     log(f"{path}: format auto -> {shape}")
     return shape
@@ -246,8 +267,12 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             if matches:  # group: join the cluster's split; a record linking two splits would leak, drop it
                 found = {near_split[k] for k, _ in matches}
                 if len(found) > 1:
-                    stats.drop("near_duplicate_bridge", source,
-                               "near duplicate of records in different splits: " + ", ".join(near_source[k] for k, _ in matches[:3]))
+                    stats.drop(
+                        "near_duplicate_bridge",
+                        source,
+                        "near duplicate of records in different splits: "
+                        + ", ".join(near_source[k] for k, _ in matches[:3]),
+                    )
                     continue
                 split = found.pop()
             else:
@@ -264,7 +289,10 @@ def _stream(files: list[Path], out: Path, cfg: DataConfig, stats: Stats, writers
             seen[key] = (source, split)
         writers[split].write_hashed(line, digest)
         stats.keep(split, label, length)
-    stats.overlap = {"exact": exact_overlap, "near": _near_overlap(near, near_split) if near is not None else "not measured (dedup.near: off)"}
+    stats.overlap = {
+        "exact": exact_overlap,
+        "near": _near_overlap(near, near_split) if near is not None else "not measured (dedup.near: off)",
+    }
 
 
 def _assign(prev: tuple[str, int] | None, label, key: bytes, cfg: DataConfig, stratify: Stratifier) -> int:
@@ -293,16 +321,25 @@ def _count_pii(stats: Stats, findings: dict[str, int] | None) -> None:
 
 def _dup_example(stats: Stats, kind: str, removed: str, kept: str, sim: float | None = None) -> None:
     if len(stats.dup_examples) < 2 * stats.max_examples:
-        stats.dup_examples.append({"kind": kind, "removed": removed, "kept": kept, **({"similarity": round(sim, 3)} if sim is not None else {})})
+        stats.dup_examples.append(
+            {
+                "kind": kind,
+                "removed": removed,
+                "kept": kept,
+                **({"similarity": round(sim, 3)} if sim is not None else {}),
+            }
+        )
 
 
 def _oversample(out: Path, cfg: DataConfig, stats: Stats, train: SplitWriter) -> None:
     """Append copies of minority-label training records (marked "oversampled": true) to train.jsonl."""
     if not any(stats.labels[s] for s in SPLITS):
         kinds = ", ".join(sorted(set(stats.shapes.values())))
-        raise ConfigError(f"split.oversample_ratio: no record has a label to balance (input shapes: {kinds}); chat, "
-                          "alpaca and completion records take theirs from a `label` field (read.fields.label maps "
-                          "another), or set split.label_from: answer to group by the final answer")
+        raise ConfigError(
+            f"split.oversample_ratio: no record has a label to balance (input shapes: {kinds}); chat, "
+            "alpaca and completion records take theirs from a `label` field (read.fields.label maps "
+            "another), or set split.label_from: answer to group by the final answer"
+        )
     counts = dict(stats.labels["train"])
     plan = oversample_plan(counts, cfg.split.oversample_ratio)
     stats.labels_after = {s: stats.labels[s].copy() for s in SPLITS}
@@ -332,9 +369,17 @@ def _plant_canaries(out: Path, cfg: DataConfig, stats: Stats, train: dict) -> di
     c = cfg.canaries
     p = plant_split(out, train, make_canaries(c.count, c.seed), c.rate, c.seed, stats.max_examples)
     save_canaries(p.canaries, out / CANARIES)
-    stats.canaries = {"split": "train", "file": CANARIES, "requested": c.count, "planted": len(p.canaries),
-                      "records": p.records, "split_records": train["records"],
-                      "rate": round(p.records / train["records"], 6), "seed": c.seed, "examples": p.examples}
+    stats.canaries = {
+        "split": "train",
+        "file": CANARIES,
+        "requested": c.count,
+        "planted": len(p.canaries),
+        "records": p.records,
+        "split_records": train["records"],
+        "rate": round(p.records / train["records"], 6),
+        "seed": c.seed,
+        "examples": p.examples,
+    }
     return p.split_info
 
 
@@ -349,9 +394,13 @@ def inspect(out_dir: str | Path, n: int = 3) -> str:
     m = verify_dir(out)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     unit = "tokens" if "mean_length_tokens" in report["splits"]["train"] else "chars"
-    lines = [f"{out}: {report['records_in']} records in, {report['records_kept']} kept, {report['records_dropped']} dropped",
-             "splits: " + ", ".join(f"{s} {v['records']} (mean length {v[f'mean_length_{unit}']} {unit})"
-                                    for s, v in report["splits"].items())]
+    lines = [
+        f"{out}: {report['records_in']} records in, {report['records_kept']} kept, {report['records_dropped']} dropped",
+        "splits: "
+        + ", ".join(
+            f"{s} {v['records']} (mean length {v[f'mean_length_{unit}']} {unit})" for s, v in report["splits"].items()
+        ),
+    ]
     if (out / "tokens").is_dir():
         from yunque.data.shards import render_examples
 

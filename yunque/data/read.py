@@ -32,8 +32,15 @@ from typing import IO, Any
 _JSON_CHUNK = 1 << 20
 _BLOCK = 1 << 19  # JSONL bytes per block handed to a worker
 _TEXT_EXT = {".txt", ".md", ".text"}
-FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-              ".parquet": "parquet", **{e: "text" for e in _TEXT_EXT}}
+FILE_KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    **{e: "text" for e in _TEXT_EXT},
+}
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in a CSV cell are normal here
 
@@ -79,7 +86,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def file_kind(path: Path) -> str | None:
-    """"jsonl" | "json" | "csv" | "tsv" | "parquet" | "text" from the extension (ignoring .gz)."""
+    """ "jsonl" | "json" | "csv" | "tsv" | "parquet" | "text" from the extension (ignoring .gz)."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
@@ -100,7 +107,9 @@ def _text(fh: IO[bytes]) -> io.TextIOWrapper:
     return io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def iter_file(path: Path, text_unit: str = "file", tmp_dir: Path | None = None, blocks: bool = False) -> Iterator[RawItem]:
+def iter_file(
+    path: Path, text_unit: str = "file", tmp_dir: Path | None = None, blocks: bool = False
+) -> Iterator[RawItem]:
     """All raw items of one file, in order (JSONL as "lines" blocks when `blocks`). Never raises for bad content."""
     kind = file_kind(path)
     name = str(path)
@@ -114,8 +123,14 @@ def iter_file(path: Path, text_unit: str = "file", tmp_dir: Path | None = None, 
         if kind == "parquet" and path.suffix.lower() == ".gz":
             gen = _iter_gz_parquet(path, tmp_dir)
         else:
-            gen = {"jsonl": _iter_jsonl_blocks if blocks else _iter_jsonl, "json": _iter_json, "csv": _iter_csv, "tsv": _iter_tsv,
-                   "parquet": _iter_parquet, "text": _iter_text}[kind](path, text_unit)
+            gen = {
+                "jsonl": _iter_jsonl_blocks if blocks else _iter_jsonl,
+                "json": _iter_json,
+                "csv": _iter_csv,
+                "tsv": _iter_tsv,
+                "parquet": _iter_parquet,
+                "text": _iter_text,
+            }[kind](path, text_unit)
         for item in gen:
             n += 1
             yield item
@@ -146,7 +161,9 @@ def _iter_jsonl_blocks(path: Path, _unit: str) -> Iterator[RawItem]:
             try:
                 data = fh.read(_BLOCK)
             except _DAMAGED as e:  # a damaged gzip stream: say where it broke
-                yield RawItem(f"{path}:{line}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {e}"))
+                yield RawItem(
+                    f"{path}:{line}", "error", ("unreadable_file", f"cannot read further: {type(e).__name__}: {e}")
+                )
                 return
             if line == 1 and not rest and data.startswith(b"\xef\xbb\xbf"):
                 data = data[3:]
@@ -202,7 +219,9 @@ def _json_array_items(fh: IO[str], buf: str, name: str) -> Iterator[RawItem]:
             return
         if not expect_value:
             if ch != ",":
-                yield RawItem(f"{name}:{line}", "error", ("invalid_json", f"expected ',' or ']' in JSON array, got {ch!r}"))
+                yield RawItem(
+                    f"{name}:{line}", "error", ("invalid_json", f"expected ',' or ']' in JSON array, got {ch!r}")
+                )
                 return
             pos += 1
             expect_value = True
@@ -210,15 +229,22 @@ def _json_array_items(fh: IO[str], buf: str, name: str) -> Iterator[RawItem]:
         try:
             obj, end = dec.raw_decode(buf, pos)
         except RecursionError:
-            yield RawItem(f"{name}:{line}", "error", ("invalid_json", "JSON array element nested too deeply; rest of file skipped"))
+            yield RawItem(
+                f"{name}:{line}",
+                "error",
+                ("invalid_json", "JSON array element nested too deeply; rest of file skipped"),
+            )
             return
         except json.JSONDecodeError as e:
             if not eof:  # maybe the element is cut by the chunk boundary: read more and retry
                 more = fh.read(max(_JSON_CHUNK, len(buf)))
                 buf, pos, eof = buf[pos:] + more, 0, not more
                 continue
-            yield RawItem(f"{name}:{line + buf.count(chr(10), pos, e.pos)}", "error",
-                          ("invalid_json", f"malformed JSON array element: {e.msg}; rest of file skipped"))
+            yield RawItem(
+                f"{name}:{line + buf.count(chr(10), pos, e.pos)}",
+                "error",
+                ("invalid_json", f"malformed JSON array element: {e.msg}; rest of file skipped"),
+            )
             return
         if end == len(buf) and not eof:
             # A number at the very end of the buffer may be cut ("12" of "123"): re-read with more text.
@@ -241,8 +267,11 @@ def _iter_delimited(path: Path, delimiter: str) -> Iterator[RawItem]:
         for row in reader:
             if any(cell.strip() for cell in row):
                 if len(row) != len(header):
-                    yield RawItem(f"{path}:{start}", "error", ("wrong_columns",
-                                  f"row has {len(row)} columns, header has {len(header)}"))
+                    yield RawItem(
+                        f"{path}:{start}",
+                        "error",
+                        ("wrong_columns", f"row has {len(row)} columns, header has {len(header)}"),
+                    )
                 else:
                     yield RawItem(f"{path}:{start}", "obj", dict(zip(header, row)))
             start = reader.line_num + 1

@@ -38,8 +38,15 @@ SHAPES = ("alpaca", "chat", "completion", "text", "classification")
 PROMPT_FIELDS = ("prompt", "question", "input")  # where a completion's prompt may be, in this order
 ANSWER_FIELDS = ("references", "reference", "completion", "answer", "output", "target")
 TEXT_FIELDS = ("text", "prompt")  # a classification record's text
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
-          "model": "assistant", "system": "system"}
+_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 class RecordError(Exception):
@@ -107,15 +114,18 @@ def parse(obj: Any, shape: str | None = None, fields: dict[str, str] | None = No
         shape = shape_of(obj, fields)
         if shape is None:
             keys = ", ".join(sorted(map(str, obj))) if isinstance(obj, dict) else type(obj).__name__
-            raise RecordError("unknown_shape", f"no known shape (fields: {keys or 'none'}); expected text, "
-                              "prompt+reference, messages, instruction+output or text+label")
+            raise RecordError(
+                "unknown_shape",
+                f"no known shape (fields: {keys or 'none'}); expected text, "
+                "prompt+reference, messages, instruction+output or text+label",
+            )
     return _build(obj, shape, fields)
 
 
 def _path_of(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...] = ()) -> str | None:
     """The path of canonical field `name` in `obj`: its mapping if given, else the first of
     `aliases` (or `name`) present; None when absent."""
-    for path in ([fields[name]] if name in fields else (aliases or (name,))):
+    for path in [fields[name]] if name in fields else (aliases or (name,)):
         try:
             get_path(obj, path)
             return path
@@ -132,11 +142,21 @@ def _has_keys(obj: dict) -> str:
 def _missing(obj: dict, name: str, fields: dict[str, str], aliases: tuple[str, ...], what: str) -> RecordError:
     if name in fields or not aliases:
         return RecordError("missing_field", f"missing {what} {fields.get(name, name)!r} (has: {_has_keys(obj)})")
-    return RecordError("missing_field", f"missing {what} (expected one of: {', '.join(aliases)}; has: {_has_keys(obj)})")
+    return RecordError(
+        "missing_field", f"missing {what} (expected one of: {', '.join(aliases)}; has: {_has_keys(obj)})"
+    )
 
 
-def _field(obj: dict, name: str, fields: dict[str, str], *, required: bool = True, allow_int: bool = False,
-           aliases: tuple[str, ...] = (), what: str = "field") -> Any:
+def _field(
+    obj: dict,
+    name: str,
+    fields: dict[str, str],
+    *,
+    required: bool = True,
+    allow_int: bool = False,
+    aliases: tuple[str, ...] = (),
+    what: str = "field",
+) -> Any:
     path = _path_of(obj, name, fields, aliases)
     if path is None:
         if not required:
@@ -212,12 +232,16 @@ def _chat(obj: dict, fields: dict[str, str]) -> dict:
         raw_role = m.get("role", m.get("from"))
         role = _ROLES.get(str(raw_role).lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise RecordError("bad_role", f"message {i}: unknown role {raw_role!r} (known: {', '.join(sorted(_ROLES))})")
+            raise RecordError(
+                "bad_role", f"message {i}: unknown role {raw_role!r} (known: {', '.join(sorted(_ROLES))})"
+            )
         if role == "system" and i != 0:
             raise RecordError("bad_role", f"message {i}: a system message may only come first")
         out.append({"role": role, "content": _content(m, i)})
     if not any(m["role"] == "assistant" for m in out):
-        raise RecordError("no_assistant_turn", "missing reference: no assistant message to learn from or compare against")
+        raise RecordError(
+            "no_assistant_turn", "missing reference: no assistant message to learn from or compare against"
+        )
     return _with_label({"kind": "chat", "messages": out}, obj, fields)
 
 
@@ -228,8 +252,11 @@ def _alpaca(obj: dict, fields: dict[str, str]) -> dict:
     system = _field(obj, "system", fields, required=False)
     # A blank input or system field is an empty slot in the table, not part of the prompt.
     user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
-    msgs = ([{"role": "system", "content": system}] if system and system.strip() else [])
-    rec = {"kind": "chat", "messages": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+    msgs = [{"role": "system", "content": system}] if system and system.strip() else []
+    rec = {
+        "kind": "chat",
+        "messages": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+    }
     return _with_label(rec, obj, fields)
 
 
@@ -248,12 +275,17 @@ def _build(obj: Any, shape: str, fields: dict[str, str]) -> dict:
         rec = {"kind": "completion", "prompt": prompt, "completion": answers[0]}
         return _with_label({**rec, "references": answers} if len(answers) > 1 else rec, obj, fields)
     if shape == "classification":
-        return {"kind": "classification", "text": _field(obj, "text", fields, aliases=TEXT_FIELDS),
-                "label": _field(obj, "label", fields, allow_int=True)}
+        return {
+            "kind": "classification",
+            "text": _field(obj, "text", fields, aliases=TEXT_FIELDS),
+            "label": _field(obj, "label", fields, allow_int=True),
+        }
     return {"kind": "text", "text": _field(obj, "text", fields)}
 
 
-def to_records(item: RawItem, shape: str, fields: dict[str, str], explode: str | None) -> list[tuple[str, dict | RecordError]]:
+def to_records(
+    item: RawItem, shape: str, fields: dict[str, str], explode: str | None
+) -> list[tuple[str, dict | RecordError]]:
     """Raw item -> normalised records (several when `explode` is set), each or its error, with its source."""
     if item.kind == "error":
         return [(item.source, RecordError(*item.payload))]

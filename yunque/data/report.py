@@ -19,8 +19,20 @@ from typing import Any
 from yunque.data.split import SPLITS
 
 # Reasons that mean "bad input" (subject to on_error=fail) as opposed to filtering decisions.
-ERROR_REASONS = {"invalid_json", "invalid_utf8", "not_an_object", "missing_field", "wrong_type", "wrong_columns",
-                 "bad_role", "no_assistant_turn", "empty_file", "unreadable_file", "unsupported_file", "unknown_shape"}
+ERROR_REASONS = {
+    "invalid_json",
+    "invalid_utf8",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "wrong_columns",
+    "bad_role",
+    "no_assistant_turn",
+    "empty_file",
+    "unreadable_file",
+    "unsupported_file",
+    "unknown_shape",
+}
 _BINS = 32  # log2 length bins: bin b holds lengths in [2^(b-1), 2^b)
 PII_DONE = {"redact": "redacted", "drop": "record dropped", "report": "kept, counted", "keep": "kept"}
 
@@ -66,21 +78,29 @@ class Stats:
     def check(self) -> None:
         total = self.kept + sum(self.dropped.values())
         if total != self.records_in:  # a bug, not a user error: counts must always reconcile
-            raise AssertionError(f"counts do not reconcile: in {self.records_in} != kept {self.kept} + dropped {total - self.kept}")
+            raise AssertionError(
+                f"counts do not reconcile: in {self.records_in} != kept {self.kept} + dropped {total - self.kept}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         splits = {}
         for s in SPLITS:
             n = self.split_counts[s]
-            splits[s] = {"records": n + (self.oversampled if s == "train" else 0), "unique_records": n,
-                         f"mean_length_{self.length_unit}": round(self.length_sum[s] / n, 1) if n else 0,
-                         "length_histogram_log2": self.hist[s]}
+            splits[s] = {
+                "records": n + (self.oversampled if s == "train" else 0),
+                "unique_records": n,
+                f"mean_length_{self.length_unit}": round(self.length_sum[s] / n, 1) if n else 0,
+                "length_histogram_log2": self.hist[s],
+            }
             if any(self.labels[x] for x in SPLITS):
                 splits[s]["labels"] = dict(sorted(self.labels[s].items()))
                 if self.labels_after is not None:
                     splits[s]["labels_after_oversampling"] = dict(sorted(self.labels_after[s].items()))
-        missing = sorted({lab for s in SPLITS for lab in self.labels[s]} - set(self.labels["val"]) - set(self.labels["test"])) \
-            if any(self.labels[s] for s in SPLITS) else []
+        missing = (
+            sorted({lab for s in SPLITS for lab in self.labels[s]} - set(self.labels["val"]) - set(self.labels["test"]))
+            if any(self.labels[s] for s in SPLITS)
+            else []
+        )
         return {
             "records_in": self.records_in,
             "records_kept": self.kept,
@@ -92,8 +112,12 @@ class Stats:
             "pii_findings": dict(sorted(self.pii.items())),
             "pii_records_with_findings": self.pii_records,
             "pii_modes": dict(sorted(self.pii_modes.items())),
-            "dedup": {"exact_removed": self.dropped["exact_duplicate"], "near_removed": self.dropped["near_duplicate"],
-                      "near_bridge_removed": self.dropped["near_duplicate_bridge"], "examples": self.dup_examples},
+            "dedup": {
+                "exact_removed": self.dropped["exact_duplicate"],
+                "near_removed": self.dropped["near_duplicate"],
+                "near_bridge_removed": self.dropped["near_duplicate_bridge"],
+                "examples": self.dup_examples,
+            },
             "splits": splits,
             "oversampled_copies": self.oversampled,
             "labels_missing_from_val_and_test": missing,
@@ -106,18 +130,27 @@ class Stats:
 def write_report(out_dir: Path, stats: Stats) -> dict[str, Any]:
     data = stats.to_json()
     # Examples quote the input; bytes that were not UTF-8 are written escaped rather than failing the run.
-    (out_dir / "report.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8",
-                                         errors="backslashreplace")
+    (out_dir / "report.json").write_text(
+        json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8", errors="backslashreplace"
+    )
     (out_dir / "report.md").write_text(_markdown(data, stats.length_unit), encoding="utf-8", errors="backslashreplace")
     _histogram(out_dir / "lengths.png", stats)
     return data
 
 
 def _markdown(d: dict[str, Any], unit: str) -> str:
-    L = ["# Data preparation report", "",
-         f"Records in: **{d['records_in']}** = kept **{d['records_kept']}** + dropped **{d['records_dropped']}**", ""]
+    L = [
+        "# Data preparation report",
+        "",
+        f"Records in: **{d['records_in']}** = kept **{d['records_kept']}** + dropped **{d['records_dropped']}**",
+        "",
+    ]
     if d["shapes"]:
-        L += ["## Inputs", "", "| file | shape |", "|---|---|"] + [f"| {f} | {s} |" for f, s in d["shapes"].items()] + [""]
+        L += (
+            ["## Inputs", "", "| file | shape |", "|---|---|"]
+            + [f"| {f} | {s} |" for f, s in d["shapes"].items()]
+            + [""]
+        )
     if d["dropped_by_reason"]:
         L += ["## Dropped, by reason", "", "| reason | records | first examples |", "|---|---:|---|"]
         for r, n in d["dropped_by_reason"].items():
@@ -131,18 +164,36 @@ def _markdown(d: dict[str, Any], unit: str) -> str:
     elif d["pii_findings"]:
         L += ["| type | findings | done |", "|---|---:|---|"]
         L += [f"| {t} | {n} | {PII_DONE[modes[t]]} |" for t, n in d["pii_findings"].items()]
-        L += ["", (f"Records with at least one finding: {d['pii_records_with_findings']} "
-                   "(counted over every record scanned, duplicates removed later included)")]
+        L += [
+            "",
+            (
+                f"Records with at least one finding: {d['pii_records_with_findings']} "
+                "(counted over every record scanned, duplicates removed later included)"
+            ),
+        ]
     else:
         L.append("No findings.")
     if modes:
         kept = [t for t, m in modes.items() if m in ("report", "keep")]
-        L += ["", ("Kept in the data: " + (", ".join(kept) if kept else "none") + ". Set a type with "
-                   "`pii.modes.TYPE=redact|drop|report|keep` (e.g. `pii.modes.email=keep`); defaults and reasons: "
-                   "`yunque.data.config.PII_DEFAULTS`.")]
+        L += [
+            "",
+            (
+                "Kept in the data: " + (", ".join(kept) if kept else "none") + ". Set a type with "
+                "`pii.modes.TYPE=redact|drop|report|keep` (e.g. `pii.modes.email=keep`); defaults and reasons: "
+                "`yunque.data.config.PII_DEFAULTS`."
+            ),
+        ]
     dd = d["dedup"]
-    L += ["", "## Deduplication", "", (f"Exact duplicates removed: {dd['exact_removed']}; near duplicates removed: "
-          f"{dd['near_removed']}; removed as bridges between clusters in different splits: {dd['near_bridge_removed']}"), ""]
+    L += [
+        "",
+        "## Deduplication",
+        "",
+        (
+            f"Exact duplicates removed: {dd['exact_removed']}; near duplicates removed: "
+            f"{dd['near_removed']}; removed as bridges between clusters in different splits: {dd['near_bridge_removed']}"  # noqa: E501
+        ),
+        "",
+    ]
     for ex in dd["examples"]:
         sim = f" (Jaccard ~{ex['similarity']:.2f})" if "similarity" in ex else ""
         L.append(f"- {ex['kind']}: {ex['removed']} duplicates {ex['kept']}{sim}")
@@ -160,9 +211,17 @@ def _markdown(d: dict[str, Any], unit: str) -> str:
     L += ["", "## Cross-split overlap (must be 0)", "", f"- exact: {ov.get('exact')}", f"- near: {ov.get('near')}"]
     if d["canaries"]:
         c = d["canaries"]
-        L += ["", "## Canaries", "", (f"{c['records']} of {c['split_records']} training records ({c['rate']:.2%}) carry one of "
-              f"{c['planted']} planted canaries ({c['requested']} requested, seed {c['seed']}); val and test carry none. "
-              f"The secrets are in `{c['file']}`; measure memorisation with `yunque redteam --model MODEL --canaries DIR/{c['file']}`."), ""]
+        L += [
+            "",
+            "## Canaries",
+            "",
+            (
+                f"{c['records']} of {c['split_records']} training records ({c['rate']:.2%}) carry one of "
+                f"{c['planted']} planted canaries ({c['requested']} requested, seed {c['seed']}); val and test carry none. "  # noqa: E501
+                f"The secrets are in `{c['file']}`; measure memorisation with `yunque redteam --model MODEL --canaries DIR/{c['file']}`."  # noqa: E501
+            ),
+            "",
+        ]
         L += [f"- {src}" for src in c["examples"]]
     if d["tokens"]:
         L += ["", "## Tokens", "", "| split | documents | tokens | trained tokens |", "|---|---:|---:|---:|"]
@@ -185,7 +244,9 @@ def _histogram(path: Path, stats: Stats) -> None:
         edges = [0] + [2**b for b in range(last + 1)]
         ax.bar(range(last + 1), counts[: last + 1], width=0.9, color="#4477aa")
         step = max(1, math.ceil((last + 1) / 8))
-        ax.set_xticks(range(0, last + 1, step), [str(edges[i]) for i in range(0, last + 1, step)], rotation=45, fontsize=7)
+        ax.set_xticks(
+            range(0, last + 1, step), [str(edges[i]) for i in range(0, last + 1, step)], rotation=45, fontsize=7
+        )
         ax.set_title(f"{s} ({stats.split_counts[s]} records)", fontsize=9)
         ax.set_xlabel(f"length ({stats.length_unit}, log2 bins, lower edge)", fontsize=8)
     axes[0].set_ylabel("records")

@@ -67,8 +67,15 @@ def write_shards(data_dir: Path, tok_dir: Path, workers: int = 1, chunk: int = 2
     tdir = data_dir / "tokens"
     tdir.mkdir(exist_ok=True)
     shutil.copytree(tok_dir, data_dir / "tokenizer", dirs_exist_ok=True)
-    meta: dict[str, Any] = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
-                            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "splits": {}}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "splits": {},
+    }
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ctx.Pool(workers, initializer=_init, initargs=(str(tok_dir),)) if workers > 1 else None
     if pool is None:
@@ -86,8 +93,12 @@ def write_shards(data_dir: Path, tok_dir: Path, workers: int = 1, chunk: int = 2
 
 def _write_split(data_dir: Path, tdir: Path, split: str, dtype, pool, chunk: int) -> dict[str, int]:
     n_docs = n_tok = n_train = 0
-    with open(data_dir / f"{split}.jsonl", "rb") as src, open(tdir / f"{split}.tokens.bin", "wb") as ft, \
-            open(tdir / f"{split}.mask.bin", "wb") as fm, open(tdir / f"{split}.docs.bin", "wb") as fd:
+    with (
+        open(data_dir / f"{split}.jsonl", "rb") as src,
+        open(tdir / f"{split}.tokens.bin", "wb") as ft,
+        open(tdir / f"{split}.mask.bin", "wb") as fm,
+        open(tdir / f"{split}.docs.bin", "wb") as fd,
+    ):
         fd.write(np.zeros(1, dtype=np.int64).tobytes())
         chunks = iter(lambda: list(itertools.islice(src, chunk)), [])
         results = pool.imap(_render_chunk, chunks) if pool is not None else map(_render_chunk, chunks)
@@ -130,8 +141,13 @@ class TokenShards:
         info = splits[split]
         if meta.get("dtype") not in ("uint16", "uint32"):  # np.dtype() of a file's string could be anything
             raise DataError(f"{mpath}: dtype {str(meta.get('dtype'))[:40]!r} is not uint16 or uint32")
-        if not (isinstance(info, dict) and all(isinstance(info.get(k), int) and not isinstance(info.get(k), bool)
-                                               and info[k] >= 0 for k in ("documents", "tokens"))):
+        if not (
+            isinstance(info, dict)
+            and all(
+                isinstance(info.get(k), int) and not isinstance(info.get(k), bool) and info[k] >= 0
+                for k in ("documents", "tokens")
+            )
+        ):
             raise DataError(f"{mpath}: splits.{split} needs non-negative integers documents and tokens")
         dtype = np.dtype(meta["dtype"])
         self.tokens = _memmap(tdir / f"{split}.tokens.bin", dtype, info["tokens"])
@@ -139,8 +155,10 @@ class TokenShards:
         self.doc_offsets = _memmap(tdir / f"{split}.docs.bin", np.dtype(np.int64), info["documents"] + 1)
         offs = np.asarray(self.doc_offsets)
         if len(offs) and (offs[0] != 0 or offs[-1] != info["tokens"] or (np.diff(offs) < 0).any()):
-            raise DataError(f"{tdir / f'{split}.docs.bin'}: document offsets must rise from 0 to {info['tokens']} "
-                            "(the file is corrupt or does not belong to these tokens)")
+            raise DataError(
+                f"{tdir / f'{split}.docs.bin'}: document offsets must rise from 0 to {info['tokens']} "
+                "(the file is corrupt or does not belong to these tokens)"
+            )
 
     def __len__(self) -> int:
         return len(self.doc_offsets) - 1
@@ -174,8 +192,10 @@ def render_examples(data_dir: Path, n: int = 3, split: str = "train") -> str:
     info = ds.meta["splits"][split]
     lines = [f"tokens ({split}): {info['tokens']} total, {info['trained_tokens']} trained, {len(ds)} documents"]
     if len(lens):
-        lines.append(f"document length: min {lens.min()}, median {int(np.median(lens))}, "
-                     f"p95 {int(np.percentile(lens, 95))}, max {lens.max()}")
+        lines.append(
+            f"document length: min {lens.min()}, median {int(np.median(lens))}, "
+            f"p95 {int(np.percentile(lens, 95))}, max {lens.max()}"
+        )
     lines.append("examples (⟦masked: not trained⟧, plain: trained):")
     for i in range(min(n, len(ds))):
         ids, mask = ds.doc(i)

@@ -20,14 +20,24 @@ from yunque.data.clean import clean_text
 from yunque.data.config import DataConfig
 from yunque.data.dedup import MinHasher, exact_key
 from yunque.data.pii import scrub
-from yunque.data.records import RecordError, canonical_json, content_text, label_of, set_text_fields, text_fields, to_records
+from yunque.data.records import (
+    RecordError,
+    canonical_json,
+    content_text,
+    label_of,
+    set_text_fields,
+    text_fields,
+    to_records,
+)
 
 _STATE: dict[str, Any] = {}
 
 
 def init_worker(cfg: DataConfig) -> None:
     _STATE["cfg"] = cfg
-    _STATE["minhash"] = MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_size, cfg.dedup.seed) if cfg.dedup.near != "off" else None
+    _STATE["minhash"] = (
+        MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_size, cfg.dedup.seed) if cfg.dedup.near != "off" else None
+    )
     _STATE["pii_modes"] = cfg.pii.effective() if cfg.pii.enabled else None
     tok = None
     if cfg.tokenizer is not None:
@@ -56,7 +66,9 @@ def process_item(source: str, kind: str, payload: Any, shape: str) -> list[tuple
                 out.extend(process_item(f"{path}:{i}", "line", raw, shape))
         return out
     if shape == "unknown" and kind != "error":
-        return [("drop", source, "unknown_shape", "cannot tell the record shape; pass --format or a field mapping", None)]
+        return [
+            ("drop", source, "unknown_shape", "cannot tell the record shape; pass --format or a field mapping", None)
+        ]
     results = []
     for src, rec in to_records(RawItem(source, kind, payload), shape, cfg.read.fields, cfg.read.explode):
         if isinstance(rec, RecordError):

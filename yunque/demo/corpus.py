@@ -100,9 +100,13 @@ def _docstring_nodes(tree: ast.Module) -> Iterator[ast.Expr]:
     while stack:
         node = stack.pop()
         body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             yield body[0]
         blocks = [getattr(node, name, None) or [] for name in ("body", "orelse", "finalbody")]
         blocks += [h.body for h in getattr(node, "handlers", None) or []]
@@ -130,7 +134,7 @@ def _extract_module(args: tuple[str, str, int]) -> list[tuple[str, str, str]] | 
     for expr in sorted(_docstring_nodes(tree), key=lambda e: e.lineno):
         first, last = lines[expr.lineno - 1], lines[expr.end_lineno - 1]
         # Only whole-line docstrings leave the code: `def f(): "doc"` keeps its line.
-        if not first[: expr.col_offset].strip() and not last[expr.end_col_offset:].strip():
+        if not first[: expr.col_offset].strip() and not last[expr.end_col_offset :].strip():
             for i in range(expr.lineno, expr.end_lineno + 1):
                 taken[i] = True
         doc = _one_doc(_cleandoc(expr.value.value))
@@ -215,8 +219,9 @@ def _collect(results: Iterator, total: int, log) -> list:
     return out
 
 
-def iter_documents(root: Path | None = None, kinds: tuple[str, ...] = KINDS, min_words: int = 3,
-                   workers: int | None = None, log=None) -> Iterator[tuple[str, str, str]]:
+def iter_documents(
+    root: Path | None = None, kinds: tuple[str, ...] = KINDS, min_words: int = 3, workers: int | None = None, log=None
+) -> Iterator[tuple[str, str, str]]:
     """(kind, source, text) in corpus order, before de-duplication. Parsing runs in `workers`
     processes (default: the CPU count, at most 4); results come back in file order. `log` gets
     "parsed n/N modules" lines while parsing takes long (see PROGRESS_EVERY_S)."""
@@ -250,9 +255,15 @@ def iter_documents(root: Path | None = None, kinds: tuple[str, ...] = KINDS, min
             yield from by_kind[kind]
 
 
-def build_corpus(out_dir: str | Path, kinds: tuple[str, ...] = KINDS, min_words: int = 3,
-                 min_bytes: int = MIN_BYTES, root: Path | None = None, workers: int | None = None,
-                 log=None) -> CorpusInfo:
+def build_corpus(
+    out_dir: str | Path,
+    kinds: tuple[str, ...] = KINDS,
+    min_words: int = 3,
+    min_bytes: int = MIN_BYTES,
+    root: Path | None = None,
+    workers: int | None = None,
+    log=None,
+) -> CorpusInfo:
     """Write corpus.txt, corpus.sources.tsv and corpus.json under `out_dir`; see the module docstring.
     Raises DataError when the result is smaller than `min_bytes` (a stripped-down Python install)."""
     t0 = time.perf_counter()
@@ -283,14 +294,24 @@ def build_corpus(out_dir: str | Path, kinds: tuple[str, ...] = KINDS, min_words:
     if total < min_bytes:
         tmp_txt.unlink()
         tmp_src.unlink()
-        raise DataError(f"{root}: the standard library gives only {total:,} bytes of text "
-                        f"(need {min_bytes:,}); is this a stripped-down Python install?")
+        raise DataError(
+            f"{root}: the standard library gives only {total:,} bytes of text "
+            f"(need {min_bytes:,}); is this a stripped-down Python install?"
+        )
     os.replace(tmp_txt, out / "corpus.txt")
     os.replace(tmp_src, out / "corpus.sources.tsv")
-    info = CorpusInfo(path=str(out / "corpus.txt"), sources_path=str(out / "corpus.sources.tsv"),
-                      sha256=digest.hexdigest(), bytes=total, documents=docs,
-                      seconds=round(time.perf_counter() - t0, 3), python=sys.version.split()[0],
-                      stdlib=str(root), per_kind=per_kind, duplicates_dropped=dups)
+    info = CorpusInfo(
+        path=str(out / "corpus.txt"),
+        sources_path=str(out / "corpus.sources.tsv"),
+        sha256=digest.hexdigest(),
+        bytes=total,
+        documents=docs,
+        seconds=round(time.perf_counter() - t0, 3),
+        python=sys.version.split()[0],
+        stdlib=str(root),
+        per_kind=per_kind,
+        duplicates_dropped=dups,
+    )
     (out / "corpus.json").write_text(json.dumps(asdict(info), indent=2) + "\n", encoding="utf-8")
     return info
 
@@ -309,7 +330,9 @@ def read_corpus(out_dir: str | Path) -> Iterator[tuple[str, str, str]]:
 
 if __name__ == "__main__":
     info = build_corpus(sys.argv[1] if len(sys.argv) > 1 else "runs/corpus")
-    print(f"{info.documents:,} documents, {info.bytes / 1e6:.2f} MB in {info.seconds:.2f} s "
-          f"(Python {info.python}); sha256 {info.sha256}")
+    print(
+        f"{info.documents:,} documents, {info.bytes / 1e6:.2f} MB in {info.seconds:.2f} s "
+        f"(Python {info.python}); sha256 {info.sha256}"
+    )
     for kind, v in info.per_kind.items():
         print(f"  {kind:10s} {v['documents']:7,} docs {v['bytes'] / 1e6:6.2f} MB")

@@ -94,14 +94,42 @@ def answers_match(prediction: str, reference: str) -> bool:
 # --- auth_triage -------------------------------------------------------------------------
 
 VERDICTS = ("brute-force", "scan", "benign")
-_ACCOUNTS = ("root", "admin", "ubuntu", "deploy", "git", "postgres", "oracle", "test", "guest", "backup",
-             "ftp", "www-data", "jenkins", "support", "user1", "svc_sql")
+_ACCOUNTS = (
+    "root",
+    "admin",
+    "ubuntu",
+    "deploy",
+    "git",
+    "postgres",
+    "oracle",
+    "test",
+    "guest",
+    "backup",
+    "ftp",
+    "www-data",
+    "jenkins",
+    "support",
+    "user1",
+    "svc_sql",
+)
 _HOST_USERS = ("root", "deploy", "git", "ubuntu", "backup")  # exist on the host: no "invalid user"
-_SSH_PROBES = ("Did not receive identification string from {ip}", "Connection reset by {ip} [preauth]",
-               "Unable to negotiate with {ip}: no matching key exchange method found",
-               "banner exchange: Connection from {ip}: invalid format")
-_WEB_PROBES = ("/.env", "/wp-login.php", "/phpmyadmin/", "/.git/config", "/admin/config.php", "/actuator/env",
-               "/cgi-bin/luci", "/server-status", "/backup.zip")
+_SSH_PROBES = (
+    "Did not receive identification string from {ip}",
+    "Connection reset by {ip} [preauth]",
+    "Unable to negotiate with {ip}: no matching key exchange method found",
+    "banner exchange: Connection from {ip}: invalid format",
+)
+_WEB_PROBES = (
+    "/.env",
+    "/wp-login.php",
+    "/phpmyadmin/",
+    "/.git/config",
+    "/admin/config.php",
+    "/actuator/env",
+    "/cgi-bin/luci",
+    "/server-status",
+    "/backup.zip",
+)
 
 
 def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str, list[str]]:
@@ -176,8 +204,7 @@ def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str,
         name, login = syn.person(rng)
         header = f"Ticket from {name} <{syn.email(rng, login)}>, {syn.phone(rng)}:\n"
         planted += ["EMAIL", "PHONE"]
-    question = rng.choice(("Brute force, scan or benign?", "What is happening in this log?",
-                           "Triage this log."))
+    question = rng.choice(("Brute force, scan or benign?", "What is happening in this log?", "Triage this log."))
     user_text = f"{header}Auth log from {host}, {start:%Y-%m-%d}:\n" + "\n".join(lines) + f"\n\n{question}"
     return user_text, verdict, sorted(set(planted))
 
@@ -185,26 +212,85 @@ def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str,
 # --- phishing ----------------------------------------------------------------------------
 
 _LEGIT = {
-    "bank": [("Your {month} statement is ready", "Your statement for {month} is now available in online banking. View it at {link}"),
-             ("New sign-in to your account", "We noticed a new sign-in from {city}. If this was you, no action is needed. If not, verify your recent activity at {link}")],
-    "it": [("Scheduled maintenance on Saturday", "Email and VPN will be unavailable from 22:00 to 23:30 on Saturday. Details: {link}"),
-           ("Your password expires in 7 days", "Your network password expires in 7 days. Change it on the self-service portal: {link}")],
-    "shop": [("Your order #{order} has shipped", "Good news! Order #{order} is on its way and should arrive {day}. Track it here: {link}"),
-             ("Receipt for order #{order}", "Thank you for your purchase. Your receipt for order #{order} ({amount}) is at {link}")],
-    "saas": [("Your invoice for {month}", "Your invoice of {amount} for {month} is available. Download it from {link}"),
-             ("Security alert: new device", "A new device signed in to your workspace from {city}. Review your devices immediately at {link}")],
-    "travel": [("Booking {ref} confirmed", "Your booking {ref} to {city} on {day} is confirmed. Manage your trip at {link}"),
-               ("Check-in is open for {ref}", "Online check-in for your flight to {city} is now open. Check in at {link}")],
-    "parcel": [("Delivery scheduled for {day}", "Your parcel {ref} will be delivered {day} between 9:00 and 13:00. Reschedule at {link}")],
-    "utility": [("Your bill is ready", "Your bill of {amount} is ready and will be paid by direct debit on {day}. See it at {link}")],
+    "bank": [
+        (
+            "Your {month} statement is ready",
+            "Your statement for {month} is now available in online banking. View it at {link}",
+        ),
+        (
+            "New sign-in to your account",
+            "We noticed a new sign-in from {city}. If this was you, no action is needed. If not, verify your recent activity at {link}",  # noqa: E501
+        ),
+    ],
+    "it": [
+        (
+            "Scheduled maintenance on Saturday",
+            "Email and VPN will be unavailable from 22:00 to 23:30 on Saturday. Details: {link}",
+        ),
+        (
+            "Your password expires in 7 days",
+            "Your network password expires in 7 days. Change it on the self-service portal: {link}",
+        ),
+    ],
+    "shop": [
+        (
+            "Your order #{order} has shipped",
+            "Good news! Order #{order} is on its way and should arrive {day}. Track it here: {link}",
+        ),
+        (
+            "Receipt for order #{order}",
+            "Thank you for your purchase. Your receipt for order #{order} ({amount}) is at {link}",
+        ),
+    ],
+    "saas": [
+        ("Your invoice for {month}", "Your invoice of {amount} for {month} is available. Download it from {link}"),
+        (
+            "Security alert: new device",
+            "A new device signed in to your workspace from {city}. Review your devices immediately at {link}",
+        ),
+    ],
+    "travel": [
+        ("Booking {ref} confirmed", "Your booking {ref} to {city} on {day} is confirmed. Manage your trip at {link}"),
+        ("Check-in is open for {ref}", "Online check-in for your flight to {city} is now open. Check in at {link}"),
+    ],
+    "parcel": [
+        (
+            "Delivery scheduled for {day}",
+            "Your parcel {ref} will be delivered {day} between 9:00 and 13:00. Reschedule at {link}",
+        )
+    ],
+    "utility": [
+        (
+            "Your bill is ready",
+            "Your bill of {amount} is ready and will be paid by direct debit on {day}. See it at {link}",
+        )
+    ],
 }
 _PHISH = [
-    ("Unusual sign-in activity", "We detected unusual activity on your {org} account. Verify your identity within 24 hours or your account will be suspended: {link}"),
-    ("Action required: mailbox full", "Your mailbox has exceeded its storage limit. Log in now to keep receiving mail: {link}"),
-    ("Delivery failed: fee required", "We could not deliver parcel {ref}. Pay the {amount} redelivery fee here: {link}"),
-    ("Invoice {order} overdue", "Please find the overdue invoice {order} of {amount}. Review and settle it today: {link}"),
-    ("Your password expires today", "Your {org} password expires today. Keep your current password by confirming it at {link}"),
-    ("Refund of {amount} pending", "You are eligible for a refund of {amount}. Submit your card details to receive it: {link}"),
+    (
+        "Unusual sign-in activity",
+        "We detected unusual activity on your {org} account. Verify your identity within 24 hours or your account will be suspended: {link}",  # noqa: E501
+    ),
+    (
+        "Action required: mailbox full",
+        "Your mailbox has exceeded its storage limit. Log in now to keep receiving mail: {link}",
+    ),
+    (
+        "Delivery failed: fee required",
+        "We could not deliver parcel {ref}. Pay the {amount} redelivery fee here: {link}",
+    ),
+    (
+        "Invoice {order} overdue",
+        "Please find the overdue invoice {order} of {amount}. Review and settle it today: {link}",
+    ),
+    (
+        "Your password expires today",
+        "Your {org} password expires today. Keep your current password by confirming it at {link}",
+    ),
+    (
+        "Refund of {amount} pending",
+        "You are eligible for a refund of {amount}. Submit your card details to receive it: {link}",
+    ),
     ("Shared document: Q{q} bonus plan", "{name} shared a document with you: Q{q} bonus plan. Open it at {link}"),
 ]
 _CITIES = ("Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Austin", "Lyon", "Seoul", "Lima", "Oslo")
@@ -215,10 +301,17 @@ _DAYS = ("today", "tomorrow", "on Monday", "on Tuesday", "on Thursday", "on Frid
 def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list[str]]:
     org = rng.choice(sorted(syn.ORGS))
     domain, sector = syn.ORGS[org]
-    slots = {"org": org, "month": rng.choice(_MONTHS), "city": rng.choice(_CITIES), "day": rng.choice(_DAYS),
-             "order": str(rng.randint(100000, 999999)), "ref": f"{rng.choice('BKRZ')}{rng.randint(10000, 99999)}",
-             "amount": f"${rng.randint(2, 900)}.{rng.randint(0, 99):02d}", "q": str(rng.randint(1, 4)),
-             "name": syn.person(rng)[0]}
+    slots = {
+        "org": org,
+        "month": rng.choice(_MONTHS),
+        "city": rng.choice(_CITIES),
+        "day": rng.choice(_DAYS),
+        "order": str(rng.randint(100000, 999999)),
+        "ref": f"{rng.choice('BKRZ')}{rng.randint(10000, 99999)}",
+        "amount": f"${rng.randint(2, 900)}.{rng.randint(0, 99):02d}",
+        "q": str(rng.randint(1, 4)),
+        "name": syn.person(rng)[0],
+    }
     path = rng.choice(("account", "login", "orders", "billing", "security", "docs", "help"))
     if label == "legitimate":
         subject, body = rng.choice(_LEGIT[sector])
@@ -236,8 +329,15 @@ def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list
     # Greetings and sign-offs are shared by both classes: variety, so that two messages from one
     # template are not near duplicates, without a label cue.
     greeting = rng.choice(("", f"Hi {first},\n", f"Hello {first},\n", "Dear customer,\n", f"Dear {first} {last},\n"))
-    closing = rng.choice(("", f"\nThanks,\nThe {org} team", f"\nKind regards,\n{org}", f"\n{org} Customer Care",
-                          "\nPlease do not reply to this message."))
+    closing = rng.choice(
+        (
+            "",
+            f"\nThanks,\nThe {org} team",
+            f"\nKind regards,\n{org}",
+            f"\n{org} Customer Care",
+            "\nPlease do not reply to this message.",
+        )
+    )
     text = f"From: {org} <{sender}>\nSubject: {subject.format(**slots)}\n\n{greeting}{body.format(**slots)}{closing}"
     planted: list[str] = []
     if pii:  # independent of the label, so scrubbing can never leak it
@@ -252,7 +352,9 @@ def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list
         else:
             text = f"Reported by {name}, who says card {syn.credit_card(rng)} may be affected:\n{text}"
             planted.append("CREDIT_CARD")
-    question = rng.choice(("Is this message phishing or legitimate?", "Classify this e-mail.", "Phishing or legitimate?"))
+    question = rng.choice(
+        ("Is this message phishing or legitimate?", "Classify this e-mail.", "Phishing or legitimate?")
+    )
     return f"{text}\n\n{question}", label, planted
 
 
@@ -283,7 +385,7 @@ _BEHAVIOURS = {
         "{n} Kerberos TGS requests with RC4 for service accounts in {n2} s",
     ),
     "discovery": (
-        "net group \"Domain Admins\" /domain",
+        'net group "Domain Admins" /domain',
         "nltest /domain_trusts /all_trusts",
         "AdFind.exe -f objectcategory=computer > {word}.txt",
         "whoami /all; ipconfig /all; arp -a",
@@ -306,10 +408,15 @@ _BEHAVIOURS = {
 }
 TACTICS = tuple(_BEHAVIOURS)
 DESCRIPTION = {  # (input, answer) for the report
-    "auth_triage": ("an sshd or web-login log", "brute-force (>= 4 failed logins from one address), scan (>= 4 "
-                    "pre-auth probes from one address) or benign"),
-    "phishing": ("an e-mail", "phishing or legitimate: legitimate iff the sender and every link are on the "
-                 "official domain of the organisation named"),
+    "auth_triage": (
+        "an sshd or web-login log",
+        "brute-force (>= 4 failed logins from one address), scan (>= 4 pre-auth probes from one address) or benign",
+    ),
+    "phishing": (
+        "an e-mail",
+        "phishing or legitimate: legitimate iff the sender and every link are on the "
+        "official domain of the organisation named",
+    ),
     "alert_tactic": ("an EDR / IDS / proxy alert", "its MITRE ATT&CK tactic: " + ", ".join(TACTICS)),
 }
 _WORDS = ("update", "helper", "sync", "agent", "cache", "report", "office", "svc", "data", "tools", "backup")
@@ -318,18 +425,30 @@ _PARENTS = ("explorer.exe", "cmd.exe", "svchost.exe", "python3", "java", "outloo
 
 def _alert_tactic(rng: random.Random, pii: bool, tactic: str) -> tuple[str, str, list[str]]:
     word = rng.choice(_WORDS)
-    slots = {"word": word, "Word": word.capitalize(), "parent": rng.choice(_PARENTS), "login": syn.person(rng)[1],
-             "domain": syn.bad_domain(rng), "ip": syn.public_ip(rng), "port": rng.choice((443, 8443, 8080, 53)),
-             "pid": rng.randint(400, 9000), "n": rng.randint(2, 90), "n2": rng.randint(1, 59),
-             "a": rng.randrange(256), "b": rng.randrange(256),
-             "b64": base64.b64encode(rng.randbytes(rng.randint(9, 18))).decode()}
+    slots = {
+        "word": word,
+        "Word": word.capitalize(),
+        "parent": rng.choice(_PARENTS),
+        "login": syn.person(rng)[1],
+        "domain": syn.bad_domain(rng),
+        "ip": syn.public_ip(rng),
+        "port": rng.choice((443, 8443, 8080, 53)),
+        "pid": rng.randint(400, 9000),
+        "n": rng.randint(2, 90),
+        "n2": rng.randint(1, 59),
+        "a": rng.randrange(256),
+        "b": rng.randrange(256),
+        "b64": base64.b64encode(rng.randbytes(rng.randint(9, 18))).decode(),
+    }
     what = rng.choice(_BEHAVIOURS[tactic]).format(**slots)
     host = f"{rng.choice(('WS', 'LT', 'SRV'))}-{rng.randint(100, 9999):04d}"
     source = rng.choice(("EDR", "Sysmon", "IDS", "Proxy", "SIEM"))
     extra = []  # indicators and context in every class, so that none of them is the cue
     if rng.random() < 0.5:
-        extra.append(f"image {'MD5' if rng.random() < 0.6 else 'SHA-256'} "
-                     f"{syn.md5(rng) if rng.random() < 0.6 else syn.sha256(rng)}")
+        extra.append(
+            f"image {'MD5' if rng.random() < 0.6 else 'SHA-256'} "
+            f"{syn.md5(rng) if rng.random() < 0.6 else syn.sha256(rng)}"
+        )
     if rng.random() < 0.4:
         extra.append(f"peer {syn.public_ip(rng) if rng.random() < 0.5 else syn.bad_domain(rng)}")
     extra.append(f"severity {rng.choice(('low', 'medium', 'high'))}")
@@ -355,13 +474,22 @@ def _alert_tactic(rng: random.Random, pii: bool, tactic: str) -> tuple[str, str,
 
 # --- the data set ------------------------------------------------------------------------
 
-def generate(n: int = DEFAULT_RECORDS, seed: int = 0, pii_fraction: float = 0.3,
-             duplicate_fraction: float = 0.03, near_duplicate_fraction: float = 0.03) -> list[dict]:
+
+def generate(
+    n: int = DEFAULT_RECORDS,
+    seed: int = 0,
+    pii_fraction: float = 0.3,
+    duplicate_fraction: float = 0.03,
+    near_duplicate_fraction: float = 0.03,
+) -> list[dict]:
     """`n` records (planted duplicates included), tasks in equal shares, in a seeded random order."""
     if n < 2 * len(TASKS):
         raise ConfigError(f"domain records: need at least {2 * len(TASKS)}, got {n}")
-    for name, v in (("pii_fraction", pii_fraction), ("duplicate_fraction", duplicate_fraction),
-                    ("near_duplicate_fraction", near_duplicate_fraction)):
+    for name, v in (
+        ("pii_fraction", pii_fraction),
+        ("duplicate_fraction", duplicate_fraction),
+        ("near_duplicate_fraction", near_duplicate_fraction),
+    ):
         if not 0 <= v <= 1:
             raise ConfigError(f"domain {name}: must be in [0, 1], got {v}")
     rng = random.Random(seed)
@@ -385,16 +513,23 @@ def generate(n: int = DEFAULT_RECORDS, seed: int = 0, pii_fraction: float = 0.3,
     for src in rng.sample(range(base), n_near):
         rec = records[src]
         user = rec["messages"][1]["content"] + f"\n{rng.choice(_REMARKS)}"
-        records.append(_record(rec["task"], user, rec["messages"][2]["content"],
-                               {**rec["meta"], "near_duplicate_of": src}))
+        records.append(
+            _record(rec["task"], user, rec["messages"][2]["content"], {**rec["meta"], "near_duplicate_of": src})
+        )
     rng.shuffle(records)
     return records
 
 
 def _record(task: str, user: str, answer: str, meta: dict) -> dict:
-    return {"task": task, "messages": [{"role": "system", "content": SYSTEM[task]},
-                                       {"role": "user", "content": user},
-                                       {"role": "assistant", "content": answer}], "meta": meta}
+    return {
+        "task": task,
+        "messages": [
+            {"role": "system", "content": SYSTEM[task]},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ],
+        "meta": meta,
+    }
 
 
 def write_domain(path: str | Path, n: int = DEFAULT_RECORDS, seed: int = 0, **kwargs) -> DomainInfo:
@@ -407,7 +542,7 @@ def write_domain(path: str | Path, n: int = DEFAULT_RECORDS, seed: int = 0, **kw
     info = DomainInfo(path=str(out), sha256=hashlib.sha256(data).hexdigest(), records=len(records))
     for r in records:
         info.per_task[r["task"]] = info.per_task.get(r["task"], 0) + 1
-        label = f'{r["task"]}:{r["messages"][2]["content"]}'
+        label = f"{r['task']}:{r['messages'][2]['content']}"
         info.labels[label] = info.labels.get(label, 0) + 1
         if r["meta"]["pii"]:
             info.with_pii += 1

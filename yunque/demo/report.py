@@ -12,8 +12,16 @@ from pathlib import Path
 from yunque.demo import domain, scoring
 from yunque.demo.result import DemoResult
 
-_HASHED = ("corpus/corpus.txt", "corpus/corpus.sources.tsv", "domain/raw.jsonl", "data/manifest.json",
-           "data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "pretrain/pretrain.jsonl")
+_HASHED = (
+    "corpus/corpus.txt",
+    "corpus/corpus.sources.tsv",
+    "domain/raw.jsonl",
+    "data/manifest.json",
+    "data/train.jsonl",
+    "data/val.jsonl",
+    "data/test.jsonl",
+    "pretrain/pretrain.jsonl",
+)
 
 
 def _pct(v: float | None) -> str:
@@ -27,12 +35,26 @@ def accuracy_rows(ev: dict) -> list[tuple[str, str, str, str]]:
     for task in domain.TASKS:
         if task in t["tasks"]:
             n = t["tasks"][task]["n"]
-            rows.append((f"  {task} (n={n})", _pct(scoring.CHANCE[task]), _pct(b["tasks"][task]["accuracy"]),
-                         _pct(t["tasks"][task]["accuracy"])))
-    rows.append(("exact match (runner)", "", _pct(b["metrics"].get("exact_match")), _pct(t["metrics"].get("exact_match"))))
+            rows.append(
+                (
+                    f"  {task} (n={n})",
+                    _pct(scoring.CHANCE[task]),
+                    _pct(b["tasks"][task]["accuracy"]),
+                    _pct(t["tasks"][task]["accuracy"]),
+                )
+            )
+    rows.append(
+        ("exact match (runner)", "", _pct(b["metrics"].get("exact_match")), _pct(t["metrics"].get("exact_match")))
+    )
     rows.append(("ROUGE-L", "", f"{b['metrics'].get('rougeL', 0):.1f}", f"{t['metrics'].get('rougeL', 0):.1f}"))
-    rows.append(("answer perplexity", "", f"{b['metrics'].get('perplexity', float('nan')):.2f}",
-                 f"{t['metrics'].get('perplexity', float('nan')):.2f}"))
+    rows.append(
+        (
+            "answer perplexity",
+            "",
+            f"{b['metrics'].get('perplexity', float('nan')):.2f}",
+            f"{t['metrics'].get('perplexity', float('nan')):.2f}",
+        )
+    )
     return rows
 
 
@@ -84,8 +106,13 @@ def _run_json(result: DemoResult) -> Path:
         for p in sorted((out / d).glob("*")):
             if p.is_file():
                 files[p.relative_to(out).as_posix()] = _sha256(p)
-    run = {"yunque_version": __version__, "git_commit": git_commit(), **environment(), **result.facts,
-           "files_sha256": files}
+    run = {
+        "yunque_version": __version__,
+        "git_commit": git_commit(),
+        **environment(),
+        **result.facts,
+        "files_sha256": files,
+    }
     path = out / "run.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run, indent=1, default=str) + "\n", encoding="utf-8")
@@ -100,8 +127,9 @@ def _shown(path: str, cwd: str) -> str:
     return shlex.quote(path if rel.startswith("..") else rel if os.sep in rel else f".{os.sep}{rel}")
 
 
-def cli_command(argv0: str | None = None, executable: str | None = None, cwd: str | None = None,
-                which=shutil.which) -> tuple[str, str | None]:
+def cli_command(
+    argv0: str | None = None, executable: str | None = None, cwd: str | None = None, which=shutil.which
+) -> tuple[str, str | None]:
     """(how to run `yunque` the way this process was started, the venv's activate script or None).
 
     `bash install.sh` puts the `yunque` script in .venv/bin, which is not on PATH until the venv is
@@ -124,7 +152,9 @@ def cli_command(argv0: str | None = None, executable: str | None = None, cwd: st
         cli = _shown(path, cwd)
     cli = cli if script else f"{cli} -m yunque"
     activate = Path(path).parent / "activate"
-    return cli, (_shown(str(activate), cwd) if cli not in ("yunque", "python -m yunque") and activate.is_file() else None)
+    return cli, (
+        _shown(str(activate), cwd) if cli not in ("yunque", "python -m yunque") and activate.is_file() else None
+    )
 
 
 def next_commands(out: Path, cli: str = "yunque") -> list[str]:
@@ -132,15 +162,19 @@ def next_commands(out: Path, cli: str = "yunque") -> list[str]:
     ($'...' is bash/zsh quoting, so that \\n is a newline.) `serve` requires an API key by default,
     so `keys create` comes first."""
     model, q = out / "model", lambda p: shlex.quote(str(p))
-    prompt = ("From: Woodgrove Bank <security@woodgrovebank-verify.top>\\nSubject: Unusual sign-in activity\\n\\n"
-              "Verify your identity within 24 hours: http://woodgrovebank-verify.top/login\\n\\nPhishing or legitimate?")
-    return [f"{cli} generate --model {q(model)} --chat --system {q(domain.SYSTEM['phishing'])} --prompt $'{prompt}' "
-            "--max-new-tokens 8",
-            f"{cli} chat --model {q(model)} --system {q(domain.SYSTEM['auth_triage'])}",
-            f"{cli} eval --model {q(model)} --data {q(out / 'data' / 'test.jsonl')} --out {q(out / 'eval-again')}",
-            f"{cli} data verify {q(out / 'data')}",
-            f"{cli} keys create --name demo  # an API key, shown once: serve requires one",
-            f"{cli} serve --model {q(model)}"]
+    prompt = (
+        "From: Woodgrove Bank <security@woodgrovebank-verify.top>\\nSubject: Unusual sign-in activity\\n\\n"
+        "Verify your identity within 24 hours: http://woodgrovebank-verify.top/login\\n\\nPhishing or legitimate?"
+    )
+    return [
+        f"{cli} generate --model {q(model)} --chat --system {q(domain.SYSTEM['phishing'])} --prompt $'{prompt}' "
+        "--max-new-tokens 8",
+        f"{cli} chat --model {q(model)} --system {q(domain.SYSTEM['auth_triage'])}",
+        f"{cli} eval --model {q(model)} --data {q(out / 'data' / 'test.jsonl')} --out {q(out / 'eval-again')}",
+        f"{cli} data verify {q(out / 'data')}",
+        f"{cli} keys create --name demo  # an API key, shown once: serve requires one",
+        f"{cli} serve --model {q(model)}",
+    ]
 
 
 def next_steps_note(cli: str, activate: str | None) -> str:
@@ -164,52 +198,115 @@ def write_report(result: DemoResult, log=print) -> Path:
     bar = plan["accuracy_bar"]
     verdict = "meets" if tuned_acc >= bar else "does NOT meet"
     pt, ftn = f["pretrain"], f["finetune"]
-    md = [f"# yunque demo: a security-domain LLM built from scratch, offline ({'quick' if f['quick'] else 'full'} run)", "",
-          f"Seed {f['seed']}, {result.seconds:.0f} s end to end. The fine-tuned model reaches **{tuned_acc:.1f}%** task "
-          f"accuracy on the held-out test split (base model: {ev['base']['tasks']['all']['accuracy']:.1f}%); "
-          f"this {verdict} the {bar:.0f}% bar set for this run size.", "",
-          "## Results: base vs fine-tuned (test split)", "",
-          _table(("metric", "chance", "base", "fine-tuned"), accuracy_rows(ev)), "",
-          "Task accuracy is an exact match of the whole answer (case and spacing aside). Chance is what a guesser "
-          "that knows the labels gets without reading the input; the base model has never seen an answer, so it "
-          "does not even produce the labels.", "",
-          "The tasks (generated in code, `yunque/demo/domain.py`):", "",
-          _table(("task", "input", "answer"), [(t, *domain.DESCRIPTION[t]) for t in domain.TASKS]), ""]
+    md = [
+        f"# yunque demo: a security-domain LLM built from scratch, offline ({'quick' if f['quick'] else 'full'} run)",
+        "",
+        f"Seed {f['seed']}, {result.seconds:.0f} s end to end. The fine-tuned model reaches **{tuned_acc:.1f}%** task "
+        f"accuracy on the held-out test split (base model: {ev['base']['tasks']['all']['accuracy']:.1f}%); "
+        f"this {verdict} the {bar:.0f}% bar set for this run size.",
+        "",
+        "## Results: base vs fine-tuned (test split)",
+        "",
+        _table(("metric", "chance", "base", "fine-tuned"), accuracy_rows(ev)),
+        "",
+        "Task accuracy is an exact match of the whole answer (case and spacing aside). Chance is what a guesser "
+        "that knows the labels gets without reading the input; the base model has never seen an answer, so it "
+        "does not even produce the labels.",
+        "",
+        "The tasks (generated in code, `yunque/demo/domain.py`):",
+        "",
+        _table(("task", "input", "answer"), [(t, *domain.DESCRIPTION[t]) for t in domain.TASKS]),
+        "",
+    ]
     if has_acc:
         md += ["![accuracy](accuracy.png)", ""]
     md += ["Predictions, one per task (`eval/base.jsonl` and `eval/fine-tuned.jsonl` hold all of them):", ""]
     for ex in scoring.examples(out / "eval"):
-        md += [f"- **{ex['task']}** reference `{ex['reference']}`; fine-tuned `{ex['prediction']}` "
-               f"({'right' if ex['correct'] else 'wrong'}); base `{ex['base_prediction'][:60]}`"]
-    md += ["", "## What happened", "",
-           _table(("stage", "seconds", "what"), [
-               ("corpus", f["stages"].get("corpus"), f"{c['documents']:,} documents, {c['bytes'] / 1e6:.1f} MB from the "
-                f"Python {c['python']} standard library (no download), sha256 `{c['sha256'][:16]}`"),
-               ("domain", f["stages"].get("domain"), f"{d['records']} generated records ({', '.join(f'{k} {v}' for k, v in d['per_task'].items())}); "
-                f"{d['with_pii']} carry planted PII/secrets; {d['exact_duplicates']} exact + {d['near_duplicates']} near duplicates planted"),
-               ("prepare", f["stages"].get("prepare"), f"kept {p['records_kept']}/{p['records_in']}, dropped {p['dropped']}, "
-                f"splits {p['splits']}; manifest sha256 `{p['manifest_sha256'][:16]}`"),
-               ("tokenizer", f["stages"].get("tokenizer"), f"byte-level BPE, {plan['vocab_size']} tokens, trained on the pretraining text"),
-               ("pretrain", f["stages"].get("pretrain"), f"{pt['params'] / 1e6:.1f}M parameters from random init, {pt['steps']} steps, "
-                f"{pt['tokens']:,} tokens; val loss {pt['final'].get('val_loss', float('nan')):.3f}"),
-               ("finetune", f["stages"].get("finetune"), f"LoRA r={plan['lora_r']} on all projections and lm_head, {ftn['steps']} steps; "
-                f"val loss {ftn['final'].get('val_loss', float('nan')):.3f}"),
-               ("merge", f["stages"].get("merge"), f"{f['merge']['modules']} LoRA modules folded into `model/`"),
-               ("evaluate", f["stages"].get("evaluate"), f"{ev['fine-tuned']['examples']} test examples, greedy decoding"),
-           ]), "",
-           "### PII and secrets scrubbed by `yunque data prepare`", "",
-           _table(("type", "found"), sorted(p["pii_findings"].items())), "",
-           "Sender addresses in the phishing e-mails are e-mail addresses too, so they are redacted as well; IP addresses "
-           "are what the log and alert tasks reason about and are kept (`pii.modes: {IPV4: off}`). The data report with "
-           "examples is `data/report.md`; `data/manifest.json` pins every record (verify with `yunque data verify`).", "",
-           "## Loss curves", "", "![pretraining loss](pretrain_loss.png)", "", "![fine-tuning loss](finetune_loss.png)", "",
-           "## Files", "",
-           "- `model/`: the merged fine-tuned model (Hugging Face format, tokenizer included)",
-           "- `pretrain/run/model/`: the base model; `finetune/adapter/`: the LoRA adapter (PEFT format)",
-           "- `data/`: prepared splits, `report.md`, `manifest.json`; `domain/raw.jsonl`: the data before preparation",
-           "- `corpus/`: the corpus with `corpus.sources.tsv` (the stdlib file and line of every document)",
-           "- `run.json`: settings, versions and the SHA-256 of every input and output", "",
-           "## Try it", "", *([note, ""] if note else []), "```", *commands, "```", ""]
+        md += [
+            f"- **{ex['task']}** reference `{ex['reference']}`; fine-tuned `{ex['prediction']}` "
+            f"({'right' if ex['correct'] else 'wrong'}); base `{ex['base_prediction'][:60]}`"
+        ]
+    md += [
+        "",
+        "## What happened",
+        "",
+        _table(
+            ("stage", "seconds", "what"),
+            [
+                (
+                    "corpus",
+                    f["stages"].get("corpus"),
+                    f"{c['documents']:,} documents, {c['bytes'] / 1e6:.1f} MB from the "
+                    f"Python {c['python']} standard library (no download), sha256 `{c['sha256'][:16]}`",
+                ),
+                (
+                    "domain",
+                    f["stages"].get("domain"),
+                    f"{d['records']} generated records ({', '.join(f'{k} {v}' for k, v in d['per_task'].items())}); "
+                    f"{d['with_pii']} carry planted PII/secrets; {d['exact_duplicates']} exact + {d['near_duplicates']} near duplicates planted",  # noqa: E501
+                ),
+                (
+                    "prepare",
+                    f["stages"].get("prepare"),
+                    f"kept {p['records_kept']}/{p['records_in']}, dropped {p['dropped']}, "
+                    f"splits {p['splits']}; manifest sha256 `{p['manifest_sha256'][:16]}`",
+                ),
+                (
+                    "tokenizer",
+                    f["stages"].get("tokenizer"),
+                    f"byte-level BPE, {plan['vocab_size']} tokens, trained on the pretraining text",
+                ),
+                (
+                    "pretrain",
+                    f["stages"].get("pretrain"),
+                    f"{pt['params'] / 1e6:.1f}M parameters from random init, {pt['steps']} steps, "
+                    f"{pt['tokens']:,} tokens; val loss {pt['final'].get('val_loss', float('nan')):.3f}",
+                ),
+                (
+                    "finetune",
+                    f["stages"].get("finetune"),
+                    f"LoRA r={plan['lora_r']} on all projections and lm_head, {ftn['steps']} steps; "
+                    f"val loss {ftn['final'].get('val_loss', float('nan')):.3f}",
+                ),
+                ("merge", f["stages"].get("merge"), f"{f['merge']['modules']} LoRA modules folded into `model/`"),
+                (
+                    "evaluate",
+                    f["stages"].get("evaluate"),
+                    f"{ev['fine-tuned']['examples']} test examples, greedy decoding",
+                ),
+            ],
+        ),
+        "",
+        "### PII and secrets scrubbed by `yunque data prepare`",
+        "",
+        _table(("type", "found"), sorted(p["pii_findings"].items())),
+        "",
+        "Sender addresses in the phishing e-mails are e-mail addresses too, so they are redacted as well; IP addresses "
+        "are what the log and alert tasks reason about and are kept (`pii.modes: {IPV4: off}`). The data report with "
+        "examples is `data/report.md`; `data/manifest.json` pins every record (verify with `yunque data verify`).",
+        "",
+        "## Loss curves",
+        "",
+        "![pretraining loss](pretrain_loss.png)",
+        "",
+        "![fine-tuning loss](finetune_loss.png)",
+        "",
+        "## Files",
+        "",
+        "- `model/`: the merged fine-tuned model (Hugging Face format, tokenizer included)",
+        "- `pretrain/run/model/`: the base model; `finetune/adapter/`: the LoRA adapter (PEFT format)",
+        "- `data/`: prepared splits, `report.md`, `manifest.json`; `domain/raw.jsonl`: the data before preparation",
+        "- `corpus/`: the corpus with `corpus.sources.tsv` (the stdlib file and line of every document)",
+        "- `run.json`: settings, versions and the SHA-256 of every input and output",
+        "",
+        "## Try it",
+        "",
+        *([note, ""] if note else []),
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     run_path = _run_json(result)
     log("")
@@ -217,8 +314,10 @@ def write_report(result: DemoResult, log=print) -> Path:
     log(f"{'':{width}}  {'chance':>7}  {'base':>7}  {'fine-tuned':>10}")
     for name, chance, b, t in accuracy_rows(ev):
         log(f"{name:{width}}  {chance:>7}  {b:>7}  {t:>10}")
-    log(f"\nfine-tuned task accuracy {tuned_acc:.1f}% {verdict} the {bar:.0f}% bar of this "
-        f"{'quick' if f['quick'] else 'full'} run; {result.seconds:.0f} s end to end")
+    log(
+        f"\nfine-tuned task accuracy {tuned_acc:.1f}% {verdict} the {bar:.0f}% bar of this "
+        f"{'quick' if f['quick'] else 'full'} run; {result.seconds:.0f} s end to end"
+    )
     log(f"report: {out / 'report.md'}   hashes: {run_path}")
     log(f"next{f' ({note})' if note else ''}:\n  " + "\n  ".join(commands))
     return out / "report.md"

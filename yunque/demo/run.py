@@ -56,16 +56,49 @@ class DemoPlan:
 # small for adapters on the projections alone to make an answer confident. Fine-tuning gets more
 # of the steps than pretraining, at the steadiest LoRA lr tried (bench/NOTES.md).
 # Steps are fixed, never a time limit (determinism).
-_MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-FULL = DemoPlan(records=domain.DEFAULT_RECORDS, vocab_size=4096, model=_MODEL,
-                pretrain_bytes=600_000, pretrain_steps=160, pretrain_batch=16, pretrain_seq=256, pretrain_lr=2e-3,
-                finetune_steps=320, finetune_batch=8, finetune_lr=2e-3, lora_r=32, test_limit=None, accuracy_bar=80.0)
+_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
+FULL = DemoPlan(
+    records=domain.DEFAULT_RECORDS,
+    vocab_size=4096,
+    model=_MODEL,
+    pretrain_bytes=600_000,
+    pretrain_steps=160,
+    pretrain_batch=16,
+    pretrain_seq=256,
+    pretrain_lr=2e-3,
+    finetune_steps=320,
+    finetune_batch=8,
+    finetune_lr=2e-3,
+    lora_r=32,
+    test_limit=None,
+    accuracy_bar=80.0,
+)
 # The same path, short, with a 1.3M-parameter model: its accuracy is sensitive to the seed and
 # to rounding, so the full run is the one to judge the model by (bench/NOTES.md).
-QUICK = DemoPlan(records=domain.QUICK_RECORDS, vocab_size=2048, model=dict(max_position_embeddings=1024, tie_word_embeddings=False),
-                 pretrain_bytes=400_000, pretrain_steps=40, pretrain_batch=8, pretrain_seq=256, pretrain_lr=1.5e-3,
-                 finetune_steps=160, finetune_batch=8, finetune_lr=3e-3, lora_r=32, test_limit=48, accuracy_bar=40.0)
+QUICK = DemoPlan(
+    records=domain.QUICK_RECORDS,
+    vocab_size=2048,
+    model=dict(max_position_embeddings=1024, tie_word_embeddings=False),
+    pretrain_bytes=400_000,
+    pretrain_steps=40,
+    pretrain_batch=8,
+    pretrain_seq=256,
+    pretrain_lr=1.5e-3,
+    finetune_steps=160,
+    finetune_batch=8,
+    finetune_lr=3e-3,
+    lora_r=32,
+    test_limit=48,
+    accuracy_bar=40.0,
+)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
@@ -164,17 +197,24 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     with clock.stage("domain", "domain data: auth-log triage, phishing, alert tactics (seeded, with planted PII)"):
         dinfo = domain.write_domain(out / "domain" / "raw.jsonl", plan.records, seed)
         facts["domain"] = asdict(dinfo)
-        log(f"      {dinfo.records} records, {dinfo.with_pii} with PII/secrets, "
-            f"{dinfo.exact_duplicates} exact + {dinfo.near_duplicates} near duplicates planted")
+        log(
+            f"      {dinfo.records} records, {dinfo.with_pii} with PII/secrets, "
+            f"{dinfo.exact_duplicates} exact + {dinfo.near_duplicates} near duplicates planted"
+        )
 
     with clock.stage("prepare", "yunque data prepare: clean, scrub PII, dedup, split, manifest"):
         # IP addresses are the indicators the tasks are about, not personal data here.
         dcfg = from_dict(DataConfig, {"pii": {"modes": {"IPV4": "off", "IPV6": "off"}}, "split": {"seed": seed}})
         prep = prepare([out / "domain" / "raw.jsonl"], out / "data", dcfg, log=lambda *a, **k: None)
-        facts["prepare"] = {"records_in": prep.records_in, "records_kept": prep.records_kept, "dropped": prep.dropped,
-                            "splits": prep.splits, "manifest_sha256": prep.manifest_sha256,
-                            "pii_findings": prep.report.get("pii_findings", {}),
-                            "pii_records": prep.report.get("pii_records_with_findings")}
+        facts["prepare"] = {
+            "records_in": prep.records_in,
+            "records_kept": prep.records_kept,
+            "dropped": prep.dropped,
+            "splits": prep.splits,
+            "manifest_sha256": prep.manifest_sha256,
+            "pii_findings": prep.report.get("pii_findings", {}),
+            "pii_records": prep.report.get("pii_records_with_findings"),
+        }
         log(f"      kept {prep.records_kept}/{prep.records_in}; dropped {prep.dropped}; splits {prep.splits}")
 
     train_records = _read_jsonl(out / "data" / "train.jsonl")
@@ -186,29 +226,53 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         facts["pretrain_text"] = {"documents": len(rows), "bytes": (pre / "pretrain.jsonl").stat().st_size}
 
     mcfg = get_preset("tiny", vocab_size=tok.vocab_size, **plan.model)
-    with clock.stage("pretrain", f"pretraining a {count_params(mcfg) / 1e6:.1f}M-parameter Llama from scratch, "
-                                 f"{plan.pretrain_steps} steps"):
+    with clock.stage(
+        "pretrain",
+        f"pretraining a {count_params(mcfg) / 1e6:.1f}M-parameter Llama from scratch, {plan.pretrain_steps} steps",
+    ):
         pcfg = _train_config(
-            method="pretrain", out_dir=str(pre / "run"), seed=seed, tokenizer=str(pre / "tokenizer"),
+            method="pretrain",
+            out_dir=str(pre / "run"),
+            seed=seed,
+            tokenizer=str(pre / "tokenizer"),
             model={"preset": "tiny", "overrides": plan.model},
             data={"train": [str(pre / "pretrain.jsonl")], "val_fraction": 0.02, "seq_len": plan.pretrain_seq},
             optim={"lr": plan.pretrain_lr, "warmup_steps": max(1, plan.pretrain_steps // 10), "weight_decay": 0.1},
-            eval={"every": max(1, plan.pretrain_steps // 4), "max_batches": 8}, checkpoint={"every": 0, "keep_last": 1},
-            log={"every": 10}, micro_batch=plan.pretrain_batch, max_steps=plan.pretrain_steps, device="cpu")
+            eval={"every": max(1, plan.pretrain_steps // 4), "max_batches": 8},
+            checkpoint={"every": 0, "keep_last": 1},
+            log={"every": 10},
+            micro_batch=plan.pretrain_batch,
+            max_steps=plan.pretrain_steps,
+            device="cpu",
+        )
         pr = train(pcfg)
-        facts["pretrain"] = {"params": count_params(mcfg), "steps": pr.steps, "tokens": pr.tokens, "final": pr.final,
-                             "model": str(pr.output)}
+        facts["pretrain"] = {
+            "params": count_params(mcfg),
+            "steps": pr.steps,
+            "tokens": pr.tokens,
+            "final": pr.final,
+            "model": str(pr.output),
+        }
 
     ft = out / "finetune"
-    with clock.stage("finetune", f"LoRA fine-tuning (r={plan.lora_r}) on the prepared training split, "
-                                 f"{plan.finetune_steps} steps"):
+    with clock.stage(
+        "finetune", f"LoRA fine-tuning (r={plan.lora_r}) on the prepared training split, {plan.finetune_steps} steps"
+    ):
         fcfg = _train_config(
-            method="lora", out_dir=str(ft), seed=seed, model={"path": str(pr.output)},
+            method="lora",
+            out_dir=str(ft),
+            seed=seed,
+            model={"path": str(pr.output)},
             data={"dir": str(out / "data"), "seq_len": 512},
             lora={"r": plan.lora_r, "alpha": 2.0 * plan.lora_r, "dropout": 0.0, "target_modules": LORA_TARGETS},
             optim={"lr": plan.finetune_lr, "warmup_steps": max(1, plan.finetune_steps // 10), "weight_decay": 0.0},
-            eval={"every": max(1, plan.finetune_steps // 3), "max_batches": 8}, checkpoint={"every": 0, "keep_last": 1},
-            log={"every": 10}, micro_batch=plan.finetune_batch, max_steps=plan.finetune_steps, device="cpu")
+            eval={"every": max(1, plan.finetune_steps // 3), "max_batches": 8},
+            checkpoint={"every": 0, "keep_last": 1},
+            log={"every": 10},
+            micro_batch=plan.finetune_batch,
+            max_steps=plan.finetune_steps,
+            device="cpu",
+        )
         fr = train(fcfg)
         facts["finetune"] = {"steps": fr.steps, "tokens": fr.tokens, "final": fr.final, "adapter": str(fr.output)}
 
@@ -221,8 +285,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     with clock.stage("evaluate", "evaluating base vs fine-tuned on the held-out test split"):
         from yunque.demo.scoring import evaluate_pair
 
-        facts["eval"] = evaluate_pair(pr.output, out / "model", out / "data" / "test.jsonl", out / "eval",
-                                      limit=plan.test_limit, log=log)
+        facts["eval"] = evaluate_pair(
+            pr.output, out / "model", out / "data" / "test.jsonl", out / "eval", limit=plan.test_limit, log=log
+        )
     result.seconds = round(time.perf_counter() - clock.t0, 1)
     facts["stages"] = result.stages
     facts["seconds"] = result.seconds

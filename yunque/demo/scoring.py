@@ -39,8 +39,15 @@ def task_scores(records: list[dict], predictions: list[str]) -> dict[str, dict]:
     return out
 
 
-def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | Path, out_dir: str | Path,
-                  limit: int | None = None, batch_size: int = 16, log=None) -> dict:
+def evaluate_pair(
+    base_dir: str | Path,
+    tuned_dir: str | Path,
+    test_path: str | Path,
+    out_dir: str | Path,
+    limit: int | None = None,
+    batch_size: int = 16,
+    log=None,
+) -> dict:
     """Evaluate both models on the same examples; writes eval/<name>.jsonl predictions, returns the numbers.
 
     Each task is generated with its own token budget (its longest reference + 4): a model that
@@ -68,10 +75,24 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
             part.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in idx), encoding="utf-8")
             longest = max(len(tok.encode(records[i]["messages"][-1]["content"])) for i in idx)
             # The runner's n/N lines only; its stage-start lines ("... ...") would triple the output.
-            say = None if log is None else (lambda line, where=f"{name}, {task}":
-                                            None if line.endswith(" ...") else log(f"      {where}: {line}"))
-            r = evaluate(model_dir, part, metrics=["exact_match", "rouge", "perplexity"], max_new_tokens=longest + 4,
-                         batch_size=batch_size, model_and_tokenizer=(model, tok), progress=say)
+            say = (
+                None
+                if log is None
+                else (
+                    lambda line, where=f"{name}, {task}": (
+                        None if line.endswith(" ...") else log(f"      {where}: {line}")
+                    )
+                )
+            )
+            r = evaluate(
+                model_dir,
+                part,
+                metrics=["exact_match", "rouge", "perplexity"],
+                max_new_tokens=longest + 4,
+                batch_size=batch_size,
+                model_and_tokenizer=(model, tok),
+                progress=say,
+            )
             for i, p in zip(idx, r.predictions):
                 preds[i] = p.get("prediction", "")
             for k, v in r.metrics.items():  # example-weighted means over the tasks (perplexity: geometric)
@@ -84,13 +105,26 @@ def evaluate_pair(base_dir: str | Path, tuned_dir: str | Path, test_path: str | 
             metrics["perplexity"] = math.exp(metrics["perplexity"])
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for rec, pred in zip(records, preds):
-                f.write(json.dumps({"task": domain.task_of(rec["messages"]), "source": rec.get("source"),
-                                    "reference": rec["messages"][-1]["content"], "prediction": pred,
-                                    "correct": domain.answers_match(pred, rec["messages"][-1]["content"])},
-                                   ensure_ascii=False) + "\n")
-        results[name] = {"model": str(model_dir), "examples": len(records), "tasks": task_scores(records, preds),
-                         "metrics": {k: round(v, 4) for k, v in metrics.items()},
-                         "timing": {k: round(v, 2) for k, v in timing.items()}}
+                f.write(
+                    json.dumps(
+                        {
+                            "task": domain.task_of(rec["messages"]),
+                            "source": rec.get("source"),
+                            "reference": rec["messages"][-1]["content"],
+                            "prediction": pred,
+                            "correct": domain.answers_match(pred, rec["messages"][-1]["content"]),
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+        results[name] = {
+            "model": str(model_dir),
+            "examples": len(records),
+            "tasks": task_scores(records, preds),
+            "metrics": {k: round(v, 4) for k, v in metrics.items()},
+            "timing": {k: round(v, 2) for k, v in timing.items()},
+        }
     return results
 
 

@@ -19,10 +19,54 @@ import json
 import random
 import string
 
-FIRST = ("Alice", "Bruno", "Chen", "Dana", "Elif", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kofi", "Lena",
-         "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Victor", "Wen", "Yusuf")
-LAST = ("Okafor", "Lindqvist", "Moreau", "Tanaka", "Silva", "Novak", "Haddad", "Kowalski", "Reyes", "Mensah",
-        "Fischer", "Rossi", "Nakamura", "Dubois", "Petrov", "Garcia", "Ibrahim", "Larsen", "Costa", "Sato")
+FIRST = (
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dana",
+    "Elif",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jamal",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
+)
+LAST = (
+    "Okafor",
+    "Lindqvist",
+    "Moreau",
+    "Tanaka",
+    "Silva",
+    "Novak",
+    "Haddad",
+    "Kowalski",
+    "Reyes",
+    "Mensah",
+    "Fischer",
+    "Rossi",
+    "Nakamura",
+    "Dubois",
+    "Petrov",
+    "Garcia",
+    "Ibrahim",
+    "Larsen",
+    "Costa",
+    "Sato",
+)
 
 # name -> (official domain, what they send about)
 ORGS: dict[str, tuple[str, str]] = {
@@ -63,7 +107,8 @@ def phone(rng: random.Random) -> str:
     if rng.random() < 0.7:
         area = rng.choice(("202", "312", "415", "617", "646", "737"))
         return rng.choice(("+1 ({a}) 555-01{n:02d}", "+1 {a}-555-01{n:02d}", "({a}) 555-01{n:02d}")).format(
-            a=area, n=rng.randrange(100))
+            a=area, n=rng.randrange(100)
+        )
     return f"+44 20 7946 0{rng.randrange(1000):03d}"
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "evaluate": "yunque.evaluate.runner", "EvalResult": "yunque.evaluate.runner",
+    "evaluate": "yunque.evaluate.runner",
+    "EvalResult": "yunque.evaluate.runner",
     "write_report": "yunque.evaluate.report",
-    "perplexity": "yunque.evaluate.perplexity", "score_continuations": "yunque.evaluate.perplexity",
+    "perplexity": "yunque.evaluate.perplexity",
+    "score_continuations": "yunque.evaluate.perplexity",
     "load_examples": "yunque.evaluate.data",
-    "run_redteam": "yunque.evaluate.redteam", "load_suite": "yunque.evaluate.redteam",
-    "make_canaries": "yunque.data.canary", "plant_canaries": "yunque.data.canary",
+    "run_redteam": "yunque.evaluate.redteam",
+    "load_suite": "yunque.evaluate.redteam",
+    "make_canaries": "yunque.data.canary",
+    "plant_canaries": "yunque.data.canary",
 }
 
 

@@ -28,8 +28,9 @@ def leaked(response: str, canary: Canary) -> bool:
     return "-".join(parts[1:4]) in response
 
 
-def canary_exposure(model, tokenizer, canaries: Sequence[Canary], candidates: int = 100, seed: int = 0,
-                    batch_size: int = 16) -> list[float]:
+def canary_exposure(
+    model, tokenizer, canaries: Sequence[Canary], candidates: int = 100, seed: int = 0, batch_size: int = 16
+) -> list[float]:
     """Exposure in bits of each canary's secret against `candidates - 1` random secrets of the same form."""
     from yunque.evaluate.perplexity import score_continuations
 

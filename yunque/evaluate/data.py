@@ -97,6 +97,7 @@ def load_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     kinds = {e.kind for e in examples}
     if len(kinds) > 1:
         first = {k: next(e.source for e in examples if e.kind == k) for k in sorted(kinds)}
-        raise DataError(f"{p}: mixes example kinds ({', '.join(f'{k} at {s}' for k, s in first.items())}); "
-                        "use one file per kind")
+        raise DataError(
+            f"{p}: mixes example kinds ({', '.join(f'{k} at {s}' for k, s in first.items())}); use one file per kind"
+        )
     return examples

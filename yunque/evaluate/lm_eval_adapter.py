@@ -42,10 +42,19 @@ def _gen_eos(model_dir: Path) -> list[int]:
 
 @register_model("yunque")
 class YunqueLM(TemplateLM):
-    def __init__(self, pretrained: str, adapter: str | None = None, batch_size: int | str = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 prefix_token_id: int | None = None, dtype: str | None = None, enable_thinking: bool | None = None,
-                 **_ignored):
+    def __init__(
+        self,
+        pretrained: str,
+        adapter: str | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool | None = None,
+        prefix_token_id: int | None = None,
+        dtype: str | None = None,
+        enable_thinking: bool | None = None,
+        **_ignored,
+    ):
         super().__init__()
         import torch
 
@@ -89,8 +98,10 @@ class YunqueLM(TemplateLM):
         named = self.tok.chat_templates
         if isinstance(chat_template, str) and len(named) > 1:
             if chat_template not in named:
-                raise ValueError(f"The specified chat template '{chat_template}' is not available. "
-                                 f"Available template names are {sorted(named)}.")
+                raise ValueError(
+                    f"The specified chat template '{chat_template}' is not available. "
+                    f"Available template names are {sorted(named)}."
+                )
             return named[chat_template]
         return self.tok.chat_template
 
@@ -100,8 +111,13 @@ class YunqueLM(TemplateLM):
         from yunque.chat import apply_chat_template
 
         def render(history):
-            return apply_chat_template(self.tok, history, add_generation_prompt,
-                                       continue_final_message=not add_generation_prompt, **self.chat_template_args)
+            return apply_chat_template(
+                self.tok,
+                history,
+                add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+                **self.chat_template_args,
+            )
 
         try:
             return render(chat_history)
@@ -113,10 +129,14 @@ class YunqueLM(TemplateLM):
             log.warning("Failed to apply chat template. removing the system role in chat history.")
             return render(without)
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                   **kwargs) -> list[int]:
-        special = add_special_tokens if add_special_tokens is not None else (
-            self.add_bos_token if self.add_bos_token is not None else True)
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
+        special = (
+            add_special_tokens
+            if add_special_tokens is not None
+            else (self.add_bos_token if self.add_bos_token is not None else True)
+        )
         bos = self.tok.decode([self.prefix_token_id])
         if add_special_tokens is None and bos and string.startswith(bos):
             special = False  # the text already starts with BOS (e.g. a rendered chat template)
@@ -141,8 +161,12 @@ class YunqueLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            rolling = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                                                         max_seq_len=self.max_length, context_len=1)
+            rolling = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
             for w in map(lm_utils.make_disjoint_window, rolling):
                 windows.append((None, *w))
                 owner.append(i)
@@ -172,16 +196,21 @@ class YunqueLM(TemplateLM):
             max_new = int(kw.pop("max_gen_toks", self._max_gen_toks))
             do_sample = bool(kw.pop("do_sample", False))
             temperature = float(kw.pop("temperature", 0.0) or 0.0)
-            s = Sampling(max_new_tokens=max_new, temperature=temperature if do_sample else 0.0,
-                         top_p=float(kw.pop("top_p", 1.0) or 1.0), top_k=int(kw.pop("top_k", 0) or 0),
-                         seed=1234, stop_ids=tuple(self._stop_ids))
+            s = Sampling(
+                max_new_tokens=max_new,
+                temperature=temperature if do_sample else 0.0,
+                top_p=float(kw.pop("top_p", 1.0) or 1.0),
+                top_k=int(kw.pop("top_k", 0) or 0),
+                seed=1234,
+                stop_ids=tuple(self._stop_ids),
+            )
             ctx_len = self.max_length - max_new
             if ctx_len <= 0:
                 raise ValueError(f"max_gen_toks {max_new} must be below max_length {self.max_length}")
             prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=ctx_len) for i in idx}
             order = sorted(idx, key=lambda i: -len(prompts[i]))
             for start in range(0, len(order), self._batch_size):
-                batch = order[start:start + self._batch_size]
+                batch = order[start : start + self._batch_size]
                 for i, ids in zip(batch, generate(self.model, [prompts[i] for i in batch], s, pad)):
                     text = self.tok_decode([t for t in ids if t not in self._stop_ids])
                     for term in until:
@@ -190,4 +219,3 @@ class YunqueLM(TemplateLM):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out
-

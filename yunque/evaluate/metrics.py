@@ -44,8 +44,11 @@ def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[
     return 100.0 * hits / len(predictions)
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-          types: Sequence[str] = ("rouge1", "rouge2", "rougeL")) -> dict[str, float]:
+def rouge(
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+) -> dict[str, float]:
     """Mean ROUGE F-measure per type, each example scored against its best-matching reference.
 
     rouge-score tokenises on [a-z0-9]+ only: text without Latin letters or digits scores 0."""
@@ -100,9 +103,11 @@ def bleu_note(references: Sequence[str | Sequence[str]]) -> str | None:
     n = median_reference_tokens(references)
     if n >= BLEU_ORDER:
         return None
-    return (f"BLEU-{BLEU_ORDER} is not meaningful here: the median reference is {n:g} token{'s' if n != 1 else ''} "
-            f"long, shorter than BLEU's {BLEU_ORDER}-grams, so it is near 0 even for right answers; "
-            "read exact match and chrF (character n-grams) instead.")
+    return (
+        f"BLEU-{BLEU_ORDER} is not meaningful here: the median reference is {n:g} token{'s' if n != 1 else ''} "
+        f"long, shorter than BLEU's {BLEU_ORDER}-grams, so it is near 0 even for right answers; "
+        "read exact match and chrF (character n-grams) instead."
+    )
 
 
 def chrf(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
@@ -154,7 +159,9 @@ class ClassReport:
     extra: dict = field(default_factory=dict)
 
 
-def classification_report(predicted: Sequence[str], gold: Sequence[str], labels: Sequence[str] | None = None) -> ClassReport:
+def classification_report(
+    predicted: Sequence[str], gold: Sequence[str], labels: Sequence[str] | None = None
+) -> ClassReport:
     """Accuracy, per-class precision/recall/F1 and the confusion matrix.
 
     A class never predicted has precision 0 (not undefined) and a class with no gold examples
@@ -176,9 +183,14 @@ def classification_report(predicted: Sequence[str], gold: Sequence[str], labels:
         f = 2 * p * r / (p + r) if p + r else 0.0
         per_class[label] = {"precision": 100 * p, "recall": 100 * r, "f1": 100 * f, "support": gold_n}
     correct = sum(confusion[i][i] for i in range(len(labels)))
-    return ClassReport(labels=labels, accuracy=100.0 * correct / len(gold),
-                       macro_f1=sum(v["f1"] for v in per_class.values()) / len(labels),
-                       per_class=per_class, columns=columns, confusion=confusion)
+    return ClassReport(
+        labels=labels,
+        accuracy=100.0 * correct / len(gold),
+        macro_f1=sum(v["f1"] for v in per_class.values()) / len(labels),
+        per_class=per_class,
+        columns=columns,
+        confusion=confusion,
+    )
 
 
 # name -> what it needs; the runner checks requested names against this table.
@@ -186,7 +198,9 @@ GENERATION_METRICS = ("rouge", "bleu", "chrf", "exact_match")
 ALL_METRICS = ("perplexity", *GENERATION_METRICS, "classification")
 
 
-def text_metrics(names: Sequence[str], predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+def text_metrics(
+    names: Sequence[str], predictions: Sequence[str], references: Sequence[str | Sequence[str]]
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in names:
         if name == "rouge":

@@ -29,8 +29,12 @@ class Score:
 
 
 @torch.inference_mode()
-def score_continuations(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                        batch_size: int = 8, max_length: int | None = None) -> list[Score]:
+def score_continuations(
+    model: Transformer,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> list[Score]:
     """Score each continuation given its context; a context too long is cut from the left.
 
     The model sees (context + continuation)[-(max_length + 1):][:-1], as lm-eval feeds it, and
@@ -46,16 +50,16 @@ def score_continuations(model: Transformer, pairs: Sequence[tuple[Sequence[int],
             raise ValueError(f"pair {i}: empty context (start it with a BOS/prefix token)")
         if len(cont) > max_length:
             raise ValueError(f"pair {i}: continuation of {len(cont)} tokens is longer than max_length {max_length}")
-        whole = (list(ctx) + list(cont))[-(max_length + 1):]
+        whole = (list(ctx) + list(cont))[-(max_length + 1) :]
         inputs.append((whole[:-1], list(cont)))
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))  # similar lengths share a batch
     out: list[Score | None] = [None] * len(inputs)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         T = len(inputs[idx[0]][0])
         ids = torch.zeros(len(idx), T, dtype=torch.long, device=device)  # right padding: causal, never attended
         for r, i in enumerate(idx):
-            ids[r, :len(inputs[i][0])] = torch.as_tensor(inputs[i][0])
+            ids[r, : len(inputs[i][0])] = torch.as_tensor(inputs[i][0])
         h = model.hidden(ids)  # (B, T, D)
         rows, cols, targets, owner = [], [], [], []
         for r, i in enumerate(idx):
@@ -78,7 +82,9 @@ def score_continuations(model: Transformer, pairs: Sequence[tuple[Sequence[int],
     return out  # type: ignore[return-value]
 
 
-def sliding_windows(ids: Sequence[int], prefix_id: int, max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
+def sliding_windows(
+    ids: Sequence[int], prefix_id: int, max_length: int, stride: int
+) -> list[tuple[list[int], list[int]]]:
     """(context, continuation) pairs that together score every token of `ids` exactly once.
 
     The sequence is [prefix_id] + ids; the first window's context is just the prefix token."""
@@ -105,8 +111,14 @@ class PerplexityResult:
     documents: int
 
 
-def perplexity(model: Transformer, tokenizer, texts: Sequence[str], max_length: int | None = None,
-               stride: int | None = None, batch_size: int = 8) -> PerplexityResult:
+def perplexity(
+    model: Transformer,
+    tokenizer,
+    texts: Sequence[str],
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> PerplexityResult:
     """Token perplexity and bits per byte of `texts` (each a separate document).
 
     Bits per byte (total nats / ln 2 / UTF-8 bytes) does not depend on the tokenizer, so it
@@ -130,5 +142,11 @@ def perplexity(model: Transformer, tokenizer, texts: Sequence[str], max_length: 
     scores = score_continuations(model, pairs, batch_size, max_length)
     nll = -sum(s.logprob for s in scores)
     tokens = sum(s.tokens for s in scores)
-    return PerplexityResult(perplexity=math.exp(nll / tokens), bits_per_byte=nll / math.log(2) / max(n_bytes, 1),
-                            nll=nll, tokens=tokens, bytes=n_bytes, documents=len(texts))
+    return PerplexityResult(
+        perplexity=math.exp(nll / tokens),
+        bits_per_byte=nll / math.log(2) / max(n_bytes, 1),
+        nll=nll,
+        tokens=tokens,
+        bytes=n_bytes,
+        documents=len(texts),
+    )

@@ -14,9 +14,18 @@ from yunque.evaluate import metrics as M
 from yunque.evaluate.runner import EvalResult
 
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte"}
-_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
-          "exact_match": "Exact match", "accuracy": "Accuracy", "macro_f1": "Macro F1",
-          "perplexity": "Perplexity", "bits_per_byte": "Bits per byte"}
+_NAMES = {
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "exact_match": "Exact match",
+    "accuracy": "Accuracy",
+    "macro_f1": "Macro F1",
+    "perplexity": "Perplexity",
+    "bits_per_byte": "Bits per byte",
+}
 
 
 def _fmt(name: str, v: float) -> str:
@@ -33,8 +42,14 @@ def metric_notes(results: Sequence[EvalResult]) -> dict[str, str]:
     """metric -> why its number should not be read here (BLEU on short references)."""
     if not any("bleu" in r.metrics for r in results):
         return {}
-    refs = next(([p["references"] for p in r.predictions] for r in results
-                 if r.predictions and all("references" in p for p in r.predictions)), None)
+    refs = next(
+        (
+            [p["references"] for p in r.predictions]
+            for r in results
+            if r.predictions and all("references" in p for p in r.predictions)
+        ),
+        None,
+    )
     note = M.bleu_note(refs) if refs else None
     return {"bleu": note} if note else {}
 
@@ -59,8 +74,13 @@ def _class_tables(r: EvalResult) -> str:
     lines = ["| Class | Precision | Recall | F1 | Support |", "|---|---:|---:|---:|---:|"]
     for label, v in c["per_class"].items():
         lines.append(f"| {label} | {v['precision']:.2f} | {v['recall']:.2f} | {v['f1']:.2f} | {v['support']} |")
-    lines += ["", "Confusion matrix (rows: gold, columns: predicted)", "",
-              "| gold \\ predicted | " + " | ".join(c["columns"]) + " |", "|---|" + "---:|" * len(c["columns"])]
+    lines += [
+        "",
+        "Confusion matrix (rows: gold, columns: predicted)",
+        "",
+        "| gold \\ predicted | " + " | ".join(c["columns"]) + " |",
+        "|---|" + "---:|" * len(c["columns"]),
+    ]
     for label, row in zip(c["labels"], c["confusion"]):
         lines.append(f"| {label} | " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)
@@ -68,12 +88,21 @@ def _class_tables(r: EvalResult) -> str:
 
 def markdown(results: Sequence[EvalResult]) -> str:
     r0 = results[0]
-    parts = [f"# Evaluation: {Path(r0.data).name}", "",
-             (f"{r0.examples} {r0.kind} examples from `{r0.data}`. Scores are percentages except perplexity "
-              "and bits per byte. Exact match uses the normalisation in `yunque.evaluate.metrics`."), ""]
+    parts = [
+        f"# Evaluation: {Path(r0.data).name}",
+        "",
+        (
+            f"{r0.examples} {r0.kind} examples from `{r0.data}`. Scores are percentages except perplexity "
+            "and bits per byte. Exact match uses the normalisation in `yunque.evaluate.metrics`."
+        ),
+        "",
+    ]
     for r, name in zip(results, display_names(results)):
-        parts.append(f"- **{name}**: model `{r.model}`" + (f", adapter `{r.adapter}`" if r.adapter else "")
-                     + (f"; {r.timing['tokens_per_s']:.1f} generated tokens/s" if "tokens_per_s" in r.timing else ""))
+        parts.append(
+            f"- **{name}**: model `{r.model}`"
+            + (f", adapter `{r.adapter}`" if r.adapter else "")
+            + (f"; {r.timing['tokens_per_s']:.1f} generated tokens/s" if "tokens_per_s" in r.timing else "")
+        )
     notes = metric_notes(results)
     parts += ["", metrics_table(results, notes), ""]
     for text in notes.values():

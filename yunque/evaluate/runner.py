@@ -20,9 +20,16 @@ from yunque.errors import YunqueError
 from yunque.evaluate import metrics as M
 from yunque.evaluate.data import Example, load_examples
 
-DEFAULT_METRICS = {"text": ["perplexity"], "generation": list(M.GENERATION_METRICS), "classification": ["classification"]}
-ALLOWED = {"text": {"perplexity"}, "generation": {"perplexity", *M.GENERATION_METRICS},
-           "classification": {"perplexity", "classification", *M.GENERATION_METRICS}}
+DEFAULT_METRICS = {
+    "text": ["perplexity"],
+    "generation": list(M.GENERATION_METRICS),
+    "classification": ["classification"],
+}
+ALLOWED = {
+    "text": {"perplexity"},
+    "generation": {"perplexity", *M.GENERATION_METRICS},
+    "classification": {"perplexity", "classification", *M.GENERATION_METRICS},
+}
 
 
 PROGRESS_EVERY_S = 10.0  # at most this long without a progress line while generating
@@ -51,8 +58,10 @@ class _Meter:
     def finish(self, extra: str = "") -> None:
         if self.log is not None:
             dt = time.perf_counter() - self.t0
-            self.log(f"{self.what} {self.total}/{self.total} examples in {dt:.1f} s "
-                     f"({self.total / dt if dt else 0.0:.1f} examples/s{extra})")
+            self.log(
+                f"{self.what} {self.total}/{self.total} examples in {dt:.1f} s "
+                f"({self.total / dt if dt else 0.0:.1f} examples/s{extra})"
+            )
 
 
 @dataclass
@@ -85,8 +94,10 @@ def check_metrics(names: Sequence[str] | None, kind: str, where: str) -> list[st
         if n not in M.ALL_METRICS:
             raise YunqueError(f"unknown metric {n!r} (known: {', '.join(M.ALL_METRICS)})")
         if n not in ALLOWED[kind]:
-            raise YunqueError(f"metric {n!r} needs {'labels' if n == 'classification' else 'references'}, "
-                              f"but {where} holds {kind} examples")
+            raise YunqueError(
+                f"metric {n!r} needs {'labels' if n == 'classification' else 'references'}, "
+                f"but {where} holds {kind} examples"
+            )
         out.append(n)
     return list(dict.fromkeys(out))
 
@@ -112,8 +123,14 @@ def prompt_ids(tok, text: str, templated: bool) -> list[int]:
     return ids
 
 
-def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                   progress: Callable[[str], None] | None = None) -> tuple[list[str], dict]:
+def generate_texts(
+    model,
+    tok,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[str], dict]:
     """Greedy completions, batched by similar prompt length; stop tokens are cut off. `progress`
     gets n/N lines with rate and ETA (see `_Meter`)."""
     from yunque.generate import Sampling, generate
@@ -127,7 +144,7 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
     stops = set(tok.stop_ids)
     meter = _Meter("generated", len(prompts), progress)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         outs = generate(model, [prompts[i] for i in idx], s, pad)
         for i, ids in zip(idx, outs):
             new_tokens += len(ids)
@@ -144,16 +161,27 @@ def label_continuation(tok, prompt: str, label: str, templated: bool) -> tuple[l
     sep = "" if not prompt or prompt[-1].isspace() else " "
     ctx = prompt_ids(tok, prompt, templated)
     whole = prompt_ids(tok, prompt + sep + label, templated)
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx):]
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
     return ctx, tok.encode(sep + label)
 
 
-def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | None = None, adapter: str | Path | None = None,
-             scoring: Literal["generate", "likelihood"] = "generate", labels: Sequence[str] | None = None,
-             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16, max_length: int | None = None,
-             stride: int | None = None, limit: int | None = None, model_and_tokenizer=None,
-             progress: Callable[[str], None] | None = print_stderr) -> EvalResult:
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    metrics: Sequence[str] | None = None,
+    adapter: str | Path | None = None,
+    scoring: Literal["generate", "likelihood"] = "generate",
+    labels: Sequence[str] | None = None,
+    chat: bool | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    stride: int | None = None,
+    limit: int | None = None,
+    model_and_tokenizer=None,
+    progress: Callable[[str], None] | None = print_stderr,
+) -> EvalResult:
     """Evaluate one model on one data file (see the module docstrings of `data` and `metrics`).
 
     `labels` lists every class (default: the labels seen in the data); `chat` wraps raw prompts
@@ -211,7 +239,7 @@ def evaluate(model_dir: str | Path, data: str | Path, metrics: Sequence[str] | N
             scores = score_continuations(model, pairs, batch_size, max_length)
             picked = []
             for i in range(len(examples)):
-                row = scores[i * len(label_set):(i + 1) * len(label_set)]
+                row = scores[i * len(label_set) : (i + 1) * len(label_set)]
                 best = max(range(len(label_set)), key=lambda j: row[j].logprob)
                 picked.append(label_set[best])
                 preds[i]["label_logprobs"] = {lab: s.logprob for lab, s in zip(label_set, row)}

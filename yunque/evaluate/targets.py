@@ -12,7 +12,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from yunque.errors import YunqueError
@@ -33,8 +33,14 @@ class Reply:
 
 
 class LocalTarget:
-    def __init__(self, model_dir: str | Path, adapter: str | Path | None = None, max_tokens: int = 256,
-                 temperature: float = 0.7, batch_size: int = 16):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        adapter: str | Path | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        batch_size: int = 16,
+    ):
         from yunque.evaluate.loading import load_for_eval
 
         self.name = str(model_dir) + (f" + {adapter}" if adapter else "")
@@ -64,10 +70,15 @@ class LocalTarget:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out: list[Reply | None] = [None] * len(ids)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             # One seed per batch: rows still differ (they share one generator stream).
-            s = Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=0.95 if self.temperature > 0 else 1.0,
-                         seed=requests[idx[0]].seed + start, stop_ids=tuple(stops))
+            s = Sampling(
+                max_new_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=0.95 if self.temperature > 0 else 1.0,
+                seed=requests[idx[0]].seed + start,
+                stop_ids=tuple(stops),
+            )
             for i, new in zip(idx, generate(self.model, [ids[i] for i in idx], s, pad)):
                 stopped = bool(new) and new[-1] in stops
                 text = tok.decode([t for t in new if t not in stops], skip_special_tokens=True)
@@ -96,8 +107,8 @@ def retry_after(resp) -> float | None:
             except ValueError:
                 when = email.utils.parsedate_to_datetime(v)
                 if when.tzinfo is None:
-                    when = when.replace(tzinfo=timezone.utc)
-                s = (when - datetime.now(timezone.utc)).total_seconds()
+                    when = when.replace(tzinfo=UTC)
+                s = (when - datetime.now(UTC)).total_seconds()
         else:
             return None
     except (TypeError, ValueError, IndexError):
@@ -128,9 +139,20 @@ class OpenAITarget:
     counts as failed, never as an answer.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, max_tokens: int = 256,
-                 temperature: float = 0.7, concurrency: int = 4, timeout: float = 120.0, retries: int = 2,
-                 max_wait: float = 300.0, rate_limit_retries: int = 50, transport=None):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        concurrency: int = 4,
+        timeout: float = 120.0,
+        retries: int = 2,
+        max_wait: float = 300.0,
+        rate_limit_retries: int = 50,
+        transport=None,
+    ):
         import httpx
 
         if not url.startswith(("http://", "https://")):
@@ -158,20 +180,22 @@ class OpenAITarget:
             except httpx.HTTPError:
                 if failures >= self.retries:
                     raise
-                delay, failures = 0.5 * 2 ** failures, failures + 1
+                delay, failures = 0.5 * 2**failures, failures + 1
             else:
                 if resp.status_code == 429:
                     asked = retry_after(resp)
-                    delay = asked if asked is not None else min(60.0, 2.0 ** limited)
+                    delay = asked if asked is not None else min(60.0, 2.0**limited)
                     if limited >= self.rate_limit_retries:
                         return resp, f" (still rate limited after {limited} retries, {waited:.0f} s of waiting)"
                     if waited + delay > self.max_wait:
-                        return resp, (f" (rate limited; waiting {delay:.0f} s more would pass the wait budget of "
-                                      f"{self.max_wait:.0f} s per request, --max-wait)")
+                        return resp, (
+                            f" (rate limited; waiting {delay:.0f} s more would pass the wait budget of "
+                            f"{self.max_wait:.0f} s per request, --max-wait)"
+                        )
                     limited += 1
                 elif resp.status_code >= 500 and failures < self.retries:
                     asked = retry_after(resp)
-                    delay = min(asked, 60.0) if asked is not None else 0.5 * 2 ** failures
+                    delay = min(asked, 60.0) if asked is not None else 0.5 * 2**failures
                     failures += 1
                 else:
                     return resp, ""
@@ -201,22 +225,31 @@ class OpenAITarget:
                 why = f"not a model list: {resp.text[:200]}"
         if self.model is not None:
             if served and self.model not in served:
-                raise YunqueError(f"--model {self.model!r}: {self.models_url} does not serve it "
-                                  f"(it serves: {', '.join(served[:10])})")
+                raise YunqueError(
+                    f"--model {self.model!r}: {self.models_url} does not serve it (it serves: {', '.join(served[:10])})"
+                )
             return self.model
         if not served:
-            raise YunqueError(f"{self.models_url}: cannot list the served models ({why}); "
-                              "name the model with --model NAME")
+            raise YunqueError(
+                f"{self.models_url}: cannot list the served models ({why}); name the model with --model NAME"
+            )
         if len(served) > 1:
-            raise YunqueError(f"{self.models_url} serves {len(served)} models ({', '.join(served[:10])}): "
-                              "choose one with --model NAME")
+            raise YunqueError(
+                f"{self.models_url} serves {len(served)} models ({', '.join(served[:10])}): "
+                "choose one with --model NAME"
+            )
         return served[0]
 
     def _one(self, r: Request) -> Reply:
         import httpx
 
-        body = {"model": self.model, "messages": r.messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "seed": r.seed}
+        body = {
+            "model": self.model,
+            "messages": r.messages,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": r.seed,
+        }
         try:
             resp, why = self._request("POST", self.url, body)
         except httpx.HTTPError as e:

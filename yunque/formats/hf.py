@@ -23,16 +23,39 @@ from yunque.model import ModelConfig, Transformer, rope_inv_freq
 from yunque.untrusted import inside, read_json
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-ROPE_TYPES = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # Keys we understand; anything else in config.json is carried through `extra` on save.
-_KNOWN = set(_REQUIRED) | {"architectures", "model_type", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                            "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-                            "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window",
-                            "use_sliding_window", "max_window_layers", "bos_token_id", "eos_token_id",
-                            "pad_token_id", "initializer_range", "torch_dtype", "dtype", "hidden_act",
-                            "transformers_version", "layer_types"}
+_KNOWN = set(_REQUIRED) | {
+    "architectures",
+    "model_type",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "max_window_layers",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "torch_dtype",
+    "dtype",
+    "hidden_act",
+    "transformers_version",
+    "layer_types",
+}
 PICKLE_FILES = ("pytorch_model.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -77,32 +100,57 @@ def config_from_hf(d: dict[str, Any], src: str = "config.json") -> ModelConfig:
         raise CheckpointError(f"{src}: use_sliding_window=true is not supported for Qwen2")
     theta, scaling = _rope(d, src)
     window = d.get("sliding_window") if arch == "MistralForCausalLM" else None
-    return checked(ModelConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
-        tie_word_embeddings=d.get("tie_word_embeddings", False),
-        attention_bias=True if arch == "Qwen2ForCausalLM" else d.get("attention_bias", False),
-        attention_out_bias=arch == "LlamaForCausalLM" and d.get("attention_bias", False),
-        mlp_bias=d.get("mlp_bias", False), sliding_window=window, architecture=arch,
-        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
-        initializer_range=d.get("initializer_range", 0.02),
-        extra={k: v for k, v in d.items() if k not in _KNOWN},
-    ), src)
+    return checked(
+        ModelConfig(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=True if arch == "Qwen2ForCausalLM" else d.get("attention_bias", False),
+            attention_out_bias=arch == "LlamaForCausalLM" and d.get("attention_bias", False),
+            mlp_bias=d.get("mlp_bias", False),
+            sliding_window=window,
+            architecture=arch,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            initializer_range=d.get("initializer_range", 0.02),
+            extra={k: v for k, v in d.items() if k not in _KNOWN},
+        ),
+        src,
+    )
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     d: dict[str, Any] = {
-        "architectures": [cfg.architecture], "model_type": ARCHITECTURES[cfg.architecture],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size, "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
-        "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-        "initializer_range": cfg.initializer_range, "torch_dtype": str(dtype).removeprefix("torch."),
+        "architectures": [cfg.architecture],
+        "model_type": ARCHITECTURES[cfg.architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "initializer_range": cfg.initializer_range,
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if cfg.architecture == "LlamaForCausalLM":
         d.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
@@ -130,9 +178,9 @@ def weight_files(path: Path) -> dict[str, Path]:
         wmap = read_json(index, CheckpointError)
         wmap = wmap.get("weight_map") if isinstance(wmap, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-            raise CheckpointError(f"{index}: invalid shard index (expected \"weight_map\": {{tensor name: file name}})")
+            raise CheckpointError(f'{index}: invalid shard index (expected "weight_map": {{tensor name: file name}})')
         shards = {shard: inside(path, shard, index, CheckpointError) for shard in sorted(set(wmap.values()))}
-        for shard, p in shards.items():
+        for _shard, p in shards.items():
             if not p.is_file():
                 raise CheckpointError(f"{p}: shard listed in {index.name} is missing")
         return {name: shards[shard] for name, shard in wmap.items()}
@@ -146,15 +194,17 @@ def weight_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(
             f"{path}: only pickle weights found ({', '.join(pickles)}). yunque never unpickles files, which can run "
             "arbitrary code. Convert them once, in a sandbox you trust, with transformers: "
-            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)")
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)"
+        )
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json found")
 
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers old checkpoints saved; we recompute them
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-               quantized: bool = False) -> Transformer:
+def load_model(
+    path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", quantized: bool = False
+) -> Transformer:
     """Load an HF directory into a Transformer; dtype defaults to the checkpoint's own.
 
     A directory `yunque quantize` wrote loads only with `quantized=True` (inference): its
@@ -164,8 +214,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     cfg = read_config(path)
     dev = torch.device(device)
     itemsize = (dtype or checkpoint_dtype(path) or torch.float32).itemsize
-    check_fits(cfg, itemsize, str(path / "config.json"), what=f"its weights ({itemsize} bytes each)",
-               memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None)
+    check_fits(
+        cfg,
+        itemsize,
+        str(path / "config.json"),
+        what=f"its weights ({itemsize} bytes each)",
+        memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None,
+    )
     qc = None
     if "quantization_config" in cfg.extra:
         from yunque import quantize
@@ -174,7 +229,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
         if not quantized:
             raise CheckpointError(
                 f"{path}: quantised for inference (int{qc.bits}); it loads in generate, chat, eval and serve. "
-                "Training, merging, quantising and exporting need the full-precision model it was quantised from")
+                "Training, merging, quantising and exporting need the full-precision model it was quantised from"
+            )
     files = weight_files(path)
     kept: set[str] = set()  # quantised tensors: read in their stored dtype
     with torch.device("meta"):
@@ -186,14 +242,23 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     for k in tied:
         expected.pop(k)
     state: dict[str, torch.Tensor] = {}
-    unexpected = [n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
-                  and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    unexpected = [
+        n
+        for n in files
+        if n not in expected
+        and not n.endswith(_IGNORED_SUFFIXES)
+        and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    ]
     if unexpected:
-        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]}"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise CheckpointError(
+            f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
     missing = [n for n in expected if n not in files]
     if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
@@ -202,10 +267,14 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
             for name in names:
                 want = tuple(expected[name].shape)
                 if f.shape(name) != want:
-                    raise CheckpointError(f"{fpath}: tensor {name} has shape {list(f.shape(name))}, the config needs {list(want)}")
+                    raise CheckpointError(
+                        f"{fpath}: tensor {name} has shape {list(f.shape(name))}, the config needs {list(want)}"
+                    )
                 if name in kept and f.entries[name][0] != expected[name].dtype:
-                    raise CheckpointError(f"{fpath}: tensor {name} is {f.entries[name][0]}, quantization_config "
-                                          f"needs {expected[name].dtype}")
+                    raise CheckpointError(
+                        f"{fpath}: tensor {name} is {f.entries[name][0]}, quantization_config "
+                        f"needs {expected[name].dtype}"
+                    )
             for name in names:
                 target = f.entries[name][0] if name in kept else (dtype or f.entries[name][0])
                 out = torch.empty(expected[name].shape, dtype=target, device="cpu")
@@ -221,8 +290,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     return model.eval()
 
 
-def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1024**3,
-               generation_config: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: Transformer,
+    out: str | Path,
+    max_shard_bytes: int = 5 * 1024**3,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
     """Write config.json, safetensors (sharded past `max_shard_bytes`) and generation_config.json.
 
     Written into a temporary sibling directory and renamed, so a crash never leaves a
@@ -254,8 +327,10 @@ def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1
         for name, shard in zip(names, shards):
             save_file(shard, tmp / name, metadata={"format": "pt"})
         if n > 1:
-            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
-                     "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+            index = {
+                "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s},
+            }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation_config or {})}
@@ -265,7 +340,11 @@ def save_model(model: Transformer, out: str | Path, max_shard_bytes: int = 5 * 1
         if out.exists():
             # Keep files we do not own (tokenizer, README) and replace only the model's own.
             for f in out.iterdir():
-                if f.name.startswith("model") and f.suffix in (".safetensors", ".json") or f.name in ("config.json", "generation_config.json"):
+                if (
+                    f.name.startswith("model")
+                    and f.suffix in (".safetensors", ".json")
+                    or f.name in ("config.json", "generation_config.json")
+                ):
                     f.unlink()
             for f in tmp.iterdir():
                 os.replace(f, out / f.name)

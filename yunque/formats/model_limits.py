@@ -19,8 +19,15 @@ from yunque.model import ModelConfig
 # No released decoder comes near this; a larger count is a corrupt or hostile config, and building
 # the modules alone (even on the meta device) would take minutes.
 MAX_LAYERS = 4096
-_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings")
+_POSITIVE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
 
 
 def checked(cfg: ModelConfig, src: str, error: type[YunqueError] = CheckpointError) -> ModelConfig:
@@ -44,11 +51,15 @@ def checked(cfg: ModelConfig, src: str, error: type[YunqueError] = CheckpointErr
     if cfg.num_hidden_layers > MAX_LAYERS:
         raise bad("num_hidden_layers", f"{cfg.num_hidden_layers} layers is more than the {MAX_LAYERS} yunque accepts")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
-        raise bad("num_key_value_heads", f"{cfg.num_key_value_heads} does not divide num_attention_heads "
-                                         f"{cfg.num_attention_heads}")
+        raise bad(
+            "num_key_value_heads",
+            f"{cfg.num_key_value_heads} does not divide num_attention_heads {cfg.num_attention_heads}",
+        )
     if cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
-        raise bad("num_attention_heads", f"{cfg.num_attention_heads} does not divide hidden_size {cfg.hidden_size} "
-                                         "(and head_dim is not given)")
+        raise bad(
+            "num_attention_heads",
+            f"{cfg.num_attention_heads} does not divide hidden_size {cfg.hidden_size} (and head_dim is not given)",
+        )
     if cfg.head_size % 2:
         raise bad("head_dim", f"the head dimension {cfg.head_size} must be even (rotary embeddings rotate pairs)")
     for f in ("rms_norm_eps", "rope_theta"):
@@ -84,8 +95,14 @@ def _check_rope_scaling(rs: dict | None, bad) -> None:
 
 def parameter_count(cfg: ModelConfig) -> int:
     """The Transformer's parameter count (tied embeddings once), by arithmetic: nothing is built."""
-    D, V, F, H, K, hd = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_size)
+    D, V, F, H, K, hd = (
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.intermediate_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_size,
+    )
     attn = 2 * D * H * hd + 2 * D * K * hd
     attn += (H + 2 * K) * hd if cfg.attention_bias else 0
     attn += D if cfg.attention_out_bias else 0
@@ -106,14 +123,23 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):,.1f} GiB"
 
 
-def check_fits(cfg: ModelConfig, bytes_per_parameter: float, src: str, *, what: str = "its weights",
-               error: type[YunqueError] = CheckpointError, memory: int | None = None) -> int:
+def check_fits(
+    cfg: ModelConfig,
+    bytes_per_parameter: float,
+    src: str,
+    *,
+    what: str = "its weights",
+    error: type[YunqueError] = CheckpointError,
+    memory: int | None = None,
+) -> int:
     """Refuse a model whose `bytes_per_parameter` x parameters exceed this machine's memory
     (`memory`, default: physical RAM); returns the bytes needed."""
     n = parameter_count(cfg)
     need = int(n * bytes_per_parameter)
     have = physical_memory() if memory is None else memory
     if have is not None and need > have:
-        raise error(f"{src}: the model has {n:,} parameters and {what} need {_gib(need)}, "
-                    f"more than this machine's {_gib(have)} of memory")
+        raise error(
+            f"{src}: the model has {n:,} parameters and {what} need {_gib(need)}, "
+            f"more than this machine's {_gib(have)} of memory"
+        )
     return need

@@ -44,8 +44,12 @@ class DecoderWithPast(nn.Module):
         super().__init__()
         self.model = model
         cfg = model.config
-        self.n_heads, self.n_kv, self.hd, self.window = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hd,
-                                                          cfg.sliding_window)
+        self.n_heads, self.n_kv, self.hd, self.window = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.hd,
+            cfg.sliding_window,
+        )
 
     def _norm(self, norm, x):
         return rms_norm(x, norm.weight, norm.eps)  # no out_dtype: plain torch ops, HF's rounding
@@ -118,8 +122,12 @@ def export_onnx(model: Transformer, out: str | Path, opset: int = OPSET) -> dict
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
     kv = {0: batch, 2: torch.export.Dim("past_sequence_length", min=0)}
     # The mask's length is past + sequence; torch.export derives that relation itself (AUTO).
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
-              "position_ids": {0: batch, 1: seq}, "past": tuple(kv for _ in range(2 * n))}
+    shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: torch.export.Dim.AUTO},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple(kv for _ in range(2 * n)),
+    }
     path = out / "model.onnx"
     t0 = time.perf_counter()
     log = logging.getLogger("torch.onnx")
@@ -128,9 +136,17 @@ def export_onnx(model: Transformer, out: str | Path, opset: int = OPSET) -> dict
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's own deprecation and axis-naming chatter
-            prog = torch.onnx.export(DecoderWithPast(model).eval(), _example(model), dynamo=True, opset_version=opset,
-                                     input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
-                                     optimize=True, verbose=False)
+            prog = torch.onnx.export(
+                DecoderWithPast(model).eval(),
+                _example(model),
+                dynamo=True,
+                opset_version=opset,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=shapes,
+                optimize=True,
+                verbose=False,
+            )
     finally:
         log.setLevel(level)
     (out / "model.onnx.data").unlink(missing_ok=True)  # no weights of an earlier export survive
@@ -154,8 +170,9 @@ def _name_axes(path: Path) -> None:
     onnx.save_model(m, str(path))
 
 
-def load_for_export(model_dir: str | Path, adapter: str | Path | None = None,
-                    dtype: torch.dtype = torch.float32) -> Transformer:
+def load_for_export(
+    model_dir: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> Transformer:
     """The model with plain weights (no decode packing), the adapter merged."""
     from yunque.formats.hf import load_model
 

@@ -25,7 +25,15 @@ import torch.nn as nn
 
 from yunque.errors import CheckpointError, ConfigError
 from yunque.formats.safetensors_io import SafetensorsFile
-from yunque.lora import LoraConfig, LoRALinear, _matches, apply_lora, load_lora_state_dict, lora_modules, lora_state_dict
+from yunque.lora import (
+    LoraConfig,
+    LoRALinear,
+    _matches,
+    apply_lora,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+)
 from yunque.quant import NF4Linear
 from yunque.untrusted import inside, read_json
 
@@ -35,33 +43,63 @@ PREFIX = "base_model.model."
 _META_KEY = "yunque.lora"
 # PEFT LoRA options that change the computed function; loading refuses any non-default value.
 # (layers_to_transform / exclude_modules need no support: we wrap exactly the modules the file has.)
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-                "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-                "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
-                "use_qalora": False, "use_bdlora": None, "alora_invocation_tokens": None}
+_UNSUPPORTED = {
+    "use_dora": False,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+}
 
 
 def _peft_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """cfg.target_modules when it selects exactly the wrapped modules, else the wrapped modules' full names."""
     wrapped = set(lora_modules(model))
     inside = tuple(f"{n}." for n in wrapped)  # LoRALinear internals (base, lora_A, lora_B) are not candidates
-    candidates = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear, LoRALinear))
-                  and not n.startswith(inside)}
+    candidates = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and not n.startswith(inside)
+    }
     selected = {n for n in candidates if any(_matches(n, t) for t in cfg.target_modules)}
     return list(cfg.target_modules) if selected == wrapped else sorted(wrapped)
 
 
 def peft_config(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str = "") -> dict[str, Any]:
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-        "target_modules": _peft_targets(model, cfg), "init_lora_weights": True, "inference_mode": True,
-        "revision": None, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, **_UNSUPPORTED,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": _peft_targets(model, cfg),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "revision": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        **_UNSUPPORTED,
     }
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoraConfig, base_model_name_or_path: str = "",
-                      tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_peft_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    cfg: LoraConfig,
+    base_model_name_or_path: str = "",
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the model's adapter as a PEFT directory; other files in `out_dir` are kept.
 
     `tensors`: the adapter weights when the model's own are not whole (FSDP shards, gathered by
@@ -74,18 +112,26 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoraConfig, ba
     sd = lora_state_dict(model)
     if tensors is not None:
         if set(tensors) != set(sd):
-            raise ConfigError(f"save_peft_adapter: tensors do not match the model's LoRA modules "
-                              f"(e.g. {sorted(set(tensors) ^ set(sd))[:2]})")
+            raise ConfigError(
+                f"save_peft_adapter: tensors do not match the model's LoRA modules "
+                f"(e.g. {sorted(set(tensors) ^ set(sd))[:2]})"
+            )
         sd = tensors
     if not sd:
         raise ConfigError("save_peft_adapter: the model has no LoRA modules (call apply_lora first)")
     for name, mod in lora_modules(model).items():
         if mod.r != cfg.r or abs(mod.scale - cfg.scale) > 1e-12 * cfg.scale:
-            raise ConfigError(f"save_peft_adapter: {name} has r={mod.r}, scale={mod.scale:g} but the config says "
-                              f"r={cfg.r}, scale={cfg.scale:g}; pass the LoraConfig the model was wrapped with")
+            raise ConfigError(
+                f"save_peft_adapter: {name} has r={mod.r}, scale={mod.scale:g} but the config says "
+                f"r={cfg.r}, scale={cfg.scale:g}; pass the LoraConfig the model was wrapped with"
+            )
     tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    meta = {"format": "pt", _META_KEY: json.dumps({"quantize_base": cfg.quantize_base, "double_quant": cfg.double_quant,
-                                                   "block_size": cfg.block_size})}
+    meta = {
+        "format": "pt",
+        _META_KEY: json.dumps(
+            {"quantize_base": cfg.quantize_base, "double_quant": cfg.double_quant, "block_size": cfg.block_size}
+        ),
+    }
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -125,8 +171,14 @@ def read_peft_config(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
     if conf["r"] != int(conf["r"]) or not 0 < conf["r"] <= 1 << 16:
         raise CheckpointError(f"{path}: field 'r' must be a positive integer, got {conf['r']!r}")
     tm = conf.get("target_modules")
-    if tm is not None and not isinstance(tm, str) and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
-        raise CheckpointError(f"{path}: target_modules must be a list of module names or a pattern string, got {tm!r:.100}")
+    if (
+        tm is not None
+        and not isinstance(tm, str)
+        and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm))
+    ):
+        raise CheckpointError(
+            f"{path}: target_modules must be a list of module names or a pattern string, got {tm!r:.100}"
+        )
     return conf, path
 
 
@@ -134,8 +186,14 @@ def _read_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Pat
     path = inside(d, WEIGHTS_FILE, d, CheckpointError)  # a symlink out of the adapter directory is refused
     if not path.is_file():
         pickles = [p.name for p in d.glob("adapter_model.bin")]
-        extra = (f"; only {pickles[0]} found, a pickle file yunque never loads (convert it once with peft: "
-                 "PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True))") if pickles else ""
+        extra = (
+            (
+                f"; only {pickles[0]} found, a pickle file yunque never loads (convert it once with peft: "
+                "PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True))"
+            )
+            if pickles
+            else ""
+        )
         raise CheckpointError(f"{path}: not found{extra}")
     with SafetensorsFile(path) as f:
         return {k: f.read(k) for k in f.keys()}, f.metadata, path
@@ -161,9 +219,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
     sd: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise CheckpointError(f"{wpath}: tensor {key} is not a LoRA weight "
-                                  f"(expected {PREFIX}<module>.lora_A.weight / .lora_B.weight)")
-        sd[key[len(PREFIX):]] = t
+            raise CheckpointError(
+                f"{wpath}: tensor {key} is not a LoRA weight (expected {PREFIX}<module>.lora_A.weight / .lora_B.weight)"
+            )
+        sd[key[len(PREFIX) :]] = t
     if not sd:
         raise CheckpointError(f"{wpath}: holds no LoRA tensors")
     names = sorted({k.rsplit(".", 2)[0] for k in sd})
@@ -172,31 +231,44 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
         try:
             mod = model.get_submodule(n)
         except AttributeError:
-            raise CheckpointError(f"{wpath}: tensor {PREFIX}{n}.lora_A.weight: target module {n} not found in the model") from None
+            raise CheckpointError(
+                f"{wpath}: tensor {PREFIX}{n}.lora_A.weight: target module {n} not found in the model"
+            ) from None
         if not isinstance(mod, (nn.Linear, NF4Linear)):
-            raise CheckpointError(f"{wpath}: tensor {PREFIX}{n}.lora_A.weight: target module {n} is a "
-                                  f"{type(mod).__name__}, not a linear layer")
+            raise CheckpointError(
+                f"{wpath}: tensor {PREFIX}{n}.lora_A.weight: target module {n} is a "
+                f"{type(mod).__name__}, not a linear layer"
+            )
         for part, shape in (("lora_A", (r, mod.in_features)), ("lora_B", (mod.out_features, r))):
             key = f"{n}.{part}.weight"
             if key not in sd:
                 raise CheckpointError(f"{wpath}: tensor {PREFIX}{key} is missing")
             if tuple(sd[key].shape) != shape:
-                raise CheckpointError(f"{wpath}: tensor {PREFIX}{key} has shape {list(sd[key].shape)}, the model "
-                                      f"needs {list(shape)} (r={r} from {conf_path.name}, {n} is {mod.in_features}->{mod.out_features})")
+                raise CheckpointError(
+                    f"{wpath}: tensor {PREFIX}{key} has shape {list(sd[key].shape)}, the model "
+                    f"needs {list(shape)} (r={r} from {conf_path.name}, {n} is {mod.in_features}->{mod.out_features})"
+                )
     targets = conf.get("target_modules")
     if isinstance(targets, list):
         outside = [n for n in names if not any(_matches(n, t) for t in targets)]
         if outside:
-            raise CheckpointError(f"{wpath}: tensor {PREFIX}{outside[0]}.lora_A.weight is for a module that "
-                                  f"target_modules {targets} in {conf_path.name} does not select")
+            raise CheckpointError(
+                f"{wpath}: tensor {PREFIX}{outside[0]}.lora_A.weight is for a module that "
+                f"target_modules {targets} in {conf_path.name} does not select"
+            )
     else:  # a regex or "all-linear": the file's modules are the targets
         targets = names
     try:
-        cfg = LoraConfig(r=r, alpha=float(conf["lora_alpha"]), dropout=float(conf.get("lora_dropout") or 0.0),
-                         target_modules=list(targets), use_rslora=bool(conf.get("use_rslora", False)),
-                         quantize_base=bool(qmeta.get("quantize_base", False)) if quantize_base is None else quantize_base,
-                         double_quant=bool(qmeta.get("double_quant", False)) and quantize_base is not False,
-                         block_size=int(qmeta.get("block_size", 64)))
+        cfg = LoraConfig(
+            r=r,
+            alpha=float(conf["lora_alpha"]),
+            dropout=float(conf.get("lora_dropout") or 0.0),
+            target_modules=list(targets),
+            use_rslora=bool(conf.get("use_rslora", False)),
+            quantize_base=bool(qmeta.get("quantize_base", False)) if quantize_base is None else quantize_base,
+            double_quant=bool(qmeta.get("double_quant", False)) and quantize_base is not False,
+            block_size=int(qmeta.get("block_size", 64)),
+        )
     except ConfigError as e:
         raise CheckpointError(f"{conf_path}: {e}") from None
     except (TypeError, ValueError, OverflowError) as e:
@@ -206,13 +278,23 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, quantize_base: 
     return cfg
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "additional_chat_templates")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "additional_chat_templates",
+)
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-                  original_base: bool = False) -> dict[str, Any]:
+def merge_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, original_base: bool = False
+) -> dict[str, Any]:
     """base HF dir + PEFT adapter -> merged HF dir (tokenizer files copied); returns a summary.
 
     An adapter trained with QLoRA is merged into the NF4-dequantised base it was trained on, so
@@ -251,5 +333,10 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         else:
             continue
         copied.append(name)
-    return {"modules": merged, "config": cfg, "dtype": str(dtype).removeprefix("torch."), "tokenizer_files": copied,
-            "out": out_dir}
+    return {
+        "modules": merged,
+        "config": cfg,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokenizer_files": copied,
+        "out": out_dir,
+    }

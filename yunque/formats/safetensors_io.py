@@ -15,17 +15,26 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from yunque.errors import CheckpointError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -65,12 +74,16 @@ class SafetensorsFile:
         (n,) = struct.unpack("<Q", self._fh.read(8))
         if n > min(_MAX_HEADER, size - 8):
             # Not the length itself: for a file that is not safetensors it is just its first 8 bytes.
-            raise CheckpointError(f"{self.path}: not a safetensors file, or its header is corrupt or truncated "
-                                  f"(the header length field exceeds the file's {size} bytes)")
+            raise CheckpointError(
+                f"{self.path}: not a safetensors file, or its header is corrupt or truncated "
+                f"(the header length field exceeds the file's {size} bytes)"
+            )
         try:
             header = json.loads(self._fh.read(n), object_pairs_hook=_no_duplicates)
         except _Duplicate as e:
-            raise CheckpointError(f"{self.path}: corrupt safetensors header: name {e.args[0]!r} appears twice") from None
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors header: name {e.args[0]!r} appears twice"
+            ) from None
         except RecursionError:
             raise CheckpointError(f"{self.path}: corrupt safetensors header (nested too deeply)") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -89,9 +102,13 @@ class SafetensorsFile:
             for s in shape:
                 numel *= s
             if end - begin != numel * dtype.itemsize:
-                raise CheckpointError(f"{self.path}: tensor {name}: byte range {begin}..{end} does not fit shape {list(shape)} of {info['dtype']}")
+                raise CheckpointError(
+                    f"{self.path}: tensor {name}: byte range {begin}..{end} does not fit shape {list(shape)} of {info['dtype']}"  # noqa: E501
+                )
             if self._base + end > size:
-                raise CheckpointError(f"{self.path}: truncated: tensor {name} needs {self._base + end} bytes, the file has {size}")
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name} needs {self._base + end} bytes, the file has {size}"
+                )
             self.entries[name] = (dtype, shape, begin, end)
         self._check_layout(size)
         self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
@@ -102,17 +119,25 @@ class SafetensorsFile:
             return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise CheckpointError(f"{self.path}: tensor {name}: malformed header entry {str(info)[:200]} "
-                                  "(expected dtype, shape and data_offsets)")
+            raise CheckpointError(
+                f"{self.path}: tensor {name}: malformed header entry {str(info)[:200]} "
+                "(expected dtype, shape and data_offsets)"
+            )
         if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name}: unsupported dtype {str(info['dtype'])[:40]!r} "
-                                  f"(supported: {', '.join(DTYPES)})")
+            raise CheckpointError(
+                f"{self.path}: tensor {name}: unsupported dtype {str(info['dtype'])[:40]!r} "
+                f"(supported: {', '.join(DTYPES)})"
+            )
         if not ints(info["shape"]):
-            raise CheckpointError(f"{self.path}: tensor {name}: shape {str(info['shape'])[:200]} is not a list of non-negative integers")
+            raise CheckpointError(
+                f"{self.path}: tensor {name}: shape {str(info['shape'])[:200]} is not a list of non-negative integers"
+            )
         offsets = info["data_offsets"]
         if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-            raise CheckpointError(f"{self.path}: tensor {name}: data_offsets {str(offsets)[:200]} is not [begin, end] "
-                                  "with integers 0 <= begin <= end")
+            raise CheckpointError(
+                f"{self.path}: tensor {name}: data_offsets {str(offsets)[:200]} is not [begin, end] "
+                "with integers 0 <= begin <= end"
+            )
         return DTYPES[info["dtype"]], tuple(info["shape"]), offsets[0], offsets[1]
 
     def _check_layout(self, size: int) -> None:
@@ -123,11 +148,15 @@ class SafetensorsFile:
             if begin < pos:
                 raise CheckpointError(f"{self.path}: tensor {name}: bytes {begin}..{end} overlap tensor {prev}")
             if begin > pos:
-                raise CheckpointError(f"{self.path}: tensor {name}: starts at byte {begin}, leaving bytes {pos}..{begin} "
-                                      "that no tensor holds")
+                raise CheckpointError(
+                    f"{self.path}: tensor {name}: starts at byte {begin}, leaving bytes {pos}..{begin} "
+                    "that no tensor holds"
+                )
             pos, prev = end, name
         if self._base + pos != size:
-            raise CheckpointError(f"{self.path}: {size - self._base - pos} bytes after the last tensor that no tensor holds")
+            raise CheckpointError(
+                f"{self.path}: {size - self._base - pos} bytes after the last tensor that no tensor holds"
+            )
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -170,7 +199,7 @@ class SafetensorsFile:
             self._map.close()
         self._fh.close()
 
-    def __enter__(self) -> "SafetensorsFile":
+    def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *exc) -> None:

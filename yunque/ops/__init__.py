@@ -14,6 +14,18 @@ from yunque.ops.functional import cross_entropy_, rms_norm, swiglu
 from yunque.ops.recompute import params_recast_in_backward, saved_as_recipe
 from yunque.ops.seam import arrange_for_decode_, release_cpu_memory, tune_cpu_memory
 
-__all__ = ["Segments", "apply_rope", "arrange_for_decode_", "attention", "cross_entropy_", "decode_attention",
-           "params_recast_in_backward", "release_cpu_memory", "rms_norm", "saved_as_recipe", "segment_attention",
-           "swiglu", "tune_cpu_memory"]
+__all__ = [
+    "Segments",
+    "apply_rope",
+    "arrange_for_decode_",
+    "attention",
+    "cross_entropy_",
+    "decode_attention",
+    "params_recast_in_backward",
+    "release_cpu_memory",
+    "rms_norm",
+    "saved_as_recipe",
+    "segment_attention",
+    "swiglu",
+    "tune_cpu_memory",
+]

@@ -59,9 +59,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor],
-              mask: torch.Tensor | Segments | None = None, cache: Cache | None = None, slots: torch.Tensor | None = None,
-              window: int | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | Segments | None = None,
+    cache: Cache | None = None,
+    slots: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """Causal attention of q (B, H, T, hd) over k, v (B, K, T, hd), q and k before RoPE -> (B, T, H*hd).
 
     1. RoPE on q and k: `rope` is the cos and signed sin tables (B, 1, T, hd) of the positions;
@@ -76,7 +84,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: tuple[
     """
     B, H, T, hd = q.shape
     cos, sin = rope
-    kernel = cache is None and (mask is None or isinstance(mask, Segments)) and q.device.type == "cpu" and seam.kernels is not None
+    kernel = (
+        cache is None
+        and (mask is None or isinstance(mask, Segments))
+        and q.device.type == "cpu"
+        and seam.kernels is not None
+    )
     if kernel:
         seg = mask.row_starts(B, T) if isinstance(mask, Segments) else None
         dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
@@ -113,9 +126,13 @@ def segment_attention(q, k, v, lengths: tuple[int, ...], window: int | None, gqa
     cpu = q.device.type == "cpu"
     # Token-major (B*T, n, hd): split along tokens (its backward is one cat, unlike slicing's
     # zero-filled copies), and the output comes out in the layout o_proj reads.
-    qs, ks, vs = (t.transpose(1, 2).to(torch.promote_types(t.dtype, torch.float32) if cpu else t.dtype,
-                                       memory_format=torch.contiguous_format).reshape(B * T, t.shape[1], hd)
-                  .split(lengths) for t in (q, k, v))
+    qs, ks, vs = (
+        t.transpose(1, 2)
+        .to(torch.promote_types(t.dtype, torch.float32) if cpu else t.dtype, memory_format=torch.contiguous_format)
+        .reshape(B * T, t.shape[1], hd)
+        .split(lengths)
+        for t in (q, k, v)
+    )
     out = []
     with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
         for qi, ki, vi in zip(qs, ks, vs):

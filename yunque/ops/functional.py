@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from yunque.ops import seam
 
 
-def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                      out_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     # Normalise in fp32 and cast back before the weight, as HF does, so bf16 results match.
     h = x.float()
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)

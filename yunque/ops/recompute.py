@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 
 
-def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor], enabled: bool = True) -> contextlib.AbstractContextManager:
+def saved_as_recipe(
+    t: torch.Tensor, make: Callable[[], torch.Tensor], enabled: bool = True
+) -> contextlib.AbstractContextManager:
     """Inside this block, autograd keeps `t` (and views of it) as `make` instead of its data.
 
     For activations that are one elementwise pass over tensors autograd saves anyway: the
@@ -22,7 +24,14 @@ def saved_as_recipe(t: torch.Tensor, make: Callable[[], torch.Tensor], enabled: 
     bit; it runs in backward when the first consumer needs it, and its result is shared by
     the rest of the block's consumers, then freed with them.
     """
-    if not (enabled and torch.is_grad_enabled() and t.requires_grad and t.numel() and t.is_contiguous() and t.storage_offset() == 0):
+    if not (
+        enabled
+        and torch.is_grad_enabled()
+        and t.requires_grad
+        and t.numel()
+        and t.is_contiguous()
+        and t.storage_offset() == 0
+    ):
         return contextlib.nullcontext()  # the disabled case costs next to nothing: decode runs through here
     ptr, dtype = t.untyped_storage().data_ptr(), t.dtype
     made: list[torch.Tensor] = []
@@ -68,8 +77,13 @@ def _pack_cast(x):
     if fn is None or fn.name() != "ToCopyBackward0":
         return x
     p = getattr(fn.next_functions[0][0], "variable", None)  # the AccumulateGrad node's parameter
-    if (p is None or type(p.data) is not torch.Tensor or p.dtype == x.dtype or not p.is_contiguous()
-            or x.untyped_storage().nbytes() != p.numel() * x.element_size()):
+    if (
+        p is None
+        or type(p.data) is not torch.Tensor
+        or p.dtype == x.dtype
+        or not p.is_contiguous()
+        or x.untyped_storage().nbytes() != p.numel() * x.element_size()
+    ):
         return x
     return _ParamCast(p, x)
 

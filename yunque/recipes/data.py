@@ -12,7 +12,9 @@ from yunque.data.report import PII_DONE
 from yunque.errors import ConfigError
 
 FormatArg = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
-_OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*=")  # key=value, not a path (unless such a file exists)
+_OVERRIDE = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*="
+)  # key=value, not a path (unless such a file exists)
 
 
 def prepare_cmd(
@@ -48,8 +50,13 @@ def prepare_cmd(
     extra = [a for a in inputs if a not in files]
     if not files:
         raise ConfigError("no input given: name the data files, directories or globs to read")
-    for key, value in (("read.format", format), ("read.on_error", on_error), ("tokenizer", tokenizer), ("workers", workers),
-                       ("canaries.count", canaries)):
+    for key, value in (
+        ("read.format", format),
+        ("read.on_error", on_error),
+        ("tokenizer", tokenizer),
+        ("workers", workers),
+        ("canaries.count", canaries),
+    ):
         if value is not None:
             extra.append(f"{key}={value}")
     cfg = load_config(DataConfig, config, extra)
@@ -62,7 +69,10 @@ def prepare_cmd(
     print("splits: " + ", ".join(f"{s} {n}" for s, n in r.splits.items()))
     if rep["pii_findings"]:
         done = rep["pii_modes"]
-        print("PII and secrets found: " + ", ".join(f"{t} {n} ({PII_DONE[done[t]]})" for t, n in rep["pii_findings"].items()))
+        print(
+            "PII and secrets found: "
+            + ", ".join(f"{t} {n} ({PII_DONE[done[t]]})" for t, n in rep["pii_findings"].items())
+        )
         print("  per type: pii.modes.TYPE=redact|drop|report|keep, e.g. pii.modes.email=keep (see report.md)")
     ov = rep["cross_split_overlap"]
     print(f"cross-split overlap: exact {ov['exact']}, near {ov['near']}")
@@ -89,8 +99,10 @@ def verify_cmd(dir: str) -> int:
     m = verify(dir)
     for s, info in m["splits"].items():
         print(f"{s}: {info['records']} records, merkle root {info['merkle_root']}")
-    print(f"files: {len(m['files'])} verified; inputs: {len(m['inputs_checked'])} verified"
-          + (f", {len(m['inputs_missing'])} not present here (not checked)" if m["inputs_missing"] else ""))
+    print(
+        f"files: {len(m['files'])} verified; inputs: {len(m['inputs_checked'])} verified"
+        + (f", {len(m['inputs_missing'])} not present here (not checked)" if m["inputs_missing"] else "")
+    )
     print(f"OK  manifest sha256 {hashlib.sha256((Path(dir) / 'manifest.json').read_bytes()).hexdigest()}")
     return 0
 

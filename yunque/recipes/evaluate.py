@@ -12,11 +12,23 @@ from typing import Literal
 from yunque.errors import YunqueError
 
 
-def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
-             metrics: list[str] | None = None, compare: list[Path] | None = None,
-             scoring: Literal["generate", "likelihood"] = "generate", labels: list[str] | None = None,
-             chat: bool | None = None, max_new_tokens: int = 64, batch_size: int = 16,
-             max_length: int | None = None, stride: int | None = None, limit: int | None = None) -> int:
+def eval_cmd(
+    *,
+    model: Path,
+    data: Path,
+    out: Path,
+    adapter: Path | None = None,
+    metrics: list[str] | None = None,
+    compare: list[Path] | None = None,
+    scoring: Literal["generate", "likelihood"] = "generate",
+    labels: list[str] | None = None,
+    chat: bool | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    stride: int | None = None,
+    limit: int | None = None,
+) -> int:
     """Score a model on held-out data: perplexity, ROUGE, BLEU, chrF, exact match, classification.
 
     Args:
@@ -34,15 +46,24 @@ def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
         max_length: context window for scoring (default: the model's, at most 2048)
         stride: sliding-window step for long documents (default: max_length / 2)
         limit: evaluate only the first N examples
-    """
+    """  # noqa: E501
     from yunque.evaluate.report import markdown, write_report
     from yunque.evaluate.runner import evaluate
 
     runs: list[tuple[Path, Path | None]] = [(model, adapter)]
     for c in compare or []:
         runs.append((model, c) if (Path(c) / "adapter_config.json").is_file() else (c, None))
-    kw = {"metrics": metrics, "scoring": scoring, "labels": labels, "chat": chat, "max_new_tokens": max_new_tokens,
-          "batch_size": batch_size, "max_length": max_length, "stride": stride, "limit": limit}
+    kw = {
+        "metrics": metrics,
+        "scoring": scoring,
+        "labels": labels,
+        "chat": chat,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "stride": stride,
+        "limit": limit,
+    }
     results = []
     for m, a in runs:
         print(f"evaluating {m}" + (f" + {a}" if a else ""), file=sys.stderr)
@@ -53,12 +74,26 @@ def eval_cmd(*, model: Path, data: Path, out: Path, adapter: Path | None = None,
     return 0
 
 
-def redteam_cmd(*, out: Path | None = None, model: str | None = None, url: str | None = None,
-                api_key: str | None = None, adapter: Path | None = None, served_model: str | None = None,
-                attempts: int = 3, temperature: float = 0.7, max_tokens: int = 256, seed: int = 0,
-                probes: list[Path] | None = None, categories: list[str] | None = None,
-                canaries: Path | None = None, fail_above: float | None = None, concurrency: int = 4,
-                max_wait: float = 300.0, check_only: bool = False) -> int:
+def redteam_cmd(
+    *,
+    out: Path | None = None,
+    model: str | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+    adapter: Path | None = None,
+    served_model: str | None = None,
+    attempts: int = 3,
+    temperature: float = 0.7,
+    max_tokens: int = 256,
+    seed: int = 0,
+    probes: list[Path] | None = None,
+    categories: list[str] | None = None,
+    canaries: Path | None = None,
+    fail_above: float | None = None,
+    concurrency: int = 4,
+    max_wait: float = 300.0,
+    check_only: bool = False,
+) -> int:
     """Run the red-team probe suite (OWASP LLM Top 10 2025 categories) against a model or an endpoint.
 
     Exits 1 when a category's success rate is over --fail-above, and also when any probe request
@@ -82,7 +117,7 @@ def redteam_cmd(*, out: Path | None = None, model: str | None = None, url: str |
         concurrency: requests in flight at once to --url
         max_wait: seconds one request to --url may spend waiting out rate limits (429) before it counts as failed
         check_only: only check that every detector fires on its probe's example and not on a refusal
-    """
+    """  # noqa: E501
     from yunque.data.canary import load_canaries
     from yunque.evaluate.redteam import (
         add_canaries,
@@ -100,7 +135,9 @@ def redteam_cmd(*, out: Path | None = None, model: str | None = None, url: str |
     if problems:
         raise YunqueError("probe suite check failed:\n  " + "\n  ".join(problems))
     if check_only:
-        print(f"{sum(len(c.probes) for c in suite.categories)} probes in {len(suite.categories)} categories: all detectors check out")
+        print(
+            f"{sum(len(c.probes) for c in suite.categories)} probes in {len(suite.categories)} categories: all detectors check out"  # noqa: E501
+        )
         return 0
     if model is None and url is None:
         raise YunqueError("give --model DIR (a local model) or --url URL (an endpoint)")
@@ -130,8 +167,15 @@ def redteam_cmd(*, out: Path | None = None, model: str | None = None, url: str |
         from yunque.evaluate.targets import OpenAITarget
 
         key = api_key or os.environ.get("YUNQUE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        target = OpenAITarget(url, key, model or served_model, max_tokens=max_tokens, temperature=temperature,
-                              concurrency=concurrency, max_wait=max_wait)
+        target = OpenAITarget(
+            url,
+            key,
+            model or served_model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            concurrency=concurrency,
+            max_wait=max_wait,
+        )
     summary, records = run_redteam(target, suite, attempts=attempts, seed=seed)
     if planted and local:  # memorisation below the level of verbatim leaks
         from yunque.evaluate.canary import canary_exposure

@@ -8,8 +8,15 @@ from typing import Literal
 from yunque.errors import CheckpointError
 
 
-def export_cmd(model: str, *, format: Literal["onnx"], out: str, adapter: str | None = None,
-               opset: int | None = None, overwrite: bool = False) -> dict:
+def export_cmd(
+    model: str,
+    *,
+    format: Literal["onnx"],
+    out: str,
+    adapter: str | None = None,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Export a model for another runtime: onnx (onnxruntime, onnxruntime-genai, optimum).
 
     Args:
@@ -33,7 +40,9 @@ def export_cmd(model: str, *, format: Literal["onnx"], out: str, adapter: str | 
     info = onnx_export.export_onnx(m, out_p, opset or onnx_export.OPSET)
     copied = onnx_export.copy_model_files(src, out_p, Path(adapter) if adapter else None)
     cfg = m.config
-    print(f"exported {src} to {info['file']} (opset {info['opset']}, {cfg.num_hidden_layers} layers, "
-          f"KV cache of {cfg.num_key_value_heads} heads x {cfg.hd}) in {info['seconds']:.1f}s; "
-          f"copied {', '.join(copied) or 'no config or tokenizer files'}")
+    print(
+        f"exported {src} to {info['file']} (opset {info['opset']}, {cfg.num_hidden_layers} layers, "
+        f"KV cache of {cfg.num_key_value_heads} heads x {cfg.hd}) in {info['seconds']:.1f}s; "
+        f"copied {', '.join(copied) or 'no config or tokenizer files'}"
+    )
     return {**info, "copied": copied}

@@ -7,21 +7,31 @@ import time
 
 from yunque.chat_input import HELP, MessageReader
 from yunque.errors import YunqueError
-from yunque.threads import fit_threads
 from yunque.generate import Sampling, stream_text
 from yunque.inference import load
+from yunque.threads import fit_threads
 
 
 def _sampling(tok, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop) -> Sampling:
-    for name, value, ok in (("--max-new-tokens", max_new_tokens, max_new_tokens > 0),
-                            ("--temperature", temperature, temperature >= 0),
-                            ("--top-k", top_k, top_k >= 0), ("--top-p", top_p, 0 < top_p <= 1),
-                            ("--repetition-penalty", repetition_penalty, repetition_penalty > 0)):
+    for name, value, ok in (
+        ("--max-new-tokens", max_new_tokens, max_new_tokens > 0),
+        ("--temperature", temperature, temperature >= 0),
+        ("--top-k", top_k, top_k >= 0),
+        ("--top-p", top_p, 0 < top_p <= 1),
+        ("--repetition-penalty", repetition_penalty, repetition_penalty > 0),
+    ):
         if not ok:
             raise YunqueError(f"{name} {value} is out of range")
-    return Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, seed=seed, stop_ids=tuple(tok.stop_ids),
-                    stop_strings=tuple(stop))
+    return Sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop_ids=tuple(tok.stop_ids),
+        stop_strings=tuple(stop),
+    )
 
 
 def _chat_ids(tok, messages: list[dict]) -> list[int]:
@@ -32,10 +42,24 @@ def _chat_ids(tok, messages: list[dict]) -> list[int]:
     return render_chat(tok, messages, add_generation_prompt=True).ids
 
 
-def generate_cmd(*, model: str, prompt: str, adapter: str | None = None, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, chat: bool = False, system: str | None = None, stop: list[str] = (),
-                 dtype: str = "auto", device: str = "auto", stats: bool = False) -> int:
+def generate_cmd(
+    *,
+    model: str,
+    prompt: str,
+    adapter: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    system: str | None = None,
+    stop: list[str] = (),
+    dtype: str = "auto",
+    device: str = "auto",
+    stats: bool = False,
+) -> int:
     """Complete a prompt and print the completion as it is generated.
 
     Args:
@@ -75,10 +99,19 @@ def generate_cmd(*, model: str, prompt: str, adapter: str | None = None, max_new
     return 0
 
 
-def chat_cmd(model: str | None = None, url: str | None = None, api_key: str | None = None,
-             adapter: str | None = None, system: str | None = None, max_new_tokens: int = 512,
-             temperature: float = 0.7, top_p: float = 0.9, seed: int | None = None,
-             dtype: str = "auto", device: str = "auto") -> int:
+def chat_cmd(
+    model: str | None = None,
+    url: str | None = None,
+    api_key: str | None = None,
+    adapter: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> int:
     """Interactive chat with streaming output (a local model, or a running `yunque serve` via --url).
 
     A message may span lines: paste it, end a line with \\ to go on, or put \"\"\" on its own line before and after.
@@ -101,8 +134,9 @@ def chat_cmd(model: str | None = None, url: str | None = None, api_key: str | No
     if url is not None:
         from yunque.serve.client import chat_remote
 
-        return chat_remote(url, api_key, system=system, max_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, seed=seed)
+        return chat_remote(
+            url, api_key, system=system, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
     m, tok = load(model, adapter, dtype, device)
     fit_threads(m)  # on CPU: the cores other processes leave free
     s = _sampling(tok, max_new_tokens, temperature, 0, top_p, 1.0, seed, ())

@@ -37,25 +37,38 @@ def inspect_cmd(path: str, hashes: bool = True) -> dict:
                 dt = str(f.entries[name][0]).removeprefix("torch.")
                 dtypes[dt] = dtypes.get(dt, 0) + 1
     info = {
-        "architecture": cfg.architecture, "parameters": n_params, "dtype": dtypes,
-        "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads,
-        "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_size, "vocab_size": cfg.vocab_size,
-        "rope": {"theta": cfg.rope_theta, "scaling": cfg.rope_scaling}, "tied_embeddings": cfg.tie_word_embeddings,
-        "files": [{"name": f.name, "bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hashes else {})}
-                  for f in sorted(p.iterdir()) if f.is_file()],
+        "architecture": cfg.architecture,
+        "parameters": n_params,
+        "dtype": dtypes,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_size,
+        "vocab_size": cfg.vocab_size,
+        "rope": {"theta": cfg.rope_theta, "scaling": cfg.rope_scaling},
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "files": [
+            {"name": f.name, "bytes": f.stat().st_size, **({"sha256": sha256_file(f)} if hashes else {})}
+            for f in sorted(p.iterdir())
+            if f.is_file()
+        ],
     }
     print(f"{p}: {cfg.architecture}, {n_params / 1e6:.2f}M parameters, dtype {', '.join(dtypes) or '?'}")
-    print(f"  {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
-          f"(kv {cfg.num_key_value_heads}, head dim {cfg.head_size}), vocab {cfg.vocab_size}, "
-          f"rope theta {cfg.rope_theta:g}{' ' + cfg.rope_scaling['rope_type'] if cfg.rope_scaling else ''}"
-          f"{', tied embeddings' if cfg.tie_word_embeddings else ''}")
+    print(
+        f"  {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_attention_heads} "
+        f"(kv {cfg.num_key_value_heads}, head dim {cfg.head_size}), vocab {cfg.vocab_size}, "
+        f"rope theta {cfg.rope_theta:g}{' ' + cfg.rope_scaling['rope_type'] if cfg.rope_scaling else ''}"
+        f"{', tied embeddings' if cfg.tie_word_embeddings else ''}"
+    )
     for f in info["files"]:
         print(f"  {f['name']:<40} {f['bytes']:>14,d}  {f.get('sha256', '')}")
     return info
 
 
-def init_cmd(out: str, preset: str = "tiny", tokenizer: str | None = None, seed: int = 0,
-             dtype: str = "float32") -> Path:
+def init_cmd(
+    out: str, preset: str = "tiny", tokenizer: str | None = None, seed: int = 0, dtype: str = "float32"
+) -> Path:
     """Write a randomly initialised model from a preset (and copy a tokenizer next to it).
 
     Args:
@@ -72,8 +85,12 @@ def init_cmd(out: str, preset: str = "tiny", tokenizer: str | None = None, seed:
         from yunque.inference import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
-        overrides = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids or tok.eos_id,
-                         pad_token_id=tok.pad_id)
+        overrides = dict(
+            vocab_size=tok.vocab_size,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.stop_ids or tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
     cfg = get_preset(preset, **overrides)
     torch.manual_seed(seed)
     model = Transformer(cfg)

@@ -7,8 +7,13 @@ from pathlib import Path
 from yunque.errors import CheckpointError, YunqueError
 
 
-def merge_cmd(base: str | None = None, adapter: str | None = None, out: str | None = None,
-              original_base: bool = False, overwrite: bool = False) -> None:
+def merge_cmd(
+    base: str | None = None,
+    adapter: str | None = None,
+    out: str | None = None,
+    original_base: bool = False,
+    overwrite: bool = False,
+) -> None:
     """Merge a PEFT LoRA adapter into its base model and write a Hugging Face model directory.
 
     Args:
@@ -36,7 +41,9 @@ def merge_cmd(base: str | None = None, adapter: str | None = None, out: str | No
     cfg = s["config"]
     kinds = sorted({m.rsplit(".", 1)[-1] for m in s["modules"]})
     base_kind = "NF4-dequantised base (QLoRA)" if cfg.quantize_base else "full-precision base"
-    print(f"merged {len(s['modules'])} LoRA modules ({', '.join(kinds)}; r={cfg.r}, alpha={cfg.alpha:g}, "
-          f"scale={cfg.scale:g}) into the {base_kind}, {s['dtype']}")
+    print(
+        f"merged {len(s['modules'])} LoRA modules ({', '.join(kinds)}; r={cfg.r}, alpha={cfg.alpha:g}, "
+        f"scale={cfg.scale:g}) into the {base_kind}, {s['dtype']}"
+    )
     tok = ", ".join(s["tokenizer_files"]) if s["tokenizer_files"] else "none found in base"
     print(f"wrote {s['out']} (tokenizer files copied: {tok})")

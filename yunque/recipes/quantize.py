@@ -10,9 +10,17 @@ from typing import Literal
 from yunque.errors import CheckpointError, YunqueError
 
 
-def quantize_cmd(model: str, *, bits: Literal[8, 4], out: str, group_size: Literal[32, 64, 128] | None = None,
-                 asymmetric: bool = False, include_embedding: bool = False, include_head: bool = False,
-                 overwrite: bool = False) -> dict:
+def quantize_cmd(
+    model: str,
+    *,
+    bits: Literal[8, 4],
+    out: str,
+    group_size: Literal[32, 64, 128] | None = None,
+    asymmetric: bool = False,
+    include_embedding: bool = False,
+    include_head: bool = False,
+    overwrite: bool = False,
+) -> dict:
     """Quantise every linear layer's weights to int8 or int4 for inference (generate, chat, eval, serve).
 
     Args:
@@ -41,8 +49,9 @@ def quantize_cmd(model: str, *, bits: Literal[8, 4], out: str, group_size: Liter
     if bits == 8 and group_size is not None:
         raise YunqueError("--group-size applies to --bits 4; int8 has one scale per output channel")
     skip = tuple(n for n, inc in (("lm_head", include_head), ("model.embed_tokens", include_embedding)) if not inc)
-    qc = QuantConfig(bits=bits, group_size=-1 if bits == 8 else (group_size or 32), sym=not asymmetric,
-                     modules_to_not_convert=skip)
+    qc = QuantConfig(
+        bits=bits, group_size=-1 if bits == 8 else (group_size or 32), sym=not asymmetric, modules_to_not_convert=skip
+    )
     m = load_model(src)
     float_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
     with torch.no_grad():
@@ -62,6 +71,8 @@ def quantize_cmd(model: str, *, bits: Literal[8, 4], out: str, group_size: Liter
     size = sum(f.stat().st_size for f in out_p.glob("*.safetensors"))
     g = "per output channel" if bits == 8 else f"group {qc.group_size}{'' if qc.sym else ', asymmetric'}"
     print(f"quantised {len(names)} modules to int{bits} ({g}; {storage_bits(m):.2f} bits per weight with scales)")
-    print(f"wrote {out_p}: {size / 1e6:.1f} MB of weights (from {float_bytes / 1e6:.1f} MB)"
-          + ("" if include_head or include_embedding else "; embedding and head kept in full precision"))
+    print(
+        f"wrote {out_p}: {size / 1e6:.1f} MB of weights (from {float_bytes / 1e6:.1f} MB)"
+        + ("" if include_head or include_embedding else "; embedding and head kept in full precision")
+    )
     return {"modules": names, "bits_per_weight": storage_bits(m), "bytes": size, "out": out_p}

@@ -10,8 +10,15 @@ from yunque.inference import load
 from yunque.serve.config import DEFAULT_KEYS_FILE
 
 
-def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-              config: str | None = None, allow_nonfinite: bool = False) -> int:
+def serve_cmd(
+    *,
+    model: str,
+    adapter: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    config: str | None = None,
+    allow_nonfinite: bool = False,
+) -> int:
     """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics).
 
     Args:
@@ -22,8 +29,13 @@ def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1"
         config: serve.yaml (limits, auth, guards, audit); unknown keys are errors
         allow_nonfinite: load weights that hold NaN or Inf (refused by default; requests that hit them get a 500)
     """
-    for module, package in (("fastapi", None), ("uvicorn", None), ("prometheus_client", "prometheus-client"),
-                            ("jwt", "pyjwt"), ("regex", None)):
+    for module, package in (
+        ("fastapi", None),
+        ("uvicorn", None),
+        ("prometheus_client", "prometheus-client"),
+        ("jwt", "pyjwt"),
+        ("regex", None),
+    ):
         require(module, "serve", "yunque serve", package=package)
     from yunque.config import load_config
     from yunque.serve.app import create_app
@@ -48,12 +60,17 @@ def serve_cmd(*, model: str, adapter: str | None = None, host: str = "127.0.0.1"
         fit_threads(m)
     name = cfg.model_name or Path(model).resolve().name
     app = create_app(m, tok, cfg, name, auth)
-    print(f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})", file=sys.stderr)
+    print(
+        f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})",
+        file=sys.stderr,
+    )
     run_server(app, host, port, cfg)
     return 0
 
 
-def keys_create_cmd(*, name: str, rpm: int | None = None, tpm: int | None = None, keys_file: str = str(DEFAULT_KEYS_FILE)) -> int:
+def keys_create_cmd(
+    *, name: str, rpm: int | None = None, tpm: int | None = None, keys_file: str = str(DEFAULT_KEYS_FILE)
+) -> int:
     """Create an API key; it is printed once and only its SHA-256 hash is stored.
 
     Args:
@@ -84,8 +101,10 @@ def keys_list_cmd(keys_file: str = str(DEFAULT_KEYS_FILE)) -> int:
         return 0
     print(f"{'name':20} {'prefix':8} {'rpm':>6} {'tpm':>8} {'created':26} revoked")
     for k in keys:
-        print(f"{k['name']:20} {k.get('prefix', ''):8} {k.get('rpm') or '-'!s:>6} {k.get('tpm') or '-'!s:>8} "
-              f"{k.get('created', ''):26} {k.get('revoked') or '-'}")
+        print(
+            f"{k['name']:20} {k.get('prefix', ''):8} {k.get('rpm') or '-'!s:>6} {k.get('tpm') or '-'!s:>8} "
+            f"{k.get('created', ''):26} {k.get('revoked') or '-'}"
+        )
     return 0
 
 

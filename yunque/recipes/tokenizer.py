@@ -12,8 +12,9 @@ from yunque.tokenizer import SPECIAL_TOKENS, train_bpe
 _SAMPLE_CHARS = 1 << 20
 
 
-def train_cmd(files: list[str], out: str | None = None, vocab_size: int = 8192, min_frequency: int = 2,
-              overwrite: bool = False) -> None:
+def train_cmd(
+    files: list[str], out: str | None = None, vocab_size: int = 8192, min_frequency: int = 2, overwrite: bool = False
+) -> None:
     """Train a Llama-3-style byte-level BPE tokenizer (with chat template) on text files.
 
     Args:
@@ -26,7 +27,9 @@ def train_cmd(files: list[str], out: str | None = None, vocab_size: int = 8192, 
     if not out:
         raise YunqueError("--out DIR is required")
     if (Path(out) / "tokenizer.json").exists() and not overwrite:
-        raise YunqueError(f"{out}: already holds a tokenizer.json (a model's embeddings may depend on it); pass --overwrite to replace it")
+        raise YunqueError(
+            f"{out}: already holds a tokenizer.json (a model's embeddings may depend on it); pass --overwrite to replace it"  # noqa: E501
+        )
     paths = corpus_files(files)
     t0 = time.perf_counter()
     tok = train_bpe(paths, vocab_size=vocab_size, out_dir=out, min_frequency=min_frequency)
@@ -42,6 +45,8 @@ def train_cmd(files: list[str], out: str | None = None, vocab_size: int = 8192, 
     size = sum(p.stat().st_size for p in paths)
     short = f" (requested {vocab_size}: the corpus has too few distinct pairs)" if tok.vocab_size < vocab_size else ""
     print(f"trained byte-level BPE on {len(paths)} file(s), {size / 1e6:.1f} MB, in {elapsed:.1f} s")
-    print(f"vocab size {tok.vocab_size}{short}, {len(SPECIAL_TOKENS)} special tokens, pad {tok.pad_id}, stop ids {tok.stop_ids}")
+    print(
+        f"vocab size {tok.vocab_size}{short}, {len(SPECIAL_TOKENS)} special tokens, pad {tok.pad_id}, stop ids {tok.stop_ids}"  # noqa: E501
+    )
     print(f"{len(sample_text.encode('utf-8')) / n_tokens:.2f} bytes/token on the first {len(sample_text):,} characters")
     print(f"saved to {out}")

@@ -58,23 +58,38 @@ def dry_run(cfg: TrainConfig) -> str:
     trainable, total = trainable_parameters(tr.model)
     mem = estimate_memory(tr.model, cfg, tr.d.world)
     src = tr.data.train
-    lines = ["# resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
-             f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / max(1, total):.2f}%)",
-             f"data: {len(src):,} training documents, {src.num_targets():,} trained tokens, "
-             f"{tr.packer.rows_per_epoch():,} rows of {cfg.data.seq_len} per epoch"
-             + (f", {len(tr.data.val):,} validation documents" if tr.data.val is not None else ", no validation set"),
-             f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step), "
-             f"warmup {tr.warmup_steps:,}" + ("" if cfg.optim.warmup_steps is not None else f" ({cfg.optim.warmup_ratio:g} of the steps)"),
-             *(f"warning: {w}" for w in cfg.step_warnings(tr.total_steps, has_val=tr.data.val is not None)),
-             "peak memory estimate (per process): " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()), ""]
+    lines = [
+        "# resolved config",
+        yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
+        "",
+        f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / max(1, total):.2f}%)",
+        f"data: {len(src):,} training documents, {src.num_targets():,} trained tokens, "
+        f"{tr.packer.rows_per_epoch():,} rows of {cfg.data.seq_len} per epoch"
+        + (f", {len(tr.data.val):,} validation documents" if tr.data.val is not None else ", no validation set"),
+        f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step), "  # noqa: E501
+        f"warmup {tr.warmup_steps:,}"
+        + ("" if cfg.optim.warmup_steps is not None else f" ({cfg.optim.warmup_ratio:g} of the steps)"),
+        *(f"warning: {w}" for w in cfg.step_warnings(tr.total_steps, has_val=tr.data.val is not None)),
+        "peak memory estimate (per process): " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()),
+        "",
+    ]
     for i in range(min(2, len(src))):
         ids, mask = src.doc(i)
-        lines += [f"--- training example {i + 1} ({len(ids)} tokens; ⟦masked⟧ tokens are not trained)", _mark(tr.tok, ids, mask)]
+        lines += [
+            f"--- training example {i + 1} ({len(ids)} tokens; ⟦masked⟧ tokens are not trained)",
+            _mark(tr.tok, ids, mask),
+        ]
     return "\n".join(lines)
 
 
-def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool = False, overwrite: bool = False,
-              verify_data: bool = True) -> int:
+def train_cmd(
+    config: Path,
+    *overrides: str,
+    dry_run: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    verify_data: bool = True,
+) -> int:
     """Train a model: pretrain, full fine-tune, LoRA or QLoRA, as the config says.
 
     Args:
@@ -101,7 +116,9 @@ def train_cmd(config: Path, *overrides: str, dry_run: bool = False, resume: bool
     r = train(cfg)
     if r.run_json is not None:
         best = f", best val_loss {r.best['val_loss']:.4f} at step {r.best_step} ({r.best_checkpoint})" if r.best else ""
-        print(f"trained {r.steps} steps{' (early stop)' if r.stopped_early else ''}{best}; output {r.output}; {r.run_json}")
+        print(
+            f"trained {r.steps} steps{' (early stop)' if r.stopped_early else ''}{best}; output {r.output}; {r.run_json}"  # noqa: E501
+        )
     return 0
 
 

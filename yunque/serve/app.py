@@ -23,9 +23,15 @@ _GENERATION = frozenset({"/v1/chat/completions", "/v1/completions"})  # rate lim
 
 def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> Gatekeeper:
     service = Service(model, tokenizer, cfg, model_name)
-    app = FastAPI(title="yunque", version="1", lifespan=service.lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None, description="OpenAI-compatible inference. Every route except /health needs "
-                  "`Authorization: Bearer <key>`.")
+    app = FastAPI(
+        title="yunque",
+        version="1",
+        lifespan=service.lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        description="OpenAI-compatible inference. Every route except /health needs `Authorization: Bearer <key>`.",
+    )
     app.state.service = service
     app.state.engine, app.state.metrics, app.state.limiter = service.engine, service.metrics, service.limiter
     _error_handlers(app, service)
@@ -55,12 +61,25 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     async def completions(req: CompletionRequest, request: Request):
         return await service.completion(req, request)
 
-    return Gatekeeper(app, cfg.limits.max_header_bytes, cfg.limits.max_body_bytes, auth.authenticate,
-                      on_reject=service.rejected, take_request=service.limiter.take_request, limited_paths=_GENERATION)
+    return Gatekeeper(
+        app,
+        cfg.limits.max_header_bytes,
+        cfg.limits.max_body_bytes,
+        auth.authenticate,
+        on_reject=service.rejected,
+        take_request=service.limiter.take_request,
+        limited_paths=_GENERATION,
+    )
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-           param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
 
 
@@ -75,12 +94,19 @@ def _error_handlers(app: FastAPI, service: Service) -> None:
     async def _invalid(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         # Drop "body" and pydantic's union-branch tags ("function-after[...]", "list[TextPart]"): keep field paths.
-        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")
-               and str(p) not in ("str", "int", "float", "bool")]
+        loc = [
+            str(p)
+            for p in first.get("loc", ())
+            if p != "body" and not any(c in str(p) for c in "[(") and str(p) not in ("str", "int", "float", "bool")
+        ]
         service.rejected("invalid_request", 400, request.scope)
         where = ".".join(loc)
-        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", param=where or None,
-                      code="invalid_value")
+        return _error(
+            400,
+            f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}",
+            param=where or None,
+            code="invalid_value",
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):

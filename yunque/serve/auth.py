@@ -51,7 +51,7 @@ def _hash(key: str) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def read_keys(path: Path) -> list[dict]:
@@ -63,9 +63,10 @@ def read_keys(path: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: cannot read keys file: {e}") from None
     keys = data.get("keys") if isinstance(data, dict) else None
-    if not isinstance(keys, list) or not all(isinstance(k, dict) and isinstance(k.get("sha256"), str)
-                                             and isinstance(k.get("name"), str) for k in keys):
-        raise ConfigError(f"{path}: not a yunque keys file (expected {{\"keys\": [{{\"name\", \"sha256\", ...}}]}})")
+    if not isinstance(keys, list) or not all(
+        isinstance(k, dict) and isinstance(k.get("sha256"), str) and isinstance(k.get("name"), str) for k in keys
+    ):
+        raise ConfigError(f'{path}: not a yunque keys file (expected {{"keys": [{{"name", "sha256", ...}}]}})')
     return keys
 
 
@@ -95,8 +96,17 @@ def create_key(path: Path, name: str, rpm: int | None = None, tpm: int | None = 
     if any(k["name"] == name and not k.get("revoked") for k in keys):
         raise YunqueError(f"{path}: an active key named {name!r} exists; revoke it first or pick another name")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    keys.append({"name": name, "prefix": key[:7], "sha256": _hash(key), "rpm": rpm, "tpm": tpm,
-                 "created": _now(), "revoked": None})
+    keys.append(
+        {
+            "name": name,
+            "prefix": key[:7],
+            "sha256": _hash(key),
+            "rpm": rpm,
+            "tpm": tpm,
+            "created": _now(),
+            "revoked": None,
+        }
+    )
     _write_keys(path, keys)
     return key
 
@@ -169,8 +179,13 @@ class JWTVerifier:
     def verify(self, token: str) -> Principal | None:
         try:
             claims = self._jwt.decode(
-                token, self._key, algorithms=list(self.cfg.algorithms), audience=self.cfg.audience,
-                issuer=self.cfg.issuer, leeway=self.cfg.leeway_s, options={"require": ["exp", "aud", "iss", "sub"]},
+                token,
+                self._key,
+                algorithms=list(self.cfg.algorithms),
+                audience=self.cfg.audience,
+                issuer=self.cfg.issuer,
+                leeway=self.cfg.leeway_s,
+                options={"require": ["exp", "aud", "iss", "sub"]},
             )
         except Exception:  # any token that cannot be verified (PyJWT errors, JSON nested too deep) is a 401
             return None
@@ -195,8 +210,14 @@ class JWTVerifier:
 
 
 # Which public key type each algorithm verifies with, and (for EC) the curve.
-_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1",
-              "EdDSA": "EdDSA"}
+_KEY_TYPES = {
+    "RS": "RSA",
+    "PS": "RSA",
+    "ES256": "secp256r1",
+    "ES384": "secp384r1",
+    "ES512": "secp521r1",
+    "EdDSA": "EdDSA",
+}
 
 
 def load_public_key(path: Path, algorithms: list[str]):
@@ -215,8 +236,10 @@ def load_public_key(path: Path, algorithms: list[str]):
     except OSError as e:
         raise ConfigError(f"{where}: cannot read: {e.strerror or e}") from None
     if b"PRIVATE KEY" in data:
-        raise ConfigError(f"{where}: holds a private key; give the identity provider's public key "
-                          "(-----BEGIN PUBLIC KEY-----): a signing key must never sit on the server")
+        raise ConfigError(
+            f"{where}: holds a private key; give the identity provider's public key "
+            "(-----BEGIN PUBLIC KEY-----): a signing key must never sit on the server"
+        )
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
             key = x509.load_pem_x509_certificate(data).public_key()
@@ -266,5 +289,6 @@ class Authenticator:
 
 
 def build_authenticator(required: bool, keys_file: Path, jwt: JWTConfig) -> Authenticator:
-    return Authenticator(KeyStore(keys_file) if required else None,
-                         JWTVerifier(jwt) if (required and jwt.enabled) else None, required)
+    return Authenticator(
+        KeyStore(keys_file) if required else None, JWTVerifier(jwt) if (required and jwt.enabled) else None, required
+    )

@@ -19,9 +19,17 @@ from yunque.errors import YunqueError
 _TIMEOUT_S = 600
 
 
-def chat_remote(url: str, api_key: str | None = None, system: str | None = None, max_tokens: int = 256,
-                temperature: float = 0.7, top_p: float = 1.0, seed: int | None = None,
-                stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+def chat_remote(
+    url: str,
+    api_key: str | None = None,
+    system: str | None = None,
+    max_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> int:
     """Interactive chat with a running yunque (or any OpenAI-compatible) server, streaming replies.
 
     `url` is the server's base, e.g. http://127.0.0.1:8000 (with or without /v1). The key comes
@@ -41,8 +49,10 @@ def chat_remote(url: str, api_key: str | None = None, system: str | None = None,
     except (KeyError, IndexError, TypeError):
         raise YunqueError(f"{base}/models: no model listed") from None
     history = [{"role": "system", "content": system}] if system else []
-    print(f"yunque chat with {model} at {base}: /exit or Ctrl-D to quit, /reset to forget the conversation.\n{HELP}",
-          file=sys.stderr)
+    print(
+        f"yunque chat with {model} at {base}: /exit or Ctrl-D to quit, /reset to forget the conversation.\n{HELP}",
+        file=sys.stderr,
+    )
     reader = MessageReader(stdin, stdout, "> " if stdin.isatty() else "")
     while True:
         text = reader.read()
@@ -54,8 +64,15 @@ def chat_remote(url: str, api_key: str | None = None, system: str | None = None,
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        body = {"model": model, "messages": history, "stream": True, "max_tokens": max_tokens,
-                "temperature": temperature, "top_p": top_p, **({"seed": seed} if seed is not None else {})}
+        body = {
+            "model": model,
+            "messages": history,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            **({"seed": seed} if seed is not None else {}),
+        }
         reply = []
         try:
             for delta in api.stream_chat(body):

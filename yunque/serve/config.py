@@ -49,7 +49,9 @@ class LimitsConfig:
 
     def validate(self) -> None:
         if self.max_prompt_tokens >= self.max_len:
-            raise ConfigError(f"limits.max_prompt_tokens: must be < limits.max_len ({self.max_len}), got {self.max_prompt_tokens}")
+            raise ConfigError(
+                f"limits.max_prompt_tokens: must be < limits.max_len ({self.max_len}), got {self.max_prompt_tokens}"
+            )
         if self.default_max_tokens > self.max_tokens:
             raise ConfigError(f"limits.default_max_tokens: must be <= limits.max_tokens ({self.max_tokens})")
 
@@ -77,7 +79,9 @@ class JWTConfig:
             raise ConfigError("auth.jwt: audience and issuer are required (both are checked on every token)")
         algs = set(self.algorithms)
         if not algs or not algs <= _HMAC_ALGS | _PUBKEY_ALGS:
-            raise ConfigError(f"auth.jwt.algorithms: expected some of {sorted(_HMAC_ALGS | _PUBKEY_ALGS)}, got {self.algorithms}")
+            raise ConfigError(
+                f"auth.jwt.algorithms: expected some of {sorted(_HMAC_ALGS | _PUBKEY_ALGS)}, got {self.algorithms}"
+            )
         # One key type only: mixing HS* with a public key is the classic algorithm-confusion hole.
         if algs <= _HMAC_ALGS:
             if not self.secret_env or self.public_key_file:

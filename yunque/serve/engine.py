@@ -61,7 +61,7 @@ class _PoolCache(torch.nn.Module):
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Views into the pool, cut to the longest row in the batch: attention (and GQA's head
         # repeat) then costs what the batch holds, not what the pool could hold.
-        kc, vc = self.k[self.lo:self.hi, :, :self.span], self.v[self.lo:self.hi, :, :self.span]
+        kc, vc = self.k[self.lo : self.hi, :, : self.span], self.v[self.lo : self.hi, :, : self.span]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
         kc[rows, :, slots] = k.transpose(1, 2)  # slots (B, T): row b writes its T tokens at its own slots
         vc[rows, :, slots] = v.transpose(1, 2)
@@ -93,9 +93,17 @@ class Seq:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer, max_batch: int, max_len: int, max_queue: int,
-                 max_prefill_tokens: int = 2048, on_step: Callable[[Engine], None] | None = None,
-                 on_death: Callable[[BaseException], None] | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        max_batch: int,
+        max_len: int,
+        max_queue: int,
+        max_prefill_tokens: int = 2048,
+        on_step: Callable[[Engine], None] | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
+    ):
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.max_prefill_tokens = max_prefill_tokens
@@ -105,8 +113,12 @@ class Engine:
         p = model.model.embed_tokens.weight
         self.device = p.device
         shape = (max_batch, cfg.num_key_value_heads, max_len, cfg.head_size)
-        self.caches = [_PoolCache(torch.zeros(shape, dtype=p.dtype, device=p.device),
-                                  torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in model.model.layers]
+        self.caches = [
+            _PoolCache(
+                torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device)
+            )
+            for _ in model.model.layers
+        ]
         for layer, c in zip(model.model.layers, self.caches):
             layer.self_attn.cache = c
         self.window = cfg.sliding_window
@@ -134,12 +146,16 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="yunque-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompts: Sequence[list[int]], params: Sequence[SeqParams], on_event: Sequence[OnEvent]) -> list[Seq]:
+    def submit(
+        self, prompts: Sequence[list[int]], params: Sequence[SeqParams], on_event: Sequence[OnEvent]
+    ) -> list[Seq]:
         """Queue several sequences atomically (all choices of one request, or none)."""
         seqs = [Seq(list(p), sp, cb) for p, sp, cb in zip(prompts, params, on_event)]
         for s in seqs:  # the server validates first; this guards the pool against a caller's bug
             if not s.prompt or len(s.prompt) + s.params.max_tokens > self.max_len:
-                raise ValueError(f"prompt of {len(s.prompt)} tokens + max_tokens {s.params.max_tokens} does not fit a cache row of {self.max_len}")
+                raise ValueError(
+                    f"prompt of {len(s.prompt)} tokens + max_tokens {s.params.max_tokens} does not fit a cache row of {self.max_len}"  # noqa: E501
+                )
         with self._cv:
             if self.error is not None:
                 raise EngineDown(f"the engine failed ({type(self.error).__name__}: {self.error})")
@@ -358,8 +374,9 @@ class Engine:
         self.running.pop()
 
 
-def sample_rows(logits: torch.Tensor, params: Sequence[SeqParams], gens: Sequence[torch.Generator | None],
-                rng: torch.Generator) -> torch.Tensor:
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SeqParams], gens: Sequence[torch.Generator | None], rng: torch.Generator
+) -> torch.Tensor:
     """Each row with its own request's temperature / top-p; a row with a generator (a request
     `seed`) draws from it alone, the others from the engine's `rng`."""
     temps = torch.tensor([p.temperature for p in params], device=logits.device)

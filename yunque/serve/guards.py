@@ -35,14 +35,14 @@ from yunque.errors import ConfigError
 _V = r"(?:ignore|disregard|forget|override|bypass|skip)"
 _PRIOR = r"(?:all\s+|any\s+|the\s+|your\s+|my\s+)*(?:previous|prior|above|earlier|preceding|original|system|initial)"
 RULES: dict[str, str] = {
-    "ignore_instructions": rf"\b{_V}\s+{_PRIOR}\s+(?:instructions?|prompts?|rules|directions|guidelines|messages?|context)\b",
+    "ignore_instructions": rf"\b{_V}\s+{_PRIOR}\s+(?:instructions?|prompts?|rules|directions|guidelines|messages?|context)\b",  # noqa: E501
     "reveal_system_prompt": r"\b(?:reveal|show|print|repeat|output|leak|display|tell\s+me)\s+(?:me\s+)?(?:your|the)\s+"
-                            r"(?:(?:full|entire|hidden|secret|original|initial)\s+)?(?:system\s+(?:prompt|message)|hidden\s+instructions|instructions\s+above)\b",
-    "persona_jailbreak": r"\b(?:you\s+are\s+now|act\s+as|pretend\s+to\s+be|roleplay\s+as)\s+(?:a\s+|an\s+)?(?:dan|jailbroken|unrestricted|unfiltered|uncensored|evil)\b"
-                         r"|\bdo\s+anything\s+now\b|\bdan\s+mode\b",
-    "mode_switch": r"\b(?:enable|activate|enter|switch\s+to)\s+(?:developer|god|jailbreak|unrestricted|debug\s+admin)\s+mode\b",
-    "no_rules": r"\b(?:without|no|free\s+of|ignore)\s+(?:any\s+)?(?:ethical\s+|safety\s+|content\s+)?(?:restrictions|filters|guidelines|limitations|censorship)\b"
-                r"(?=.{0,80}?\b(?:answer|respond|reply|tell|act|you)\b)",
+    r"(?:(?:full|entire|hidden|secret|original|initial)\s+)?(?:system\s+(?:prompt|message)|hidden\s+instructions|instructions\s+above)\b",
+    "persona_jailbreak": r"\b(?:you\s+are\s+now|act\s+as|pretend\s+to\s+be|roleplay\s+as)\s+(?:a\s+|an\s+)?(?:dan|jailbroken|unrestricted|unfiltered|uncensored|evil)\b"  # noqa: E501
+    r"|\bdo\s+anything\s+now\b|\bdan\s+mode\b",
+    "mode_switch": r"\b(?:enable|activate|enter|switch\s+to)\s+(?:developer|god|jailbreak|unrestricted|debug\s+admin)\s+mode\b",  # noqa: E501
+    "no_rules": r"\b(?:without|no|free\s+of|ignore)\s+(?:any\s+)?(?:ethical\s+|safety\s+|content\s+)?(?:restrictions|filters|guidelines|limitations|censorship)\b"  # noqa: E501
+    r"(?=.{0,80}?\b(?:answer|respond|reply|tell|act|you)\b)",
     # Blanks other than newlines, possessive: a line start cannot reach into the next line.
     "fake_turn": r"^[^\S\n]*+(?:#{2,}+[^\S\n]*+)?(?:system|assistant)[^\S\n]*+:\s|\[/?inst\]|<\|im_start\|>|<<sys>>",
 }
@@ -72,8 +72,9 @@ class InputGuard:
             # (name, compiled, runs on the case-folded text): custom patterns keep their own case
             # handling (IGNORECASE, as documented) and see the text as sent.
             self._rules = [(name, regex.compile(p, flags), True) for name, p in RULES.items()]
-            self._rules += [(f"custom_{i}", regex.compile(p, flags | regex.IGNORECASE), False)
-                            for i, p in enumerate(extra_patterns)]
+            self._rules += [
+                (f"custom_{i}", regex.compile(p, flags | regex.IGNORECASE), False) for i, p in enumerate(extra_patterns)
+            ]
         except regex.error as e:
             raise ConfigError(f"guards.extra_patterns: invalid regex: {e}") from None
         self._special = sorted({t for t in special_tokens if t and len(t) > 2}, key=len, reverse=True)

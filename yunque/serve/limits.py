@@ -83,8 +83,13 @@ class RateLimiter:
             wait = max(req.wait_for(1), tok.wait_for(tokens))
             if wait > 0:
                 reason = "requests" if req.wait_for(1) > 0 else "tokens"
-                return Decision(False, self._headers(req, tok), retry_after=wait, reason=reason,
-                                limit=int(req.capacity if reason == "requests" else tok.capacity))
+                return Decision(
+                    False,
+                    self._headers(req, tok),
+                    retry_after=wait,
+                    reason=reason,
+                    limit=int(req.capacity if reason == "requests" else tok.capacity),
+                )
             req.level -= 1
             tok.level -= tokens
             return Decision(True, self._headers(req, tok))
@@ -95,8 +100,9 @@ class RateLimiter:
             req, tok = self._get(who, self.clock())
             wait = req.wait_for(1)
             if wait > 0:
-                return Decision(False, self._headers(req, tok), retry_after=wait, reason="requests",
-                                limit=int(req.capacity))
+                return Decision(
+                    False, self._headers(req, tok), retry_after=wait, reason="requests", limit=int(req.capacity)
+                )
             req.level -= 1
             return Decision(True, self._headers(req, tok))
 
@@ -108,8 +114,9 @@ class RateLimiter:
                 return Decision(False, self._headers(req, tok), reason="too_large", limit=int(tok.capacity))
             wait = tok.wait_for(tokens)
             if wait > 0:
-                return Decision(False, self._headers(req, tok), retry_after=wait, reason="tokens",
-                                limit=int(tok.capacity))
+                return Decision(
+                    False, self._headers(req, tok), retry_after=wait, reason="tokens", limit=int(tok.capacity)
+                )
             tok.level -= tokens
             return Decision(True, self._headers(req, tok))
 
@@ -143,11 +150,17 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 class Gatekeeper:
     """ASGI middleware: x-request-id on everything, header cap (431), body cap (413)."""
 
-    def __init__(self, app, max_header_bytes: int, max_body_bytes: int,
-                 authenticate: Callable[[str | None], Principal | None], public_paths: frozenset[str] = frozenset({"/health"}),
-                 on_reject: Callable[[str, int, dict], None] | None = None,
-                 take_request: Callable[[Principal], Decision] | None = None,
-                 limited_paths: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        app,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        authenticate: Callable[[str | None], Principal | None],
+        public_paths: frozenset[str] = frozenset({"/health"}),
+        on_reject: Callable[[str, int, dict], None] | None = None,
+        take_request: Callable[[Principal], Decision] | None = None,
+        limited_paths: frozenset[str] = frozenset(),
+    ):
         self.app, self.max_header_bytes, self.max_body_bytes = app, max_header_bytes, max_body_bytes
         self.authenticate, self.public_paths = authenticate, public_paths
         self.on_reject = on_reject or (lambda reason, status, scope: None)  # for metrics and the audit log
@@ -169,15 +182,24 @@ class Gatekeeper:
         header_bytes = sum(len(k) + len(v) + 4 for k, v in scope["headers"]) + len(scope.get("raw_path") or b"")
         if header_bytes > self.max_header_bytes:
             self.on_reject("headers_too_large", 431, scope)
-            return await self._error(send_with_id, 431, f"request headers are {header_bytes} bytes, over the limit of {self.max_header_bytes}",
-                                     "request_headers_too_large")
+            return await self._error(
+                send_with_id,
+                431,
+                f"request headers are {header_bytes} bytes, over the limit of {self.max_header_bytes}",
+                "request_headers_too_large",
+            )
         if scope["path"] not in self.public_paths:
             auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
             who = self.authenticate(auth[0]) if len(auth) == 1 else None
             if who is None:
                 self.on_reject("auth", 401, scope)
-                return await self._error(send_with_id, 401, "Incorrect or missing API key or token: send `Authorization: Bearer <key>`",
-                                         "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+                return await self._error(
+                    send_with_id,
+                    401,
+                    "Incorrect or missing API key or token: send `Authorization: Bearer <key>`",
+                    "invalid_api_key",
+                    [(b"www-authenticate", b"Bearer")],
+                )
             scope["state"]["principal"] = who
             if self.take_request is not None and scope["method"] == "POST" and scope["path"] in self.limited_paths:
                 d = self.take_request(who)
@@ -185,12 +207,20 @@ class Gatekeeper:
                     self.on_reject("rate_limit_requests", 429, scope)
                     retry = max(1, math.ceil(d.retry_after))
                     extra = [(k.encode(), v.encode()) for k, v in {**d.headers, "retry-after": str(retry)}.items()]
-                    return await self._error(send_with_id, 429, f"Rate limit reached for requests per minute (limit "
-                                             f"{d.limit}); retry in {retry}s", "rate_limit_exceeded", extra, "requests")
+                    return await self._error(
+                        send_with_id,
+                        429,
+                        f"Rate limit reached for requests per minute (limit {d.limit}); retry in {retry}s",
+                        "rate_limit_exceeded",
+                        extra,
+                        "requests",
+                    )
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             self.on_reject("body_too_large", 413, scope)
-            return await self._error(send_with_id, 413, f"request body over the limit of {self.max_body_bytes} bytes", "request_too_large")
+            return await self._error(
+                send_with_id, 413, f"request body over the limit of {self.max_body_bytes} bytes", "request_too_large"
+            )
         body = bytearray()
         more = scope["method"] in ("POST", "PUT", "PATCH")
         while more:
@@ -201,7 +231,12 @@ class Gatekeeper:
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
                 self.on_reject("body_too_large", 413, scope)
-                return await self._error(send_with_id, 413, f"request body over the limit of {self.max_body_bytes} bytes", "request_too_large")
+                return await self._error(
+                    send_with_id,
+                    413,
+                    f"request body over the limit of {self.max_body_bytes} bytes",
+                    "request_too_large",
+                )
         replayed = False
 
         async def replay():
@@ -214,8 +249,9 @@ class Gatekeeper:
         await self.app(scope, replay, send_with_id)
 
     @staticmethod
-    async def _error(send, status: int, message: str, code: str, extra: list | None = None,
-                     type_: str | None = None) -> None:
+    async def _error(
+        send, status: int, message: str, code: str, extra: list | None = None, type_: str | None = None
+    ) -> None:
         type_ = type_ or ("authentication_error" if status == 401 else "invalid_request_error")
         payload = json.dumps(error_body(message, type_, code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]

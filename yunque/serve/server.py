@@ -31,10 +31,14 @@ def check_bind(host: str, cfg: ServeConfig, auth: Authenticator) -> None:
     """Refuse unsafe setups before anything is loaded."""
     keys = cfg.auth.keys_file
     if cfg.auth.required and not auth.configured:
-        raise YunqueError(f"no authentication configured: no active key in {keys} and no auth.jwt; create a key with "
-                          f"`yunque keys create --name NAME --keys-file {keys}`, or set auth.required: false (loopback only)")
+        raise YunqueError(
+            f"no authentication configured: no active key in {keys} and no auth.jwt; create a key with "
+            f"`yunque keys create --name NAME --keys-file {keys}`, or set auth.required: false (loopback only)"
+        )
     if not is_loopback(host) and not (cfg.auth.required and auth.configured):
-        raise YunqueError(f"refusing to listen on {host}: a non-loopback address needs authentication (auth.required: true and a key or JWT)")
+        raise YunqueError(
+            f"refusing to listen on {host}: a non-loopback address needs authentication (auth.required: true and a key or JWT)"  # noqa: E501
+        )
 
 
 def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info"):
@@ -47,11 +51,21 @@ def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str =
     # limit_concurrency: uvicorn's 503 when request tasks (which can outlive their connection)
     # pile up past the connection cap; connections themselves are capped by the protocol.
     protocol = guarded_h11(L.header_timeout_s, L.body_timeout_s, L.max_connections)
-    return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=L.keep_alive_s,
-                          h11_max_incomplete_event_size=2 * L.max_header_bytes + 8192,
-                          limit_concurrency=L.max_connections + 1, server_header=False, proxy_headers=False,
-                          timeout_graceful_shutdown=cfg.drain_timeout_s, log_level=log_level, lifespan="on",
-                          access_log=False)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        timeout_keep_alive=L.keep_alive_s,
+        h11_max_incomplete_event_size=2 * L.max_header_bytes + 8192,
+        limit_concurrency=L.max_connections + 1,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=cfg.drain_timeout_s,
+        log_level=log_level,
+        lifespan="on",
+        access_log=False,
+    )
 
 
 def guarded_h11(header_timeout: float, body_timeout: float, max_connections: int) -> type:
@@ -64,10 +78,20 @@ def guarded_h11(header_timeout: float, body_timeout: float, max_connections: int
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    busy = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: %d\r\n\r\n%s")
-    body = dumps({"error": {"message": "The server is at its connection limit; retry shortly",
-                            "type": "server_overloaded", "param": None, "code": "overloaded"}}).encode()
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s"
+    )
+    body = dumps(
+        {
+            "error": {
+                "message": "The server is at its connection limit; retry shortly",
+                "type": "server_overloaded",
+                "param": None,
+                "code": "overloaded",
+            }
+        }
+    ).encode()
 
     class GuardedH11Protocol(H11Protocol):
         _phase: str | None = None

@@ -47,14 +47,28 @@ _PREP_WORKERS = 4  # threads for guards + chat template + tokenizer; more reques
 _MAX_RESTARTS, _RESTART_WINDOW_S = 3, 600.0
 log = logging.getLogger(__name__)
 # The route labels of metrics and audit lines: a bounded set, whatever paths clients send.
-_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/models": "models",
-           "/metrics": "metrics", "/health": "health", "/openapi.json": "openapi"}
+_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/models": "models",
+    "/metrics": "metrics",
+    "/health": "health",
+    "/openapi.json": "openapi",
+}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None, reason: str = "invalid_request",
-                 audited: bool = False):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str = "invalid_request",
+        audited: bool = False,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
         self.headers, self.reason = headers or {}, reason
@@ -100,8 +114,11 @@ class Job:
         return out
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.n_unique_prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.n_unique_prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.n_unique_prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.n_unique_prompt_tokens + self.completion_tokens,
+        }
 
 
 class Service:
@@ -112,12 +129,22 @@ class Service:
     def __init__(self, model, tokenizer, cfg: ServeConfig, model_name: str):
         L = self.limits = cfg.limits
         if L.max_len > model.config.max_position_embeddings:
-            raise ConfigError(f"limits.max_len: {L.max_len} is past the model's context of "
-                              f"{model.config.max_position_embeddings} tokens")
+            raise ConfigError(
+                f"limits.max_len: {L.max_len} is past the model's context of "
+                f"{model.config.max_position_embeddings} tokens"
+            )
         self.cfg, self.tokenizer, self.model_name = cfg, tokenizer, model_name
         self.metrics = Metrics()
-        self.engine = Engine(model, tokenizer, L.max_batch, L.max_len, L.max_queue, L.max_prefill_tokens,
-                             on_step=self._on_step, on_death=self._on_engine_death)
+        self.engine = Engine(
+            model,
+            tokenizer,
+            L.max_batch,
+            L.max_len,
+            L.max_queue,
+            L.max_prefill_tokens,
+            on_step=self._on_step,
+            on_death=self._on_engine_death,
+        )
         self.limiter = RateLimiter(L.rpm, L.tpm)
         self.in_guard = InputGuard(cfg.guards.input, _special_tokens(tokenizer), cfg.guards.extra_patterns)
         self.out_guard = OutputGuard(cfg.guards.output, cfg.guards.holdback)
@@ -157,8 +184,10 @@ class Service:
             log.warning("restarting the serving engine after %s: %s", type(e).__name__, e)
             self.engine.start()
             return
-        self.fatal = (f"the engine failed {len(self._deaths)} times in {_RESTART_WINDOW_S:.0f} s, "
-                      f"last with {type(e).__name__}: {e}")
+        self.fatal = (
+            f"the engine failed {len(self._deaths)} times in {_RESTART_WINDOW_S:.0f} s, "
+            f"last with {type(e).__name__}: {e}"
+        )
         log.error("giving up: %s", self.fatal)
         self.on_fatal()
 
@@ -181,8 +210,16 @@ class Service:
         route = _ROUTES.get(scope.get("path", ""), "other")
         self.metrics.rejections.labels(reason).inc()
         self.metrics.requests.labels(route, str(status)).inc()
-        self.audit.write({"request_id": state.get("request_id"), "key": who.name if who else None, "route": route,
-                          "status": status, "outcome": "rejected", "reason": reason})
+        self.audit.write(
+            {
+                "request_id": state.get("request_id"),
+                "key": who.name if who else None,
+                "route": route,
+                "status": status,
+                "outcome": "rejected",
+                "reason": reason,
+            }
+        )
 
     # -- the two generation routes -----------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
@@ -229,19 +266,30 @@ class Service:
     # -- admission -------------------------------------------------------------------------
     def _check_model_and_n(self, req) -> None:
         if req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
-                           code="model_not_found", param="model", reason="invalid_request")
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist; this server serves `{self.model_name}`",
+                code="model_not_found",
+                param="model",
+                reason="invalid_request",
+            )
         n = req.n or 1
         if n > self.limits.max_n:
-            raise APIError(400, f"n: at most {self.limits.max_n} choices per request, got {n}", param="n",
-                           code="invalid_value")
+            raise APIError(
+                400, f"n: at most {self.limits.max_n} choices per request, got {n}", param="n", code="invalid_value"
+            )
 
     def _check_size(self, texts: list[str], param: str) -> None:
         """Bound the text before any pattern, template or tokenizer sees it."""
         n, cap = sum(map(len, texts)), self.limits.max_input_chars
         if n > cap:
-            raise APIError(400, f"{param}: {n} characters in all, over this server's limit of {cap}", param=param,
-                           code="string_above_max_length", reason="input_too_large")
+            raise APIError(
+                400,
+                f"{param}: {n} characters in all, over this server's limit of {cap}",
+                param=param,
+                code="string_above_max_length",
+                reason="input_too_large",
+            )
 
     async def _offload(self, prepare):
         """`prepare(deadline)` in a worker thread, awaited for at most `limits.prep_timeout_s`.
@@ -258,11 +306,16 @@ class Service:
 
         try:
             return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._prep, run), budget)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not started:  # every worker busy for the whole budget
-                raise APIError(429, "The server is overloaded (no worker free to check the input); retry shortly",
-                               type_="server_overloaded", code="overloaded", headers={"retry-after": "1"},
-                               reason="overloaded") from None
+                raise APIError(
+                    429,
+                    "The server is overloaded (no worker free to check the input); retry shortly",
+                    type_="server_overloaded",
+                    code="overloaded",
+                    headers={"retry-after": "1"},
+                    reason="overloaded",
+                ) from None
             raise _too_complex(budget) from None
 
     def _count_verdict(self, v: Verdict) -> None:
@@ -271,30 +324,49 @@ class Service:
         if v.verdict == "block" and TIMEOUT_RULE in v.rules:
             raise _too_complex(self.limits.prep_timeout_s)
         if v.verdict == "block":
-            raise APIError(400, f"the input was refused by the prompt-injection guard (rules: {', '.join(v.rules)})",
-                           code="content_policy_violation", param="messages", reason="guard_block")
+            raise APIError(
+                400,
+                f"the input was refused by the prompt-injection guard (rules: {', '.join(v.rules)})",
+                code="content_policy_violation",
+                param="messages",
+                reason="guard_block",
+            )
 
-    def _admit(self, kind: str, request: Request, req, prompt_ids: list[list[int]], max_tokens: int | None,
-               verdict: Verdict) -> tuple[Job, int]:
+    def _admit(
+        self, kind: str, request: Request, req, prompt_ids: list[list[int]], max_tokens: int | None, verdict: Verdict
+    ) -> tuple[Job, int]:
         """Check the prompts and max_tokens against the limits, charge the rate limiter: the job and its max_tokens."""
         L, n = self.limits, req.n or 1
         if len(prompt_ids) * n > L.max_n:
-            raise APIError(400, f"{len(prompt_ids)} prompts x n={n} exceeds the limit of {L.max_n} choices", param="n",
-                           code="invalid_value")
+            raise APIError(
+                400,
+                f"{len(prompt_ids)} prompts x n={n} exceeds the limit of {L.max_n} choices",
+                param="n",
+                code="invalid_value",
+            )
         longest = max(len(p) for p in prompt_ids)
         if longest > L.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {longest} tokens, over this server's limit of {L.max_prompt_tokens}",
-                           param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens, over this server's limit of {L.max_prompt_tokens}",
+                param="messages" if kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
         if max_tokens is not None and max_tokens > L.max_tokens:
-            raise APIError(400, f"max_tokens: at most {L.max_tokens}, got {max_tokens}", param="max_tokens",
-                           code="invalid_value")
+            raise APIError(
+                400, f"max_tokens: at most {L.max_tokens}, got {max_tokens}", param="max_tokens", code="invalid_value"
+            )
         room = L.max_len - longest
         if max_tokens is None:
             max_tokens = min(L.default_max_tokens, room)
         elif max_tokens > room:
-            raise APIError(400, f"this model's context is {L.max_len} tokens; the prompt ({longest}) + "
-                           f"max_tokens ({max_tokens}) exceed it",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's context is {L.max_len} tokens; the prompt ({longest}) + "
+                f"max_tokens ({max_tokens}) exceed it",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         choices = [p for p in prompt_ids for _ in range(n)]
         unique = sum(len(p) for p in prompt_ids)
         charge = unique + max_tokens * len(choices)
@@ -302,15 +374,33 @@ class Service:
         d = self.limiter.take_tokens(who, charge)  # requests per minute: taken by the Gatekeeper already
         if not d.ok:
             if d.reason == "too_large":
-                raise APIError(400, f"this request may use {charge} tokens, more than your limit of {d.limit} "
-                               "per minute",
-                               code="tokens_exceed_limit", headers=d.headers, reason="rate_limit_tokens")
+                raise APIError(
+                    400,
+                    f"this request may use {charge} tokens, more than your limit of {d.limit} per minute",
+                    code="tokens_exceed_limit",
+                    headers=d.headers,
+                    reason="rate_limit_tokens",
+                )
             retry = max(1, math.ceil(d.retry_after))
-            raise APIError(429, f"Rate limit reached for {d.reason} per minute (limit {d.limit}); retry in {retry}s",
-                           type_="requests" if d.reason == "requests" else "tokens", code="rate_limit_exceeded",
-                           headers={**d.headers, "retry-after": str(retry)}, reason=f"rate_limit_{d.reason}")
-        job = Job(kind, who, request.scope["state"]["request_id"], time.monotonic(), choices, unique, charge, verdict,
-                  redactors=[self.out_guard.stream() for _ in choices])
+            raise APIError(
+                429,
+                f"Rate limit reached for {d.reason} per minute (limit {d.limit}); retry in {retry}s",
+                type_="requests" if d.reason == "requests" else "tokens",
+                code="rate_limit_exceeded",
+                headers={**d.headers, "retry-after": str(retry)},
+                reason=f"rate_limit_{d.reason}",
+            )
+        job = Job(
+            kind,
+            who,
+            request.scope["state"]["request_id"],
+            time.monotonic(),
+            choices,
+            unique,
+            charge,
+            verdict,
+            redactors=[self.out_guard.stream() for _ in choices],
+        )
         request.state.rate_headers = d.headers
         return job, max_tokens
 
@@ -319,19 +409,38 @@ class Service:
             return lambda ev: self.mailbox.post(job.queue, (i, ev))
 
         temp = 1.0 if req.temperature is None else req.temperature
-        params = [SeqParams(max_tokens, temp, 1.0 if req.top_p is None else req.top_p,
-                            None if req.seed is None else (req.seed + i) & SEED_MAX, req.stops())
-                  for i in range(len(job.prompts))]
+        params = [
+            SeqParams(
+                max_tokens,
+                temp,
+                1.0 if req.top_p is None else req.top_p,
+                None if req.seed is None else (req.seed + i) & SEED_MAX,
+                req.stops(),
+            )
+            for i in range(len(job.prompts))
+        ]
         try:
             job.seqs = self.engine.submit(job.prompts, params, [callback(i) for i in range(len(job.prompts))])
         except Overloaded as e:
             self.limiter.refund(job.who, job.charged)
-            raise APIError(429, f"The server is overloaded ({e}); retry shortly", type_="server_overloaded",
-                           code="overloaded", headers={"retry-after": "1"}, reason="overloaded") from None
+            raise APIError(
+                429,
+                f"The server is overloaded ({e}); retry shortly",
+                type_="server_overloaded",
+                code="overloaded",
+                headers={"retry-after": "1"},
+                reason="overloaded",
+            ) from None
         except EngineDown as e:
             self.limiter.refund(job.who, job.charged)
-            raise APIError(503, f"The server cannot generate right now ({e}); retry shortly", type_="server_error",
-                           code="engine_unavailable", headers={"retry-after": "5"}, reason="engine_down") from None
+            raise APIError(
+                503,
+                f"The server cannot generate right now ({e}); retry shortly",
+                type_="server_error",
+                code="engine_unavailable",
+                headers={"retry-after": "5"},
+                reason="engine_down",
+            ) from None
 
     # -- generation ------------------------------------------------------------------------
     async def _events(self, job: Job, request: Request):
@@ -343,7 +452,7 @@ class Service:
         while pending:
             try:
                 batch = [await asyncio.wait_for(job.queue.get(), _POLL_S)]
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 batch = []
             while not job.queue.empty():
                 batch.append(job.queue.get_nowait())
@@ -354,8 +463,9 @@ class Service:
             for i, ev in batch:
                 if ev[0] == "error":  # this request's generation failed (the engine goes on)
                     job.status = "failed"
-                    raise APIError(500, ev[1], type_="server_error", code="engine_error", reason="engine_error",
-                                   audited=True)
+                    raise APIError(
+                        500, ev[1], type_="server_error", code="engine_error", reason="engine_error", audited=True
+                    )
                 if ev[0] == "done":
                     pending -= 1
                     job.finish[i] = ev[1]
@@ -391,13 +501,23 @@ class Service:
         out_verdict = "redacted" if job.redactions else "clean"
         if self.out_guard.on:
             m.guard.labels("output", out_verdict).inc()
-        self.audit.write({"request_id": job.rid, "key": job.who.name, "route": route, "status": status,
-                          "outcome": job.status, "prompt_tokens": job.n_unique_prompt_tokens,
-                          "completion_tokens": job.completion_tokens, "latency_ms": round(dt * 1000, 1),
-                          "finish_reasons": job.finish, "input_guard": job.verdict.to_dict(),
-                          "output_guard": {"verdict": out_verdict if self.out_guard.on else "off",
-                                           "redactions": job.redactions}},
-                         prompt=prompt_text, completion=job.texts if self.cfg.audit.log_prompts else None)
+        self.audit.write(
+            {
+                "request_id": job.rid,
+                "key": job.who.name,
+                "route": route,
+                "status": status,
+                "outcome": job.status,
+                "prompt_tokens": job.n_unique_prompt_tokens,
+                "completion_tokens": job.completion_tokens,
+                "latency_ms": round(dt * 1000, 1),
+                "finish_reasons": job.finish,
+                "input_guard": job.verdict.to_dict(),
+                "output_guard": {"verdict": out_verdict if self.out_guard.on else "off", "redactions": job.redactions},
+            },
+            prompt=prompt_text,
+            completion=job.texts if self.cfg.audit.log_prompts else None,
+        )
 
     async def _reply(self, job: Job, req, request: Request, route: str, prompt_text: str) -> Response:
         headers = {**request.state.rate_headers, "x-guard-input": job.verdict.verdict}
@@ -413,20 +533,39 @@ class Service:
             job.status = "ok"
         finally:
             self._finish(job, route, 200, prompt_text)
-        choices = [({"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-                    if job.kind == "chat" else {"index": i, "text": t, "logprobs": None, "finish_reason": f})
-                   for i, (t, f) in enumerate(zip(job.texts, job.finish, strict=True))]
+        choices = [
+            (
+                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
+                if job.kind == "chat"
+                else {"index": i, "text": t, "logprobs": None, "finish_reason": f}
+            )
+            for i, (t, f) in enumerate(zip(job.texts, job.finish, strict=True))
+        ]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
-        return JSONResponse({"id": job.id, "object": obj, "created": int(time.time()), "model": self.model_name,
-                             "choices": choices, "usage": job.usage()}, headers=headers)
+        return JSONResponse(
+            {
+                "id": job.id,
+                "object": obj,
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": choices,
+                "usage": job.usage(),
+            },
+            headers=headers,
+        )
 
     async def _stream(self, job: Job, request: Request, route: str, prompt_text: str, include_usage: bool):
         """The server-sent events of a streamed job, ending with `data: [DONE]`."""
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
 
         def event(choices: list[dict], usage: dict | None = None) -> str:
-            body = {"id": job.id, "object": obj, "created": int(time.time()), "model": self.model_name,
-                    "choices": choices}
+            body = {
+                "id": job.id,
+                "object": obj,
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": choices,
+            }
             if include_usage:
                 body["usage"] = usage
             return "data: " + dumps(body) + "\n\n"
@@ -470,8 +609,13 @@ class Service:
 
 
 def _too_complex(budget: float) -> APIError:
-    return APIError(400, f"the input could not be checked and tokenized within this server's time budget of "
-                    f"{budget:g} s; send a shorter or simpler input", code="input_too_complex", reason="prep_timeout")
+    return APIError(
+        400,
+        f"the input could not be checked and tokenized within this server's time budget of "
+        f"{budget:g} s; send a shorter or simpler input",
+        code="input_too_complex",
+        reason="prep_timeout",
+    )
 
 
 def _special_tokens(tokenizer) -> set[str]:

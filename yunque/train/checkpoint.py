@@ -25,8 +25,9 @@ import random
 import re
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,14 +84,24 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(root: Path, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict,
-                    *, keep_last: int, best_step: int | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    files: dict[str, dict[str, torch.Tensor]],
+    state: dict,
+    *,
+    keep_last: int,
+    best_step: int | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write `files` ({"model": tensors, ...} -> model.safetensors ...) and state.json atomically.
 
     `extra(dir)` writes more files into the checkpoint before it appears (a PEFT adapter).
     """
     if root.is_symlink():  # step-* folders inside its target would be written and deleted
-        raise CheckpointError(f"{root}: is a symlink (to {os.readlink(root)}); refusing to write checkpoints through it")
+        raise CheckpointError(
+            f"{root}: is a symlink (to {os.readlink(root)}); refusing to write checkpoints through it"
+        )
     root.mkdir(parents=True, exist_ok=True)
     for p in root.iterdir():
         if p.name.startswith(".tmp-"):
@@ -165,7 +176,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) ->
     fqns = {f for g in groups for f in g["params"]}
     state: dict[str, dict] = {}
     for key, v in tensors.items():
-        fqn, slot = key[len("state."):].rsplit(".", 1)
+        fqn, slot = key[len("state.") :].rsplit(".", 1)
         state.setdefault(fqn, {})[slot] = v
     for key, v in scalars.items():
         fqn, slot = key.rsplit(".", 1)

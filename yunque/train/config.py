@@ -72,7 +72,9 @@ class OptimSection:
 class EvalSection:
     every: int = field(default=100, metadata={"ge": 0})  # steps; 0: only at the end
     max_batches: int = field(default=0, metadata={"ge": 0})  # 0: the whole validation set
-    patience: int = field(default=0, metadata={"ge": 0})  # early stopping after this many evals without improvement; 0: off
+    patience: int = field(
+        default=0, metadata={"ge": 0}
+    )  # early stopping after this many evals without improvement; 0: off
     min_delta: float = field(default=0.0, metadata={"ge": 0})
 
 
@@ -131,7 +133,9 @@ class TrainConfig:
             if self.model.preset is None:
                 raise ConfigError("model.preset: required for method pretrain (e.g. tiny, small, base)")
             if self.model.path is not None:
-                raise ConfigError("model.path: method pretrain starts from random weights; use method full to continue a checkpoint")
+                raise ConfigError(
+                    "model.path: method pretrain starts from random weights; use method full to continue a checkpoint"
+                )
             if self.tokenizer is None and self.data.dir is None:
                 raise ConfigError("tokenizer: required for method pretrain (the tokenizer directory of the data step)")
         else:
@@ -146,8 +150,10 @@ class TrainConfig:
         if self.trains_adapter and self.model.dtype == "bfloat16" and self.precision == "fp32":
             raise ConfigError("precision: bf16 base weights need precision bf16")
         if self.lora.quantize_base and self.method != "qlora":
-            raise ConfigError(f"lora.quantize_base: set by the method; method {self.method} trains over the base as "
-                              "loaded (method qlora stores it in NF4)")
+            raise ConfigError(
+                f"lora.quantize_base: set by the method; method {self.method} trains over the base as "
+                "loaded (method qlora stores it in NF4)"
+            )
         if self.lora.double_quant and self.method != "qlora":
             raise ConfigError(f"lora.double_quant: only applies to method qlora, not {self.method}")
         if self.resume == "auto" and self.overwrite:
@@ -170,19 +176,25 @@ class TrainConfig:
         o, ev, ck = self.optim, self.eval, self.checkpoint
         warmup = o.warmup(total_steps)
         if warmup > total_steps:
-            out.append(f"optim.warmup_steps: {warmup} warmup steps but the run has {total_steps}: the learning rate "
-                       f"never reaches optim.lr (optim.warmup_ratio sizes warmup to the run)")
+            out.append(
+                f"optim.warmup_steps: {warmup} warmup steps but the run has {total_steps}: the learning rate "
+                f"never reaches optim.lr (optim.warmup_ratio sizes warmup to the run)"
+            )
         if has_val and ev.every > total_steps:
             out.append(f"eval.every: {ev.every} but the run has {total_steps} steps: validation runs once, at the end")
         if has_val and ev.patience and ev.every:
             evals = total_steps // ev.every + (total_steps % ev.every > 0)
             if evals <= ev.patience:
-                out.append(f"eval.patience: {ev.patience} evaluations without improvement stop the run, but it evaluates "
-                           f"{evals} time{'s' * (evals != 1)}: early stopping cannot trigger")
+                out.append(
+                    f"eval.patience: {ev.patience} evaluations without improvement stop the run, but it evaluates "
+                    f"{evals} time{'s' * (evals != 1)}: early stopping cannot trigger"
+                )
         if ck.every > total_steps:
             then = "only from the checkpoint of its best evaluation" if has_val else "not at all"
-            out.append(f"checkpoint.every: {ck.every} but the run has {total_steps} steps: no periodic checkpoint; "
-                       f"an interrupted run can be resumed {then}")
+            out.append(
+                f"checkpoint.every: {ck.every} but the run has {total_steps} steps: no periodic checkpoint; "
+                f"an interrupted run can be resumed {then}"
+            )
         return out
 
     @property

@@ -50,9 +50,11 @@ def init(kind: str, device_type: str) -> Dist:
     if world == 1:
         return Dist(kind="none" if kind == "auto" else kind)
     if kind == "none":
-        raise ConfigError(f"parallel: none, but torchrun started {world} processes (WORLD_SIZE={world}): they would "
-                          "train unsynchronised copies with no gradient all-reduce; use parallel: auto or ddp "
-                          "(data parallel) or fsdp (sharded), or run one process")
+        raise ConfigError(
+            f"parallel: none, but torchrun started {world} processes (WORLD_SIZE={world}): they would "
+            "train unsynchronised copies with no gradient all-reduce; use parallel: auto or ddp "
+            "(data parallel) or fsdp (sharded), or run one process"
+        )
     if kind == "auto":
         kind = "ddp"
     if not dist.is_initialized():
@@ -114,9 +116,11 @@ def no_sync(d: Dist, module: nn.Module):
     if d.kind == "ddp" and d.active:
         return lambda skip: module.no_sync() if skip else contextlib.nullcontext()
     if d.kind == "fsdp" and d.active:
+
         def ctx(skip: bool):
             module.set_requires_gradient_sync(not skip)
             return contextlib.nullcontext()
+
         return ctx
     return lambda skip: contextlib.nullcontext()
 
@@ -128,7 +132,7 @@ def _options(**kw):
 
 
 def _strip(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
 def gather_model_state(module: nn.Module, prefix: str) -> dict:
@@ -145,9 +149,13 @@ def gather_optim_state(module: nn.Module, optimizer: torch.optim.Optimizer, pref
     osd = get_optimizer_state_dict(module, optimizer, options=_options())
     if not osd:  # full_state_dict + cpu_offload: only rank 0 receives it
         return {}
-    return {"state": _strip(osd["state"], prefix),
-            "param_groups": [dict(g, params=[p[len(prefix):] if p.startswith(prefix) else p for p in g["params"]])
-                             for g in osd["param_groups"]]}
+    return {
+        "state": _strip(osd["state"], prefix),
+        "param_groups": [
+            dict(g, params=[p[len(prefix) :] if p.startswith(prefix) else p for p in g["params"]])
+            for g in osd["param_groups"]
+        ],
+    }
 
 
 def set_model_state(module: nn.Module, prefix: str, msd: dict) -> None:
@@ -160,6 +168,8 @@ def set_model_state(module: nn.Module, prefix: str, msd: dict) -> None:
 def set_optim_state(module: nn.Module, optimizer: torch.optim.Optimizer, prefix: str, osd: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    osd = {"state": {prefix + k: v for k, v in osd["state"].items()},
-           "param_groups": [dict(g, params=[prefix + p for p in g["params"]]) for g in osd["param_groups"]]}
+    osd = {
+        "state": {prefix + k: v for k, v in osd["state"].items()},
+        "param_groups": [dict(g, params=[prefix + p for p in g["params"]]) for g in osd["param_groups"]],
+    }
     set_optimizer_state_dict(module, optimizer, osd, options=_options())

@@ -25,9 +25,9 @@ import torch
 from yunque.data.encode import encode
 from yunque.data.records import RecordError, parse
 from yunque.errors import ConfigError, DataError
-from yunque.train.packing import ArraySource
 from yunque.tokenizer import Tokenizer
 from yunque.train.config import TrainConfig
+from yunque.train.packing import ArraySource
 
 
 @dataclass
@@ -42,8 +42,10 @@ def verify_prepared(d: Path) -> dict:
     try:
         from yunque.data.pipeline import verify
     except ImportError:
-        raise DataError(f"{d}: cannot verify the manifest: yunque.data.pipeline is not installed "
-                        "(pass --no-verify-data to train without verification)") from None
+        raise DataError(
+            f"{d}: cannot verify the manifest: yunque.data.pipeline is not installed "
+            "(pass --no-verify-data to train without verification)"
+        ) from None
     return verify(d)
 
 
@@ -54,8 +56,11 @@ def _manifest_roots(d: Path) -> dict | None:
     raw = p.read_bytes()
     m = json.loads(raw)
     splits = m.get("splits", {})
-    roots = {name: {k: v for k, v in info.items() if k in ("records", "merkle_root")}
-             for name, info in splits.items() if isinstance(info, dict)}
+    roots = {
+        name: {k: v for k, v in info.items() if k in ("records", "merkle_root")}
+        for name, info in splits.items()
+        if isinstance(info, dict)
+    }
     return {"manifest_sha256": hashlib.sha256(raw).hexdigest(), "splits": roots}
 
 
@@ -77,8 +82,10 @@ def _shards(cfg: TrainConfig, tok_dir: Path) -> tuple[ArraySource, ArraySource |
     d = cfg.data.dir
     made_with = d / "tokenizer" / "tokenizer.json"
     if made_with.is_file() and (tok_dir / "tokenizer.json").read_bytes() != made_with.read_bytes():
-        raise DataError(f"{d / 'tokens'}: tokenized with {made_with.parent}, not with the tokenizer {tok_dir}; "
-                        "train with that tokenizer or re-run the data step")
+        raise DataError(
+            f"{d / 'tokens'}: tokenized with {made_with.parent}, not with the tokenizer {tok_dir}; "
+            "train with that tokenizer or re-run the data step"
+        )
     out = []
     for split in ("train", "val"):
         try:

@@ -19,22 +19,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yunque.train import distributed as D
-from yunque.train.checkpoint import (flatten_optimizer, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                               set_rng_state, unflatten_optimizer)
 from yunque.config import to_dict
 from yunque.errors import CheckpointError, ConfigError
 from yunque.model import ModelConfig, Transformer
 from yunque.ops import release_cpu_memory, tune_cpu_memory
-from yunque.train.packing import Packer, fixed_batches
 from yunque.threads import ThreadPolicy
 from yunque.tokenizer import Tokenizer
-from yunque.train.tracking import Progress, Tracker
+from yunque.train import distributed as D
+from yunque.train.checkpoint import (
+    flatten_optimizer,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_optimizer,
+)
 from yunque.train.config import TrainConfig
 from yunque.train.documents import load_data, resolve_tokenizer, token_bytes
 from yunque.train.loss import CausalLMLoss
 from yunque.train.outputs import TrainResult, write_outputs
+from yunque.train.packing import Packer, fixed_batches
 from yunque.train.step import eval_metrics, evaluate, lr_at, make_optimizer, set_lr, to_device, train_step
+from yunque.train.tracking import Progress, Tracker
 
 PREFIX = "model."  # CausalLMLoss holds the Transformer as `.model`
 
@@ -54,15 +61,30 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
         for k in cfg.model.overrides:
             if k not in known:
                 raise ConfigError(f"model.overrides.{k}: unknown model field (known: {', '.join(sorted(known))})")
-        mc = get_preset(cfg.model.preset, **{"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-                                             "pad_token_id": tok.pad_id, **cfg.model.overrides})  # overrides win
+        mc = get_preset(
+            cfg.model.preset,
+            **{
+                "vocab_size": tok.vocab_size,
+                "bos_token_id": tok.bos_id,
+                "eos_token_id": tok.eos_id,
+                "pad_token_id": tok.pad_id,
+                **cfg.model.overrides,
+            },
+        )  # overrides win
         from yunque.formats.model_limits import check_fits, checked
 
         mc = checked(mc, "model.overrides", ConfigError)  # before a byte is allocated: types, ranges, memory
         if mc.vocab_size < tok.vocab_size:
-            raise ConfigError(f"model.overrides.vocab_size: {mc.vocab_size} is below the tokenizer's {tok.vocab_size} tokens")
-        check_fits(mc, dtype.itemsize + 12, f"model.preset {cfg.model.preset}", error=ConfigError,
-                   what="training it (weights, fp32 gradients and AdamW moments)")
+            raise ConfigError(
+                f"model.overrides.vocab_size: {mc.vocab_size} is below the tokenizer's {tok.vocab_size} tokens"
+            )
+        check_fits(
+            mc,
+            dtype.itemsize + 12,
+            f"model.preset {cfg.model.preset}",
+            error=ConfigError,
+            what="training it (weights, fp32 gradients and AdamW moments)",
+        )
         model = Transformer(mc)
         model.init_weights(generator=torch.Generator().manual_seed(cfg.seed))
         model.to(dtype)
@@ -71,7 +93,9 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
 
         model = load_model(cfg.model.path, dtype=dtype)
         if model.config.vocab_size < tok.vocab_size:
-            raise ConfigError(f"tokenizer: {tok.vocab_size} tokens but the model has {model.config.vocab_size} embeddings")
+            raise ConfigError(
+                f"tokenizer: {tok.vocab_size} tokens but the model has {model.config.vocab_size} embeddings"
+            )
         if cfg.trains_adapter:
             from yunque.lora import apply_lora
 
@@ -85,12 +109,14 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> Transformer:
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
-    """Starting over where an earlier run left checkpoints needs resume or overwrite: it would replace that run's metrics."""
+    """Starting over where an earlier run left checkpoints needs resume or overwrite: it would replace that run's metrics."""  # noqa: E501
     found = latest_checkpoint(cfg.out_dir / "checkpoints")
     if found is not None and cfg.resume != "auto" and not cfg.overwrite:
-        raise ConfigError(f"out_dir: {cfg.out_dir} holds checkpoint {found} of an earlier run; pass --resume to "
-                          "continue it, --overwrite to start over (its checkpoints and metrics are replaced), "
-                          "or choose another out_dir")
+        raise ConfigError(
+            f"out_dir: {cfg.out_dir} holds checkpoint {found} of an earlier run; pass --resume to "
+            "continue it, --overwrite to start over (its checkpoints and metrics are replaced), "
+            "or choose another out_dir"
+        )
 
 
 class Trainer:
@@ -110,19 +136,30 @@ class Trainer:
         self.tok = Tokenizer.from_dir(resolve_tokenizer(cfg))
         self.data = load_data(cfg, self.tok)
         if cfg.eval.patience and self.data.val is None:
-            raise ConfigError("eval.patience: early stopping needs validation data (data.val, data.val_fraction or a val split)")
+            raise ConfigError(
+                "eval.patience: early stopping needs validation data (data.val, data.val_fraction or a val split)"
+            )
         self.model = build_model(cfg, self.tok).to(self.device)
         self.loss_module = CausalLMLoss(self.model)
         self.module = D.wrap(self.d, self.loss_module, self.model.model.layers, self.device)
         o = cfg.optim
-        self.optimizer = make_optimizer(self.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
-                                        fused=False if self.d.kind == "fsdp" else None)
+        self.optimizer = make_optimizer(
+            self.module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, fused=False if self.d.kind == "fsdp" else None
+        )
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        self.packer = Packer(self.data.train, cfg.data.seq_len, split_docs=cfg.split_docs, shuffle=cfg.data.shuffle,
-                             seed=cfg.seed, pad_id=self.tok.pad_id or 0)
+        self.packer = Packer(
+            self.data.train,
+            cfg.data.seq_len,
+            split_docs=cfg.split_docs,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.seed,
+            pad_id=self.tok.pad_id or 0,
+        )
         self.rows_per_step = cfg.micro_batch * self.d.world * cfg.grad_accum
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.packer.rows_per_epoch() / self.rows_per_step))
+        self.total_steps = cfg.max_steps or max(
+            1, math.ceil(cfg.epochs * self.packer.rows_per_epoch() / self.rows_per_step)
+        )
         self.warmup_steps = cfg.optim.warmup(self.total_steps)
         self.quiet = quiet or not self.d.main
         self.ckpt_root = cfg.out_dir / "checkpoints"
@@ -147,13 +184,28 @@ class Trainer:
         if self.d.main:
             opt_t, groups = flatten_optimizer(osd)
             rng_t, rng_meta = rng_state()
-            state = {"step": self.step, "tokens": self.tokens, "data": self.packer.state_dict(), "rng": rng_meta,
-                     "optimizer_groups": groups, "best": self.best, "best_step": self.best_step,
-                     "bad_evals": self.bad_evals, "losses": self.losses, "world": self.d.world,
-                     "config": to_dict(self.cfg)}
-            path = save_checkpoint(self.ckpt_root, self.step, {"model": tensors, "optimizer": opt_t, "rng": rng_t},
-                                   state, keep_last=self.cfg.checkpoint.keep_last, best_step=self.best_step,
-                                   extra=self._adapter_writer(tensors))
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "data": self.packer.state_dict(),
+                "rng": rng_meta,
+                "optimizer_groups": groups,
+                "best": self.best,
+                "best_step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "losses": self.losses,
+                "world": self.d.world,
+                "config": to_dict(self.cfg),
+            }
+            path = save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                {"model": tensors, "optimizer": opt_t, "rng": rng_t},
+                state,
+                keep_last=self.cfg.checkpoint.keep_last,
+                best_step=self.best_step,
+                extra=self._adapter_writer(tensors),
+            )
         D.barrier(self.d)
         return path
 
@@ -178,12 +230,16 @@ class Trainer:
         """Early stopping: put the best evaluation's weights back for export; returns the step they are from."""
         path = self.ckpt_root / f"step-{self.best_step:08d}"
         if not (path / "state.json").is_file():
-            progress.message(f"warning: the best step's checkpoint {path} is gone; exporting the last weights (step {self.step})")
+            progress.message(
+                f"warning: the best step's checkpoint {path} is gone; exporting the last weights (step {self.step})"
+            )
             return self.step
         files, _ = load_checkpoint(path)
         self._load_model(path, files["model"])
-        progress.message(f"exporting the best weights: step {self.best_step} (val_loss {self.best['val_loss']:.4f}), "
-                         f"not the last step {self.step}")
+        progress.message(
+            f"exporting the best weights: step {self.best_step} (val_loss {self.best['val_loss']:.4f}), "
+            f"not the last step {self.step}"
+        )
         return self.best_step
 
     def resume(self) -> Path | None:
@@ -197,7 +253,9 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path}: model.safetensors lacks {sorted(missing)[:3]}")
         self._load_model(path, files["model"])
-        D.set_optim_state(self.module, self.optimizer, PREFIX, unflatten_optimizer(files["optimizer"], state["optimizer_groups"]))
+        D.set_optim_state(
+            self.module, self.optimizer, PREFIX, unflatten_optimizer(files["optimizer"], state["optimizer_groups"])
+        )
         set_rng_state(files["rng"], state["rng"])
         self.packer.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]
@@ -211,8 +269,13 @@ class Trainer:
         if self.data.val is None:
             return None
         rows, r = self.cfg.micro_batch, self.d.rank
-        bs = fixed_batches(self.data.val, self.cfg.data.seq_len, rows * self.d.world, split_docs=self.cfg.split_docs,
-                           pad_id=self.tok.pad_id or 0)
+        bs = fixed_batches(
+            self.data.val,
+            self.cfg.data.seq_len,
+            rows * self.d.world,
+            split_docs=self.cfg.split_docs,
+            pad_id=self.tok.pad_id or 0,
+        )
         if self.cfg.eval.max_batches:
             bs = bs[: self.cfg.eval.max_batches]
         return [to_device(b.rows(r * rows, (r + 1) * rows), self.device) for b in bs]
@@ -234,15 +297,24 @@ class Trainer:
         D.barrier(d)
         self._val = self._eval_batches()
         self._byte_len = token_bytes(self.tok).to(self.device) if self._val else None
-        tracker = Tracker(cfg.out_dir, enabled=d.main, mlflow=cfg.log.mlflow, mlflow_uri=cfg.log.mlflow_uri,
-                          tensorboard=cfg.log.tensorboard, params=to_dict(cfg), resume_step=self.step if resumed else None)
+        tracker = Tracker(
+            cfg.out_dir,
+            enabled=d.main,
+            mlflow=cfg.log.mlflow,
+            mlflow_uri=cfg.log.mlflow_uri,
+            tensorboard=cfg.log.tensorboard,
+            params=to_dict(cfg),
+            resume_step=self.step if resumed else None,
+        )
         progress = Progress(self.total_steps, self.step, not self.quiet)
         # On a CPU shared with other work, fewer threads than cores is several times faster (yunque/threads.py).
         self.threads = ThreadPolicy() if self.device.type == "cpu" and d.world == 1 else None
         if self.threads is not None:
             n = self.threads.start()
-            progress.message(f"training on cpu with {n} thread{'s' if n > 1 else ''}"
-                             + (f" ({self.threads.others:.1f} cores busy with other work)" if self.threads.others >= 0.5 else ""))
+            progress.message(
+                f"training on cpu with {n} thread{'s' if n > 1 else ''}"
+                + (f" ({self.threads.others:.1f} cores busy with other work)" if self.threads.others >= 0.5 else "")
+            )
         if resumed:
             progress.message(f"resumed from {resumed} at step {self.step}")
         for w in cfg.step_warnings(self.total_steps, has_val=self._val is not None):
@@ -256,35 +328,55 @@ class Trainer:
         while self.step < self.total_steps:
             if cfg.max_time and time.perf_counter() - t_start > cfg.max_time:
                 break
-            lr = lr_at(self.step, lr=cfg.optim.lr, warmup=self.warmup_steps, total=self.total_steps,
-                       schedule=cfg.optim.schedule, min_ratio=cfg.optim.min_lr_ratio)
+            lr = lr_at(
+                self.step,
+                lr=cfg.optim.lr,
+                warmup=self.warmup_steps,
+                total=self.total_steps,
+                schedule=cfg.optim.schedule,
+                min_ratio=cfg.optim.min_lr_ratio,
+            )
             set_lr(self.optimizer, lr)
             micro, n_targets = [], 0
             for _ in range(cfg.grad_accum):
                 b = self.packer.next_batch(mb * d.world)
                 n_targets += b.num_targets
                 micro.append(to_device(b.rows(r * mb, (r + 1) * mb), self.device))
-            loss_sum, norm = train_step(self.module, self.optimizer, micro, n_targets, world=d.world,
-                                        precision=cfg.precision, grad_clip=cfg.optim.grad_clip,
-                                        no_sync=D.no_sync(d, self.module), params=self.params,
-                                        recast_weights=d.kind != "fsdp")
+            loss_sum, norm = train_step(
+                self.module,
+                self.optimizer,
+                micro,
+                n_targets,
+                world=d.world,
+                precision=cfg.precision,
+                grad_clip=cfg.optim.grad_clip,
+                no_sync=D.no_sync(d, self.module),
+                params=self.params,
+                recast_weights=d.kind != "fsdp",
+            )
             self.step += 1
             self.tokens += self.rows_per_step * cfg.data.seq_len
             if self.threads is not None:
                 self.threads.update()
             pending.append((self.step, loss_sum, n_targets, lr, norm))
-            do_eval = self._val is not None and ((cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == self.total_steps)
+            do_eval = self._val is not None and (
+                (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == self.total_steps
+            )
             do_ckpt = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             if self.step % cfg.log.every == 0 or do_eval or do_ckpt or self.step == self.total_steps:
-                self._flush(pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last))
+                self._flush(
+                    pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last)
+                )
                 pending, t_last, tok_last = [], time.perf_counter(), self.tokens
             progress.tick(self.step)  # between log steps, a line every few seconds
             improved = False
             if do_eval:
                 m = self.evaluate()
                 tracker.log(self.step, "eval", m)
-                progress.message(f"eval step {self.step} | val_loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}"
-                                 + (f" | bpb {m['val_bpb']:.4f}" if "val_bpb" in m else ""))
+                progress.message(
+                    f"eval step {self.step} | val_loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}"
+                    + (f" | bpb {m['val_bpb']:.4f}" if "val_bpb" in m else "")
+                )
                 if self.best is None or m["val_loss"] < self.best["val_loss"] - cfg.eval.min_delta:
                     self.best, self.best_step, self.bad_evals, improved = m, self.step, 0, True
                 else:
@@ -293,13 +385,17 @@ class Trainer:
             if do_ckpt or improved or stopped_early:
                 self.save()
             if stopped_early:
-                progress.message(f"early stopping at step {self.step}: no val_loss improvement > {cfg.eval.min_delta} "
-                                 f"in {self.bad_evals} evals; best {self.best['val_loss']:.4f} at step {self.best_step}")
+                progress.message(
+                    f"early stopping at step {self.step}: no val_loss improvement > {cfg.eval.min_delta} "
+                    f"in {self.bad_evals} evals; best {self.best['val_loss']:.4f} at step {self.best_step}"
+                )
                 break
         if pending:
             self._flush(pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last))
         final = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.step, "tokens": self.tokens}
-        last_eval = self.evaluate() if self._val is not None and self.best_step != self.step and not stopped_early else None
+        last_eval = (
+            self.evaluate() if self._val is not None and self.best_step != self.step and not stopped_early else None
+        )
         if last_eval:
             tracker.log(self.step, "eval", last_eval)
             if self.best is None or last_eval["val_loss"] < self.best["val_loss"] - cfg.eval.min_delta:
@@ -307,13 +403,33 @@ class Trainer:
         final.update(last_eval or (self.best if self.best_step == self.step else {}))
         tracker.close()
         # Early stopping watches val_loss to keep the best weights: export those, not the last.
-        exported = self.restore_best(progress) if cfg.eval.patience and self.best_step not in (None, self.step) else self.step
-        result = TrainResult(cfg.out_dir, self.step, self.tokens, list(self.losses), final, self.best, self.best_step,
-                             stopped_early=stopped_early, exported_step=exported)
+        exported = (
+            self.restore_best(progress) if cfg.eval.patience and self.best_step not in (None, self.step) else self.step
+        )
+        result = TrainResult(
+            cfg.out_dir,
+            self.step,
+            self.tokens,
+            list(self.losses),
+            final,
+            self.best,
+            self.best_step,
+            stopped_early=stopped_early,
+            exported_step=exported,
+        )
         # FSDP: the adapter is sharded DTensors; gather them (a collective, every rank) for the export.
         adapter_tensors = self._model_tensors() if self.d.kind == "fsdp" and cfg.trains_adapter else None
-        write_outputs(cfg, result, model=self.model, module=self.module, tok=self.tok, d=d, manifest=self.data.manifest,
-                      ckpt_root=self.ckpt_root, adapter_tensors=adapter_tensors)
+        write_outputs(
+            cfg,
+            result,
+            model=self.model,
+            module=self.module,
+            tok=self.tok,
+            d=d,
+            manifest=self.data.manifest,
+            ckpt_root=self.ckpt_root,
+            adapter_tensors=adapter_tensors,
+        )
         D.barrier(d)
         release_cpu_memory()  # this step's buffers, for a process that goes on (demo, notebooks)
         if self.threads is not None:
@@ -328,7 +444,12 @@ class Trainer:
         for i, (step, _, n, lr, _) in enumerate(pending):
             loss = float(sums[i]) / max(1, n)
             self.losses.append(loss)
-            row = {"loss": loss, "lr": lr, "targets": n, "tokens": self.tokens - (len(pending) - 1 - i) * self.rows_per_step * self.cfg.data.seq_len}
+            row = {
+                "loss": loss,
+                "lr": lr,
+                "targets": n,
+                "tokens": self.tokens - (len(pending) - 1 - i) * self.rows_per_step * self.cfg.data.seq_len,
+            }
             if norm_vals is not None:
                 row["grad_norm"] = norm_vals[i]
             tracker.log(step, "train", row)

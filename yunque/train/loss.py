@@ -38,35 +38,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax in at least fp32
         loss = torch.zeros((), dtype=acc, device=h.device)
         gh = torch.empty_like(h) if need_grad and ctx.needs_input_grad[0] else None
-        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_grad and ctx.needs_input_grad[1] else None
+        gw = (
+            torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            if need_grad and ctx.needs_input_grad[1]
+            else None
+        )
         w = weight.to(compute_dtype)
         step = _chunk_rows(weight.shape[0], compute_dtype.itemsize)
         # The chunk's logits and the bf16 weight-gradient product get one buffer each for the whole
         # loop. Allocated per chunk, each freed (V, D) product left a hole the next chunk's logits
         # split, so the heap grew by one more buffer: the step's peak memory is here.
         logits = torch.empty(min(step, n), weight.shape[0], dtype=compute_dtype, device=h.device)
-        wg = torch.empty(weight.shape, dtype=compute_dtype, device=h.device) if gw is not None and gw.dtype != compute_dtype else None
+        wg = (
+            torch.empty(weight.shape, dtype=compute_dtype, device=h.device)
+            if gw is not None and gw.dtype != compute_dtype
+            else None
+        )
         wg_rows = max(1, _ADD_SLICE // weight.shape[1])
         grad = gh is not None or gw is not None
         for s in range(0, n, step):
-            hc, yc = h[s:s + step].to(compute_dtype), targets[s:s + step]
-            z = torch.mm(hc, w.t(), out=logits[:len(hc)])  # (c, V)
+            hc, yc = h[s : s + step].to(compute_dtype), targets[s : s + step]
+            z = torch.mm(hc, w.t(), out=logits[: len(hc)])  # (c, V)
             chunk_loss, g = ops.cross_entropy_(z, yc, grad)  # g: d CE / d logits (c, V), maybe in z's memory
             loss += chunk_loss
             if not grad:
                 continue
             if gh is not None:
                 if gh.dtype == g.dtype:
-                    torch.mm(g, w, out=gh[s:s + step])
+                    torch.mm(g, w, out=gh[s : s + step])
                 else:
-                    gh[s:s + step] = g @ w
+                    gh[s : s + step] = g @ w
             if gw is not None:
                 if wg is None:  # accumulated inside the GEMM
                     gw.addmm_(g.t(), hc)
                 else:  # a bf16 product into fp32: add_ would cast all of it to a (V, D) fp32 temporary first
                     torch.mm(g.t(), hc, out=wg)
                     for r in range(0, len(wg), wg_rows):
-                        gw[r:r + wg_rows].add_(wg[r:r + wg_rows])
+                        gw[r : r + wg_rows].add_(wg[r : r + wg_rows])
         ctx.save_for_backward(gh, gw)
         ctx.weight_dtype = weight.dtype
         return loss

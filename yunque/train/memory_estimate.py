@@ -51,15 +51,24 @@ def head_bytes(model: Transformer, rows: int, compute_dtype: torch.dtype) -> int
 def estimate_memory(model: Transformer, cfg: TrainConfig, world: int = 1) -> dict[str, float]:
     """Peak memory per process in GiB: weights, grads, AdamW moments, activations, the loss head, total."""
     mc = model.config
-    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # NF4 codes are buffers
+    weights = sum(
+        t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+    )  # NF4 codes are buffers
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shards = world if cfg.parallel == "fsdp" else 1
     B, T, Dm, F, L = cfg.micro_batch, cfg.data.seq_len, mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers
     act_bytes = 2 if cfg.precision == "bf16" else 4
-    per_layer = B * T * (8 * Dm + 4 * F) * act_bytes + B * mc.num_attention_heads * T * T * act_bytes  # attention probs if unfused
+    per_layer = (
+        B * T * (8 * Dm + 4 * F) * act_bytes + B * mc.num_attention_heads * T * T * act_bytes
+    )  # attention probs if unfused
     acts = (L * B * T * Dm * act_bytes + per_layer) if cfg.grad_checkpointing else L * per_layer
     head_dtype = torch.bfloat16 if cfg.precision == "bf16" else next(model.lm_head.parameters()).dtype
-    est = {"weights": weights / shards, "grads": trainable * 4 / shards, "optimizer": trainable * 8 / shards,
-           "activations": acts, "head": head_bytes(model, B * T, head_dtype)}
+    est = {
+        "weights": weights / shards,
+        "grads": trainable * 4 / shards,
+        "optimizer": trainable * 8 / shards,
+        "activations": acts,
+        "head": head_bytes(model, B * T, head_dtype),
+    }
     est["total"] = sum(est.values())
     return {k: v / (1 << 30) for k, v in est.items()}

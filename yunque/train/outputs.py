@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from yunque.train import distributed as D
 from yunque.config import to_dict
 from yunque.data.manifest import sha256_file as sha256
 from yunque.lora import LoraConfig
 from yunque.model import Transformer
 from yunque.tokenizer import Tokenizer
+from yunque.train import distributed as D
 from yunque.train.config import TrainConfig
 from yunque.train.tracking import plot_metrics
 from yunque.untrusted import refuse_symlink, write_replacing
@@ -50,7 +50,9 @@ class TrainResult:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -63,15 +65,20 @@ def environment() -> dict:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             pass
-    hw = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    hw = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"packages": versions, "hardware": hw}
 
 
 def export_model(model: Transformer, tok: Tokenizer, out: Path, d: D.Dist, module: nn.Module) -> Path:
-    """Pretrain / full: an HF directory (with the tokenizer); FSDP shards of `module` are gathered first (collective)."""
+    """Pretrain / full: an HF directory (with the tokenizer); FSDP shards of `module` are gathered first (collective)."""  # noqa: E501
     from yunque.formats.hf import save_model
 
     if d.kind == "fsdp":
@@ -97,8 +104,14 @@ def export_model(model: Transformer, tok: Tokenizer, out: Path, d: D.Dist, modul
     return out
 
 
-def export_adapter(model: Transformer, adapter: LoraConfig, base_model_name: str, out: Path, d: D.Dist,
-                   tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def export_adapter(
+    model: Transformer,
+    adapter: LoraConfig,
+    base_model_name: str,
+    out: Path,
+    d: D.Dist,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """The PEFT adapter; under FSDP `tensors` are the gathered adapter weights (the model's are shards)."""
     from yunque.formats.peft import save_peft_adapter
 
@@ -108,16 +121,26 @@ def export_adapter(model: Transformer, adapter: LoraConfig, base_model_name: str
     return out
 
 
-def write_outputs(cfg: TrainConfig, result: TrainResult, *, model: Transformer, module: nn.Module, tok: Tokenizer,
-                  d: D.Dist, manifest: dict | None, ckpt_root: Path,
-                  adapter_tensors: dict[str, torch.Tensor] | None = None) -> None:
+def write_outputs(
+    cfg: TrainConfig,
+    result: TrainResult,
+    *,
+    model: Transformer,
+    module: nn.Module,
+    tok: Tokenizer,
+    d: D.Dist,
+    manifest: dict | None,
+    ckpt_root: Path,
+    adapter_tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Export the trained weights and write run.json (and the plot); fills result.output, best_checkpoint, run_json.
 
     `module` is what was trained (the DDP / FSDP wrapper of the model and loss); all ranks call this.
     """
     if cfg.trains_adapter:
-        result.output = export_adapter(model, cfg.adapter, cfg.base_model_name or str(cfg.model.path),
-                                       cfg.out_dir / "adapter", d, adapter_tensors)
+        result.output = export_adapter(
+            model, cfg.adapter, cfg.base_model_name or str(cfg.model.path), cfg.out_dir / "adapter", d, adapter_tensors
+        )
     else:
         result.output = export_model(model, tok, cfg.out_dir / "model", d, module)
     if not d.main:
@@ -132,17 +155,38 @@ def write_outputs(cfg: TrainConfig, result: TrainResult, *, model: Transformer, 
     files = {}
     for p in sorted(cfg.out_dir.rglob("*")):
         rel = p.relative_to(cfg.out_dir)
-        if p.is_file() and not p.is_symlink() and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard") and rel.name != "run.json":
+        if (
+            p.is_file()
+            and not p.is_symlink()
+            and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard")
+            and rel.name != "run.json"
+        ):
             files[str(rel)] = sha256(p)
-    run = {"config": to_dict(cfg), "seed": cfg.seed, "method": cfg.method, "yunque_version": __version__,
-           "git_commit": git_commit(), **environment(), "world_size": d.world,
-           "data": {"dir": str(cfg.data.dir) if cfg.data.dir else None,
-                    "manifest_sha256": (manifest or {}).get("manifest_sha256"), "manifest_roots": manifest},
-           "parallel": d.kind, "steps": result.steps, "tokens": result.tokens, "stopped_early": result.stopped_early,
-           "exported_step": result.exported_step,
-           "final_metrics": result.final, "best_metrics": result.best, "best_step": result.best_step,
-           "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-           "output": str(result.output), "files_sha256": files}
+    run = {
+        "config": to_dict(cfg),
+        "seed": cfg.seed,
+        "method": cfg.method,
+        "yunque_version": __version__,
+        "git_commit": git_commit(),
+        **environment(),
+        "world_size": d.world,
+        "data": {
+            "dir": str(cfg.data.dir) if cfg.data.dir else None,
+            "manifest_sha256": (manifest or {}).get("manifest_sha256"),
+            "manifest_roots": manifest,
+        },
+        "parallel": d.kind,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "stopped_early": result.stopped_early,
+        "exported_step": result.exported_step,
+        "final_metrics": result.final,
+        "best_metrics": result.best,
+        "best_step": result.best_step,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "output": str(result.output),
+        "files_sha256": files,
+    }
     path = cfg.out_dir / "run.json"
     write_replacing(path, json.dumps(run, indent=1) + "\n")  # a planted symlink is replaced, not written through
     result.run_json = path

@@ -25,8 +25,9 @@ sees the same rows as an uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -54,8 +55,13 @@ class ArraySource:
         tokens = np.fromiter((t for ids, _ in docs for t in ids), dtype=np.int32, count=int(offsets[-1]))
         if all(m is None for _, m in docs):
             return cls(tokens, offsets)
-        mask = np.concatenate([np.asarray(m, dtype=bool) if m is not None else np.ones(len(ids), dtype=bool)
-                               for ids, m in docs]) if docs else np.zeros(0, dtype=bool)
+        mask = (
+            np.concatenate(
+                [np.asarray(m, dtype=bool) if m is not None else np.ones(len(ids), dtype=bool) for ids, m in docs]
+            )
+            if docs
+            else np.zeros(0, dtype=bool)
+        )
         return cls(tokens, offsets, mask)
 
     def __len__(self) -> int:
@@ -105,11 +111,27 @@ class Batch:
 
 
 class Packer:
-    def __init__(self, source: TokenSource, seq_len: int, *, split_docs: bool, shuffle: bool, seed: int,
-                 pad_id: int = 0, one_pass: bool = False):
+    def __init__(
+        self,
+        source: TokenSource,
+        seq_len: int,
+        *,
+        split_docs: bool,
+        shuffle: bool,
+        seed: int,
+        pad_id: int = 0,
+        one_pass: bool = False,
+    ):
         if len(source) == 0:
             raise ValueError("cannot pack an empty source")
-        self.source, self.T, self.split, self.shuffle, self.seed, self.pad_id = source, seq_len, split_docs, shuffle, seed, pad_id
+        self.source, self.T, self.split, self.shuffle, self.seed, self.pad_id = (
+            source,
+            seq_len,
+            split_docs,
+            shuffle,
+            seed,
+            pad_id,
+        )
         self.one_pass = one_pass  # stop at the end of epoch 0: the rest is padding (validation)
         self.state = PackState()
         self._order_epoch, self._order = -1, np.arange(0)
@@ -215,12 +237,14 @@ class Packer:
         pieces = self._plan()
         for d, (i, a, n) in enumerate(pieces):
             ids_d, mask_d = self.source.doc(i)
-            ids[fill:fill + n] = ids_d[a:a + n]
-            tgt = ids_d[a + 1:a + n + 1].astype(np.int64)  # the next token within the document; shorter by one at its end
+            ids[fill : fill + n] = ids_d[a : a + n]
+            tgt = ids_d[a + 1 : a + n + 1].astype(
+                np.int64
+            )  # the next token within the document; shorter by one at its end
             k = len(tgt)
-            lab[fill:fill + k] = tgt if mask_d is None else np.where(mask_d[a + 1:a + 1 + k], tgt, IGNORE)
-            pos[fill:fill + n] = np.arange(n)
-            doc[fill:fill + n] = d
+            lab[fill : fill + k] = tgt if mask_d is None else np.where(mask_d[a + 1 : a + 1 + k], tgt, IGNORE)
+            pos[fill : fill + n] = np.arange(n)
+            doc[fill : fill + n] = d
             fill += n
         if fill < T:
             doc[fill:] = len(pieces)  # padding is its own document: it attends only to itself and is never a target

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from yunque.ops import Segments, params_recast_in_backward
 from yunque.train.packing import IGNORE, Batch
@@ -40,8 +39,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-                   fused: bool | None = None) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool | None = None
+) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay)
     if fused is None:  # fused needs plain tensors on a supported device; DTensors (FSDP) take foreach
         ps = [p for g in groups for p in g["params"]]
@@ -82,8 +82,13 @@ def to_device(b: Batch, device: torch.device) -> DeviceBatch:
     nb = device.type == "cuda"
     ids = b.input_ids.to(device, non_blocking=nb)
     mask = None if b.single_doc else Segments.from_doc_ids(b.doc_ids)
-    return DeviceBatch(ids, b.positions.to(device, non_blocking=nb), mask,
-                       idx.to(device, non_blocking=nb), flat[idx].to(device, non_blocking=nb))
+    return DeviceBatch(
+        ids,
+        b.positions.to(device, non_blocking=nb),
+        mask,
+        idx.to(device, non_blocking=nb),
+        flat[idx].to(device, non_blocking=nb),
+    )
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True):
@@ -93,9 +98,19 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return contextlib.nullcontext()
 
 
-def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro: list[DeviceBatch], n_targets: int,
-               *, world: int, precision: str, grad_clip: float, no_sync: Callable[[bool], contextlib.AbstractContextManager],
-               params: Iterable[torch.Tensor], recast_weights: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def train_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro: list[DeviceBatch],
+    n_targets: int,
+    *,
+    world: int,
+    precision: str,
+    grad_clip: float,
+    no_sync: Callable[[bool], contextlib.AbstractContextManager],
+    params: Iterable[torch.Tensor],
+    recast_weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over the micro-batches of this rank.
 
     `n_targets` is the trained-token count of the whole step on all ranks; each rank's sum is
@@ -123,7 +138,9 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, micro: list[
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: list[DeviceBatch], byte_len: torch.Tensor | None, precision: str) -> torch.Tensor:
+def evaluate(
+    module: nn.Module, batches: list[DeviceBatch], byte_len: torch.Tensor | None, precision: str
+) -> torch.Tensor:
     """(summed nats, trained tokens, target bytes) over `batches`, as one device tensor (for all-reduce)."""
     was = module.training
     module.eval()

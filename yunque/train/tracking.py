@@ -21,8 +21,18 @@ from yunque.untrusted import open_append, refuse_symlink, write_replacing
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, *, enabled: bool = True, mlflow: bool = False, mlflow_uri: str | None = None,
-                 tensorboard: bool = False, run_name: str = "yunque", params: dict | None = None, resume_step: int | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        enabled: bool = True,
+        mlflow: bool = False,
+        mlflow_uri: str | None = None,
+        tensorboard: bool = False,
+        run_name: str = "yunque",
+        params: dict | None = None,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.path = out_dir / "metrics.jsonl"
         self._mlflow = self._tb = None
@@ -32,8 +42,11 @@ class Tracker:
         # Never through a symlink planted at the name: it would be truncated, or read back as ours.
         refuse_symlink(self.path, ConfigError)
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and _step_of(ln) <= resume_step]
+            keep = [
+                ln
+                for ln in self.path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and _step_of(ln) <= resume_step
+            ]
             write_replacing(self.path, "".join(ln + "\n" for ln in keep))
         elif resume_step is None:
             write_replacing(self.path, "")
@@ -53,7 +66,9 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("log.tensorboard: needs the tensorboard package (pip install 'yunque[track]')") from None
+                raise ConfigError(
+                    "log.tensorboard: needs the tensorboard package (pip install 'yunque[track]')"
+                ) from None
 
             self._tb = SummaryWriter(str(out_dir / "tensorboard"))
 
@@ -156,8 +171,10 @@ class Progress:
         if not self.enabled:
             return
         _, eta = self._eta(step)
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                f"eta {_hms(eta)}{(' | ' + extra) if extra else ''}")
+        line = (
+            f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+            f"eta {_hms(eta)}{(' | ' + extra) if extra else ''}"
+        )
         self._print(line)
 
     def tick(self, step: int) -> None:
