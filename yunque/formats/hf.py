@@ -160,7 +160,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     dev = torch.device(device)
     itemsize = (dtype or checkpoint_dtype(path) or torch.float32).itemsize
     check_fits(cfg, itemsize, str(path / "config.json"), what=f"its weights ({itemsize} bytes each)",
-               memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None)
+               memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" and torch.cuda.is_available() else None)
     files = weight_files(path)
     with torch.device("meta"):
         model = Transformer(cfg)
