@@ -339,7 +339,10 @@ def mutate_yaml_file(p: Path, rng: random.Random) -> None:
         p.write_text(p.read_text() + extra)
     elif r < 0.7:
         obj = yaml.safe_load(p.read_text())
-        p.write_text(yaml.safe_dump(json.loads(mutate_json_value(obj, rng))))
+        try:
+            p.write_text(yaml.safe_dump(json.loads(mutate_json_value(obj, rng))))
+        except ValueError:  # an integer too long for Python to read back: write it as text instead
+            p.write_text(p.read_text() + f"seed: {'9' * 5000}\n")
     else:
         p.write_bytes(mutate_bytes(p.read_bytes(), rng))
 

@@ -219,7 +219,9 @@ def load_model(
         itemsize,
         str(path / "config.json"),
         what=f"its weights ({itemsize} bytes each)",
-        memory=torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None,
+        memory=torch.cuda.get_device_properties(dev).total_memory
+        if dev.type == "cuda" and torch.cuda.is_available()
+        else None,
     )
     qc = None
     if "quantization_config" in cfg.extra:
