@@ -248,6 +248,9 @@ def test_scrub_modes():
         "AccountKey=<your-storage-key>;", "The AWS CLI commit 3f786850e387550fdab836ed7e6dc57de6b3f4b1",
         "AWS secret key rotation: see ThisIsAVeryLongCamelCaseIdentifierNames1 in the code.",
         "redis://:@localhost:6379", "josé (at) example (dot) com", "glpat-xxxxxxxxxxxxxxxxxxxx",
+        # seen on the standard library, site-packages and /usr/share/doc while widening the policy
+        "private_key: SSHPrivateKeyTypes,", '"result_key": "LDAPSSettingsInfo"',
+        "cvs://:pserver:anoncvs@sources.redhat.com:/cvs/src", "--accounts 123456789012 567890123456",
     ],
 )  # fmt: skip
 def test_look_alikes_are_not_pii(text):

@@ -43,7 +43,7 @@ Policy choices (general rules, each with its reason next to the code):
 
 Speed: each full-text pass is a regex that starts with a literal (`re` jumps between
 occurrences at memchr speed) or one digit-led pass; the ~30 digit-heavy patterns (phones,
-cards, national IDs) only run in small windows around runs of >= 6 digits, the ~50 vendor
+cards, national IDs) only run in small windows around runs of >= 6 digits, the ~56 vendor
 token rules share one pass per trigger character (pii_tokens.py), and secret assignments
 are found from their operators or key words, whichever is rarer. Every pattern is linear
 in its input (tests/data/test_pii.py times each detector on adversarial runs).

@@ -166,6 +166,9 @@ def url_credentials(text: str, add: Add) -> None:
     if "://" not in text:
         return
     for m in _URL_CRED.finditer(text):
+        # With no user, a password with a ':' is another syntax (CVS's "cvs://:pserver:anoncvs@").
+        if m.group(1) == "" and ":" in m.group(2):
+            continue
         if _SCHEME.search(text, max(0, m.start() - 21), m.start()) and not ck.is_placeholder(m.group(2)):
             add("URL_CREDENTIALS", m.start(1), m.end(2))
 

@@ -58,19 +58,24 @@ _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_\-+/=.~:]+$")
 _WORDLIKE = re.compile(r"^[_\-.]*[A-Za-z]+(?:[_\-. ]+[A-Za-z]+)*[_\-.]*$")
 _AWS_SECRET = re.compile(r"^[A-Za-z0-9/+]{40}$")
 _LETTER_RUN = re.compile(r"[A-Za-z]{16,}")
+# The words of a CamelCase name: an acronym before a capitalised word, capitalised or lower-case
+# words of 3+ letters. They cover a name ("SSHPrivateKeyTypes"); random letters leave gaps.
+_CAMEL_WORD = re.compile(r"[A-Z]{2,}(?=[A-Z][a-z])|[A-Z][a-z]{2,}|[a-z]{3,}|[A-Z]{2,}$")
 
 
 def _random_letters(val: str) -> bool:
     """A letters-only token ("key-YoQukEIfiCweQDRGYcxSolyd": 1 in 70 random 24-character
     tokens has no digit) rather than words: a run of 16+ letters with both cases in even
-    measure and few vowels (English words and CamelCase names have ~38%, random letters 19%)."""
+    measure, few vowels (English words and CamelCase names have ~38%, random letters 19%) and
+    not made of CamelCase words."""
     m = _LETTER_RUN.search(val)
     if m is None:
         return False
     run = m.group()
     upper = sum(c.isupper() for c in run) / len(run)
     vowels = sum(c in "aeiouAEIOU" for c in run) / len(run)
-    return 0.3 <= upper <= 0.7 and vowels <= 0.3
+    words = sum(map(len, _CAMEL_WORD.findall(run))) / len(run)
+    return 0.3 <= upper <= 0.7 and vowels <= 0.3 and words < 0.95
 
 
 def _wordlike(val: str) -> bool:

@@ -133,8 +133,11 @@ def _triggers(rules: tuple[_Rule, ...]) -> list[tuple[re.Pattern, bool, _Lookup]
             by_first.setdefault(r.prefix[0], []).append(r)
     out = []
     for sep, rs in by_sep.items():  # "_(?:(?<=ghp_)(?=head)|...)": a literal first, so `re` skips ahead
+        # Every such prefix has a lower-case letter before its separator: one check turns away
+        # the separators of prose and runs ("2024-03-15", "-----") before the alternatives.
+        assert all(r.prefix[-2].islower() for r in rs), "a prefix breaks the (?<=[a-z]sep) pre-check"
         alts = "|".join(f"(?<={re.escape(r.prefix)})(?={r.head})" for r in rs)
-        out.append((re.compile(f"{re.escape(sep)}(?:{alts})"), True, _lookup(rs)))
+        out.append((re.compile(f"{re.escape(sep)}(?<=[a-z]{re.escape(sep)})(?:{alts})"), True, _lookup(rs)))
     for first, rs in by_first.items():
         if len(rs) == 1:  # the whole literal: `re` checks it without entering the matcher
             out.append((re.compile(re.escape(rs[0].prefix)), False, _lookup(rs)))
