@@ -52,7 +52,7 @@ def exported(tmp_path_factory):
 def run(sess, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[np.ndarray] | None):
     B = ids.shape[0]
     if past is None:
-        past = [np.zeros((B, CFG.num_key_value_heads, 0, CFG.hd), np.float32)] * (2 * CFG.num_hidden_layers)
+        past = [np.zeros((B, CFG.num_key_value_heads, 0, CFG.head_size), np.float32)] * (2 * CFG.num_hidden_layers)
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     feeds |= {f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": p for i, p in enumerate(past)}
     logits, *present = sess.run(None, feeds)

@@ -40,7 +40,7 @@ def tiny_hf_model(family: str, seed: int = 0, vocab_size: int = 320):
         intermediate_size=160,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=256,
+        max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

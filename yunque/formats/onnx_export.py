@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from yunque.errors import CheckpointError, require
-from yunque.model import Transformer, apply_rope, rope_cos_sin
-from yunque.ops import rms_norm
+from yunque.model import Transformer, rope_cos_sin
+from yunque.ops import apply_rope
 
 OPSET = 23
 
@@ -47,12 +47,14 @@ class DecoderWithPast(nn.Module):
         self.n_heads, self.n_kv, self.hd, self.window = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
-            cfg.hd,
+            cfg.head_size,
             cfg.sliding_window,
         )
 
     def _norm(self, norm, x):
-        return rms_norm(x, norm.weight, norm.eps)  # no out_dtype: plain torch ops, HF's rounding
+        # Plain torch ops (HF's rounding): the exporter traces tensors, not yunque's CPU kernels.
+        h = x.float()
+        return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
 
     def forward(self, input_ids, attention_mask, position_ids, past: tuple[torch.Tensor, ...]):
         B, T = input_ids.shape
@@ -105,7 +107,7 @@ def _example(model: Transformer, B: int = 2, T: int = 3, P: int = 4):
     ids = torch.arange(B * T).view(B, T) % cfg.vocab_size  # example values; the graph is traced, not fitted
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    kv = (B, cfg.num_key_value_heads, P, cfg.hd)
+    kv = (B, cfg.num_key_value_heads, P, cfg.head_size)
     past = tuple(torch.zeros(kv, dtype=p.dtype) for _ in range(2 * cfg.num_hidden_layers))
     return ids, mask, pos, past
 

@@ -42,7 +42,7 @@ def export_cmd(
     cfg = m.config
     print(
         f"exported {src} to {info['file']} (opset {info['opset']}, {cfg.num_hidden_layers} layers, "
-        f"KV cache of {cfg.num_key_value_heads} heads x {cfg.hd}) in {info['seconds']:.1f}s; "
+        f"KV cache of {cfg.num_key_value_heads} heads x {cfg.head_size}) in {info['seconds']:.1f}s; "
         f"copied {', '.join(copied) or 'no config or tokenizer files'}"
     )
     return {**info, "copied": copied}
