@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import types
 import weakref
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import yunque.train.loss as loss_mod
 from yunque.train.loss import _chunk_rows, linear_cross_entropy
 from yunque.train.memory_estimate import head_chunk_bytes
 
@@ -54,15 +52,20 @@ def _allocated(vocab: int, dtype: torch.dtype, rows: int) -> int:
 )  # 40k fp32: past the 64 MiB cap, 256-row chunks
 @pytest.mark.parametrize("chunks", [1, 1.5, 2.5])
 def test_head_chunk_term_is_what_the_loss_allocates(monkeypatch, vocab, dtype, chunks):
-    monkeypatch.setattr(loss_mod, "cpu_kernels", types.SimpleNamespace(dtypes=frozenset(), available=lambda: False))
+    import yunque.cpu
+
+    monkeypatch.setattr(yunque.cpu, "enabled", lambda: False)  # the plain-PyTorch head
     rows = int(chunks * _chunk_rows(vocab, dtype.itemsize))
-    assert _allocated(vocab, dtype, rows) == head_chunk_bytes(vocab, rows, dtype)
+    got, est = _allocated(vocab, dtype, rows), head_chunk_bytes(vocab, rows, dtype)
+    # An upper bound, and a tight one: in bf16 the estimate still counts a buffer that the
+    # head no longer keeps across chunks, so it is up to 1/3 high there.
+    assert got <= est <= 1.4 * got, (got, est)
 
 
 def test_head_chunk_term_bounds_the_fused_kernel():
     from yunque.cpu import kernels
 
-    if not kernels.available():
+    if kernels.xent_(torch.zeros(1, 16, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long), False) is None:
         pytest.skip("yunque's CPU kernels do not run here")
     vocab, dtype = 1000, torch.bfloat16
     rows = _chunk_rows(vocab, dtype.itemsize) + 100
