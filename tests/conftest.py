@@ -13,3 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     return tmp_path / "model"
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    # One full run under heavy load ended in SIGSEGV during interpreter teardown, after every test
+    # had passed or failed and the summary was printed (a native thread still running at exit is
+    # the suspect; not yet isolated). Leave with pytest's own status instead of tearing down.
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
