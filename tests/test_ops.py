@@ -217,3 +217,17 @@ def test_params_recast_in_backward_keeps_weight_copies_as_casts_with_identical_g
     assert counts == [0, 7]  # q, k, v, o, gate, up, down
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_only_the_seam_imports_yunque_cpu():
+    """yunque/cpu/ stays deletable: outside it, only yunque/ops/seam.py reaches in (and survives its absence)."""
+    import re
+    from pathlib import Path
+
+    import yunque
+
+    root = Path(yunque.__file__).parent
+    reach = re.compile(r"^\s*(from yunque\.cpu\b|from yunque import cpu\b|import yunque\.cpu\b)", re.M)
+    found = {str(p.relative_to(root)) for p in root.rglob("*.py")
+             if p.relative_to(root).parts[0] != "cpu" and reach.search(p.read_text(encoding="utf-8"))}
+    assert found == {"ops/seam.py"}
