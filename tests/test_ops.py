@@ -228,6 +228,9 @@ def test_only_the_seam_imports_yunque_cpu():
 
     root = Path(yunque.__file__).parent
     reach = re.compile(r"^\s*(from yunque\.cpu\b|from yunque import cpu\b|import yunque\.cpu\b)", re.M)
-    found = {str(p.relative_to(root)) for p in root.rglob("*.py")
-             if p.relative_to(root).parts[0] != "cpu" and reach.search(p.read_text(encoding="utf-8"))}
+    found = {
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if p.relative_to(root).parts[0] != "cpu" and reach.search(p.read_text(encoding="utf-8"))
+    }
     assert found == {"ops/seam.py"}
