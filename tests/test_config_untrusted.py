@@ -46,6 +46,7 @@ def _alias_bomb(levels: int = 12) -> str:
         ("lr: 0.1\nlr: 0.2\n", r"cfg.yaml:2: lr: key given twice"),
         ("inner:\n  x: 1\n  x: 2\n", r"cfg.yaml:3: inner.x: key given twice"),
         ("lr: [1, 2\n", r"cfg.yaml:2: invalid YAML"),
+        ("extra: {a: " + "9" * 5000 + "}\n", r"cfg.yaml: invalid YAML: Exceeds the limit"),
     ],
 )
 def test_hostile_yaml_is_one_error(tmp_path, text, needle):
@@ -74,3 +75,21 @@ def test_anchors_within_reason_still_work(tmp_path):
     p.write_text("extra: {one: &b {k: 1}, two: *b}\nlr: 1e-3\n", encoding="utf-8")
     cfg = load_config(Cfg, p)
     assert cfg.extra == {"one": {"k": 1}, "two": {"k": 1}} and cfg.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "cls_path, key",
+    [
+        ("yunque.train.config:TrainConfig", "seed"),
+        ("yunque.data.config:DataConfig", "split.seed"),
+        ("yunque.data.config:DataConfig", "dedup.seed"),
+    ],
+)
+def test_seeds_stay_in_the_range_the_generators_take(cls_path, key):
+    import importlib
+
+    mod, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(mod), name)
+    for bad in (2**40, -1):
+        with pytest.raises(ConfigError, match=rf"{key}: must be"):
+            load_config(cls, None, [f"{key}={bad}"])

@@ -76,6 +76,8 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
         return yaml.safe_load(text), lines
     except yaml.YAMLError as e:  # e.g. a tag such as !!python/object, which the safe loader refuses
         raise fail(e) from None
+    except ValueError as e:  # an integer literal longer than Python converts
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
 
 
 def _type_name(tp: Any) -> str:

@@ -68,6 +68,7 @@ def test_adapter_weights_linked_outside_are_refused(base_and_adapter, tmp_path):
         ('{"peft_type": "LORA", "r": -2, "lora_alpha": 4}', "field 'r' must be a positive integer"),
         ('{"peft_type": ["LORA"], "r": 2, "lora_alpha": 4}', "only LORA adapters"),
         ('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": [1, null]}', "target_modules must be"),
+        ('{"peft_type": "LORA", "r": 2, "lora_alpha": 1' + "0" * 400 + "}", "wrong type"),
     ],
 )
 def test_malformed_adapter_config_is_one_line(base_and_adapter, tmp_path, capsys, text, needle):

@@ -52,7 +52,7 @@ class DedupConfig:
     threshold: float = field(default=0.8, metadata={"gt": 0, "le": 1})
     num_perm: int = field(default=128, metadata={"ge": 16})
     shingle_size: int = field(default=5, metadata={"gt": 0})
-    seed: int = 1
+    seed: int = field(default=1, metadata={"ge": 0, "lt": 2**32})  # numpy and datasketch seeds are 32-bit
 
 
 # What `data prepare` does with each type unless `pii.modes` says otherwise, and why.
@@ -145,7 +145,7 @@ class SplitConfig:
     train: float = field(default=0.8, metadata={"ge": 0})
     val: float = field(default=0.1, metadata={"ge": 0})
     test: float = field(default=0.1, metadata={"ge": 0})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**32})
     # True: exact per-label shares, stable only when records are appended (see data/split.py);
     # False: the pure content-hash split, stable under any insertion, per-label shares in expectation.
     stratify: bool = False
@@ -166,7 +166,7 @@ class CanaryConfig:
 
     count: int = field(default=0, metadata={"ge": 0})  # distinct canaries
     rate: float = field(default=0.01, metadata={"gt": 0, "le": 1})  # fraction of training records carrying one
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0, "lt": 2**32})
 
 
 @dataclass

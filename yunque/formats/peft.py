@@ -166,7 +166,7 @@ def read_peft_config(adapter_dir: str | Path) -> tuple[dict[str, Any], Path]:
             raise CheckpointError(f"{path}: {key}={value!r} is not supported (yunque loads plain LoRA adapters)")
     for key in ("r", "lora_alpha"):
         v = conf.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)):
             raise CheckpointError(f"{path}: field {key!r} is missing or not a number")
     if conf["r"] != int(conf["r"]) or not 0 < conf["r"] <= 1 << 16:
         raise CheckpointError(f"{path}: field 'r' must be a positive integer, got {conf['r']!r}")

@@ -97,7 +97,7 @@ class LogSection:
 class TrainConfig:
     method: Method = "pretrain"
     out_dir: Path = Path("runs/train")
-    seed: int = 1234
+    seed: int = field(default=1234, metadata={"ge": 0, "lt": 2**32})  # numpy seeds are 32-bit
     tokenizer: Path | None = None  # default: data.dir/tokenizer (what the shards were made with), else model.path
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
