@@ -93,3 +93,8 @@ def test_seeds_stay_in_the_range_the_generators_take(cls_path, key):
     for bad in (2**40, -1):
         with pytest.raises(ConfigError, match=rf"{key}: must be"):
             load_config(cls, None, [f"{key}={bad}"])
+
+
+def test_an_override_too_long_to_be_a_number_is_a_type_error():
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        load_config(Cfg, None, ["lr=" + "9" * 5000])

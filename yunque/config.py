@@ -222,7 +222,7 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
         k, v = item.split("=", 1)
         try:
             parsed = yaml.safe_load(v) if v != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer too long to convert
             parsed = v
         except RecursionError:
             raise ConfigError(f"override {k.strip()}: value nested too deeply") from None
