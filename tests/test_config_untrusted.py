@@ -98,3 +98,13 @@ def test_seeds_stay_in_the_range_the_generators_take(cls_path, key):
 def test_an_override_too_long_to_be_a_number_is_a_type_error():
     with pytest.raises(ConfigError, match="lr: expected a number"):
         load_config(Cfg, None, ["lr=" + "9" * 5000])
+
+
+@pytest.mark.parametrize("value", ["a/" + "x" * 300, "y" * 5000, "nul\x00byte"])
+def test_unusable_paths_are_config_errors(value):
+    from yunque.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="tokenizer: not a usable path"):
+        from yunque.config import from_dict
+
+        from_dict(TrainConfig, {"tokenizer": value})
