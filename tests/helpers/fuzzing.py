@@ -30,9 +30,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 CASE_SECONDS = 20
 TEMPLATE = (
@@ -525,7 +524,7 @@ def cases(P: dict[str, Path]) -> list[tuple[str, str, str, Callable, Callable[[P
     chat = lambda d: gen(d) + ["--chat"]  # noqa: E731
     insp = lambda d: ["inspect", str(d), "--no-hashes"]  # noqa: E731
     merge = lambda d: ["merge", "--base", str(P["model"]), "--adapter", str(d), "--out", str(d.parent / "merged")]  # noqa: E731
-    prep = lambda name: (  # noqa: E731
+    prep = lambda name: (
         lambda d: [
             "data",
             "prepare",
@@ -606,6 +605,15 @@ def cases(P: dict[str, Path]) -> list[tuple[str, str, str, Callable, Callable[[P
     ):
         out.append((f"data input {name}", "raw", name, mut, prep(name)))
     return out
+
+
+def _peak_rss_mb() -> int:
+    # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's size (pytest's, here).
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) // 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 class _Hang(BaseException):
@@ -696,13 +704,7 @@ def main_cli() -> int:
             if args.only is not None:
                 print(target, repr(target.read_bytes()[:300]), file=sys.stderr)
             r = run_case(main, argv_of(d))
-            r.update(
-                case=k,
-                reader=reader,
-                file=fname,
-                argv=" ".join(argv_of(d))[-160:],
-                maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-            )
+            r.update(case=k, reader=reader, file=fname, argv=" ".join(argv_of(d))[-160:], maxrss_mb=_peak_rss_mb())
             res.write(json.dumps(r) + "\n")
             res.flush()
             if args.only is None:
