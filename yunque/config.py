@@ -152,8 +152,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{key}: expected a path, got {value!r}")
         # Longer than the OS takes: is_file()/is_dir() would raise instead of saying no.
-        if "\x00" in str(value) or len(str(value)) > 4096 or any(len(part.encode("utf-8", "surrogateescape")) > 255
-                                                                for part in Path(value).parts):
+        if (
+            "\x00" in str(value)
+            or len(str(value)) > 4096
+            or any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in Path(value).parts)
+        ):
             raise ConfigError(f"{key}: not a usable path (too long, or a NUL byte): {str(value)[:80]!r}...")
         return Path(value)
     raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")

@@ -30,8 +30,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CASE_SECONDS = 20
 TEMPLATE = (
@@ -524,7 +525,7 @@ def cases(P: dict[str, Path]) -> list[tuple[str, str, str, Callable, Callable[[P
     chat = lambda d: gen(d) + ["--chat"]  # noqa: E731
     insp = lambda d: ["inspect", str(d), "--no-hashes"]  # noqa: E731
     merge = lambda d: ["merge", "--base", str(P["model"]), "--adapter", str(d), "--out", str(d.parent / "merged")]  # noqa: E731
-    prep = lambda name: (
+    prep = lambda name: (  # noqa: E731
         lambda d: [
             "data",
             "prepare",
@@ -704,7 +705,13 @@ def main_cli() -> int:
             if args.only is not None:
                 print(target, repr(target.read_bytes()[:300]), file=sys.stderr)
             r = run_case(main, argv_of(d))
-            r.update(case=k, reader=reader, file=fname, argv=" ".join(argv_of(d))[-160:], maxrss_mb=_peak_rss_mb())
+            r.update(
+                case=k,
+                reader=reader,
+                file=fname,
+                argv=" ".join(argv_of(d))[-160:],
+                maxrss_mb=_peak_rss_mb(),
+            )
             res.write(json.dumps(r) + "\n")
             res.flush()
             if args.only is None:
