@@ -28,15 +28,22 @@ SHARED = Path(os.environ.get("YUNQUE_SHARED_DATA", ROOT.parent.parent / "shared"
 if not SHARED.is_dir():
     SHARED = Path("/work/shared/data")
 
-VARIANTS = {  # name -> (dtype, quantize arguments or None)
+# name -> (dtype, quantize arguments or None). "kernels": every linear through the packed CPU kernels on
+# bf16-rounded activations, as decode runs them (scoring batches are past KERNEL_MAX_ROWS otherwise).
+VARIANTS = {
     "fp32": ("float32", None),
     "bf16": ("bfloat16", None),
     "int8": ("float32", ["--bits", "8"]),
-    "int8 + head": ("float32", ["--bits", "8", "--include-head", "--include-embedding"]),
+    "int8 kernels": ("float32", ["--bits", "8"]),
+    "int8 + head, embedding": ("float32", ["--bits", "8", "--include-head", "--include-embedding"]),
     "int4 g32": ("float32", ["--bits", "4", "--group-size", "32"]),
+    "int4 g32 kernels": ("float32", ["--bits", "4", "--group-size", "32"]),
     "int4 g32 asym": ("float32", ["--bits", "4", "--group-size", "32", "--asymmetric"]),
     "int4 g64": ("float32", ["--bits", "4", "--group-size", "64"]),
-    "int4 g32 bf16": ("bfloat16", ["--bits", "4", "--group-size", "32"]),
+    "int4 g32 + head, embedding": (
+        "float32",
+        ["--bits", "4", "--group-size", "32", "--include-head", "--include-embedding"],
+    ),
 }
 
 
@@ -93,6 +100,7 @@ def main() -> None:
     if not src.is_file():
         print(f"skip: {src} not found")
         return
+    from yunque import quantize
     from yunque.evaluate.perplexity import perplexity
     from yunque.inference import load
     from yunque.recipes.quantize import quantize_cmd
@@ -103,12 +111,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = Path(args.model) if args.model else train_small(src, work, args.steps)
-        rows, base = [], None
+        rows, base, written = [], None, {}
         for name in args.variants.split(","):
             dtype, qargs = VARIANTS[name]
             d = model_dir
-            if qargs:
-                d = work / name.replace(" ", "_")
+            if qargs and tuple(qargs) in written:
+                d = written[tuple(qargs)]
+            elif qargs:
+                d = written[tuple(qargs)] = work / "".join(c if c.isalnum() else "_" for c in name)
                 kw = {
                     "bits": int(qargs[1]),
                     "group_size": int(qargs[3]) if "--group-size" in qargs else None,
@@ -119,8 +129,14 @@ def main() -> None:
                 quantize_cmd(str(model_dir), out=str(d), **kw)
             m, tok = load(d, dtype=dtype, device="cpu")
             size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
-            with torch.inference_mode():
-                r = perplexity(m, tok, docs, max_length=256)
+            rows_before = quantize.KERNEL_MAX_ROWS
+            if name.endswith("kernels"):
+                quantize.KERNEL_MAX_ROWS = {torch.float32: 1 << 30, torch.bfloat16: 1 << 30}
+            try:
+                with torch.inference_mode():
+                    r = perplexity(m, tok, docs, max_length=256)
+            finally:
+                quantize.KERNEL_MAX_ROWS = rows_before
             base = base or r.perplexity
             rows.append((name, r.perplexity, 100 * (r.perplexity / base - 1), size / 1e6))
             del m

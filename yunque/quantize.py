@@ -40,7 +40,9 @@ QUANT_METHOD = "yunque"
 GROUP_SIZES = (32, 64, 128)
 OPTIONAL = ("lm_head", "model.embed_tokens")  # kept in full precision unless asked for
 TENSORS = ("qweight", "weight_scale", "weight_zero_point")
-KERNEL_MAX_ROWS = 128  # rows of activations up to which the packed CPU kernels beat dequantise + GEMM
+# Rows of activations up to which the packed CPU kernels beat dequantise + GEMM (bench/NOTES.md): a bf16
+# GEMM over a bf16 copy of the weight wins past 32 rows, an fp32 one (twice the bytes) past 128.
+KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 128}
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,8 @@ class QuantLinear(_Quantized):
                 self._kernel = (self.qweight, self.weight_scale.view(-1).to(torch.bfloat16))
             else:
                 # Its own layout (CPU-specific), and (code - 8) * scale + zero, zero in the weights' units.
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    unpack_int4(self.qweight).to(torch.int32), 1
-                )
+                codes = unpack_int4(self.qweight).to(torch.int32)
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
                 s, zp = self.weight_scale.float(), self.weight_zero_point
                 z = (8 - zp.float()) * s if zp is not None else torch.zeros_like(s)
                 self._kernel = (packed, torch.stack((s, z), -1).transpose(0, 1).contiguous().to(torch.bfloat16))
@@ -248,7 +249,8 @@ class QuantLinear(_Quantized):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and 0 < x2.shape[0] <= KERNEL_MAX_ROWS and x.is_floating_point():
+        rows = x2.shape[0]
+        if x.device.type == "cpu" and 0 < rows <= KERNEL_MAX_ROWS.get(x.dtype, 32) and x.is_floating_point():
             w, s = self._kernel_operands()
             xb = x2.to(torch.bfloat16).contiguous()
             if self.bits == 8:
