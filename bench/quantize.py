@@ -35,12 +35,12 @@ VARIANTS = {
     "bf16": ("bfloat16", None),
     "int8": ("float32", ["--bits", "8"]),
     "int8 kernels": ("float32", ["--bits", "8"]),
-    "int8 + head, embedding": ("float32", ["--bits", "8", "--include-head", "--include-embedding"]),
+    "int8 + head + embedding": ("float32", ["--bits", "8", "--include-head", "--include-embedding"]),
     "int4 g32": ("float32", ["--bits", "4", "--group-size", "32"]),
     "int4 g32 kernels": ("float32", ["--bits", "4", "--group-size", "32"]),
     "int4 g32 asym": ("float32", ["--bits", "4", "--group-size", "32", "--asymmetric"]),
     "int4 g64": ("float32", ["--bits", "4", "--group-size", "64"]),
-    "int4 g32 + head, embedding": (
+    "int4 g32 + head + embedding": (
         "float32",
         ["--bits", "4", "--group-size", "32", "--include-head", "--include-embedding"],
     ),
@@ -131,7 +131,7 @@ def main() -> None:
             size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
             rows_before = quantize.KERNEL_MAX_ROWS
             if name.endswith("kernels"):
-                quantize.KERNEL_MAX_ROWS = {torch.float32: 1 << 30, torch.bfloat16: 1 << 30}
+                quantize.KERNEL_MAX_ROWS = 1 << 30
             try:
                 with torch.inference_mode():
                     r = perplexity(m, tok, docs, max_length=256)

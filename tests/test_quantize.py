@@ -126,14 +126,13 @@ def test_cpu_kernels_compute_the_dequantised_linear(bits, group, sym, dtype):
     lin = torch.nn.Linear(128, 96, bias=True)
     q = QuantLinear.from_linear(lin, QuantConfig(bits, group, sym))
     w = q.dequantize(torch.float32)
-    most = KERNEL_MAX_ROWS[dtype]
-    for rows in (1, 5, most, most + 1):  # kernels, then dequantise + GEMM
+    for rows in (1, 5, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1):  # kernels, then dequantise + GEMM
         x = torch.randn(rows, 2, 64).to(dtype).view(rows, 128)[None]
         ref = F.linear(x.float(), w, lin.bias.detach())
         y = q(x)
         assert y.shape == (1, rows, 96) and y.dtype == dtype
         # the kernels take bf16 activations: fp32 ones are rounded, so bf16's tolerance for both
-        exact = dtype == torch.float32 and rows > most
+        exact = dtype == torch.float32 and rows > KERNEL_MAX_ROWS
         tol = 1e-5 if exact else 2e-2
         assert (y.float() - ref).abs().max().item() < tol * ref.abs().max().item()
     assert q._kernel is not None
@@ -161,7 +160,7 @@ def test_config_validation():
 @pytest.mark.parametrize("path", ["dequantise + GEMM", "kernels"])
 def test_int8_perplexity_within_one_percent_of_fp32_and_int4_measurably_worse(path, monkeypatch):
     if path == "kernels":  # as decode runs them: bf16 activations into the packed kernels, for all 1024 rows
-        monkeypatch.setattr("yunque.quantize.KERNEL_MAX_ROWS", {torch.float32: 1 << 30})
+        monkeypatch.setattr("yunque.quantize.KERNEL_MAX_ROWS", 1 << 30)
     m = peaked_model()
     text = torch.tensor(generate(m, [[1]] * 8, Sampling(max_new_tokens=128, temperature=1.0, seed=0)))
     base = perplexity(m, text)

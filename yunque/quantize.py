@@ -40,9 +40,7 @@ QUANT_METHOD = "yunque"
 GROUP_SIZES = (32, 64, 128)
 OPTIONAL = ("lm_head", "model.embed_tokens")  # kept in full precision unless asked for
 TENSORS = ("qweight", "weight_scale", "weight_zero_point")
-# Rows of activations up to which the packed CPU kernels beat dequantise + GEMM (bench/NOTES.md): a bf16
-# GEMM over a bf16 copy of the weight wins past 32 rows, an fp32 one (twice the bytes) past 128.
-KERNEL_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 128}
+KERNEL_MAX_ROWS = 128  # rows of activations up to which the packed CPU kernels beat dequantise + GEMM
 
 
 @dataclass(frozen=True)
@@ -250,7 +248,7 @@ class QuantLinear(_Quantized):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if x.device.type == "cpu" and 0 < rows <= KERNEL_MAX_ROWS.get(x.dtype, 32) and x.is_floating_point():
+        if x.device.type == "cpu" and 0 < rows <= KERNEL_MAX_ROWS and x.is_floating_point():
             w, s = self._kernel_operands()
             xb = x2.to(torch.bfloat16).contiguous()
             if self.bits == 8:
