@@ -139,6 +139,14 @@ def test_cpu_kernels_compute_the_dequantised_linear(bits, group, sym, dtype):
     assert torch.equal(q(x[:, :1]), q(x[:, :1]))
 
 
+def test_int4_rows_the_cpu_kernel_cannot_lay_out_use_the_generic_path():
+    lin = torch.nn.Linear(64, 100)  # the int4 kernel's layout wants out_features in blocks of 16
+    q = QuantLinear.from_linear(lin, QuantConfig(4, 32))
+    x = torch.randn(3, 64)
+    assert torch.allclose(q(x), F.linear(x, q.dequantize(torch.float32), lin.bias.detach()), atol=1e-5)
+    assert q._kernel is None
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="group-size"):
         QuantConfig(8, 32)

@@ -198,10 +198,11 @@ class QuantLinear(_Quantized):
     """An inference-only linear over int8 / int4 weights.
 
     On CPU, up to KERNEL_MAX_ROWS rows (decode, short prefills) run PyTorch's packed kernels on bf16
-    activations: on x86 they are vectorised for bf16 only (fp32 and fp16 run a scalar loop, 5-10x
-    slower than an fp32 GEMV), so other activations are rounded to bf16 for them and the result cast
-    back. The kernels' 4x4 tiles read the weight once per 4 rows, so past that, and on other devices,
-    the weight is dequantised for one GEMM (bench/NOTES.md, "Inference quantisation").
+    activations: on x86 they are vectorised for bf16 only (fp32 and fp16 run a scalar loop, 3-30x
+    slower than the float linear), so other activations are rounded to bf16 for them and the result
+    cast back. The kernels' 4x4 tiles read the weight once per 4 rows, so past that, on other devices
+    and where the int4 kernel does not apply (out_features not a multiple of 16), the weight is
+    dequantised for one GEMM (bench/NOTES.md, "Inference quantisation").
     """
 
     def __init__(
@@ -216,6 +217,7 @@ class QuantLinear(_Quantized):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # the CPU kernel's weight and scales
+        self._kernel_fits = qc.bits == 8 or out_features % 16 == 0  # the int4 layout's blocks of 16 rows
 
     def _apply(self, fn, recurse=True):
         self._kernel = None  # made again from the moved buffers
@@ -248,7 +250,7 @@ class QuantLinear(_Quantized):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if x.device.type == "cpu" and 0 < rows <= KERNEL_MAX_ROWS and x.is_floating_point():
+        if x.device.type == "cpu" and 0 < rows <= KERNEL_MAX_ROWS and self._kernel_fits and x.is_floating_point():
             w, s = self._kernel_operands()
             xb = x2.to(torch.bfloat16).contiguous()
             if self.bits == 8:
