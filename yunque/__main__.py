@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except YunqueError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except SystemExit as e:  # argparse's --help, or a usage error it has already printed
+        return e.code if isinstance(e.code, int) else 2
     # Last resort for input no reader anticipated (readers raise YunqueError naming the file): still
     # one line and exit 2, not a traceback.
     except RecursionError:

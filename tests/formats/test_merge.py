@@ -69,10 +69,10 @@ def test_merge_cli_writes_hf_dir_copies_tokenizer_and_matches_peft(trained, tmp_
     with torch.no_grad():
         assert (merged(X).logits - pm(X).logits).abs().max() <= 1e-4
     with pytest.raises(CheckpointError, match="already holds a model.*--overwrite"):
-        merge_cmd(str(base), str(adapter), str(out))
-    merge_cmd(str(base), str(adapter), str(out), overwrite=True)
+        merge_cmd(base=str(base), adapter=str(adapter), out=str(out))
+    merge_cmd(base=str(base), adapter=str(adapter), out=str(out), overwrite=True)
     with pytest.raises(CheckpointError, match="must be a new directory"):
-        merge_cmd(str(base), str(adapter), str(base))
+        merge_cmd(base=str(base), adapter=str(adapter), out=str(base))
 
 
 def test_qlora_adapter_merges_into_the_dequantised_base_it_was_trained_on(tmp_path):
@@ -86,7 +86,7 @@ def test_qlora_adapter_merges_into_the_dequantised_base_it_was_trained_on(tmp_pa
     save_peft_adapter(model, tmp_path / "adapter", cfg)
     with torch.no_grad():
         ref = model(X)  # what was trained: NF4 base + adapter
-    merge_cmd(str(base), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    merge_cmd(base=str(base), adapter=str(tmp_path / "adapter"), out=str(tmp_path / "merged"))
     merged = load_model(tmp_path / "merged")
     assert merged.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the original dtype
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_qlora_adapter_merges_into_the_dequantised_base_it_was_trained_on(tmp_pa
         assert (fp32_merged(X) - ref).abs().max() <= 1e-4
         merge_lora(fp32_merged)
         assert (fp32_merged(X) - ref).abs().max() <= 1e-4
-    merge_cmd(str(base), str(tmp_path / "adapter"), str(tmp_path / "orig"), original_base=True)
+    merge_cmd(base=str(base), adapter=str(tmp_path / "adapter"), out=str(tmp_path / "orig"), original_base=True)
     orig = load_model(tmp_path / "orig").float()
     with torch.no_grad():
         assert (orig(X) - out).abs().max() > 1e-3  # a different (un-quantised) base was used
@@ -117,13 +117,13 @@ def test_merge_errors_are_clear(trained, tmp_path):
     with pytest.raises(
         CheckpointError, match=rf"{weights}: tensor {key} has shape \[63, 4\], the model needs \[64, 4\]"
     ):
-        merge_cmd(str(base), str(adapter), str(tmp_path / "o1"))
+        merge_cmd(base=str(base), adapter=str(adapter), out=str(tmp_path / "o1"))
     save_file({k.replace("down_proj", "proj_down"): v for k, v in sd.items()}, weights)
     with pytest.raises(CheckpointError, match=r"target module model.layers.0.mlp.proj_down not found in the model"):
-        merge_cmd(str(base), str(adapter), str(tmp_path / "o2"))
+        merge_cmd(base=str(base), adapter=str(adapter), out=str(tmp_path / "o2"))
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(CheckpointError, match=rf"{adapter / 'adapter_config.json'}: not found"):
-        merge_cmd(str(base), str(adapter), str(tmp_path / "o3"))
+        merge_cmd(base=str(base), adapter=str(adapter), out=str(tmp_path / "o3"))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
 
 
@@ -134,7 +134,7 @@ def test_merge_cli_exits_2_with_one_line_error(trained, tmp_path, capsys, monkey
     (adapter / "adapter_config.json").unlink()
     monkeypatch.setitem(COMMANDS, "merge", ("yunque.recipes.merge", "merge_cmd", "merge a LoRA adapter into its base"))
     assert main(["merge", "--base", str(base), "--adapter", str(adapter)]) == 2
-    assert "--out DIR is required" in capsys.readouterr().err
+    assert "the following arguments are required: --out" in capsys.readouterr().err
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "adapter_config.json: not found" in err and "Traceback" not in err

@@ -19,8 +19,8 @@ _OVERRIDE = re.compile(
 
 def prepare_cmd(
     *inputs: str,
-    out: str,
-    config: str | None = None,
+    out: Path,
+    config: Path | None = None,
     format: FormatArg | None = None,
     on_error: Literal["skip", "fail"] | None = None,
     tokenizer: str | None = None,
@@ -85,7 +85,7 @@ def prepare_cmd(
     return 0
 
 
-def verify_cmd(dir: str) -> int:
+def verify_cmd(dir: Path) -> int:
     """Recompute every hash of a prepared data directory; fail naming the file and record that changed.
 
     Args:
@@ -107,7 +107,7 @@ def verify_cmd(dir: str) -> int:
     return 0
 
 
-def inspect_cmd(dir: str, n: int = 3) -> int:
+def inspect_cmd(dir: Path, n: int = 3) -> int:
     """Show totals, length statistics and a few rendered examples with the masked tokens marked.
 
     Args:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
-def demo_cmd(out: str = "runs/demo", quick: bool = False, seed: int = 0) -> int:
+
+def demo_cmd(out: Path = Path("runs/demo"), quick: bool = False, seed: int = 0) -> int:
     """Corpus -> tokenizer -> pretraining -> data prepare -> LoRA -> merge -> evaluation -> report, on CPU.
 
     Args:

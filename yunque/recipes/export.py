@@ -12,15 +12,15 @@ def export_cmd(
     model: str,
     *,
     format: Literal["onnx"],
-    out: str,
-    adapter: str | None = None,
+    out: Path,
+    adapter: Path | None = None,
     opset: int | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Export a model for another runtime: onnx (onnxruntime, onnxruntime-genai, optimum).
 
     Args:
-        model: a Hugging Face model directory (full precision)
+        model: a Hugging Face model directory (full precision), or a name from `yunque models`
         format: onnx: the decoder with KV-cache inputs and outputs, fp32, weights in model.onnx.data
         out: the output directory
         adapter: a PEFT adapter directory, merged into the weights first
@@ -28,8 +28,9 @@ def export_cmd(
         overwrite: replace an export that already exists in out
     """
     from yunque.formats import onnx_export
+    from yunque.models import resolve_model
 
-    src, out_p = Path(model), Path(out)
+    src, out_p = resolve_model(model), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: model directory not found")
     if out_p.resolve() == src.resolve():

@@ -19,7 +19,7 @@ from yunque.presets import PRESETS, get_preset
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def inspect_cmd(path: str, hashes: bool = True) -> dict:
+def inspect_cmd(path: Path, hashes: bool = True) -> dict:
     """Show a model directory's architecture, parameter count, dtype, files and their SHA-256.
 
     Args:

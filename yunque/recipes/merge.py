@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from yunque.errors import CheckpointError, YunqueError
+from yunque.errors import CheckpointError
 
 
 def merge_cmd(
-    base: str | None = None,
-    adapter: str | None = None,
-    out: str | None = None,
+    *,
+    base: str,
+    adapter: Path,
+    out: Path,
     original_base: bool = False,
     overwrite: bool = False,
 ) -> None:
     """Merge a PEFT LoRA adapter into its base model and write a Hugging Face model directory.
 
     Args:
-        base: the base model directory (Hugging Face format) the adapter was trained on
+        base: the base model directory (Hugging Face format) the adapter was trained on, or a name from
+            `yunque models`
         adapter: the adapter directory (adapter_config.json + adapter_model.safetensors)
         out: where to write the merged model (tokenizer files are copied from base)
         original_base: for a QLoRA adapter, merge into the full-precision base weights instead of the
@@ -25,10 +27,6 @@ def merge_cmd(
         overwrite: replace a model that already exists in out
     """
     from yunque.formats.peft import merge_adapter
-
-    for flag, value in (("--base", base), ("--adapter", adapter), ("--out", out)):
-        if not value:
-            raise YunqueError(f"{flag} DIR is required")
     from yunque.models import resolve_model
 
     base = str(resolve_model(base))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 
-def import_cmd(path: str, *, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> Path:
+def import_cmd(path: Path, *, out: Path, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> Path:
     """Convert a GGUF file (llama.cpp's format) into a Hugging Face model directory.
 
     Args:

@@ -14,7 +14,7 @@ def quantize_cmd(
     model: str,
     *,
     bits: Literal[8, 4],
-    out: str,
+    out: Path,
     group_size: Literal[32, 64, 128] | None = None,
     asymmetric: bool = False,
     include_embedding: bool = False,
@@ -24,7 +24,7 @@ def quantize_cmd(
     """Quantise every linear layer's weights to int8 or int4 for inference (generate, chat, eval, serve).
 
     Args:
-        model: a Hugging Face model directory (full precision)
+        model: a Hugging Face model directory (full precision), or a name from `yunque models`
         bits: 8 (per output channel, symmetric) or 4 (group-wise)
         out: where to write the quantised model (tokenizer and generation config are copied)
         group_size: int4 only: 32, 64 or 128 weights share a scale (default 32)
@@ -37,9 +37,10 @@ def quantize_cmd(
 
     from yunque.formats.hf import load_model, save_model
     from yunque.formats.peft import TOKENIZER_FILES
+    from yunque.models import resolve_model
     from yunque.quantize import QuantConfig, quantize_model_, storage_bits
 
-    src, out_p = Path(model), Path(out)
+    src, out_p = resolve_model(model), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: model directory not found")
     if out_p.resolve() == src.resolve():

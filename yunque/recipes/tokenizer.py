@@ -13,19 +13,17 @@ _SAMPLE_CHARS = 1 << 20
 
 
 def train_cmd(
-    files: list[str], out: str | None = None, vocab_size: int = 8192, min_frequency: int = 2, overwrite: bool = False
+    files: list[Path], *, out: Path, vocab_size: int = 8192, min_frequency: int = 2, overwrite: bool = False
 ) -> None:
     """Train a Llama-3-style byte-level BPE tokenizer (with chat template) on text files.
 
     Args:
         files: UTF-8 text files; .jsonl files contribute the "text" field of each line
-        out: output directory, written in Hugging Face format (required)
+        out: output directory, written in Hugging Face format
         vocab_size: total vocabulary size, special tokens included
         min_frequency: least number of times a pair must occur to be merged
         overwrite: replace a tokenizer that already exists in --out
     """
-    if not out:
-        raise YunqueError("--out DIR is required")
     if (Path(out) / "tokenizer.json").exists() and not overwrite:
         raise YunqueError(
             f"{out}: already holds a tokenizer.json (a model's embeddings may depend on it); pass --overwrite to replace it"  # noqa: E501
