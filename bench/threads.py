@@ -84,7 +84,7 @@ def main() -> None:
         work = Path(tmp)
         model = work / "model"
         subprocess.run(
-            [sys.executable, "-m", "yunque", "init", "--out", str(model), "--preset", "base"],
+            [sys.executable, "-m", "yunque", "init", str(model), "--preset", "base"],
             env=base,
             check=True,
             capture_output=True,
