@@ -313,7 +313,9 @@ def merge_adapter(
     dtype = checkpoint_dtype(base_dir) or next(model.parameters()).dtype
     cfg = load_peft_adapter(model, adapter_dir, quantize_base=False if original_base else None)
     merged = merge_lora(model)
-    check_finite(model.state_dict(), f"{base_dir} + {adapter_dir}", "the base or the adapter is corrupt; nothing written")
+    check_finite(
+        model.state_dict(), f"{base_dir} + {adapter_dir}", "the base or the adapter is corrupt; nothing written"
+    )
     gen_path = base_dir / "generation_config.json"
     gen = None
     if gen_path.is_file():
