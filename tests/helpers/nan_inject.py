@@ -5,7 +5,9 @@ processes it starts, run this file instead of `-m yunque.recipes.train`:
 
     python -m torch.distributed.run --nproc_per_node 2 tests/helpers/nan_inject.py CONFIG [key=value ...]
 
-with YUNQUE_TEST_NAN="3,4" (every rank) or "3@1" (rank 1 only).
+with YUNQUE_TEST_NAN="3,4" (every rank) or "3@1" (rank 1 only). Each rank writes the error that
+ends its run to $YUNQUE_TEST_ERRORS/rank-N.txt before it leaves the process group (after that,
+torchrun may end it before it prints: the first rank to exit makes it stop the others).
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ if __name__ == "__main__":
     spec = os.environ["YUNQUE_TEST_NAN"]
     steps, _, rank = spec.partition("@")
     loop.train_step = wrap(loop.train_step, {int(s) for s in steps.split(",")}, int(rank) if rank else None)
+    run = loop.Trainer.run
+
+    def recorded(self):
+        try:
+            return run(self)
+        except YunqueError as e:
+            with open(os.path.join(os.environ["YUNQUE_TEST_ERRORS"], f"rank-{self.d.rank}.txt"), "w") as f:
+                f.write(str(e))
+            raise
+
+    loop.Trainer.run = recorded
     try:
         sys.exit(call_with_argv(train_cmd, sys.argv[1:], prog="yunque train") or 0)
     except YunqueError as e:
