@@ -40,7 +40,7 @@ def test_nonfinite_weights_are_refused_at_load(model_dir, tmp_path, capsys):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
-    save_model(model, bad)
+    save_model(model, bad, allow_nonfinite=True)
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight holds 2 non-finite"):
         load(bad)
     load(bad, allow_nonfinite=True)  # the escape hatch
