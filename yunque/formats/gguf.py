@@ -75,7 +75,7 @@ def gguf_tensor_name(hf: str) -> str | None:
     for gguf_name, name in _GLOBAL_NAMES.items():
         if name == hf:
             return gguf_name
-    m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.(\w+\.\w+)\.(weight|bias)", hf)
+    m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.([\w.]+)\.(weight|bias)", hf)
     short = next((k for k, v in _BLOCK_NAMES.items() if m and v == m[2]), None)
     return f"blk.{m[1]}.{short}.{m[3]}" if short else None
 
