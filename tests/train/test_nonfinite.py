@@ -81,10 +81,11 @@ def test_lr_1e10_stops_at_the_first_nan_step_and_exports_nothing(corpus, tmp_pat
     assert sorted(_rows(out, "train"), key=lambda r: r["step"])[-1]["step"] == step - 1
 
 
-def test_an_injected_nan_stops_at_its_step(corpus, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("clip", ["optim.grad_clip=1.0", "optim.grad_clip=0"])  # 0: the norm is computed for the check
+def test_an_injected_nan_stops_at_its_step(corpus, tmp_path, capsys, monkeypatch, clip):
     poison_steps(monkeypatch, {3})
     cfg, out = _config(corpus, tmp_path, log={"every": 4, "plot": False})
-    rc, err = _train(capsys, cfg)
+    rc, err = _train(capsys, cfg, clip)
     assert rc == 3 and len(err) == 1, err
     assert err[0].startswith("error: step 3: loss is nan, grad norm is nan (lr ") and "not applied" in err[0]
     assert _checkpoint_steps(out) == [1, 2] and not (out / "model").exists()
