@@ -299,9 +299,7 @@ def test_imported_model_keeps_its_pre_tokenizer_name(tmp_path):
     ],
 )
 def test_rope_scaling_round_trips(tmp_path, scaling):
-    src = make_model(
-        tmp_path, "m", trained_dir(tmp_path), rope_scaling=scaling, rope_theta=500000.0, head_dim=None
-    )
+    src = make_model(tmp_path, "m", trained_dir(tmp_path), rope_scaling=scaling, rope_theta=500000.0, head_dim=None)
     path = export(src, tmp_path / "r.gguf", "f32")
     meta, types = metadata(path)
     assert ("rope_freqs.weight" in types) is (scaling["rope_type"] == "llama3")
