@@ -34,6 +34,7 @@ HERMES_CALL = '<tool_call>\n{"name": "scan_host", "arguments": {"host": "web01"}
 # A template that lists tools writes a long system turn: ~700 tokens of the tiny BPE.
 LIMITS = {"rpm": 10_000, "tpm": 10_000_000, "max_len": 1024, "max_prompt_tokens": 960}
 
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_tools")
