@@ -9,10 +9,11 @@ sampling, and the sampled token advances the matcher. Once the grammar is comple
 stop tokens remain allowed, so the reply ends there; a reply cut by max_tokens is cut
 (finish_reason "length"), as OpenAI's is.
 
-JSON is generated compact (no free whitespace between tokens): whitespace runs are valid JSON
-but a weak model can loop in them forever. Forced tool calls use xgrammar's own structural
-tags for the two call formats that `yunque.serve.tools` parses: Hermes/Qwen `<tool_call>` and
-Llama 3.1 JSON.
+JSON is generated with fixed separators (", " and ": ", as `json.dumps` writes it) and no other
+whitespace: whitespace runs are valid JSON, but a weak model can loop in them until max_tokens.
+A forced tool call is one call object in the format of the template (see `yunque.serve.tools`):
+Hermes/Qwen `<tool_call>{"name": ..., "arguments": ...}</tool_call>` or Llama 3.1's bare
+`{"name": ..., "parameters": ...}`.
 
 xgrammar is optional (installed by install.sh without its dependencies, see there); without
 it these requests get a 400 that says so, everything else works.
@@ -94,6 +95,14 @@ class Grammars:
                 self._xgr, self._compiler = xgr, xgr.GrammarCompiler(info, max_threads=1)
             return self._xgr, self._compiler
 
+    def warm(self) -> None:
+        """Import xgrammar and read the vocabulary now (seconds; a large vocabulary takes longer),
+        so that the first constrained request does not spend its time budget on it."""
+        try:
+            self._ready()
+        except GrammarError:
+            pass  # not installed: those requests get the 400 that says so
+
     def _compile(self, what: str, build) -> Grammar:
         xgr, compiler = self._ready()
         try:  # the compiler is thread-safe (its cache is shared between threads)
@@ -115,20 +124,32 @@ class Grammars:
             lambda xgr, c: c.compile_json_schema(text, any_whitespace=False, strict_mode=strict),
         )
 
-    def tool_call(self, call_format: str, tools: list[dict], tool_choice, parallel: bool) -> Grammar:
-        """A grammar that makes the reply call a tool: `tool_choice` "required" (any of `tools`) or
-        {"type": "function", "function": {"name": ...}}; `call_format` "hermes" or "llama"."""
-        model = {"hermes": "qwen_3", "llama": "llama"}[call_format]
+    def tool_call(self, call_format: str, tools: list[dict], tool_choice) -> Grammar:
+        """A reply that is exactly one call: of the named function (`tool_choice` {"type": "function",
+        "function": {"name": ...}}) or of any of `tools` ("required"), its arguments valid for the
+        function's `parameters`, written as `call_format` ("hermes" or "llama") writes it."""
+        key = "arguments" if call_format == "hermes" else "parameters"
+        named = None if tool_choice == "required" else tool_choice["function"]["name"]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, key: f.get("parameters") or {"type": "object"}},
+                "required": ["name", key],
+                "additionalProperties": False,
+            }
+            for f in (t["function"] for t in tools)
+            if named is None or f["name"] == named
+        ]
+        schema = json.dumps(calls[0] if len(calls) == 1 else {"anyOf": calls})
 
         def build(xgr, c):
-            tag = xgr.get_model_structural_tag(
-                model,
-                tools=tools,
-                tool_choice=tool_choice,
-                reasoning="disabled",
-                parallel_tool_calls=parallel,
-                max_whitespace_cnt=2,  # see the module docstring: no unbounded whitespace
-            )
-            return c.compile_structural_tag(tag)
+            body = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+            if call_format == "hermes":
+                head, tail = (
+                    xgr.Grammar.from_ebnf(r'root ::= "<tool_call>\n"'),
+                    xgr.Grammar.from_ebnf(r'root ::= "\n</tool_call>"'),
+                )
+                body = xgr.Grammar.concat(head, body, tail)
+            return c.compile_grammar(body)
 
         return self._compile("tool_choice", build)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,7 @@ class Service:
     async def lifespan(self, app):
         self.mailbox.loop = asyncio.get_running_loop()
         self.engine.start()
+        threading.Thread(target=self.grammars.warm, name="yunque-grammar", daemon=True).start()
         yield
         # uvicorn has already waited for in-flight requests (graceful shutdown); nothing is left to run
         await asyncio.to_thread(self.engine.stop, self.cfg.drain_timeout_s)
@@ -309,8 +311,7 @@ class Service:
         try:
             if forced:
                 choice = req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
-                parallel = req.parallel_tool_calls is not False
-                return self.grammars.tool_call(self._tool_format(), tool_defs, choice, parallel)
+                return self.grammars.tool_call(self._tool_format(), tool_defs, choice)
             if rf is None or rf.type == "text":
                 return None
             if rf.type == "json_object":
