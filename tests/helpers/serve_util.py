@@ -90,6 +90,7 @@ def make_server(
     auth: dict | None = None,
     slow_s: float = 0.0,
     audit: bool = True,
+    embeddings: dict | None = None,
 ):
     """(ServerThread, api_key, app) for the model in `model_dir`; `slow_s` delays every forward
     (to make generation last long enough to observe cancellation and draining)."""
@@ -115,6 +116,7 @@ def make_server(
             "auth": {"keys_file": str(keys), **(auth or {})},
             "guards": guards or {},
             "audit": {"path": str(tmp / "audit.jsonl")} if audit else {},
+            "embeddings": embeddings or {},
         },
     )
     model = load_model(model_dir)

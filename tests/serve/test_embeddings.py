@@ -174,3 +174,13 @@ def test_engine_pooling_options(env):
         assert kind == "embeddings"
         for v, i in zip(vectors, ids):
             np.testing.assert_allclose(v.numpy(), direct(ref, i, name, normalize=False), atol=1e-5)
+
+
+def test_pooling_from_the_serve_config(env, tmp_path):
+    srv, key, _ = make_server(env["dir"], tmp_path, embeddings={"pooling": "last", "normalize": False})
+    ids = env["tok"].encode(TEXTS[1], add_special_tokens=True)
+    with srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
+        r = c.embeddings.create(model="tiny", input=TEXTS[1])
+    np.testing.assert_allclose(r.data[0].embedding, direct(env["model"], ids, "last", normalize=False), atol=1e-5)
+    assert abs(np.linalg.norm(r.data[0].embedding) - 1) > 1e-3  # not normalised

@@ -7,6 +7,7 @@ redacting, every size and count capped. A YAML file holds only what differs, e.g
     auth: {keys_file: /etc/yunque/keys.json, jwt: {enabled: true, public_key_file: jwt.pem, algorithms: [RS256],
            audience: yunque, issuer: https://idp.example}}
     audit: {path: /var/log/yunque/audit.jsonl}
+    embeddings: {pooling: last, normalize: false}
 """
 
 from __future__ import annotations

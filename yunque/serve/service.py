@@ -4,10 +4,15 @@ audit log, admits generation requests and turns the engine's events into OpenAI 
 Order of work for a generation request, cheapest and safest first: the Gatekeeper (request
 id, header cap, auth, requests per minute, body cap) -> schema validation (400) -> model id,
 limits from the config, input size (400) -> in a worker thread, within a time budget: input
-guard (400 when blocking), chat template + tokenize -> prompt caps (400) -> tokens per minute
-(429) -> admission (429 "overloaded", 503 when the engine is down) -> generation, streamed or
-not, through the output guard -> usage, metrics, audit line. Every error has OpenAI's shape;
-a 500 is a bug or a failure of that request's own generation (non-finite logits).
+guard (400 when blocking), chat template (with `tools`) + tokenize, grammar of a JSON
+response_format or forced tool call -> prompt caps (400) -> tokens per minute (429) -> admission
+(429 "overloaded", 503 when the engine is down) -> generation, streamed or not, through the
+output guard, then the tool-call parser -> usage, metrics, audit line. Every error has OpenAI's
+shape; a 500 is a bug or a failure of that request's own generation (non-finite logits).
+/v1/embeddings takes the same path up to admission, then one packed forward in the engine.
+
+The pieces of the newer OpenAI fields live in their own modules: `logprobs` (the two response
+shapes), `tools` (template messages, call parsing), `grammar` (xgrammar), `embeddings` (pooling).
 
 The event loop only parses, routes and streams: what grows with the input (guards, template,
 tokenizer) runs in `_PREP_WORKERS` threads, so /health and other clients are answered while
@@ -261,7 +266,7 @@ class Service:
             }
         )
 
-    # -- the two generation routes -----------------------------------------------------------
+    # -- the routes ---------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_model_and_n(req)
         messages = tools.template_messages(req.messages)
