@@ -87,8 +87,11 @@ class Grammars:
                         "send the request without response_format / a forced tool_choice"
                     ) from None
                 # yunque's Tokenizer has no public accessor for its `tokenizers` object yet, hence the private
-                # attribute; wrapped as transformers' fast tokenizer, xgrammar reads its vocabulary type itself.
-                hf = PreTrainedTokenizerFast(tokenizer_object=self.tok._rust)
+                # attribute. transformers' wrapper (from which xgrammar reads the vocabulary type) reconfigures
+                # the object it is given, so it gets a copy: the server's own must encode as before.
+                from tokenizers import Tokenizer as RustTokenizer
+
+                hf = PreTrainedTokenizerFast(tokenizer_object=RustTokenizer.from_str(self.tok._rust.to_str()))
                 info = xgr.TokenizerInfo.from_huggingface(
                     hf, vocab_size=self.vocab_size, stop_token_ids=list(self.tok.stop_ids)
                 )
