@@ -256,3 +256,17 @@ def test_engine_keeps_a_grammar_state_per_sequence(servers):
         assert texts[f"{i}-end"][:2] == ("done", "stop") or kind == "free", texts[f"{i}-end"]
         if kind != "free":
             jsonschema_rs.validator_for(FINDING if kind == "finding" else LABEL).validate(json.loads(texts[i]))
+
+
+def test_control_tokens_never_enter_constrained_text(servers):
+    """A JSON string may hold any text, but not a role header or BOS: those ids are masked."""
+    tok = Tokenizer.from_dir(servers["plain"]["dir"])
+    g = Grammars(tok, 384).json_object()
+    c = g.start()
+    assert c.matcher.accept_string('{"note": "')
+    bitmask = g.xgr.allocate_token_bitmask(1, 384)
+    c.matcher.fill_next_token_bitmask(bitmask, 0)
+    allowed = lambda i: bool((int(bitmask[0, i // 32]) >> (i % 32)) & 1)  # noqa: E731
+    assert allowed(tok.encode("fox")[0])
+    for special in ("<|start_header_id|>", "<|begin_of_text|>", "<|eot_id|>"):
+        assert not allowed(tok.token_to_id(special)), special

@@ -92,9 +92,20 @@ class Grammars:
                 from tokenizers import Tokenizer as RustTokenizer
 
                 hf = PreTrainedTokenizerFast(tokenizer_object=RustTokenizer.from_str(self.tok._rust.to_str()))
-                info = xgr.TokenizerInfo.from_huggingface(
-                    hf, vocab_size=self.vocab_size, stop_token_ids=list(self.tok.stop_ids)
-                )
+                stop = list(self.tok.stop_ids)
+                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size, stop_token_ids=stop)
+                # Control tokens (role headers, BOS) read as their text ("<|start_header_id|>") to xgrammar,
+                # which would let them into a JSON string; as empty tokens they are never allowed. The
+                # stop tokens stay: they end the reply once the grammar is complete.
+                vocab = list(info.decoded_vocab)
+                for t in self.tok.control_tokens:
+                    i = self.tok.token_to_id(t)
+                    if i is not None and i < len(vocab) and i not in stop:
+                        vocab[i] = b""
+                info = xgr.TokenizerInfo(
+                    vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size, stop_token_ids=stop,
+                    add_prefix_space=info.add_prefix_space,
+                )  # fmt: skip
                 self._xgr, self._compiler = xgr, xgr.GrammarCompiler(info, max_threads=1)
             return self._xgr, self._compiler
 
