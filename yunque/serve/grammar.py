@@ -102,10 +102,10 @@ class Grammars:
                     i = self.tok.token_to_id(t)
                     if i is not None and i < len(vocab) and i not in stop:
                         vocab[i] = b""
+                prefix = info.add_prefix_space
                 info = xgr.TokenizerInfo(
-                    vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size, stop_token_ids=stop,
-                    add_prefix_space=info.add_prefix_space,
-                )  # fmt: skip
+                    vocab, xgr.VocabType.RAW, vocab_size=self.vocab_size, stop_token_ids=stop, add_prefix_space=prefix
+                )
                 self._xgr, self._compiler = xgr, xgr.GrammarCompiler(info, max_threads=1)
             return self._xgr, self._compiler
 
