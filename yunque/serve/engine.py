@@ -300,13 +300,18 @@ class Engine:
         for s in seqs:
             if s in self.running:
                 # Clear the row: its next owner attends (with weight 0) to slots past its own length
-                # while a longer row shares the batch, and 0 x NaN is NaN.
+                # while a longer row shares the batch, and 0 x NaN is NaN. The last row moves into it,
+                # and the row it leaves is cleared too: it may be a copy of another row failing now.
                 r = self.running.index(s)
-                for c in self.caches:
-                    c.k[r].zero_()
-                    c.v[r].zero_()
+                self._clear_row(r)
                 self._remove(s)
+                self._clear_row(len(self.running))
             s.on_event(("error", e))
+
+    def _clear_row(self, r: int) -> None:
+        for c in self.caches:
+            c.k[r].zero_()
+            c.v[r].zero_()
 
     def _admit(self) -> list[Seq]:
         new: list[Seq] = []

@@ -68,7 +68,7 @@ def mask_disallowed(logits: torch.Tensor, rows: list[tuple[int, Constraint]]) ->
 
 
 class Grammars:
-    """The server's grammar compiler (built on first use, for the tokenizer and the model's vocabulary)."""
+    """The server's grammar compiler for the tokenizer and the model's vocabulary (built by `warm()` at start)."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tok, self.vocab_size = tokenizer, vocab_size
