@@ -1,13 +1,24 @@
-"""Greedy continuations from llama.cpp (through llama-cpp-python, an optional peer) and from yunque."""
+"""llama.cpp (through llama-cpp-python, an optional peer) and yunque on the same prompts: greedy
+continuations and per-position logits."""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def greedy_llama_cpp(llama_cpp, path, prompts: list[list[int]], n: int) -> list[list[int]]:
+def open_llama_cpp(llama_cpp, path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True, verbose=False)
+
+
+def logits_llama_cpp(llm, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of `ids` (teacher-forced)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def greedy_llama_cpp(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
     """`n` greedy tokens after each prompt (ids, BOS included), from llama.cpp's own logits."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=2, verbose=False)
     out = []
     for ids in prompts:
         llm.reset()
