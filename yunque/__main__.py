@@ -50,6 +50,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "redteam_cmd",
         "run the red-team probe suite against a model or an endpoint",
     ),
+    "privacy-audit": (
+        "yunque.recipes.privacy",
+        "privacy_audit_cmd",
+        "canary exposure and membership inference against a fine-tuned model",
+    ),
     "data canaries": (
         "yunque.recipes.evaluate",
         "canaries_cmd",

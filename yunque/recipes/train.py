@@ -69,6 +69,7 @@ def dry_run(cfg: TrainConfig) -> str:
         f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step), "  # noqa: E501
         f"warmup {tr.warmup_steps:,}"
         + ("" if cfg.optim.warmup_steps is not None else f" ({cfg.optim.warmup_ratio:g} of the steps)"),
+        *(tr.dp.describe() if tr.dp is not None else ()),  # DP-SGD: noise, sampling rate, steps, final ε
         *(f"warning: {w}" for w in cfg.step_warnings(tr.total_steps, has_val=tr.data.val is not None)),
         "peak memory estimate (per process): " + ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()),
         "",
@@ -96,7 +97,8 @@ def train_cmd(
         config: the training config (YAML)
         overrides: key=value settings over the config (e.g. optim.lr=2.0e-4 parallel=ddp)
         dry_run: validate, print the resolved config, parameters, steps and warmup, warnings (intervals the run
-            never reaches), memory estimate and two examples, then exit
+            never reaches), memory estimate and two examples (with privacy: the noise multiplier, sampling rate,
+            steps and the ε the run ends at), then exit
         resume: continue from the newest complete checkpoint in out_dir (same as resume=auto)
         overwrite: start over in an out_dir that holds an earlier run's checkpoints, deleting them and its run.json
             (same as overwrite=true)

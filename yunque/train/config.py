@@ -94,6 +94,44 @@ class LogSection:
 
 
 @dataclass
+class PrivacySection:
+    """DP-SGD (yunque/train/privacy.py): on when target_epsilon or noise_multiplier is given (exactly one).
+
+    The privacy unit is one training record; under DP a row holds one record (see the README)."""
+
+    target_epsilon: float | None = field(default=None, metadata={"gt": 0})  # the noise is chosen to end the run here
+    noise_multiplier: float | None = field(default=None, metadata={"ge": 0})  # sigma; the final epsilon follows
+    delta: float | Literal["auto"] = "auto"  # auto: 1 / n_records^1.1; must be below 1 / n_records
+    max_grad_norm: float = field(default=1.0, metadata={"ge": 0})  # per-record clipping bound C; 0: off (needs sigma 0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    max_epsilon: float | None = field(default=None, metadata={"gt": 0})  # stop cleanly before the budget is exceeded
+    # hooks: per-record gradients of LoRA weights from each adapter's input and output gradient, a batch at
+    # a time; loop: one backward per record (any method, any module). auto: hooks where they apply.
+    per_sample: Literal["auto", "hooks", "loop"] = "auto"
+    # The Poisson sampling and the noise are drawn from a secret made at the start of the run (kept in the
+    # checkpoints for exact resume, never in run.json). A seed here makes the run reproducible instead: an
+    # adversary who knows it can remove the noise, so it is for tests and benchmarks only.
+    seed: int | None = field(default=None, metadata={"ge": 0})
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    def validate(self) -> None:
+        if self.target_epsilon is not None and self.noise_multiplier is not None:
+            raise ConfigError("privacy.noise_multiplier: give target_epsilon or noise_multiplier, not both")
+        if not self.enabled and self.max_epsilon is not None:
+            raise ConfigError("privacy.max_epsilon: needs privacy.target_epsilon or privacy.noise_multiplier")
+        if self.delta != "auto" and not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta: must be in (0, 1), got {self.delta!r}")
+        if self.max_grad_norm == 0 and self.noise_multiplier != 0:
+            raise ConfigError(
+                "privacy.max_grad_norm: 0 (no clipping) bounds no record's influence: only with "
+                "noise_multiplier 0, which checks the DP step against normal training"
+            )
+
+
+@dataclass
 class TrainConfig:
     method: Method = "pretrain"
     out_dir: Path = Path("runs/train")
@@ -106,6 +144,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)  # DP-SGD; off by default
     micro_batch: int = field(default=4, metadata={"gt": 0})  # rows per rank per micro-step
     grad_accum: int = field(default=1, metadata={"gt": 0})
     max_steps: int = field(default=0, metadata={"ge": 0})  # 0: from epochs
@@ -165,6 +204,11 @@ class TrainConfig:
             raise ConfigError("overwrite: contradicts resume: auto (continue the run, or start over, not both)")
         if self.eval.patience and self.eval.every == 0:
             raise ConfigError("eval.every: early stopping (eval.patience) needs periodic evaluation")
+        if self.privacy.enabled:
+            if self.method == "pretrain":
+                raise ConfigError("privacy: DP-SGD is for fine-tuning (method full, lora or qlora), not pretrain")
+            if self.parallel in ("ddp", "fsdp"):
+                raise ConfigError(f"privacy: DP-SGD runs in one process here, not with parallel {self.parallel}")
 
     @property
     def trains_adapter(self) -> bool:

@@ -161,9 +161,15 @@ class Trainer:
             pad_id=self.tok.pad_id or 0,
         )
         self.rows_per_step = cfg.micro_batch * self.d.world * cfg.grad_accum
-        self.total_steps = cfg.max_steps or max(
-            1, math.ceil(cfg.epochs * self.packer.rows_per_epoch() / self.rows_per_step)
-        )
+        self.dp = self._privacy() if cfg.privacy.enabled else None  # DP-SGD: Poisson batches of single records
+        if self.dp is not None:
+            self.rows_per_step = self.dp.batch  # expected
+            self.total_steps = cfg.max_steps or self.dp.steps_for(cfg.epochs)
+            self.dp.plan(self.total_steps)
+        else:
+            self.total_steps = cfg.max_steps or max(
+                1, math.ceil(cfg.epochs * self.packer.rows_per_epoch() / self.rows_per_step)
+            )
         self.warmup_steps = cfg.optim.warmup(self.total_steps)
         self.quiet = quiet or not self.d.main
         self.ckpt_root = cfg.out_dir / "checkpoints"
@@ -175,6 +181,13 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.threads: ThreadPolicy | None = None
         self.lr = cfg.optim.lr
+
+    def _privacy(self):
+        from yunque.train.privacy import DPTraining
+
+        if self.d.world > 1:
+            raise ConfigError("privacy: DP-SGD runs in one process here; start it without torchrun")
+        return DPTraining(self.cfg, self.data.train, self.model, self.device, self.tok.pad_id or 0)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -206,6 +219,7 @@ class Trainer:
                 "losses": self.losses,
                 "world": self.d.world,
                 "config": to_dict(self.cfg),
+                "privacy": self.dp.state_dict() if self.dp is not None else None,
             }
             path = save_checkpoint(
                 self.ckpt_root,
@@ -272,6 +286,10 @@ class Trainer:
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
         self.bad_steps = state.get("bad_steps", 0)  # absent from checkpoints of earlier versions
         self.losses = list(state["losses"])
+        if self.dp is not None:  # the accountant's history: ε continues where the checkpoint left it
+            self.dp.load_state_dict(state.get("privacy"), str(path))
+        elif state.get("privacy"):
+            raise CheckpointError(f"{path}: written by a DP-SGD run; resume it with its privacy section")
         return path
 
     # ------------------------------------------------------------ loop
@@ -334,10 +352,18 @@ class Trainer:
         pending: list = []
         t_last, tok_last = time.perf_counter(), self.tokens
         t_start = time.perf_counter()
-        stopped_early = False
-        mb, r = cfg.micro_batch, d.rank
+        stopped_early = stopped_budget = False
         while self.step < self.total_steps:
             if cfg.max_time and time.perf_counter() - t_start > cfg.max_time:
+                break
+            if self.dp is not None and self.dp.stop_step is not None and self.step >= self.dp.stop_step:
+                stopped_budget = True
+                eps = self.dp.epsilon()
+                tracker.log(self.step, "privacy", {"epsilon": eps, "delta": self.dp.delta, "action": "stop"})
+                progress.message(
+                    f"privacy: stopping at step {self.step}: one more step would spend more than max_epsilon "
+                    f"{cfg.privacy.max_epsilon:g} (ε {eps:.3f})"
+                )
                 break
             lr = lr_at(
                 self.step,
@@ -349,31 +375,19 @@ class Trainer:
             )
             set_lr(self.optimizer, lr)
             self.lr, self._nonfinite = lr, None
-            micro, n_targets = [], 0
-            for _ in range(cfg.grad_accum):
-                b = self.packer.next_batch(mb * d.world)
-                n_targets += b.num_targets
-                micro.append(to_device(b.rows(r * mb, (r + 1) * mb), self.device))
-            loss_sum, norm = train_step(
-                self.module,
-                self.optimizer,
-                micro,
-                n_targets,
-                world=d.world,
-                precision=cfg.precision,
-                grad_clip=cfg.optim.grad_clip,
-                no_sync=D.no_sync(d, self.module),
-                params=self.params,
-                recast_weights=d.kind != "fsdp",
-                check=self._finite,
-            )
+            if self.dp is None:
+                loss_sum, norm, n_targets = self._step()
+                self.tokens += self.rows_per_step * cfg.data.seq_len
+            else:
+                s = self.dp.step(self.step, self.module, self.optimizer, precision=cfg.precision, check=self._finite)
+                loss_sum, norm, n_targets = s.loss_sum, s.grad_norm, s.n_targets
+                self.tokens += s.tokens
             self.step += 1
-            self.tokens += self.rows_per_step * cfg.data.seq_len
             if self.threads is not None:
                 self.threads.update()
             if self._nonfinite is None:
                 self.bad_steps = 0
-                pending.append((self.step, loss_sum, n_targets, lr, norm))
+                pending.append((self.step, loss_sum, n_targets, lr, norm, self.tokens))
             else:
                 if pending:  # metrics.jsonl stays in step order
                     self._flush(
@@ -392,12 +406,14 @@ class Trainer:
                 pending, t_last, tok_last = [], time.perf_counter(), self.tokens
             progress.tick(self.step)  # between log steps, a line every few seconds
             improved = False
+            eps = self._log_epsilon(do_eval, progress) if self.dp is not None else None
             if do_eval:
                 m = self.evaluate()
                 tracker.log(self.step, "eval", m)
                 progress.message(
                     f"eval step {self.step} | val_loss {m['val_loss']:.4f} | ppl {m['val_ppl']:.2f}"
                     + (f" | bpb {m['val_bpb']:.4f}" if "val_bpb" in m else "")
+                    + (f" | ε {eps:.3f}" if eps is not None else "")
                 )
                 if self.best is None or m["val_loss"] < self.best["val_loss"] - cfg.eval.min_delta:
                     self.best, self.best_step, self.bad_evals, improved = m, self.step, 0, True
@@ -440,6 +456,7 @@ class Trainer:
             self.best_step,
             stopped_early=stopped_early,
             exported_step=exported,
+            privacy=self.dp.report(stopped_budget) if self.dp is not None else None,
         )
         # FSDP: the adapter is sharded DTensors; gather them (a collective, every rank) for the export.
         adapter_tensors = self._model_tensors() if self.d.kind == "fsdp" and cfg.trains_adapter else None
@@ -459,6 +476,42 @@ class Trainer:
         if self.threads is not None:
             self.threads.close()
         return result
+
+    def _step(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """One optimizer step over packed rows: (this rank's loss sum, gradient norm, trained tokens of the step)."""
+        cfg, d = self.cfg, self.d
+        mb, r = cfg.micro_batch, d.rank
+        micro, n_targets = [], 0
+        for _ in range(cfg.grad_accum):
+            b = self.packer.next_batch(mb * d.world)
+            n_targets += b.num_targets
+            micro.append(to_device(b.rows(r * mb, (r + 1) * mb), self.device))
+        loss_sum, norm = train_step(
+            self.module,
+            self.optimizer,
+            micro,
+            n_targets,
+            world=d.world,
+            precision=cfg.precision,
+            grad_clip=cfg.optim.grad_clip,
+            no_sync=D.no_sync(d, self.module),
+            params=self.params,
+            recast_weights=d.kind != "fsdp",
+            check=self._finite,
+        )
+        return loss_sum, norm, n_targets
+
+    def _log_epsilon(self, do_eval: bool, progress: Progress) -> float | None:
+        """DP: ε spent so far, logged at every eval step (every eval.every steps without validation data) and the last."""
+        every = self.cfg.eval.every
+        if not (do_eval or (every and self.step % every == 0) or self.step == self.total_steps):
+            return None
+        eps = self.dp.epsilon()
+        shown = eps if math.isfinite(eps) else None  # JSON has no Infinity
+        self.tracker.log(self.step, "privacy", {"epsilon": shown, "delta": self.dp.delta})
+        if not do_eval:
+            progress.message(f"privacy step {self.step} | ε {eps:.3f} (δ {self.dp.delta:.3g})")
+        return eps
 
     # ------------------------------------------------------------ NaN / Inf
 
@@ -536,15 +589,10 @@ class Trainer:
         D.all_reduce_sum(self.d, sums)  # each rank summed its own rows
         norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in (p[4] for p in pending)]  # FSDP: DTensor
         norm_vals = torch.stack([n.float() for n in norms]).tolist() if all(n is not None for n in norms) else None
-        for i, (step, _, n, lr, _) in enumerate(pending):
+        for i, (step, _, n, lr, _, tokens) in enumerate(pending):
             loss = float(sums[i]) / max(1, n)
             self.losses.append(loss)
-            row = {
-                "loss": loss,
-                "lr": lr,
-                "targets": n,
-                "tokens": self.tokens - (len(pending) - 1 - i) * self.rows_per_step * self.cfg.data.seq_len,
-            }
+            row = {"loss": loss, "lr": lr, "targets": n, "tokens": tokens}
             if norm_vals is not None:
                 row["grad_norm"] = norm_vals[i]
             tracker.log(step, "train", row)

@@ -46,6 +46,7 @@ class TrainResult:
     exported_step: int | None = None  # the step whose weights `output` holds (the best one under early stopping)
     output: Path | None = None  # the HF model directory or the PEFT adapter directory
     run_json: Path | None = None
+    privacy: dict | None = None  # DP-SGD: ε, δ, noise, sampling (yunque.train.privacy.DPTraining.report)
 
 
 def git_commit() -> str | None:
@@ -145,6 +146,11 @@ def write_outputs(
         result.output = export_model(model, tok, cfg.out_dir / "model", d, module)
     if not d.main:
         return
+    if result.privacy is not None:  # the guarantee travels with the weights
+        from yunque.train.privacy import model_card
+
+        base = (cfg.base_model_name or str(cfg.model.path)) if cfg.model.path else None
+        write_replacing(result.output / "README.md", model_card(result.privacy, base))
     result.best_checkpoint = ckpt_root / f"step-{result.best_step:08d}" if result.best_step is not None else None
     if result.best_checkpoint is not None and not result.best_checkpoint.is_dir():
         result.best_checkpoint = None
@@ -181,6 +187,7 @@ def write_outputs(
         "stopped_early": result.stopped_early,
         "exported_step": result.exported_step,
         "final_metrics": result.final,
+        **({"privacy": result.privacy} if result.privacy is not None else {}),
         "best_metrics": result.best,
         "best_step": result.best_step,
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
