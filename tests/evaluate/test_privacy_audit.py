@@ -115,5 +115,6 @@ def test_cli_refuses_too_few_candidates(setup, tmp_path, capsys):
     from yunque.__main__ import main
 
     model, data = setup
-    rc = main(["privacy-audit", "--model", str(model), "--data", str(data), "--out", str(tmp_path), "--candidates", "99"])
+    argv = ["privacy-audit", "--model", str(model), "--data", str(data), "--out", str(tmp_path), "--candidates", "99"]
+    rc = main(argv)
     assert rc == 2 and "at least 1000" in capsys.readouterr().err

@@ -124,7 +124,12 @@ def test_privacy_config_is_strict():
     with pytest.raises(ConfigError, match="not pretrain"):
         from_dict(
             TrainConfig,
-            {"model": {"preset": "tiny"}, "tokenizer": "t", "data": {"train": ["x"]}, "privacy": {"noise_multiplier": 1}},
+            {
+                "model": {"preset": "tiny"},
+                "tokenizer": "t",
+                "data": {"train": ["x"]},
+                "privacy": {"noise_multiplier": 1},
+            },
         )
     with pytest.raises(ConfigError, match="privacy.accountant"):
         dp_config(accountant="gdp")

@@ -69,9 +69,7 @@ def roc(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def bootstrap_ci(pos, neg, stat, n: int = 1000, seed: int = 0) -> tuple[float, float]:
     """Percentile 95% interval of `stat(pos, neg)` over `n` resamples of members and non-members."""
     rng = np.random.default_rng(seed)
-    vals = [
-        stat(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]) for _ in range(n)
-    ]
+    vals = [stat(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]) for _ in range(n)]
     lo, hi = np.percentile(vals, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -274,8 +272,11 @@ def markdown(r: dict) -> str:
     lines = [
         "# Privacy audit",
         "",
-        f"Model `{r['model']}`" + (f" + adapter `{r['adapter']}`" if r["adapter"] else "") + f", data `{r['data']}`"
-        + (f", reference `{r['reference']}`" if r["reference"] else ", no reference model") + ".",
+        f"Model `{r['model']}`"
+        + (f" + adapter `{r['adapter']}`" if r["adapter"] else "")
+        + f", data `{r['data']}`"
+        + (f", reference `{r['reference']}`" if r["reference"] else ", no reference model")
+        + ".",
         "",
         "## Membership inference",
         "",
@@ -290,7 +291,8 @@ def markdown(r: dict) -> str:
     for key, name in (("loss_attack", "loss threshold"), ("calibrated_attack", "reference-calibrated loss")):
         if key in r:
             a = r[key]
-            lines.append(f"| {name} | {_ci(a['auc'], a['auc_ci95'])} | {_ci(a['tpr_at_1pct_fpr'], a['tpr_at_1pct_fpr_ci95'])} |")  # noqa: E501
+            tpr = _ci(a["tpr_at_1pct_fpr"], a["tpr_at_1pct_fpr_ci95"])
+            lines.append(f"| {name} | {_ci(a['auc'], a['auc_ci95'])} | {tpr} |")
     lines.append("")
     e = r.get("exposure")
     if e:

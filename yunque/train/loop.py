@@ -502,7 +502,7 @@ class Trainer:
         return loss_sum, norm, n_targets
 
     def _log_epsilon(self, do_eval: bool, progress: Progress) -> float | None:
-        """DP: ε spent so far, logged at every eval step (every eval.every steps without validation data) and the last."""
+        """DP: ε spent so far, logged at every eval step (every eval.every steps without validation data), and the last."""  # noqa: E501
         every = self.cfg.eval.every
         if not (do_eval or (every and self.step % every == 0) or self.step == self.total_steps):
             return None

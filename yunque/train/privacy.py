@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from yunque.errors import CheckpointError, ConfigError, require
-from yunque.lora import LoRALinear, lora_modules
+from yunque.lora import lora_modules
 from yunque.train.config import TrainConfig
 from yunque.train.loss import linear_cross_entropy
 from yunque.train.packing import IGNORE, Batch, TokenSource
