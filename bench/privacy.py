@@ -14,6 +14,12 @@ tokens/s is each run's trained tokens over its training time, reported relative 
 
 `--targets attn-mlp` leaves lm_head out of the adapters, which lets DP use the batched hook gradients
 instead of one backward per record (`privacy.per_sample`); the demo adapts lm_head too.
+
+    PYTHONPATH=. python bench/privacy.py --engines [--preset small] [--length 128] [--batch 16]
+
+times the per-record gradients alone: one DP step's clipped sum over `--batch` random records of
+`--length` tokens on a random LoRA model, by hooks and by the loop, against a plain (non-private)
+backward over the same rows, interleaved, medians of `--rounds`.
 """
 
 from __future__ import annotations
@@ -85,6 +91,65 @@ def accuracy(base: Path, adapter: Path, data: Path, out: Path, limit: int | None
     return res["fine-tuned"]["tasks"]["all"]["accuracy"]
 
 
+def engines(args) -> int:
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from yunque.lora import LoraConfig, apply_lora
+    from yunque.model import Transformer
+    from yunque.presets import get_preset
+    from yunque.train.loss import CausalLMLoss
+    from yunque.train.packing import ArraySource
+    from yunque.train.privacy import HookGrads, LoopGrads, record_rows
+    from yunque.train.step import to_device
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset(args.preset))
+    model.init_weights()
+    apply_lora(model, LoraConfig(r=16, alpha=32))
+    module = CausalLMLoss(model)
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    src = ArraySource.from_docs([(rng.integers(3, V, args.length).tolist(), None) for _ in range(args.batch)])
+    b, lengths = record_rows(src, np.arange(args.batch), args.length, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cpu = torch.device("cpu")
+
+    def plain():
+        db = to_device(b, cpu)
+        module(db.input_ids, db.positions, db.mask, db.target_idx, db.targets).backward()
+        model.zero_grad(set_to_none=True)
+
+    def run(engine):
+        acc = [torch.zeros_like(p) for p in params]
+        engine.add_clipped(module, b, lengths, cpu, "fp32", acc, 1.0)
+
+    ways = {
+        "plain backward (no DP)": plain,
+        "hooks": lambda: run(HookGrads(model)),
+        "loop": lambda: run(LoopGrads(params)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for f in ways.values():
+        f()  # warm-up
+    for _ in range(args.rounds):
+        for k, f in ways.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    tokens = args.batch * args.length
+    print(f"preset {args.preset}, {args.batch} records x {args.length} tokens, {torch.get_num_threads()} threads")
+    print("| per-record gradients | s per batch | tokens/s | vs plain |")
+    print("|---|---|---|---|")
+    base = statistics.median(times["plain backward (no DP)"])
+    for k, ts in times.items():
+        m = statistics.median(ts)
+        print(f"| {k} | {m:.3f} | {tokens / m:,.0f} | {base / m:.2f}x |")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `yunque demo` run folder")
@@ -99,7 +164,13 @@ def main() -> int:
     ap.add_argument("--audit-records", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="40 steps, 96 test records, 200 audit records (a smoke run)")
+    ap.add_argument("--engines", action="store_true", help="time hooks vs loop per-record gradients only")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.engines:
+        return engines(args)
     if args.quick:
         args.steps, args.test_limit, args.audit_records = 40, 96, 200
     from yunque.evaluate.privacy_audit import run_audit
