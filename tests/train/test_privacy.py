@@ -20,7 +20,7 @@ from yunque.model import ModelConfig, Transformer
 from yunque.train.config import TrainConfig
 from yunque.train.loss import CausalLMLoss
 from yunque.train.packing import ArraySource
-from yunque.train.step import make_optimizer, to_device, train_step
+from yunque.train.step import to_device, train_step
 
 _one_thread = pytest.fixture(autouse=True)(one_thread)
 pytest.importorskip("opacus")
@@ -172,7 +172,7 @@ def test_clipping_bounds_every_per_record_gradient(method, per_sample):
         acc = [torch.zeros_like(p, dtype=torch.float32) for p in dp.params]
         b, lengths = record_rows(src, np.array([i]), 64, 0)
         _, _, norms = dp.grads.add_clipped(module, b, lengths, torch.device("cpu"), "fp32", acc, C)
-        assert float(norms[0]) == pytest.approx(ref_norms[i], rel=1e-4)
+        assert float(norms[0].detach()) == pytest.approx(ref_norms[i], rel=1e-4)
         got = float(torch.linalg.vector_norm(torch.stack([a.norm() for a in acc])))
         assert got <= C * (1 + 1e-6)
         assert got == pytest.approx(C, rel=1e-4)
@@ -207,8 +207,10 @@ def test_no_noise_and_no_clipping_is_normal_training(method):
     m_dp, m_ref = copy.deepcopy(base), copy.deepcopy(base)
     dp = dp_for(m_dp, src, method, noise_multiplier=0.0, max_grad_norm=0.0)
     mod_dp, mod_ref = CausalLMLoss(m_dp), CausalLMLoss(m_ref)
-    opt_dp = make_optimizer(mod_dp, 1e-2, 0.0, (0.9, 0.95), 1e-8)
-    opt_ref = make_optimizer(mod_ref, 1e-2, 0.0, (0.9, 0.95), 1e-8)
+    # SGD: AdamW's first steps divide each gradient by its own size, so a gradient near zero that differs in the
+    # last bits (a sum in another order) moves its weight by up to lr: equal gradients are what is checked.
+    opt_dp = torch.optim.SGD([p for p in mod_dp.parameters() if p.requires_grad], lr=0.5)
+    opt_ref = torch.optim.SGD([p for p in mod_ref.parameters() if p.requires_grad], lr=0.5)
     params_ref = [p for p in mod_ref.parameters() if p.requires_grad]
     for step in range(3):
         idx = np.arange(4 * step, 4 * step + 4)
@@ -223,7 +225,7 @@ def test_no_noise_and_no_clipping_is_normal_training(method):
         assert r.n_targets == n
         assert float(r.loss_sum) / n == pytest.approx(float(loss_ref) / n, rel=1e-6)
     for (name, a), b in zip(m_dp.named_parameters(), m_ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert dp.epsilon() == math.inf
 
 
@@ -274,13 +276,14 @@ def test_dp_run_logs_epsilon_writes_it_and_resumes_exactly(base, tmp_path):
     from yunque.recipes.train import train
 
     corpus, b = base
-    ref = train(run_cfg(corpus, b, tmp_path / "ref"))
+    secret = {"privacy": {"seed": None}}  # the sampling and noise secret is drawn at the start, kept in checkpoints
+    ref = train(run_cfg(corpus, b, tmp_path / "ref", **secret))
     priv = [r for r in rows(tmp_path / "ref") if r["kind"] == "privacy"]
     assert [r["step"] for r in priv] == [3, 6]
     assert 0 < priv[0]["epsilon"] < priv[1]["epsilon"]
     run = json.loads((tmp_path / "ref" / "run.json").read_text())
     assert run["privacy"]["epsilon"] == pytest.approx(priv[1]["epsilon"])
-    assert run["privacy"]["steps"] == 6 and "secret" not in json.dumps(run["privacy"])
+    assert run["privacy"]["steps"] == 6 and "secret" not in json.dumps(run)
     card = (tmp_path / "ref" / "adapter" / "README.md").read_text()
     assert f"ε = {priv[1]['epsilon']:.3f}" in card
     # interrupted after step 3: the checkpoint holds the accountant's history and the sampling secret
@@ -288,7 +291,7 @@ def test_dp_run_logs_epsilon_writes_it_and_resumes_exactly(base, tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-00000003", out / "checkpoints" / "step-00000003")
     shutil.copy(tmp_path / "ref" / "metrics.jsonl", out / "metrics.jsonl")
-    got = train(run_cfg(corpus, b, out, resume="auto"))
+    got = train(run_cfg(corpus, b, out, resume="auto", **secret))
     assert len(got.losses) == len(ref.losses) == 6
     assert max(abs(x - y) for x, y in zip(got.losses, ref.losses)) <= 1e-6
     assert got.privacy["epsilon"] == ref.privacy["epsilon"]
@@ -299,7 +302,7 @@ def test_max_epsilon_stops_the_run_cleanly(base, tmp_path):
     from yunque.recipes.train import train
 
     corpus, b = base
-    cfg = run_cfg(corpus, b, tmp_path / "run", max_steps=40, privacy={"max_epsilon": 1.0, "noise_multiplier": 2.0})
+    cfg = run_cfg(corpus, b, tmp_path / "run", max_steps=40, privacy={"max_epsilon": 1.0})
     r = train(cfg)
     assert 0 < r.steps < 40
     assert r.privacy["stopped_at_budget"] and r.privacy["epsilon"] <= 1.0

@@ -245,14 +245,16 @@ class HookGrads:
                 h.remove()
         out: dict[nn.Parameter, torch.Tensor] = {}
         for n, m in self.mods.items():
-            A, B = m.lora_A.weight, m.lora_B.weight
+            A, B = m.lora_A.weight.detach(), m.lora_B.weight.detach()
             if n not in caught:  # no trained token reached it
-                out[A], out[B] = (torch.zeros(rows, *p.shape, device=p.device) for p in (A, B))
+                out[m.lora_A.weight], out[m.lora_B.weight] = (
+                    torch.zeros(rows, *p.shape, device=p.device) for p in (A, B)
+                )
                 continue
             x, g = (t.float().reshape(rows, -1, t.shape[-1]) for t in caught[n])
             a = x @ A.float().t()  # (rows, T, r)
-            out[B] = torch.einsum("bto,btr->bor", g, a) * m.scale
-            out[A] = torch.einsum("btr,bti->bri", g @ B.float(), x) * m.scale
+            out[m.lora_B.weight] = torch.einsum("bto,btr->bor", g, a) * m.scale
+            out[m.lora_A.weight] = torch.einsum("btr,bti->bri", g @ B.float(), x) * m.scale
         for p in self.params:
             p.grad = None  # autograd's own (summed) gradient; the per-row ones replace it
         return loss.detach().float(), [out[p] for p in self.params]
