@@ -114,6 +114,23 @@ def test_max_epsilon_plans_the_last_step_within_budget():
     assert eps((dp.sigma, dp.q, k)) <= 2.0 < eps((dp.sigma, dp.q, k + 1))
 
 
+def test_privacy_section_loads_strictly_from_yaml(tmp_path):
+    from yunque.config import load_config
+
+    p = tmp_path / "c.yaml"
+    head = "method: lora\nmodel: {path: m}\ndata: {train: [x]}\nprivacy:\n  target_epsilon: 3\n  delta: 1e-5\n"
+    p.write_text(head)
+    cfg = load_config(TrainConfig, p)
+    assert cfg.privacy.enabled and cfg.privacy.delta == 1e-5 and cfg.privacy.accountant == "prv"
+    p.write_text(head + "  noise: 1.1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:7: privacy.noise: unknown key"):
+        load_config(TrainConfig, p)
+    p.write_text(head + "  noise_multiplier: 1.1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:7: privacy.noise_multiplier: give target_epsilon or"):
+        load_config(TrainConfig, p)
+    assert not load_config(TrainConfig, None, ["method=lora", "model.path=m", "data.train=[x]"]).privacy.enabled
+
+
 def test_privacy_config_is_strict():
     with pytest.raises(ConfigError, match="privacy.noise_multiplier: give target_epsilon or noise_multiplier"):
         dp_config(target_epsilon=3.0)
