@@ -298,6 +298,7 @@ def test_dp_run_logs_epsilon_writes_it_and_resumes_exactly(base, tmp_path):
     priv = [r for r in rows(tmp_path / "ref") if r["kind"] == "privacy"]
     assert [r["step"] for r in priv] == [3, 6]
     assert 0 < priv[0]["epsilon"] < priv[1]["epsilon"]
+    assert all(0 <= r["clipped"] <= 1 and 0 < r["records_per_step"] < 20 for r in priv)  # expected batch 8
     run = json.loads((tmp_path / "ref" / "run.json").read_text())
     assert run["privacy"]["epsilon"] == pytest.approx(priv[1]["epsilon"])
     assert run["privacy"]["steps"] == 6 and "secret" not in json.dumps(run)

@@ -508,7 +508,7 @@ class Trainer:
             return None
         eps = self.dp.epsilon()
         shown = eps if math.isfinite(eps) else None  # JSON has no Infinity
-        self.tracker.log(self.step, "privacy", {"epsilon": shown, "delta": self.dp.delta})
+        self.tracker.log(self.step, "privacy", {"epsilon": shown, "delta": self.dp.delta, **self.dp.take_stats()})
         if not do_eval:
             progress.message(f"privacy step {self.step} | ε {eps:.3f} (δ {self.dp.delta:.3g})")
         return eps

@@ -296,7 +296,7 @@ class StepResult:
     n_targets: int
     tokens: int
     records: int
-    clipped: float  # fraction of the sampled records whose gradient was clipped
+    clipped: int  # sampled records whose gradient was clipped
 
 
 class DPTraining:
@@ -322,6 +322,7 @@ class DPTraining:
         self.sigma = p.noise_multiplier
         self.total_steps = 0
         self.stop_step: int | None = None  # the last step max_epsilon allows, when it is before total_steps
+        self._seen = [0, 0, 0]  # steps, records sampled and records clipped since the last take_stats()
 
     def steps_for(self, epochs: float) -> int:
         """Steps of `epochs` passes in expectation: each step samples q of the records."""
@@ -398,7 +399,7 @@ class DPTraining:
         self.add_noise(step, acc)
         torch._foreach_div_(acc, float(self.batch))
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a) for a in acc]))
-        return acc, StepResult(loss, norm, n_targets, tokens, len(idx), clipped / max(1, len(idx)))
+        return acc, StepResult(loss, norm, n_targets, tokens, len(idx), clipped)
 
     def step(self, step: int, module: nn.Module, optimizer: torch.optim.Optimizer, *, precision: str, check=None):
         """One DP-SGD step (step numbers from 0); the accountant counts it whether or not `check` lets it apply."""
@@ -409,7 +410,14 @@ class DPTraining:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.accountant.step(self.sigma, self.q)
+        self._seen = [self._seen[0] + 1, self._seen[1] + r.records, self._seen[2] + r.clipped]
         return r
+
+    def take_stats(self) -> dict:
+        """Records sampled per step and the share of them clipped, since the last call (for the log)."""
+        steps, records, clipped = self._seen
+        self._seen = [0, 0, 0]
+        return {"records_per_step": records / max(1, steps), "clipped": clipped / max(1, records)}
 
     # ------------------------------------------------------------ checkpoint and report
 
