@@ -8,9 +8,10 @@ The demo's domain records are prepared again with canaries planted in the traini
 (`canaries.count`, 1% of the records by default), then the demo's LoRA fine-tune runs from its
 pretrained base once without DP and once per ε (δ = 1/n^1.1, max_grad_norm 1, PRV accountant),
 with the same steps and learning rate; `--batch` is packed rows per step without DP (several records
-each) and the expected records per step under DP (one per row), so the run without DP sees more data. Each adapter is scored on the test split (task
-accuracy, as the demo scores it) and audited (`yunque privacy-audit`: exposure among 1,000
-candidates, loss-threshold and base-calibrated membership inference on train vs test records).
+each) and the expected records per step under DP (one per row), so the run without DP sees more data.
+Each adapter is scored on the test split (task accuracy, as the demo scores it) and audited
+(`yunque privacy-audit`: exposure among 1,000 candidates, loss-threshold and base-calibrated
+membership inference on train vs test records).
 tokens/s is each run's tokens over the wall time of its `train()` call (one evaluation and the export
 included), relative to the run without DP; without DP a step's tokens are its packed rows (padding
 included, rows are >95% full), under DP the sampled records' tokens.
