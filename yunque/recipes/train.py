@@ -66,8 +66,12 @@ def dry_run(cfg: TrainConfig) -> str:
         f"data: {len(src):,} training documents, {src.num_targets():,} trained tokens, "
         f"{tr.packer.rows_per_epoch():,} rows of {cfg.data.seq_len} per epoch"
         + (f", {len(tr.data.val):,} validation documents" if tr.data.val is not None else ", no validation set"),
-        f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step), "  # noqa: E501
-        f"warmup {tr.warmup_steps:,}"
+        (
+            f"steps: {tr.total_steps:,} x {tr.rows_per_step} rows ({tr.rows_per_step * cfg.data.seq_len:,} tokens per step), "  # noqa: E501
+            if tr.dp is None
+            else f"steps: {tr.total_steps:,} x {tr.rows_per_step} records expected (one per row, Poisson-sampled), "
+        )
+        + f"warmup {tr.warmup_steps:,}"
         + ("" if cfg.optim.warmup_steps is not None else f" ({cfg.optim.warmup_ratio:g} of the steps)"),
         *(tr.dp.describe() if tr.dp is not None else ()),  # DP-SGD: noise, sampling rate, steps, final ε
         *(f"warning: {w}" for w in cfg.step_warnings(tr.total_steps, has_val=tr.data.val is not None)),
