@@ -235,6 +235,8 @@ def test_auth_off_page_says_so(runs, tmp_path):
     cfg = serve_config(tmp_path, auth={"required": False})
     with TestClient(build(runs / "run-b" / "model", cfg)) as client:
         assert '<meta name="yunque-auth" content="off">' in client.get("/ui/").text
+        # no Authorization header at all: anonymous (it used to be a 401 even with auth off)
+        assert client.get("/v1/models").status_code == 200
         assert client.get("/yunque/status").json()["key"] == "anonymous"
 
 

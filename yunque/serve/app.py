@@ -42,6 +42,7 @@ def create_app(
     """The app; `ui` adds the web page at /ui/ and its JSON routes (model card of `model_dir` +
     `adapter`, server status, the training runs in `runs_dir`)."""
     service = Service(model, tokenizer, cfg, model_name)
+    card = ModelCard(model, model_name, model_dir, adapter, cfg.dtype) if ui else None
     app = FastAPI(
         title="yunque",
         version="1",
@@ -89,7 +90,6 @@ def create_app(
         return await service.embeddings(req, request)
 
     if ui:
-        card = ModelCard(model, model_name, model_dir, adapter, cfg.dtype)
         add_ui(app, service, card, RunsDir(runs_dir) if runs_dir is not None else None, cfg.auth.required)
 
     return Gatekeeper(

@@ -204,7 +204,8 @@ class Gatekeeper:
             )
         if scope["path"] not in self.public_paths and not self.public(scope["path"]):
             auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
-            who = self.authenticate(auth[0]) if len(auth) == 1 else None
+            # no header: the authenticator decides (anonymous when auth is off); two: ambiguous, refused
+            who = self.authenticate(auth[0] if auth else None) if len(auth) <= 1 else None
             if who is None:
                 self.on_reject("auth", 401, scope)
                 return await self._error(

@@ -65,7 +65,11 @@ export function describe(err) {
       return "The server refused the key (401): it is wrong, revoked or expired. Sign out and sign in with a valid key.";
     case 429:
       if (err.code === "overloaded") return `The server is busy (429): retry in ${err.retryAfter ?? 1} s.`;
-      return `Rate limit reached (429): retry in ${err.retryAfter ?? "a few"} s. ${m}`;
+    {
+      const what = /for (requests|tokens) per minute \(limit (\d+)\)/.exec(m);
+      const limit = what ? ` of ${what[2]} ${what[1]} per minute` : "";
+      return `Rate limit${limit} reached (429): retry in ${err.retryAfter ?? "a few"} s.`;
+    }
     case 413:
       return "The request is too large for this server (413): " + m;
     case 503:
@@ -89,6 +93,14 @@ export function el(tag, attrs = {}, ...children) {
     e.append(typeof c === "string" || typeof c === "number" ? String(c) : c);
   }
   return e;
+}
+
+// {name: number} as "name 1.234, other 5"
+export function fmtMetrics(obj) {
+  if (!obj || typeof obj !== "object") return null;
+  return Object.entries(obj)
+    .map(([k, v]) => `${k} ${fmtNum(v)}`)
+    .join(", ");
 }
 
 export function fmtNum(v, digits = 4) {

@@ -1,6 +1,6 @@
 // The model card: what is served, the training run that wrote it, and its recorded hashes checked now.
 
-import { describe, el, fmtNum, getJSON } from "./api.js";
+import { describe, el, fmtMetrics, fmtNum, getJSON } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 let loaded = false;
@@ -23,8 +23,8 @@ function runBlock(run) {
   row(dl, "Steps", run.steps);
   row(dl, "Tokens", run.tokens === undefined ? null : fmtNum(run.tokens));
   row(dl, "Seed", run.seed);
-  row(dl, "Final metrics", run.final_metrics);
-  row(dl, "Best metrics", run.best_metrics && { step: run.best_step, ...run.best_metrics });
+  row(dl, "Final metrics", fmtMetrics(run.final_metrics));
+  row(dl, "Best metrics", run.best_metrics && fmtMetrics({ step: run.best_step, ...run.best_metrics }));
   const data = run.data || {};
   row(dl, "Data manifest SHA-256", data.manifest_sha256);
   const splits = (data.manifest_roots && data.manifest_roots.splits) || {};

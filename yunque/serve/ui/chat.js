@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 let history = []; // {role, content} of the conversation, without the system prompt
 let running = null; // the AbortController of the answer being streamed
 let modelId = null;
+let epoch = 0; // bumped by Clear: an answer still arriving for a cleared conversation is dropped
 
 export function setModel(id) {
   modelId = id;
@@ -106,6 +107,7 @@ async function answer() {
     top_p: number("top-p", 1),
     max_tokens: Math.max(1, Math.round(number("max-tokens", 128))),
   };
+  const mine = epoch;
   running = new AbortController();
   setBusy(true);
   const li = bubble("assistant", "");
@@ -119,6 +121,7 @@ async function answer() {
   let tLast = null;
   let usage = null;
   let stopped = false;
+  let failed = false;
   try {
     const r = await call("/v1/chat/completions", {
       method: "POST",
@@ -137,6 +140,7 @@ async function answer() {
   } catch (err) {
     if (err && err.name === "AbortError") stopped = true;
     else {
+      failed = true;
       if (!text) li.remove();
       else li.classList.add("failed");
       $("chat-error").textContent = describe(err);
@@ -145,9 +149,10 @@ async function answer() {
     running = null;
     li.classList.remove("streaming");
   }
+  if (mine !== epoch) return true;
   if (!text && stopped) li.remove();
-  const answered = Boolean(text) || stopped;
-  if (text) {
+  if (text || (!failed && !stopped)) {
+    if (!text) li.classList.add("empty");
     history.push({ role: "assistant", content: text });
     const tokens = usage ? usage.completion_tokens : chunks;
     const parts = [`${tokens} token${tokens === 1 ? "" : "s"}${usage ? "" : " (about)"}`];
@@ -158,7 +163,7 @@ async function answer() {
     finishBubble(li, text, parts.join(" · "));
   }
   setBusy(false);
-  return answered;
+  return !failed || Boolean(text);
 }
 
 async function send() {
@@ -189,6 +194,7 @@ function regenerate() {
 }
 
 export function clearChat() {
+  epoch += 1;
   if (running) running.abort();
   history = [];
   $("messages").replaceChildren();

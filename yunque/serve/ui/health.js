@@ -10,21 +10,23 @@ let last = null; // {t, tokens} of the previous poll
 function show(s) {
   const dl = $("health-facts");
   const rows = [];
-  const add = (k, v) => rows.push(el("dt", {}, k), el("dd", {}, String(v)));
+  const add = (k, v, field) => rows.push(el("dt", {}, k), el("dd", { "data-field": field }, String(v)));
   const now = performance.now();
   let rate = "-";
   if (last !== null && now > last.t) rate = ((s.completion_tokens - last.tokens) / ((now - last.t) / 1000)).toFixed(1);
   last = { t: now, tokens: s.completion_tokens };
-  add("Engine", s.engine.status + (s.engine.engine_restarts ? ` (${s.engine.engine_restarts} restarts)` : "") + (s.engine.error ? ": " + s.engine.error : ""));
-  add("Queue depth", `${s.queue_depth} waiting (room for ${s.max_queue})`);
-  add("Running sequences", `${s.running} of ${s.max_batch} batch rows`);
-  add("Tokens/s (generated, last 2 s)", rate);
-  add("Tokens generated", fmtNum(s.completion_tokens));
-  add("Prompt tokens", fmtNum(s.prompt_tokens));
-  add("Cancelled sequences", fmtNum(s.cancelled));
+  const e = s.engine;
+  add("Engine", e.status + (e.engine_restarts ? ` (${e.engine_restarts} restarts)` : "") + (e.error ? ": " + e.error : ""), "engine");
+  add("Queue depth", `${s.queue_depth} waiting (at most ${s.max_queue})`, "queue");
+  add("Running sequences", `${s.running} of ${s.max_batch} batch rows`, "running");
+  add("Tokens/s (generated, since the last poll)", rate, "rate");
+  add("Tokens generated", fmtNum(s.completion_tokens), "generated");
+  add("Prompt tokens", fmtNum(s.prompt_tokens), "prompt");
+  add("Cancelled sequences", fmtNum(s.cancelled), "cancelled");
   const r = s.rate_limit;
-  add(`Requests left for ${s.key}`, `${r.requests.remaining} of ${r.requests.limit} per minute (full in ${r.requests.reset_s.toFixed(1)} s)`);
-  add(`Tokens left for ${s.key}`, `${fmtNum(r.tokens.remaining)} of ${fmtNum(r.tokens.limit)} per minute (full in ${r.tokens.reset_s.toFixed(1)} s)`);
+  const left = (b) => `${fmtNum(b.remaining)} of ${fmtNum(b.limit)} per minute (full in ${b.reset_s.toFixed(1)} s)`;
+  add(`Requests left for ${s.key}`, left(r.requests), "requests");
+  add(`Tokens left for ${s.key}`, left(r.tokens), "tokens");
   dl.replaceChildren(...rows);
 }
 

@@ -1,6 +1,6 @@
 // Training runs side by side: loss and lr curves (metrics.jsonl), eval tables, red-team reports.
 
-import { describe, el, fmtNum, getJSON, hasRuns } from "./api.js";
+import { describe, el, fmtMetrics, fmtNum, getJSON, hasRuns } from "./api.js";
 import { lineChart } from "./chart.js";
 
 const $ = (id) => document.getElementById(id);
@@ -92,12 +92,14 @@ async function showRun(name, col) {
   if (r.run) {
     const s = r.run;
     const dl = el("dl", { class: "facts" });
-    const add = (k, v) => v !== undefined && v !== null && dl.append(el("dt", {}, k), el("dd", {}, typeof v === "object" ? JSON.stringify(v) : String(v)));
+    const add = (k, v) => {
+      if (v !== undefined && v !== null) dl.append(el("dt", {}, k), el("dd", {}, String(v)));
+    };
     add("Method", s.method);
     add("Steps", s.steps);
-    add("Tokens", s.tokens);
-    add("Final", s.final_metrics);
-    add("Best", s.best_metrics);
+    add("Tokens", s.tokens === undefined ? null : fmtNum(s.tokens));
+    add("Final", fmtMetrics(s.final_metrics));
+    add("Best", s.best_metrics && fmtMetrics({ step: s.best_step, ...s.best_metrics }));
     add("Data manifest", s.data_manifest_sha256);
     parts.push(dl);
   }
