@@ -248,3 +248,39 @@ def test_serve_cmd_checks_ui_flags_before_loading(tmp_path):
         serve_cmd(model=str(tmp_path / "no-model"), runs=str(tmp_path), ui="off")
     with pytest.raises(YunqueError, match="not a directory"):
         serve_cmd(model=str(tmp_path / "no-model"), runs=str(tmp_path / "missing"))
+
+
+def test_card_of_an_adapter_and_of_an_imported_model(runs, tmp_path):
+    """The adapter's own run.json vouches for the adapter; `yunque import`'s record for the model."""
+    from yunque.data.manifest import sha256_file
+    from yunque.formats.hf import load_model
+    from yunque.serve.card import ModelCard
+
+    model_dir = tmp_path / "imported"
+    shutil.copytree(runs / "run-b" / "model", model_dir)
+    files = {p.name: sha256_file(p) for p in model_dir.iterdir()}
+    (model_dir / "gguf_import.json").write_text(
+        json.dumps({"source": "/models/x.gguf", "sha256": "ab" * 32, "gguf": {"name": "x"}, "files": files})
+    )
+    run = tmp_path / "lora-run"
+    adapter = run / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
+    )
+    (adapter / "adapter_model.safetensors").write_bytes(b"not really safetensors, only hashed")
+    recorded = {"adapter/adapter_model.safetensors": sha256_file(adapter / "adapter_model.safetensors")}
+    (run / "run.json").write_text(json.dumps({"method": "lora", "steps": 3, "files_sha256": recorded}))
+    card = ModelCard(load_model(model_dir), "m", model_dir, adapter, "float32")
+    facts = card.facts()
+    assert facts["imported_from"]["file"] == "x.gguf" and facts["imported_from"]["files_sha256"] == files
+    assert facts["adapter"]["r"] == 8 and facts["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    [lora] = facts["runs"]
+    assert lora["of"] == "adapter" and lora["method"] == "lora" and lora["run_json"] == "lora-run/run.json"
+    v = card.verify()
+    assert v["verdict"] == "verified"
+    assert {(f["of"], f["file"]) for f in v["files"]} == {("model", n) for n in files} | {
+        ("adapter", "adapter_model.safetensors")
+    }
+    (adapter / "adapter_model.safetensors").write_bytes(b"swapped")
+    assert card.verify()["verdict"] == "mismatch"
