@@ -42,6 +42,7 @@ def create_app(
     """The app; `ui` adds the web page at /ui/ and its JSON routes (model card of `model_dir` +
     `adapter`, server status, the training runs in `runs_dir`)."""
     service = Service(model, tokenizer, cfg, model_name)
+    # made before the routes: the `model` route function below rebinds the name `model`
     card = ModelCard(model, model_name, model_dir, adapter, cfg.dtype) if ui else None
     app = FastAPI(
         title="yunque",
