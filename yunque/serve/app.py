@@ -6,24 +6,44 @@ admission, generation and accounting are the Service's. Every error has OpenAI's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from yunque.serve.auth import Authenticator
+from yunque.serve.card import ModelCard
 from yunque.serve.config import ServeConfig
 from yunque.serve.limits import Gatekeeper, error_body
+from yunque.serve.runs import RunsDir
 from yunque.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse
 from yunque.serve.service import APIError, Service
+from yunque.serve.webui import add_ui, is_public
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431, 500, 503)}
 # rate limited before the body is read
 _GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
-def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> Gatekeeper:
+def create_app(
+    model,
+    tokenizer,
+    cfg: ServeConfig,
+    model_name: str,
+    auth: Authenticator,
+    *,
+    ui: bool = True,
+    model_dir: Path | None = None,
+    adapter: Path | None = None,
+    runs_dir: Path | None = None,
+) -> Gatekeeper:
+    """The app; `ui` adds the web page at /ui/ and its JSON routes (model card of `model_dir` +
+    `adapter`, server status, the training runs in `runs_dir`)."""
     service = Service(model, tokenizer, cfg, model_name)
+    # made before the routes: the `model` route function below rebinds the name `model`
+    card = ModelCard(model, model_name, model_dir, adapter, cfg.dtype) if ui else None
     app = FastAPI(
         title="yunque",
         version="1",
@@ -70,6 +90,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     async def embeddings(req: EmbeddingRequest, request: Request):
         return await service.embeddings(req, request)
 
+    if ui:
+        add_ui(app, service, card, RunsDir(runs_dir) if runs_dir is not None else None, cfg.auth.required)
+
     return Gatekeeper(
         app,
         cfg.limits.max_header_bytes,
@@ -78,6 +101,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         on_reject=service.rejected,
         take_request=service.limiter.take_request,
         limited_paths=_GENERATION,
+        public=is_public if ui else (lambda path: False),
     )
 
 

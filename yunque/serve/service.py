@@ -67,6 +67,8 @@ _ROUTES = {
 
 
 def _route(path: str) -> str:
+    if path.startswith(("/ui", "/yunque/")):
+        return "ui"  # the web page and its JSON routes
     return _ROUTES.get(path) or ("models" if path.startswith("/v1/models/") else "other")
 
 
