@@ -18,6 +18,8 @@ def serve_cmd(
     port: int = 8000,
     config: str | None = None,
     allow_nonfinite: bool = False,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> int:
     """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics).
 
@@ -28,6 +30,9 @@ def serve_cmd(
         port: TCP port
         config: serve.yaml (limits, auth, guards, audit); unknown keys are errors
         allow_nonfinite: load weights that hold NaN or Inf (refused by default; requests that hit them get a 500)
+        ssl_certfile: serve HTTPS with this PEM certificate (chain), with --ssl-keyfile; behind a TLS-terminating
+            proxy, leave both out
+        ssl_keyfile: the certificate's unencrypted PEM private key
     """
     for module, package in (
         ("fastapi", None),
@@ -41,13 +46,14 @@ def serve_cmd(
     from yunque.serve.app import create_app
     from yunque.serve.auth import build_authenticator
     from yunque.serve.config import ServeConfig
-    from yunque.serve.server import check_bind, run_server
+    from yunque.serve.server import check_bind, check_tls, run_server
 
     if not 0 < port < 65536:
         raise YunqueError(f"--port {port}: expected 1-65535")
     cfg = load_config(ServeConfig, config)
     auth = build_authenticator(cfg.auth.required, cfg.auth.keys_file, cfg.auth.jwt)
     check_bind(host, cfg, auth)  # before the (slow) model load
+    check_tls(ssl_certfile, ssl_keyfile)
     if cfg.torch_threads is not None:
         import torch
 
@@ -61,10 +67,11 @@ def serve_cmd(
     name = cfg.model_name or Path(model).resolve().name
     app = create_app(m, tok, cfg, name, auth)
     print(
-        f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})",
+        f"serving {name} on {'https' if ssl_certfile else 'http'}://{host}:{port}/v1 "
+        f"(auth: {'on' if cfg.auth.required else 'OFF, loopback only'})",
         file=sys.stderr,
     )
-    run_server(app, host, port, cfg)
+    run_server(app, host, port, cfg, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     return 0
 
 
