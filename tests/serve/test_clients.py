@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Literal  # at module level: the tool's annotations are resolved in this module's globals
 
 import pytest
 from serve_util import build_model_dir, make_server
@@ -56,8 +57,6 @@ def scan(host: str, deep: bool) -> str:
 def test_langchain_agent_calls_the_scanner(server):
     pytest.importorskip("langchain_openai", reason="langchain-openai is not installed (the dev extra installs it)")
     agents = pytest.importorskip("langchain.agents", reason="langchain is not installed (the dev extra installs it)")
-    from typing import Literal
-
     from langchain.agents.middleware import wrap_model_call
     from langchain_core.messages import AIMessage, ToolMessage
     from langchain_core.tools import tool
@@ -93,6 +92,7 @@ def test_langchain_agent_calls_the_scanner(server):
     assert answer.response_metadata["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.filterwarnings("ignore:.*ReadOnly. qualifier:UserWarning")  # litellm's own TypedDicts, at import
 def test_litellm_completion_with_tools(server):
     # litellm fetches its model price list from the internet at import unless told to use its own copy
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

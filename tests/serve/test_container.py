@@ -322,7 +322,8 @@ def test_a_second_signal_stops_at_once(model_dir, tmp_path):
 def serve(model_dir: Path, tmp: Path, *flags: str, **cfg) -> tuple[subprocess.Popen, str, int, Path]:
     keys = tmp / "keys.json"
     key = create_key(keys, "container")
-    conf = {"auth": {"keys_file": str(keys)}, "limits": {"rpm": 1000}, **cfg}
+    # torch_threads: a fixed count, so start-up skips measuring the free cores
+    conf = {"model_name": "tiny", "torch_threads": 1, "auth": {"keys_file": str(keys)}, "limits": {"rpm": 1000}, **cfg}
     (tmp / "serve.yaml").write_text(yaml.safe_dump(conf), encoding="utf-8")
     port = free_port()
     log = tmp / "server.log"
@@ -353,7 +354,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def test_sigterm_drains_an_in_flight_stream_then_exits_0(endless_model_dir, tmp_path):
-    limits = {"rpm": 1000, "max_len": 1024, "max_prompt_tokens": 128, "max_tokens": 800}
+    limits = {"rpm": 1000, "max_len": 1024, "max_prompt_tokens": 128, "max_tokens": 500}
     proc, key, port, log = serve(endless_model_dir, tmp_path, limits=limits, drain_timeout_s=60)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -362,7 +363,7 @@ def test_sigterm_drains_an_in_flight_stream_then_exits_0(endless_model_dir, tmp_
         stream = client.chat.completions.create(
             model="tiny",
             messages=MSG,
-            max_tokens=800,
+            max_tokens=500,
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
@@ -387,7 +388,7 @@ def test_sigterm_drains_an_in_flight_stream_then_exits_0(endless_model_dir, tmp_
         assert e.value.status_code == 503
 
         rest = [first, *chunks]  # the stream goes on to its end
-        assert rest[-1].usage.completion_tokens == 800
+        assert rest[-1].usage.completion_tokens == 500
         assert [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason] == ["length"]
         assert proc.wait(30) == 0
     finally:
@@ -450,10 +451,10 @@ def test_tls_end_to_end_with_a_custom_ca(model_dir, tmp_path):
         client = openai.OpenAI(
             base_url=url + "/v1", api_key=key, max_retries=0, http_client=openai.DefaultHttpxClient(verify=trust)
         )
-        assert [m.id for m in client.models.list()] == [model_dir.name]
-        r = client.chat.completions.create(model=model_dir.name, messages=MSG, max_tokens=4)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
         assert r.usage.completion_tokens >= 1
-        chunks = list(client.chat.completions.create(model=model_dir.name, messages=MSG, max_tokens=4, stream=True))
+        chunks = list(client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, stream=True))
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
         # Not trusted without the CA, and not served in the clear
         with pytest.raises(openai.APIConnectionError):

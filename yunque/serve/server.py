@@ -202,6 +202,8 @@ def draining_server(config, service, grace_s: float):
             deadline = loop.time() + grace_s
             while service.in_flight and loop.time() < deadline and not self.should_exit:
                 await asyncio.sleep(0.05)
+            if self.should_exit:  # a second signal, or the engine gave up: that path set the shutdown's wait
+                return
             if service.in_flight:
                 log.warning("drain timeout: %d request(s) still in flight are cancelled", service.in_flight)
             # The drain did the waiting: uvicorn's own graceful shutdown only closes what is left.
