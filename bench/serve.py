@@ -239,17 +239,21 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    code = f"from yunque.recipes.serve import serve_cmd; serve_cmd({str(model_dir)!r}, port={port}, config={str(root / 'serve.yaml')!r})"  # noqa: E501
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL)
+    code = f"from yunque.recipes.serve import serve_cmd; serve_cmd(model={str(model_dir)!r}, port={port}, config={str(root / 'serve.yaml')!r})"  # noqa: E501
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client() as c:
             for _ in range(1200):  # bounded wait for the server to come up
+                if proc.poll() is not None:
+                    sys.exit(f"the server exited ({proc.returncode}):\n{(root / 'server.log').read_text()}")
                 try:
-                    if c.get(url + "/health").status_code == 200:
+                    if c.get(url + "/ready").status_code == 200:
                         break
                 except httpx.TransportError:
-                    time.sleep(0.1)
+                    pass
+                time.sleep(0.1)
         texts = prompts(max(args.requests, args.sequential_requests))
         asyncio.run(drive(url, key, texts[:4], 4, 8))  # warm-up
         rows, jrows = [], []
