@@ -4,7 +4,7 @@ on SIGTERM (a real `yunque serve` process: an in-flight stream finishes, new req
 with Retry-After, exit 0; past the grace period the rest is cut and it still exits 0), and TLS
 end to end with a certificate authority made here (the official `openai` client trusting it).
 
-No test builds or runs the image: that needs a docker daemon (see the README's Container section)."""
+No test builds or runs the image: that needs a docker daemon (README: Serving in a container)."""
 
 from __future__ import annotations
 
