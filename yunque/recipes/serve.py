@@ -21,6 +21,8 @@ def serve_cmd(
     allow_nonfinite: bool = False,
     ui: Literal["on", "off"] = "on",
     runs: str | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> int:
     """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics) and a web page at /ui/.
 
@@ -34,6 +36,9 @@ def serve_cmd(
         ui: the web page at /ui/ (chat, model card, runs, health; every call it makes needs the API key); off removes
             it and its /yunque/* routes
         runs: a directory of training runs (their metrics.jsonl, run.json, eval.json, redteam.json) for the page
+        ssl_certfile: serve HTTPS with this PEM certificate (chain), with --ssl-keyfile; behind a TLS-terminating
+            proxy, leave both out
+        ssl_keyfile: the certificate's unencrypted PEM private key
     """
     for module, package in (
         ("fastapi", None),
@@ -47,7 +52,7 @@ def serve_cmd(
     from yunque.serve.app import create_app
     from yunque.serve.auth import build_authenticator
     from yunque.serve.config import ServeConfig
-    from yunque.serve.server import check_bind, run_server
+    from yunque.serve.server import check_bind, check_tls, run_server
 
     if not 0 < port < 65536:
         raise YunqueError(f"--port {port}: expected 1-65535")
@@ -58,6 +63,7 @@ def serve_cmd(
     cfg = load_config(ServeConfig, config)
     auth = build_authenticator(cfg.auth.required, cfg.auth.keys_file, cfg.auth.jwt)
     check_bind(host, cfg, auth)  # before the (slow) model load
+    check_tls(ssl_certfile, ssl_keyfile)
     if cfg.torch_threads is not None:
         import torch
 
@@ -84,11 +90,12 @@ def serve_cmd(
         runs_dir=Path(runs) if runs else None,
     )
     print(
-        f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})"
-        + (f"; web page: http://{host}:{port}/ui/" if ui == "on" else ""),
+        f"serving {name} on {'https' if ssl_certfile else 'http'}://{host}:{port}/v1 "
+        f"(auth: {'on' if cfg.auth.required else 'OFF, loopback only'})"
+        + (f"; web page: {'https' if ssl_certfile else 'http'}://{host}:{port}/ui/" if ui == "on" else ""),
         file=sys.stderr,
     )
-    run_server(app, host, port, cfg)
+    run_server(app, host, port, cfg, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     return 0
 
 

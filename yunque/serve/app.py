@@ -23,8 +23,9 @@ from yunque.serve.service import APIError, Service
 from yunque.serve.webui import add_ui, is_public
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431, 500, 503)}
-# rate limited before the body is read
+# rate limited before the body is read, refused while draining, counted in flight
 _GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_PROBES = frozenset({"/health", "/ready"})  # no credentials: probes (Docker, Kubernetes, a proxy) carry none
 
 
 def create_app(
@@ -51,15 +52,23 @@ def create_app(
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
-        description="OpenAI-compatible inference. Every route except /health needs `Authorization: Bearer <key>`.",
+        description="OpenAI-compatible inference. Every route except /health and /ready needs "
+        "`Authorization: Bearer <key>`.",
     )
+    app.add_middleware(InFlight, service=service)
     app.state.service = service
     app.state.engine, app.state.metrics, app.state.limiter = service.engine, service.metrics, service.limiter
     _error_handlers(app, service)
 
     @app.get("/health", include_in_schema=True)
     async def health():
-        ok, body = service.health()
+        """Liveness: 200 while the process answers; the body says how its engine is."""
+        return JSONResponse(service.health())
+
+    @app.get("/ready", include_in_schema=True, responses={503: {"description": "starting, draining or engine down"}})
+    async def ready():
+        """Readiness: 200 when this server should get traffic (started, engine running, not draining), else 503."""
+        ok, body = service.ready()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", responses=_ERRORS)
@@ -99,10 +108,28 @@ def create_app(
         cfg.limits.max_body_bytes,
         auth.authenticate,
         on_reject=service.rejected,
+        public_paths=_PROBES,
         take_request=service.limiter.take_request,
         limited_paths=_GENERATION,
         public=is_public if ui else (lambda path: False),
     )
+
+
+class InFlight:
+    """ASGI middleware: counts the generation requests being answered, to the end of a stream
+    (the route returns before its stream is sent), so that a drain knows when they are done."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in _GENERATION:
+            return await self.app(scope, receive, send)
+        self.service.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.service.in_flight -= 1
 
 
 def _error(
