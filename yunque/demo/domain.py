@@ -132,11 +132,12 @@ _WEB_PROBES = (
 )
 
 
-def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str, list[str]]:
+def _auth_triage(rng: random.Random, pii: bool, verdict: str, short: bool = False) -> tuple[str, str, list[str]]:
     """A log whose verdict follows from what its lines say and how many come from one address:
     >= 4 failed logins from one address (brute force, one account or a list of them), >= 4
     pre-auth probes or scanner requests from one address and no login attempt (scan), or at
-    most 2 failures, from different addresses, among ordinary logins (benign)."""
+    most 2 failures, from different addresses, among ordinary logins (benign). `short`: at most
+    7 lines rather than 10, by the same rules (for a pretrained model's slower steps)."""
     web = rng.random() < 0.4
     host = rng.choice(("bastion", "web01", "vpn-gw", "db02", "jump1", "app03"))
     staff = [syn.person(rng)[1] for _ in range(3)]
@@ -153,15 +154,15 @@ def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str,
     if verdict == "benign":
         for _ in range(rng.randint(0, 2)):  # mistyped passwords, never twice from one address
             events.append(("fail", fresh_ip(), rng.choice(staff)))
-        quiet = rng.randint(3, 6)
+        quiet = rng.randint(3, 4 if short else 6)
     else:
-        attacker, n = fresh_ip(), rng.randint(4, 7)
+        attacker, n = fresh_ip(), rng.randint(4, 5 if short else 7)
         if verdict == "brute-force":  # one account guessed again and again, or a list walked
             accounts = [rng.choice(_ACCOUNTS)] * n if rng.random() < 0.5 else rng.sample(_ACCOUNTS, n)
             events += [("fail", attacker, a) for a in accounts]
         else:
             events += [("probe", attacker, "") for _ in range(n)]
-        quiet = rng.randint(1, 3)
+        quiet = rng.randint(1, 2 if short else 3)
     ok_ips: list[str] = []  # staff log in again from where they did; never from a failing address
     noise = 0
     for _ in range(quiet):
@@ -407,6 +408,7 @@ _BEHAVIOURS = {
     ),
 }
 TACTICS = tuple(_BEHAVIOURS)
+LABELS = {"auth_triage": VERDICTS, "phishing": ("phishing", "legitimate"), "alert_tactic": TACTICS}
 DESCRIPTION = {  # (input, answer) for the report
     "auth_triage": (
         "an sshd or web-login log",
@@ -481,8 +483,10 @@ def generate(
     pii_fraction: float = 0.3,
     duplicate_fraction: float = 0.03,
     near_duplicate_fraction: float = 0.03,
+    short: bool = False,
 ) -> list[dict]:
-    """`n` records (planted duplicates included), tasks in equal shares, in a seeded random order."""
+    """`n` records (planted duplicates included), tasks in equal shares, in a seeded random order;
+    `short`: shorter auth logs (see `_auth_triage`)."""
     if n < 2 * len(TASKS):
         raise ConfigError(f"domain records: need at least {2 * len(TASKS)}, got {n}")
     for name, v in (
@@ -497,7 +501,7 @@ def generate(
     base = n - n_dup - n_near
     tasks = [TASKS[i % len(TASKS)] for i in range(base)]
     # Labels cycle within each task, so classes are balanced to within one record.
-    cycle = {"auth_triage": VERDICTS, "phishing": ("phishing", "legitimate"), "alert_tactic": TACTICS}
+    cycle = LABELS
     makers = {"auth_triage": _auth_triage, "phishing": _phishing, "alert_tactic": _alert_tactic}
     seen = dict.fromkeys(TASKS, 0)
     records = []
@@ -505,7 +509,9 @@ def generate(
         pii = rng.random() < pii_fraction
         label = cycle[task][seen[task] % len(cycle[task])]
         seen[task] += 1
-        user, answer, planted = makers[task](rng, pii, label)
+        user, answer, planted = (
+            _auth_triage(rng, pii, label, short) if task == "auth_triage" else makers[task](rng, pii, label)
+        )
         records.append(_record(task, user, answer, {"pii": planted}))
     # Distinct sources: two near copies of one record with the same remark would be an exact pair.
     for src in rng.sample(range(base), n_dup):
