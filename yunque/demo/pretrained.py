@@ -72,13 +72,13 @@ class Plan:
 FULL = Plan(
     records=600,
     split=(0.7, 0.08, 0.22),
-    test_per_task=None,
-    steps=60,
-    micro_batch=4,
+    test_per_task=30,
+    steps=48,
+    micro_batch=2,
     seq_len=512,
     lr=1e-3,
-    warmup_steps=6,
-    eval_every=15,
+    warmup_steps=5,
+    eval_every=12,
     val_batches=2,
     patience=2,
     max_new_tokens=24,
@@ -213,12 +213,10 @@ def measure(name: str, model_dir: Path, test: list[dict], out: Path, plan: Plan,
 
 
 def ship_gguf(model: Path, out: Path, log) -> dict:
-    """GGUF (q8_0) for llama.cpp and Ollama.
-
-    >>> PLACE FOR THE GGUF EXPORT (issue 21, written in parallel). When `yunque export --format gguf`
-    >>> is in the tree, call it here on `model` into `out / "model.q8_0.gguf"` and return
-    >>> {"file": ..., "bytes": ..., "sha256": ...}; the report, run.json and the printed commands
-    >>> (llama.cpp, Ollama) already show what this returns. Until then the demo says it is skipped."""
+    """GGUF (q8_0) for llama.cpp and Ollama, once this checkout can write one."""
+    # GGUF EXPORT GOES HERE (issue 21, written in parallel): when `yunque export --format gguf` is in
+    # the tree, call it on `model` into `out / "model.q8_0.gguf"` and return {"file", "bytes", "sha256"};
+    # report.md, run.json and the printed commands (llama.cpp, Ollama) already show what this returns.
     reason = "GGUF export (`yunque export --format gguf`, issue 21) is not in this checkout yet"
     log(f"      GGUF q8_0: skipped, {reason}")
     return {"skipped": reason}
