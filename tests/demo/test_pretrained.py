@@ -43,6 +43,8 @@ def test_first_per_task_keeps_file_order():
     picked = pretrained.first_per_task(recs, 2)
     assert [r["messages"][1]["content"] for r in picked] == ["0", "1", "2"]
     assert pretrained.first_per_task(recs, None) == recs
+    text = {"kind": "text", "text": "replay"}  # replay text that `data prepare` split into the test split too
+    assert pretrained.first_per_task([text, *recs], None) == recs
 
 
 def test_forgetting_bar_and_verdict():

@@ -40,9 +40,11 @@ from yunque.errors import YunqueError
 
 MODEL = "smollm2-135m-instruct"
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
-# The projections of every layer; the head is tied to the embedding, which stays frozen.
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The attention projections of every layer: as accurate as adapting the MLPs too and faster per step
+# (bench/NOTES.md, "Demo on SmolLM2"). The head is tied to the embedding, which stays frozen.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FORGETTING_BAR = 10.0  # % rise of general-English perplexity that still passes
+REPLAY_CHARS = 15_000  # of Language Reference prose in the raw data: ~4% of the training tokens after the split
 GENERAL_TEXT = Path(__file__).with_name("general_english.jsonl")
 # Unbounded consumption succeeds when a reply reaches the token limit, which the demo's short
 # limit would make of nearly every reply; `yunque redteam` runs it with its full budget.
@@ -60,7 +62,7 @@ class Plan:
     lr: float
     warmup_steps: int
     eval_every: int  # steps between validation evaluations (early stopping)
-    val_batches: int  # validation batches per evaluation
+    val_batches: int  # validation batches per evaluation (0: all)
     patience: int  # evaluations without improvement before stopping early
     max_new_tokens: int  # the answer budget of every model (a base model answers in sentences)
     redteam_variants: int  # prompt variants per probe, sent once each, greedy
@@ -72,18 +74,18 @@ class Plan:
 FULL = Plan(
     records=600,
     split=(0.7, 0.08, 0.22),
-    test_per_task=30,
-    steps=48,
+    test_per_task=20,
+    steps=108,
     micro_batch=2,
     seq_len=512,
-    lr=1e-3,
-    warmup_steps=5,
-    eval_every=12,
-    val_batches=2,
+    lr=3e-3,
+    warmup_steps=8,
+    eval_every=36,
+    val_batches=0,
     patience=2,
-    max_new_tokens=24,
-    redteam_variants=2,
-    redteam_max_tokens=64,
+    max_new_tokens=16,
+    redteam_variants=1,
+    redteam_max_tokens=48,
     accuracy_bar=90.0,
     task_bar=80.0,
 )
@@ -91,19 +93,19 @@ QUICK = Plan(
     records=360,
     split=(0.7, 0.08, 0.22),
     test_per_task=10,
-    steps=24,
-    micro_batch=4,
+    steps=36,
+    micro_batch=1,
     seq_len=512,
-    lr=1e-3,
+    lr=3e-3,
     warmup_steps=3,
-    eval_every=8,
-    val_batches=1,
+    eval_every=12,
+    val_batches=2,
     patience=2,
-    max_new_tokens=24,
+    max_new_tokens=16,
     redteam_variants=1,
-    redteam_max_tokens=48,
-    accuracy_bar=70.0,
-    task_bar=50.0,
+    redteam_max_tokens=32,
+    accuracy_bar=50.0,
+    task_bar=30.0,
 )
 
 
@@ -135,16 +137,41 @@ def resolve_base(log) -> tuple[Path, dict]:
 
 
 def first_per_task(records: list[dict], n: int | None) -> list[dict]:
-    """The first `n` records of each task, in file order (None: all)."""
-    if n is None:
-        return records
-    seen: dict[str | None, int] = {}
+    """The first `n` records of each task, in file order (None: all); records of no task (text) are left out."""
+    seen: dict[str, int] = {}
     out = []
     for r in records:
-        t = domain.task_of(r["messages"])
-        if seen.get(t, 0) < n:
+        t = domain.task_of(r["messages"]) if "messages" in r else None
+        if t is not None and (n is None or seen.get(t, 0) < n):
             seen[t] = seen.get(t, 0) + 1
             out.append(r)
+    return out
+
+
+def replay_texts(total_chars: int, max_chars: int = 800) -> list[str]:
+    """English prose from Python's own Language Reference (pydoc_data, shipped with every CPython), about
+    `total_chars` in all: the first paragraph-sized piece of each topic, code lines left out, cut at a
+    sentence end. Mixed into fine-tuning so that LoRA keeps the model's language; another source and
+    style than the forgetting check's text, so that the check still measures general English."""
+    from yunque.demo import corpus
+    from yunque.errors import DataError
+
+    topics = corpus.reference_topics()
+    if not topics:
+        where = corpus.stdlib_dir() / "pydoc_data" / "topics.py"
+        raise DataError(f"{where}: not found; the demo reads its replay text from it")
+    out, size = [], 0
+    for _kind, _src, text in topics:
+        # The first line is the title; grammar, code and examples are the indented lines.
+        lines = [ln.strip() for ln in text.splitlines()[1:] if not ln.startswith((" ", "\t", ">>>"))]
+        prose = " ".join(ln for ln in lines if set(ln) - set("*=-~^"))
+        piece = prose[:max_chars]
+        piece = piece[: piece.rfind(". ") + 1] if ". " in piece else ""
+        if len(piece) > max_chars // 2:
+            out.append(piece)
+            size += len(piece)
+        if size >= total_chars:
+            break
     return out
 
 
@@ -294,6 +321,9 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
     with clock.stage("data", "security instruction set (seeded, planted PII and duplicates) -> yunque data prepare"):
         dinfo = domain.write_domain(out / "domain" / "raw.jsonl", plan.records, seed, short=True)
         facts["domain"] = asdict(dinfo)
+        replay = replay_texts(REPLAY_CHARS)
+        write_jsonl(out / "domain" / "replay.jsonl", [{"text": t} for t in replay])
+        facts["replay"] = {"source": "pydoc_data/topics.py", "documents": len(replay), "chars": sum(map(len, replay))}
         tr, va, te = plan.split
         # IP addresses are the indicators the tasks are about, not personal data here. The split is
         # stratified by answer, so every task and label has its share of the test split.
@@ -304,7 +334,7 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
                 "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
             },
         )
-        prep = prepare([out / "domain" / "raw.jsonl"], out / "data", dcfg, log=lambda *a, **k: None)
+        prep = prepare([out / "domain" / "raw.jsonl", out / "domain" / "replay.jsonl"], out / "data", dcfg, log=lambda *a, **k: None)
         manifest = json.loads((out / "data" / "manifest.json").read_text(encoding="utf-8"))
         facts["prepare"] = {
             "records_in": prep.records_in,
@@ -389,6 +419,7 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
     facts["verdict"] = verdict(facts)
     result.seconds = round(time.perf_counter() - clock.t0, 1)
     facts["stages"] = result.stages
+    facts["stage_cpu_s"] = clock.cpu  # CPU time: on a machine shared with other work, what wall time hides
     facts["seconds"] = result.seconds
     write_pretrained_report(result, log)
     return result

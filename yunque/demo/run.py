@@ -105,6 +105,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class Clock:
     def __init__(self, stages: dict[str, float], total: int, log) -> None:
         self.stages, self.total, self.log = stages, total, log
+        self.cpu: dict[str, float] = {}  # stage -> CPU seconds of this process (all threads)
         self.t0 = time.perf_counter()
 
     def stage(self, name: str, what: str):
@@ -113,11 +114,12 @@ class Clock:
         class _S:
             def __enter__(self_inner):
                 clock.log(f"[{len(clock.stages) + 1}/{clock.total}] {what} ...")
-                self_inner.t = time.perf_counter()
+                self_inner.t, self_inner.cpu = time.perf_counter(), time.process_time()
 
             def __exit__(self_inner, *exc):
                 dt = time.perf_counter() - self_inner.t
                 clock.stages[name] = round(dt, 2)
+                clock.cpu[name] = round(time.process_time() - self_inner.cpu, 2)
                 if exc[0] is None:
                     clock.log(f"      done in {dt:.1f} s (total {time.perf_counter() - clock.t0:.0f} s)")
 
