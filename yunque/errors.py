@@ -31,6 +31,14 @@ class DataError(YunqueError):
     """Input data cannot be read or fails verification."""
 
 
+class TrainingDiverged(YunqueError):
+    """Training met a non-finite loss, gradient norm or weight and stopped: the last good
+    checkpoint is kept and nothing is exported. Exit code 3, so that a script can tell it from
+    a bad config (2) and retry with, say, a lower learning rate."""
+
+    exit_code = 3
+
+
 class MissingExtraError(YunqueError):
     """An optional package is not installed; the message names the extra that installs it."""
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from yunque.errors import CheckpointError, YunqueError
-from yunque.formats.hf import load_model
+from yunque.errors import YunqueError
+from yunque.formats.hf import check_finite, load_model
 from yunque.model import Transformer
 from yunque.ops import arrange_for_decode_
 
@@ -38,22 +38,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def check_finite(model: torch.nn.Module, where: str) -> None:
-    """Refuse weights that hold NaN or Inf: such a model answers every request with garbage or
-    an error. One float32 sum per tensor finds them (NaN and Inf survive a sum), without a
-    copy; only a sum that overflowed is then checked element by element."""
-    for name, p in model.named_parameters():
-        if not p.is_floating_point() or bool(torch.isfinite(p.detach().sum(dtype=torch.float32))):
-            continue
-        bad = int((~torch.isfinite(p.detach())).sum())
-        if bad:
-            raise CheckpointError(
-                f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of "
-                f"{p.numel()}; the checkpoint is corrupt or its training diverged "
-                "(`yunque serve --allow-nonfinite` serves it anyway)"
-            )
 
 
 def load_tokenizer(model_dir: str | Path, adapter: str | Path | None = None):
@@ -106,7 +90,11 @@ def load(
         load_peft_adapter(model, adapter, quantize_base=quantize_base)
         merge_lora(model)
     if not allow_nonfinite:
-        check_finite(model, f"{model_dir}" + (f" + {adapter}" if adapter else ""))
+        check_finite(
+            model.named_parameters(),
+            f"{model_dir}" + (f" + {adapter}" if adapter else ""),
+            "the checkpoint is corrupt or its training diverged (`yunque serve --allow-nonfinite` serves it anyway)",
+        )
     model.requires_grad_(False)  # inference only; a forward outside no_grad then builds no graph
     arrange_for_decode_(model)
     return model.eval(), load_tokenizer(model_dir, adapter)

@@ -383,10 +383,6 @@ def set_dtype_(model: nn.Module, dtype: torch.dtype) -> None:
             m.dtype = dtype
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, _Quantized) for m in model.modules())
-
-
 def storage_bits(model: nn.Module) -> float:
     """Bits per quantised weight: codes, scales and zero points (each shared matrix counted once)."""
     seen, nbytes, numel = set(), 0, 0

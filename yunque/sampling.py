@@ -1,6 +1,7 @@
 """The one sampler of `yunque generate` and the serving engine: logits (B, V) -> next ids (B,).
 
 Hugging Face's order: repetition penalty, temperature, top-k, top-p, then a multinomial draw.
+The server applies OpenAI's frequency/presence penalties (`penalize_counts`) before all of these.
 Temperature and top-p are one number for the whole batch or a (B,) tensor, one per row (the
 engine batches requests with different settings); a row at temperature 0 is greedy.
 """
@@ -16,6 +17,17 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     """Hugging Face's repetition penalty: logits of tokens marked in `seen` (B, V) move toward 0."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def penalize_counts(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's frequency and presence penalties, one of each per row ((B,) tensors):
+    `logits[j] - counts[j] * frequency - (counts[j] > 0) * presence`, where `counts` (B, V)
+    is how often each token was sampled so far (the completion's tokens, not the prompt's).
+    Positive values make repeats less likely, negative ones more."""
+    counts = counts.to(logits.dtype)
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
 
 
 def sample(

@@ -243,3 +243,41 @@ def test_progress_reports_each_stage_and_n_of_n(env, monkeypatch, capsys):
     evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=4)  # the CLI's default: stderr
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("generating answers to 4") and err[-1].startswith("generated 4/4 examples in")
+
+
+def test_threads_fit_the_free_cores_and_are_given_back(env, monkeypatch):
+    """Evaluation on the CPU runs torch on the cores other processes leave free (measured at the
+    start, re-checked before every generation batch) and restores torch's count at the end, also
+    when it fails (issue 27 item 8: at the default count beside a busy process it ran 14x slower)."""
+    import torch
+
+    from yunque.evaluate import runner
+
+    calls: list[str] = []
+
+    class Policy:
+        def start(self, window):
+            calls.append("start")
+            torch.set_num_threads(1)
+
+        def update(self):
+            calls.append("update")
+
+        def close(self):
+            calls.append("close")
+            torch.set_num_threads(before)
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(runner, "ThreadPolicy", Policy)
+    evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=2, batch_size=1, progress=None)
+    assert calls == ["start", "update", "update", "update", "update", "close"]
+    assert torch.get_num_threads() == before
+    calls.clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner, "generate_texts", broken)
+    with pytest.raises(RuntimeError):
+        evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=2, progress=None)
+    assert calls == ["start", "close"]

@@ -16,7 +16,7 @@ CORPUS = (
 ) * 20
 
 
-def build_model_dir(root: Path, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+def build_model_dir(root: Path, layers: int = 2, hidden: int = 64, seed: int = 0, context: int = 1024) -> Path:
     """A tokenizer (byte-level BPE with the Llama 3 chat template) and a random Llama model in `root`."""
     from yunque.formats.hf import save_model
     from yunque.model import ModelConfig, Transformer
@@ -32,7 +32,7 @@ def build_model_dir(root: Path, layers: int = 2, hidden: int = 64, seed: int = 0
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_id,
         eos_token_id=tok.eos_id,
@@ -90,6 +90,7 @@ def make_server(
     auth: dict | None = None,
     slow_s: float = 0.0,
     audit: bool = True,
+    embeddings: dict | None = None,
 ):
     """(ServerThread, api_key, app) for the model in `model_dir`; `slow_s` delays every forward
     (to make generation last long enough to observe cancellation and draining)."""
@@ -115,6 +116,7 @@ def make_server(
             "auth": {"keys_file": str(keys), **(auth or {})},
             "guards": guards or {},
             "audit": {"path": str(tmp / "audit.jsonl")} if audit else {},
+            "embeddings": embeddings or {},
         },
     )
     model = load_model(model_dir)

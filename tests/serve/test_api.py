@@ -148,7 +148,7 @@ def test_client_errors_are_openai_shaped(server, client):
     assert_error(http.post(url, headers=h, json={**ok, "temperature": 5}), 400)
     assert_error(http.post(url, headers=h, json={**ok, "top_p": -1}), 400)
     assert_error(http.post(url, headers=h, json={**ok, "frobnicate": 1}), 400)
-    assert_error(http.post(url, headers=h, json={**ok, "presence_penalty": 1.0}), 400)
+    assert_error(http.post(url, headers=h, json={**ok, "presence_penalty": 2.5}), 400)
     assert_error(http.post(url, headers=h, json={**ok, "stop": ["a", "b", "c", "d", "e"]}), 400)
     assert_error(http.post(url, headers=h, json={**ok, "messages": []}), 400)
     assert_error(http.post(url, headers=h, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)

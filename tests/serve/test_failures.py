@@ -40,7 +40,7 @@ def test_nonfinite_weights_are_refused_at_load(model_dir, tmp_path, capsys):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
-    save_model(model, bad)
+    save_model(model, bad, allow_nonfinite=True)
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight holds 2 non-finite"):
         load(bad)
     load(bad, allow_nonfinite=True)  # the escape hatch
@@ -56,13 +56,20 @@ def test_nonfinite_weights_are_refused_at_load(model_dir, tmp_path, capsys):
 def poison(app, text: str) -> None:
     """NaN in the input embedding of `text`'s one token: a prompt holding it gets NaN logits, the
     others do not (rows are independent). The output head is untied first, so that its copy of the
-    row does not make every request's logits NaN."""
+    row does not make every request's logits NaN, and the token is never sampled: a healthy request
+    that sampled it would feed it back and fail too (a random model samples it now and then)."""
     engine = app.app.state.engine
     model, tok = engine.model, engine.tok
     [tid] = tok.encode(text)
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
         model.model.embed_tokens.weight[tid] = float("nan")
+
+    def never_sample(module, args, logits):
+        logits[..., tid] = -1e4  # finite, so that a healthy row still reads as finite
+        return logits
+
+    model.lm_head.register_forward_hook(never_sample)
     assert tid not in tok.encode("Tell me about the quick brown fox.")
 
 

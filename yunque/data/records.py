@@ -34,7 +34,6 @@ from typing import Any
 
 from yunque.data.read import RawItem
 
-SHAPES = ("alpaca", "chat", "completion", "text", "classification")
 PROMPT_FIELDS = ("prompt", "question", "input")  # where a completion's prompt may be, in this order
 ANSWER_FIELDS = ("references", "reference", "completion", "answer", "output", "target")
 TEXT_FIELDS = ("text", "prompt")  # a classification record's text

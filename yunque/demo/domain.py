@@ -42,7 +42,7 @@ import base64
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -563,7 +563,3 @@ def write_domain(path: str | Path, n: int = DEFAULT_RECORDS, seed: int = 0, **kw
         info.near_duplicates += "near_duplicate_of" in r["meta"]
     info.pii_types = dict(sorted(info.pii_types.items()))
     return info
-
-
-def info_dict(info: DomainInfo) -> dict:
-    return asdict(info)

@@ -86,7 +86,6 @@ ORGS: dict[str, tuple[str, str]] = {
     "City Power & Light": ("cpandl.com", "utility"),
 }
 BAD_TLDS = ("top", "xyz", "info", "biz", "online", "site", "live", "click")
-GOOD_TLDS = ("com", "net", "org", "io")
 _KEY_CHARS = string.ascii_uppercase + "234567"
 _SECRET_CHARS = string.ascii_letters + string.digits + "+/"
 

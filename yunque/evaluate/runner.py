@@ -19,6 +19,7 @@ from typing import Literal
 from yunque.errors import YunqueError
 from yunque.evaluate import metrics as M
 from yunque.evaluate.data import Example, load_examples
+from yunque.threads import ThreadPolicy
 
 DEFAULT_METRICS = {
     "text": ["perplexity"],
@@ -130,9 +131,10 @@ def generate_texts(
     max_new_tokens: int,
     batch_size: int,
     progress: Callable[[str], None] | None = None,
+    between_batches: Callable[[], object] | None = None,
 ) -> tuple[list[str], dict]:
     """Greedy completions, batched by similar prompt length; stop tokens are cut off. `progress`
-    gets n/N lines with rate and ETA (see `_Meter`)."""
+    gets n/N lines with rate and ETA (see `_Meter`); `between_batches` runs before each batch."""
     from yunque.generate import Sampling, generate
 
     s = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(tok.stop_ids))
@@ -145,6 +147,8 @@ def generate_texts(
     meter = _Meter("generated", len(prompts), progress)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        if between_batches is not None:
+            between_batches()
         outs = generate(model, [prompts[i] for i in idx], s, pad)
         for i, ids in zip(idx, outs):
             new_tokens += len(ids)
@@ -198,66 +202,78 @@ def evaluate(
     if scoring == "likelihood" and "classification" not in names:
         raise YunqueError("--scoring likelihood applies to classification data (records with a 'label')")
     model, tok = model_and_tokenizer or load_for_eval(model_dir, adapter)
-    result = EvalResult(str(model_dir), str(adapter) if adapter else None, str(data), kind, len(examples), {})
-    max_length = max_length or min(model.config.max_position_embeddings, 2048)
-    rendered = [prompt_text(tok, ex, chat) if ex.kind != "text" else ("", False) for ex in examples]
-    preds: list[dict] = [{"source": ex.source} for ex in examples]
+    # Fitted to the cores other processes leave free, re-checked between generation batches:
+    # with more threads than free cores every OpenMP region waits a scheduler quantum.
+    threads = ThreadPolicy() if next(model.parameters()).device.type == "cpu" else None
+    if threads is not None:
+        threads.start(window=0.2)
+    try:
+        result = EvalResult(str(model_dir), str(adapter) if adapter else None, str(data), kind, len(examples), {})
+        max_length = max_length or min(model.config.max_position_embeddings, 2048)
+        rendered = [prompt_text(tok, ex, chat) if ex.kind != "text" else ("", False) for ex in examples]
+        preds: list[dict] = [{"source": ex.source} for ex in examples]
 
-    if "perplexity" in names:
-        t0 = time.perf_counter()
-        say(f"perplexity of the {'texts' if kind == 'text' else 'references'} of {len(examples)} examples ...")
-        if kind == "text":
-            r = perplexity(model, tok, [ex.text or "" for ex in examples], max_length, stride, batch_size)
-            nll, ntok, nbytes = r.nll, r.tokens, r.bytes
-        else:  # likelihood of the (first) reference given the prompt: the fine-tuning loss, per token
-            targets = [ex.references[0] if ex.references else ex.label or "" for ex in examples]
-            pairs = [label_continuation(tok, p, t, tpl) for (p, tpl), t in zip(rendered, targets)]
-            scores = score_continuations(model, pairs, batch_size, max_length)
-            nll, ntok = -sum(s.logprob for s in scores), sum(s.tokens for s in scores)
-            nbytes = sum(len(t.encode("utf-8")) for t in targets)
-        result.metrics["perplexity"] = math.exp(nll / ntok)
-        result.metrics["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
-        result.timing["perplexity_s"] = time.perf_counter() - t0
-
-    needs_text = any(n in M.GENERATION_METRICS for n in names) or ("classification" in names and scoring == "generate")
-    outputs: list[str] = []
-    if needs_text:
-        ids = [prompt_ids(tok, p, tpl) for p, tpl in rendered]
-        say(f"generating answers to {len(ids)} examples (greedy, up to {max_new_tokens} tokens) ...")
-        outputs, timing = generate_texts(model, tok, ids, max_new_tokens, batch_size, progress)
-        result.timing.update(timing)
-        for p, o in zip(preds, outputs):
-            p["prediction"] = o
-
-    if "classification" in names:
-        label_set = sorted(set(labels or []) | {ex.label or "" for ex in examples})
-        gold = [ex.label or "" for ex in examples]
-        if scoring == "likelihood":
+        if "perplexity" in names:
             t0 = time.perf_counter()
-            say(f"likelihood of each of {len(label_set)} labels for {len(examples)} examples ...")
-            pairs = [label_continuation(tok, p, lab, tpl) for p, tpl in rendered for lab in label_set]
-            scores = score_continuations(model, pairs, batch_size, max_length)
-            picked = []
-            for i in range(len(examples)):
-                row = scores[i * len(label_set) : (i + 1) * len(label_set)]
-                best = max(range(len(label_set)), key=lambda j: row[j].logprob)
-                picked.append(label_set[best])
-                preds[i]["label_logprobs"] = {lab: s.logprob for lab, s in zip(label_set, row)}
-            result.timing["likelihood_s"] = time.perf_counter() - t0
-        else:
-            picked = [M.parse_label(o, label_set) for o in outputs]
-        report = M.classification_report(picked, gold, label_set)
-        result.classification = asdict(report)
-        result.metrics["accuracy"] = report.accuracy
-        result.metrics["macro_f1"] = report.macro_f1
-        for p, lab, g in zip(preds, picked, gold):
-            p.update(predicted_label=lab, label=g)
+            say(f"perplexity of the {'texts' if kind == 'text' else 'references'} of {len(examples)} examples ...")
+            if kind == "text":
+                r = perplexity(model, tok, [ex.text or "" for ex in examples], max_length, stride, batch_size)
+                nll, ntok, nbytes = r.nll, r.tokens, r.bytes
+            else:  # likelihood of the (first) reference given the prompt: the fine-tuning loss, per token
+                targets = [ex.references[0] if ex.references else ex.label or "" for ex in examples]
+                pairs = [label_continuation(tok, p, t, tpl) for (p, tpl), t in zip(rendered, targets)]
+                scores = score_continuations(model, pairs, batch_size, max_length)
+                nll, ntok = -sum(s.logprob for s in scores), sum(s.tokens for s in scores)
+                nbytes = sum(len(t.encode("utf-8")) for t in targets)
+            result.metrics["perplexity"] = math.exp(nll / ntok)
+            result.metrics["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
+            result.timing["perplexity_s"] = time.perf_counter() - t0
 
-    text_names = [n for n in names if n in M.GENERATION_METRICS]
-    if text_names:
-        refs = [ex.references or [ex.label or ""] for ex in examples]
-        result.metrics.update(M.text_metrics(text_names, outputs, refs))
-        for p, r in zip(preds, refs):
-            p["references"] = r
-    result.predictions = preds
-    return result
+        needs_text = any(n in M.GENERATION_METRICS for n in names)
+        needs_text |= "classification" in names and scoring == "generate"
+        outputs: list[str] = []
+        if needs_text:
+            ids = [prompt_ids(tok, p, tpl) for p, tpl in rendered]
+            say(f"generating answers to {len(ids)} examples (greedy, up to {max_new_tokens} tokens) ...")
+            outputs, timing = generate_texts(
+                model, tok, ids, max_new_tokens, batch_size, progress, threads.update if threads else None
+            )
+            result.timing.update(timing)
+            for p, o in zip(preds, outputs):
+                p["prediction"] = o
+
+        if "classification" in names:
+            label_set = sorted(set(labels or []) | {ex.label or "" for ex in examples})
+            gold = [ex.label or "" for ex in examples]
+            if scoring == "likelihood":
+                t0 = time.perf_counter()
+                say(f"likelihood of each of {len(label_set)} labels for {len(examples)} examples ...")
+                pairs = [label_continuation(tok, p, lab, tpl) for p, tpl in rendered for lab in label_set]
+                scores = score_continuations(model, pairs, batch_size, max_length)
+                picked = []
+                for i in range(len(examples)):
+                    row = scores[i * len(label_set) : (i + 1) * len(label_set)]
+                    best = max(range(len(label_set)), key=lambda j: row[j].logprob)
+                    picked.append(label_set[best])
+                    preds[i]["label_logprobs"] = {lab: s.logprob for lab, s in zip(label_set, row)}
+                result.timing["likelihood_s"] = time.perf_counter() - t0
+            else:
+                picked = [M.parse_label(o, label_set) for o in outputs]
+            report = M.classification_report(picked, gold, label_set)
+            result.classification = asdict(report)
+            result.metrics["accuracy"] = report.accuracy
+            result.metrics["macro_f1"] = report.macro_f1
+            for p, lab, g in zip(preds, picked, gold):
+                p.update(predicted_label=lab, label=g)
+
+        text_names = [n for n in names if n in M.GENERATION_METRICS]
+        if text_names:
+            refs = [ex.references or [ex.label or ""] for ex in examples]
+            result.metrics.update(M.text_metrics(text_names, outputs, refs))
+            for p, r in zip(preds, refs):
+                p["references"] = r
+        result.predictions = preds
+        return result
+    finally:
+        if threads is not None:
+            threads.close()

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from yunque.errors import YunqueError
+from yunque.threads import ThreadPolicy
 
 
 @dataclass
@@ -47,6 +48,8 @@ class LocalTarget:
         self.model, self.tok = load_for_eval(model_dir, adapter)
         self.max_tokens, self.temperature, self.batch_size = max_tokens, temperature, batch_size
         self.supports_raw = True
+        # On the CPU, torch runs on the cores other processes leave free, re-checked per batch.
+        self.threads = ThreadPolicy() if next(self.model.parameters()).device.type == "cpu" else None
 
     def _ids(self, r: Request) -> list[int]:
         from yunque.chat import apply_chat_template
@@ -71,6 +74,8 @@ class LocalTarget:
         out: list[Reply | None] = [None] * len(ids)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
+            if self.threads is not None:
+                self.threads.update()
             # One seed per batch: rows still differ (they share one generator stream).
             s = Sampling(
                 max_new_tokens=self.max_tokens,

@@ -70,6 +70,26 @@ def hf_tensor_name(name: str) -> str | None:
     return None
 
 
+def gguf_tensor_name(hf: str) -> str | None:
+    """The llama.cpp name of a Hugging Face tensor name (None: no counterpart); `hf_tensor_name` inverted."""
+    for gguf_name, name in _GLOBAL_NAMES.items():
+        if name == hf:
+            return gguf_name
+    m = re.fullmatch(r"model\.layers\.(0|[1-9]\d*)\.([\w.]+)\.(weight|bias)", hf)
+    short = next((k for k, v in _BLOCK_NAMES.items() if m and v == m[2]), None)
+    return f"blk.{m[1]}.{short}.{m[3]}" if short else None
+
+
+def permute_qk(w: np.ndarray, n_heads: int, *, to_gguf: bool) -> np.ndarray:
+    """q/k rows (or biases) between HF's rotate-half order and llama.cpp's interleaved pairs.
+
+    llama.cpp's converter interleaves each head's rotary halves into (x0, x_half, x1, ...) pairs
+    for its RoPE kernel; `to_gguf=False` undoes it."""
+    half = w.shape[0] // n_heads // 2
+    split = (n_heads, 2, half) if to_gguf else (n_heads, half, 2)
+    return w.reshape(*split, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 # -- reading -------------------------------------------------------------------------------------
 class _Truncated(Exception):
     pass
@@ -349,10 +369,9 @@ def _pieces(t, cfg: dict, permute: bool):
     gguf = _gguf()
     name = t.name
     if permute and (".attn_q." in name or ".attn_k." in name):
-        # llama.cpp's converter interleaves each head's rotary halves into (x0, x_half, x1, ...) pairs.
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         n = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
-        yield w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        yield permute_qk(w, n, to_gguf=False)
         return
     # Rows dequantise independently; blocks of them keep the float32 copies small (an embedding is the largest).
     step = len(t.data) if t.data.ndim == 1 else max(1, _BLOCK_ELEMENTS // max(1, int(t.n_elements) // len(t.data)))

@@ -1,4 +1,4 @@
-"""The tokenizer a GGUF file describes, rebuilt as Hugging Face tokenizer files.
+"""The tokenizer a GGUF file describes, rebuilt as Hugging Face tokenizer files (and written back, on export).
 
 A GGUF carries no tokenizer.json: it stores the vocabulary, merges, token types and special
 ids under llama.cpp's keys, and names the pre-tokenizer (`tokenizer.ggml.pre`) that llama.cpp
@@ -256,3 +256,113 @@ def tokenizer_files(meta: dict, cfg: dict, path) -> dict[str, str]:
         "special_tokens_map.json": dump(specials),
         "generation_config.json": dump(gen),
     }
+
+
+# -- writing (yunque export --format gguf) -------------------------------------------------------
+# For a split that several names share, the name llama.cpp's converter writes for the family that
+# uses it (Llama 3: llama-bpe); any other name with the same split is what llama.cpp runs the same way.
+_WRITTEN_PRE = ("llama-bpe", "qwen2", "smollm", "gpt-2", "smaug-bpe")
+
+
+def pre_tokenizer_name(data: dict, source) -> str:
+    """The `tokenizer.ggml.pre` whose split llama.cpp applies for a byte-level BPE tokenizer.json
+    (parsed); a vocabulary llama.cpp would split otherwise is refused, naming what differs."""
+    model = data.get("model") or {}
+    decoder = (data.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+        raise CheckpointError(
+            f"{source}: not a byte-level BPE tokenizer (a SentencePiece-style vocabulary?); "
+            "GGUF export writes gpt2 (byte-level BPE) vocabularies only"
+        )
+    normalizer = data.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":  # NFC: llama.cpp's converter drops it too (Qwen2)
+        raise CheckpointError(f"{source}: normalizer {normalizer.get('type')!r}: llama.cpp applies none")
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    split, digits, gpt2_regex = None, False, None
+    for i, step in enumerate(steps):
+        kind, pattern = step.get("type"), step.get("pattern") or {}
+        if kind == "Digits" and step.get("individual_digits") and i == 0:
+            digits = True
+        elif kind == "Split" and split is None and step.get("behavior") == "Isolated" and not step.get("invert"):
+            split = pattern.get("Regex")
+        elif kind == "ByteLevel" and i == len(steps) - 1 and not step.get("add_prefix_space"):
+            gpt2_regex = step.get("use_regex", True)
+        else:
+            split = gpt2_regex = None
+            break
+    signature = (split, digits, gpt2_regex, bool(model.get("ignore_merges")))
+    for name in (*_WRITTEN_PRE, *PRE_TOKENIZERS):
+        if PRE_TOKENIZERS[name] == signature:
+            return name
+    raise CheckpointError(
+        f"{source}: its pre-tokenizer ({json.dumps(pre)[:200]}) is none that llama.cpp implements "
+        f"(known: {', '.join(sorted(PRE_TOKENIZERS))})"
+    )
+
+
+def add_tokenizer(writer, tok, n_vocab: int, pad_id: int | None, recorded_pre: str | None, source) -> str:
+    """Write `tok`'s (a yunque Tokenizer's) vocabulary as llama.cpp's converter writes a gpt2 one:
+    tokens by id ([PADn] where the embedding has rows no token names), token types, merges, special
+    ids, add_bos/add_eos and the chat templates. `recorded_pre`: the name an import recorded, kept when
+    it names the same split (what came in goes out). Returns the pre-tokenizer name written."""
+    rust = tok._rust
+    data = json.loads(rust.to_str())
+    pre = pre_tokenizer_name(data, source)
+    model = data["model"]
+    if recorded_pre in PRE_TOKENIZERS and PRE_TOKENIZERS[recorded_pre] == PRE_TOKENIZERS[pre]:
+        pre = recorded_pre
+    ids = rust.get_vocab(with_added_tokens=True).values()
+    if max(ids, default=-1) >= n_vocab:
+        raise CheckpointError(
+            f"{source}: the tokenizer has token id {max(ids)}, the model's embedding only {n_vocab} rows"
+        )
+    added = rust.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(n_vocab):
+        t = rust.id_to_token(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(NORMAL)
+    # Spaces inside a merge's parts are written as the byte-level alphabet's space (gguf's SpecialVocab does so too).
+    merges = [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m) for m in model["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    named = {k: rust.token_to_id(v) for k, v in tok.special_tokens.items()}
+    specials = {
+        "bos": tok.bos_id,
+        "eos": tok.eos_id,
+        "unk": named.get("unk_token"),
+        "pad": named.get("pad_token", pad_id),
+    }
+    if tok.eot_id is not None and tok.eot_id != tok.eos_id:  # llama.cpp stops there too
+        specials["eot"] = tok.eot_id
+    for kind, i in specials.items():
+        if isinstance(i, int) and 0 <= i < n_vocab:
+            getattr(writer, f"add_{kind}_token_id")(i)
+    # What the post-processor adds, found by running it: llama.cpp can add a BOS and an EOS, nothing else.
+    plain = rust.encode("a", add_special_tokens=False).ids
+    full = rust.encode("a", add_special_tokens=True).ids
+    add_bos = len(full) > len(plain) and full[0] == tok.bos_id
+    add_eos = len(full) > len(plain) + add_bos and full[-1] == tok.eos_id
+    if full != [tok.bos_id] * add_bos + plain + [tok.eos_id] * add_eos:
+        raise CheckpointError(
+            f"{source}: its post-processor adds {[rust.id_to_token(i) for i in full]} around 'a'; "
+            "llama.cpp can only add the BOS and EOS tokens"
+        )
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    templates = dict(tok.chat_templates)
+    if templates:
+        named_templates = [{"name": k, "template": v} for k, v in templates.items()]
+        writer.add_chat_template(templates["default"] if set(templates) == {"default"} else named_templates)
+    return pre

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -292,23 +293,53 @@ def load_model(
     return model.eval()
 
 
+Named = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+def first_nonfinite(tensors: Named) -> tuple[str, int, int] | None:
+    """(name, non-finite count, size) of the first floating-point tensor holding NaN or Inf, or None.
+
+    One float32 sum per tensor finds them (NaN and Inf survive a sum), without a copy; only a
+    sum that overflowed is then checked element by element."""
+    for name, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        if not t.is_floating_point() or bool(torch.isfinite(t.detach().sum(dtype=torch.float32))):
+            continue
+        bad = int((~torch.isfinite(t.detach())).sum())
+        if bad:
+            return name, bad, t.numel()
+    return None
+
+
+def check_finite(tensors: Named, where: str, hint: str = "the weights are corrupt or their training diverged") -> None:
+    """The one check that loaders and writers share: weights holding NaN or Inf answer every
+    request with garbage or an error, so they are refused, naming the tensor."""
+    found = first_nonfinite(tensors)
+    if found is not None:
+        name, bad, n = found
+        raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or Inf) of {n}; {hint}")
+
+
 def save_model(
     model: Transformer,
     out: str | Path,
     max_shard_bytes: int = 5 * 1024**3,
     generation_config: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write config.json, safetensors (sharded past `max_shard_bytes`) and generation_config.json.
 
     Written into a temporary sibling directory and renamed, so a crash never leaves a
-    half-written model where a complete one is expected.
+    half-written model where a complete one is expected. Weights holding NaN or Inf are
+    refused (naming the tensor, nothing written) unless `allow_nonfinite`.
     """
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if not allow_nonfinite:
+        check_finite(state, f"{out}: not written")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.tie_word_embeddings:
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
     # The first float tensor, not a quantised model's codes or scales (yunque.quantize).

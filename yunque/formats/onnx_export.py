@@ -175,8 +175,8 @@ def _name_axes(path: Path) -> None:
 def load_for_export(
     model_dir: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> Transformer:
-    """The model with plain weights (no decode packing), the adapter merged."""
-    from yunque.formats.hf import load_model
+    """The model with plain weights (no decode packing), the adapter merged; NaN or Inf in them is refused."""
+    from yunque.formats.hf import check_finite, load_model
 
     model = load_model(model_dir, dtype=dtype)
     if adapter is not None:
@@ -187,6 +187,8 @@ def load_for_export(
             raise CheckpointError(f"{adapter}: adapter directory not found")
         load_peft_adapter(model, adapter)  # QLoRA: onto the NF4 base it was trained on, as generate does
         merge_lora(model)
+    where = f"{model_dir}" + (f" + {adapter}" if adapter is not None else "")
+    check_finite(model.state_dict(), where, "the checkpoint is corrupt or its training diverged; nothing exported")
     return model.requires_grad_(False).eval()
 
 

@@ -105,9 +105,12 @@ def save_peft_adapter(
     `tensors`: the adapter weights when the model's own are not whole (FSDP shards, gathered by
     the caller), keyed as `lora_state_dict` keys them; the model still gives the module layout.
     Both files are written to a temporary sibling directory first and moved into place, so an
-    interrupted save never leaves a config next to half-written weights.
+    interrupted save never leaves a config next to half-written weights. Weights holding NaN or
+    Inf are refused (naming the tensor), and nothing is written.
     """
     from safetensors.torch import save_file
+
+    from yunque.formats.hf import check_finite
 
     sd = lora_state_dict(model)
     if tensors is not None:
@@ -126,6 +129,7 @@ def save_peft_adapter(
                 f"r={cfg.r}, scale={cfg.scale:g}; pass the LoraConfig the model was wrapped with"
             )
     tensors = {PREFIX + k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    check_finite(tensors, f"{out_dir}: not written", "the adapter's training diverged")
     meta = {
         "format": "pt",
         _META_KEY: json.dumps(
@@ -301,7 +305,7 @@ def merge_adapter(
     the merged model computes what was trained; `original_base` merges into the full-precision
     weights instead.
     """
-    from yunque.formats.hf import checkpoint_dtype, load_model, save_model
+    from yunque.formats.hf import check_finite, checkpoint_dtype, load_model, save_model
     from yunque.lora import merge_lora
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -309,6 +313,9 @@ def merge_adapter(
     dtype = checkpoint_dtype(base_dir) or next(model.parameters()).dtype
     cfg = load_peft_adapter(model, adapter_dir, quantize_base=False if original_base else None)
     merged = merge_lora(model)
+    check_finite(
+        model.state_dict(), f"{base_dir} + {adapter_dir}", "the base or the adapter is corrupt; nothing written"
+    )
     gen_path = base_dir / "generation_config.json"
     gen = None
     if gen_path.is_file():

@@ -15,7 +15,6 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -204,9 +203,3 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def iter_tensors(path: str | Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    with SafetensorsFile(path) as f:
-        for name in f.keys():
-            yield name, f.read(name, dtype)

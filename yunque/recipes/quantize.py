@@ -35,7 +35,7 @@ def quantize_cmd(
     """
     import torch
 
-    from yunque.formats.hf import load_model, save_model
+    from yunque.formats.hf import check_finite, load_model, save_model
     from yunque.formats.peft import TOKENIZER_FILES
     from yunque.models import resolve_model
     from yunque.quantize import QuantConfig, quantize_model_, storage_bits
@@ -54,6 +54,8 @@ def quantize_cmd(
         bits=bits, group_size=-1 if bits == 8 else (group_size or 32), sym=not asymmetric, modules_to_not_convert=skip
     )
     m = load_model(src)
+    # Before quantising: a NaN would hide in its group's scale, and the error would name the scale.
+    check_finite(m.state_dict(), f"{src}", "the model is corrupt or its training diverged; nothing written")
     float_bytes = sum(t.numel() * t.element_size() for t in m.state_dict().values())
     with torch.no_grad():
         names = quantize_model_(m, qc)

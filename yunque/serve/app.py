@@ -14,11 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from yunque.serve.auth import Authenticator
 from yunque.serve.config import ServeConfig
 from yunque.serve.limits import Gatekeeper, error_body
-from yunque.serve.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from yunque.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse
 from yunque.serve.service import APIError, Service
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431, 500, 503)}
-_GENERATION = frozenset({"/v1/chat/completions", "/v1/completions"})  # rate limited before the body is read
+# rate limited before the body is read
+_GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> Gatekeeper:
@@ -49,6 +50,10 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     async def models():
         return service.models()
 
+    @app.get("/v1/models/{model_id:path}", responses=_ERRORS)
+    async def model(model_id: str):
+        return service.model(model_id)
+
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi():
         return JSONResponse(app.openapi())
@@ -60,6 +65,10 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     @app.post("/v1/completions", responses=_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         return await service.completion(req, request)
+
+    @app.post("/v1/embeddings", responses=_ERRORS)
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        return await service.embeddings(req, request)
 
     return Gatekeeper(
         app,

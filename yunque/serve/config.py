@@ -7,6 +7,7 @@ redacting, every size and count capped. A YAML file holds only what differs, e.g
     auth: {keys_file: /etc/yunque/keys.json, jwt: {enabled: true, public_key_file: jwt.pem, algorithms: [RS256],
            audience: yunque, issuer: https://idp.example}}
     audit: {path: /var/log/yunque/audit.jsonl}
+    embeddings: {pooling: last, normalize: false}
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class LimitsConfig:
     max_tokens: int = field(default=512, metadata={"gt": 0})  # cap on a request's max_tokens
     default_max_tokens: int = field(default=128, metadata={"gt": 0})
     max_n: int = field(default=4, metadata={"gt": 0})  # choices per request (all prompts x n)
+    max_embedding_inputs: int = field(default=128, metadata={"gt": 0})  # inputs per /v1/embeddings request
     rpm: int = field(default=60, metadata={"gt": 0})  # per key unless the key sets its own
     tpm: int = field(default=60_000, metadata={"gt": 0})  # prompt + max_tokens x n, unused part refunded
     # All message (or prompt) text of one request, checked before any guard, template or tokenizer.
@@ -111,6 +113,14 @@ class GuardConfig:
 
 
 @dataclass
+class EmbeddingsConfig:
+    """How /v1/embeddings turns the last hidden state into one vector per input."""
+
+    pooling: Literal["mean", "last"] = "mean"  # mean over the input's tokens, or its last token
+    normalize: bool = True  # unit length, as OpenAI's embeddings
+
+
+@dataclass
 class AuditConfig:
     path: Path | None = None  # JSONL, one line per request; None: no audit log
     log_prompts: bool = False  # prompt and completion text in the log (off: counts and verdicts only)
@@ -125,4 +135,5 @@ class ServeConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     drain_timeout_s: float = field(default=60.0, metadata={"gt": 0})  # SIGTERM: wait this long for in-flight requests

@@ -11,7 +11,13 @@ it. The model is untouched: the engine installs its own cache objects, which kee
 One engine thread runs the loop; HTTP handlers talk to it only through `submit` (thread-safe,
 raises `Overloaded` when the waiting queue is full), `cancel`, and an event callback the
 engine calls with ("delta", text) and finally ("done", finish_reason, prompt_tokens, completion_tokens)
-or ("error", message).
+or ("error", message). A sequence that asked for logprobs also gets ("logprobs", token_id, logprob,
+[(id, logprob), ...]) before the text of each sampled token (not for the stop token): the log-softmax
+of the model's own logits, before penalties, temperature and top-p.
+
+Embeddings (`embed`) share the thread: between decode steps, waiting inputs up to the prefill
+token budget are packed into one row (each input its own causal segment, with the caches set
+aside) and pooled; the caller's callback gets ("embeddings", [vector, ...]) or ("error", message).
 
 Failures stay with the requests that hit them: a row whose logits are not finite (NaN/Inf
 weights or activations) or whose text cannot be decoded ends with an error and the others go
@@ -35,7 +41,10 @@ import torch.nn
 
 from yunque.generate import TextDecoder
 from yunque.model import Transformer
-from yunque.sampling import sample
+from yunque.ops.attention import Segments
+from yunque.sampling import penalize_counts, sample
+from yunque.serve.embeddings import pool
+from yunque.serve.grammar import Constraint, Grammar, mask_disallowed
 
 Event = tuple
 OnEvent = Callable[[Event], None]
@@ -75,6 +84,10 @@ class SeqParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
+    grammar: Grammar | None = None  # constrained decoding (response_format, forced tool calls)
 
 
 @dataclass(eq=False)
@@ -89,7 +102,25 @@ class Seq:
     last: int = 0  # last sampled token, fed at the next decode step
     decoder: TextDecoder | None = None
     gen: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # (V,) times each token was sampled, when penalties are on
+    constraint: Constraint | None = None  # this sequence's own grammar state
     submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    """One embedding request: its inputs as token ids, pooled vectors as they are computed."""
+
+    inputs: list[list[int]]
+    pooling: str
+    normalize: bool
+    on_event: OnEvent
+    vectors: list = field(default_factory=list)
+    left: int = 0
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.vectors, self.left = [None] * len(self.inputs), len(self.inputs)
 
 
 class Engine:
@@ -125,6 +156,8 @@ class Engine:
         self.stop_ids = set(tokenizer.stop_ids)
         self.running: list[Seq] = []  # row i holds running[i]
         self.waiting: deque[Seq] = deque()
+        self.embeds: deque[tuple[EmbedJob, int]] = deque()  # (job, input index) not embedded yet
+        self.vocab_size = cfg.vocab_size
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
@@ -169,9 +202,27 @@ class Engine:
                 s.decoder = TextDecoder(self.tok, s.params.stop)
                 if s.params.seed is not None:
                     s.gen = torch.Generator(device=self.device).manual_seed(s.params.seed)
+                if s.params.frequency_penalty or s.params.presence_penalty:
+                    s.counts = torch.zeros(self.vocab_size, device=self.device)
+                if s.params.grammar is not None:
+                    s.constraint = s.params.grammar.start()
                 self.waiting.append(s)
             self._cv.notify()
         return seqs
+
+    def embed(self, inputs: Sequence[list[int]], pooling: str, normalize: bool, on_event: OnEvent) -> EmbedJob:
+        """Queue one embedding request (all its inputs); `on_event` gets its vectors in input order."""
+        job = EmbedJob([list(x) for x in inputs], pooling, normalize, on_event)
+        with self._cv:
+            if self.error is not None:
+                raise EngineDown(f"the engine failed ({type(self.error).__name__}: {self.error})")
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if len({id(j) for j, _ in self.embeds}) >= max(1, self.max_queue):
+                raise Overloaded(f"{self.max_queue} embedding requests already waiting")
+            self.embeds.extend((job, i) for i in range(len(job.inputs)))
+            self._cv.notify()
+        return job
 
     def cancel(self, seqs: Sequence[Seq]) -> None:
         """Stop generating for `seqs`; they leave the batch at the next step (milliseconds)."""
@@ -202,11 +253,14 @@ class Engine:
             with torch.inference_mode():
                 while True:
                     with self._cv:
-                        while not (self.waiting or self.running or self._stopping):
+                        while not (self.waiting or self.running or self.embeds or self._stopping):
                             self._cv.wait()
-                        if self._stopping and not self.waiting and not self.running:
+                        if self._stopping and not self.waiting and not self.running and not self.embeds:
                             return
                         new = self._admit()
+                        embeds = self._take_embeds()
+                    if embeds:
+                        self._embed(embeds)
                     self._step(new)
         except BaseException as e:  # a bug outside any one step: fail every open request instead of hanging it
             log.error("serving engine died", exc_info=e)
@@ -214,8 +268,11 @@ class Engine:
                 self.error = e
                 for s in list(self.waiting) + self.running:
                     s.on_event(("error", f"engine failure: {type(e).__name__}"))
+                for job in {id(j): j for j, _ in self.embeds}.values():
+                    job.on_event(("error", f"engine failure: {type(e).__name__}"))
                 self.waiting.clear()
                 self.running.clear()
+                self.embeds.clear()
             if self.on_death is not None:
                 self.on_death(e)
 
@@ -243,13 +300,18 @@ class Engine:
         for s in seqs:
             if s in self.running:
                 # Clear the row: its next owner attends (with weight 0) to slots past its own length
-                # while a longer row shares the batch, and 0 x NaN is NaN.
+                # while a longer row shares the batch, and 0 x NaN is NaN. The last row moves into it,
+                # and the row it leaves is cleared too: it may be a copy of another row failing now.
                 r = self.running.index(s)
-                for c in self.caches:
-                    c.k[r].zero_()
-                    c.v[r].zero_()
+                self._clear_row(r)
                 self._remove(s)
+                self._clear_row(len(self.running))
             s.on_event(("error", e))
+
+    def _clear_row(self, r: int) -> None:
+        for c in self.caches:
+            c.k[r].zero_()
+            c.v[r].zero_()
 
     def _admit(self) -> list[Seq]:
         new: list[Seq] = []
@@ -265,6 +327,49 @@ class Engine:
                 break
             new.append(self.waiting.popleft())
         return new
+
+    def _take_embeds(self) -> list[tuple[EmbedJob, int]]:
+        """Waiting embedding inputs for one packed forward: up to the prefill budget (always one)."""
+        out: list[tuple[EmbedJob, int]] = []
+        total = 0
+        while self.embeds:
+            job, i = self.embeds[0]
+            if job.cancelled:
+                self.embeds.popleft()
+                continue
+            n = len(job.inputs[i])
+            if out and total + n > self.max_prefill_tokens:
+                break
+            out.append(self.embeds.popleft())
+            total += n
+        return out
+
+    def _embed(self, items: list[tuple[EmbedJob, int]]) -> None:
+        """One forward over `items` packed in a row of causal segments, with the KV pool set
+        aside (nothing is cached); a failure fails these requests only."""
+        jobs = {id(j): j for j, _ in items}
+        try:
+            ids = [t for j, i in items for t in j.inputs[i]]
+            lengths = [len(j.inputs[i]) for j, i in items]
+            pos = torch.cat([torch.arange(n) for n in lengths])[None].to(self.device)
+            layers = self.model.model.layers
+            for layer in layers:
+                layer.self_attn.cache = None
+            try:
+                h = self.model.hidden(torch.tensor([ids], device=self.device), pos, Segments(tuple(lengths)))[0]
+            finally:
+                for layer, c in zip(layers, self.caches):
+                    layer.self_attn.cache = c
+            for (j, i), hs in zip(items, h.split(lengths)):
+                j.vectors[i] = pool(hs, j.pooling, j.normalize).cpu()
+                j.left -= 1
+                if j.left == 0:
+                    j.on_event(("embeddings", j.vectors))
+        except Exception as e:
+            log.error("serving engine: an embedding batch failed", exc_info=e)
+            for j in jobs.values():
+                j.cancelled = True  # its inputs still waiting are dropped
+                j.on_event(("error", f"engine failure: {type(e).__name__}"))
 
     def _set_rows(self, lo: int, hi: int, span: int) -> None:
         for c in self.caches:
@@ -319,7 +424,22 @@ class Engine:
             logits, seqs = logits[keep], [seqs[i] for i in keep]
             if not seqs:
                 return
-        nxt = sample_rows(logits, [s.params for s in seqs], [s.gen for s in seqs], self._rng).tolist()
+        want = [k for k, s in enumerate(seqs) if s.params.logprobs is not None]
+        lsm = logits[want].float().log_softmax(-1) if want else None  # the model's own, before any change below
+        nxt = sample_rows(self._adjust(logits, seqs), [s.params for s in seqs], [s.gen for s in seqs], self._rng)
+        nxt = nxt.tolist()
+        if want:
+            self._emit_logprobs([seqs[k] for k in want], lsm, [nxt[k] for k in want])
+        refused = []
+        for s, t in zip(seqs, nxt, strict=True):
+            if s.counts is not None:
+                s.counts[t] += 1
+            if s.constraint is not None and not s.constraint.accept(t):
+                refused.append(s)  # the mask allowed it, so the grammar engine disagrees with itself
+        if refused:
+            self._fail(refused, "the grammar refused the sampled token")
+            keep = [k for k, s in enumerate(seqs) if s not in refused]
+            seqs, nxt = [seqs[k] for k in keep], [nxt[k] for k in keep]
         finished: list[Seq] = []
         failed: list[tuple[Seq, Exception]] = []
         for s, t in zip(seqs, nxt, strict=True):
@@ -335,6 +455,32 @@ class Engine:
             self._remove(s)
         for s, e in failed:
             self._fail([s], e)
+
+    def _adjust(self, logits: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
+        """OpenAI's penalties, then each grammar's mask, on the rows that have them."""
+        pen = [k for k, s in enumerate(seqs) if s.counts is not None]
+        if pen:
+            rows = torch.tensor(pen, device=logits.device)
+            freq = torch.tensor([seqs[k].params.frequency_penalty for k in pen], device=logits.device)
+            pres = torch.tensor([seqs[k].params.presence_penalty for k in pen], device=logits.device)
+            counts = torch.stack([seqs[k].counts for k in pen])
+            logits = logits.float().index_copy(0, rows, penalize_counts(logits[rows].float(), counts, freq, pres))
+        constrained = [(k, s.constraint) for k, s in enumerate(seqs) if s.constraint is not None]
+        return mask_disallowed(logits, constrained) if constrained else logits
+
+    def _emit_logprobs(self, seqs: list[Seq], lsm: torch.Tensor, picked: list[int]) -> None:
+        """("logprobs", id, logprob, top) for each sampled token but a stop token (which has no text)."""
+        k_top = max(s.params.logprobs for s in seqs)
+        top = [([], [])] * len(seqs)
+        if k_top > 0:
+            values, ids = lsm.topk(k_top)
+            top = list(zip(values.tolist(), ids.tolist()))
+        rows = torch.arange(len(seqs), device=lsm.device)
+        chosen = lsm[rows, torch.tensor(picked, device=lsm.device)].tolist()
+        for j, (s, t) in enumerate(zip(seqs, picked, strict=True)):
+            if t not in self.stop_ids:
+                n = s.params.logprobs
+                s.on_event(("logprobs", t, chosen[j], list(zip(top[j][1][:n], top[j][0][:n]))))
 
     def _emit(self, s: Seq, t: int) -> str | None:
         """Send sequence `s`'s text for its new token `t`; its finish reason if it is done."""

@@ -4,10 +4,15 @@ audit log, admits generation requests and turns the engine's events into OpenAI 
 Order of work for a generation request, cheapest and safest first: the Gatekeeper (request
 id, header cap, auth, requests per minute, body cap) -> schema validation (400) -> model id,
 limits from the config, input size (400) -> in a worker thread, within a time budget: input
-guard (400 when blocking), chat template + tokenize -> prompt caps (400) -> tokens per minute
-(429) -> admission (429 "overloaded", 503 when the engine is down) -> generation, streamed or
-not, through the output guard -> usage, metrics, audit line. Every error has OpenAI's shape;
-a 500 is a bug or a failure of that request's own generation (non-finite logits).
+guard (400 when blocking), chat template (with `tools`) + tokenize, grammar of a JSON
+response_format or forced tool call -> prompt caps (400) -> tokens per minute (429) -> admission
+(429 "overloaded", 503 when the engine is down) -> generation, streamed or not, through the
+output guard, then the tool-call parser -> usage, metrics, audit line. Every error has OpenAI's
+shape; a 500 is a bug or a failure of that request's own generation (non-finite logits).
+/v1/embeddings takes the same path up to admission, then one packed forward in the engine.
+
+The pieces of the newer OpenAI fields live in their own modules: `logprobs` (the two response
+shapes), `tools` (template messages, call parsing), `grammar` (xgrammar), `embeddings` (pooling).
 
 The event loop only parses, routes and streams: what grows with the input (guards, template,
 tokenizer) runs in `_PREP_WORKERS` threads, so /health and other clients are answered while
@@ -20,10 +25,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -31,13 +37,15 @@ from fastapi.responses import JSONResponse, Response
 
 from yunque.chat import apply_chat_template
 from yunque.errors import ConfigError, YunqueError
+from yunque.serve import embeddings, logprobs, tools
 from yunque.serve.auth import Principal
 from yunque.serve.config import ServeConfig
 from yunque.serve.engine import Engine, EngineDown, Overloaded, SeqParams
+from yunque.serve.grammar import Grammar, GrammarError, Grammars
 from yunque.serve.guards import TIMEOUT_RULE, AuditLog, InputGuard, OutputGuard, Verdict
 from yunque.serve.limits import RateLimiter, error_body
 from yunque.serve.metrics import Metrics
-from yunque.serve.schemas import SEED_MAX, ChatCompletionRequest, CompletionRequest
+from yunque.serve.schemas import SEED_MAX, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from yunque.serve.server import Mailbox, SSEResponse, dumps
 
 _POLL_S = 0.25  # how often a waiting handler checks that its client is still there (cancel within 1 s)
@@ -50,11 +58,16 @@ log = logging.getLogger(__name__)
 _ROUTES = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
+    "/v1/embeddings": "embeddings",
     "/v1/models": "models",
     "/metrics": "metrics",
     "/health": "health",
     "/openapi.json": "openapi",
 }
+
+
+def _route(path: str) -> str:
+    return _ROUTES.get(path) or ("models" if path.startswith("/v1/models/") else "other")
 
 
 class APIError(Exception):
@@ -97,10 +110,20 @@ class Job:
     first_token_at: float | None = None
     status: str = "incomplete"
     accounted: bool = False
+    top_logprobs: int | None = None  # None: no logprobs asked for
+    tool_names: list[str] | None = None  # parse tool calls out of the text (chat with tools)
+    one_call: bool = False  # parallel_tool_calls: false: the first call only
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.texts, self.finish = [""] * len(self.prompts), [None] * len(self.prompts)
+        n = len(self.prompts)
+        self.texts, self.finish = [""] * n, [None] * n
+        self.logprobs: list[list] = [[] for _ in range(n)]  # the engine's entries, per choice
+        self.redacted = [False] * n
+        self.calls: list[list[dict]] = [[] for _ in range(n)]
+        self.tool_streams = None  # chat with tools: what may be a call is held back while streaming
+        if self.tool_names:
+            self.tool_streams = [tools.ToolStream(self.tool_names, self.one_call) for _ in range(n)]
 
     def guarded(self, i: int, text: str, final: bool) -> str:
         """Choice `i`'s next text through the output guard, which may hold back a tail until `final`."""
@@ -110,8 +133,12 @@ class Job:
         out = r.feed(text) + (r.flush() if final else "")
         for k, v in r.findings.items():
             self.redactions[k] = self.redactions.get(k, 0) + v
+            self.redacted[i] = True
         r.findings.clear()
         return out
+
+    def finish_reason(self, i: int) -> str | None:
+        return "tool_calls" if self.calls[i] and self.finish[i] in ("stop", "length") else self.finish[i]
 
     def usage(self) -> dict:
         return {
@@ -155,11 +182,15 @@ class Service:
         self._deaths: list[float] = []  # when the engine thread died (monotonic), for the restart budget
         self.fatal: str | None = None  # why the server gave up on its engine (then it exits non-zero)
         self.on_fatal = lambda: None  # set by run_server: stop the server
+        self.token_texts = logprobs.TokenTexts(tokenizer)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)
+        self._call_format: str | None = ""  # how the chat template writes tool calls ("": not found out yet)
 
     @asynccontextmanager
     async def lifespan(self, app):
         self.mailbox.loop = asyncio.get_running_loop()
         self.engine.start()
+        threading.Thread(target=self.grammars.warm, name="yunque-grammar", daemon=True).start()
         yield
         # uvicorn has already waited for in-flight requests (graceful shutdown); nothing is left to run
         await asyncio.to_thread(self.engine.stop, self.cfg.drain_timeout_s)
@@ -200,14 +231,28 @@ class Service:
         return e.error is None, body
 
     def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "yunque"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [self.model(self.model_name)]}
+
+    def model(self, model_id: str) -> dict:
+        """GET /v1/models/{id}: the card of the one model served, 404 for any other id."""
+        if model_id != self.model_name:
+            raise self._unknown_model(model_id)
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "yunque"}
+
+    def _unknown_model(self, model_id: str) -> APIError:
+        return APIError(
+            404,
+            f"The model `{model_id}` does not exist; this server serves `{self.model_name}`",
+            code="model_not_found",
+            param="model",
+            reason="invalid_request",
+        )
 
     def rejected(self, reason: str, status: int, scope: dict) -> None:
         """Every refusal is counted and audited (who, where, why; never the body)."""
         state = scope.get("state", {})
         who = state.get("principal")
-        route = _ROUTES.get(scope.get("path", ""), "other")
+        route = _route(scope.get("path", ""))
         self.metrics.rejections.labels(reason).inc()
         self.metrics.requests.labels(route, str(status)).inc()
         self.audit.write(
@@ -221,29 +266,65 @@ class Service:
             }
         )
 
-    # -- the two generation routes -----------------------------------------------------------
+    # -- the routes ---------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_model_and_n(req)
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        self._check_size([m["content"] for m in messages] + [m.get("name", "") for m in messages], "messages")
-        guarded = [m["content"] for m in messages if m["role"] != "system"]
+        messages = tools.template_messages(req.messages)
+        # tool_choice "none": the tools stay out of the prompt and nothing is parsed as a call
+        tool_defs = [t.model_dump(exclude_none=True) for t in req.tools or []] if req.tool_choice != "none" else []
+        calls = [c.function for m in req.messages for c in m.tool_calls or []]
+        said = [m["content"] for m in messages] + [m.get("name", "") for m in messages]
+        self._check_size(said + [c.arguments for c in calls] + [dumps(t) for t in tool_defs], "messages")
+        guarded = [m["content"] for m in messages if m["role"] != "system"] + [c.arguments for c in calls]
 
-        def prepare(deadline: float) -> tuple[Verdict, str | None, list[int] | None]:
+        def prepare(deadline: float) -> tuple[Verdict, str | None, list[int] | None, Grammar | None]:
+            if (tool_defs or calls) and self._tool_format() is None:
+                raise APIError(
+                    400,
+                    "this model's chat template has no tool support (it does not render `tools` or an "
+                    "assistant's tool calls); send the request without tools",
+                    param="tools" if tool_defs else "messages",
+                    code="tools_not_supported",
+                )
             verdict = self.in_guard.check(guarded, deadline)
             if verdict.verdict == "block":
-                return verdict, None, None
+                return verdict, None, None, None
             try:
-                text = apply_chat_template(self.tokenizer, messages, add_generation_prompt=True)
+                text = apply_chat_template(
+                    self.tokenizer, messages, add_generation_prompt=True, tools=tool_defs or None
+                )
             except YunqueError as e:
                 raise APIError(400, str(e), param="messages", code="invalid_value") from None
-            return verdict, text, self.tokenizer.encode(text)
+            return verdict, text, self.tokenizer.encode(text), self._grammar(req, tool_defs)
 
-        verdict, text, ids = await self._offload(prepare)
+        verdict, text, ids, grammar = await self._offload(prepare)
         self._count_verdict(verdict)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job, max_tokens = self._admit("chat", request, req, [ids], max_tokens, verdict)
-        self._submit(job, req, max_tokens)
+        names = [t["function"]["name"] for t in tool_defs]
+        job, max_tokens = self._admit("chat", request, req, [ids], max_tokens, verdict, names or None)
+        self._submit(job, req, max_tokens, grammar)
         return await self._reply(job, req, request, "chat", text)
+
+    def _tool_format(self) -> str | None:
+        if self._call_format == "":
+            self._call_format = tools.call_format(self.tokenizer)
+        return self._call_format
+
+    def _grammar(self, req: ChatCompletionRequest, tool_defs: list[dict]) -> Grammar | None:
+        """The constraint of a forced tool call or a JSON response_format (None: free text)."""
+        rf, forced = req.response_format, req.forces_tool_call()
+        try:
+            if forced:
+                choice = req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
+                return self.grammars.tool_call(self._tool_format(), tool_defs, choice)
+            if rf is None or rf.type == "text":
+                return None
+            if rf.type == "json_object":
+                return self.grammars.json_object()
+            return self.grammars.json_schema(rf.json_schema.schema_, bool(rf.json_schema.strict))
+        except GrammarError as e:
+            param = "tool_choice" if forced else "response_format"
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
         self._check_model_and_n(req)
@@ -262,6 +343,97 @@ class Service:
         job, max_tokens = self._admit("completion", request, req, ids, req.max_tokens, verdict)
         self._submit(job, req, max_tokens)
         return await self._reply(job, req, request, "completion", "\n".join(prompts))
+
+    async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
+        """POST /v1/embeddings: the same gate, guard, token limits, metrics and audit as generation."""
+        if req.model != self.model_name:
+            raise self._unknown_model(req.model)
+        hidden = self.engine.model.config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise APIError(
+                400,
+                f"dimensions: this model's embeddings have {hidden} dimensions and cannot be shortened",
+                param="dimensions",
+                code="invalid_value",
+            )
+        inputs, L = req.inputs(), self.limits
+        if len(inputs) > L.max_embedding_inputs:
+            raise APIError(
+                400,
+                f"input: at most {L.max_embedding_inputs} inputs per request, got {len(inputs)}",
+                param="input",
+                code="invalid_value",
+            )
+        V = self.engine.vocab_size
+        if any(t < 0 or t >= V for x in inputs if not isinstance(x, str) for t in x):
+            raise APIError(400, f"input: token ids must be in [0, {V})", param="input", code="invalid_value")
+        self._check_size([x for x in inputs if isinstance(x, str)], "input")
+        tok = self.tokenizer
+
+        def prepare(deadline: float) -> tuple[Verdict, list[list[int]] | None]:
+            # Token ids are checked as the text they spell. Their special tokens (a BOS) are left out: an
+            # embedding has no turns to forge, and ids name those tokens on purpose, not by a typed string.
+            texts = [x if isinstance(x, str) else tok.decode(x, skip_special_tokens=True) for x in inputs]
+            verdict = self.in_guard.check(texts, deadline)
+            if verdict.verdict == "block":
+                return verdict, None
+            return verdict, [tok.encode(x, add_special_tokens=True) if isinstance(x, str) else x for x in inputs]
+
+        verdict, ids = await self._offload(prepare)
+        self._count_verdict(verdict, "input")
+        return await self._embed(request, req.encoding_format, ids, verdict)
+
+    async def _embed(self, request: Request, encoding_format: str, ids: list[list[int]], verdict: Verdict) -> Response:
+        longest = max(map(len, ids))
+        if longest > self.limits.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"an input has {longest} tokens, over this server's limit of {self.limits.max_prompt_tokens}",
+                param="input",
+                code="context_length_exceeded",
+            )
+        n_tokens = sum(map(len, ids))
+        who: Principal = request.scope["state"]["principal"]
+        request.state.rate_headers = self._take_tokens(who, n_tokens)
+        t0, queue = time.monotonic(), asyncio.Queue()
+        cfg = self.cfg.embeddings
+        with self._engine_errors(who, n_tokens):
+            job = self.engine.embed(ids, cfg.pooling, cfg.normalize, lambda ev: self.mailbox.post(queue, ev))
+        status, outcome, ev = 499, "cancelled", None
+        try:
+            while ev is None:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), _POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled = True
+                        return Response(status_code=499)  # the client left; nobody reads this
+            if ev[0] == "error":
+                status, outcome = 500, "failed"
+                raise APIError(
+                    500, ev[1], type_="server_error", code="engine_error", reason="engine_error", audited=True
+                )
+            status, outcome = 200, "ok"
+        finally:
+            m, dt = self.metrics, time.monotonic() - t0
+            m.requests.labels("embeddings", str(status)).inc()
+            m.latency.labels("embeddings").observe(dt)
+            m.prompt_tokens.inc(n_tokens)
+            self.audit.write(
+                {
+                    "request_id": request.scope["state"]["request_id"],
+                    "key": who.name,
+                    "route": "embeddings",
+                    "status": status,
+                    "outcome": outcome,
+                    "prompt_tokens": n_tokens,
+                    "inputs": len(ids),
+                    "latency_ms": round(dt * 1000, 1),
+                    "input_guard": verdict.to_dict(),
+                }
+            )
+        headers = {**request.state.rate_headers, "x-guard-input": verdict.verdict}
+        return JSONResponse(embeddings.response(ev[1], encoding_format, self.model_name, n_tokens), headers=headers)
 
     # -- admission -------------------------------------------------------------------------
     def _check_model_and_n(self, req) -> None:
@@ -318,7 +490,7 @@ class Service:
                 ) from None
             raise _too_complex(budget) from None
 
-    def _count_verdict(self, v: Verdict) -> None:
+    def _count_verdict(self, v: Verdict, param: str = "messages") -> None:
         if self.in_guard.mode != "off":
             self.metrics.guard.labels("input", v.verdict).inc()
         if v.verdict == "block" and TIMEOUT_RULE in v.rules:
@@ -328,12 +500,19 @@ class Service:
                 400,
                 f"the input was refused by the prompt-injection guard (rules: {', '.join(v.rules)})",
                 code="content_policy_violation",
-                param="messages",
+                param=param,
                 reason="guard_block",
             )
 
     def _admit(
-        self, kind: str, request: Request, req, prompt_ids: list[list[int]], max_tokens: int | None, verdict: Verdict
+        self,
+        kind: str,
+        request: Request,
+        req,
+        prompt_ids: list[list[int]],
+        max_tokens: int | None,
+        verdict: Verdict,
+        tool_names: list[str] | None = None,
     ) -> tuple[Job, int]:
         """Check the prompts and max_tokens against the limits, charge the rate limiter: the job and its max_tokens."""
         L, n = self.limits, req.n or 1
@@ -371,6 +550,25 @@ class Service:
         unique = sum(len(p) for p in prompt_ids)
         charge = unique + max_tokens * len(choices)
         who: Principal = request.scope["state"]["principal"]
+        request.state.rate_headers = self._take_tokens(who, charge)
+        job = Job(
+            kind,
+            who,
+            request.scope["state"]["request_id"],
+            time.monotonic(),
+            choices,
+            unique,
+            charge,
+            verdict,
+            redactors=[self.out_guard.stream() for _ in choices],
+            top_logprobs=req.n_top_logprobs(),
+            tool_names=tool_names,
+            one_call=getattr(req, "parallel_tool_calls", None) is False,
+        )
+        return job, max_tokens
+
+    def _take_tokens(self, who: Principal, charge: int) -> dict[str, str]:
+        """Charge `charge` tokens to the caller (429/400 when it cannot be); the rate-limit headers."""
         d = self.limiter.take_tokens(who, charge)  # requests per minute: taken by the Gatekeeper already
         if not d.ok:
             if d.reason == "too_large":
@@ -390,21 +588,9 @@ class Service:
                 headers={**d.headers, "retry-after": str(retry)},
                 reason=f"rate_limit_{d.reason}",
             )
-        job = Job(
-            kind,
-            who,
-            request.scope["state"]["request_id"],
-            time.monotonic(),
-            choices,
-            unique,
-            charge,
-            verdict,
-            redactors=[self.out_guard.stream() for _ in choices],
-        )
-        request.state.rate_headers = d.headers
-        return job, max_tokens
+        return d.headers
 
-    def _submit(self, job: Job, req, max_tokens: int) -> None:
+    def _submit(self, job: Job, req, max_tokens: int, grammar: Grammar | None = None) -> None:
         def callback(i: int):
             return lambda ev: self.mailbox.post(job.queue, (i, ev))
 
@@ -416,13 +602,23 @@ class Service:
                 1.0 if req.top_p is None else req.top_p,
                 None if req.seed is None else (req.seed + i) & SEED_MAX,
                 req.stops(),
+                frequency_penalty=req.frequency_penalty or 0.0,
+                presence_penalty=req.presence_penalty or 0.0,
+                logprobs=job.top_logprobs,
+                grammar=grammar,
             )
             for i in range(len(job.prompts))
         ]
-        try:
+        with self._engine_errors(job.who, job.charged):
             job.seqs = self.engine.submit(job.prompts, params, [callback(i) for i in range(len(job.prompts))])
+
+    @contextmanager
+    def _engine_errors(self, who: Principal, charged: int):
+        """The engine refusing work: the tokens back to the caller, and a 429 or 503."""
+        try:
+            yield
         except Overloaded as e:
-            self.limiter.refund(job.who, job.charged)
+            self.limiter.refund(who, charged)
             raise APIError(
                 429,
                 f"The server is overloaded ({e}); retry shortly",
@@ -432,7 +628,7 @@ class Service:
                 reason="overloaded",
             ) from None
         except EngineDown as e:
-            self.limiter.refund(job.who, job.charged)
+            self.limiter.refund(who, charged)
             raise APIError(
                 503,
                 f"The server cannot generate right now ({e}); retry shortly",
@@ -527,20 +723,15 @@ class Service:
         try:
             async for batch in self._events(job, request):
                 for i, ev in batch:
-                    job.texts[i] += job.guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
+                    if ev[0] == "logprobs":
+                        job.logprobs[i].append(ev[1:])
+                    else:
+                        job.texts[i] += job.guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
             if any(f is None for f in job.finish):
                 return Response(status_code=499)  # the client left; nobody reads this
             job.status = "ok"
         finally:
             self._finish(job, route, 200, prompt_text)
-        choices = [
-            (
-                {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-                if job.kind == "chat"
-                else {"index": i, "text": t, "logprobs": None, "finish_reason": f}
-            )
-            for i, (t, f) in enumerate(zip(job.texts, job.finish, strict=True))
-        ]
         obj = "chat.completion" if job.kind == "chat" else "text_completion"
         return JSONResponse(
             {
@@ -548,15 +739,38 @@ class Service:
                 "object": obj,
                 "created": int(time.time()),
                 "model": self.model_name,
-                "choices": choices,
+                "choices": [self._choice(job, i) for i in range(len(job.prompts))],
                 "usage": job.usage(),
             },
             headers=headers,
         )
 
+    def _choice(self, job: Job, i: int) -> dict:
+        text = job.texts[i]
+        lp = self._logprobs(job, i, job.logprobs[i])
+        if job.kind == "completion":
+            return {"index": i, "text": text, "logprobs": lp, "finish_reason": job.finish_reason(i)}
+        message: dict = {"role": "assistant", "content": text}
+        if job.tool_names:
+            content, job.calls[i] = tools.parse(text, job.tool_names, job.one_call)
+            if job.calls[i]:
+                message = {"role": "assistant", "content": content.strip() or None, "tool_calls": job.calls[i]}
+        return {"index": i, "message": message, "logprobs": lp, "finish_reason": job.finish_reason(i)}
+
+    def _logprobs(self, job: Job, i: int, entries: list, offset: int = 0) -> dict | None:
+        """Choice `i`'s `logprobs` for `entries` (None when not asked for, or when the guard redacted the choice)."""
+        if job.top_logprobs is None or job.redacted[i]:
+            return None
+        if job.kind == "chat":
+            return logprobs.chat(entries, self.token_texts)
+        return logprobs.completion(entries, self.token_texts, offset)
+
     async def _stream(self, job: Job, request: Request, route: str, prompt_text: str, include_usage: bool):
         """The server-sent events of a streamed job, ending with `data: [DONE]`."""
         obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        # Logprobs go out with their tokens' text unless the output guard may still redact that text.
+        live = job.top_logprobs is not None and not self.out_guard.on
+        offsets = [0] * len(job.prompts)  # characters of each completion choice covered by its logprobs so far
 
         def event(choices: list[dict], usage: dict | None = None) -> str:
             body = {
@@ -570,11 +784,16 @@ class Service:
                 body["usage"] = usage
             return "data: " + dumps(body) + "\n\n"
 
-        def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> str:
+        def chunk(i: int, text: str | None, reason: str | None, role: bool = False, lp=None, calls=None) -> str:
+            lp = self._logprobs(job, i, lp, offsets[i]) if lp else None
+            if lp is not None and job.kind == "completion":
+                offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             if job.kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-                return event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}])
-            return event([{"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}])
+                if calls:
+                    delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                return event([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}])
+            return event([{"index": i, "text": text or "", "logprobs": lp, "finish_reason": reason}])
 
         try:
             if job.kind == "chat":
@@ -583,16 +802,34 @@ class Service:
             async for batch in self._events(job, request):
                 out: list[str] = []
                 texts: dict[int, str] = {}  # consecutive deltas of a choice become one chunk
+                lps: dict[int, list] = {}
                 for i, ev in batch:
+                    if ev[0] == "logprobs":
+                        job.logprobs[i].append(ev[1:])
+                        if live:
+                            lps.setdefault(i, []).append(ev[1:])
+                        continue
                     text = job.guarded(i, ev[1] if ev[0] == "delta" else "", ev[0] == "done")
                     job.texts[i] += text
+                    if job.tool_streams:
+                        text = job.tool_streams[i].feed(text)
                     texts[i] = texts.get(i, "") + text
                     if ev[0] == "done":
                         tail = texts.pop(i)
-                        if tail:
-                            out.append(chunk(i, tail, None))
-                        out.append(chunk(i, None, ev[1]))
-                out += [chunk(i, t, None) for i, t in texts.items() if t]
+                        if job.tool_streams:
+                            rest, job.calls[i] = job.tool_streams[i].finish()
+                            tail += rest
+                        lp = lps.pop(i, None) if live else job.logprobs[i]
+                        if tail or lp:
+                            out.append(chunk(i, tail, None, lp=lp))
+                        if job.calls[i]:
+                            out.append(chunk(i, None, None, calls=job.calls[i]))
+                        out.append(chunk(i, None, job.finish_reason(i)))
+                out += [
+                    chunk(i, texts.get(i, ""), None, lp=lps.get(i))
+                    for i in sorted({*texts, *lps})
+                    if texts.get(i) or lps.get(i)
+                ]
                 if out:
                     yield "".join(out)
             if any(f is None for f in job.finish):

@@ -111,6 +111,11 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata={"ge": 0})  # 0: from epochs
     epochs: float = field(default=1.0, metadata={"gt": 0})
     max_time: float = field(default=0.0, metadata={"ge": 0})  # seconds of training; 0: no limit
+    # A step whose loss or gradient norm is NaN/Inf (on any rank) is never applied. 0: training stops
+    # there (exit 3; the last good checkpoint is kept, nothing is exported). N: up to N such steps in a
+    # row are skipped (gradients dropped, no optimizer update; the step still counts, for the schedule,
+    # the data position and max_steps) and logged in metrics.jsonl as kind "nonfinite"; the next stops.
+    max_bad_steps: int = field(default=0, metadata={"ge": 0})
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 master weights
     grad_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

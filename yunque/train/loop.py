@@ -5,6 +5,10 @@ training, which is what `--dry-run` inspects; `Trainer.run()` trains. Everything
 decides what step n computes (weights, optimizer moments, RNG, data position, schedule
 step, early-stopping counters) is in the checkpoint, so a resumed run repeats the
 uninterrupted run's losses exactly.
+
+No NaN survives: a step whose loss or gradient norm is non-finite on any rank is not applied,
+and stops the run (`max_bad_steps` of them in a row are skipped first); weights are checked
+before every checkpoint and the export, so neither ever holds NaN or Inf.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from yunque.config import to_dict
-from yunque.errors import CheckpointError, ConfigError
+from yunque.errors import CheckpointError, ConfigError, TrainingDiverged
 from yunque.model import ModelConfig, Transformer
 from yunque.ops import release_cpu_memory, tune_cpu_memory
 from yunque.threads import ThreadPolicy
@@ -163,10 +167,14 @@ class Trainer:
         self.warmup_steps = cfg.optim.warmup(self.total_steps)
         self.quiet = quiet or not self.d.main
         self.ckpt_root = cfg.out_dir / "checkpoints"
-        self.step = self.tokens = self.bad_evals = 0
+        self.step = self.tokens = self.bad_evals = self.bad_steps = 0
+        self._nonfinite: tuple[float, float] | None = None  # this step's (loss sum, grad norm) when not finite
         self.best: dict | None = None
         self.best_step: int | None = None
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # of the steps applied (a skipped NaN step has none)
+        self.tracker: Tracker | None = None
+        self.threads: ThreadPolicy | None = None
+        self.lr = cfg.optim.lr
 
     # ------------------------------------------------------------ checkpoints
 
@@ -178,6 +186,7 @@ class Trainer:
         return {k: v for k, v in sd.items() if not self.cfg.trains_adapter or k in self.trainable}
 
     def save(self) -> Path | None:
+        self.check_weights()
         tensors = self._model_tensors()
         osd = D.gather_optim_state(self.module, self.optimizer, PREFIX)
         path = None
@@ -193,6 +202,7 @@ class Trainer:
                 "best": self.best,
                 "best_step": self.best_step,
                 "bad_evals": self.bad_evals,
+                "bad_steps": self.bad_steps,
                 "losses": self.losses,
                 "world": self.d.world,
                 "config": to_dict(self.cfg),
@@ -260,6 +270,7 @@ class Trainer:
         self.packer.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.best, self.best_step, self.bad_evals = state["best"], state["best_step"], state["bad_evals"]
+        self.bad_steps = state.get("bad_steps", 0)  # absent from checkpoints of earlier versions
         self.losses = list(state["losses"])
         return path
 
@@ -297,7 +308,7 @@ class Trainer:
         D.barrier(d)
         self._val = self._eval_batches()
         self._byte_len = token_bytes(self.tok).to(self.device) if self._val else None
-        tracker = Tracker(
+        self.tracker = tracker = Tracker(
             cfg.out_dir,
             enabled=d.main,
             mlflow=cfg.log.mlflow,
@@ -337,6 +348,7 @@ class Trainer:
                 min_ratio=cfg.optim.min_lr_ratio,
             )
             set_lr(self.optimizer, lr)
+            self.lr, self._nonfinite = lr, None
             micro, n_targets = [], 0
             for _ in range(cfg.grad_accum):
                 b = self.packer.next_batch(mb * d.world)
@@ -353,17 +365,27 @@ class Trainer:
                 no_sync=D.no_sync(d, self.module),
                 params=self.params,
                 recast_weights=d.kind != "fsdp",
+                check=self._finite,
             )
             self.step += 1
             self.tokens += self.rows_per_step * cfg.data.seq_len
             if self.threads is not None:
                 self.threads.update()
-            pending.append((self.step, loss_sum, n_targets, lr, norm))
+            if self._nonfinite is None:
+                self.bad_steps = 0
+                pending.append((self.step, loss_sum, n_targets, lr, norm))
+            else:
+                if pending:  # metrics.jsonl stays in step order
+                    self._flush(
+                        pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last)
+                    )
+                    pending, t_last, tok_last = [], time.perf_counter(), self.tokens
+                self._nonfinite_step(n_targets, progress)  # raises past max_bad_steps
             do_eval = self._val is not None and (
                 (cfg.eval.every and self.step % cfg.eval.every == 0) or self.step == self.total_steps
             )
             do_ckpt = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
-            if self.step % cfg.log.every == 0 or do_eval or do_ckpt or self.step == self.total_steps:
+            if pending and (self.step % cfg.log.every == 0 or do_eval or do_ckpt or self.step == self.total_steps):
                 self._flush(
                     pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last)
                 )
@@ -392,6 +414,7 @@ class Trainer:
                 break
         if pending:
             self._flush(pending, tracker, progress, (self.tokens - tok_last) / max(1e-9, time.perf_counter() - t_last))
+        self.check_weights()  # the weights the export writes (or, under early stopping, a checked checkpoint's)
         final = {"train_loss": self.losses[-1] if self.losses else None, "steps": self.step, "tokens": self.tokens}
         last_eval = (
             self.evaluate() if self._val is not None and self.best_step != self.step and not stopped_early else None
@@ -402,6 +425,7 @@ class Trainer:
                 self.best, self.best_step = last_eval, self.step
         final.update(last_eval or (self.best if self.best_step == self.step else {}))
         tracker.close()
+        self.tracker = None
         # Early stopping watches val_loss to keep the best weights: export those, not the last.
         exported = (
             self.restore_best(progress) if cfg.eval.patience and self.best_step not in (None, self.step) else self.step
@@ -435,6 +459,77 @@ class Trainer:
         if self.threads is not None:
             self.threads.close()
         return result
+
+    # ------------------------------------------------------------ NaN / Inf
+
+    def _finite(self, loss_sum: torch.Tensor, norm: torch.Tensor) -> bool:
+        """train_step's check, before the update: are the step's loss and gradient norm finite on
+        every rank? A NaN or Inf survives the sum, so all ranks get the same answer. One host sync."""
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor (collective)
+        v = D.all_reduce_sum(self.d, torch.stack([loss_sum.float(), norm.float().to(loss_sum.device)]))
+        if bool(torch.isfinite(v).all()):
+            return True
+        self._nonfinite = (float(v[0]), float(v[1]) / self.d.world)  # every rank had the same norm
+        return False
+
+    def _nonfinite_step(self, n_targets: int, progress: Progress) -> None:
+        """A step that was not applied: logged, and past `max_bad_steps` in a row, the end of training."""
+        self.bad_steps += 1
+        loss, norm = self._nonfinite[0] / max(1, n_targets), self._nonfinite[1]
+        why = ", ".join(
+            f"{k} {v:.4g}" if math.isfinite(v) else f"{k} is {v}" for k, v in (("loss", loss), ("grad norm", norm))
+        )
+        stop = self.bad_steps > self.cfg.max_bad_steps
+        row = {
+            "loss": loss if math.isfinite(loss) else None,  # JSON has no NaN
+            "grad_norm": norm if math.isfinite(norm) else None,
+            "lr": self.lr,
+            "in_a_row": self.bad_steps,
+            "action": "stop" if stop else "skip",
+        }
+        if stop:
+            n = self.cfg.max_bad_steps
+            raise self._stop(
+                f"step {self.step}: {why} (lr {self.lr:g}); "
+                + (f"{self.bad_steps} such steps in a row, more than max_bad_steps {n}" if n else "not applied"),
+                row,
+            )
+        self.tracker.log(self.step, "nonfinite", row)
+        progress.message(
+            f"warning: step {self.step}: {why} (lr {self.lr:g}); skipped, not applied "
+            f"({self.bad_steps} in a row of max_bad_steps {self.cfg.max_bad_steps})"
+        )
+
+    def check_weights(self) -> None:
+        """Before a checkpoint or the export: every rank checks its own trainable weights (its shards
+        under FSDP) and all agree, so NaN or Inf is never written and no rank waits alone in a collective."""
+        from yunque.formats.hf import first_nonfinite
+
+        trained = ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        found = first_nonfinite((n, p.to_local() if hasattr(p, "to_local") else p) for n, p in trained)
+        if float(D.all_reduce_sum(self.d, torch.tensor([float(found is not None)], device=self.device))[0]) == 0:
+            return
+        what = (
+            f"tensor {found[0]} holds {found[1]} non-finite value(s) (NaN or Inf) of {found[2]}"
+            if found
+            else "a weight on another rank holds NaN or Inf"
+        )
+        raise self._stop(
+            f"step {self.step}: after the update, {what} (lr {self.lr:g})",
+            {"tensor": found[0] if found else None, "lr": self.lr, "action": "stop"},
+        )
+
+    def _stop(self, message: str, row: dict) -> TrainingDiverged:
+        """Log why training stops, close the run's trackers, and the error that says what is kept."""
+        if self.tracker is not None:
+            self.tracker.log(self.step, "nonfinite", row)
+            self.tracker.close()
+            self.tracker = None
+        if self.threads is not None:
+            self.threads.close()
+        last = latest_checkpoint(self.ckpt_root)
+        kept = f"last good checkpoint: {last}" if last is not None else "no checkpoint was written"
+        return TrainingDiverged(f"{message}; training stopped, {kept}; nothing exported")
 
     def _flush(self, pending, tracker: Tracker, progress: Progress, tok_s: float) -> None:
         sums = torch.stack([p[1] for p in pending])

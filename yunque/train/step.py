@@ -110,6 +110,7 @@ def train_step(
     no_sync: Callable[[bool], contextlib.AbstractContextManager],
     params: Iterable[torch.Tensor],
     recast_weights: bool = True,
+    check: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over the micro-batches of this rank.
 
@@ -118,6 +119,8 @@ def train_step(
     rank's summed loss (a device tensor: no host sync) and the pre-clip gradient norm.
     `recast_weights`: under bf16, keep no bf16 weight copies for backward (ops.params_recast_in_backward);
     off under FSDP, whose gathered weights are freed after forward.
+    `check(loss, grad_norm)` runs before the update (the norm is computed for it when there is
+    no clipping); False drops the gradients instead of applying them (a NaN or Inf step).
     """
     device = micro[0].input_ids.device
     scale = world / max(1, n_targets)
@@ -131,8 +134,12 @@ def train_step(
                 loss = module(mb.input_ids, mb.positions, mb.mask, mb.target_idx, mb.targets)
             (loss * scale).backward()
         total += loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(list(params), grad_clip) if grad_clip > 0 else None
-    optimizer.step()
+    params = list(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    if check is not None and norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if check is None or check(total, norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, norm
 
