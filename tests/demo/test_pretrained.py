@@ -148,6 +148,7 @@ def test_quick_pretrained_demo_end_to_end(tmp_path):
         "finetune_loss.png",
         "model/config.json",
         "ship/int8/config.json",
+        "ship/model.q8_0.gguf",
         "finetune/adapter/adapter_config.json",
         "data/manifest.json",
         "eval/base.jsonl",
@@ -162,6 +163,7 @@ def test_quick_pretrained_demo_end_to_end(tmp_path):
     assert set(run["prepare"]["merkle_roots"]) == {"train", "val", "test"}
     assert run["prepare"]["pii_findings"].get("EMAIL", 0) > 0 and run["prepare"]["dropped"].get("exact_duplicate", 0)
     assert len(run["files_sha256"]["model/model.safetensors"]) == 64 and "ship/int8/config.json" in run["files_sha256"]
+    assert run["ship"]["gguf"]["sha256"] == run["files_sha256"]["ship/model.q8_0.gguf"]
     ev = run["eval"]
     n = pretrained.QUICK.test_per_task
     assert all(ev[m]["tasks"][t]["n"] == n for m in ("base", "fine-tuned", "int8") for t in domain.TASKS)

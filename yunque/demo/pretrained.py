@@ -240,13 +240,13 @@ def measure(name: str, model_dir: Path, test: list[dict], out: Path, plan: Plan,
 
 
 def ship_gguf(model: Path, out: Path, log) -> dict:
-    """GGUF (q8_0) for llama.cpp and Ollama, once this checkout can write one."""
-    # GGUF EXPORT GOES HERE (issue 21, written in parallel): when `yunque export --format gguf` is in
-    # the tree, call it on `model` into `out / "model.q8_0.gguf"` and return {"file", "bytes", "sha256"};
-    # report.md, run.json and the printed commands (llama.cpp, Ollama) already show what this returns.
-    reason = "GGUF export (`yunque export --format gguf`, issue 21) is not in this checkout yet"
-    log(f"      GGUF q8_0: skipped, {reason}")
-    return {"skipped": reason}
+    """GGUF q8_0 of the merged model, for llama.cpp and Ollama (`yunque export --format gguf`)."""
+    from yunque.data.manifest import sha256_file
+    from yunque.formats.gguf_export import export_gguf
+
+    r = export_gguf(model, out / "model.q8_0.gguf", "q8_0")
+    log(f"      GGUF q8_0: {r['file']} ({r['bytes'] / 1e6:.0f} MB, {r['seconds']:.1f} s)")
+    return {"file": str(r["file"]), "bytes": r["bytes"], "sha256": sha256_file(r["file"]), "type": "q8_0"}
 
 
 def ship_int8(model: Path, out: Path, test: list[dict], plan: Plan, log) -> dict:
