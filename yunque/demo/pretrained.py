@@ -336,7 +336,12 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
                 "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
             },
         )
-        prep = prepare([out / "domain" / "raw.jsonl", out / "domain" / "replay.jsonl"], out / "data", dcfg, log=lambda *a, **k: None)
+        prep = prepare(
+            [out / "domain" / "raw.jsonl", out / "domain" / "replay.jsonl"],
+            out / "data",
+            dcfg,
+            log=lambda *a, **k: None,
+        )
         manifest = json.loads((out / "data" / "manifest.json").read_text(encoding="utf-8"))
         facts["prepare"] = {
             "records_in": prep.records_in,
