@@ -134,7 +134,8 @@ def _no_runs() -> JSONResponse:
 def server_status(service, who) -> dict:
     """Health for the page: the engine, its queue and batch, token counters (the page turns them
     into tokens/s between two polls) and the caller's rate-limit buckets."""
-    ok, health = service.health()
+    health = service.health()
+    health["ready"] = service.ready()[1]["status"]  # ready, starting, draining or engine_failed
     e, reg = service.engine, service.metrics.registry
 
     def counter(name: str) -> float:

@@ -16,7 +16,7 @@ function show(s) {
   if (last !== null && now > last.t) rate = ((s.completion_tokens - last.tokens) / ((now - last.t) / 1000)).toFixed(1);
   last = { t: now, tokens: s.completion_tokens };
   const e = s.engine;
-  add("Engine", e.status + (e.engine_restarts ? ` (${e.engine_restarts} restarts)` : "") + (e.error ? ": " + e.error : ""), "engine");
+  add("Engine", e.status + (e.ready && e.ready !== "ready" ? ` (${e.ready})` : "") + (e.engine_restarts ? ` (${e.engine_restarts} restarts)` : "") + (e.error ? ": " + e.error : ""), "engine");
   add("Queue depth", `${s.queue_depth} waiting (at most ${s.max_queue})`, "queue");
   add("Running sequences", `${s.running} of ${s.max_batch} batch rows`, "running");
   add("Tokens/s (generated, since the last poll)", rate, "rate");
