@@ -48,7 +48,11 @@ SCAN = {  # OpenAI's fine-tuning format: arguments as JSON text, content null be
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "scan_host", "arguments": '{"host": "web01"}'}}
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "scan_host", "arguments": '{"host": "web01"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_1", "content": RESULT},
@@ -93,7 +97,9 @@ def env(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("tools")
     tok_dir = family_dir(trained_dir(d), d / request.param, **FAMILIES[request.param])
     src = write_jsonl(d / "tools.jsonl", [SCAN, MAIL, PLAIN, PREFERENCE])
-    c = cfg(dedup={"exact": False, "near": "off"}, split={"train": 1.0, "val": 0.0, "test": 0.0}, tokenizer=str(tok_dir))
+    c = cfg(
+        dedup={"exact": False, "near": "off"}, split={"train": 1.0, "val": 0.0, "test": 0.0}, tokenizer=str(tok_dir)
+    )
     r = prepare([src], d / "prepared", c, log=lambda *_: None)
     return {
         "src": src,

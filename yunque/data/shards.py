@@ -49,7 +49,6 @@ def _init(tok_dir: str) -> None:
 
 def _render_chunk(lines: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
     from yunque.data.encode import encode
-
     from yunque.errors import YunqueError
 
     tok = _STATE["tok"]
