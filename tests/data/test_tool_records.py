@@ -97,9 +97,8 @@ def env(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("tools")
     tok_dir = family_dir(trained_dir(d), d / request.param, **FAMILIES[request.param])
     src = write_jsonl(d / "tools.jsonl", [SCAN, MAIL, PLAIN, PREFERENCE])
-    c = cfg(
-        dedup={"exact": False, "near": "off"}, split={"train": 1.0, "val": 0.0, "test": 0.0}, tokenizer=str(tok_dir)
-    )
+    # Default cleaning, PII scrubbing and dedup: two records sharing one long tool list are not near duplicates.
+    c = cfg(split={"train": 1.0, "val": 0.0, "test": 0.0}, tokenizer=str(tok_dir))
     r = prepare([src], d / "prepared", c, log=lambda *_: None)
     return {
         "src": src,

@@ -469,13 +469,12 @@ def content_text(rec: dict) -> str:
     Chat roles are part of it (the same words from user and from assistant differ);
     a classification label is not (one text with two labels is a conflict, kept once)."""
     if rec["kind"] == "chat":
-        # Tool calls and the tool list are part of what a record teaches; records without them are
-        # identified as before.
-        turns = [
+        # A tool call is part of the conversation. The `tools` list is not: many records share one
+        # long list, which would make them all near duplicates of each other.
+        return "\n".join(
             f"<{m['role']}>\n{m['content']}" + (f"\n{_json_text(m['tool_calls'])}" if "tool_calls" in m else "")
             for m in rec["messages"]
-        ]
-        return "\n".join(([f"<tools>\n{_json_text(rec['tools'])}"] if "tools" in rec else []) + turns)
+        )
     if rec["kind"] == "completion":
         return "\n".join([rec["prompt"], rec["completion"], *rec.get("references", [])[1:]])
     return rec["text"]
