@@ -160,7 +160,7 @@ def test_progress_on_a_terminal_is_one_bar_redrawn_in_place(monkeypatch):
         if step % 5 == 0:
             p.update(step, 2.5 / step, 1e-3, 1234.0)
             p.message(f"eval step {step} | val_loss [1.0] | see *this*")
-    p.close()
+    p.close()  # the loop closes it however training ends
     out = term.getvalue()
     assert "\x1b[2K" in out  # the bar's line is erased and redrawn, not appended
     assert "step 1/10 |" not in out and "step 10/10 |" not in out  # no plain log lines

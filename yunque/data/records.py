@@ -324,7 +324,7 @@ def _build(obj: Any, shape: str, fields: dict[str, str]) -> dict:
         return {"kind": "text", "text": obj}
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
-    if shape == "preference":
+    if shape == "preference" or shape_of(obj, fields) == "preference":  # in a file of another shape too
         raise RecordError(
             "unsupported_shape",
             "preference data (chosen/rejected pairs) is not supported: yunque trains on one answer per "
