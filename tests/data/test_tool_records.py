@@ -232,3 +232,20 @@ def test_prepare_that_keeps_nothing_fails_with_the_reasons(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert "no record survived: 2 read, all dropped (unsupported_shape 2)" in err
     assert (tmp_path / "out" / "report.md").is_file()  # the report says why
+
+
+def test_evaluation_prompts_a_tool_record_as_it_was_trained(env):
+    """The prompt of the last reply (tools, the call and its result before it) is the trained prefix."""
+    from yunque.evaluate.data import to_example
+    from yunque.evaluate.runner import prompt_ids, prompt_text
+
+    tok = env["tok"]
+    shards = TokenShards(env["out"], "train")
+    for k, rec in enumerate(env["records"][:2]):
+        ids, mask = (a.tolist() for a in shards.doc(k))
+        at = max(i for i, m in enumerate(mask) if m)
+        while mask[at - 1]:
+            at -= 1
+        ex = to_example(rec, f"train.jsonl:{k + 1}")
+        assert prompt_ids(tok, *prompt_text(tok, ex, None)) == ids[:at]
+        assert ex.references == [rec["messages"][-1]["content"]]
