@@ -249,3 +249,24 @@ def test_evaluation_prompts_a_tool_record_as_it_was_trained(env):
         ex = to_example(rec, f"train.jsonl:{k + 1}")
         assert prompt_ids(tok, *prompt_text(tok, ex, None)) == ids[:at]
         assert ex.references == [rec["messages"][-1]["content"]]
+
+
+def test_openai_weight_zero_turns_are_context_not_targets(tmp_path):
+    """OpenAI's fine-tuning format marks assistant turns not to learn with "weight": 0."""
+    from yunque.data.encode import encode
+
+    tok = Tokenizer.from_dir(trained_dir(tmp_path))
+    raw = {
+        "messages": [
+            {"role": "user", "content": "Scan web01"},
+            {"role": "assistant", "content": "I cannot do that.", "weight": 0},
+            {"role": "user", "content": "You can: it is ours."},
+            {"role": "assistant", "content": "Scanning web01 now.", "weight": 1},
+        ]
+    }
+    rec = parse(raw)
+    assert rec["messages"][1]["weight"] == 0 and "weight" not in rec["messages"][3] and parse(rec) == rec
+    ids, mask = encode(tok, rec)
+    assert [tok.decode([i for i, m in zip(ids, mask) if m])] == ["Scanning web01 now." + EOT]
+    with pytest.raises(RecordError, match=r"message 1: weight must be 0 or 1, got 0.5"):
+        parse({"messages": [raw["messages"][0], {**raw["messages"][1], "weight": 0.5}]})

@@ -6,7 +6,8 @@ Input shapes and what they become (one JSON object per line in train/val/test.js
 
     chat            {"kind": "chat", "messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
                     "tools": [...]?}; an assistant message may carry `tool_calls` (its content may then be
-                    empty), a tool message `tool_call_id` and `name`
+                    empty) and `"weight": 0` (OpenAI's fine-tuning format: context, not trained),
+                    a tool message `tool_call_id` and `name`
     alpaca          {"kind": "chat", ...}  instruction (+ "\\n\\n" + input, unless input is blank) -> user,
                     output -> assistant, an optional non-blank `system` field -> a leading system message
     completion      {"kind": "completion", "prompt": str, "completion": str}; the prompt may come from
@@ -292,6 +293,11 @@ def _chat(obj: dict, fields: dict[str, str]) -> dict:
             msg = {"role": role, "content": _content(m, i)}
         if role == "tool":
             msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        if role == "assistant" and m.get("weight") is not None:  # OpenAI's format: 0 = context, not trained
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise RecordError("wrong_type", f"message {i}: weight must be 0 or 1, got {m['weight']!r}")
+            if m["weight"] == 0:
+                msg["weight"] = 0
         out.append(msg)
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError(
