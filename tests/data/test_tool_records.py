@@ -270,3 +270,16 @@ def test_openai_weight_zero_turns_are_context_not_targets(tmp_path):
     assert [tok.decode([i for i, m in zip(ids, mask) if m])] == ["Scanning web01 now." + EOT]
     with pytest.raises(RecordError, match=r"message 1: weight must be 0 or 1, got 0.5"):
         parse({"messages": [raw["messages"][0], {**raw["messages"][1], "weight": 0.5}]})
+
+
+def test_deeply_nested_tool_json_is_a_counted_record_error():
+    deep = "[" * 5000 + "]" * 5000
+    call = {"function": {"name": "f", "arguments": '{"a": ' + deep + "}"}}
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(RecordError, match=r"arguments (are not valid JSON|nested more than 64 levels)"):
+        parse({"messages": msgs})
+    nested: list = []
+    for _ in range(100):
+        nested = [nested]
+    with pytest.raises(RecordError, match="tools: nested more than 64 levels deep"):
+        parse({**PLAIN, "tools": [{"type": "function", "function": {"name": "f", "parameters": nested}}]})

@@ -238,10 +238,11 @@ def _tool_calls(calls: Any, i: int) -> list[dict]:
         if isinstance(args, str):  # OpenAI sends arguments as JSON text; templates `tojson` an object
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise RecordError("wrong_type", f"{where}: arguments are not valid JSON") from None
         if not isinstance(args, dict):
             raise RecordError("wrong_type", f"{where}: arguments must be a JSON object")
+        _check_depth(args, f"{where}: arguments")
         call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
         if isinstance(c.get("id"), str):
             call["id"] = c["id"]
@@ -258,7 +259,23 @@ def _tools(obj: dict, fields: dict[str, str]) -> list[dict] | None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RecordError("wrong_type", "tools must be a list of function schemas (objects)")
+    _check_depth(tools, "tools")
     return tools
+
+
+_MAX_DEPTH = 64  # JSON schemas and arguments are shallow; deeper nesting would exhaust recursion later
+
+
+def _check_depth(value: Any, what: str) -> None:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > _MAX_DEPTH:
+            raise RecordError("wrong_type", f"{what}: nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
 
 
 def _chat(obj: dict, fields: dict[str, str]) -> dict:
