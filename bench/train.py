@@ -645,7 +645,7 @@ def _hf_batches(n: int, size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, n, size)]
 
 
-def demo_data(args, work: Path, model_dir: Path) -> tuple[Path, str]:
+def demo_data(args, work: Path) -> tuple[Path, str]:
     """The pretrained demo's data: the security set, `yunque data prepare` as the demo runs it."""
     import inspect
 
@@ -665,7 +665,7 @@ def demo_data(args, work: Path, model_dir: Path) -> tuple[Path, str]:
         },
     )
     prepare([raw], work / "smollm2" / "data", dcfg, log=lambda *a, **k: None)
-    return work / "smollm2" / "data", "short inputs" if short else "full-length inputs (no short= here)"
+    return work / "smollm2" / "data", "short inputs" if short else "full-length inputs: no short= here"
 
 
 def bench_smollm2(args, work: Path) -> None:
@@ -684,7 +684,7 @@ def bench_smollm2(args, work: Path) -> None:
     from yunque.train.packing import IGNORE, Packer
 
     model_dir = resolve_model(SMOLLM2)
-    data_dir, kind = demo_data(args, work, model_dir)
+    data_dir, kind = demo_data(args, work)
     mb = args.smollm2_micro_batch
     config = {
         "method": "lora",
