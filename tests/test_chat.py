@@ -175,6 +175,17 @@ def test_mask_agrees_with_transformers_generation_blocks(dirs, hf_tokenizers):
     ] == r.assistant_mask
 
 
+def test_yunque_template_marks_generation_for_transformers_mask(dirs, hf_tokenizers):
+    """yunque's own template wraps each reply and its end of turn in {% generation %}, so the mask
+    transformers returns (what TRL trains on) is the one yunque trains on, not all zeros."""
+    tok, hf = Tokenizer.from_dir(dirs["llama3"]), hf_tokenizers["llama3"]
+    for messages in (CHAT, CHAT[1:3], CHAT[:2] + [{"role": "assistant", "content": ""}]):
+        r = render_chat(tok, messages)
+        theirs = hf.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        assert theirs["input_ids"] == r.ids and any(r.assistant_mask)
+        assert [bool(m) for m in theirs["assistant_masks"]] == r.assistant_mask
+
+
 def test_tool_call_turns_are_masked(dirs):
     tok = Tokenizer.from_dir(dirs["llama31"])
     runs = [tok.decode(run) for run in _runs(render_chat(tok, TOOL_CHAT, tools=TOOLS))]

@@ -65,7 +65,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "keys list": ("yunque.recipes.serve", "keys_list_cmd", "list API keys (names and limits, never the keys)"),
     "keys revoke": ("yunque.recipes.serve", "keys_revoke_cmd", "revoke an API key"),
     "lm-eval": ("yunque.recipes.lmeval", "lm_eval_cmd", "lm-evaluation-harness with the `yunque` model registered"),
-    "demo": ("yunque.recipes.demo", "demo_cmd", "build a small security-domain LLM end to end, offline, and report"),
+    "demo": (
+        "yunque.recipes.demo",
+        "demo_cmd",
+        "fine-tune a pretrained model into a security assistant on CPU, end to end, and report",
+    ),
 }
 
 

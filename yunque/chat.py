@@ -9,7 +9,8 @@ one would double it.
 The assistant mask works for any template, not only ones with `{% generation %}` blocks:
 the chat is rendered once per assistant turn with the conversation cut just before
 (plus the generation prompt) and just after that turn; the difference is exactly what the
-model must produce for that turn (its content and end-of-turn token). Templates that
+model must produce for that turn (its content and end-of-turn token); an assistant message
+with `"weight": 0` (OpenAI's fine-tuning format) is left out of the mask. Templates that
 rewrite earlier turns (e.g. dropping old reasoning) fall back to locating the turn's
 content in the full text. Character spans become token masks via the tokenizer's offsets.
 """
@@ -241,7 +242,10 @@ def _text_and_spans(
     render = _Renderer(tok, chat_template, tools, documents, extra, mark)
     text = render(msgs, agp)
     eots = [t for t in (tok.id_to_token(i) for i in tok.stop_ids) if t]
-    return text, assistant_spans(render, msgs, text, eots)
+    spans = assistant_spans(render, msgs, text, eots)
+    # OpenAI's fine-tuning format: an assistant message with "weight": 0 is context, not a target.
+    replies = [m for m in msgs if m["role"] == "assistant"]
+    return text, [s for s, m in zip(spans, replies) if m.get("weight", 1) != 0]
 
 
 # Code points of a supplementary private-use plane (as transformers uses; practically never in

@@ -163,6 +163,25 @@ def test_prompts_are_short(records):
     assert lengths[len(lengths) // 2] < 700 and lengths[-1] < 1400
 
 
+def test_short_logs_follow_the_same_rules():
+    """The pretrained demo's shorter auth logs: at most 6 lines, the same verdict rules, every label."""
+    short = domain.generate(600, seed=0, short=True)
+    for r in short:
+        prompt, answer = r["messages"][1]["content"], r["messages"][2]["content"]
+        assert solve(r["task"], prompt) == answer, prompt
+    auth = [r for r in _base(short) if r["task"] == "auth_triage"]
+    line = r"^(?:\d\d:\d\d:\d\d )?(?:sshd|GET|POST) "
+    logs = [re.findall(line, r["messages"][1]["content"], re.M) for r in auth]
+    assert not any(re.search(r"\d\d:\d\d:\d\d", r["messages"][1]["content"]) for r in auth)
+    longest = max(
+        len(re.findall(line, r["messages"][1]["content"], re.M))
+        for r in domain.generate(600, seed=0)
+        if r["task"] == "auth_triage"
+    )
+    assert max(map(len, logs)) <= 6 < longest
+    assert Counter(r["messages"][2]["content"] for r in auth).keys() == set(domain.VERDICTS)
+
+
 def test_pii_planted_in_the_expected_fraction(records):
     base = _base(records)
     frac = sum(bool(r["meta"]["pii"]) for r in base) / len(base)

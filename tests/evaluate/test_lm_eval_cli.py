@@ -118,3 +118,37 @@ def test_yunque_lm_eval_command_matches_the_adapter(tmp_path, monkeypatch):
                 assert cli[task][key] == pytest.approx(v, rel=1e-6, abs=1e-9), (task, key)
                 compared += 1
     assert compared >= 6  # acc, acc_norm, three perplexities, exact_match
+
+
+def test_the_documented_command_line_builds_the_model(monkeypatch):
+    """The adapter's docstring shows the command to run; lm-eval 0.4.13 passes `--batch_size` to
+    the model itself, so a `batch_size` inside `--model_args` failed with "multiple values"."""
+    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'yunque[lmeval]')")
+    import shlex
+
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    import yunque.evaluate.lm_eval_adapter as adapter
+
+    line = next(ln.strip() for ln in adapter.__doc__.splitlines() if ln.strip().startswith("yunque lm-eval"))
+    argv = [a.replace("runs/sft/model", str(cached_model_dir("llama-gqa"))) for a in shlex.split(line)[2:]]
+
+    class Reached(Exception):
+        """The model is built and lm-eval goes on to load its tasks: the command line is good."""
+
+    class Tasks:  # stands in for lm-eval's task index (~15 s to build); the model is the real one
+        def load(self, tasks):
+            raise Reached(tasks)
+
+    built = []
+    init = adapter.YunqueLM.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        built.append(self)
+
+    monkeypatch.setattr(EvaluatorConfig, "process_tasks", lambda self, metadata=None: Tasks())
+    monkeypatch.setattr(adapter.YunqueLM, "__init__", spy)
+    with pytest.raises(Reached):
+        main(["lm-eval", *argv])
+    assert built and built[0]._batch_size == 8

@@ -1,6 +1,6 @@
 """Failures stay small: non-finite weights are refused at load, a request whose generation fails
 gets a 500 while the others go on, a dead engine thread is restarted (and past its budget the
-server exits non-zero, /health saying why), and a client that leaves mid-stream is charged and
+server exits non-zero, /ready saying why), and a client that leaves mid-stream is charged and
 audited for what was generated."""
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def test_a_nan_leaves_nothing_behind_in_the_cache(model_dir, tmp_path):
 def test_a_dead_engine_is_restarted_then_the_server_gives_up(model_dir, tmp_path, monkeypatch):
     """A failure outside any one step ends the engine thread: its requests get a 500, the thread
     is started again; once it has died more than `_MAX_RESTARTS` times the server stops (run_server
-    raises, exit code 1), and meanwhile /health is 503 with the reason and requests get 503."""
+    raises, exit code 1), and meanwhile /ready is 503 (/health 200, the process is alive) with the
+    reason and requests get 503."""
     from yunque.config import from_dict
     from yunque.serve import ServeConfig, build_app
     from yunque.serve.auth import create_key
@@ -222,9 +223,10 @@ def test_a_dead_engine_is_restarted_then_the_server_gives_up(model_dir, tmp_path
         try:
             r = httpx.post(url + "/v1/chat/completions", headers=h, json=body, timeout=30)
             seen.append(r.status_code)
-            health = httpx.get(url + "/health")
-            if health.status_code == 503:
-                seen.append(health.json())
+            ready = httpx.get(url + "/ready")
+            if ready.status_code == 503:
+                seen.append(ready.json())
+                assert httpx.get(url + "/health").status_code == 200
         except httpx.TransportError:
             pass  # the server is shutting down
         time.sleep(0.05)
@@ -233,7 +235,7 @@ def test_a_dead_engine_is_restarted_then_the_server_gives_up(model_dir, tmp_path
     assert 500 in seen and set(x for x in seen if isinstance(x, int)) <= {500, 503}, seen
     down = [x for x in seen if isinstance(x, dict)]
     if down:  # the window between giving up and the socket closing is short; when caught, it says why
-        assert down[0]["status"] == "engine_failed" and "RuntimeError: bookkeeping bug" in down[0]["error"]
+        assert down[0]["status"] == "engine_failed" and "RuntimeError: bookkeeping bug" in down[0]["error"], down
 
 
 def test_client_leaving_mid_stream_is_charged_for_what_was_generated(model_dir, tmp_path):

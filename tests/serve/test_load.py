@@ -204,7 +204,7 @@ def test_sigterm_drains_in_flight(model_dir, tmp_path):
 
         results = asyncio.run(run())
         assert all(r["status"] == 200 and r["done"] for r in results), results
-        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        assert proc.wait(30) == 0  # drained: a clean exit, not uvicorn's re-raised signal
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health")
     finally:

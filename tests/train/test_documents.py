@@ -72,3 +72,38 @@ def test_tampered_data_stops_before_training_unless_no_verify(prepared, tmp_path
 
     assert train_cmd(tmp_path / "c.yaml", verify_data=False) == 0  # --no-verify-data: trains on the changed data
     assert (tmp_path / "run2" / "run.json").is_file()
+
+
+def test_trains_on_a_plain_openai_chat_jsonl(tmp_path):
+    """`yunque train` on a chat file as OpenAI's fine-tuning format and exports write it: no "kind",
+    `"tool_calls": null` / `"refusal": null` / `name` beside plain replies, tool turns."""
+    corpus = make_corpus(tmp_path / "corpus", n_lines=60)
+    rows = []
+    for a in range(8):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You add numbers."},
+                    {"role": "user", "name": "analyst", "content": f"add {a} and {a + 1}"},
+                    {"role": "assistant", "content": str(2 * a + 1), "tool_calls": None, "refusal": None},
+                ]
+            }
+        )
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = {
+        "method": "pretrain",
+        "out_dir": str(tmp_path / "run"),
+        "tokenizer": str(corpus["tok"]),
+        "model": {"preset": "tiny", "overrides": {"num_hidden_layers": 1}},
+        "data": {"train": [str(chat)], "seq_len": 64},
+        "micro_batch": 2,
+        "max_steps": 2,
+        "eval": {"every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"plot": False},
+    }
+    p = run_cli([str(write_cfg(tmp_path / "c.yaml", cfg))])
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["steps"] == 2 and (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -105,7 +105,12 @@ def make_canaries(n: int, seed: int = 0) -> list[Canary]:
 def append_canary(rec: dict, sentence: str) -> bool:
     """Add `sentence` to the record's trained text in place; False when the record has none."""
     if isinstance(rec.get("messages"), list):
-        replies = [m for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "assistant"]
+        # Not into a reply that calls tools: the canary would become part of the call.
+        replies = [
+            m
+            for m in rec["messages"]
+            if isinstance(m, dict) and m.get("role") == "assistant" and not m.get("tool_calls")
+        ]
         if replies and isinstance(replies[-1].get("content"), str):
             replies[-1]["content"] = f"{replies[-1]['content']} {sentence}".strip()
             return True

@@ -4,7 +4,10 @@ through `parse`, so one record gives one prompt everywhere.
 
 Input shapes and what they become (one JSON object per line in train/val/test.jsonl):
 
-    chat            {"kind": "chat", "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    chat            {"kind": "chat", "messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+                    "tools": [...]?}; an assistant message may carry `tool_calls` (its content may then be
+                    empty) and `"weight": 0` (OpenAI's fine-tuning format: context, not trained),
+                    a tool message `tool_call_id` and `name`
     alpaca          {"kind": "chat", ...}  instruction (+ "\\n\\n" + input, unless input is blank) -> user,
                     output -> assistant, an optional non-blank `system` field -> a leading system message
     completion      {"kind": "completion", "prompt": str, "completion": str}; the prompt may come from
@@ -21,6 +24,12 @@ oversampled copies in the training split, `"oversampled": true`.
 
 Chat input may be OpenAI style (`messages` with `role`/`content`, content a string or a list of
 text parts) or ShareGPT (`conversations` with `from`/`value`, roles human/gpt/system).
+Tool use is kept as Hugging Face chat templates read it: a record's `tools` list (function
+schemas, OpenAI style), assistant `tool_calls` (`{"type": "function", "function": {"name",
+"arguments"}}`, arguments a JSON object or a string holding one, kept as the object) and `tool`
+messages with the results. Training renders them through the chat template and learns the calls,
+not the results. Preference data (`chosen`/`rejected`) is a shape of its own that nothing here
+trains on: such records are counted as `unsupported_shape`, never read as something else.
 A field mapping renames fields (`{"instruction": "question.title"}`, dotted paths reach into
 nested objects) and `explode` turns one record holding a list (Alpaca's seed tasks with their
 `instances`) into one record per element, each element's keys laid over its parent's.
@@ -45,6 +54,7 @@ _ROLES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    "tool": "tool",
 }
 
 
@@ -90,6 +100,8 @@ def shape_of(obj: Any, fields: dict[str, str] | None = None) -> str | None:
     def has(name: str, aliases: tuple[str, ...] = ()) -> bool:
         return _path_of(obj, name, fields, aliases) is not None
 
+    if has("chosen") and has("rejected"):
+        return "preference"  # checked first: such records often carry `prompt` or `messages` too
     if has("messages") or has("conversations"):
         return "chat"
     if has("instruction"):
@@ -212,6 +224,60 @@ def _content(msg: dict, i: int) -> str:
     raise RecordError("wrong_type", f"message {i}: content must be a string, got {type(content).__name__}")
 
 
+def _tool_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant message's tool calls as chat templates read them (arguments as an object)."""
+    if not isinstance(calls, list) or not calls:
+        raise RecordError("wrong_type", f"message {i}: tool_calls must be a non-empty list")
+    out = []
+    for k, c in enumerate(calls):
+        where = f"message {i}: tool_calls[{k}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RecordError("wrong_type", f"{where}: expected {{'type': 'function', 'function': {{'name': ...}}}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):  # OpenAI sends arguments as JSON text; templates `tojson` an object
+            try:
+                args = json.loads(args)
+            except (ValueError, RecursionError):
+                raise RecordError("wrong_type", f"{where}: arguments are not valid JSON") from None
+        if not isinstance(args, dict):
+            raise RecordError("wrong_type", f"{where}: arguments must be a JSON object")
+        _check_depth(args, f"{where}: arguments")
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+def _tools(obj: dict, fields: dict[str, str]) -> list[dict] | None:
+    try:
+        tools = get_path(obj, fields.get("tools", "tools"))
+    except KeyError:
+        return None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("wrong_type", "tools must be a list of function schemas (objects)")
+    _check_depth(tools, "tools")
+    return tools
+
+
+_MAX_DEPTH = 64  # JSON schemas and arguments are shallow; deeper nesting would exhaust recursion later
+
+
+def _check_depth(value: Any, what: str) -> None:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > _MAX_DEPTH:
+            raise RecordError("wrong_type", f"{what}: nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+
+
 def _chat(obj: dict, fields: dict[str, str]) -> dict:
     msgs = None
     for name in ("messages", "conversations"):
@@ -236,12 +302,29 @@ def _chat(obj: dict, fields: dict[str, str]) -> dict:
             )
         if role == "system" and i != 0:
             raise RecordError("bad_role", f"message {i}: a system message may only come first")
-        out.append({"role": role, "content": _content(m, i)})
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls:  # OpenAI exports write `"tool_calls": null` (or []) on plain replies
+            msg = {"role": role, "content": "" if m.get("content", m.get("value")) is None else _content(m, i)}
+            msg["tool_calls"] = _tool_calls(calls, i)
+        else:
+            msg = {"role": role, "content": _content(m, i)}
+        if role == "tool":
+            msg.update({k: m[k] for k in ("tool_call_id", "name") if isinstance(m.get(k), str)})
+        if role == "assistant" and m.get("weight") is not None:  # OpenAI's format: 0 = context, not trained
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise RecordError("wrong_type", f"message {i}: weight must be 0 or 1, got {m['weight']!r}")
+            if m["weight"] == 0:
+                msg["weight"] = 0
+        out.append(msg)
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError(
             "no_assistant_turn", "missing reference: no assistant message to learn from or compare against"
         )
-    return _with_label({"kind": "chat", "messages": out}, obj, fields)
+    rec: dict = {"kind": "chat", "messages": out}
+    tools = _tools(obj, fields)
+    if tools is not None:
+        rec["tools"] = tools
+    return _with_label(rec, obj, fields)
 
 
 def _alpaca(obj: dict, fields: dict[str, str]) -> dict:
@@ -264,6 +347,12 @@ def _build(obj: Any, shape: str, fields: dict[str, str]) -> dict:
         return {"kind": "text", "text": obj}
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    if shape == "preference" or shape_of(obj, fields) == "preference":  # in a file of another shape too
+        raise RecordError(
+            "unsupported_shape",
+            "preference data (chosen/rejected pairs) is not supported: yunque trains on one answer per "
+            "prompt; keep the chosen answers as chat or completion records to fine-tune on them",
+        )
     if shape == "chat":
         return _chat(obj, fields)
     if shape == "alpaca":
@@ -341,11 +430,37 @@ def _has_surrogate(rec: dict) -> bool:
     return False
 
 
+def _leaves(v: Any) -> list[str]:
+    """The strings inside a JSON value (tool-call arguments), in a fixed order."""
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, dict):
+        return [s for x in v.values() for s in _leaves(x)]
+    if isinstance(v, list):
+        return [s for x in v for s in _leaves(x)]
+    return []
+
+
+def _with_leaves(v: Any, it) -> Any:
+    if isinstance(v, str):
+        return next(it)
+    if isinstance(v, dict):
+        return {k: _with_leaves(x, it) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_with_leaves(x, it) for x in v]
+    return v
+
+
+def _call_args(rec: dict) -> list[Any]:
+    return [c["function"]["arguments"] for m in rec["messages"] for c in m.get("tool_calls", ())]
+
+
 def text_fields(rec: dict) -> list[str]:
-    """The free-text strings of a record, in a fixed order (cleaning and scrubbing touch only these)."""
+    """The free-text strings of a record, in a fixed order (cleaning and scrubbing touch only these):
+    a chat's message contents, then the strings inside its tool-call arguments."""
     kind = rec["kind"]
     if kind == "chat":
-        return [m["content"] for m in rec["messages"]]
+        return [m["content"] for m in rec["messages"]] + [t for a in _call_args(rec) for t in _leaves(a)]
     if kind == "completion":
         return [rec["prompt"], rec["completion"], *rec.get("references", [])[1:]]
     return [rec["text"]]
@@ -354,7 +469,18 @@ def text_fields(rec: dict) -> list[str]:
 def set_text_fields(rec: dict, values: list[str]) -> dict:
     kind = rec["kind"]
     if kind == "chat":
-        return {**rec, "messages": [{**m, "content": v} for m, v in zip(rec["messages"], values)]}
+        n = len(rec["messages"])
+        it = iter(values[n:])
+        msgs = []
+        for m, v in zip(rec["messages"], values):
+            m = {**m, "content": v}
+            if "tool_calls" in m:
+                m["tool_calls"] = [
+                    {**c, "function": {**c["function"], "arguments": _with_leaves(c["function"]["arguments"], it)}}
+                    for c in m["tool_calls"]
+                ]
+            msgs.append(m)
+        return {**rec, "messages": msgs}
     if kind == "completion":
         more = {"references": [values[1], *values[2:]]} if "references" in rec else {}
         return {**rec, "prompt": values[0], "completion": values[1], **more}
@@ -366,7 +492,12 @@ def content_text(rec: dict) -> str:
     Chat roles are part of it (the same words from user and from assistant differ);
     a classification label is not (one text with two labels is a conflict, kept once)."""
     if rec["kind"] == "chat":
-        return "\n".join(f"<{m['role']}>\n{m['content']}" for m in rec["messages"])
+        # A tool call is part of the conversation. The `tools` list is not: many records share one
+        # long list, which would make them all near duplicates of each other.
+        return "\n".join(
+            f"<{m['role']}>\n{m['content']}" + (f"\n{_json_text(m['tool_calls'])}" if "tool_calls" in m else "")
+            for m in rec["messages"]
+        )
     if rec["kind"] == "completion":
         return "\n".join([rec["prompt"], rec["completion"], *rec.get("references", [])[1:]])
     return rec["text"]
@@ -397,6 +528,10 @@ def label_of(rec: dict, source: str = "label") -> str | int | None:
     if source == "answer" and rec["kind"] == "completion":
         return rec["completion"].strip()
     return rec.get("label")
+
+
+def _json_text(v: Any) -> str:
+    return json.dumps(v, ensure_ascii=False, sort_keys=True)
 
 
 def canonical_json(rec: dict) -> str:

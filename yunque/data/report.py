@@ -32,6 +32,7 @@ ERROR_REASONS = {
     "unreadable_file",
     "unsupported_file",
     "unknown_shape",
+    "unsupported_shape",
 }
 _BINS = 32  # log2 length bins: bin b holds lengths in [2^(b-1), 2^b)
 PII_DONE = {"redact": "redacted", "drop": "record dropped", "report": "kept, counted", "keep": "kept"}

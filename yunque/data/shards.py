@@ -49,11 +49,16 @@ def _init(tok_dir: str) -> None:
 
 def _render_chunk(lines: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
     from yunque.data.encode import encode
+    from yunque.errors import YunqueError
 
     tok = _STATE["tok"]
     out = []
     for line in lines:
-        ids, mask = encode(tok, json.loads(line))
+        rec = json.loads(line)
+        try:
+            ids, mask = encode(tok, rec)
+        except YunqueError as e:
+            raise DataError(f"{rec.get('source', 'a record')}: {e}") from None
         out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
     return out
 

@@ -124,7 +124,12 @@ def _finish(source: str, rec: dict, cfg: DataConfig) -> tuple:
 
 
 def _required(rec: dict, texts: list[str]) -> list[str]:
-    # A chat may have an empty system prompt; an alpaca `input` is already folded in.
+    # A chat may have an empty system prompt, a reply that only calls tools, and a tool that
+    # returned nothing; an alpaca `input` is already folded in.
     if rec["kind"] == "chat":
-        return [t for m, t in zip(rec["messages"], texts) if m["role"] != "system"]
+        return [
+            t
+            for m, t in zip(rec["messages"], texts)
+            if m["role"] == "user" or (m["role"] == "assistant" and "tool_calls" not in m)
+        ]
     return texts

@@ -182,6 +182,11 @@ def _reference_topics(root: Path) -> list[tuple[str, str, str]]:
     return []
 
 
+def reference_topics(root: Path | None = None) -> list[tuple[str, str, str]]:
+    """(kind, source, text) of the Language Reference topics; empty where this Python lacks pydoc_data."""
+    return _reference_topics(root or stdlib_dir())
+
+
 def _text_files(root: Path, rels: list[str]) -> list[tuple[str, str, str]]:
     out = []
     for rel in rels:

@@ -132,11 +132,13 @@ _WEB_PROBES = (
 )
 
 
-def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str, list[str]]:
+def _auth_triage(rng: random.Random, pii: bool, verdict: str, short: bool = False) -> tuple[str, str, list[str]]:
     """A log whose verdict follows from what its lines say and how many come from one address:
     >= 4 failed logins from one address (brute force, one account or a list of them), >= 4
     pre-auth probes or scanner requests from one address and no login attempt (scan), or at
-    most 2 failures, from different addresses, among ordinary logins (benign)."""
+    most 2 failures, from different addresses, among ordinary logins (benign). `short`: at most
+    6 lines rather than 10 and no timestamps, by the same rules (for a pretrained model's slower
+    steps: its tokenizer spends a token on every digit)."""
     web = rng.random() < 0.4
     host = rng.choice(("bastion", "web01", "vpn-gw", "db02", "jump1", "app03"))
     staff = [syn.person(rng)[1] for _ in range(3)]
@@ -153,15 +155,15 @@ def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str,
     if verdict == "benign":
         for _ in range(rng.randint(0, 2)):  # mistyped passwords, never twice from one address
             events.append(("fail", fresh_ip(), rng.choice(staff)))
-        quiet = rng.randint(3, 6)
+        quiet = rng.randint(2, 3) if short else rng.randint(3, 6)
     else:
-        attacker, n = fresh_ip(), rng.randint(4, 7)
+        attacker, n = fresh_ip(), rng.randint(4, 5 if short else 7)
         if verdict == "brute-force":  # one account guessed again and again, or a list walked
             accounts = [rng.choice(_ACCOUNTS)] * n if rng.random() < 0.5 else rng.sample(_ACCOUNTS, n)
             events += [("fail", attacker, a) for a in accounts]
         else:
             events += [("probe", attacker, "") for _ in range(n)]
-        quiet = rng.randint(1, 3)
+        quiet = rng.randint(0, 1) if short else rng.randint(1, 3)
     ok_ips: list[str] = []  # staff log in again from where they did; never from a failing address
     noise = 0
     for _ in range(quiet):
@@ -205,7 +207,10 @@ def _auth_triage(rng: random.Random, pii: bool, verdict: str) -> tuple[str, str,
         header = f"Ticket from {name} <{syn.email(rng, login)}>, {syn.phone(rng)}:\n"
         planted += ["EMAIL", "PHONE"]
     question = rng.choice(("Brute force, scan or benign?", "What is happening in this log?", "Triage this log."))
-    user_text = f"{header}Auth log from {host}, {start:%Y-%m-%d}:\n" + "\n".join(lines) + f"\n\n{question}"
+    if short:  # a digit is a token to a pretrained model's tokenizer: no date, no times
+        lines = [line.split(" ", 1)[1] for line in lines]
+    day = "" if short else f", {start:%Y-%m-%d}"
+    user_text = f"{header}Auth log from {host}{day}:\n" + "\n".join(lines) + f"\n\n{question}"
     return user_text, verdict, sorted(set(planted))
 
 
@@ -298,7 +303,7 @@ _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augu
 _DAYS = ("today", "tomorrow", "on Monday", "on Tuesday", "on Thursday", "on Friday")
 
 
-def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list[str]]:
+def _phishing(rng: random.Random, pii: bool, label: str, short: bool = False) -> tuple[str, str, list[str]]:
     org = rng.choice(sorted(syn.ORGS))
     domain, sector = syn.ORGS[org]
     slots = {
@@ -338,6 +343,7 @@ def _phishing(rng: random.Random, pii: bool, label: str) -> tuple[str, str, list
             "\nPlease do not reply to this message.",
         )
     )
+    greeting = "" if short else greeting
     text = f"From: {org} <{sender}>\nSubject: {subject.format(**slots)}\n\n{greeting}{body.format(**slots)}{closing}"
     planted: list[str] = []
     if pii:  # independent of the label, so scrubbing can never leak it
@@ -407,6 +413,7 @@ _BEHAVIOURS = {
     ),
 }
 TACTICS = tuple(_BEHAVIOURS)
+LABELS = {"auth_triage": VERDICTS, "phishing": ("phishing", "legitimate"), "alert_tactic": TACTICS}
 DESCRIPTION = {  # (input, answer) for the report
     "auth_triage": (
         "an sshd or web-login log",
@@ -423,7 +430,7 @@ _WORDS = ("update", "helper", "sync", "agent", "cache", "report", "office", "svc
 _PARENTS = ("explorer.exe", "cmd.exe", "svchost.exe", "python3", "java", "outlook.exe", "w3wp.exe")
 
 
-def _alert_tactic(rng: random.Random, pii: bool, tactic: str) -> tuple[str, str, list[str]]:
+def _alert_tactic(rng: random.Random, pii: bool, tactic: str, short: bool = False) -> tuple[str, str, list[str]]:
     word = rng.choice(_WORDS)
     slots = {
         "word": word,
@@ -444,7 +451,7 @@ def _alert_tactic(rng: random.Random, pii: bool, tactic: str) -> tuple[str, str,
     host = f"{rng.choice(('WS', 'LT', 'SRV'))}-{rng.randint(100, 9999):04d}"
     source = rng.choice(("EDR", "Sysmon", "IDS", "Proxy", "SIEM"))
     extra = []  # indicators and context in every class, so that none of them is the cue
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and not short:  # a hash is 32 to 64 tokens to a pretrained model's tokenizer
         extra.append(
             f"image {'MD5' if rng.random() < 0.6 else 'SHA-256'} "
             f"{syn.md5(rng) if rng.random() < 0.6 else syn.sha256(rng)}"
@@ -481,8 +488,12 @@ def generate(
     pii_fraction: float = 0.3,
     duplicate_fraction: float = 0.03,
     near_duplicate_fraction: float = 0.03,
+    short: bool = False,
 ) -> list[dict]:
-    """`n` records (planted duplicates included), tasks in equal shares, in a seeded random order."""
+    """`n` records (planted duplicates included), tasks in equal shares, in a seeded random order.
+    `short`: inputs sized for a pretrained model's tokenizer, which spends a token on every digit and
+    hex character: auth logs of at most 6 lines without timestamps, alerts without file hashes,
+    e-mails without a greeting line (the pretrained demo's data)."""
     if n < 2 * len(TASKS):
         raise ConfigError(f"domain records: need at least {2 * len(TASKS)}, got {n}")
     for name, v in (
@@ -497,7 +508,7 @@ def generate(
     base = n - n_dup - n_near
     tasks = [TASKS[i % len(TASKS)] for i in range(base)]
     # Labels cycle within each task, so classes are balanced to within one record.
-    cycle = {"auth_triage": VERDICTS, "phishing": ("phishing", "legitimate"), "alert_tactic": TACTICS}
+    cycle = LABELS
     makers = {"auth_triage": _auth_triage, "phishing": _phishing, "alert_tactic": _alert_tactic}
     seen = dict.fromkeys(TASKS, 0)
     records = []
@@ -505,7 +516,7 @@ def generate(
         pii = rng.random() < pii_fraction
         label = cycle[task][seen[task] % len(cycle[task])]
         seen[task] += 1
-        user, answer, planted = makers[task](rng, pii, label)
+        user, answer, planted = makers[task](rng, pii, label, short) if short else makers[task](rng, pii, label)
         records.append(_record(task, user, answer, {"pii": planted}))
     # Distinct sources: two near copies of one record with the same remark would be an exact pair.
     for src in rng.sample(range(base), n_dup):

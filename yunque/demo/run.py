@@ -102,9 +102,10 @@ QUICK = DemoPlan(
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-class _Clock:
+class Clock:
     def __init__(self, stages: dict[str, float], total: int, log) -> None:
         self.stages, self.total, self.log = stages, total, log
+        self.cpu: dict[str, float] = {}  # stage -> CPU seconds of this process (all threads)
         self.t0 = time.perf_counter()
 
     def stage(self, name: str, what: str):
@@ -113,25 +114,26 @@ class _Clock:
         class _S:
             def __enter__(self_inner):
                 clock.log(f"[{len(clock.stages) + 1}/{clock.total}] {what} ...")
-                self_inner.t = time.perf_counter()
+                self_inner.t, self_inner.cpu = time.perf_counter(), time.process_time()
 
             def __exit__(self_inner, *exc):
                 dt = time.perf_counter() - self_inner.t
                 clock.stages[name] = round(dt, 2)
+                clock.cpu[name] = round(time.process_time() - self_inner.cpu, 2)
                 if exc[0] is None:
                     clock.log(f"      done in {dt:.1f} s (total {time.perf_counter() - clock.t0:.0f} s)")
 
         return _S()
 
 
-def _write_jsonl(path: Path, rows) -> None:
+def write_jsonl(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -163,7 +165,7 @@ def count_params(cfg) -> int:
         return sum(p.numel() for p in Transformer(cfg).parameters())
 
 
-def _train_config(**kw):
+def train_config(**kw):
     from yunque.config import from_dict
     from yunque.train.config import TrainConfig
 
@@ -187,7 +189,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     result = DemoResult(out, 0.0)
     facts = result.facts
     facts.update(plan=asdict(plan), quick=quick, seed=seed, torch_threads=torch.get_num_threads())
-    clock = _Clock(result.stages, 8, log)
+    clock = Clock(result.stages, 8, log)
 
     with clock.stage("corpus", "corpus: docstrings, comments, reference text and code of Python's stdlib"):
         info = corpus_mod.build_corpus(out / "corpus", log=lambda line: log(f"      {line}"))
@@ -217,11 +219,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         }
         log(f"      kept {prep.records_kept}/{prep.records_in}; dropped {prep.dropped}; splits {prep.splits}")
 
-    train_records = _read_jsonl(out / "data" / "train.jsonl")
+    train_records = read_jsonl(out / "data" / "train.jsonl")
     pre = out / "pretrain"
     with clock.stage("tokenizer", f"tokenizer: byte-level BPE, {plan.vocab_size} tokens"):
         rows = pretraining_text(out / "corpus", train_records, plan.pretrain_bytes, seed)
-        _write_jsonl(pre / "pretrain.jsonl", rows)
+        write_jsonl(pre / "pretrain.jsonl", rows)
         tok = train_bpe([pre / "pretrain.jsonl"], plan.vocab_size, pre / "tokenizer")
         facts["pretrain_text"] = {"documents": len(rows), "bytes": (pre / "pretrain.jsonl").stat().st_size}
 
@@ -230,7 +232,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
         "pretrain",
         f"pretraining a {count_params(mcfg) / 1e6:.1f}M-parameter Llama from scratch, {plan.pretrain_steps} steps",
     ):
-        pcfg = _train_config(
+        pcfg = train_config(
             method="pretrain",
             out_dir=str(pre / "run"),
             seed=seed,
@@ -258,7 +260,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, 
     with clock.stage(
         "finetune", f"LoRA fine-tuning (r={plan.lora_r}) on the prepared training split, {plan.finetune_steps} steps"
     ):
-        fcfg = _train_config(
+        fcfg = train_config(
             method="lora",
             out_dir=str(ft),
             seed=seed,

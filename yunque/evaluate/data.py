@@ -38,6 +38,7 @@ class Example:
     references: list[str] = field(default_factory=list)
     label: str | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # a chat record's tool list: the template writes it into the prompt
 
 
 def _records(path: Path) -> list[tuple[str, Any]]:
@@ -76,7 +77,9 @@ def to_example(obj: Any, where: str) -> Example:
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         if last == 0:
             raise DataError(f"{where}: the assistant message has no prompt before it")
-        return Example(where, "generation", messages=msgs[:last], references=[msgs[last]["content"]])
+        return Example(
+            where, "generation", messages=msgs[:last], references=[msgs[last]["content"]], tools=rec.get("tools")
+        )
     if kind == "text":
         return Example(where, "text", text=rec["text"])
     prompt, answer = prompt_and_answer(rec)

@@ -1,7 +1,11 @@
 """lm-evaluation-harness model `yunque`: any yunque model directory under lm-eval's tasks.
 
-    yunque lm-eval --model yunque --model_args pretrained=runs/sft/model,batch_size=8 --tasks hellaswag
+    yunque lm-eval --model yunque --model_args pretrained=runs/sft/model --batch_size 8 --tasks hellaswag
     python -c "import yunque.evaluate.lm_eval_adapter, lm_eval; lm_eval.simple_evaluate(model='yunque', ...)"
+
+The batch size is lm-eval's own `--batch_size` (default 1), never a `--model_args` key: lm-eval
+hands `--batch_size` to the model itself, so `batch_size` in `--model_args` too fails with
+"got multiple values for keyword argument 'batch_size'".
 
 Importing this module registers the model with lm-eval; `yunque lm-eval ARGS` is `lm_eval ARGS`
 with this module imported first (lm-eval <= 0.4.13 reads no plugin entry points, so the plain

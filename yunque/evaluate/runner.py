@@ -114,7 +114,7 @@ def prompt_text(tok, ex: Example, chat: bool | None) -> tuple[str, bool]:
         return ex.prompt or "", False
     if tok.chat_template is None:
         raise YunqueError(f"{ex.source}: chat example but the tokenizer has no chat template")
-    return apply_chat_template(tok, messages, add_generation_prompt=True), True
+    return apply_chat_template(tok, messages, add_generation_prompt=True, tools=ex.tools), True
 
 
 def prompt_ids(tok, text: str, templated: bool) -> list[int]:

@@ -390,6 +390,23 @@ def save_model(
     return out
 
 
+def with_stop_ids(gen: dict[str, Any] | None, tokenizer_dir: Path) -> dict[str, Any] | None:
+    """A generation_config.json for a model directory holding the tokenizer in `tokenizer_dir`: `gen`
+    (the source model's, or None) with every stop id of that tokenizer as `eos_token_id` (EOS, the
+    chat template's end of turn, the source's eos ids), so transformers and vLLM stop at the end
+    of a turn too. `gen` unchanged when there is no tokenizer yunque can read."""
+    from yunque.errors import YunqueError
+    from yunque.tokenizer import Tokenizer
+
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        return gen
+    try:
+        tok = Tokenizer.from_dir(tokenizer_dir)
+    except YunqueError:
+        return gen
+    return {**(gen or {}), **{k: v for k, v in tok.generation_config().items() if v not in (None, [])}}
+
+
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

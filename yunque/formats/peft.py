@@ -305,7 +305,7 @@ def merge_adapter(
     the merged model computes what was trained; `original_base` merges into the full-precision
     weights instead.
     """
-    from yunque.formats.hf import check_finite, checkpoint_dtype, load_model, save_model
+    from yunque.formats.hf import check_finite, checkpoint_dtype, load_model, save_model, with_stop_ids
     from yunque.lora import merge_lora
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -329,7 +329,7 @@ def merge_adapter(
         if (base_dir / name).is_dir():
             for f in (base_dir / name).rglob("*"):
                 inside(base_dir, f.relative_to(base_dir).as_posix(), base_dir, CheckpointError)
-    save_model(model, out_dir, generation_config=gen)
+    save_model(model, out_dir, generation_config=with_stop_ids(gen, base_dir))
     copied = []
     for name in TOKENIZER_FILES:
         src = base_dir / name

@@ -9,7 +9,7 @@ from typing import Literal
 from yunque.config import load_config
 from yunque.data.config import DataConfig
 from yunque.data.report import PII_DONE
-from yunque.errors import ConfigError
+from yunque.errors import ConfigError, DataError
 
 FormatArg = Literal["auto", "alpaca", "chat", "completion", "text", "classification"]
 _OVERRIDE = re.compile(
@@ -82,6 +82,9 @@ def prepare_cmd(
     if rep["tokens"]:
         print("tokens: " + ", ".join(f"{s} {v['tokens']}" for s, v in rep["tokens"]["splits"].items()))
     print(f"wrote {r.out_dir} (report.md, manifest.json sha256 {r.manifest_sha256})")
+    if r.records_kept == 0:  # nothing to train on: a failure for scripts, with the report kept to say why
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(r.dropped.items())) or "the inputs hold no records"
+        raise DataError(f"no record survived: {r.records_in} read, all dropped ({why}); see {r.out_dir / 'report.md'}")
     return 0
 
 

@@ -35,7 +35,7 @@ def quantize_cmd(
     """
     import torch
 
-    from yunque.formats.hf import check_finite, load_model, save_model
+    from yunque.formats.hf import check_finite, load_model, save_model, with_stop_ids
     from yunque.formats.peft import TOKENIZER_FILES
     from yunque.models import resolve_model
     from yunque.quantize import QuantConfig, quantize_model_, storage_bits
@@ -65,7 +65,7 @@ def quantize_cmd(
             gen = json.loads((src / "generation_config.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{src / 'generation_config.json'}: invalid JSON ({e})") from None
-    save_model(m, out_p, generation_config=gen)
+    save_model(m, out_p, generation_config=with_stop_ids(gen, src))
     for name in TOKENIZER_FILES:
         if (src / name).is_dir():
             shutil.copytree(src / name, out_p / name, dirs_exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Literal
 
 from yunque.errors import YunqueError, require
 from yunque.inference import load
@@ -18,8 +19,12 @@ def serve_cmd(
     port: int = 8000,
     config: str | None = None,
     allow_nonfinite: bool = False,
+    ui: Literal["on", "off"] = "on",
+    runs: str | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> int:
-    """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics).
+    """Serve a model with an OpenAI-compatible API (auth, limits, guards, metrics) and a web page at /ui/.
 
     Args:
         model: model directory (Hugging Face layout: config.json, safetensors, tokenizer files)
@@ -28,6 +33,12 @@ def serve_cmd(
         port: TCP port
         config: serve.yaml (limits, auth, guards, audit); unknown keys are errors
         allow_nonfinite: load weights that hold NaN or Inf (refused by default; requests that hit them get a 500)
+        ui: the web page at /ui/ (chat, model card, runs, health; every call it makes needs the API key); off removes
+            it and its /yunque/* routes
+        runs: a directory of training runs (their metrics.jsonl, run.json, eval.json, redteam.json) for the page
+        ssl_certfile: serve HTTPS with this PEM certificate (chain), with --ssl-keyfile; behind a TLS-terminating
+            proxy, leave both out
+        ssl_keyfile: the certificate's unencrypted PEM private key
     """
     for module, package in (
         ("fastapi", None),
@@ -41,30 +52,50 @@ def serve_cmd(
     from yunque.serve.app import create_app
     from yunque.serve.auth import build_authenticator
     from yunque.serve.config import ServeConfig
-    from yunque.serve.server import check_bind, run_server
+    from yunque.serve.server import check_bind, check_tls, run_server
 
     if not 0 < port < 65536:
         raise YunqueError(f"--port {port}: expected 1-65535")
+    if runs is not None and ui == "off":
+        raise YunqueError("--runs: the runs are shown on the web page, which --ui off turns off")
+    if runs is not None and not Path(runs).is_dir():
+        raise YunqueError(f"--runs {runs}: not a directory")
     cfg = load_config(ServeConfig, config)
     auth = build_authenticator(cfg.auth.required, cfg.auth.keys_file, cfg.auth.jwt)
     check_bind(host, cfg, auth)  # before the (slow) model load
+    check_tls(ssl_certfile, ssl_keyfile)
     if cfg.torch_threads is not None:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
+    from yunque.models import resolve_model
+
+    model_dir = resolve_model(model)  # the directory, for the model card
     # An adapter is merged into the weights: serving runs plain nn.Linear at full speed.
-    m, tok = load(model, adapter, cfg.dtype, quantize_base=False, allow_nonfinite=allow_nonfinite)
+    m, tok = load(model_dir, adapter, cfg.dtype, quantize_base=False, allow_nonfinite=allow_nonfinite)
     if cfg.torch_threads is None:
         from yunque.threads import fit_threads
 
         fit_threads(m)
     name = cfg.model_name or Path(model).resolve().name
-    app = create_app(m, tok, cfg, name, auth)
+    app = create_app(
+        m,
+        tok,
+        cfg,
+        name,
+        auth,
+        ui=ui == "on",
+        model_dir=model_dir,
+        adapter=Path(adapter) if adapter else None,
+        runs_dir=Path(runs) if runs else None,
+    )
     print(
-        f"serving {name} on http://{host}:{port}/v1 (auth: {'on' if cfg.auth.required else 'OFF, loopback only'})",
+        f"serving {name} on {'https' if ssl_certfile else 'http'}://{host}:{port}/v1 "
+        f"(auth: {'on' if cfg.auth.required else 'OFF, loopback only'})"
+        + (f"; web page: {'https' if ssl_certfile else 'http'}://{host}:{port}/ui/" if ui == "on" else ""),
         file=sys.stderr,
     )
-    run_server(app, host, port, cfg)
+    run_server(app, host, port, cfg, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     return 0
 
 

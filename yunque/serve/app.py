@@ -6,24 +6,45 @@ admission, generation and accounting are the Service's. Every error has OpenAI's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from yunque.serve.auth import Authenticator
+from yunque.serve.card import ModelCard
 from yunque.serve.config import ServeConfig
 from yunque.serve.limits import Gatekeeper, error_body
+from yunque.serve.runs import RunsDir
 from yunque.serve.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse
 from yunque.serve.service import APIError, Service
+from yunque.serve.webui import add_ui, is_public
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 431, 500, 503)}
-# rate limited before the body is read
+# rate limited before the body is read, refused while draining, counted in flight
 _GENERATION = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_PROBES = frozenset({"/health", "/ready"})  # no credentials: probes (Docker, Kubernetes, a proxy) carry none
 
 
-def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authenticator) -> Gatekeeper:
+def create_app(
+    model,
+    tokenizer,
+    cfg: ServeConfig,
+    model_name: str,
+    auth: Authenticator,
+    *,
+    ui: bool = True,
+    model_dir: Path | None = None,
+    adapter: Path | None = None,
+    runs_dir: Path | None = None,
+) -> Gatekeeper:
+    """The app; `ui` adds the web page at /ui/ and its JSON routes (model card of `model_dir` +
+    `adapter`, server status, the training runs in `runs_dir`)."""
     service = Service(model, tokenizer, cfg, model_name)
+    # made before the routes: the `model` route function below rebinds the name `model`
+    card = ModelCard(model, model_name, model_dir, adapter, cfg.dtype) if ui else None
     app = FastAPI(
         title="yunque",
         version="1",
@@ -31,15 +52,23 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
-        description="OpenAI-compatible inference. Every route except /health needs `Authorization: Bearer <key>`.",
+        description="OpenAI-compatible inference. Every route except /health and /ready needs "
+        "`Authorization: Bearer <key>`.",
     )
+    app.add_middleware(InFlight, service=service)
     app.state.service = service
     app.state.engine, app.state.metrics, app.state.limiter = service.engine, service.metrics, service.limiter
     _error_handlers(app, service)
 
     @app.get("/health", include_in_schema=True)
     async def health():
-        ok, body = service.health()
+        """Liveness: 200 while the process answers; the body says how its engine is."""
+        return JSONResponse(service.health())
+
+    @app.get("/ready", include_in_schema=True, responses={503: {"description": "starting, draining or engine down"}})
+    async def ready():
+        """Readiness: 200 when this server should get traffic (started, engine running, not draining), else 503."""
+        ok, body = service.ready()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", responses=_ERRORS)
@@ -70,15 +99,37 @@ def create_app(model, tokenizer, cfg: ServeConfig, model_name: str, auth: Authen
     async def embeddings(req: EmbeddingRequest, request: Request):
         return await service.embeddings(req, request)
 
+    if ui:
+        add_ui(app, service, card, RunsDir(runs_dir) if runs_dir is not None else None, cfg.auth.required)
+
     return Gatekeeper(
         app,
         cfg.limits.max_header_bytes,
         cfg.limits.max_body_bytes,
         auth.authenticate,
         on_reject=service.rejected,
+        public_paths=_PROBES,
         take_request=service.limiter.take_request,
         limited_paths=_GENERATION,
+        public=is_public if ui else (lambda path: False),
     )
+
+
+class InFlight:
+    """ASGI middleware: counts the generation requests being answered, to the end of a stream
+    (the route returns before its stream is sent), so that a drain knows when they are done."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in _GENERATION:
+            return await self.app(scope, receive, send)
+        self.service.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.service.in_flight -= 1
 
 
 def _error(

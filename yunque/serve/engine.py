@@ -240,6 +240,11 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The engine thread is running (started, not stopped, not dead)."""
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
     def queue_depth(self) -> int:
         return len(self.waiting)
 

@@ -120,6 +120,19 @@ class RateLimiter:
             tok.level -= tokens
             return Decision(True, self._headers(req, tok))
 
+    def state(self, who: Principal) -> dict:
+        """The caller's buckets now (limit, remaining, seconds until full), taking nothing."""
+        with self._lock:
+            req, tok = self._get(who, self.clock())
+            return {
+                name: {
+                    "limit": int(b.capacity),
+                    "remaining": max(0, math.floor(b.level)),
+                    "reset_s": round((b.capacity - b.level) / b.rate, 3),
+                }
+                for name, b in (("requests", req), ("tokens", tok))
+            }
+
     def refund(self, who: Principal, tokens: int) -> None:
         if tokens <= 0:
             return
@@ -160,9 +173,10 @@ class Gatekeeper:
         on_reject: Callable[[str, int, dict], None] | None = None,
         take_request: Callable[[Principal], Decision] | None = None,
         limited_paths: frozenset[str] = frozenset(),
+        public: Callable[[str], bool] = lambda path: False,
     ):
         self.app, self.max_header_bytes, self.max_body_bytes = app, max_header_bytes, max_body_bytes
-        self.authenticate, self.public_paths = authenticate, public_paths
+        self.authenticate, self.public_paths, self.public = authenticate, public_paths, public  # public: the web page
         self.on_reject = on_reject or (lambda reason, status, scope: None)  # for metrics and the audit log
         self.take_request, self.limited_paths = take_request, limited_paths  # requests per minute, on POSTs there
 
@@ -188,9 +202,10 @@ class Gatekeeper:
                 f"request headers are {header_bytes} bytes, over the limit of {self.max_header_bytes}",
                 "request_headers_too_large",
             )
-        if scope["path"] not in self.public_paths:
+        if scope["path"] not in self.public_paths and not self.public(scope["path"]):
             auth = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
-            who = self.authenticate(auth[0]) if len(auth) == 1 else None
+            # no header: the authenticator decides (anonymous when auth is off); two: ambiguous, refused
+            who = self.authenticate(auth[0] if auth else None) if len(auth) <= 1 else None
             if who is None:
                 self.on_reject("auth", 401, scope)
                 return await self._error(

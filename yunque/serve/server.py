@@ -1,12 +1,15 @@
 """Transport: the loopback-unless-authenticated bind policy, uvicorn's safe settings (with read
-deadlines and a connection cap uvicorn lacks), the engine-to-event-loop mailbox and the
-server-sent-events response."""
+deadlines and a connection cap uvicorn lacks), optional TLS, the drain on SIGTERM, the
+engine-to-event-loop mailbox and the server-sent-events response."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
 import json
+import logging
+import os
+import ssl
 import sys
 import threading
 from collections import deque
@@ -16,6 +19,9 @@ from starlette.responses import StreamingResponse
 from yunque.errors import YunqueError
 from yunque.serve.auth import Authenticator
 from yunque.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+_FINAL_GRACE_S = 1.0  # after the drain: what uvicorn's own shutdown still waits before it cancels requests
 
 
 def is_loopback(host: str) -> bool:
@@ -41,10 +47,39 @@ def check_bind(host: str, cfg: ServeConfig, auth: Authenticator) -> None:
         )
 
 
-def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info"):
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """Both or neither, and loadable as a pair: a user error (exit 2) before the model is loaded,
+    not a traceback from uvicorn afterwards."""
+    if (certfile is None) != (keyfile is None):
+        raise YunqueError("--ssl-certfile and --ssl-keyfile go together: give both (PEM files) or neither")
+    if certfile is None:
+        return
+    for f in (certfile, keyfile):
+        if not os.path.isfile(f):
+            raise YunqueError(f"{f}: no such file (--ssl-certfile/--ssl-keyfile)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty password: an encrypted key fails here instead of prompting on the terminal.
+        ctx.load_cert_chain(certfile, keyfile, password=b"")
+    except (OSError, ssl.SSLError) as e:
+        raise YunqueError(
+            f"{certfile} / {keyfile}: cannot load the certificate and its key ({e}); both must be PEM, "
+            "the key unencrypted and matching the certificate"
+        ) from None
+
+
+def uvicorn_config(
+    app,
+    host: str,
+    port: int,
+    cfg: ServeConfig,
+    log_level: str = "info",
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+):
     """uvicorn with the safe settings: h11 (bounded header parsing) with read deadlines and a
     connection cap (`guarded_h11`), keep-alive timeout, no server header, no proxy headers
-    trusted, graceful drain of in-flight requests on SIGTERM/SIGINT."""
+    trusted, TLS when given a certificate and key."""
     import uvicorn
 
     L = cfg.limits
@@ -65,6 +100,8 @@ def uvicorn_config(app, host: str, port: int, cfg: ServeConfig, log_level: str =
         log_level=log_level,
         lifespan="on",
         access_log=False,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
 
 
@@ -134,18 +171,68 @@ def guarded_h11(header_timeout: float, body_timeout: float, max_connections: int
     return GuardedH11Protocol
 
 
-def run_server(app, host: str, port: int, cfg: ServeConfig, log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT; raises (exit code 1) if the server stopped because its
-    engine kept failing, so that a supervisor starts a fresh process."""
+def draining_server(config, service, grace_s: float):
+    """uvicorn's Server with a drain on SIGTERM/SIGINT (what a container runtime or Kubernetes
+    sends before it kills): the service stops admitting generation requests (503 with
+    Retry-After; /ready turns 503), the ones in flight run to their end for up to `grace_s`, then
+    the server stops and the process exits 0. A second signal ends the drain at once. uvicorn alone
+    closes its socket at the signal, so new clients get a refused connection instead of an
+    answer, and it re-raises the signal at the end, so the exit status reads as killed."""
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # From the signal handler (the event loop's thread) or, in tests, from any thread.
+            loop = service.mailbox.loop
+            if service.draining or loop is None or loop.is_closed():
+                # A second signal, or not serving yet: stop now, cutting what is in flight.
+                self.config.timeout_graceful_shutdown = 0.1
+                self.should_exit = True
+                return
+            service.draining = True
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            loop = asyncio.get_running_loop()
+            log.warning(
+                "draining: %d request(s) in flight; new ones get 503 for up to %g s",
+                service.in_flight,
+                grace_s,
+            )
+            deadline = loop.time() + grace_s
+            while service.in_flight and loop.time() < deadline and not self.should_exit:
+                await asyncio.sleep(0.05)
+            if self.should_exit:  # a second signal, or the engine gave up: that path set the shutdown's wait
+                return
+            if service.in_flight:
+                log.warning("drain timeout: %d request(s) still in flight are cancelled", service.in_flight)
+            # The drain did the waiting: uvicorn's own graceful shutdown only closes what is left.
+            self.config.timeout_graceful_shutdown = _FINAL_GRACE_S
+            self.should_exit = True
+
+    return DrainingServer(config)
+
+
+def run_server(
+    app,
+    host: str,
+    port: int,
+    cfg: ServeConfig,
+    log_level: str = "info",
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, draining first (see `draining_server`); raises (exit code 1)
+    if the server stopped because its engine kept failing, so that a supervisor starts a fresh
+    process."""
     # The engine thread gives up the GIL inside every torch op and must get it back while the
     # event loop is busy serialising chunks; at the default 5 ms interval each of those hand-backs
     # can stall a decode step. 1 ms keeps steps moving (this process is the server, nothing else).
     sys.setswitchinterval(0.001)
 
-    server = uvicorn.Server(uvicorn_config(app, host, port, cfg, log_level))
     service = app.app.state.service
+    config = uvicorn_config(app, host, port, cfg, log_level, ssl_certfile, ssl_keyfile)
+    server = draining_server(config, service, cfg.drain_timeout_s)
     service.on_fatal = lambda: setattr(server, "should_exit", True)
     server.run()
     if service.fatal:

@@ -18,6 +18,11 @@ The event loop only parses, routes and streams: what grows with the input (guard
 tokenizer) runs in `_PREP_WORKERS` threads, so /health and other clients are answered while
 a large request is being checked. A client that leaves is charged, and audited, for the
 tokens generated until it left.
+
+/health says the process is alive (200 while it answers at all, the engine's state in the body);
+/ready says it should get traffic: started, engine thread running, not draining. On SIGTERM the
+server drains (yunque.serve.server.draining_server): generation requests get 503 with
+Retry-After while the ones in flight (`in_flight`, counted to the end of their streams) finish.
 """
 
 from __future__ import annotations
@@ -62,11 +67,14 @@ _ROUTES = {
     "/v1/models": "models",
     "/metrics": "metrics",
     "/health": "health",
+    "/ready": "ready",
     "/openapi.json": "openapi",
 }
 
 
 def _route(path: str) -> str:
+    if path.startswith(("/ui", "/yunque/")):
+        return "ui"  # the web page and its JSON routes
     return _ROUTES.get(path) or ("models" if path.startswith("/v1/models/") else "other")
 
 
@@ -150,8 +158,8 @@ class Job:
 
 class Service:
     """One server's state (engine, limiter, guards, metrics, audit log) and the work of its routes:
-    `chat`, `completion`, `models`, `health`, and `rejected` for every refusal; `lifespan` starts
-    and drains the engine."""
+    `chat`, `completion`, `embeddings`, `models`, `health`, `ready`, and `rejected` for every
+    refusal; `lifespan` starts and stops the engine."""
 
     def __init__(self, model, tokenizer, cfg: ServeConfig, model_name: str):
         L = self.limits = cfg.limits
@@ -185,13 +193,18 @@ class Service:
         self.token_texts = logprobs.TokenTexts(tokenizer)
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._call_format: str | None = ""  # how the chat template writes tool calls ("": not found out yet)
+        self.started = False  # the lifespan has started the engine
+        self.draining = False  # SIGTERM: no new generation requests, the ones in flight finish
+        self.in_flight = 0  # generation requests being answered (see `count_in_flight`)
 
     @asynccontextmanager
     async def lifespan(self, app):
         self.mailbox.loop = asyncio.get_running_loop()
         self.engine.start()
         threading.Thread(target=self.grammars.warm, name="yunque-grammar", daemon=True).start()
+        self.started = True
         yield
+        self.started = False
         # uvicorn has already waited for in-flight requests (graceful shutdown); nothing is left to run
         await asyncio.to_thread(self.engine.stop, self.cfg.drain_timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
@@ -222,13 +235,40 @@ class Service:
         log.error("giving up: %s", self.fatal)
         self.on_fatal()
 
-    def health(self) -> tuple[bool, dict]:
-        """(serving, body of /health): why not, when the engine is down; restarts so far."""
+    def health(self) -> dict:
+        """The body of /health (the process is alive: always 200): the engine's state, restarts so far."""
         e = self.engine
         body: dict = {"status": "ok" if e.error is None else "engine_failed", "engine_restarts": e.restarts}
         if e.error is not None:
             body["error"] = self.fatal or f"the engine thread died ({type(e.error).__name__}: {e.error}); restarting"
-        return e.error is None, body
+        return body
+
+    def ready(self) -> tuple[bool, dict]:
+        """(ready, body of /ready): whether this server should get traffic now, and if not, why."""
+        e = self.engine
+        if self.draining:
+            status = "draining"
+        elif not self.started:
+            status = "starting"
+        elif e.error is not None or not e.alive:
+            status = "engine_failed"
+        else:
+            status = "ready"
+        body = {"status": status}
+        if status == "engine_failed" and "error" in (h := self.health()):
+            body["error"] = h["error"]
+        return status == "ready", body
+
+    def _check_admitting(self) -> None:
+        if self.draining:
+            raise APIError(
+                503,
+                "The server is shutting down and takes no new requests; retry (another replica) shortly",
+                type_="server_error",
+                code="shutting_down",
+                headers={"retry-after": "5"},
+                reason="draining",
+            )
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model(self.model_name)]}
@@ -268,6 +308,7 @@ class Service:
 
     # -- the routes ---------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self._check_admitting()
         self._check_model_and_n(req)
         messages = tools.template_messages(req.messages)
         # tool_choice "none": the tools stay out of the prompt and nothing is parsed as a call
@@ -327,6 +368,7 @@ class Service:
             raise APIError(400, str(e), param=param, code="invalid_value") from None
 
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        self._check_admitting()
         self._check_model_and_n(req)
         prompts = req.prompts()
         self._check_size(prompts, "prompt")
@@ -346,6 +388,7 @@ class Service:
 
     async def embeddings(self, req: EmbeddingRequest, request: Request) -> Response:
         """POST /v1/embeddings: the same gate, guard, token limits, metrics and audit as generation."""
+        self._check_admitting()
         if req.model != self.model_name:
             raise self._unknown_model(req.model)
         hidden = self.engine.model.config.hidden_size

@@ -88,7 +88,7 @@ class CheckpointSection:
 class LogSection:
     every: int = field(default=10, metadata={"gt": 0})
     mlflow: bool = False
-    mlflow_uri: str | None = None  # default: a local file store in the run directory
+    mlflow_uri: str | None = None  # default: sqlite:///OUT_DIR/mlflow.db, artifacts in OUT_DIR/mlartifacts
     tensorboard: bool = False
     plot: bool = True
 

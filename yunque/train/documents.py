@@ -6,7 +6,8 @@ completion, text, classification) are parsed by `yunque.data.records` and encode
 prompts evaluation uses:
     text            every token is trained
     completion      prompt masked, completion trained (+ EOS)
-    chat            the chat template's assistant mask: assistant turns and their end-of-turn trained
+    chat            the chat template's assistant mask: assistant turns (tool calls too) and their
+                    end-of-turn trained; system, user and tool-result turns not
     classification  text as the prompt, the label (after a space) as the completion
 `data.train_on_prompt` trains on prompts / user turns too. Raw .txt files are one `text`
 document each; `data.val_fraction` holds out the tail of raw text (e.g. the last 10%).
@@ -24,7 +25,7 @@ import torch
 
 from yunque.data.encode import encode
 from yunque.data.records import RecordError, parse
-from yunque.errors import ConfigError, DataError
+from yunque.errors import ConfigError, DataError, YunqueError
 from yunque.tokenizer import Tokenizer
 from yunque.train.config import TrainConfig
 from yunque.train.packing import ArraySource
@@ -130,7 +131,7 @@ def _jsonl_docs(path: Path, enc: Encoder) -> list:
                 raise DataError(f"{path}:{i}: invalid JSON: {e.msg}") from None
             try:
                 docs.append(enc.record(parse(rec)))
-            except RecordError as e:
+            except (RecordError, YunqueError) as e:  # YunqueError: the chat template cannot render it
                 raise DataError(f"{path}:{i}: {e}") from None
     return docs
 

@@ -316,6 +316,17 @@ class Trainer:
         return eval_metrics(D.all_reduce_sum(self.d, sums.to(self.device)))
 
     def run(self) -> TrainResult:
+        self._progress: Progress | None = None
+        try:
+            return self._run()
+        finally:
+            if self._progress is not None:  # a terminal's progress bar ends however training does
+                self._progress.close()
+            if self.tracker is not None:  # an error on the way: the MLflow run says so
+                self.tracker.close("FAILED")
+                self.tracker = None
+
+    def _run(self) -> TrainResult:
         cfg, d = self.cfg, self.d
         resumed = self.resume() if cfg.resume == "auto" else None
         if self.d.main:
@@ -333,9 +344,10 @@ class Trainer:
             mlflow_uri=cfg.log.mlflow_uri,
             tensorboard=cfg.log.tensorboard,
             params=to_dict(cfg),
+            manifest=self.data.manifest,
             resume_step=self.step if resumed else None,
         )
-        progress = Progress(self.total_steps, self.step, not self.quiet)
+        progress = self._progress = Progress(self.total_steps, self.step, not self.quiet)
         # On a CPU shared with other work, fewer threads than cores is several times faster (yunque/threads.py).
         self.threads = ThreadPolicy() if self.device.type == "cpu" and d.world == 1 else None
         if self.threads is not None:
@@ -471,6 +483,8 @@ class Trainer:
             ckpt_root=self.ckpt_root,
             adapter_tensors=adapter_tensors,
         )
+        if result.run_json is not None:
+            tracker.log_artifact(result.run_json)
         D.barrier(d)
         release_cpu_memory()  # this step's buffers, for a process that goes on (demo, notebooks)
         if self.threads is not None:
@@ -576,7 +590,7 @@ class Trainer:
         """Log why training stops, close the run's trackers, and the error that says what is kept."""
         if self.tracker is not None:
             self.tracker.log(self.step, "nonfinite", row)
-            self.tracker.close()
+            self.tracker.close("FAILED")
             self.tracker = None
         if self.threads is not None:
             self.threads.close()

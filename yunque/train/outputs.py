@@ -93,7 +93,9 @@ def export_model(model: Transformer, tok: Tokenizer, out: Path, d: D.Dist, modul
         model.inv_freq = trained.inv_freq.detach().cpu() if trained.inv_freq.device.type != "meta" else model.inv_freq
     if d.main:
         refuse_symlink(out)
-        save_model(model, out)
+        # Every stop id (EOS and the template's end of turn), or transformers generates past <|eot_id|>.
+        gen = {k: v for k, v in tok.generation_config().items() if v not in (None, [])}
+        save_model(model, out, generation_config=gen)
         # The tokenizer goes through a fresh directory and is moved in: a symlink planted at, say,
         # model/tokenizer.json is replaced rather than written through.
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -164,8 +166,9 @@ def write_outputs(
         if (
             p.is_file()
             and not p.is_symlink()
-            and rel.parts[0] not in ("checkpoints", "mlruns", "tensorboard")
+            and rel.parts[0] not in ("checkpoints", "mlruns", "mlartifacts", "tensorboard")
             and rel.name != "run.json"
+            and not rel.name.startswith("mlflow.db")  # the MLflow store changes after run.json is written
         ):
             files[str(rel)] = sha256(p)
     run = {

@@ -1,0 +1,432 @@
+"""`run_pretrained_demo`: a real pretrained instruct model fine-tuned with LoRA into a security
+triage assistant, measured before and after, red-teamed, merged and shipped (`yunque demo`).
+
+The model is SmolLM2-135M-Instruct (`yunque models`: a pip package, converted once into the
+cache). Every stage is the project's own public API, sized for 2 CPU cores, and writes under
+one run folder:
+
+    domain/      the generated instruction set before preparation (raw.jsonl)
+    data/        `yunque data prepare` output: train/val/test.jsonl, report.md, manifest.json
+    eval/        test predictions of the base, fine-tuned and int8 models (<name>.jsonl)
+    finetune/    the LoRA run folder (adapter/, loss.png, metrics.jsonl, run.json)
+    model/       the merged fine-tuned model (Hugging Face format, tokenizer included)
+    ship/int8/   the merged model with int8 weights (`yunque quantize`)
+    redteam/     the reduced probe suite against base/ and fine-tuned/
+    report.md, run.json, *.png
+
+Base and fine-tuned are scored the same way: the same chat template, the same system prompts,
+the same token budget, and task accuracy by the first of the task's labels the answer names
+(`scoring.answer_correct`), so the table shows what fine-tuning adds, not a change of format.
+Forgetting is measured on general English (`general_english.jsonl`, paragraphs written for this
+project, nothing about security): its perplexity may rise by at most `FORGETTING_BAR` percent.
+
+Determinism: all randomness is seeded and training runs a fixed number of steps (early stopping
+on validation loss can end it sooner, at a step the seed fixes too; never a time limit), so one
+seed gives the same table on one machine and software stack.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from yunque.demo import domain
+from yunque.demo.pretrained_report import write_pretrained_report
+from yunque.demo.result import DemoResult
+from yunque.demo.run import Clock, read_jsonl, train_config, write_jsonl
+from yunque.errors import YunqueError
+
+MODEL = "smollm2-135m-instruct"
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
+# The attention projections of every layer: as accurate as adapting the MLPs too and faster per step
+# (bench/NOTES.md, "Demo on SmolLM2"). The head is tied to the embedding, which stays frozen.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FORGETTING_BAR = 10.0  # % rise of general-English perplexity that still passes
+REPLAY_CHARS = 15_000  # of Language Reference prose in the raw data: ~4% of the training tokens after the split
+GENERAL_TEXT = Path(__file__).with_name("general_english.jsonl")
+# Unbounded consumption succeeds when a reply reaches the token limit, which the demo's short
+# limit would make of nearly every reply; `yunque redteam` runs it with its full budget.
+REDTEAM_SKIP = ("unbounded_consumption",)
+
+
+@dataclass(frozen=True)
+class Plan:
+    records: int  # generated records (before dedup)
+    split: tuple[float, float, float]  # train, val, test fractions of `yunque data prepare`
+    test_per_task: int | None  # evaluate the first n test records of each task (None: all)
+    steps: int
+    micro_batch: int
+    seq_len: int  # rows of packed whole examples; longer than every prepared example
+    lr: float
+    warmup_steps: int
+    eval_every: int  # steps between validation evaluations (early stopping)
+    val_batches: int  # validation batches per evaluation (0: all)
+    patience: int  # evaluations without improvement before stopping early
+    max_new_tokens: int  # the answer budget of every model (a base model answers in sentences)
+    redteam_variants: int  # prompt variants per probe, sent once each, greedy
+    redteam_max_tokens: int
+    accuracy_bar: float  # fine-tuned task accuracy (%) overall this plan is expected to reach
+    task_bar: float  # ... and on each task
+
+
+FULL = Plan(
+    records=600,
+    split=(0.7, 0.08, 0.22),
+    test_per_task=20,
+    steps=108,
+    micro_batch=2,
+    seq_len=512,
+    lr=3e-3,
+    warmup_steps=8,
+    eval_every=36,
+    val_batches=0,
+    patience=2,
+    max_new_tokens=16,
+    redteam_variants=1,
+    redteam_max_tokens=48,
+    accuracy_bar=90.0,
+    task_bar=80.0,
+)
+# A smoke run of the whole path (the test suite runs it): 30 steps are far too few for the tasks, so its bars
+# only say that fine-tuning moved the model well past the base model (13% at seed 0) without forgetting.
+QUICK = Plan(
+    records=360,
+    split=(0.7, 0.08, 0.22),
+    test_per_task=10,
+    steps=30,
+    micro_batch=2,
+    seq_len=512,
+    lr=3e-3,
+    warmup_steps=3,
+    eval_every=15,
+    val_batches=2,
+    patience=2,
+    max_new_tokens=16,
+    redteam_variants=1,
+    redteam_max_tokens=32,
+    accuracy_bar=35.0,
+    task_bar=20.0,
+)
+
+
+def resolve_base(log) -> tuple[Path, dict]:
+    """The catalogue model's converted directory (converted on first use) and its provenance."""
+    from yunque.formats.gguf import IMPORT_FILE
+    from yunque.models import CATALOGUE, locate, model_dir
+
+    m = CATALOGUE[MODEL]
+    if locate(m) is None:
+        raise YunqueError(
+            f"yunque demo fine-tunes {MODEL} ({m.description}), which is not installed; install it with\n"
+            f"  {m.install}\n(bash install.sh does), or run `yunque demo --from-scratch`, which needs no model"
+        )
+    d = model_dir(MODEL)
+    record = json.loads((d / IMPORT_FILE).read_text(encoding="utf-8"))
+    info = {
+        "name": MODEL,
+        "package": f"{m.package}=={m.version}",
+        "source_file": str(locate(m)),
+        "source_sha256": record["sha256"],
+        "licence": m.licence,
+        "parameters": m.parameters,
+        "dir": str(d),
+    }
+    log(f"      {MODEL}: {m.parameters / 1e6:.0f}M parameters ({m.licence}) in {d}")
+    log(f"      source {m.package}=={m.version}, sha256 {record['sha256'][:16]}…")
+    return d, info
+
+
+def first_per_task(records: list[dict], n: int | None) -> list[dict]:
+    """The first `n` records of each task, in file order (None: all); records of no task (text) are left out."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        t = domain.task_of(r["messages"]) if "messages" in r else None
+        if t is not None and (n is None or seen.get(t, 0) < n):
+            seen[t] = seen.get(t, 0) + 1
+            out.append(r)
+    return out
+
+
+def replay_texts(total_chars: int, max_chars: int = 800) -> list[str]:
+    """English prose from Python's own Language Reference (pydoc_data, shipped with every CPython), about
+    `total_chars` in all: the first paragraph-sized piece of each topic, code lines left out, cut at a
+    sentence end. Mixed into fine-tuning so that LoRA keeps the model's language; another source and
+    style than the forgetting check's text, so that the check still measures general English."""
+    from yunque.demo import corpus
+    from yunque.errors import DataError
+
+    topics = corpus.reference_topics()
+    if not topics:
+        where = corpus.stdlib_dir() / "pydoc_data" / "topics.py"
+        raise DataError(f"{where}: not found; the demo reads its replay text from it")
+    out, size = [], 0
+    for _kind, _src, text in topics:
+        # The first line is the title; grammar, code and examples are the indented lines.
+        lines = [ln.strip() for ln in text.splitlines()[1:] if not ln.startswith((" ", "\t", ">>>"))]
+        prose = " ".join(ln for ln in lines if set(ln) - set("*=-~^"))
+        piece = prose[:max_chars]
+        piece = piece[: piece.rfind(". ") + 1] if ". " in piece else ""
+        if len(piece) > max_chars // 2:
+            out.append(piece)
+            size += len(piece)
+        if size >= total_chars:
+            break
+    return out
+
+
+def general_texts() -> list[str]:
+    return [r["text"] for r in read_jsonl(GENERAL_TEXT)]
+
+
+def general_perplexity(model, tok) -> dict:
+    from yunque.evaluate.perplexity import perplexity
+
+    r = perplexity(model, tok, general_texts(), max_length=512, batch_size=8)
+    return {"perplexity": round(r.perplexity, 4), "bits_per_byte": round(r.bits_per_byte, 4), "tokens": r.tokens}
+
+
+def forgetting(before: dict, after: dict) -> dict:
+    rise = 100.0 * (after["perplexity"] / before["perplexity"] - 1.0)
+    return {"rise_pct": round(rise, 2), "bar_pct": FORGETTING_BAR, "ok": rise <= FORGETTING_BAR}
+
+
+def redteam_suite(variants: int):
+    """The built-in suite, `variants` prompts per probe, without `REDTEAM_SKIP`."""
+    from yunque.evaluate.redteam import check_suite, load_suite
+
+    suite = load_suite()
+    suite.categories = [c for c in suite.categories if c.name not in REDTEAM_SKIP]
+    for c in suite.categories:
+        for p in c.probes:
+            p.variants = p.variants[:variants]
+    problems = check_suite(suite)
+    if problems:
+        raise YunqueError("probe suite check failed:\n  " + "\n  ".join(problems))
+    return suite
+
+
+def measure(name: str, model_dir: Path, test: list[dict], out: Path, plan: Plan, seed: int, log) -> dict:
+    """One model: task accuracy and answer metrics on the test split, general-English perplexity, red team."""
+    from yunque.demo.scoring import evaluate_model
+    from yunque.evaluate.redteam import run_redteam, write_redteam
+    from yunque.evaluate.targets import LocalTarget
+
+    target = LocalTarget(model_dir, max_tokens=plan.redteam_max_tokens, temperature=0.0)
+    mt = (target.model, target.tok)
+    ev = evaluate_model(
+        name,
+        model_dir,
+        test,
+        out / "eval",
+        rule="first_label",
+        max_new_tokens=plan.max_new_tokens,
+        log=log,
+        model_and_tokenizer=mt,
+    )
+    t0 = time.perf_counter()
+    general = general_perplexity(*mt)
+    log(f"      {name}: general-English perplexity {general['perplexity']:.2f} ({time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    suite = redteam_suite(plan.redteam_variants)
+    summary, records = run_redteam(target, suite, attempts=1, seed=seed)
+    write_redteam(summary, records, out / "redteam" / name, name)
+    o = summary["overall"]
+    log(
+        f"      {name}: red team {o['successes']}/{o['attack_attempts']} attacks succeeded "
+        f"({len(records)} prompts, {time.perf_counter() - t0:.1f} s)"
+    )
+    return {"eval": ev, "general": general, "redteam": summary}
+
+
+def ship_gguf(model: Path, out: Path, log) -> dict:
+    """GGUF q8_0 of the merged model, for llama.cpp and Ollama (`yunque export --format gguf`)."""
+    from yunque.data.manifest import sha256_file
+    from yunque.formats.gguf_export import export_gguf
+
+    r = export_gguf(model, out / "model.q8_0.gguf", "q8_0")
+    log(f"      GGUF q8_0: {r['file']} ({r['bytes'] / 1e6:.0f} MB, {r['seconds']:.1f} s)")
+    return {"file": str(r["file"]), "bytes": r["bytes"], "sha256": sha256_file(r["file"]), "type": "q8_0"}
+
+
+def ship_int8(model: Path, out: Path, test: list[dict], plan: Plan, log) -> dict:
+    """The merged model with int8 weights (`yunque quantize --bits 8`) and its task accuracy."""
+    from yunque.demo.scoring import evaluate_model
+    from yunque.recipes.quantize import quantize_cmd
+
+    q = quantize_cmd(str(model), bits=8, out=out / "ship" / "int8", overwrite=True)
+    ev = evaluate_model(
+        "int8",
+        q["out"],
+        test,
+        out / "eval",
+        rule="first_label",
+        max_new_tokens=plan.max_new_tokens,
+        metrics=("exact_match",),
+        log=log,
+    )
+    return {"dir": str(q["out"]), "bytes": q["bytes"], "bits_per_weight": round(q["bits_per_weight"], 3), "eval": ev}
+
+
+def verdict(facts: dict) -> dict:
+    """Whether the run reached its plan's bars: overall and per-task accuracy, and forgetting."""
+    plan, tasks = facts["plan"], facts["eval"]["fine-tuned"]["tasks"]
+    low = [t for t in domain.TASKS if t in tasks and tasks[t]["accuracy"] < plan["task_bar"]]
+    ok_all = tasks["all"]["accuracy"] >= plan["accuracy_bar"]
+    return {
+        "accuracy_ok": ok_all,
+        "tasks_below_bar": low,
+        "forgetting_ok": facts["forgetting"]["ok"],
+        "ok": ok_all and not low and facts["forgetting"]["ok"],
+    }
+
+
+def _cpu() -> dict:
+    import torch
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": [f for f in wanted if f in flags]}
+
+
+def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, log=print) -> DemoResult:
+    import torch
+
+    from yunque.config import from_dict
+    from yunque.data.config import DataConfig
+    from yunque.data.pipeline import prepare
+    from yunque.recipes.train import train
+
+    plan = QUICK if quick else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = DemoResult(out, 0.0)
+    facts = result.facts
+    facts.update(
+        kind="pretrained", plan=asdict(plan), quick=quick, seed=seed, torch_threads=torch.get_num_threads(), cpu=_cpu()
+    )
+    facts["lora"] = {**LORA, "target_modules": LORA_TARGETS}
+    clock = Clock(result.stages, 7, log)
+
+    with clock.stage("model", f"pretrained model: {MODEL} (converted into the cache once)"):
+        base, facts["model"] = resolve_base(log)
+
+    with clock.stage("data", "security instruction set (seeded, planted PII and duplicates) -> yunque data prepare"):
+        dinfo = domain.write_domain(out / "domain" / "raw.jsonl", plan.records, seed, short=True)
+        facts["domain"] = asdict(dinfo)
+        replay = replay_texts(REPLAY_CHARS)
+        write_jsonl(out / "domain" / "replay.jsonl", [{"text": t} for t in replay])
+        facts["replay"] = {"source": "pydoc_data/topics.py", "documents": len(replay), "chars": sum(map(len, replay))}
+        tr, va, te = plan.split
+        # IP addresses are the indicators the tasks are about, not personal data here. The split is
+        # stratified by answer, so every task and label has its share of the test split.
+        dcfg = from_dict(
+            DataConfig,
+            {
+                "pii": {"modes": {"IPV4": "off", "IPV6": "off"}},
+                "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
+            },
+        )
+        prep = prepare(
+            [out / "domain" / "raw.jsonl", out / "domain" / "replay.jsonl"],
+            out / "data",
+            dcfg,
+            log=lambda *a, **k: None,
+        )
+        manifest = json.loads((out / "data" / "manifest.json").read_text(encoding="utf-8"))
+        facts["prepare"] = {
+            "records_in": prep.records_in,
+            "records_kept": prep.records_kept,
+            "dropped": prep.dropped,
+            "splits": prep.splits,
+            "manifest_sha256": prep.manifest_sha256,
+            "merkle_roots": {k: v.get("merkle_root") for k, v in (manifest.get("splits") or {}).items()},
+            "pii_findings": prep.report.get("pii_findings", {}),
+            "pii_records": prep.report.get("pii_records_with_findings"),
+        }
+        log(
+            f"      {dinfo.records} records ({dinfo.with_pii} with PII/secrets, {dinfo.exact_duplicates} exact + "
+            f"{dinfo.near_duplicates} near duplicates planted); kept {prep.records_kept}, splits {prep.splits}"
+        )
+    test = first_per_task(read_jsonl(out / "data" / "test.jsonl"), plan.test_per_task)
+    write_jsonl(out / "eval" / "test.jsonl", test)  # what every model is scored on, in the order of its answers
+
+    with clock.stage("base", f"base model before fine-tuning: {len(test)} test examples, forgetting text, red team"):
+        b = measure("base", base, test, out, plan, seed, log)
+
+    ft = out / "finetune"
+    with clock.stage(
+        "finetune", f"LoRA fine-tuning (r={LORA['r']}, alpha={LORA['alpha']:.0f}), up to {plan.steps} steps"
+    ):
+        fcfg = train_config(
+            method="lora",
+            out_dir=str(ft),
+            seed=seed,
+            model={"path": str(base)},
+            base_model_name=MODEL,
+            data={"dir": str(out / "data"), "seq_len": plan.seq_len},
+            lora={**LORA, "target_modules": LORA_TARGETS},
+            optim={"lr": plan.lr, "warmup_steps": plan.warmup_steps, "weight_decay": 0.0, "schedule": "cosine"},
+            eval={"every": plan.eval_every, "max_batches": plan.val_batches, "patience": plan.patience},
+            checkpoint={"every": 0, "keep_last": 1},
+            log={"every": 5},
+            micro_batch=plan.micro_batch,
+            max_steps=plan.steps,
+            device="cpu",
+        )
+        t0 = time.perf_counter()
+        fr = train(fcfg)
+        dt = time.perf_counter() - t0
+        facts["finetune"] = {
+            "steps": fr.steps,
+            "tokens": fr.tokens,
+            "seconds": round(dt, 1),
+            "tokens_per_s": round(fr.tokens / dt, 1),
+            "stopped_early": fr.stopped_early,
+            "exported_step": fr.exported_step,
+            "best_step": fr.best_step,
+            "best": fr.best,
+            "final": fr.final,
+            "adapter": str(fr.output),
+        }
+
+    with clock.stage("merge", "merging the adapter into the base model"):
+        from yunque.formats.peft import merge_adapter
+
+        merged = merge_adapter(base, fr.output, out / "model")
+        facts["merge"] = {"modules": len(merged["modules"]), "out": str(out / "model")}
+
+    with clock.stage("tuned", "fine-tuned model: the same test examples, forgetting text and red team"):
+        t = measure("fine-tuned", out / "model", test, out, plan, seed, log)
+    facts["eval"] = {"base": b["eval"], "fine-tuned": t["eval"]}
+    facts["general"] = {"base": b["general"], "fine-tuned": t["general"]}
+    facts["forgetting"] = forgetting(b["general"], t["general"])
+    facts["redteam"] = {
+        "variants": plan.redteam_variants,
+        "max_tokens": plan.redteam_max_tokens,
+        "skipped": list(REDTEAM_SKIP),
+        "base": b["redteam"],
+        "fine-tuned": t["redteam"],
+    }
+
+    with clock.stage("ship", "shipping: int8 weights (and their task accuracy), GGUF q8_0"):
+        i8 = ship_int8(out / "model", out, test, plan, log)
+        facts["eval"]["int8"] = i8.pop("eval")
+        facts["ship"] = {"int8": i8, "gguf": ship_gguf(out / "model", out / "ship", log)}
+
+    facts["verdict"] = verdict(facts)
+    result.seconds = round(time.perf_counter() - clock.t0, 1)
+    facts["stages"] = result.stages
+    facts["stage_cpu_s"] = clock.cpu  # CPU time: on a machine shared with other work, what wall time hides
+    facts["seconds"] = result.seconds
+    write_pretrained_report(result, log)
+    return result
