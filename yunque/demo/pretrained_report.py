@@ -4,13 +4,21 @@ versions, hashes) and the printed summary."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 from pathlib import Path
 
 from yunque.demo import domain, scoring
-from yunque.demo.report import _pct, _plot_accuracy, _sha256, _table, cli_command, next_commands, next_steps_note
+from yunque.demo.report import (
+    _pct,
+    _plot_accuracy,
+    _sha256,
+    _table,
+    cli_command,
+    next_commands,
+    next_steps_note,
+    write_run_json,
+)
 from yunque.demo.result import DemoResult
 
 MODELS = ("base", "fine-tuned", "int8")
@@ -119,25 +127,6 @@ def _hash_outputs(out: Path) -> dict[str, str]:
         if (out / rel).is_file():
             files[rel] = _sha256(out / rel)
     return files
-
-
-def _write_run_json(result: DemoResult) -> Path:
-    from yunque import __version__
-    from yunque.train.outputs import environment, git_commit
-
-    out = result.out_dir
-    run = {
-        "yunque_version": __version__,
-        "git_commit": git_commit(),
-        **environment(),
-        **result.facts,
-        "files_sha256": _hash_outputs(out),
-    }
-    path = out / "run.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(run, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def ship_commands(out: Path, cli: str, ship: dict) -> list[str]:
@@ -300,7 +289,7 @@ def write_pretrained_report(result: DemoResult, log=print) -> Path:
     commands = next_commands(out, cli) + ship_commands(out, cli, f["ship"])
     test = [json.loads(line) for line in (out / "eval" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
     (out / "report.md").write_text(_md(result, test, cli, note, commands), encoding="utf-8")
-    run_path = _write_run_json(result)
+    run_path = write_run_json(result, _hash_outputs(result.out_dir))
 
     rows = result_rows(f["eval"], f["general"])
     width = max(len(r[0]) for r in rows)

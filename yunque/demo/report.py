@@ -97,15 +97,20 @@ def _sha256(p: Path) -> str:
 
 
 def _run_json(result: DemoResult) -> Path:
-    from yunque import __version__
-    from yunque.train.outputs import environment, git_commit
-
     out = result.out_dir
     files = {rel: _sha256(out / rel) for rel in _HASHED if (out / rel).is_file()}
     for d in ("model", "pretrain/tokenizer", "finetune/adapter"):
         for p in sorted((out / d).glob("*")):
             if p.is_file():
                 files[p.relative_to(out).as_posix()] = _sha256(p)
+    return write_run_json(result, files)
+
+
+def write_run_json(result: DemoResult, files: dict[str, str]) -> Path:
+    """run.json: versions, environment, the run's facts and the SHA-256 of its outputs, written atomically."""
+    from yunque import __version__
+    from yunque.train.outputs import environment, git_commit
+
     run = {
         "yunque_version": __version__,
         "git_commit": git_commit(),
@@ -113,7 +118,7 @@ def _run_json(result: DemoResult) -> Path:
         **result.facts,
         "files_sha256": files,
     }
-    path = out / "run.json"
+    path = result.out_dir / "run.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run, indent=1, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
