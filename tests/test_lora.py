@@ -381,3 +381,24 @@ def test_frozen_linears_in_bf16_give_identical_bf16_autocast_steps(tied):
     assert runs[0][1].keys() == runs[1][1].keys()
     for k, g in runs[0][1].items():
         assert torch.equal(g, runs[1][1][k]), k
+
+
+def test_cpu_dropout_mask_rate_scale_seed_and_gradient():
+    from yunque.lora import LoRADropout
+
+    d = LoRADropout(0.05).train()
+    x = torch.ones(512, 576, requires_grad=True)
+    torch.manual_seed(3)
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.003, dropped  # 294,912 draws: 5 standard deviations is 0.002
+    assert torch.all((y == 0) | (y == torch.tensor(1 / 0.95)))
+    torch.manual_seed(3)
+    assert torch.equal(d(x), y)  # torch's seed fixes the mask
+    assert not torch.equal(d(x), y)  # and each call draws a new one
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes where the input did, scaled alike
+    assert torch.equal(d.eval()(x), x)
+    # independent masks per call: no two modules share one
+    a, b = d.train()(torch.ones(4096)), d(torch.ones(4096))
+    assert ((a == 0) & (b == 0)).float().mean().item() < 0.01
