@@ -44,7 +44,6 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05}
 # (bench/NOTES.md, "Demo on SmolLM2"). The head is tied to the embedding, which stays frozen.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FORGETTING_BAR = 10.0  # % rise of general-English perplexity that still passes
-REPLAY_CHARS = 15_000  # of Language Reference prose in the raw data: ~4% of the training tokens after the split
 GENERAL_TEXT = Path(__file__).with_name("general_english.jsonl")
 # Unbounded consumption succeeds when a reply reaches the token limit, which the demo's short
 # limit would make of nearly every reply; `yunque redteam` runs it with its full budget.
@@ -54,6 +53,7 @@ REDTEAM_SKIP = ("unbounded_consumption",)
 @dataclass(frozen=True)
 class Plan:
     records: int  # generated records (before dedup)
+    replay_chars: int  # of Language Reference prose in the raw data: ~3-4% of the training tokens after the split
     split: tuple[float, float, float]  # train, val, test fractions of `yunque data prepare`
     test_per_task: int | None  # evaluate the first n test records of each task (None: all)
     steps: int
@@ -71,8 +71,12 @@ class Plan:
     task_bar: float  # ... and on each task
 
 
+# 900 records: at 600 the same steps (two epochs) reached 90.0% at seed 0 with no margin, and the alert
+# tactics fell to 70% on another CPU's numerics; 900 (1.3 epochs, more distinct examples) reached
+# 96.7-98.3% on both (bench/NOTES.md, "Demo plans").
 FULL = Plan(
-    records=600,
+    records=900,
+    replay_chars=22_500,
     split=(0.7, 0.08, 0.22),
     test_per_task=20,
     steps=108,
@@ -94,6 +98,7 @@ FULL = Plan(
 # fine-tuning moved the model past chance and the base model (13% at seed 0) without forgetting.
 QUICK = Plan(
     records=360,
+    replay_chars=15_000,
     split=(0.7, 0.08, 0.22),
     test_per_task=10,
     steps=30,
@@ -324,7 +329,7 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
     with clock.stage("data", "security instruction set (seeded, planted PII and duplicates) -> yunque data prepare"):
         dinfo = domain.write_domain(out / "domain" / "raw.jsonl", plan.records, seed, short=True)
         facts["domain"] = asdict(dinfo)
-        replay = replay_texts(REPLAY_CHARS)
+        replay = replay_texts(plan.replay_chars)
         write_jsonl(out / "domain" / "replay.jsonl", [{"text": t} for t in replay])
         facts["replay"] = {"source": "pydoc_data/topics.py", "documents": len(replay), "chars": sum(map(len, replay))}
         tr, va, te = plan.split
