@@ -53,7 +53,7 @@ REDTEAM_SKIP = ("unbounded_consumption",)
 # `yunque demo --privacy`: DP-SGD at ε (default below), δ auto (1 / n^1.1), per-record clipping at 1, and
 # canaries planted in the training split for the audit afterwards.
 DP_EPSILON = 8.0
-DP_CANARIES = 4  # distinct canaries, one training record each (rate 1% of 248 records would be 2)
+DP_CANARIES = 4  # distinct canaries, one training record each (the default rate, 1%, is 2 to 4 records here)
 # Mean tokens of a prepared training record under SmolLM2's chat template (system prompt included):
 # 135 in the quick run's training split (87 to 231). A packed row of 512 tokens holds about 3.8 of them.
 RECORD_TOKENS = 135
@@ -212,14 +212,13 @@ def data_config(plan: Plan, seed: int, canaries: int = 0):
     tr, va, te = plan.split
     # IP addresses are the indicators the tasks are about, not personal data here. The split is
     # stratified by answer, so every task and label has its share of the test split.
-    return from_dict(
-        DataConfig,
-        {
-            "pii": {"modes": {"IPV4": "off", "IPV6": "off"}},
-            "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
-            "canaries": {"count": canaries, "seed": seed},
-        },
-    )
+    cfg = {
+        "pii": {"modes": {"IPV4": "off", "IPV6": "off"}},
+        "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
+    }
+    if canaries:
+        cfg["canaries"] = {"count": canaries, "seed": seed}
+    return from_dict(DataConfig, cfg)
 
 
 def dp_batch(plan: Plan) -> int:
@@ -258,7 +257,7 @@ def finetune_config(plan: Plan, base: Path, out: Path, seed: int, epsilon: float
         # Dropout's mask is drawn inside each adapter, out of the hooks' sight, so dropout > 0 leaves
         # privacy.per_sample (auto) only the loop: one backward per record. Without it the hooks give every
         # record's adapter gradients from one backward per micro-batch (the attention projections of the
-        # layers, no adapter on lm_head: what the hooks need). The whole expected batch is one micro-batch.
+        # layers, no adapter on lm_head: what the hooks need), the expected batch in one micro-batch.
         cfg["lora"] = {**lora, "dropout": 0.0}
         cfg["micro_batch"] = b
         # Validation rows are micro_batch wide: as many rows as the plan's (rounded up), not 4x more.
