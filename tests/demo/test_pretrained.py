@@ -134,6 +134,135 @@ def test_report_tables():
     assert rows[-1][0] == "all attacks"
 
 
+def _privacy_facts(**over) -> dict:
+    dp = {
+        "epsilon": 7.9812,
+        "delta": 0.00229,
+        "noise_multiplier": 0.6134,
+        "sample_rate": 8 / 248,
+        "expected_batch_size": 8,
+        "max_grad_norm": 1.0,
+        "steps": 30,
+        "accountant": "prv",
+        "records": 248,
+        "per_sample_gradients": "hooks",
+        "record_lengths": {"max": 231},  # in the trainer's report, not needed in the demo's
+    }
+    audit = {
+        "candidates": 1000,
+        "members": 80,
+        "nonmembers": 80,
+        "loss_attack": {"auc": 0.5123, "auc_ci95": (0.4467, 0.5741), "tpr_at_1pct_fpr": 0.0125},
+        "calibrated_attack": {"auc": 0.5349, "auc_ci95": (0.46, 0.61)},
+        "exposure": {"mean": 1.312, "reference_mean": 1.08, "max_bits": 9.9658},
+    }
+    for k, v in over.items():
+        (audit if k in audit else dp)[k] = v
+    return pretrained.privacy_facts(dp, audit, {"requested": 4, "planted": 4, "records": 4}, 8.0)
+
+
+def test_privacy_line_from_facts():
+    p = _privacy_facts()
+    assert p["canaries"] == 4 and p["mia_auc_ci95"] == [0.4467, 0.5741] and "record_lengths" not in p
+    assert pretrained_report.privacy_line(p) == (
+        "privacy: DP-SGD ε = 7.98 (δ = 2.3e-3, σ = 0.61, PRV) · canary exposure 1.3 bits (base 1.1; "
+        "10 = memorised) · membership-inference AUC 0.51 [0.45, 0.57] (base-calibrated 0.53)"
+    )
+    line = pretrained_report.privacy_line(_privacy_facts(exposure=None, delta=1e-5))
+    assert "δ = 1.0e-5" in line and "no canary planted" in line and "\n" not in line
+
+
+def test_verdict_under_privacy_enforces_forgetting_not_accuracy():
+    tasks = {"all": {"accuracy": 20.0}, "phishing": {"accuracy": 50.0}, "auth_triage": {"accuracy": 0.0}}
+    facts = {
+        "plan": {"accuracy_bar": 25.0, "task_bar": 10.0},
+        "eval": {"fine-tuned": {"tasks": tasks}},
+        "forgetting": {"ok": True, "bar_pct": 10.0},
+    }
+    v = pretrained.verdict(facts)
+    assert not v["ok"] and v["accuracy_enforced"]
+    facts["privacy"] = _privacy_facts()
+    facts["verdict"] = v = pretrained.verdict(facts)
+    assert v["ok"] and not v["accuracy_ok"] and v["tasks_below_bar"] == ["auth_triage"] and not v["accuracy_enforced"]
+    text = pretrained_report.bars_text(facts)
+    assert "accuracy 25% overall, 10% per task: not met (overall accuracy, auth_triage accuracy)" in text
+    assert "not enforced under DP-SGD" in text and text.endswith("up at most 10%: met")
+    facts["forgetting"]["ok"] = False
+    facts["verdict"] = pretrained.verdict(facts)
+    assert not facts["verdict"]["ok"] and pretrained_report.bars_text(facts).endswith("NOT met")
+
+
+def test_finetune_config_under_privacy(tmp_path):
+    from dataclasses import replace
+
+    import torch
+    from train_util import TINY_MODEL
+
+    from yunque.lora import apply_lora
+    from yunque.model import ModelConfig, Transformer
+    from yunque.train.privacy import HookGrads
+
+    plan = pretrained.QUICK
+    plain = pretrained.finetune_config(plan, tmp_path / "base", tmp_path, 0)
+    dp = pretrained.finetune_config(plan, tmp_path / "base", tmp_path, 0, epsilon=3.0)
+    assert not plain.privacy.enabled and plain.lora.dropout == pretrained.LORA["dropout"] > 0
+    assert plain.micro_batch == plan.micro_batch and plain.eval.max_batches == plan.val_batches
+    p = dp.privacy
+    assert (p.target_epsilon, p.max_grad_norm, p.accountant, p.delta, p.seed) == (3.0, 1.0, "prv", "auto", 0)
+    assert dp.lora.dropout == 0 and dp.lora.target_modules == pretrained.LORA_TARGETS and dp.method == "lora"
+    assert dp.max_steps == plan.steps and dp.optim.lr == plan.lr and dp.data.seq_len == plan.seq_len
+    # The expected batch is the records a packed step holds: 2 rows of 512 tokens, records of ~135 tokens.
+    assert dp.micro_batch * dp.grad_accum == pretrained.dp_batch(plan)
+    assert pretrained.dp_batch(replace(plan, micro_batch=2, seq_len=512)) == 8
+    assert pretrained.dp_batch(replace(plan, micro_batch=4, seq_len=512)) == 15
+    if plan.val_batches:  # validation as many rows as without DP, rounded up to whole micro-batches
+        rows = dp.eval.max_batches * dp.micro_batch
+        assert plan.val_batches * plan.micro_batch <= rows < plan.val_batches * plan.micro_batch + dp.micro_batch
+
+    def hooks_refuse(cfg):  # privacy.per_sample auto takes the hooks where this is None
+        m = Transformer(ModelConfig(vocab_size=96, max_position_embeddings=64, **TINY_MODEL))
+        apply_lora(m, cfg.lora, generator=torch.Generator().manual_seed(0))
+        return HookGrads.unsupported(m)
+
+    assert hooks_refuse(dp) is None and "dropout" in hooks_refuse(plain)
+    assert pretrained.data_config(plan, 0).canaries.count == 0
+    c = pretrained.data_config(plan, 5, canaries=pretrained.DP_CANARIES).canaries
+    assert (c.count, c.seed) == (4, 5)
+
+
+def test_cli_privacy_flags(monkeypatch, capsys, tmp_path):
+    from yunque.__main__ import main
+    from yunque.demo.result import DemoResult
+
+    assert main(["demo", "--help"]) == 0
+    help_ = " ".join(capsys.readouterr().out.split())
+    assert "--privacy" in help_ and "--epsilon EPSILON" in help_ and "(default 8)" in help_
+    assert "reported but not enforced" in help_
+    for argv, msg in (
+        (["--epsilon", "3"], "--epsilon: applies with --privacy"),
+        (["--privacy", "--epsilon", "0"], "--epsilon: must be a number > 0"),
+        (["--privacy", "--from-scratch"], "--privacy: applies to the pretrained demo"),
+    ):
+        assert main(["demo", *argv, "--out", str(tmp_path / "d")]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+    calls = []
+
+    def fake(out, quick=False, seed=0, log=print, epsilon=None):
+        calls.append((quick, epsilon))
+        r = DemoResult(out, 1.0)
+        r.facts["verdict"] = {"ok": epsilon is not None}
+        return r
+
+    monkeypatch.setattr(pretrained, "run_pretrained_demo", fake)
+    assert main(["demo", "--quick", "--privacy", "--out", str(tmp_path / "d")]) == 0
+    assert main(["demo", "--privacy", "--epsilon", "2.5", "--out", str(tmp_path / "d")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 1
+    assert calls == [(True, pretrained.DP_EPSILON), (False, 2.5), (False, None)] and pretrained.DP_EPSILON == 8.0
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(locate(SMOL) is None, reason=f"{SMOL.name} is not installed: {SMOL.install} (bash install.sh does)")
 def test_quick_pretrained_demo_end_to_end(tmp_path):

@@ -28,6 +28,7 @@ seed gives the same table on one machine and software stack.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,15 @@ GENERAL_TEXT = Path(__file__).with_name("general_english.jsonl")
 # Unbounded consumption succeeds when a reply reaches the token limit, which the demo's short
 # limit would make of nearly every reply; `yunque redteam` runs it with its full budget.
 REDTEAM_SKIP = ("unbounded_consumption",)
+# `yunque demo --privacy`: DP-SGD at ε (default below), δ auto (1 / n^1.1), per-record clipping at 1, and
+# canaries planted in the training split for the audit afterwards.
+DP_EPSILON = 8.0
+DP_CANARIES = 4  # distinct canaries, one training record each (the default rate, 1%, is 2 to 4 records here)
+# Mean tokens of a prepared training record under SmolLM2's chat template (system prompt included):
+# 135 in the quick run's training split (87 to 231). A packed row of 512 tokens holds about 3.8 of them.
+RECORD_TOKENS = 135
+AUDIT_RECORDS = 200  # members and as many non-members (the test split holds fewer: all of those)
+AUDIT_CANDIDATES = 1000  # random secrets each canary is ranked among (the audit's minimum: ~10 bits)
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,117 @@ def forgetting(before: dict, after: dict) -> dict:
     return {"rise_pct": round(rise, 2), "bar_pct": FORGETTING_BAR, "ok": rise <= FORGETTING_BAR}
 
 
+def data_config(plan: Plan, seed: int, canaries: int = 0):
+    """What `data prepare` runs with; `canaries` > 0 plants that many into the training split (--privacy)."""
+    from yunque.config import from_dict
+    from yunque.data.config import DataConfig
+
+    tr, va, te = plan.split
+    # IP addresses are the indicators the tasks are about, not personal data here. The split is
+    # stratified by answer, so every task and label has its share of the test split.
+    cfg = {
+        "pii": {"modes": {"IPV4": "off", "IPV6": "off"}},
+        "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
+    }
+    if canaries:
+        cfg["canaries"] = {"count": canaries, "seed": seed}
+    return from_dict(DataConfig, cfg)
+
+
+def dp_batch(plan: Plan) -> int:
+    """Expected records per DP-SGD step: about as many as a packed step of the plan holds (8 for 2 rows of
+    512 tokens), so that a DP step costs about what a step without DP costs. Under DP each record is a
+    row of its own, padded only to the longest record of its micro-batch (the sample is sorted by length);
+    the hooks add ~20% to a backward (bench/NOTES.md). More records per step would lower the noise per
+    record (σ grows more slowly than the batch), at that many times the cost of a step."""
+    return max(1, round(plan.micro_batch * plan.seq_len / RECORD_TOKENS))
+
+
+def finetune_config(plan: Plan, base: Path, out: Path, seed: int, epsilon: float | None = None):
+    """The LoRA run's TrainConfig; with `epsilon`, DP-SGD at that ε over the same steps."""
+    lora = {**LORA, "target_modules": LORA_TARGETS}
+    cfg = {
+        "method": "lora",
+        "out_dir": str(out / "finetune"),
+        "seed": seed,
+        "model": {"path": str(base)},
+        "base_model_name": MODEL,
+        "data": {"dir": str(out / "data"), "seq_len": plan.seq_len},
+        "lora": lora,
+        "optim": {"lr": plan.lr, "warmup_steps": plan.warmup_steps, "weight_decay": 0.0, "schedule": "cosine"},
+        "eval": {"every": plan.eval_every, "max_batches": plan.val_batches, "patience": plan.patience},
+        "checkpoint": {"every": 0, "keep_last": 1},
+        "log": {"every": 5},
+        "micro_batch": plan.micro_batch,
+        "max_steps": plan.steps,
+        "device": "cpu",
+        # fp32 on every CPU: bf16 autocast trains 1.7x faster where the CPU multiplies bf16 natively,
+        # but at seed 0 it raised general-English perplexity by 15% (bar 10%) against fp32's 4.7%
+        "precision": "fp32",
+    }
+    if epsilon is not None:
+        b = dp_batch(plan)
+        # Dropout's mask is drawn inside each adapter, out of the hooks' sight, so dropout > 0 leaves
+        # privacy.per_sample (auto) only the loop: one backward per record. Without it the hooks give every
+        # record's adapter gradients from one backward per micro-batch (the attention projections of the
+        # layers, no adapter on lm_head: what the hooks need), the expected batch in one micro-batch.
+        cfg["lora"] = {**lora, "dropout": 0.0}
+        cfg["micro_batch"] = b
+        # Validation rows are micro_batch wide: as many rows as the plan's (rounded up), not 4x more.
+        if plan.val_batches:
+            cfg["eval"] = {**cfg["eval"], "max_batches": math.ceil(plan.val_batches * plan.micro_batch / b)}
+        # A known seed lets anyone who knows it regenerate the noise: it keeps the demo reproducible, as
+        # every other stage is; a release trains without privacy.seed (README, Privacy).
+        cfg["privacy"] = {"target_epsilon": epsilon, "max_grad_norm": 1.0, "accountant": "prv", "seed": seed}
+    return train_config(**cfg)
+
+
+def audit_privacy(base: Path, adapter: Path, data: Path, out: Path, seed: int, log) -> dict:
+    """`yunque privacy-audit` of the adapter, the base model as reference, written to `out`."""
+    from yunque.evaluate.privacy_audit import run_audit, write_audit
+
+    r = run_audit(
+        base, data, adapter=adapter, candidates=AUDIT_CANDIDATES, max_records=AUDIT_RECORDS, seed=seed, batch_size=16
+    )
+    write_audit(r, out)
+    a = r["loss_attack"]
+    log(
+        f"      {r['members']} members vs {r['nonmembers']} {r['nonmember_split']} records: membership-inference AUC "
+        f"{a['auc']:.3f} (calibrated {r['calibrated_attack']['auc']:.3f})"
+        + (
+            f"; canary exposure {r['exposure']['mean']:.2f} bits (base {r['exposure']['reference_mean']:.2f})"
+            if "exposure" in r
+            else ""
+        )
+    )
+    return r
+
+
+def privacy_facts(dp: dict, audit: dict, canaries: dict | None, target_epsilon: float) -> dict:
+    """run.json's `privacy`: what DP-SGD spent (the trainer's report) and what the audit measured."""
+    keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "expected_batch_size", "max_grad_norm", "steps")
+    keys += ("accountant", "records", "per_sample_gradients")
+    e, a, c = audit.get("exposure"), audit["loss_attack"], audit.get("calibrated_attack")
+    return {
+        "target_epsilon": target_epsilon,
+        **{k: dp[k] for k in keys},
+        "canaries": (canaries or {}).get("planted", 0),
+        "canary_records": (canaries or {}).get("records", 0),
+        "candidates": audit["candidates"],
+        "exposure_mean": e["mean"] if e else None,
+        "exposure_base_mean": e["reference_mean"] if e else None,
+        "exposure_max_bits": e["max_bits"] if e else None,
+        "members": audit["members"],
+        "nonmembers": audit["nonmembers"],
+        "mia_auc": a["auc"],
+        "mia_auc_ci95": list(a["auc_ci95"]),
+        "mia_tpr_at_1pct_fpr": a["tpr_at_1pct_fpr"],
+        "mia_auc_calibrated": c["auc"] if c else None,
+        "mia_auc_calibrated_ci95": list(c["auc_ci95"]) if c else None,
+        "audit": "privacy/audit.md",
+    }
+
+
 def redteam_suite(variants: int):
     """The built-in suite, `variants` prompts per probe, without `REDTEAM_SKIP`."""
     from yunque.evaluate.redteam import check_suite, load_suite
@@ -277,15 +398,19 @@ def ship_int8(model: Path, out: Path, test: list[dict], plan: Plan, log) -> dict
 
 
 def verdict(facts: dict) -> dict:
-    """Whether the run reached its plan's bars: overall and per-task accuracy, and forgetting."""
+    """Whether the run reached its plan's bars: overall and per-task accuracy, and forgetting. Under DP-SGD
+    (facts["privacy"]) the accuracy bars are reported but not part of `ok`: the noise that buys ε costs
+    accuracy at a few hundred records by design, while forgetting must still hold."""
     plan, tasks = facts["plan"], facts["eval"]["fine-tuned"]["tasks"]
     low = [t for t in domain.TASKS if t in tasks and tasks[t]["accuracy"] < plan["task_bar"]]
     ok_all = tasks["all"]["accuracy"] >= plan["accuracy_bar"]
+    enforced = facts.get("privacy") is None
     return {
         "accuracy_ok": ok_all,
         "tasks_below_bar": low,
         "forgetting_ok": facts["forgetting"]["ok"],
-        "ok": ok_all and not low and facts["forgetting"]["ok"],
+        "accuracy_enforced": enforced,
+        "ok": (not enforced or (ok_all and not low)) and facts["forgetting"]["ok"],
     }
 
 
@@ -304,11 +429,12 @@ def _cpu() -> dict:
     return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": [f for f in wanted if f in flags]}
 
 
-def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, log=print) -> DemoResult:
+def run_pretrained_demo(
+    out: str | Path = "runs/demo", quick: bool = False, seed: int = 0, log=print, epsilon: float | None = None
+) -> DemoResult:
+    """The demo; `epsilon` (--privacy) fine-tunes with DP-SGD at that ε, with canaries planted, and audits it."""
     import torch
 
-    from yunque.config import from_dict
-    from yunque.data.config import DataConfig
     from yunque.data.pipeline import prepare
     from yunque.recipes.train import train
 
@@ -320,32 +446,26 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
     facts.update(
         kind="pretrained", plan=asdict(plan), quick=quick, seed=seed, torch_threads=torch.get_num_threads(), cpu=_cpu()
     )
-    facts["lora"] = {**LORA, "target_modules": LORA_TARGETS}
-    clock = Clock(result.stages, 7, log)
+    private = epsilon is not None
+    facts["lora"] = {**LORA, "target_modules": LORA_TARGETS, **({"dropout": 0.0} if private else {})}
+    clock = Clock(result.stages, 8 if private else 7, log)
 
     with clock.stage("model", f"pretrained model: {MODEL} (converted into the cache once)"):
         base, facts["model"] = resolve_base(log)
 
-    with clock.stage("data", "security instruction set (seeded, planted PII and duplicates) -> yunque data prepare"):
+    planted = f", {DP_CANARIES} canaries in the training split" if private else ""
+    with clock.stage(
+        "data", f"security instruction set (seeded, planted PII and duplicates) -> yunque data prepare{planted}"
+    ):
         dinfo = domain.write_domain(out / "domain" / "raw.jsonl", plan.records, seed, short=True)
         facts["domain"] = asdict(dinfo)
         replay = replay_texts(plan.replay_chars)
         write_jsonl(out / "domain" / "replay.jsonl", [{"text": t} for t in replay])
         facts["replay"] = {"source": "pydoc_data/topics.py", "documents": len(replay), "chars": sum(map(len, replay))}
-        tr, va, te = plan.split
-        # IP addresses are the indicators the tasks are about, not personal data here. The split is
-        # stratified by answer, so every task and label has its share of the test split.
-        dcfg = from_dict(
-            DataConfig,
-            {
-                "pii": {"modes": {"IPV4": "off", "IPV6": "off"}},
-                "split": {"train": tr, "val": va, "test": te, "seed": seed, "stratify": True, "label_from": "answer"},
-            },
-        )
         prep = prepare(
             [out / "domain" / "raw.jsonl", out / "domain" / "replay.jsonl"],
             out / "data",
-            dcfg,
+            data_config(plan, seed, canaries=DP_CANARIES if private else 0),
             log=lambda *a, **k: None,
         )
         manifest = json.loads((out / "data" / "manifest.json").read_text(encoding="utf-8"))
@@ -359,6 +479,9 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
             "pii_findings": prep.report.get("pii_findings", {}),
             "pii_records": prep.report.get("pii_records_with_findings"),
         }
+        if private:
+            c = prep.report.get("canaries") or {}
+            facts["prepare"]["canaries"] = {k: c.get(k) for k in ("requested", "planted", "records", "file")}
         log(
             f"      {dinfo.records} records ({dinfo.with_pii} with PII/secrets, {dinfo.exact_duplicates} exact + "
             f"{dinfo.near_duplicates} near duplicates planted); kept {prep.records_kept}, splits {prep.splits}"
@@ -369,29 +492,11 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
     with clock.stage("base", f"base model before fine-tuning: {len(test)} test examples, forgetting text, red team"):
         b = measure("base", base, test, out, plan, seed, log)
 
-    ft = out / "finetune"
+    dp = f" with DP-SGD (ε = {epsilon:g}, about {dp_batch(plan)} records per step)" if private else ""
     with clock.stage(
-        "finetune", f"LoRA fine-tuning (r={LORA['r']}, alpha={LORA['alpha']:.0f}), up to {plan.steps} steps"
+        "finetune", f"LoRA fine-tuning (r={LORA['r']}, alpha={LORA['alpha']:.0f}){dp}, up to {plan.steps} steps"
     ):
-        fcfg = train_config(
-            method="lora",
-            out_dir=str(ft),
-            seed=seed,
-            model={"path": str(base)},
-            base_model_name=MODEL,
-            data={"dir": str(out / "data"), "seq_len": plan.seq_len},
-            lora={**LORA, "target_modules": LORA_TARGETS},
-            optim={"lr": plan.lr, "warmup_steps": plan.warmup_steps, "weight_decay": 0.0, "schedule": "cosine"},
-            eval={"every": plan.eval_every, "max_batches": plan.val_batches, "patience": plan.patience},
-            checkpoint={"every": 0, "keep_last": 1},
-            log={"every": 5},
-            micro_batch=plan.micro_batch,
-            max_steps=plan.steps,
-            device="cpu",
-            # fp32 on every CPU: bf16 autocast trains 1.7x faster where the CPU multiplies bf16 natively,
-            # but at seed 0 it raised general-English perplexity by 15% (bar 10%) against fp32's 4.7%
-            precision="fp32",
-        )
+        fcfg = finetune_config(plan, base, out, seed, epsilon)
         facts["precision"] = fcfg.precision
         t0 = time.perf_counter()
         fr = train(fcfg)
@@ -408,6 +513,12 @@ def run_pretrained_demo(out: str | Path = "runs/demo", quick: bool = False, seed
             "final": fr.final,
             "adapter": str(fr.output),
         }
+
+    if private:
+        what = "privacy audit of the adapter: canary exposure, membership inference (the base as reference)"
+        with clock.stage("audit", what):
+            audit = audit_privacy(base, fr.output, out / "data", out / "privacy", seed, log)
+            facts["privacy"] = privacy_facts(fr.privacy, audit, facts["prepare"].get("canaries"), epsilon)
 
     with clock.stage("merge", "merging the adapter into the base model"):
         from yunque.formats.peft import merge_adapter

@@ -23,12 +23,54 @@ from yunque.demo.result import DemoResult
 
 MODELS = ("base", "fine-tuned", "int8")
 # Outputs whose SHA-256 run.json records: inputs and results, not the trainer's resumable checkpoints.
-_HASHED_DIRS = ("domain", "data", "eval", "finetune/adapter", "model", "ship", "redteam")
+_HASHED_DIRS = ("domain", "data", "eval", "finetune/adapter", "model", "ship", "redteam", "privacy")
 _HASHED_FILES = ("report.md", "accuracy.png", "finetune_loss.png", "finetune/run.json", "finetune/metrics.jsonl")
 
 
 def _num(v: float | None, fmt: str = "{:.2f}") -> str:
     return "–" if v is None else fmt.format(v)
+
+
+def _sci(x: float) -> str:
+    """1.2e-3, not 1.2e-03."""
+    m, e = f"{x:.1e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def privacy_line(p: dict) -> str:
+    """The one line of `--privacy` (report.md and the summary): ε spent, canary exposure, membership inference."""
+    eps = "unbounded (no noise)" if p["epsilon"] is None else f"{p['epsilon']:.2f}"
+    parts = [
+        f"privacy: DP-SGD ε = {eps} (δ = {_sci(p['delta'])}, σ = {p['noise_multiplier']:.2f}, "
+        f"{p['accountant'].upper()})"
+    ]
+    if p["exposure_mean"] is None:
+        parts.append("no canary planted (no exposure measured)")
+    else:
+        parts.append(
+            f"canary exposure {p['exposure_mean']:.1f} bits (base {p['exposure_base_mean']:.1f}; "
+            f"{p['exposure_max_bits']:.0f} = memorised)"
+        )
+    lo, hi = p["mia_auc_ci95"]
+    mia = f"membership-inference AUC {p['mia_auc']:.2f} [{lo:.2f}, {hi:.2f}]"
+    if p.get("mia_auc_calibrated") is not None:
+        mia += f" (base-calibrated {p['mia_auc_calibrated']:.2f})"
+    return " · ".join([*parts, mia])
+
+
+def bars_text(f: dict, em: str = "") -> str:
+    """The verdict on the plan's bars, in words (verdicts wrapped in `em`); under DP-SGD the accuracy bars are
+    reported, not enforced."""
+    plan, fg, v = f["plan"], f["forgetting"], f["verdict"]
+    bars = f"{plan['accuracy_bar']:.0f}% overall, {plan['task_bar']:.0f}% per task"
+    forget = f"general-English perplexity up at most {fg['bar_pct']:.0f}%"
+    if v.get("accuracy_enforced", True):
+        return f"{bars}, {forget}: " + (f"{em}met{em}" if v["ok"] else f"{em}NOT met{em} ({_unmet(v)})")
+    met = v["accuracy_ok"] and not v["tasks_below_bar"]
+    acc = f"{em}met{em}" if met else f"{em}not met{em} ({_unmet({**v, 'forgetting_ok': True})})"
+    return f"accuracy {bars}: {acc}, reported but not enforced under DP-SGD; {forget}: " + (
+        f"{em}met{em}" if v["forgetting_ok"] else f"{em}NOT met{em}"
+    )
 
 
 def result_rows(ev: dict, general: dict) -> list[tuple[str, ...]]:
@@ -145,24 +187,21 @@ def ship_commands(out: Path, cli: str, ship: dict) -> list[str]:
 
 def _md(result: DemoResult, test: list[dict], cli: str, note: str, commands: list[str]) -> str:
     out, f = result.out_dir, result.facts
-    ev, plan, v = f["eval"], f["plan"], f["verdict"]
+    ev, plan = f["eval"], f["plan"]
     tuned = ev["fine-tuned"]["tasks"]["all"]["accuracy"]
     fg, m, d, p, ftn = f["forgetting"], f["model"], f["domain"], f["prepare"], f["finetune"]
     i8, gguf = f["ship"]["int8"], f["ship"]["gguf"]
-    bars = (
-        f"{plan['accuracy_bar']:.0f}% overall, {plan['task_bar']:.0f}% per task, general-English perplexity "
-        f"up at most {fg['bar_pct']:.0f}%"
-    )
+    priv = f.get("privacy")
     lines = [
         f"# yunque demo: {m['name']} fine-tuned into a security triage assistant "
-        f"({'quick' if f['quick'] else 'full'} run)",
+        f"({'quick' if f['quick'] else 'full'} run{', DP-SGD' if priv else ''})",
         "",
         f"Seed {f['seed']}, {result.seconds:.0f} s end to end on {f['torch_threads']} threads "
         f"(CPU capability {f['cpu']['capability']}). The fine-tuned model reaches **{tuned:.1f}%** task accuracy on "
         f"the held-out test split (base model: {ev['base']['tasks']['all']['accuracy']:.1f}%); general-English "
-        f"perplexity changed by {fg['rise_pct']:+.1f}%. Bars of this run: {bars}: "
-        + ("**met**." if v["ok"] else "**NOT met** (" + _unmet(v) + ")."),
+        f"perplexity changed by {fg['rise_pct']:+.1f}%. Bars of this run: {bars_text(f, '**')}.",
         "",
+        *([f"{privacy_line(priv)} (`{priv['audit']}`)", ""] if priv else []),
         "## Results on the held-out test split",
         "",
         _table(("metric", "chance", "base", "fine-tuned", "int8"), result_rows(ev, f["general"])),
@@ -201,8 +240,14 @@ def _md(result: DemoResult, test: list[dict], cli: str, note: str, commands: lis
         f"LoRA r={f['lora']['r']}, alpha={f['lora']['alpha']:.0f}, dropout {f['lora']['dropout']} on "
         f"{', '.join(f['lora']['target_modules'])} of all layers; lr {plan['lr']:g}, cosine with "
         f"{plan['warmup_steps']} warmup steps; {ftn['steps']} of up to {plan['steps']} steps of "
-        f"{plan['micro_batch']} packed rows of {plan['seq_len']} tokens "
-        f"({ftn['tokens']:,} tokens, {ftn['tokens_per_s']:.0f} tokens/s); "
+        + (
+            f"a Poisson sample of the {priv['records']} training records (rate {priv['sample_rate']:.3g}, "
+            f"{priv['expected_batch_size']} expected, one record per row), each record's gradient clipped to "
+            f"{priv['max_grad_norm']:g} and Gaussian noise σ = {priv['noise_multiplier']:.3g} added "
+            if priv
+            else f"{plan['micro_batch']} packed rows of {plan['seq_len']} tokens "
+        )
+        + f"({ftn['tokens']:,} tokens, {ftn['tokens_per_s']:.0f} tokens/s); "
         + (
             f"stopped early at step {ftn['steps']}, exporting step {ftn['exported_step']}"
             if ftn["stopped_early"]
@@ -232,7 +277,19 @@ def _md(result: DemoResult, test: list[dict], cli: str, note: str, commands: lis
                     f"`{p['manifest_sha256'][:16]}`",
                 ),
                 ("base", f["stages"].get("base"), "test split, general-English perplexity, red team"),
-                ("finetune", f["stages"].get("finetune"), f"{ftn['steps']} LoRA steps"),
+                ("finetune", f["stages"].get("finetune"), f"{ftn['steps']} {'DP-SGD ' if priv else ''}LoRA steps"),
+                *(
+                    [
+                        (
+                            "audit",
+                            f["stages"].get("audit"),
+                            f"{priv['canaries']} canaries ranked among {priv['candidates']} secrets each; "
+                            f"{priv['members']} training vs {priv['nonmembers']} held-out records; `privacy/`",
+                        )
+                    ]
+                    if priv
+                    else []
+                ),
                 ("merge", f["stages"].get("merge"), f"{f['merge']['modules']} LoRA modules folded into `model/`"),
                 ("tuned", f["stages"].get("tuned"), "the same for the merged model"),
                 (
@@ -258,6 +315,14 @@ def _md(result: DemoResult, test: list[dict], cli: str, note: str, commands: lis
         "- `finetune/adapter/`: the LoRA adapter (PEFT format); `ship/int8/`: int8 weights",
         "- `data/`: prepared splits, `report.md`, `manifest.json`; `domain/raw.jsonl`: the data before preparation",
         "- `eval/`, `redteam/`: every answer and probe reply",
+        *(
+            [
+                "- `privacy/`: the privacy audit (`audit.md`, `audit.json`, `audit.png`); `data/canaries.json`: the "
+                "planted canaries"
+            ]
+            if priv
+            else []
+        ),
         "- `run.json`: settings, versions, the source model's SHA-256, the data manifest's roots and the SHA-256 "
         "of every output",
         "",
@@ -305,14 +370,18 @@ def write_pretrained_report(result: DemoResult, log=print) -> Path:
         f"{_pct(100 * (rt['fine-tuned']['overall']['asr'] or 0))} fine-tuned"
     )
     tuned = f["eval"]["fine-tuned"]["tasks"]["all"]["accuracy"]
-    log(
-        f"fine-tuned task accuracy {tuned:.1f}% "
-        + ("meets" if v["ok"] else "does NOT meet")
-        + f" the bars of this {'quick' if f['quick'] else 'full'} run ({plan['accuracy_bar']:.0f}% overall, "
-        f"{plan['task_bar']:.0f}% per task, forgetting <= {fg['bar_pct']:.0f}%)"
-        + ("" if v["ok"] else f": {_unmet(v)}")
-        + f"; {result.seconds:.0f} s end to end"
-    )
+    if f.get("privacy"):
+        log(privacy_line(f["privacy"]))
+        log(f"fine-tuned task accuracy {tuned:.1f}%; bars: {bars_text(f)}; {result.seconds:.0f} s end to end")
+    else:
+        log(
+            f"fine-tuned task accuracy {tuned:.1f}% "
+            + ("meets" if v["ok"] else "does NOT meet")
+            + f" the bars of this {'quick' if f['quick'] else 'full'} run ({plan['accuracy_bar']:.0f}% overall, "
+            f"{plan['task_bar']:.0f}% per task, forgetting <= {fg['bar_pct']:.0f}%)"
+            + ("" if v["ok"] else f": {_unmet(v)}")
+            + f"; {result.seconds:.0f} s end to end"
+        )
     log(f"report: {out / 'report.md'}   hashes: {run_path}")
     log(f"next{f' ({note})' if note else ''}:\n  " + "\n  ".join(commands))
     return out / "report.md"
