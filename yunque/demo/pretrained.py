@@ -52,7 +52,7 @@ REDTEAM_SKIP = ("unbounded_consumption",)
 # `yunque demo --privacy`: DP-SGD at ε (default below), δ auto (1 / n^1.1), per-record clipping at 1, and
 # canaries planted in the training split for the audit afterwards.
 DP_EPSILON = 8.0
-DP_CANARIES = 4  # distinct canaries, one training record each (the default rate, 1%, is 2 to 4 records here)
+DP_CANARIES = 2  # one training record each; ranking each among 1,000 secrets on two models is most of the audit's time
 # Mean tokens of a prepared training record under SmolLM2's chat template (system prompt included):
 # 135 in the quick run's training split (87 to 231). A packed row of 512 tokens holds about 3.8 of them.
 RECORD_TOKENS = 135
@@ -103,20 +103,21 @@ FULL = Plan(
     accuracy_bar=90.0,
     task_bar=80.0,
 )
-# A smoke run of the whole path (the test suite runs it): 30 steps are far too few for the tasks, and the
-# result swings with the seed and the CPU (33-47% at seed 0 across settings), so its bars only say that
-# fine-tuning moved the model past chance and the base model (13% at seed 0) without forgetting.
+# A smoke run of the whole path (the test suite runs it, in under 3 minutes): 20 steps are far too few for
+# the tasks, and the result swings with the seed and the settings (33-47% at seed 0 across earlier plans),
+# so its bars only say that fine-tuning moved the model past chance and the base model (10% at seed 0)
+# without forgetting. Seed 0: 36.7% and +8.4% / +8.5% general-English perplexity on two numeric paths.
 QUICK = Plan(
-    records=360,
+    records=540,
     replay_chars=15_000,
     split=(0.7, 0.08, 0.22),
     test_per_task=10,
-    steps=30,
+    steps=20,
     micro_batch=2,
     seq_len=512,
     lr=3e-3,
-    warmup_steps=3,
-    eval_every=15,
+    warmup_steps=2,
+    eval_every=10,
     val_batches=2,
     patience=2,
     max_new_tokens=16,
