@@ -789,7 +789,7 @@ def main() -> None:
     ap.add_argument("--sft-examples", type=int, default=400)
     ap.add_argument("--shakespeare-seconds", type=float, default=180.0)
     ap.add_argument("--shk-vocab", type=int, default=512)
-    ap.add_argument("--smollm2-records", type=int, default=600)  # the full demo plan's
+    ap.add_argument("--smollm2-records", type=int, default=900)  # the full demo plan's
     ap.add_argument("--smollm2-micro-batch", type=int, default=2)  # the full demo plan's packed rows per step
     ap.add_argument("--smollm2-hf-batch", type=int, default=0, help="0: yunque's examples per step, rounded")
     ap.add_argument("--smollm2-child", help=argparse.SUPPRESS)
