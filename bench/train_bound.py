@@ -20,7 +20,7 @@ import torch
 
 HIDDEN, INTER, KV, LAYERS = 576, 1536, 192, 30  # SmolLM2-135M: 9 query heads, 3 key/value heads of 64
 # (out, in) of q, k, v, o, gate, up, down
-SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), (INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN)] + [(INTER, HIDDEN)] * 2 + [(HIDDEN, INTER)]
 
 
 def main() -> None:
