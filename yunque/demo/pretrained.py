@@ -83,7 +83,7 @@ class Plan:
 
 # 900 records: at 600 the same steps (two epochs) reached 90.0% at seed 0 with no margin, and the alert
 # tactics fell to 70% on another CPU's numerics; 900 (1.3 epochs, more distinct examples) reached
-# 96.7-98.3% on both (bench/NOTES.md, "Demo plans").
+# 96.7-98.3% on both (bench/NOTES.md, "Pretrained demo plan").
 FULL = Plan(
     records=900,
     replay_chars=22_500,

@@ -29,7 +29,7 @@ def demo_cmd(
         from_scratch: instead, pretrain a 5M-parameter model from scratch on Python's stdlib text and
             LoRA-tune it to the tasks (needs no pretrained model)
         privacy: fine-tune with DP-SGD (ε from --epsilon, δ = 1/n^1.1, each record's gradient clipped to 1,
-            PRV accountant) after planting 4 canaries in the training split, then audit the adapter against
+            PRV accountant) after planting 2 canaries in the training split, then audit the adapter against
             the base model (canary exposure, membership inference) into privacy/. The accuracy bars are
             reported but not enforced: at a few hundred records the noise costs accuracy by design, so the
             exit status is 1 only when forgetting exceeds its bar
