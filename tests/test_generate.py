@@ -115,3 +115,30 @@ def test_text_decoder_never_splits_characters_and_holds_stop_prefix():
     assert out == "año " and "\ufffd" not in out  # "ST" held back: may start "STOP"
     out += "".join(dec.add(b) for b in b"OP tail")
     assert dec.stopped and out == "año "
+
+
+def test_scoring_in_the_prefill_equals_separate_scoring_and_changes_no_token(pair):
+    """A continuation scored in the generation's prefill: the same log-likelihoods as
+    score_continuations, and the same new tokens as a plain prefill (the continuation's cache
+    slots are overwritten before any query reads them)."""
+    from yunque.evaluate.perplexity import score_continuations
+    from yunque.generate import ContinuationScore
+
+    _, ours = pair
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (6, 19, 11, 2)]
+    conts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (3, 1, 24, 9)]  # one longer than the answers
+    s = Sampling(max_new_tokens=16)
+    scores: list[ContinuationScore] = []
+    assert generate(ours, prompts, s, score=conts, scores=scores) == generate(ours, prompts, s)
+    want = score_continuations(ours, list(zip(prompts, conts)))
+    assert [x.tokens for x in scores] == [len(c) for c in conts]
+    for got, w in zip(scores, want):
+        assert got.logprob == pytest.approx(w.logprob, rel=1e-5, abs=1e-4) and got.greedy == w.greedy
+    # a continuation the model itself would produce is greedy, and that is seen
+    first = generate(ours, prompts[:1], Sampling(max_new_tokens=5))[0]
+    one: list[ContinuationScore] = []
+    generate(ours, prompts[:1], s, score=[first], scores=one)
+    assert one[0].greedy and one[0].tokens == 5
+    with pytest.raises(ValueError, match="one non-empty continuation per prompt"):
+        generate(ours, prompts, s, score=conts[:2], scores=[])

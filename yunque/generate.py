@@ -66,26 +66,47 @@ class PromptTooLong(YunqueError, ValueError):
     """Prompt plus new tokens longer than the model's context."""
 
 
+@dataclass
+class ContinuationScore:
+    logprob: float  # summed over the continuation's tokens (natural log)
+    greedy: bool  # every token was the argmax
+    tokens: int
+
+
 @torch.inference_mode()
 def generate_tokens(
-    model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0, use_cache: bool = True
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    s: Sampling,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    score: Sequence[Sequence[int]] | None = None,
+    scores: list[ContinuationScore] | None = None,
 ) -> Iterator[list[int | None]]:
-    """Yields, per step, each row's new token (None once that row has stopped)."""
+    """Yields, per step, each row's new token (None once that row has stopped).
+
+    `score` (one non-empty continuation per prompt, e.g. a reference answer) is scored in the
+    same prefill, its `ContinuationScore`s appended to `scores` before the first yield: an
+    evaluation that wants both the answer and the reference's likelihood runs the prompt once."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise EmptyPrompt(
             "every prompt needs at least one token (an empty prompt, or a chat template that rendered nothing)"
         )
+    if score is not None and (len(score) != len(prompts) or any(len(c) == 0 for c in score) or not use_cache):
+        raise ValueError("score needs one non-empty continuation per prompt, and the cache")
     device = model.model.embed_tokens.weight.device
     B = len(prompts)
     ids, valid_prompt = _left_pad(prompts, pad_id, device)
     P = ids.shape[1]
-    S = P + s.max_new_tokens
+    R = max(len(c) for c in score) if score is not None else 0
+    S = P + max(s.max_new_tokens, R)
     if S > model.config.max_position_embeddings:
         # Past the context the model was built for, and the (S x S) mask alone grows without bound:
         # a 100k-token prompt would ask for 10 GB before the first step.
         raise PromptTooLong(
-            f"prompt of {P} tokens + max_new_tokens {s.max_new_tokens} exceeds the model's context "
-            f"of {model.config.max_position_embeddings} tokens (max_position_embeddings)"
+            f"prompt of {P} tokens + max_new_tokens {s.max_new_tokens}"
+            + (f" (or the scored continuation's {R})" if R > s.max_new_tokens else "")
+            + f" exceeds the model's context of {model.config.max_position_embeddings} tokens (max_position_embeddings)"
         )
     valid = torch.ones(B, S, dtype=torch.bool, device=device)
     valid[:, :P] = valid_prompt
@@ -104,7 +125,9 @@ def generate_tokens(
         model.setup_cache(B, S)
     try:
         all_slots = torch.arange(S, device=device)
-        if use_cache:
+        if score is not None:
+            logits = _prefill_scoring(model, ids, valid_prompt, score, pad_id, S, window, scores)
+        elif use_cache:
             # Only the last position's logits are needed: the head over all P positions would cost
             # B x P x V (gigabytes for a 128k vocabulary) for nothing.
             logits = model.lm_head(model.hidden(ids, positions[:, :P], full_mask[:, :, :P], all_slots[:P])[:, -1])
@@ -137,12 +160,56 @@ def generate_tokens(
             model.clear_cache()
 
 
+def _prefill_scoring(
+    model: Transformer,
+    ids: torch.Tensor,
+    valid_prompt: torch.Tensor,
+    score: Sequence[Sequence[int]],
+    pad_id: int,
+    S: int,
+    window: int | None,
+    scores: list[ContinuationScore] | None,
+) -> torch.Tensor:
+    """The prefill of left-padded prompts (B, P) with each row's continuation after it (right-padded
+    to R): the continuations' scores, and the logits of the first new token (B, V). The continuation
+    fills cache slots P.., which decoding overwrites one by one before any query may read them."""
+    B, P = ids.shape
+    R = max(len(c) for c in score)
+    ext = torch.full((B, R), pad_id, dtype=torch.long, device=ids.device)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=ids.device)
+    valid[:, :P] = valid_prompt
+    for i, c in enumerate(score):
+        ext[i, : len(c)] = torch.as_tensor(list(c), dtype=torch.long, device=ids.device)
+        valid[i, P : P + len(c)] = True
+    positions = (valid[:, : P + R].long().cumsum(-1) - 1).clamp(min=0)  # the continuation goes on from the prompt
+    slots = torch.arange(P + R, device=ids.device)
+    h = model.hidden(torch.cat([ids, ext], 1), positions, causal_mask(valid, slots, window), slots)  # (B, P+R, D)
+    # Position P-1+j predicts continuation token j; only those rows go through the head.
+    rows = torch.tensor([i for i, c in enumerate(score) for _ in c], device=ids.device)
+    cols = torch.tensor([P - 1 + j for c in score for j in range(len(c))], device=ids.device)
+    target = torch.tensor([t for c in score for t in c], device=ids.device)
+    z = model.lm_head(h[rows, cols]).float()  # (N, V)
+    lp = torch.log_softmax(z, -1).gather(1, target[:, None]).squeeze(1).double()
+    sums = torch.zeros(B, dtype=torch.float64, device=ids.device).index_add_(0, rows, lp)
+    misses = torch.zeros(B, dtype=torch.long, device=ids.device).index_add_(0, rows, (z.argmax(-1) != target).long())
+    if scores is not None:
+        scores += [ContinuationScore(float(sums[i]), bool(misses[i] == 0), len(c)) for i, c in enumerate(score)]
+    return model.lm_head(h[:, P - 1])
+
+
 def generate(
-    model: Transformer, prompts: Sequence[Sequence[int]], s: Sampling, pad_id: int = 0, use_cache: bool = True
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    s: Sampling,
+    pad_id: int = 0,
+    use_cache: bool = True,
+    score: Sequence[Sequence[int]] | None = None,
+    scores: list[ContinuationScore] | None = None,
 ) -> list[list[int]]:
-    """New token ids per prompt, ending with the stop token when one was produced."""
+    """New token ids per prompt, ending with the stop token when one was produced (`score`,
+    `scores`: as in `generate_tokens`)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_tokens(model, prompts, s, pad_id, use_cache):
+    for step in generate_tokens(model, prompts, s, pad_id, use_cache, score, scores):
         for row, t in zip(out, step):
             if t is not None:
                 row.append(t)

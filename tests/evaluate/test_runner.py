@@ -232,11 +232,16 @@ def test_progress_reports_each_stage_and_n_of_n(env, monkeypatch, capsys):
         batch_size=1,
         progress=lines.append,
     )
-    assert lines[0] == "perplexity of the references of 4 examples ..."
-    assert lines[1] == "generating answers to 4 examples (greedy, up to 4 tokens) ..."
+    assert (
+        lines[0]
+        == "generating answers to 4 examples (greedy, up to 4 tokens), scoring the references in the same pass ..."
+    )
     for n in (1, 2, 3):
-        assert lines[1 + n].startswith(f"generated {n}/4 examples | ") and "examples/s | eta" in lines[1 + n]
-    assert lines[5].startswith("generated 4/4 examples in ") and len(lines) == 6
+        assert lines[n].startswith(f"generated {n}/4 examples | ") and "examples/s | eta" in lines[n]
+    assert lines[4].startswith("generated 4/4 examples in ") and len(lines) == 5
+    lines.clear()
+    evaluate(env["model"], env["gen"], metrics=["perplexity"], progress=lines.append)
+    assert lines == ["perplexity of the references of 4 examples ..."]
     monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 3600.0)
     quiet = evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=4, progress=None)
     assert capsys.readouterr().err == "" and quiet.predictions == r.predictions
@@ -281,3 +286,19 @@ def test_threads_fit_the_free_cores_and_are_given_back(env, monkeypatch):
     with pytest.raises(RuntimeError):
         evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=2, progress=None)
     assert calls == ["start", "close"]
+
+
+def test_reference_perplexity_is_scored_in_the_generation_pass(env, monkeypatch):
+    """With generation metrics too, the references' perplexity comes from the generation's prefill
+    (no separate scoring pass over the prompts) and equals the separate pass's value."""
+    from yunque.evaluate import perplexity as P
+
+    alone = evaluate(env["model"], env["gen"], metrics=["perplexity"], batch_size=4)
+    calls = []
+    real = P.score_continuations
+    monkeypatch.setattr(P, "score_continuations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = evaluate(env["model"], env["gen"], metrics=["exact_match", "perplexity"], max_new_tokens=6, batch_size=4)
+    assert calls == [] and "perplexity_s" not in both.timing and "perplexity_s" in alone.timing
+    assert both.metrics["perplexity"] == pytest.approx(alone.metrics["perplexity"], rel=1e-5)
+    assert both.metrics["bits_per_byte"] == pytest.approx(alone.metrics["bits_per_byte"], rel=1e-5)
+    assert both.predictions == evaluate(env["model"], env["gen"], metrics=["exact_match"], max_new_tokens=6).predictions

@@ -132,9 +132,13 @@ def generate_texts(
     batch_size: int,
     progress: Callable[[str], None] | None = None,
     between_batches: Callable[[], object] | None = None,
+    continuations: list[list[int]] | None = None,
+    scores: list | None = None,
 ) -> tuple[list[str], dict]:
     """Greedy completions, batched by similar prompt length; stop tokens are cut off. `progress`
-    gets n/N lines with rate and ETA (see `_Meter`); `between_batches` runs before each batch."""
+    gets n/N lines with rate and ETA (see `_Meter`); `between_batches` runs before each batch.
+    With `continuations`, each is scored in its prompt's prefill into `scores[i]` (a list as long
+    as `prompts`) as a `ContinuationScore`."""
     from yunque.generate import Sampling, generate
 
     s = Sampling(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tuple(tok.stop_ids))
@@ -149,7 +153,11 @@ def generate_texts(
         idx = order[start : start + batch_size]
         if between_batches is not None:
             between_batches()
-        outs = generate(model, [prompts[i] for i in idx], s, pad)
+        got: list = []
+        cont = [continuations[i] for i in idx] if continuations is not None else None
+        outs = generate(model, [prompts[i] for i in idx], s, pad, score=cont, scores=got if cont else None)
+        for i, x in zip(idx, got):
+            scores[i] = x  # type: ignore[index]
         for i, ids in zip(idx, outs):
             new_tokens += len(ids)
             texts[i] = tok.decode([t for t in ids if t not in stops], skip_special_tokens=True)
@@ -213,32 +221,60 @@ def evaluate(
         rendered = [prompt_text(tok, ex, chat) if ex.kind != "text" else ("", False) for ex in examples]
         preds: list[dict] = [{"source": ex.source} for ex in examples]
 
-        if "perplexity" in names:
+        needs_text = any(n in M.GENERATION_METRICS for n in names)
+        needs_text |= "classification" in names and scoring == "generate"
+        ids = [prompt_ids(tok, p, tpl) for p, tpl in rendered] if needs_text else []
+        pairs, targets = [], []
+        if "perplexity" in names and kind != "text":  # likelihood of the (first) reference given the prompt
+            targets = [ex.references[0] if ex.references else ex.label or "" for ex in examples]
+            pairs = [label_continuation(tok, p, t, tpl) for (p, tpl), t in zip(rendered, targets)]
+        ref_bytes = sum(len(t.encode("utf-8")) for t in targets)
+        # The usual case (the reference follows the prompt's own tokens, within the context): the
+        # reference is scored in the generation's prefill, so each prompt runs through the model once.
+        merged = (
+            bool(pairs)
+            and needs_text
+            and all(c == i for (c, _), i in zip(pairs, ids))
+            and max(map(len, ids)) + max(len(r) for _, r in pairs) <= max_length
+        )
+
+        if "perplexity" in names and not merged:
             t0 = time.perf_counter()
             say(f"perplexity of the {'texts' if kind == 'text' else 'references'} of {len(examples)} examples ...")
             if kind == "text":
                 r = perplexity(model, tok, [ex.text or "" for ex in examples], max_length, stride, batch_size)
                 nll, ntok, nbytes = r.nll, r.tokens, r.bytes
-            else:  # likelihood of the (first) reference given the prompt: the fine-tuning loss, per token
-                targets = [ex.references[0] if ex.references else ex.label or "" for ex in examples]
-                pairs = [label_continuation(tok, p, t, tpl) for (p, tpl), t in zip(rendered, targets)]
+            else:  # the fine-tuning loss, per token
                 scores = score_continuations(model, pairs, batch_size, max_length)
-                nll, ntok = -sum(s.logprob for s in scores), sum(s.tokens for s in scores)
-                nbytes = sum(len(t.encode("utf-8")) for t in targets)
+                nll, ntok, nbytes = -sum(s.logprob for s in scores), sum(s.tokens for s in scores), ref_bytes
             result.metrics["perplexity"] = math.exp(nll / ntok)
             result.metrics["bits_per_byte"] = nll / math.log(2) / max(nbytes, 1)
             result.timing["perplexity_s"] = time.perf_counter() - t0
 
-        needs_text = any(n in M.GENERATION_METRICS for n in names)
-        needs_text |= "classification" in names and scoring == "generate"
         outputs: list[str] = []
         if needs_text:
-            ids = [prompt_ids(tok, p, tpl) for p, tpl in rendered]
-            say(f"generating answers to {len(ids)} examples (greedy, up to {max_new_tokens} tokens) ...")
+            say(
+                f"generating answers to {len(ids)} examples (greedy, up to {max_new_tokens} tokens)"
+                + (", scoring the references in the same pass" if merged else "")
+                + " ..."
+            )
+            scored: list = [None] * len(ids) if merged else []
             outputs, timing = generate_texts(
-                model, tok, ids, max_new_tokens, batch_size, progress, threads.update if threads else None
+                model,
+                tok,
+                ids,
+                max_new_tokens,
+                batch_size,
+                progress,
+                threads.update if threads else None,
+                continuations=[r for _, r in pairs] if merged else None,
+                scores=scored if merged else None,
             )
             result.timing.update(timing)
+            if merged:
+                nll, ntok = -sum(x.logprob for x in scored), sum(x.tokens for x in scored)
+                result.metrics["perplexity"] = math.exp(nll / ntok)
+                result.metrics["bits_per_byte"] = nll / math.log(2) / max(ref_bytes, 1)
             for p, o in zip(preds, outputs):
                 p["prediction"] = o
 
