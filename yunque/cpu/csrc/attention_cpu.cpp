@@ -37,7 +37,7 @@ namespace {
 constexpr int BM = 64, BN = 64;  // query rows x key columns per tile
 constexpr int NC = BN / L;        // vectors per tile row
 // Register blocking of the products: up to 6 rows x NVMAX vectors of accumulators, plus NVMAX
-// vectors of B and one broadcast of A: 30 of 32 zmm registers, 15 of 16 ymm registers.
+// vectors of B and one broadcast of A: 29 of 32 zmm registers, 15 of 16 ymm registers.
 constexpr int NVMAX = L == 16 ? 4 : 2;
 
 // Product traits. W elements make one 32-bit word of the reduction dimension (loads and

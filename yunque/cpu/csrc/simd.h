@@ -17,7 +17,12 @@ typedef uint16_t bf16;
 #ifdef YQ_AVX2
 
 typedef __m256 vf;
-typedef __m256i vmask;  // all ones in the lanes that are in
+// All ones in the lanes that are in; `all` when every lane is: masked stores (vmaskmovps) are
+// several times slower than plain ones on some CPUs (AMD's), so whole vectors skip them.
+struct vmask {
+  __m256i m;
+  bool all;
+};
 constexpr int L = 8;
 
 inline vf set1(float x) { return _mm256_set1_ps(x); }
@@ -33,22 +38,27 @@ inline vf fnmadd(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
 inline vf fmsub(vf a, vf b, vf c) { return _mm256_fmsub_ps(a, b, c); }
 inline vf load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, vf x) { _mm256_storeu_ps(p, x); }
-inline vf load(const float* p, vmask m) { return _mm256_maskload_ps(p, m); }  // lanes out read as 0
-inline void store(float* p, vf x, vmask m) { _mm256_maskstore_ps(p, m, x); }  // lanes out not written
-inline vf keep(vmask m, vf x) { return _mm256_and_ps(_mm256_castsi256_ps(m), x); }  // lanes out are 0
-inline vf max_where(vf a, vmask m, vf b) { return _mm256_blendv_ps(a, _mm256_max_ps(a, b), _mm256_castsi256_ps(m)); }
-inline vmask no_lanes() { return _mm256_setzero_si256(); }
+inline vf load(const float* p, vmask m) { return m.all ? load(p) : _mm256_maskload_ps(p, m.m); }  // lanes out read as 0
+inline void store(float* p, vf x, vmask m) {  // lanes out are not written
+  if (m.all)
+    store(p, x);
+  else
+    _mm256_maskstore_ps(p, m.m, x);
+}
+inline vf keep(vmask m, vf x) { return _mm256_and_ps(_mm256_castsi256_ps(m.m), x); }  // lanes out are 0
+inline vf max_where(vf a, vmask m, vf b) { return _mm256_blendv_ps(a, _mm256_max_ps(a, b), _mm256_castsi256_ps(m.m)); }
+inline vmask no_lanes() { return {_mm256_setzero_si256(), false}; }
 
 // Lanes first + k with lo <= first + k <= hi.
 inline vmask lanes_in(int first, int lo, int hi) {
   const __m256i j = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first));
   const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), j), _mm256_cmpgt_epi32(j, _mm256_set1_epi32(hi)));
-  return _mm256_xor_si256(out, _mm256_set1_epi32(-1));
+  return {_mm256_xor_si256(out, _mm256_set1_epi32(-1)), false};
 }
 // The lanes of elements j .. j+L-1 that are below n.
 inline vmask tail(long n, long j) {
   const int left = (int)std::min<long>(n - j, L);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return {_mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), left == L};
 }
 
 inline float hsum(vf x) {
