@@ -8,9 +8,10 @@ Each entry point (`attention`, `rms_norm`, `swiglu`, `xent_`) owns its autograd 
 None when it does not take its inputs (another device or dtype, a shape it has no kernel for, bf16
 on the AVX2 build, a CPU with neither build, no g++, or `yunque.cpu.enabled()` False): callers try
 it and keep PyTorch's ops otherwise. They exist because PyTorch's CPU ops ran these shapes far below
-the machine's peak; the measurements are in bench/NOTES.md ("CPU kernels", "AVX2 build").
+the machine's peak; the measurements are in bench/NOTES.md ("CPU kernels", "AVX2 build of the CPU
+kernels").
 
-The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or $YUNQUE_CACHE)
+The sources are compiled once per source, compiler and build into ~/.cache/yunque/kernels (or $YUNQUE_CACHE)
 and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few seconds.
 """
 

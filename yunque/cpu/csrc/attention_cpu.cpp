@@ -3,8 +3,8 @@
 //
 // Why: PyTorch's CPU flash kernel runs these shapes (hd 64, T 512) at 11-18% of the bf16
 // matmul peak on AVX512-BF16 machines without AMX (a quarter of a bf16 LoRA training step), and
-// at under half the fp32 peak in fp32 (its AVX2 build likewise, against a flash kernel that is
-// slower still there). Here every product is one register-blocked microkernel
+// at under half the fp32 peak in fp32, on AVX2-only CPUs too (there this file's AVX2 build runs
+// in its place, fp32). Here every product is one register-blocked microkernel
 // (vdpbf16ps on VNNI pairs for bf16, vfmadd for fp32), the softmax is fused between the
 // products, and tiles stay in L1. The two precisions are one template: a 32-bit "word" of the
 // reduction holds a pair of bf16 or one float.
