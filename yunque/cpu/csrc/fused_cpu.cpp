@@ -4,9 +4,8 @@
 // Why: as PyTorch ops, SwiGLU is silu, a product and its temporaries, recomputed in backward
 // (silu again, silu_backward and two products), and RMSNorm is a square, a mean, an rsqrt, two
 // products and a cast, each a pass over the activations: together ~7% of a bf16 LoRA step of a
-// 56M model at seq 512 x 4. Here each is one pass that reads its inputs once; on AVX2-only CPUs
-// (the YQ_AVX2 build, fp32) they also replace the ~0.8 s of separate products per 6 steps of the
-// demo's fp32 LoRA step (bench/NOTES.md, "AVX2 build of the CPU kernels").
+// 56M model at seq 512 x 4. Here each is one pass that reads its inputs once, in fp32 on AVX2-only
+// CPUs too (the YQ_AVX2 build; bench/NOTES.md, "AVX2 build of the CPU kernels").
 //
 // Numerics follow the PyTorch ops they replace, rounding where those round (silu's output and
 // each product in bf16); silu's exp is yq::exp_ps (~1 ulp), so a bf16 result may differ from
