@@ -45,7 +45,8 @@ def _in_a_process(env: dict) -> dict:
                                     num_attention_heads=2, num_key_value_heads=1))
         m(torch.randint(0, 64, (1, 8))).sum().backward()
         print(json.dumps({"enabled": yunque.cpu.enabled(), "kernels": any(ran), "tune": ops.tune_cpu_memory(),
-                          "decode": ops.arrange_for_decode_(m.requires_grad_(False))}))
+                          "decode": ops.arrange_for_decode_(m.requires_grad_(False)),
+                          "lanes": kernels._lib().yq_lanes() if any(ran) else 0}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "YUNQUE_CPU"} | env | {"PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -55,11 +56,18 @@ def _in_a_process(env: dict) -> dict:
 
 def test_YUNQUE_CPU_0_turns_every_speed_up_off():
     off = _in_a_process({"YUNQUE_CPU": "0"})
-    assert off == {"enabled": False, "kernels": False, "tune": False, "decode": 0}
+    assert off == {"enabled": False, "kernels": False, "tune": False, "decode": 0, "lanes": 0}
     on = _in_a_process({})
     assert on["enabled"] and on["decode"] > 0
     if cpu_kernels._lib() is not None:
         assert on["kernels"]
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_kernels.cpu_flags(), reason="needs a CPU with AVX2 and FMA")
+def test_YUNQUE_CPU_ISA_avx2_runs_the_avx2_build():
+    """What an AVX2-only CPU runs, forced on any CPU that has AVX2: the 8-lane build, in the model."""
+    got = _in_a_process({"YUNQUE_CPU_ISA": "avx2"})
+    assert got["kernels"] and got["lanes"] == 8
 
 
 @pytest.fixture

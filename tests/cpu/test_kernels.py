@@ -1,4 +1,5 @@
-"""The AVX512 kernels against PyTorch (attention in fp32/fp64, cross-entropy), and their callers."""
+"""The kernels against PyTorch (attention in fp32/fp64, cross-entropy), and their callers: every test runs
+on both builds, AVX-512 and AVX2 (bf16 only on the first), each skipped on a CPU without its instructions."""
 
 import pytest
 import torch
@@ -9,7 +10,33 @@ from yunque.cpu import kernels as cpu_kernels
 from yunque.model import ModelConfig, Transformer, rope_cos_sin
 from yunque.ops import Segments, apply_rope
 
-pytestmark = pytest.mark.skipif(cpu_kernels._lib() is None, reason="needs an AVX512-BF16 CPU and g++")
+pytestmark = pytest.mark.skipif(cpu_kernels._lib() is None, reason="needs an AVX2 or AVX512-BF16 CPU and g++")
+
+LANES = {"avx512": 16, "avx2": 8}
+
+
+def _reload():
+    cpu_kernels.isa.cache_clear()
+    cpu_kernels._lib.cache_clear()
+
+
+@pytest.fixture(autouse=True, params=list(LANES))
+def isa(request, monkeypatch):
+    """The build under test, loaded: the AVX2 one forced as YUNQUE_CPU_ISA=avx2 forces it."""
+    monkeypatch.setattr(yunque.cpu, "forced_isa", lambda: request.param if request.param == "avx2" else None)
+    _reload()
+    if not cpu_kernels._FLAGS[request.param][0] <= cpu_kernels.cpu_flags():
+        pytest.skip(f"the CPU cannot run the {request.param} build")
+    lib = cpu_kernels._lib()
+    assert cpu_kernels.isa() == request.param
+    assert lib is not None and lib.yq_lanes() == LANES[request.param]  # that build answers, no other
+    yield request.param
+    _reload()  # later tests load the default build again
+
+
+def _needs_bf16(isa, dtype=torch.bfloat16):
+    if isa == "avx2" and dtype == torch.bfloat16:
+        pytest.skip("the AVX2 build has no bf16 kernels")
 
 
 def _visible(B, T, seg, window):  # (B, T, T): key j visible to query i
@@ -45,9 +72,10 @@ CASES = [  # B, H, K, T, hd, segments, window
 
 
 @pytest.mark.parametrize("B,H,K,T,hd,segments,window", CASES)
-def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(B, H, K, T, hd, segments, window):
+def test_matches_fp32_attention_as_closely_as_pytorchs_bf16_kernel(isa, B, H, K, T, hd, segments, window):
     """Output and q/k/v gradients against fp32 attention on the same bf16 inputs: no further from it
     than PyTorch's own bf16 attention with the same mask (both round probabilities to bf16)."""
+    _needs_bf16(isa)
     g = torch.Generator().manual_seed(T + H)
     # (B, T, n, hd) storage seen as (B, n, T, hd): the layout the model passes.
     q = torch.randn(B, T, H, hd, generator=g).transpose(1, 2).bfloat16().requires_grad_()
@@ -103,9 +131,10 @@ def test_fp32_kernel_matches_fp64_attention_as_closely_as_pytorchs(B, H, K, T, h
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_results_do_not_depend_on_the_thread_count(dtype):
+def test_results_do_not_depend_on_the_thread_count(isa, dtype):
     """Work is split by (batch, head, query tile) and every sum has a fixed order: bit-identical
     outputs and gradients with 1 or 2 threads (exact resume relies on it)."""
+    _needs_bf16(isa, dtype)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 200, 64, generator=g).to(dtype).requires_grad_()
     k, v = (torch.randn(2, 2, 200, 64, generator=g).to(dtype).requires_grad_() for _ in range(2))
@@ -125,9 +154,10 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_inside_the_kernel_matches_rope_before_it(dtype):
+def test_rope_inside_the_kernel_matches_rope_before_it(isa, dtype):
     """q and k rotated by the kernel: the same forward bits as RoPE's ops then the kernel; the gradients
     taken back through the rotation in fp32 and rounded once (autograd rounds twice in bf16)."""
+    _needs_bf16(isa, dtype)
     g = torch.Generator().manual_seed(0)
     B, H, K, T, hd = 2, 4, 2, 150, 64
     q0 = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2)
@@ -169,9 +199,10 @@ def _tiny(hd=16):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("bf16", [True, False])
 @pytest.mark.parametrize("hd", [16, 32])  # 32: RoPE inside the kernel
-def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, packed, bf16, hd):
+def test_training_step_with_the_kernel_matches_pytorchs_attention(isa, monkeypatch, packed, bf16, hd):
     """Under bf16 autocast, and in fp32, the model routes attention through the kernel (checked), and
     its loss and gradients match the same step on PyTorch's attention to that precision."""
+    _needs_bf16(isa, torch.bfloat16 if bf16 else torch.float32)
     m = _tiny(hd)
     ids = torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(1))
     mask, pos = None, None
@@ -211,7 +242,8 @@ def test_training_step_with_the_kernel_matches_pytorchs_attention(monkeypatch, p
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("N,V", [(5, 1000), (37, 1003), (64, 32000)])  # vocab tails that are not 16-wide
-def test_xent_is_log_softmax_cross_entropy_and_its_gradient(N, V, dtype):
+def test_xent_is_log_softmax_cross_entropy_and_its_gradient(isa, N, V, dtype):
+    _needs_bf16(isa, dtype)
     g = torch.Generator().manual_seed(V)
     x = (3 * torch.randn(N, V, generator=g)).to(dtype)
     y = torch.randint(0, V, (N,), generator=g)
@@ -229,8 +261,10 @@ def test_xent_is_log_softmax_cross_entropy_and_its_gradient(N, V, dtype):
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
+def test_head_loss_and_gradients_match_the_unfused_path(isa, monkeypatch, bf16):
     from yunque.train.loss import linear_cross_entropy
+
+    _needs_bf16(isa, torch.bfloat16 if bf16 else torch.float32)
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 64, generator=g, requires_grad=True)
@@ -238,7 +272,14 @@ def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
     y = torch.randint(0, 1000, (300,), generator=g)
     calls = []
     real = cpu_kernels.xent_
-    monkeypatch.setattr(cpu_kernels, "xent_", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def counted(*a, **kw):  # the calls the kernel took
+        out = real(*a, **kw)
+        if out is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(cpu_kernels, "xent_", counted)
     results = []
     for fused in (True, False):
         monkeypatch.setattr(yunque.cpu, "enabled", lambda: fused)  # noqa: B023
@@ -256,16 +297,15 @@ def test_head_loss_and_gradients_match_the_unfused_path(monkeypatch, bf16):
 
 
 @pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
+def fresh_build(isa, monkeypatch, tmp_path):
     monkeypatch.setenv("YUNQUE_CACHE", str(tmp_path))
     cpu_kernels._lib.cache_clear()
     yield tmp_path
-    cpu_kernels._lib.cache_clear()  # later tests load the default build again
 
 
-def test_builds_into_the_cache_once(fresh_build):
+def test_builds_into_the_cache_once(isa, fresh_build):
     assert cpu_kernels._lib() is not None
-    built = list((fresh_build / "kernels").glob("cpu_kernels-*.so"))
+    built = list((fresh_build / "kernels").glob(f"{cpu_kernels._FLAGS[isa][2]}-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     cpu_kernels._lib.cache_clear()
@@ -310,19 +350,72 @@ def test_declines_what_it_has_no_kernel_for():
     assert cpu_kernels.swiglu(x, x.bfloat16()) is None and cpu_kernels.swiglu(x, x[:2]) is None
 
 
-def test_fused_elementwise_kernels_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_elementwise_kernels_do_not_depend_on_the_thread_count(isa, dtype):
     """RMSNorm's weight gradient sums fixed 64-row blocks in order; the rest is elementwise."""
+    _needs_bf16(isa, dtype)
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(300, 80, generator=g), 1 + 0.1 * torch.randn(80, generator=g)
-    gate, up, go = (torch.randn(300, 333, generator=g).bfloat16() for _ in range(3))
+    gate, up, go = (torch.randn(300, 333, generator=g).to(dtype) for _ in range(3))
     x, w, gate, up = (t.requires_grad_() for t in (x, w, gate, up))
     threads, runs = torch.get_num_threads(), []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            y = cpu_kernels.rms_norm(x, w, 1e-6, torch.bfloat16)
+            y = cpu_kernels.rms_norm(x, w, 1e-6, dtype)
             s = cpu_kernels.swiglu(gate, up)
             runs.append([y, *torch.autograd.grad(y, (x, w), y.detach()), s, *torch.autograd.grad(s, (gate, up), go)])
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _rel_all(got, want):
+    return max(_rel(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_matches_pytorchs_ops(isa, dtype):
+    """Output and both gradients against F.silu(gate) * up and autograd, over a size that is not vector-wide."""
+    _needs_bf16(isa, dtype)
+    g = torch.Generator().manual_seed(0)
+    gate, up, go = ((3 * torch.randn(37, 333, generator=g)).to(dtype) for _ in range(3))
+    runs = []
+    for fn in (cpu_kernels.swiglu, lambda a, b: F.silu(a) * b):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        y = fn(a, b)
+        runs.append((y, *torch.autograd.grad(y, (a, b), go)))
+    assert _rel_all(*runs) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_pytorchs_ops(isa, out_dtype):
+    """fp32 rows (D not vector-wide, rows over three weight-gradient blocks) against HF's formula and autograd."""
+    _needs_bf16(isa, out_dtype)
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = 3 * torch.randn(154, 83, generator=g), 1 + 0.1 * torch.randn(83, generator=g)
+    go = torch.randn(154, 83, generator=g).to(out_dtype)
+
+    def ref(x, w, eps, out_dtype):
+        return (w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))).to(out_dtype)
+
+    runs = []
+    for fn in (cpu_kernels.rms_norm, ref):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = fn(x, w, 1e-6, out_dtype)
+        assert y.dtype == out_dtype
+        runs.append((y, *torch.autograd.grad(y, (x, w), go)))
+    assert _rel_all(*runs) < (1e-6 if out_dtype == torch.float32 else 1e-2)
+
+
+def test_bf16_runs_on_the_avx512_build_only(isa):
+    """The AVX2 build has fp32 kernels only: in bf16 every entry point declines, and PyTorch's ops run."""
+    x = torch.randn(4, 32).bfloat16()
+    got = [
+        cpu_kernels.swiglu(x, x),
+        cpu_kernels.rms_norm(x.float(), torch.ones(32), 1e-6, torch.bfloat16),
+        cpu_kernels.xent_(x.clone(), torch.zeros(4, dtype=torch.long), False),
+    ]
+    if "amx_bf16" not in cpu_kernels.cpu_flags():  # with AMX, bf16 attention is PyTorch's on either build
+        got.append(cpu_kernels.attention(x.view(1, 1, 4, 32), x.view(1, 1, 4, 32), x.view(1, 1, 4, 32)))
+    assert all((y is None) == (isa == "avx2") for y in got)

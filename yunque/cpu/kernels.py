@@ -1,12 +1,17 @@
-"""yunque's C++ training kernels (csrc/*.cpp) for x86 CPUs with AVX512-BF16, built with g++ on first use.
+"""yunque's C++ training kernels (csrc/*.cpp) for x86 CPUs, built with g++ on first use.
+
+Two builds of the same sources: with AVX-512 and AVX512-BF16 (bf16 and fp32) on CPUs that have
+avx512_bf16, else with AVX2 and FMA (fp32 only) on CPUs that have those; `isa()` says which runs
+(`YUNQUE_CPU_ISA=avx2` picks the AVX2 build on an AVX-512 CPU, for tests and measurements).
 
 Each entry point (`attention`, `rms_norm`, `swiglu`, `xent_`) owns its autograd function and returns
-None when it does not take its inputs (another device or dtype, a shape it has no kernel for, a CPU
-without AVX512-BF16, no g++, or `yunque.cpu.enabled()` False): callers try it and keep PyTorch's ops
-otherwise. They exist because PyTorch's CPU ops ran these shapes far below the machine's peak; the
-measurements are in bench/NOTES.md ("CPU kernels").
+None when it does not take its inputs (another device or dtype, a shape it has no kernel for, bf16
+on the AVX2 build, a CPU with neither build, no g++, or `yunque.cpu.enabled()` False): callers try
+it and keep PyTorch's ops otherwise. They exist because PyTorch's CPU ops ran these shapes far below
+the machine's peak; the measurements are in bench/NOTES.md ("CPU kernels", "AVX2 build of the CPU
+kernels").
 
-The sources are compiled once per source and compiler into ~/.cache/yunque/kernels (or $YUNQUE_CACHE)
+The sources are compiled once per source, compiler and build into ~/.cache/yunque/kernels (or $YUNQUE_CACHE)
 and loaded with ctypes: a plain C ABI, so no torch headers and a build of a few seconds.
 """
 
@@ -24,34 +29,42 @@ from yunque.cpu.build import compile_and_load, cpu_flags
 _CSRC = Path(__file__).parent / "csrc"
 _SRCS = [_CSRC / "attention_cpu.cpp", _CSRC / "xent_cpu.cpp", _CSRC / "fused_cpu.cpp"]
 _HEADERS = [_CSRC / "simd.h"]
-_FLAGS = [
-    "-O3",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-    "-fopenmp",
-    "-fno-math-errno",
-    "-mfma",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512dq",
-    "-mavx512vl",
-    "-mavx512bf16",
-]
+_COMMON = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-mfma"]
+_FLAGS = {  # per build: (CPU flags it needs, compiler flags, cache stem)
+    "avx512": (
+        {"avx512_bf16"},
+        [*_COMMON, "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"],
+        "cpu_kernels",
+    ),
+    "avx2": ({"avx2", "fma"}, [*_COMMON, "-mavx2", "-DYQ_AVX2"], "cpu_kernels_avx2"),
+}
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
 @functools.cache
+def isa() -> str | None:
+    """The build this CPU runs: "avx512" (bf16 and fp32), "avx2" (fp32), or None (neither)."""
+    flags = cpu_flags()
+    for name in ("avx2",) if cpu.forced_isa() == "avx2" else ("avx512", "avx2"):
+        if _FLAGS[name][0] <= flags:
+            return name
+    return None
+
+
+@functools.cache
 def _lib() -> ctypes.CDLL | None:
-    """The built library, or None on a CPU without AVX512-BF16 or when the build fails."""
-    if "avx512_bf16" not in cpu_flags():
+    """The library `isa()` names, built; None on a CPU with neither build or when the build fails."""
+    name = isa()
+    if name is None:
         return None
+    _, flags, stem = _FLAGS[name]
     # links libgomp.so.1 by soname: torch's, already loaded, so one thread pool
-    lib = compile_and_load("cpu_kernels", _SRCS + _HEADERS, _FLAGS, "CPU kernels", "using PyTorch's ops")
+    lib = compile_and_load(stem, _SRCS + _HEADERS, flags, "CPU kernels", "using PyTorch's ops")
     if lib is None:
         return None
+    lib.yq_lanes.argtypes, lib.yq_lanes.restype = [], _I
     qkv = [_P, _L, _L, _L] * 3
-    for dt in ("bf16", "f32"):
+    for dt in ("bf16", "f32") if name == "avx512" else ("f32",):
         fwd, bwd = getattr(lib, f"yq_attn_fwd_{dt}"), getattr(lib, f"yq_attn_bwd_{dt}")
         fwd.argtypes = [*qkv, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
         bwd.argtypes = [*qkv, _P, _P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _I, _I, _I, _I, _I, _I, _F, _I]
@@ -73,8 +86,15 @@ _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}  # the dtypes every ker
 
 
 def _runs(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
-    """Whether a kernel may run on `t` (as `dtype`): on the CPU, in a dtype it has, switched on and built."""
-    return t.device.type == "cpu" and (dtype or t.dtype) in _SUFFIX and cpu.enabled() and _lib() is not None
+    """Whether a kernel may run on `t` (as `dtype`): on the CPU, in a dtype the build has, switched on and built."""
+    dtype = dtype or t.dtype
+    return (
+        t.device.type == "cpu"
+        and dtype in _SUFFIX
+        and cpu.enabled()
+        and _lib() is not None
+        and (dtype == torch.float32 or isa() == "avx512")
+    )
 
 
 def _fn(name: str, dtype: torch.dtype):

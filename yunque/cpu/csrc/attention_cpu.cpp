@@ -1,8 +1,10 @@
-// Causal flash attention on x86 CPUs with AVX-512, bf16 and fp32, forward and backward.
+// Causal flash attention on x86 CPUs, forward and backward: bf16 and fp32 with AVX-512 (and
+// AVX512-BF16), fp32 with AVX2 + FMA (the build with YQ_AVX2: simd.h's 8-lane helpers).
 //
 // Why: PyTorch's CPU flash kernel runs these shapes (hd 64, T 512) at 11-18% of the bf16
 // matmul peak on AVX512-BF16 machines without AMX (a quarter of a bf16 LoRA training step), and
-// at under half the fp32 peak in fp32. Here every product is one register-blocked microkernel
+// at under half the fp32 peak in fp32, on AVX2-only CPUs too (there this file's AVX2 build runs
+// in its place, fp32). Here every product is one register-blocked microkernel
 // (vdpbf16ps on VNNI pairs for bf16, vfmadd for fp32), the softmax is fused between the
 // products, and tiles stay in L1. The two precisions are one template: a 32-bit "word" of the
 // reduction holds a pair of bf16 or one float.
@@ -14,7 +16,7 @@
 // softmax in fp32, probabilities rounded to bf16 (in the bf16 kernel) before the products that
 // read them.
 //
-// Built by yunque/cpu_kernels.py with g++ on first use; plain C ABI, no torch headers.
+// Built by yunque/cpu/kernels.py with g++ on first use; plain C ABI, no torch headers.
 
 #include <immintrin.h>
 #include <omp.h>
@@ -27,51 +29,53 @@
 
 #include "simd.h"
 
-using yq::bf16;
-using yq::exp_ps;
-using yq::Io;
-using yq::load_bf16;
-using yq::to_bf16;
+using namespace yq;
 typedef uint32_t u32;
 
 namespace {
 
 constexpr int BM = 64, BN = 64;  // query rows x key columns per tile
+constexpr int NC = BN / L;        // vectors per tile row
+// Register blocking of the products: up to 6 rows x NVMAX vectors of accumulators, plus NVMAX
+// vectors of B and one broadcast of A: 29 of 32 zmm registers, 15 of 16 ymm registers.
+constexpr int NVMAX = L == 16 ? 4 : 2;
 
 // Product traits. W elements make one 32-bit word of the reduction dimension (loads and
 // stores are simd.h's Io).
 template <class E>
 struct El;
+#ifndef YQ_AVX2
 template <>
 struct El<bf16> {
   static constexpr int W = 2;
-  static __m512 fma(__m512 c, u32 a, __m512i b) {
+  static __m512 fma(__m512 c, u32 a, __m512 b) {
     return _mm512_dpbf16_ps(c, (__m512bh)_mm512_set1_epi32((int)a), (__m512bh)b);
   }
 };
+#endif
 template <>
 struct El<float> {
   static constexpr int W = 1;
-  static __m512 fma(__m512 c, u32 a, __m512i b) {
+  static vf fma(vf c, u32 a, vf b) {
     float f;
     __builtin_memcpy(&f, &a, 4);
-    return _mm512_fmadd_ps(_mm512_set1_ps(f), _mm512_castsi512_ps(b), c);
+    return fmadd(set1(f), b, c);
   }
 };
 
-// C[R x 16*NV] (+)= A . B over K2 words. A word (r, kk) = A[r*ars + kk*aks]; B word (kk, n) =
+// C[R x L*NV] (+)= A . B over K2 words. A word (r, kk) = A[r*ars + kk*aks]; B word (kk, n) =
 // B[kk*ldb + n] holds the n-th column's elements of that word (VNNI order for bf16).
 template <class E, int R, int NV>
 inline void micro(int K2, const u32* A, long ars, long aks, const u32* B, long ldb, float* C, long ldc, bool acc) {
-  __m512 c[R][NV];
+  vf c[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) c[r][v] = acc ? load(C + r * ldc + L * v) : zero();
   for (int kk = 0; kk < K2; ++kk) {
-    __m512i b[NV];
+    vf b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(B + kk * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = load((const float*)(B + kk * ldb + L * v));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const u32 a = A[r * ars + kk * aks];
@@ -82,14 +86,16 @@ inline void micro(int K2, const u32* A, long ars, long aks, const u32* B, long l
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + L * v, c[r][v]);
 }
 
 template <class E, int R>
 inline void micro_n(int nv, int K2, const u32* A, long ars, long aks, const u32* B, long ldb, float* C, long ldc, bool acc) {
   switch (nv) {
+#ifndef YQ_AVX2
     case 4: micro<E, R, 4>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
     case 3: micro<E, R, 3>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
+#endif
     case 2: micro<E, R, 2>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
     default: micro<E, R, 1>(K2, A, ars, aks, B, ldb, C, ldc, acc); break;
   }
@@ -98,8 +104,8 @@ inline void micro_n(int nv, int K2, const u32* A, long ars, long aks, const u32*
 // C[M x N] (+)= A[M x K2 words] . B[K2 words x N]; N a multiple of 16.
 template <class E>
 void gemm(int M, int N, int K2, const u32* A, long ars, long aks, const u32* B, long ldb, float* C, long ldc, bool acc) {
-  for (int n0 = 0; n0 < N; n0 += 64) {
-    const int nv = std::min(4, (N - n0) / 16);
+  for (int n0 = 0; n0 < N; n0 += L * NVMAX) {
+    const int nv = std::min(NVMAX, (N - n0) / L);
     int m = 0;
     for (; m + 6 <= M; m += 6) micro_n<E, 6>(nv, K2, A + m * ars, ars, aks, B + n0, ldb, C + m * ldc + n0, ldc, acc);
     const u32* a = A + m * ars;
@@ -115,11 +121,6 @@ void gemm(int M, int N, int K2, const u32* A, long ars, long aks, const u32* B, 
   }
 }
 
-// 16 words (lo[n], hi[n]) from two rows of 16 bf16.
-inline __m512i pair_words(__m256i lo, __m256i hi) {
-  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
-}
-
 // dst[p*Tp + j] = word p of row j (rows j >= T are zero): the B operand of X . rows^T.
 template <class E>
 void pack_transposed(const E* src, long st, int T, int hd, int Tp, u32* dst) {
@@ -128,6 +129,12 @@ void pack_transposed(const E* src, long st, int T, int hd, int Tp, u32* dst) {
     const u32* row = (const u32*)(src + (long)j * st);
     for (int p = 0; p < words; ++p) dst[(long)p * Tp + j] = j < T ? row[p] : 0u;
   }
+}
+
+#ifndef YQ_AVX2
+// 16 words (lo[n], hi[n]) from two rows of 16 bf16.
+inline __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
 }
 
 // The B operand of X . rows (rows >= T are zero): word row jw holds rows W*jw .. W*jw+W-1.
@@ -142,15 +149,16 @@ void pack_rows(const bf16* src, long st, int T, int hd, int Tp, u32* dst) {
     }
   }
 }
+#endif
 void pack_rows(const float* src, long st, int T, int hd, int Tp, u32* dst) {
   for (int j = 0; j < Tp; ++j)
-    for (int d = 0; d < hd; d += 16)
-      _mm512_storeu_ps((float*)dst + (long)j * hd + d, j < T ? _mm512_loadu_ps(src + (long)j * st + d) : _mm512_setzero_ps());
+    for (int d = 0; d < hd; d += L) store((float*)dst + (long)j * hd + d, j < T ? load(src + (long)j * st + d) : zero());
 }
 
-// Rows r .. r+W-1 of P and dS (16 columns each) into the backward's operands: PV and DSV are
+// Rows r .. r+W-1 of P and dS (L columns each) into the backward's operands: PV and DSV are
 // word rows (the A of P^T dO and dS^T Q, read down their columns); DSB is dS row-major (the A
 // of dS K). For fp32 the word rows are the rows, and DSB is DSV.
+#ifndef YQ_AVX2
 inline void put_rows(const __m512 (&p)[2], const __m512 (&ds)[2], int r, int col, bool second, u32* PV, u32* DSV,
                      bf16* DSB) {
   const __m256i p0 = to_bf16(p[0]), p1 = to_bf16(p[1]), s0 = to_bf16(ds[0]), s1 = to_bf16(ds[1]);
@@ -159,9 +167,10 @@ inline void put_rows(const __m512 (&p)[2], const __m512 (&ds)[2], int r, int col
   _mm256_storeu_si256((__m256i*)(DSB + r * BN + col), s0);
   if (second) _mm256_storeu_si256((__m256i*)(DSB + (r + 1) * BN + col), s1);
 }
-inline void put_rows(const __m512 (&p)[1], const __m512 (&ds)[1], int r, int col, bool, u32* PV, u32* DSV, float*) {
-  _mm512_storeu_ps((float*)PV + r * BN + col, p[0]);
-  _mm512_storeu_ps((float*)DSV + r * BN + col, ds[0]);
+#endif
+inline void put_rows(const vf (&p)[1], const vf (&ds)[1], int r, int col, bool, u32* PV, u32* DSV, float*) {
+  store((float*)PV + r * BN + col, p[0]);
+  store((float*)DSV + r * BN + col, ds[0]);
 }
 
 inline int lowest_key(const int32_t* seg, int i, int window) {  // lo(i)
@@ -170,14 +179,9 @@ inline int lowest_key(const int32_t* seg, int i, int window) {  // lo(i)
   return lo;
 }
 
-// Columns j0 + [0, 64) of one row that lie in [lo, hi], as four 16-bit masks.
-inline void visible(int j0, int lo, int hi, __mmask16 m[4]) {
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  for (int v = 0; v < 4; ++v) {
-    __m512i j = _mm512_add_epi32(iota, _mm512_set1_epi32(j0 + 16 * v));
-    m[v] = _mm512_cmp_epi32_mask(j, _mm512_set1_epi32(lo), _MM_CMPINT_NLT) &
-           _mm512_cmp_epi32_mask(j, _mm512_set1_epi32(hi), _MM_CMPINT_LE);
-  }
+// Columns j0 + [0, BN) of one row that lie in [lo, hi], as NC lane masks.
+inline void visible(int j0, int lo, int hi, vmask m[NC]) {
+  for (int v = 0; v < NC; ++v) m[v] = lanes_in(j0 + L * v, lo, hi);
 }
 
 // RoPE in Hugging Face's rotate-half layout, with the sign folded into sin's first half:
@@ -194,10 +198,10 @@ struct Rope {
 template <class E>
 inline void rotate_row(const E* x, const float* c, const float* s, int hd, E* dst) {
   const int h2 = hd / 2;
-  for (int d = 0; d < h2; d += 16) {
-    const __m512 lo = Io<E>::load(x + d), hi = Io<E>::load(x + d + h2);
-    Io<E>::store(dst + d, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_loadu_ps(c + d)), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d))));
-    Io<E>::store(dst + d + h2, _mm512_add_ps(_mm512_mul_ps(hi, _mm512_loadu_ps(c + d + h2)), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d + h2))));
+  for (int d = 0; d < h2; d += L) {
+    const vf lo = Io<E>::load(x + d), hi = Io<E>::load(x + d + h2);
+    Io<E>::store(dst + d, add(mul(lo, load(c + d)), mul(hi, load(s + d))));
+    Io<E>::store(dst + d + h2, add(mul(hi, load(c + d + h2)), mul(lo, load(s + d + h2))));
   }
 }
 
@@ -205,10 +209,10 @@ inline void rotate_row(const E* x, const float* c, const float* s, int hd, E* ds
 template <class E>
 inline void unrotate_row(const float* dy, const float* c, const float* s, int hd, E* dst) {
   const int h2 = hd / 2;
-  for (int d = 0; d < h2; d += 16) {
-    const __m512 lo = _mm512_loadu_ps(dy + d), hi = _mm512_loadu_ps(dy + d + h2);
-    Io<E>::store(dst + d, _mm512_fmadd_ps(lo, _mm512_loadu_ps(c + d), _mm512_mul_ps(hi, _mm512_loadu_ps(s + d + h2))));
-    Io<E>::store(dst + d + h2, _mm512_fmadd_ps(hi, _mm512_loadu_ps(c + d + h2), _mm512_mul_ps(lo, _mm512_loadu_ps(s + d))));
+  for (int d = 0; d < h2; d += L) {
+    const vf lo = load(dy + d), hi = load(dy + d + h2);
+    Io<E>::store(dst + d, fmadd(lo, load(c + d), mul(hi, load(s + d + h2))));
+    Io<E>::store(dst + d + h2, fmadd(hi, load(c + d + h2), mul(lo, load(s + d))));
   }
 }
 
@@ -257,40 +261,39 @@ void fwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
       for (int j0 = first / BN * BN; j0 < i0 + M; j0 += BN) {
         gemm<E>(M, BN, hw, A, qst / W, 1, KT.data() + bk * hw * Tp + j0, Tp, S.data(), BN, false);
         for (int r = 0; r < M; ++r) {
-          __mmask16 vis[4];
+          vmask vis[NC];
           visible(j0, lo[r], i0 + r, vis);
-          __m512 x[4];
-          __m512 mx = _mm512_set1_ps(-INFINITY);
-          for (int c = 0; c < 4; ++c) {
-            x[c] = _mm512_mul_ps(_mm512_loadu_ps(S.data() + r * BN + 16 * c), _mm512_set1_ps(scale));
-            mx = _mm512_mask_max_ps(mx, vis[c], mx, x[c]);
+          vf x[NC];
+          vf mx = set1(-INFINITY);
+          for (int c = 0; c < NC; ++c) {
+            x[c] = mul(load(S.data() + r * BN + L * c), set1(scale));
+            mx = max_where(mx, vis[c], x[c]);
           }
-          const float rowmax = _mm512_reduce_max_ps(mx);
+          const float rowmax = hmax(mx);
           E* pr = P.data() + r * BN;
           if (rowmax == -INFINITY) {  // no visible key in this tile
             std::memset(pr, 0, BN * sizeof(E));
             continue;
           }
           const float mnew = std::max(m[r], rowmax), alpha = std::exp(m[r] - mnew);
-          __m512 sum = _mm512_setzero_ps();
-          for (int c = 0; c < 4; ++c) {
-            __m512 p = _mm512_maskz_mov_ps(vis[c], exp_ps(_mm512_sub_ps(x[c], _mm512_set1_ps(mnew))));
-            sum = _mm512_add_ps(sum, p);
-            Io<E>::store(pr + 16 * c, p);
+          vf sum = zero();
+          for (int c = 0; c < NC; ++c) {
+            vf p = keep(vis[c], exp_ps(sub(x[c], set1(mnew))));
+            sum = add(sum, p);
+            Io<E>::store(pr + L * c, p);
           }
-          l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+          l[r] = l[r] * alpha + hsum(sum);
           m[r] = mnew;
           if (alpha != 1.f)
-            for (int d = 0; d < hd; d += 16)
-              _mm512_storeu_ps(O.data() + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), _mm512_set1_ps(alpha)));
+            for (int d = 0; d < hd; d += L) store(O.data() + r * hd + d, mul(load(O.data() + r * hd + d), set1(alpha)));
         }
         gemm<E>(M, hd, BN / W, (const u32*)P.data(), BN / W, 1, VP.data() + bk * (Tp / W) * hd + (j0 / W) * hd, hd,
                 O.data(), hd, true);
       }
       for (int r = 0; r < M; ++r) {
-        const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+        const vf inv = set1(1.f / l[r]);
         E* o = out + (((long)b * T + i0 + r) * H + h) * hd;
-        for (int d = 0; d < hd; d += 16) Io<E>::store(o + d, _mm512_mul_ps(_mm512_loadu_ps(O.data() + r * hd + d), inv));
+        for (int d = 0; d < hd; d += L) Io<E>::store(o + d, mul(load(O.data() + r * hd + d), inv));
         lse[((long)b * H + h) * T + i0 + r] = m[r] + std::log(l[r]);
       }
     }
@@ -328,14 +331,13 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
         const E* qb = q + b * qsb + h * qsh;
         const E* ob = out + ((long)b * T * H + h) * hd;
         const E* gb = dout + ((long)b * T * H + h) * hd;
-        const float* L = lse + ((long)b * H + h) * T;
+        const float* Lse = lse + ((long)b * H + h) * T;
         pack_rows(qb, qst, T, hd, Tp, QR.data());
         pack_rows(gb, (long)H * hd, T, hd, Tp, DOR.data());
         for (int i = 0; i < T; ++i) {  // D_i = dO_i . O_i
-          __m512 s = _mm512_setzero_ps();
-          for (int d = 0; d < hd; d += 16)
-            s = _mm512_fmadd_ps(Io<E>::load(gb + (long)i * H * hd + d), Io<E>::load(ob + (long)i * H * hd + d), s);
-          D[i] = _mm512_reduce_add_ps(s);
+          vf s = zero();
+          for (int d = 0; d < hd; d += L) s = fmadd(Io<E>::load(gb + (long)i * H * hd + d), Io<E>::load(ob + (long)i * H * hd + d), s);
+          D[i] = hsum(s);
         }
         std::fill(dQ.begin(), dQ.end(), 0.f);
         for (int j0 = 0; j0 < T; j0 += BN) {
@@ -348,24 +350,24 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
             gemm<E>(M, BN, hw, (const u32*)(gb + (long)i0 * H * hd), (long)H * hd / W, 1, VT.data() + j0, Tp, dP.data(),
                     BN, false);
             for (int r = 0; r < Mp; r += W) {  // W rows at a time: a bf16 word interleaves two rows
-              __mmask16 vis[W][4];
-              __m512 li[W], di[W];
+              vmask vis[W][NC];
+              vf li[W], di[W];
               for (int t = 0; t < W; ++t) {
                 const int rr = r + t, i = i0 + rr;
-                for (int c = 0; c < 4; ++c) vis[t][c] = 0;
+                for (int c = 0; c < NC; ++c) vis[t][c] = no_lanes();
                 if (rr < M) visible(j0, lo[i], i, vis[t]);
-                li[t] = _mm512_set1_ps(rr < M ? L[i] : 0.f);
-                di[t] = _mm512_set1_ps(rr < M ? D[i] : 0.f);
+                li[t] = set1(rr < M ? Lse[i] : 0.f);
+                di[t] = set1(rr < M ? D[i] : 0.f);
               }
-              for (int c = 0; c < 4; ++c) {
-                __m512 p[W], ds[W];
+              for (int c = 0; c < NC; ++c) {
+                vf p[W], ds[W];
                 for (int t = 0; t < W; ++t) {
-                  const __m512 sc = _mm512_loadu_ps(S.data() + (r + t) * BN + 16 * c);
-                  p[t] = _mm512_maskz_mov_ps(vis[t][c], exp_ps(_mm512_fmsub_ps(sc, _mm512_set1_ps(scale), li[t])));
-                  const __m512 dpv = _mm512_loadu_ps(dP.data() + (r + t) * BN + 16 * c);
-                  ds[t] = _mm512_mul_ps(_mm512_mul_ps(p[t], _mm512_sub_ps(dpv, di[t])), _mm512_set1_ps(scale));
+                  const vf sc = load(S.data() + (r + t) * BN + L * c);
+                  p[t] = keep(vis[t][c], exp_ps(fmsub(sc, set1(scale), li[t])));
+                  const vf dpv = load(dP.data() + (r + t) * BN + L * c);
+                  ds[t] = mul(mul(p[t], sub(dpv, di[t])), set1(scale));
                 }
-                put_rows(p, ds, r, 16 * c, r + 1 < M, PV.data(), DSV.data(), DSB);
+                put_rows(p, ds, r, L * c, r + 1 < M, PV.data(), DSV.data(), DSB);
               }
             }
             // dV_j += P^T dO_i, dK_j += dS^T Q_i: A is the word-row buffer read down its columns.
@@ -380,15 +382,15 @@ void bwd(const E* q, long qsb, long qst, long qsh, const E* k, long ksb, long ks
           if (rope)
             unrotate_row(dQ.data() + (long)i * hd, rope->c(b, i), rope->s(b, i), hd, dqi);
           else
-            for (int d = 0; d < hd; d += 16) Io<E>::store(dqi + d, _mm512_loadu_ps(dQ.data() + (long)i * hd + d));
+            for (int d = 0; d < hd; d += L) Io<E>::store(dqi + d, load(dQ.data() + (long)i * hd + d));
         }
       }
       for (int j = 0; j < T; ++j) {
         const long o = (((long)b * T + j) * K + kh) * hd;
         if (rope) unrotate_row(dK.data() + (long)j * hd, rope->c(b, j), rope->s(b, j), hd, dk + o);
-        for (int d = 0; d < hd; d += 16) {
-          if (!rope) Io<E>::store(dk + o + d, _mm512_loadu_ps(dK.data() + (long)j * hd + d));
-          Io<E>::store(dv + o + d, _mm512_loadu_ps(dV.data() + (long)j * hd + d));
+        for (int d = 0; d < hd; d += L) {
+          if (!rope) Io<E>::store(dk + o + d, load(dK.data() + (long)j * hd + d));
+          Io<E>::store(dv + o + d, load(dV.data() + (long)j * hd + d));
         }
       }
     }
@@ -423,7 +425,9 @@ int yq_attn_version() { return 3; }
     rope_fwd<E>(x, sb, st, sh, Rope{cos, sin, rb, rt}, out, B, T, n, hd, nthreads);                                 \
   }
 
-YQ_ATTN(bf16, bf16)
 YQ_ATTN(f32, float)
+#ifndef YQ_AVX2
+YQ_ATTN(bf16, bf16)
+#endif
 
 }  // extern "C"

@@ -1,9 +1,11 @@
-// The MLP's SwiGLU and the RMSNorm as single passes, forward and backward, bf16 or fp32.
+// The MLP's SwiGLU and the RMSNorm as single passes, forward and backward, bf16 or fp32 on
+// AVX-512 (AVX512-BF16), fp32 on AVX2 + FMA (the build with YQ_AVX2: simd.h).
 //
 // Why: as PyTorch ops, SwiGLU is silu, a product and its temporaries, recomputed in backward
 // (silu again, silu_backward and two products), and RMSNorm is a square, a mean, an rsqrt, two
 // products and a cast, each a pass over the activations: together ~7% of a bf16 LoRA step of a
-// 56M model at seq 512 x 4. Here each is one pass that reads its inputs once.
+// 56M model at seq 512 x 4. Here each is one pass that reads its inputs once, in fp32 on AVX2-only
+// CPUs too (the YQ_AVX2 build; bench/NOTES.md, "AVX2 build of the CPU kernels").
 //
 // Numerics follow the PyTorch ops they replace, rounding where those round (silu's output and
 // each product in bf16); silu's exp is yq::exp_ps (~1 ulp), so a bf16 result may differ from
@@ -19,17 +21,14 @@
 
 #include "simd.h"
 
-using yq::bf16;
-using yq::exp_ps;
-using yq::Io;
-using yq::tail;
+using namespace yq;
 
 namespace {
 
 constexpr long CHUNK = 4096;  // elements per work item: elementwise, so results do not depend on the split
 
 // 1 + e^-x: silu(x) = x / it and sigmoid(x) = 1 / it, divided as PyTorch divides.
-inline __m512 silu_den(__m512 x) { return _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))); }
+inline vf silu_den(vf x) { return add(set1(1.f), exp_ps(sub(zero(), x))); }
 
 // out = silu(gate) * up, silu(gate) rounded to E first (F.silu(gate) * up).
 template <class E>
@@ -37,11 +36,11 @@ void swiglu_fwd(const E* gate, const E* up, E* out, long n, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (long c = 0; c < n; c += CHUNK) {
     const long end = std::min(n, c + CHUNK);
-    for (long j = c; j < end; j += 16) {
-      const __mmask16 m = tail(end, j);
-      const __m512 x = Io<E>::load(gate + j, m);
-      const __m512 s = Io<E>::round(_mm512_div_ps(x, silu_den(x)));
-      Io<E>::store(out + j, _mm512_mul_ps(s, Io<E>::load(up + j, m)), m);
+    for (long j = c; j < end; j += L) {
+      const vmask m = tail(end, j);
+      const vf x = Io<E>::load(gate + j, m);
+      const vf s = Io<E>::round(div(x, silu_den(x)));
+      Io<E>::store(out + j, mul(s, Io<E>::load(up + j, m)), m);
     }
   }
 }
@@ -53,17 +52,17 @@ void swiglu_bwd(const E* g, const E* gate, const E* up, E* dgate, E* dup, long n
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (long c = 0; c < n; c += CHUNK) {
     const long end = std::min(n, c + CHUNK);
-    for (long j = c; j < end; j += 16) {
-      const __mmask16 m = tail(end, j);
-      const __m512 x = Io<E>::load(gate + j, m), gv = Io<E>::load(g + j, m), one = _mm512_set1_ps(1.f);
-      const __m512 den = silu_den(x);  // shared by both gradients
-      if (dup) Io<E>::store(dup + j, _mm512_mul_ps(gv, Io<E>::round(_mm512_div_ps(x, den))), m);
+    for (long j = c; j < end; j += L) {
+      const vmask m = tail(end, j);
+      const vf x = Io<E>::load(gate + j, m), gv = Io<E>::load(g + j, m), one = set1(1.f);
+      const vf den = silu_den(x);  // shared by both gradients
+      if (dup) Io<E>::store(dup + j, mul(gv, Io<E>::round(div(x, den))), m);
       if (dgate) {
-        const __m512 gu = Io<E>::round(_mm512_mul_ps(gv, Io<E>::load(up + j, m)));
-        const __m512 sg = _mm512_div_ps(one, den);
+        const vf gu = Io<E>::round(mul(gv, Io<E>::load(up + j, m)));
+        const vf sg = div(one, den);
         // grad * (sig * (1 + x * (1 - sig))), as aten's silu_backward
-        const __m512 d = _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sg), one));
-        Io<E>::store(dgate + j, _mm512_mul_ps(gu, d), m);
+        const vf d = mul(sg, fmadd(x, sub(one, sg), one));
+        Io<E>::store(dgate + j, mul(gu, d), m);
       }
     }
   }
@@ -76,17 +75,17 @@ void rms_fwd(const float* x, const float* w, O* y, float* r, long rows, int D, f
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (long i = 0; i < rows; ++i) {
     const float* xi = x + i * D;
-    __m512 ss = _mm512_setzero_ps();
-    for (int j = 0; j < D; j += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(tail(D, j), xi + j);
-      ss = _mm512_fmadd_ps(v, v, ss);
+    vf ss = zero();
+    for (int j = 0; j < D; j += L) {
+      const vf v = load(xi + j, tail(D, j));
+      ss = fmadd(v, v, ss);
     }
-    const float ri = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / D + eps);
+    const float ri = 1.f / std::sqrt(hsum(ss) / D + eps);
     r[i] = ri;
-    for (int j = 0; j < D; j += 16) {
-      const __mmask16 m = tail(D, j);
-      const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xi + j), _mm512_set1_ps(ri));
-      Io<O>::store(y + i * D + j, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + j), n), m);
+    for (int j = 0; j < D; j += L) {
+      const vmask m = tail(D, j);
+      const vf n = mul(load(xi + j, m), set1(ri));
+      Io<O>::store(y + i * D + j, mul(load(w + j, m), n), m);
     }
   }
 }
@@ -106,20 +105,20 @@ void rms_bwd(const O* g, const float* x, const float* w, const float* r, float* 
     for (long i = b * RMS_BLOCK; i < std::min(rows, (b + 1) * RMS_BLOCK); ++i) {
       const float* xi = x + i * D;
       const O* gi = g + i * D;
-      const __m512 ri = _mm512_set1_ps(r[i]);
-      __m512 dot = _mm512_setzero_ps();
-      for (int j = 0; j < D; j += 16) {
-        const __mmask16 m = tail(D, j);
-        const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xi + j), ri), gv = Io<O>::load(gi + j, m);
-        dot = _mm512_fmadd_ps(_mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, w + j)), n, dot);
-        if (pb) _mm512_mask_storeu_ps(pb + j, m, _mm512_fmadd_ps(gv, n, _mm512_maskz_loadu_ps(m, pb + j)));
+      const vf ri = set1(r[i]);
+      vf dot = zero();
+      for (int j = 0; j < D; j += L) {
+        const vmask m = tail(D, j);
+        const vf n = mul(load(xi + j, m), ri), gv = Io<O>::load(gi + j, m);
+        dot = fmadd(mul(gv, load(w + j, m)), n, dot);
+        if (pb) store(pb + j, fmadd(gv, n, load(pb + j, m)), m);
       }
-      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(dot) / D);
-      for (int j = 0; j < D; j += 16) {
-        const __mmask16 m = tail(D, j);
-        const __m512 n = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xi + j), ri);
-        const __m512 gn = _mm512_mul_ps(Io<O>::load(gi + j, m), _mm512_maskz_loadu_ps(m, w + j));
-        _mm512_mask_storeu_ps(gx + i * D + j, m, _mm512_mul_ps(ri, _mm512_fnmadd_ps(n, mean, gn)));
+      const vf mean = set1(hsum(dot) / D);
+      for (int j = 0; j < D; j += L) {
+        const vmask m = tail(D, j);
+        const vf n = mul(load(xi + j, m), ri);
+        const vf gn = mul(Io<O>::load(gi + j, m), load(w + j, m));
+        store(gx + i * D + j, mul(ri, fnmadd(n, mean, gn)), m);
       }
     }
   }
@@ -134,28 +133,32 @@ void rms_bwd(const O* g, const float* x, const float* w, const float* r, float* 
 
 extern "C" {
 
-void yq_rms_fwd_bf16(const float* x, const float* w, bf16* y, float* r, long rows, int D, float eps, int nt) {
+int yq_lanes() { return L; }  // 16: the AVX-512 build; 8: the AVX2 build
+
+void yq_rms_fwd_f32(const float* x, const float* w, float* y, float* r, long rows, int D, float eps, int nt) {
   rms_fwd(x, w, y, r, rows, D, eps, nt);
 }
-void yq_rms_fwd_f32(const float* x, const float* w, float* y, float* r, long rows, int D, float eps, int nt) {
+void yq_rms_bwd_f32(const float* g, const float* x, const float* w, const float* r, float* gx, float* gw, long rows,
+                    int D, int nt) {
+  rms_bwd(g, x, w, r, gx, gw, rows, D, nt);
+}
+void yq_swiglu_fwd_f32(const float* gate, const float* up, float* out, long n, int nt) { swiglu_fwd(gate, up, out, n, nt); }
+void yq_swiglu_bwd_f32(const float* g, const float* gate, const float* up, float* dgate, float* dup, long n, int nt) {
+  swiglu_bwd(g, gate, up, dgate, dup, n, nt);
+}
+
+#ifndef YQ_AVX2
+void yq_rms_fwd_bf16(const float* x, const float* w, bf16* y, float* r, long rows, int D, float eps, int nt) {
   rms_fwd(x, w, y, r, rows, D, eps, nt);
 }
 void yq_rms_bwd_bf16(const bf16* g, const float* x, const float* w, const float* r, float* gx, float* gw, long rows,
                      int D, int nt) {
   rms_bwd(g, x, w, r, gx, gw, rows, D, nt);
 }
-void yq_rms_bwd_f32(const float* g, const float* x, const float* w, const float* r, float* gx, float* gw, long rows,
-                    int D, int nt) {
-  rms_bwd(g, x, w, r, gx, gw, rows, D, nt);
-}
-
 void yq_swiglu_fwd_bf16(const bf16* gate, const bf16* up, bf16* out, long n, int nt) { swiglu_fwd(gate, up, out, n, nt); }
-void yq_swiglu_fwd_f32(const float* gate, const float* up, float* out, long n, int nt) { swiglu_fwd(gate, up, out, n, nt); }
 void yq_swiglu_bwd_bf16(const bf16* g, const bf16* gate, const bf16* up, bf16* dgate, bf16* dup, long n, int nt) {
   swiglu_bwd(g, gate, up, dgate, dup, n, nt);
 }
-void yq_swiglu_bwd_f32(const float* g, const float* gate, const float* up, float* dgate, float* dup, long n, int nt) {
-  swiglu_bwd(g, gate, up, dgate, dup, n, nt);
-}
+#endif
 
 }  // extern "C"

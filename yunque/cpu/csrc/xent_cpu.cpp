@@ -1,4 +1,5 @@
-// Cross-entropy of bf16 or fp32 logits and its gradient, in place, for x86 CPUs with AVX-512.
+// Cross-entropy of bf16 or fp32 logits and its gradient, in place, for x86 CPUs with AVX-512
+// (bf16 and fp32) or AVX2 + FMA (fp32: the build with YQ_AVX2, simd.h).
 //
 // Why: the output head's softmax was three to four passes over fp32 copies of a (rows, vocab)
 // chunk (log_softmax, exp into bf16, the casts between them): at a 128k vocabulary ~10% of a
@@ -15,9 +16,7 @@
 
 #include "simd.h"
 
-using yq::bf16;
-using yq::Io;
-using yq::tail;
+using namespace yq;
 
 namespace {
 
@@ -28,24 +27,24 @@ void xent(E* logits, long ld, const int64_t* targets, float* loss, int N, int V,
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int i = 0; i < N; ++i) {
     E* x = logits + (long)i * ld;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int j = 0; j < V; j += 16) {
-      const __mmask16 m = tail(V, j);
-      mx = _mm512_mask_max_ps(mx, m, mx, Io<E>::load(x + j, m));
+    vf mx = set1(-INFINITY);
+    for (int j = 0; j < V; j += L) {
+      const vmask m = tail(V, j);
+      mx = max_where(mx, m, Io<E>::load(x + j, m));
     }
-    const float rowmax = _mm512_reduce_max_ps(mx);
-    __m512 s = _mm512_setzero_ps();
-    for (int j = 0; j < V; j += 16) {
-      const __mmask16 m = tail(V, j);
-      s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, yq::exp_ps(_mm512_sub_ps(Io<E>::load(x + j, m), _mm512_set1_ps(rowmax)))));
+    const float rowmax = hmax(mx);
+    vf s = zero();
+    for (int j = 0; j < V; j += L) {
+      const vmask m = tail(V, j);
+      s = add(s, keep(m, exp_ps(sub(Io<E>::load(x + j, m), set1(rowmax)))));
     }
-    const float lse = rowmax + std::log(_mm512_reduce_add_ps(s));
+    const float lse = rowmax + std::log(hsum(s));
     const float at_target = Io<E>::get(x + targets[i]) - lse;  // log p(y)
     loss[i] = -at_target;
     if (!grad) continue;
-    for (int j = 0; j < V; j += 16) {
-      const __mmask16 m = tail(V, j);
-      Io<E>::store(x + j, yq::exp_ps(_mm512_sub_ps(Io<E>::load(x + j, m), _mm512_set1_ps(lse))), m);
+    for (int j = 0; j < V; j += L) {
+      const vmask m = tail(V, j);
+      Io<E>::store(x + j, exp_ps(sub(Io<E>::load(x + j, m), set1(lse))), m);
     }
     Io<E>::put(x + targets[i], std::exp(at_target) - 1.0f);  // redone from fp32, as the target entry
   }
@@ -55,11 +54,13 @@ void xent(E* logits, long ld, const int64_t* targets, float* loss, int N, int V,
 
 extern "C" {
 
-void yq_xent_bf16(bf16* logits, long ld, const int64_t* targets, float* loss, int N, int V, int grad, int nthreads) {
-  xent(logits, ld, targets, loss, N, V, grad, nthreads);
-}
 void yq_xent_f32(float* logits, long ld, const int64_t* targets, float* loss, int N, int V, int grad, int nthreads) {
   xent(logits, ld, targets, loss, N, V, grad, nthreads);
 }
+#ifndef YQ_AVX2
+void yq_xent_bf16(bf16* logits, long ld, const int64_t* targets, float* loss, int N, int V, int grad, int nthreads) {
+  xent(logits, ld, targets, loss, N, V, grad, nthreads);
+}
+#endif
 
 }  // extern "C"
