@@ -184,17 +184,29 @@ def _prefill_scoring(
     positions = (valid[:, : P + R].long().cumsum(-1) - 1).clamp(min=0)  # the continuation goes on from the prompt
     slots = torch.arange(P + R, device=ids.device)
     h = model.hidden(torch.cat([ids, ext], 1), positions, causal_mask(valid, slots, window), slots)  # (B, P+R, D)
-    # Position P-1+j predicts continuation token j; only those rows go through the head.
-    rows = torch.tensor([i for i, c in enumerate(score) for _ in c], device=ids.device)
-    cols = torch.tensor([P - 1 + j for c in score for j in range(len(c))], device=ids.device)
-    target = torch.tensor([t for c in score for t in c], device=ids.device)
-    z = model.lm_head(h[rows, cols]).float()  # (N, V)
-    lp = torch.log_softmax(z, -1).gather(1, target[:, None]).squeeze(1).double()
-    sums = torch.zeros(B, dtype=torch.float64, device=ids.device).index_add_(0, rows, lp)
-    misses = torch.zeros(B, dtype=torch.long, device=ids.device).index_add_(0, rows, (z.argmax(-1) != target).long())
+    # Position P-1+j predicts continuation token j.
+    rows = [i for i, c in enumerate(score) for _ in c]
+    cols = [P - 1 + j for c in score for j in range(len(c))]
+    got = continuation_scores(model, h, rows, cols, [t for c in score for t in c], [len(c) for c in score])
     if scores is not None:
-        scores += [ContinuationScore(float(sums[i]), bool(misses[i] == 0), len(c)) for i, c in enumerate(score)]
+        scores += got
     return model.lm_head(h[:, P - 1])
+
+
+def continuation_scores(
+    model: Transformer, h: torch.Tensor, rows: list[int], cols: list[int], targets: list[int], lengths: list[int]
+) -> list[ContinuationScore]:
+    """Scores of the continuations whose tokens `targets` are predicted from h[rows, cols] (hidden
+    states (B, T, D); rows number the continuations, `lengths` their tokens). Only those positions
+    go through the head: a vocabulary-sized row per scored token, not per input token."""
+    dev = h.device
+    rows_t, target = torch.tensor(rows, device=dev), torch.tensor(targets, device=dev)
+    z = model.lm_head(h[rows_t, torch.tensor(cols, device=dev)]).float()  # (N, V)
+    lp = torch.log_softmax(z, -1).gather(1, target[:, None]).squeeze(1).double()
+    n = len(lengths)
+    sums = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, rows_t, lp)
+    misses = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, rows_t, (z.argmax(-1) != target).long())
+    return [ContinuationScore(float(sums[i]), bool(misses[i] == 0), lengths[i]) for i in range(n)]
 
 
 def generate(

@@ -18,14 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from yunque.generate import ContinuationScore, continuation_scores
 from yunque.model import Transformer
 
-
-@dataclass
-class Score:
-    logprob: float  # sum over the continuation's tokens (natural log)
-    greedy: bool  # every continuation token was the argmax
-    tokens: int
+Score = ContinuationScore  # (logprob summed over the continuation's tokens, greedy, tokens)
 
 
 @torch.inference_mode()
@@ -61,24 +57,15 @@ def score_continuations(
         for r, i in enumerate(idx):
             ids[r, : len(inputs[i][0])] = torch.as_tensor(inputs[i][0])
         h = model.hidden(ids)  # (B, T, D)
-        rows, cols, targets, owner = [], [], [], []
+        rows, cols, targets = [], [], []
         for r, i in enumerate(idx):
             inp, cont = inputs[i]
             n = len(inp)
             rows += [r] * len(cont)
             cols += range(n - len(cont), n)
             targets += cont
-            owner += [r] * len(cont)
-        logits = model.lm_head(h[torch.tensor(rows), torch.tensor(cols)]).float()  # (N, V)
-        logp = torch.log_softmax(logits, -1)
-        tgt = torch.tensor(targets, device=device)
-        tok_lp = logp.gather(1, tgt[:, None]).squeeze(1).double()
-        hit = logits.argmax(-1) == tgt
-        own = torch.tensor(owner, device=device)
-        sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, own, tok_lp)
-        misses = torch.zeros(len(idx), dtype=torch.long, device=device).index_add_(0, own, (~hit).long())
-        for r, i in enumerate(idx):
-            out[i] = Score(float(sums[r]), bool(misses[r] == 0), len(inputs[i][1]))
+        for i, sc in zip(idx, continuation_scores(model, h, rows, cols, targets, [len(inputs[i][1]) for i in idx])):
+            out[i] = sc
     return out  # type: ignore[return-value]
 
 
