@@ -78,6 +78,35 @@ def test_joining_and_leaving_rows_match_generate(model_tok):
         assert layer.self_attn.cache is not None  # the engine owns the model's caches while serving
 
 
+def test_a_finished_or_cancelled_row_is_freed_before_its_caller_hears_done(model_tok):
+    """The caller answers its client on "done"; the status page (running count) and the next
+    request read the engine after that, so the row must already be free by then."""
+    model, tok = model_tok
+    eng = Engine(model, tok, max_batch=3, max_len=64, max_queue=4)
+    eng.stop_ids = set()
+    seen: dict[str, tuple] = {}
+
+    def cb(name):
+        def push(ev):
+            if ev[0] == "done":
+                seen[name] = (ev[1], eng.n_running, eng.running[:])
+
+        return push
+
+    p = tok.encode("The quick brown fox")
+    seqs = eng.submit([p, p, p], [SeqParams(max_tokens=n, temperature=0) for n in (2, 40, 6)], [cb(x) for x in "abc"])
+    eng.start()
+    eng.cancel([seqs[1]])
+    deadline = time.monotonic() + 30
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    eng.stop(10)
+    assert {k: v[0] for k, v in seen.items()} == {"a": "length", "b": "cancelled", "c": "length"}
+    for name, s in zip("abc", seqs):
+        assert s not in seen[name][2], name  # not in the running rows when its caller heard "done"
+    assert seen["c"][1] == 0
+
+
 def test_cancel_admission_and_seeds(model_tok):
     model, tok = model_tok
     eng = Engine(model, tok, max_batch=2, max_len=128, max_queue=1)

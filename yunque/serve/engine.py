@@ -445,7 +445,7 @@ class Engine:
             self._fail(refused, "the grammar refused the sampled token")
             keep = [k for k, s in enumerate(seqs) if s not in refused]
             seqs, nxt = [seqs[k] for k in keep], [nxt[k] for k in keep]
-        finished: list[Seq] = []
+        finished: list[tuple[Seq, str]] = []
         failed: list[tuple[Seq, Exception]] = []
         for s, t in zip(seqs, nxt, strict=True):
             s.last, s.generated = t, s.generated + 1
@@ -455,9 +455,12 @@ class Engine:
                 failed.append((s, e))
                 continue
             if reason is not None:
-                finished.append(s)
-        for s in finished:
+                finished.append((s, reason))
+        # "done" answers the caller: the row is freed first, so whoever reads the engine's state
+        # after their answer (the status page, the next request) no longer counts it as running.
+        for s, reason in finished:
             self._remove(s)
+            s.on_event(("done", reason, len(s.prompt), s.generated))
         for s, e in failed:
             self._fail([s], e)
 
@@ -488,7 +491,8 @@ class Engine:
                 s.on_event(("logprobs", t, chosen[j], list(zip(top[j][1][:n], top[j][0][:n]))))
 
     def _emit(self, s: Seq, t: int) -> str | None:
-        """Send sequence `s`'s text for its new token `t`; its finish reason if it is done."""
+        """Send sequence `s`'s text for its new token `t`; its finish reason if it is done (the
+        caller sends "done" once the row is freed)."""
         reason = None
         if t in self.stop_ids:
             reason = "stop"
@@ -504,13 +508,12 @@ class Engine:
             tail = s.decoder.flush()
             if tail:
                 s.on_event(("delta", tail))
-            s.on_event(("done", reason, len(s.prompt), s.generated))
         return reason
 
     def _drop_cancelled(self) -> None:
         for s in [s for s in self.running if s.cancelled]:
-            s.on_event(("done", "cancelled", len(s.prompt), s.generated))
             self._remove(s)
+            s.on_event(("done", "cancelled", len(s.prompt), s.generated))
 
     def _remove(self, s: Seq) -> None:
         """Free `s`'s row; the last row moves into it so running rows stay 0..n-1."""
